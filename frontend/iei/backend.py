@@ -1,0 +1,118 @@
+"""The frontend's one connection to Triton: readiness, the model's batch limit, inference."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import aiohttp
+import numpy as np
+import tritonclient.http as triton_http
+from tritonclient.http.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from .contract import INPUT_NAME, INVALID_IMAGE_PATTERN, MODEL_NAME, OUTPUT_NAME
+from .errors import ApiError, ErrorType
+
+log = logging.getLogger("iei")
+
+_INVALID_IMAGE = re.compile(INVALID_IMAGE_PATTERN, re.S)
+_HEALTH_TIMEOUT = 2.0
+T = TypeVar("T")
+
+
+class TritonBackend:
+    """Sends images to the `iei` model in chunks and maps Triton's failures to API errors.
+
+    One client (one aiohttp connection pool, kept alive) per worker process; it must be created
+    inside the running event loop, hence `open()` in the app's lifespan.
+    """
+
+    def __init__(self, endpoint: str, *, concurrency_level: int, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.concurrency_level = concurrency_level
+        self.timeout = timeout
+        self._client: InferenceServerClient | None = None
+        self._max_batch_size: int | None = None
+
+    async def open(self) -> None:
+        self._client = InferenceServerClient(
+            self.endpoint, conn_limit=max(100, self.concurrency_level), conn_timeout=self.timeout
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> InferenceServerClient:
+        if self._client is None:
+            raise RuntimeError("TritonBackend.open() was not called")
+        return self._client
+
+    async def is_ready(self) -> bool:
+        """True when Triton answers that the model is ready (it raises when Triton is down)."""
+        try:
+            return bool(
+                await asyncio.wait_for(self.client.is_model_ready(MODEL_NAME), _HEALTH_TIMEOUT)
+            )
+        except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    async def max_batch_size(self) -> int:
+        """The model's `max_batch_size`, read from Triton once (it may start after us)."""
+        if self._max_batch_size is None:
+            config = await self._call(self.client.get_model_config(MODEL_NAME))
+            self._max_batch_size = max(1, int(config.get("max_batch_size", 1)))
+        return self._max_batch_size
+
+    async def embed(self, images: list[bytes]) -> np.ndarray:
+        """Vectors for `images`, in order: chunks of at most max_batch_size, and at most
+        `concurrency_level` images in flight at once."""
+        chunk = min(await self.max_batch_size(), self.concurrency_level)
+        parallel = asyncio.Semaphore(max(1, self.concurrency_level // chunk))
+
+        async def run(start: int) -> np.ndarray:
+            async with parallel:
+                return await self._infer(images[start : start + chunk], start)
+
+        parts = await asyncio.gather(*(run(s) for s in range(0, len(images), chunk)))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    async def _infer(self, images: list[bytes], offset: int) -> np.ndarray:
+        tensor = np.empty((len(images), 1), dtype=np.object_)
+        tensor[:, 0] = images
+        request = triton_http.InferInput(INPUT_NAME, list(tensor.shape), "BYTES")
+        request.set_data_from_numpy(tensor, binary_data=True)
+        output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
+        try:
+            result = await self._call(self.client.infer(MODEL_NAME, [request], outputs=[output]))
+        except ApiError as error:
+            found = _INVALID_IMAGE.search(error.message)
+            if found:  # the model names the image inside our chunk; the client wants its index
+                index = offset + int(found.group(1))
+                raise ApiError(ErrorType.VALIDATION, f"inputs[{index}]: {found.group(2)}") from None
+            raise
+        vectors = result.as_numpy(OUTPUT_NAME)
+        if vectors is None or vectors.shape[0] != len(images):
+            raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some images")
+        return vectors
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except InferenceServerException as exc:
+            raise ApiError(ErrorType.BACKEND, f"inference failed: {exc.message()}") from None
+        except TimeoutError:
+            raise ApiError(
+                ErrorType.TIMEOUT, f"Triton did not answer within {self.timeout:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("Triton unreachable at %s: %s", self.endpoint, exc)
+            raise ApiError(
+                ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
+            ) from None

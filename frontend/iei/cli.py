@@ -1,0 +1,162 @@
+"""The `iei` command. `iei serve` runs Triton and the HTTP frontend in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from pydantic import ValidationError
+
+from . import __version__
+from .processes import die_with_parent, stop_process
+from .settings import Settings
+from .triton_server import TritonServer, TritonStartupError
+
+log = logging.getLogger("iei")
+
+# Seconds uvicorn gives requests in flight to finish after SIGTERM.
+GRACEFUL_SHUTDOWN = 30
+
+
+class Frontend:
+    """The uvicorn process (with IEI_WORKERS workers) serving `iei.app:create_app`."""
+
+    def __init__(self, settings: Settings, triton_endpoint: str) -> None:
+        self.settings = settings
+        self.triton_endpoint = triton_endpoint
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def local_url(self) -> str:
+        host = self.settings.host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        return (
+            f"http://[{host}]:{self.settings.port}"
+            if ":" in host
+            else (f"http://{host}:{self.settings.port}")
+        )
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "uvicorn", "iei.app:create_app", "--factory",
+            "--host", self.settings.host, "--port", str(self.settings.port),
+            "--workers", str(self.settings.workers),
+            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN),
+            "--no-access-log",
+        ]  # fmt: skip
+        env = {**os.environ, "IEI_TRITON_URL": self.triton_endpoint}
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if not self.running():
+                    raise TritonStartupError("the HTTP frontend exited during start-up")
+                try:
+                    if client.get(f"{self.local_url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        raise TritonStartupError(f"the HTTP frontend was not healthy after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, signal.SIGTERM, GRACEFUL_SHUTDOWN + 5, name="frontend")
+
+
+def serve(settings: Settings) -> int:
+    """Triton, then the frontend; stop both on SIGTERM/SIGINT or when either exits."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    work_dir = Path(tempfile.mkdtemp(prefix="iei-serve-"))
+    triton = None if settings.triton_url else TritonServer(settings, work_dir)
+    frontend = Frontend(settings, settings.triton_endpoint)
+    try:
+        if triton is not None:
+            log.info("loading %s in Triton", settings.embedding_model)
+            triton.start()
+            triton.wait_ready(settings.startup_timeout, stopping.is_set)
+        frontend.start()
+        frontend.wait_healthy(60.0)
+        log.info(
+            "IEI serving %s on http://%s (Triton HTTP %s, gRPC port %d)",
+            settings.embedding_model, settings.bind, settings.triton_endpoint,
+            settings.triton_grpc_port,
+        )  # fmt: skip
+        while not stopping.wait(0.5):
+            if triton is not None and not triton.running():
+                log.error("Triton exited: %s", triton.failure_reason())
+                return 1
+            if not frontend.running():
+                log.error("the HTTP frontend exited")
+                return 1
+        return 0
+    except TritonStartupError as exc:
+        if stopping.is_set():
+            return 0
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        frontend.stop()
+        if triton is not None:
+            triton.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            env = "IMAGE_EMBEDDING_MODEL" if name == "embedding_model" else f"IEI_{name.upper()}"
+            log.error("invalid setting %s: %s", env, error["msg"])
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iei", description="Image Embedding Inference")
+    parser.add_argument("--version", action="version", version=f"iei {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "serve",
+        help="run Triton and the HTTP frontend in the foreground",
+        description="Run Triton Inference Server and the HTTP frontend; settings come from "
+        "the environment (IMAGE_EMBEDDING_MODEL, IEI_*), see the README.",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s iei: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
+    if args.command == "serve":
+        return serve(load_settings())
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

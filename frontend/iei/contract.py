@@ -1,0 +1,15 @@
+"""The Triton side of the contract, defined once for the frontend, the launcher and the tests.
+
+`model_repository/iei/config.pbtxt` and `model.py` hold the same names on the model's side (Triton
+loads that folder alone, so it cannot import this); a unit test checks that both sides agree.
+"""
+
+MODEL_NAME = "iei"
+INPUT_NAME = "IMAGE"  # TYPE_STRING [1]: the encoded image file
+OUTPUT_NAME = "EMBEDDING"  # TYPE_FP32 [-1]: the raw (not normalised) vector
+
+# The model fails one request with `IMAGE[i]: reason`, i the image's position in that request.
+INVALID_IMAGE_PATTERN = r"IMAGE\[(\d+)\]: (.*)"
+
+# Image formats decoded by the model; the frontend refuses anything else before calling Triton.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO

@@ -1,0 +1,258 @@
+"""Start and stop NVIDIA Triton Inference Server for `iei serve`.
+
+Triton is a `tritonserver` on PATH (NGC containers), else the binary that the `nvidia-pytriton`
+wheel ships. The wheel's Python backend needs assembling: the backend library plus the stub built
+for this interpreter's Python version, in a folder passed as `--backend-directory`.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from .contract import MODEL_NAME
+from .processes import die_with_parent, stop_process
+from .settings import Settings
+
+log = logging.getLogger("iei")
+
+# The model's own message when it cannot load (model.py, load_embedder).
+MODEL_LOAD_FAILURE = re.compile(r"IEI cannot load model .*")
+
+
+class TritonStartupError(RuntimeError):
+    """Triton did not become ready; the message is one line a person can act on."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_directory: Path | None  # None: the binary's own default (/opt/tritonserver/backends)
+    library_path: list[str] = field(default_factory=list)
+
+
+def find_triton(work_dir: Path) -> TritonInstall:
+    """A `tritonserver` on PATH, else the nvidia-pytriton wheel's, with its Python backend."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), None)
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartupError(
+            "no tritonserver on PATH and the nvidia-pytriton package is not installed "
+            "(make setup installs it)"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    server = package / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonStartupError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    backend = work_dir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for source in (*(server / "backends" / "python").glob("*.*"), stub):
+        shutil.copy2(source, backend / source.name)
+    # The stub links libpython3.X.so: this interpreter's own must come before the system's.
+    libraries = [
+        str(sysconfig.get_config_var("LIBDIR")),
+        str(package.parent / "nvidia_pytriton.libs"),
+    ]
+    return TritonInstall(server / "bin" / "tritonserver", work_dir / "backends", libraries)
+
+
+def gpu_count() -> int:
+    """GPUs this process may use, without importing CUDA libraries."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "void"):
+        return 0
+    devices = len(glob.glob("/dev/nvidia[0-9]*"))
+    if visible:
+        return min(devices, len(visible.split(",")))
+    return devices
+
+
+def render_model_repository(
+    source: Path, target: Path, *, gpus: int, instances: int | None
+) -> Path:
+    """Copy the model repository, with an instance group for this machine.
+
+    The committed config is a GPU deployment; without a GPU Triton would refuse it, so the
+    copy runs its instances on the CPU.
+    """
+    config_path = source / MODEL_NAME / "config.pbtxt"
+    if not config_path.is_file():
+        raise TritonStartupError(f"no {MODEL_NAME}/config.pbtxt in model repository {source}")
+    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    if gpus == 0:
+        del config.instance_group[:]
+        config.instance_group.add(
+            count=instances or 1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU
+        )
+    elif instances:
+        for group in config.instance_group:
+            group.count = instances
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    (target / MODEL_NAME / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return target
+
+
+def triton_arguments(
+    *,
+    model_repository: str,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    shm_prefix: str | None = None,
+) -> list[str]:
+    """Launch arguments of Triton, shared by `iei serve` and the container command."""
+    arguments = [
+        f"--model-repository={model_repository}",
+        f"--http-address={host}",
+        f"--http-port={http_port}",
+        f"--grpc-address={host}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-address={host}",
+        f"--metrics-port={metrics_port}",
+        "--exit-on-error=true",
+        "--exit-timeout-secs=15",
+        "--log-verbose=0",
+        # Room for a batch of large encoded images without growing the region step by step.
+        "--backend-config=python,shm-default-byte-size=16777216",
+        "--backend-config=python,shm-growth-byte-size=16777216",
+    ]
+    if shm_prefix:
+        # Our own prefix, so that regions left by a killed stub can be removed.
+        arguments.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
+    return arguments
+
+
+def model_environment(settings: Settings) -> dict[str, str]:
+    """What model.py reads from its environment."""
+    model = settings.embedding_model
+    local = Path(model).expanduser()
+    if local.exists():
+        model = str(local.resolve())  # Triton's working directory is not ours
+    elif model.startswith((".", "/", "~")):
+        raise TritonStartupError(f"IMAGE_EMBEDDING_MODEL={model}: no such folder")
+    return {
+        "IMAGE_EMBEDDING_MODEL": model,
+        "IEI_DTYPE": settings.dtype,
+        "IEI_POOLING": settings.pooling,
+        "IEI_MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
+    }
+
+
+class TritonServer:
+    """One `tritonserver` process with the `iei` model, its log in `work_dir/triton.log`."""
+
+    def __init__(self, settings: Settings, work_dir: Path) -> None:
+        self.settings = settings
+        self.work_dir = work_dir
+        self.log_path = work_dir / "triton.log"
+        self.shm_prefix = f"iei-{os.getpid()}-"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.settings.triton_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.settings.triton_http_port}"
+
+    def start(self) -> None:
+        model_env = model_environment(self.settings)
+        install = find_triton(self.work_dir)
+        repository = self.work_dir / "model_repository"
+        if not repository.exists():
+            render_model_repository(
+                self.settings.model_repository,
+                repository,
+                gpus=gpu_count(),
+                instances=self.settings.triton_instances,
+            )
+        command = [
+            str(install.binary),
+            *triton_arguments(
+                model_repository=str(repository),
+                host=self.settings.triton_host,
+                http_port=self.settings.triton_http_port,
+                grpc_port=self.settings.triton_grpc_port,
+                metrics_port=self.settings.triton_metrics_port,
+                shm_prefix=self.shm_prefix,
+            ),
+        ]
+        if install.backend_directory:
+            command.append(f"--backend-directory={install.backend_directory}")
+        env = {**os.environ, **model_env}
+        # The stub imports this environment's packages when its bin comes first on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if install.library_path:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                [*install.library_path, env.get("LD_LIBRARY_PATH", "")]
+            ).rstrip(os.pathsep)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # our signal handler decides when Triton stops
+                preexec_fn=die_with_parent,
+            )
+        log.info("started Triton (pid %d), log: %s", self.process.pid, self.log_path)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout: float, should_stop: object = None) -> None:
+        """Poll the model's readiness until `timeout`, failing at once if Triton exits."""
+        deadline = time.monotonic() + timeout
+        ready_url = f"{self.url}/v2/models/{MODEL_NAME}/ready"
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if not self.running():
+                    raise TritonStartupError(self.failure_reason())
+                if callable(should_stop) and should_stop():
+                    raise TritonStartupError("stopped before Triton was ready")
+                try:
+                    if client.get(ready_url).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+        raise TritonStartupError(
+            f"the model was not ready after {timeout:.0f} s (IEI_STARTUP_TIMEOUT); "
+            f"Triton's log: {self.log_path}"
+        )
+
+    def failure_reason(self) -> str:
+        """The one line of Triton's log that says why it stopped."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        found = MODEL_LOAD_FAILURE.search(text)
+        if found:
+            return found.group(0).strip().rstrip("\"'")
+        errors = [line for line in text.splitlines() if line.startswith("E")]
+        last = errors[-1] if errors else "no output"
+        return f"Triton exited with code {self.process and self.process.poll()}: {last[:300]}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None:
+            stop_process(self.process, signal.SIGINT, timeout, name="Triton")
+        for region in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
+            Path(region).unlink(missing_ok=True)

@@ -1,0 +1,362 @@
+"""Triton Python model `iei`: encoded image files in, embedding vectors out.
+
+Triton loads this file alone (in its own container under compose), so it imports nothing from the
+frontend. The pure helpers at module level carry the logic and are unit-tested without Triton;
+`TritonPythonModel` only wires them to Triton's request/response objects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from inspect import signature
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from PIL import Image, ImageOps
+
+INPUT_NAME = "IMAGE"
+OUTPUT_NAME = "EMBEDDING"
+
+# Formats we decode. Restricting PIL's plugins keeps it away from EPS (Ghostscript), PDF, PSD & co.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
+
+# Settings: environment of the Triton process first, then config.pbtxt `parameters`, then these.
+SETTINGS = {
+    # name in config.pbtxt: (environment variable, default)
+    "model_id": ("IMAGE_EMBEDDING_MODEL", "google/vit-base-patch16-224"),
+    "dtype": ("IEI_DTYPE", "auto"),
+    "pooling": ("IEI_POOLING", "mean"),
+    "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
+    "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "32"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POOLINGS = ("mean", "cls", "pooler")
+
+
+class InvalidImage(ValueError):
+    """The bytes of one image cannot be turned into model input. Fails only its own request."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_id: str
+    dtype: str
+    pooling: str
+    max_image_pixels: int
+    forward_batch_size: int
+
+
+def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
+    """Resolve every setting (environment > config parameter > default) and validate it."""
+    params = model_config.get("parameters", {})
+    raw = {}
+    for name, (env_name, default) in SETTINGS.items():
+        value = environ.get(env_name) or params.get(name, {}).get("string_value") or default
+        raw[name] = value.strip()
+    if raw["dtype"] not in ("auto", *DTYPES):
+        raise ValueError(f"IEI_DTYPE={raw['dtype']!r}: expected auto, {', '.join(DTYPES)}")
+    if raw["pooling"] not in POOLINGS:
+        raise ValueError(f"IEI_POOLING={raw['pooling']!r}: expected one of {', '.join(POOLINGS)}")
+    numbers = {}
+    for name in ("max_image_pixels", "forward_batch_size"):
+        try:
+            numbers[name] = int(raw[name])
+        except ValueError:
+            numbers[name] = 0
+        if numbers[name] < 1:
+            raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected a positive integer")
+    return ModelSettings(
+        model_id=raw["model_id"], dtype=raw["dtype"], pooling=raw["pooling"], **numbers
+    )
+
+
+def cpu_has_native_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """AVX-512 BF16 or AMX: bf16 matrix work runs natively, so it is faster than fp32."""
+    try:
+        with open(cpuinfo_path) as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve_dtype(requested: str, device: torch.device, native_bf16: bool) -> torch.dtype:
+    """`auto`: fp16 on CUDA, bf16 on CPUs that compute it natively, float32 otherwise."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded file -> upright RGB image (first frame). Any failure is an `InvalidImage`."""
+    if not data:
+        raise InvalidImage("empty image file")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise InvalidImage(
+                    f"image of {image.width}x{image.height} = {pixels} pixels is over the limit "
+                    f"of {max_pixels} pixels"
+                )
+            if pixels == 0:
+                raise InvalidImage("image has no pixels")
+            image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb(upright)
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"image is over the pixel limit: {exc}") from exc
+    except Exception as exc:  # PIL raises many types on hostile input; none may escape
+        raise InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparent areas become white, high bit depths are scaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples (PIL opens 16-bit grey PNG/TIFF as I;16 or I): keep the top 8 bits.
+        # PIL's own convert() would clip everything above 255 to white.
+        values = np.asarray(image, dtype=np.int64)
+        grey = np.clip(values >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+
+def pool(outputs: Any, pooling: str) -> torch.Tensor:
+    """Model outputs -> one vector per image.
+
+    mean: over tokens of `last_hidden_state` (B, T, C), or over the spatial grid of a
+    convolutional map (B, C, H, W) such as ConvNeXt's. cls: the first token. pooler: the model's
+    own `pooler_output`.
+    """
+    if pooling == "pooler":
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is None:
+            raise ValueError("this model has no pooler_output; use IEI_POOLING=mean or cls")
+        return pooled.flatten(1)
+    hidden = outputs.last_hidden_state
+    if hidden.dim() == 4:  # (B, C, H, W)
+        if pooling == "cls":
+            raise ValueError("a convolutional model has no CLS token; use IEI_POOLING=mean")
+        return hidden.mean(dim=(2, 3))
+    if pooling == "cls":
+        return hidden[:, 0]
+    return hidden.mean(dim=1)
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+
+class Embedder:
+    """Decoding, preprocessing and the forward pass for one batch of images; no Triton here."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Callable[..., Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        pooling: str,
+        max_image_pixels: int,
+        forward_batch_size: int,
+        decode_threads: int,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+        self.pooling = pooling
+        self.max_image_pixels = max_image_pixels
+        self.forward_batch_size = forward_batch_size
+        self.pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def decode_all(self, blobs: Sequence[bytes]) -> list[Image.Image | InvalidImage]:
+        """Decode in parallel (PIL releases the GIL); a failure is returned, not raised."""
+
+        def one(blob: bytes) -> Image.Image | InvalidImage:
+            try:
+                return decode_image(blob, self.max_image_pixels)
+            except InvalidImage as exc:
+                return exc
+
+        return list(self.pool.map(one, blobs))
+
+    def preprocess(self, images: list[Image.Image]) -> list[torch.Tensor | InvalidImage]:
+        """The model's own processor over the batch; per image only if the batch fails."""
+        try:
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            return list(pixels)
+        except Exception:
+            results: list[torch.Tensor | InvalidImage] = []
+            for image in images:
+                try:
+                    results.append(
+                        self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+                    )
+                except Exception as exc:
+                    results.append(InvalidImage(f"preprocessing failed: {exc}"))
+            return results
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) -> (N, D) float32, in sub-batches of `forward_batch_size`."""
+        chunks = []
+        for start in range(0, len(pixel_values), self.forward_batch_size):
+            batch = pixel_values[start : start + self.forward_batch_size]
+            batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
+            outputs = self.model(pixel_values=batch)
+            chunks.append(pool(outputs, self.pooling).float())
+        return torch.cat(chunks).cpu().numpy()
+
+    def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
+        """Every image of a whole dynamic batch -> its vector, or the reason it has none."""
+        results: list[np.ndarray | InvalidImage] = list(self.decode_all(blobs))
+        good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
+        prepared = self.preprocess([results[i] for i in good])  # type: ignore[misc]
+        ready = []
+        for i, tensor in zip(good, prepared, strict=True):
+            if isinstance(tensor, InvalidImage):
+                results[i] = tensor
+            else:
+                ready.append((i, tensor))
+        if ready:
+            vectors = self.forward(torch.stack([t for _, t in ready]))
+            for (i, _), vector in zip(ready, vectors, strict=True):
+                results[i] = vector
+        return results
+
+
+def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
+    """Load the model and its processor; one clear error when that is impossible."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    dtype = resolve_dtype(settings.dtype, device, cpu_has_native_bf16())
+    try:
+        config = AutoConfig.from_pretrained(settings.model_id)
+        processor = AutoImageProcessor.from_pretrained(settings.model_id)
+        kwargs = {}
+        accepted = signature(AutoModel._model_mapping[type(config)]).parameters
+        if settings.pooling != "pooler" and "add_pooling_layer" in accepted:
+            # A classification checkpoint has no pooler weights; don't build a random one.
+            kwargs["add_pooling_layer"] = False
+        model = AutoModel.from_pretrained(settings.model_id, config=config, dtype=dtype, **kwargs)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"IEI cannot load model {settings.model_id!r} (IMAGE_EMBEDDING_MODEL): {reason}"
+        ) from None
+    model.eval().to(device)
+    return Embedder(
+        model,
+        processor,
+        device=device,
+        dtype=dtype,
+        pooling=settings.pooling,
+        max_image_pixels=settings.max_image_pixels,
+        forward_batch_size=settings.forward_batch_size,
+        decode_threads=threads,
+    )
+
+
+def instance_count(model_config: dict[str, Any]) -> int:
+    """Instances of this model on this machine (the CPU threads are shared between them)."""
+    groups = model_config.get("instance_group") or [{"count": 1}]
+    return max(1, sum(int(g.get("count", 1)) for g in groups))
+
+
+# --- Triton -----------------------------------------------------------------------------------
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        model_config = json.loads(args["model_config"])
+        settings = read_settings(model_config, dict(os.environ))
+        if args["model_instance_kind"] == "GPU":
+            device = torch.device("cuda", int(args["model_instance_device_id"]))
+            torch.cuda.set_device(device)
+            threads = max(1, os.cpu_count() or 1)
+        else:
+            device = torch.device("cpu")
+            # instances x threads <= cores, so instances don't fight over the same cores.
+            threads = max(1, (os.cpu_count() or 1) // instance_count(model_config))
+            torch.set_num_threads(threads)
+        self.logger = pb_utils.Logger
+        self.embedder = load_embedder(settings, device, threads)
+        # Warm up: the first forward pass allocates and picks kernels.
+        self.embedder.forward(self._blank_batch(1))
+        self.logger.log_info(
+            f"iei: {settings.model_id} on {device} ({self.embedder.dtype}), "
+            f"pooling={settings.pooling}, {threads} threads"
+        )
+
+    def _blank_batch(self, n: int) -> torch.Tensor:
+        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        return self.embedder.processor(images=[image] * n, return_tensors="pt")["pixel_values"]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        blobs, counts = [], []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
+            flat = [bytes(b) for b in images.reshape(-1)]
+            blobs.extend(flat)
+            counts.append(len(flat))
+        results = self.embedder.embed(blobs)
+        responses = []
+        offset = 0
+        for count in counts:
+            own = results[offset : offset + count]
+            offset += count
+            responses.append(make_response(own))
+        return responses
+
+    def finalize(self) -> None:
+        self.embedder.close()
+
+
+def make_response(results: Sequence[np.ndarray | InvalidImage]) -> Any:
+    """One request's results -> its response: vectors, or an error naming the first bad image.
+
+    The message format `IMAGE[i]: reason` (i = position inside this request) is parsed by the
+    frontend to name the failing input of a client's request.
+    """
+    for i, result in enumerate(results):
+        if isinstance(result, InvalidImage):
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(
+                    f"{INPUT_NAME}[{i}]: {result}", pb_utils.TritonError.INVALID_ARG
+                )
+            )
+    vectors = np.stack(results).astype(np.float32, copy=False)  # type: ignore[arg-type]
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_NAME, vectors)])
