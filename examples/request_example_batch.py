@@ -1,6 +1,6 @@
 """Embed every image of a folder with one POST /embed request.
 
-    python examples/request_example_batch.py [--url http://127.0.0.1:8000] [--images DIR]
+python examples/request_example_batch.py [--url http://127.0.0.1:8000] [--images DIR]
 """
 
 import argparse

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models of every family, sample images, and the running stack."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stack import Stack
+from tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family -> folder of a tiny random model, built on first use."""
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    class Folders(dict):  # type: ignore[type-arg]
+        def __missing__(self, family: str) -> Path:
+            built[family] = build_tiny_model(family, root / family)
+            self[family] = built[family]
+            return built[family]
+
+    return Folders()
+
+
+@pytest.fixture(scope="session")
+def vit_stack(
+    model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One stack with the tiny ViT, shared by the tests that don't care about the family."""
+    log = tmp_path_factory.mktemp("logs") / "vit_stack.log"
+    stack = Stack(model_dirs["vit"], log).start()
+    yield stack
+    assert stack.stop() == 0, stack.log()

@@ -1,0 +1,82 @@
+"""An independent in-process reference: what the service must return, computed without it.
+
+It shares no code with the model repository: its own image loading (orientation table, alpha
+compositing and 16-bit scaling in numpy), the PIL implementation of the model's processor (the
+service runs the torchvision one), and its own pooling.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# EXIF orientation -> the PIL transposition that makes the image upright.
+ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Encoded file -> the upright 8-bit RGB picture a person would see (first frame)."""
+    image = Image.open(io.BytesIO(data))
+    image.seek(0)
+    orientation = image.getexif().get(0x0112, 1)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = (np.asarray(image).astype(np.int64) // 256).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(np.stack([grey] * 3, axis=-1))
+    elif image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)  # over a white background
+        image = Image.fromarray(np.round(rgb).astype(np.uint8))
+    else:
+        image = image.convert("RGB")
+    if orientation in ORIENTATION:
+        image = image.transpose(ORIENTATION[orientation])
+    return image
+
+
+def load_naive(data: bytes) -> Image.Image:
+    """What a careless server does: convert('RGB') and nothing else (tests show it differs)."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class Reference:
+    """AutoImageProcessor (PIL backend) + AutoModel in float32 + mean pooling, in-process."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.torch = torch
+        self.processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Unit-norm vectors, one per image."""
+        with self.torch.no_grad():
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            hidden = self.model(pixel_values=pixels).last_hidden_state
+        pooled = hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
+        vectors = pooled.numpy().astype(np.float64)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def embed(self, files: list[bytes]) -> np.ndarray:
+        return self.embed_images([load_rgb(f) for f in files])
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)

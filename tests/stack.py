@@ -1,0 +1,130 @@
+"""Run the real stack (`iei serve`: Triton + frontend) as a child process for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+IEI = Path(sys.executable).parent / "iei"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """All living descendants of `pid` (children are re-parented when a parent exits, so
+    collect them while the tree is intact)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Stack:
+    """`iei serve` with a model folder, on free loopback ports."""
+
+    def __init__(self, model_dir: Path, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.triton_http_port = free_port()
+        self.triton_grpc_port = free_port()
+        self.env = {
+            **os.environ,
+            "IMAGE_EMBEDDING_MODEL": str(model_dir),
+            "IEI_BIND": f"127.0.0.1:{self.port}",
+            "IEI_WORKERS": "1",
+            "IEI_DTYPE": "float32",
+            "IEI_TRITON_HTTP_PORT": str(self.triton_http_port),
+            "IEI_TRITON_GRPC_PORT": str(self.triton_grpc_port),
+            "IEI_TRITON_METRICS_PORT": str(free_port()),
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        }
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def triton_http(self) -> str:
+        return f"127.0.0.1:{self.triton_http_port}"
+
+    @property
+    def triton_grpc(self) -> str:
+        return f"127.0.0.1:{self.triton_grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self, timeout: float = 180.0) -> Stack:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [str(IEI), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"iei serve exited during start-up:\n{self.log()}")
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"iei serve not healthy after {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Stop `iei serve`; return its exit code. Raises if any process it started survives."""
+        assert self.process is not None
+        tree = descendants(self.process.pid)
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise RuntimeError(f"iei serve did not stop within {timeout} s") from None
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in tree if alive(p)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        if left:
+            raise RuntimeError(f"processes left behind by iei serve: {left}")
+        return code
