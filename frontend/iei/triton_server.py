@@ -245,8 +245,8 @@ class TritonServer:
         """The one line of Triton's log that says why it stopped."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         found = MODEL_LOAD_FAILURE.search(text)
-        if found:
-            return found.group(0).strip().rstrip("\"'")
+        if found:  # Triton's log writes the Python traceback's newlines as a literal \n
+            return found.group(0).split("\\n")[0].strip().rstrip("\"'")
         errors = [line for line in text.splitlines() if line.startswith("E")]
         last = errors[-1] if errors else "no output"
         return f"Triton exited with code {self.process and self.process.poll()}: {last[:300]}"

@@ -1,0 +1,106 @@
+"""`iei serve` as a person runs it: clear start-up failures, clean stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+from stack import IEI, Stack, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def serve_output(model: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **os.environ,
+        "IMAGE_EMBEDDING_MODEL": model,
+        "IEI_BIND": f"127.0.0.1:{free_port()}",
+        "IEI_TRITON_HTTP_PORT": str(free_port()),
+        "IEI_TRITON_GRPC_PORT": str(free_port()),
+        "IEI_TRITON_METRICS_PORT": str(free_port()),
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    return subprocess.run(
+        [str(IEI), "serve"], env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_a_missing_model_folder_fails_at_once(tmp_path):
+    result = serve_output(str(tmp_path / "no-such-model"), timeout=20)
+    assert_one_clear_line(result, "no-such-model", "no such folder")
+
+
+def test_a_folder_that_is_no_model_fails_with_one_line(tmp_path):
+    result = serve_output(str(tmp_path))
+    assert_one_clear_line(result, "IEI cannot load model", str(tmp_path), "model_type")
+
+
+def test_an_unreachable_hub_model_fails_with_one_line():
+    result = serve_output("example-org/no-such-model")
+    assert_one_clear_line(result, "IEI cannot load model 'example-org/no-such-model'")
+
+
+def test_invalid_settings_are_named():
+    result = serve_output("x", timeout=20, IEI_WORKERS="0", IEI_DTYPE="float8")
+    assert result.returncode == 2
+    assert "IEI_WORKERS" in result.stderr
+    assert "IEI_DTYPE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigint_stops_triton_and_the_frontend(model_dirs, tmp_path):
+    stack = Stack(model_dirs["vit"], tmp_path / "serve.log").start()
+    assert httpx.get(f"{stack.url}/health").status_code == 200
+    assert stack.stop(signal.SIGINT) == 0  # raises if any process is left behind
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{stack.url}/health")
+    leftovers = [p for p in os.listdir("/dev/shm") if p.startswith(f"iei-{stack.process.pid}-")]
+    assert not leftovers
+
+
+def test_version():
+    result = subprocess.run([str(IEI), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith("iei ")
+
+
+@pytest.mark.parametrize(
+    "example",
+    ["request_example_batch.py", "request_example_concurrent.py"],
+)
+def test_http_examples_run(vit_stack, example):
+    result = subprocess.run(
+        [sys.executable, f"examples/{example}", "--url", vit_stack.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "embedded 5 images" in result.stdout
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_client_example_runs(vit_stack, protocol):
+    url = vit_stack.triton_grpc if protocol == "grpc" else vit_stack.triton_http
+    result = subprocess.run(
+        [sys.executable, "examples/triton_client_example.py", "--protocol", protocol, "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "4 images -> embeddings of shape (4, 32)" in result.stdout
