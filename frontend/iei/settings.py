@@ -83,10 +83,10 @@ class Settings(BaseSettings):
     def _check_triton_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        bare = value.removeprefix("http://")
+        bare = value.removeprefix("http://").rstrip("/")
         if "://" in bare or ":" not in bare or not bare.rpartition(":")[2].isdigit():
             raise ValueError(f"expected host:port (or http://host:port), got {value!r}")
-        return bare.rstrip("/")
+        return bare
 
     @cached_property
     def host(self) -> str:

@@ -8,8 +8,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from sample_images import encode, photos
 from PIL import Image
+from sample_images import encode, photos
 
 pytestmark = pytest.mark.integration
 

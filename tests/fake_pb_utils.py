@@ -1,0 +1,82 @@
+"""A stand-in for Triton's `triton_python_backend_utils`, so model.py runs without Triton."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+MODEL_PY = Path(__file__).resolve().parents[1] / "model_repository" / "iei" / "1" / "model.py"
+
+
+class TritonError:
+    INVALID_ARG = "INVALID_ARG"
+    INTERNAL = "INTERNAL"
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        self._message = message
+        self.code = code
+
+    def message(self) -> str:
+        return self._message
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name = name
+        self._array = array
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(
+        self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None
+    ) -> None:
+        self.output_tensors = output_tensors or []
+        self.error = error
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+class InferenceRequest:
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = {t.name(): t for t in tensors}
+
+
+class Logger:
+    messages: ClassVar[list[str]] = []
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls.messages.append(message)
+
+    log_warn = log_error = log_verbose = log_info
+
+
+def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
+    return request.tensors.get(name)
+
+
+def load_model_module() -> Any:
+    """Import model_repository/iei/1/model.py with this module standing in for Triton's."""
+    fake = types.ModuleType("triton_python_backend_utils")
+    for name in ("TritonError", "Tensor", "InferenceResponse", "Logger",
+                 "get_input_tensor_by_name"):  # fmt: skip
+        setattr(fake, name, globals()[name])
+    sys.modules["triton_python_backend_utils"] = fake
+    spec = importlib.util.spec_from_file_location("iei_triton_model", MODEL_PY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module

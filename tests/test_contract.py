@@ -1,0 +1,50 @@
+"""The names Triton, the model and the frontend share are the same everywhere."""
+
+from __future__ import annotations
+
+from fake_pb_utils import load_model_module
+from google.protobuf import text_format
+from iei import contract
+from iei.settings import DEFAULT_MODEL_REPOSITORY, Settings
+from tritonclient.grpc import model_config_pb2
+
+CONFIG = DEFAULT_MODEL_REPOSITORY / "iei" / "config.pbtxt"
+
+
+def committed_config() -> model_config_pb2.ModelConfig:
+    return text_format.Parse(CONFIG.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_config_pbtxt_matches_the_contract():
+    config = committed_config()
+    assert config.name == contract.MODEL_NAME
+    assert config.backend == "python"
+    assert [i.name for i in config.input] == [contract.INPUT_NAME]
+    assert config.input[0].data_type == model_config_pb2.TYPE_STRING
+    assert list(config.input[0].dims) == [1]
+    assert [o.name for o in config.output] == [contract.OUTPUT_NAME]
+    assert config.output[0].data_type == model_config_pb2.TYPE_FP32
+    assert list(config.output[0].dims) == [-1]
+    assert config.max_batch_size >= 1
+    assert config.HasField("dynamic_batching")
+
+
+def test_committed_config_is_a_gpu_deployment():
+    kinds = {g.kind for g in committed_config().instance_group}
+    assert kinds == {model_config_pb2.ModelInstanceGroup.KIND_GPU}
+
+
+def test_model_py_uses_the_same_names_and_formats():
+    model = load_model_module()
+    assert model.INPUT_NAME == contract.INPUT_NAME
+    assert model.OUTPUT_NAME == contract.OUTPUT_NAME
+    assert model.IMAGE_FORMATS == contract.IMAGE_FORMATS
+
+
+def test_config_defaults_match_the_frontends():
+    parameters = {k: v.string_value for k, v in committed_config().parameters.items()}
+    defaults = Settings.model_fields
+    assert parameters["model_id"] == defaults["embedding_model"].default
+    assert parameters["dtype"] == defaults["dtype"].default
+    assert parameters["pooling"] == defaults["pooling"].default
+    assert int(parameters["max_image_pixels"]) == defaults["max_image_pixels"].default

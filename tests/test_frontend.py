@@ -1,0 +1,163 @@
+"""The frontend without Triton: chunking, concurrency, error mapping, health when Triton is down.
+
+A fake tritonclient stands in for Triton, so these run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import numpy as np
+import pytest
+from iei.app import create_app
+from iei.backend import TritonBackend
+from iei.errors import ApiError, ErrorType
+from iei.settings import Settings
+from PIL import Image
+from sample_images import encode
+from stack import free_port
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.anyio
+
+PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
+
+
+class FakeTriton:
+    """Answers like tritonclient's aio client: vector i = [first byte value, chunk size]."""
+
+    def __init__(self, max_batch_size: int = 4, fail: Exception | None = None, delay=0.0):
+        self.max_batch_size = max_batch_size
+        self.fail = fail
+        self.delay = delay
+        self.in_flight = 0
+        self.peak = 0
+        self.chunks: list[int] = []
+
+    async def get_model_config(self, name):
+        return {"max_batch_size": self.max_batch_size}
+
+    async def infer(self, name, inputs, outputs=None):
+        images = inputs[0].test_images
+        self.in_flight += len(images)
+        self.peak = max(self.peak, self.in_flight)
+        self.chunks.append(len(images))
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail:
+                raise self.fail
+            return FakeResult(np.array([[row[0][0], len(images)] for row in images], "float32"))
+        finally:
+            self.in_flight -= len(images)
+
+    async def close(self):
+        pass
+
+
+class FakeResult:
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def as_numpy(self, name):
+        return self.vectors
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def keep_numpy_inputs(monkeypatch):
+    """Let the fake read the images back: tritonclient serialises them otherwise."""
+    import tritonclient.http as triton_http
+
+    original = triton_http.InferInput.set_data_from_numpy
+
+    def remember(self, array, binary_data=True):
+        self.test_images = array
+        return original(self, array, binary_data=binary_data)
+
+    monkeypatch.setattr(triton_http.InferInput, "set_data_from_numpy", remember)
+
+
+def backend_with(fake: FakeTriton, concurrency: int) -> TritonBackend:
+    backend = TritonBackend("127.0.0.1:1", concurrency_level=concurrency, timeout=5)
+    backend._client = fake  # type: ignore[assignment]
+    return backend
+
+
+async def test_chunks_respect_batch_size_and_concurrency_and_keep_order():
+    fake = FakeTriton(max_batch_size=4, delay=0.01)
+    backend = backend_with(fake, concurrency=8)
+    images = [bytes([i]) for i in range(22)]
+    vectors = await backend.embed(images)
+    assert vectors[:, 0].tolist() == list(range(22))
+    assert max(fake.chunks) == 4 and sum(fake.chunks) == 22
+    assert fake.peak <= 8
+
+
+async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
+    fake = FakeTriton(max_batch_size=64, delay=0.01)
+    vectors = await backend_with(fake, concurrency=3).embed([bytes([i]) for i in range(7)])
+    assert fake.chunks == [3, 3, 1]
+    assert fake.peak <= 3
+    assert vectors.shape == (7, 2)
+
+
+async def test_the_models_image_error_names_the_clients_index():
+    error = InferenceServerException("[400] IMAGE[1]: cannot decode image: broken")
+    backend = backend_with(FakeTriton(max_batch_size=4, fail=error), concurrency=4)
+    with pytest.raises(ApiError) as caught:
+        await backend._infer([b"a", b"b"], offset=8)
+    assert caught.value.error_type == ErrorType.VALIDATION
+    assert caught.value.message == "inputs[9]: cannot decode image: broken"
+
+
+async def test_other_triton_errors_are_backend_errors():
+    error = InferenceServerException("Stub process 'iei_0_0' is not healthy.")
+    backend = backend_with(FakeTriton(fail=error), concurrency=4)
+    with pytest.raises(ApiError) as caught:
+        await backend.embed([b"a"])
+    assert caught.value.status == 424
+    assert "not healthy" in caught.value.message
+
+
+def app_client(settings: Settings, fake: FakeTriton | None = None) -> httpx.AsyncClient:
+    app = create_app(settings)
+    if fake is not None:
+        app.state.backend._client = fake
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://iei")
+
+
+async def test_when_triton_is_down_health_and_embed_are_503_json():
+    settings = Settings(triton_url=f"127.0.0.1:{free_port()}")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://iei") as client:
+            health = await client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["error_type"] == "Unhealthy"
+            embed = await client.post("/embed", json={"inputs": PNG})
+            assert embed.status_code == 503
+            assert embed.json()["error_type"] == "Unhealthy"
+
+
+async def test_a_slow_triton_ends_in_504():
+    settings = Settings(triton_url="127.0.0.1:1", request_timeout=0.2)
+    async with app_client(settings, FakeTriton(delay=5)) as client:
+        response = await client.post("/embed", json={"inputs": [PNG]})
+    assert response.status_code == 504
+    assert response.json()["error_type"] == "Timeout"
+
+
+async def test_normalisation_in_the_frontend():
+    settings = Settings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton()) as client:
+        unit = (await client.post("/embed", json={"inputs": [PNG, PNG]})).json()
+        raw = (await client.post("/embed", json={"inputs": [PNG], "normalize": False})).json()
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    assert raw == [[137.0, 1.0]]  # PNG's first byte, chunk of one

@@ -1,0 +1,193 @@
+"""model.py without Triton: settings, decoding, colour modes, pooling, per-request errors."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from fake_pb_utils import InferenceRequest, Tensor, load_model_module
+from PIL import Image
+from sample_images import encode, odd_images, photos
+
+model = load_model_module()
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def config(**parameters: str) -> dict:
+    return {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+
+
+def test_settings_environment_beats_config_beats_defaults():
+    settings = model.read_settings(
+        config(model_id="from-config", pooling="cls"), {"IMAGE_EMBEDDING_MODEL": "from-env"}
+    )
+    assert settings.model_id == "from-env"
+    assert settings.pooling == "cls"
+    assert settings.dtype == "auto"
+    assert settings.max_image_pixels == 50_000_000
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"IEI_DTYPE": "float8"}, "IEI_DTYPE"),
+        ({"IEI_POOLING": "max"}, "IEI_POOLING"),
+        ({"IEI_MAX_IMAGE_PIXELS": "lots"}, "IEI_MAX_IMAGE_PIXELS"),
+        ({"IEI_FORWARD_BATCH_SIZE": "0"}, "IEI_FORWARD_BATCH_SIZE"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(environ, message):
+    with pytest.raises(ValueError, match=message):
+        model.read_settings({}, environ)
+
+
+def test_dtype_auto_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert model.resolve_dtype("auto", cuda, native_bf16=False) is torch.float16
+    assert model.resolve_dtype("auto", cpu, native_bf16=True) is torch.bfloat16
+    assert model.resolve_dtype("auto", cpu, native_bf16=False) is torch.float32
+    assert model.resolve_dtype("float32", cuda, native_bf16=True) is torch.float32
+
+
+def test_native_bf16_is_read_from_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    assert model.cpu_has_native_bf16(str(info))
+    info.write_text("processor: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not model.cpu_has_native_bf16(str(info))
+    assert not model.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(odd_images()))
+def test_every_odd_image_decodes_to_rgb(name):
+    image = model.decode_image(odd_images()[name], 50_000_000)
+    assert image.mode == "RGB"
+    assert image.width >= 1 and image.height >= 1
+
+
+def test_exif_orientation_is_applied():
+    image = model.decode_image(odd_images()["exif_rotated.jpg"], 50_000_000)
+    assert image.size == (400, 600)  # stored 600x400, orientation 6 turns it upright
+
+
+def test_16_bit_samples_are_scaled_not_clipped():
+    grey = np.full((4, 4), 40000, dtype=np.uint16)
+    image = model.decode_image(encode(Image.fromarray(grey), "PNG"), 100)
+    assert image.getpixel((0, 0)) == (156, 156, 156)  # 40000 >> 8; clipping would give 255
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    image = model.decode_image(encode(rgba, "PNG"), 100)
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert image.getpixel((1, 0)) == (10, 20, 30)
+
+
+def test_first_frame_of_an_animation():
+    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert model.decode_image(gif, 100).getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty image file"),
+        (b"garbage bytes", "cannot decode image"),
+        (photos()["chelsea.jpg"][:2000], "cannot decode image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "cannot decode image"),  # never hand EPS to Ghostscript
+    ],
+)
+def test_undecodable_files_raise_invalid_image(data, message):
+    with pytest.raises(model.InvalidImage, match=message):
+        model.decode_image(data, 50_000_000)
+
+
+def test_pixel_limit():
+    with pytest.raises(model.InvalidImage, match="over the limit of 99 pixels"):
+        model.decode_image(encode(Image.new("RGB", (10, 10)), "PNG"), 99)
+
+
+# --- pooling ---------------------------------------------------------------------------------
+
+
+def test_mean_pooling_over_tokens_and_over_the_grid():
+    tokens = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    grid = torch.arange(32, dtype=torch.float32).reshape(2, 4, 2, 2)
+    out = model.pool(SimpleNamespace(last_hidden_state=tokens), "mean")
+    assert torch.equal(out, tokens.mean(1))
+    out = model.pool(SimpleNamespace(last_hidden_state=grid), "mean")
+    assert out.shape == (2, 4)
+    assert torch.equal(out, grid.mean((2, 3)))
+    assert torch.equal(model.pool(SimpleNamespace(last_hidden_state=tokens), "cls"), tokens[:, 0])
+
+
+def test_pooling_that_a_model_cannot_do_is_an_error():
+    grid = SimpleNamespace(last_hidden_state=torch.zeros(1, 4, 2, 2), pooler_output=None)
+    with pytest.raises(ValueError, match="no CLS token"):
+        model.pool(grid, "cls")
+    with pytest.raises(ValueError, match="no pooler_output"):
+        model.pool(grid, "pooler")
+
+
+# --- the Triton model, with a tiny ViT -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_model(model_dirs):
+    instance = model.TritonPythonModel()
+    model_config = {**config(model_id=str(model_dirs["vit"]), dtype="float32")}
+    model_config["instance_group"] = [{"count": 1, "kind": "KIND_CPU"}]
+    instance.initialize(
+        {
+            "model_config": json.dumps(model_config),
+            "model_instance_kind": "CPU",
+            "model_instance_device_id": "0",
+        }
+    )
+    yield instance
+    instance.finalize()
+
+
+def request(*files: bytes) -> InferenceRequest:
+    tensor = np.empty((len(files), 1), dtype=np.object_)
+    tensor[:, 0] = files
+    return InferenceRequest([Tensor("IMAGE", tensor)])
+
+
+def test_one_response_per_request_in_order_and_errors_stay_alone(triton_model):
+    good = list(photos().values())
+    responses = triton_model.execute(
+        [request(good[0]), request(good[1], b"broken", good[2]), request(good[3], good[4])]
+    )
+    assert len(responses) == 3
+    assert not responses[0].has_error()
+    assert responses[0].output_tensors[0].as_numpy().shape == (1, 32)
+    assert responses[1].has_error()
+    assert responses[1].error.code == "INVALID_ARG"
+    assert responses[1].error.message().startswith("IMAGE[1]: cannot decode image")
+    assert responses[2].output_tensors[0].as_numpy().shape == (2, 32)
+    assert responses[2].output_tensors[0].as_numpy().dtype == np.float32
+
+
+def test_batching_does_not_change_a_vector(triton_model):
+    good = list(photos().values())
+    alone = triton_model.execute([request(good[0])])[0].output_tensors[0].as_numpy()
+    batched = triton_model.execute([request(*good)])[0].output_tensors[0].as_numpy()
+    np.testing.assert_allclose(alone[0], batched[0], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_runs_in_sub_batches(triton_model):
+    embedder = triton_model.embedder
+    size = embedder.forward_batch_size
+    pixels = triton_model._blank_batch(size + 3)
+    assert embedder.forward(pixels).shape == (size + 3, 32)
