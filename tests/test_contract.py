@@ -48,3 +48,20 @@ def test_config_defaults_match_the_frontends():
     assert parameters["dtype"] == defaults["dtype"].default
     assert parameters["pooling"] == defaults["pooling"].default
     assert int(parameters["max_image_pixels"]) == defaults["max_image_pixels"].default
+
+
+def test_the_frontend_never_imports_torch():
+    """The request path stays slim: its workers start in a second and its image has no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, iei.app, iei.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_model_repository_never_imports_the_frontend():
+    source = (DEFAULT_MODEL_REPOSITORY / "iei" / "1" / "model.py").read_text()
+    assert "import iei" not in source
+    assert "from iei" not in source
