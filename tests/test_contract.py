@@ -55,7 +55,9 @@ def test_the_frontend_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, iei.app, iei.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = (
+        "import sys, iei.app, iei.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
