@@ -49,8 +49,12 @@ class InferenceResponse:
 
 
 class InferenceRequest:
-    def __init__(self, tensors: list[Tensor]) -> None:
+    def __init__(self, tensors: list[Tensor], outputs: tuple[str, ...] = ("EMBEDDING",)) -> None:
         self.tensors = {t.name(): t for t in tensors}
+        self.outputs = list(outputs)
+
+    def requested_output_names(self) -> list[str]:
+        return self.outputs
 
 
 class Logger:

@@ -22,9 +22,10 @@ def test_config_pbtxt_matches_the_contract():
     assert [i.name for i in config.input] == [contract.INPUT_NAME]
     assert config.input[0].data_type == model_config_pb2.TYPE_STRING
     assert list(config.input[0].dims) == [1]
-    assert [o.name for o in config.output] == [contract.OUTPUT_NAME]
+    assert [o.name for o in config.output] == [contract.OUTPUT_NAME, contract.INFO_OUTPUT_NAME]
     assert config.output[0].data_type == model_config_pb2.TYPE_FP32
     assert list(config.output[0].dims) == [-1]
+    assert config.output[1].data_type == model_config_pb2.TYPE_STRING
     assert config.max_batch_size >= 1
     assert config.HasField("dynamic_batching")
 
@@ -38,6 +39,7 @@ def test_model_py_uses_the_same_names_and_formats():
     model = load_model_module()
     assert model.INPUT_NAME == contract.INPUT_NAME
     assert model.OUTPUT_NAME == contract.OUTPUT_NAME
+    assert model.INFO_OUTPUT_NAME == contract.INFO_OUTPUT_NAME
     assert model.IMAGE_FORMATS == contract.IMAGE_FORMATS
 
 

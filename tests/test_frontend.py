@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
@@ -125,25 +126,30 @@ async def test_other_triton_errors_are_backend_errors():
     assert "not healthy" in caught.value.message
 
 
-def app_client(settings: Settings, fake: FakeTriton | None = None) -> httpx.AsyncClient:
+@asynccontextmanager
+async def app_client(settings: Settings, fake: FakeTriton | None = None):
+    """The app with its lifespan run, and Triton replaced by `fake` when given."""
     app = create_app(settings)
-    if fake is not None:
-        app.state.backend._client = fake
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://iei")
+    async with app.router.lifespan_context(app):
+        if fake is not None:
+            app.state.services.backend._client = fake
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://iei") as client:
+            yield client
 
 
 async def test_when_triton_is_down_health_and_embed_are_503_json():
     settings = Settings(triton_url=f"127.0.0.1:{free_port()}")
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://iei") as client:
-            health = await client.get("/health")
-            assert health.status_code == 503
-            assert health.json()["error_type"] == "Unhealthy"
-            embed = await client.post("/embed", json={"inputs": PNG})
-            assert embed.status_code == 503
-            assert embed.json()["error_type"] == "Unhealthy"
+    async with app_client(settings) as client:
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["error_type"] == "Unhealthy"
+        embed = await client.post("/embed", json={"inputs": PNG})
+        assert embed.status_code == 503
+        assert embed.json()["error_type"] == "Unhealthy"
+        info = (await client.get("/info")).json()
+        assert info["triton"]["ready"] is False
+        assert info["embedding_dimension"] is None
 
 
 async def test_a_slow_triton_ends_in_504():

@@ -40,7 +40,7 @@ def test_accepted_forms(item):
         ("not base64 at all!", "not valid base64"),
         ("data:image/png," + B64, "data:image/<type>;base64"),
         ("data:text/html;base64," + B64, "text/html is not an image"),
-        ("http://example.org/x.png", "URL inputs are not supported"),
+        ("http://example.org/x.png", "must be fetched"),
     ],
 )
 def test_refused_forms(item, message):

@@ -179,6 +179,21 @@ def test_one_response_per_request_in_order_and_errors_stay_alone(triton_model):
     assert responses[2].output_tensors[0].as_numpy().dtype == np.float32
 
 
+def test_model_info_only_when_asked(triton_model):
+    good = photos()["chelsea.jpg"]
+    plain = triton_model.execute([request(good)])[0]
+    assert [t.name() for t in plain.output_tensors] == ["EMBEDDING"]
+    asked = InferenceRequest(request(good, good).tensors.values(), ("EMBEDDING", "MODEL_INFO"))
+    info = triton_model.execute([asked])[0].output_tensors[1].as_numpy()
+    assert info.shape == (2, 1)
+    facts = json.loads(info[0, 0])
+    assert facts["model_type"] == "vit"
+    assert facts["architecture"] == "ViTModel"
+    assert facts["dtype"] == "float32"
+    assert facts["device"] == "cpu"
+    assert facts["pooling"] == "mean"
+
+
 def test_batching_does_not_change_a_vector(triton_model):
     good = list(photos().values())
     alone = triton_model.execute([request(good[0])])[0].output_tensors[0].as_numpy()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import __version__
+from . import __version__, metrics
 from .backend import TritonBackend
 from .errors import install_error_handlers
-from .routes import embed, health
+from .fetch import UrlFetcher
+from .middleware import BodyLimit, RequestMetrics
+from .routes import embed, health, info, openai
+from .service import Permits, Services
 from .settings import Settings
 
 log = logging.getLogger("iei")
@@ -27,21 +31,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await backend.open()  # inside the running loop, as aiohttp requires
+        # Clients are created inside the running loop, as aiohttp and httpx require.
+        await backend.open()
+        fetcher = UrlFetcher(
+            allow_private=settings.allow_private_urls,
+            timeout=settings.url_timeout,
+            max_bytes=settings.url_max_bytes,
+            max_redirects=settings.url_max_redirects,
+        )
+        app.state.services = Services(
+            settings, backend, fetcher, Permits(settings.max_concurrent_requests)
+        )
         try:
             yield
         finally:
+            await fetcher.close()
             await backend.close()
+            metrics.worker_exited(os.getpid())
 
     app = FastAPI(
         title="IEI — Image Embedding Inference",
         version=__version__,
-        description="Image embeddings over HTTP, served by NVIDIA Triton Inference Server.",
+        description="Image embeddings over HTTP, served by NVIDIA Triton Inference Server. "
+        "TEI-compatible `/embed`, OpenAI-compatible `/v1/embeddings`.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.backend = backend
     install_error_handlers(app)
-    app.include_router(embed.router)
-    app.include_router(health.router)
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(BodyLimit, limit=settings.payload_limit)  # outermost: before any read
+    for module in (embed, openai, info, health):
+        app.include_router(module.router)
     return app

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -14,13 +15,19 @@ import tritonclient.http as triton_http
 from tritonclient.http.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from .contract import INPUT_NAME, INVALID_IMAGE_PATTERN, MODEL_NAME, OUTPUT_NAME
+from . import metrics
+from .contract import INFO_OUTPUT_NAME, INPUT_NAME, INVALID_IMAGE_PATTERN, MODEL_NAME, OUTPUT_NAME
 from .errors import ApiError, ErrorType
 
 log = logging.getLogger("iei")
 
 _INVALID_IMAGE = re.compile(INVALID_IMAGE_PATTERN, re.S)
 _HEALTH_TIMEOUT = 2.0
+# A 1x1 PNG: the cheapest image to ask the model about itself.
+PROBE_IMAGE = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c4944415478da63f8cfc000000301010018dd8db00000000049454e44ae426082"
+)
 T = TypeVar("T")
 
 
@@ -37,6 +44,7 @@ class TritonBackend:
         self.timeout = timeout
         self._client: InferenceServerClient | None = None
         self._max_batch_size: int | None = None
+        self._model_info: dict[str, Any] | None = None
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -70,6 +78,21 @@ class TritonBackend:
             self._max_batch_size = max(1, int(config.get("max_batch_size", 1)))
         return self._max_batch_size
 
+    async def model_info(self) -> dict[str, Any]:
+        """What the model says about itself (MODEL_INFO) plus the embedding dimension, asked
+        once with a probe image."""
+        if self._model_info is None:
+            request = self._images_input([PROBE_IMAGE])
+            outputs = [
+                triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True),
+                triton_http.InferRequestedOutput(INFO_OUTPUT_NAME, binary_data=True),
+            ]
+            result = await self._call(self.client.infer(MODEL_NAME, [request], outputs=outputs))
+            info = json.loads(result.as_numpy(INFO_OUTPUT_NAME).reshape(-1)[0])
+            info["embedding_dimension"] = int(result.as_numpy(OUTPUT_NAME).shape[1])
+            self._model_info = info
+        return self._model_info
+
     async def embed(self, images: list[bytes]) -> np.ndarray:
         """Vectors for `images`, in order: chunks of at most max_batch_size, and at most
         `concurrency_level` images in flight at once."""
@@ -83,14 +106,22 @@ class TritonBackend:
         parts = await asyncio.gather(*(run(s) for s in range(0, len(images), chunk)))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    async def _infer(self, images: list[bytes], offset: int) -> np.ndarray:
+    @staticmethod
+    def _images_input(images: list[bytes]) -> triton_http.InferInput:
         tensor = np.empty((len(images), 1), dtype=np.object_)
         tensor[:, 0] = images
         request = triton_http.InferInput(INPUT_NAME, list(tensor.shape), "BYTES")
-        request.set_data_from_numpy(tensor, binary_data=True)
+        request.set_data_from_numpy(tensor, binary_data=True)  # raw bytes, not JSON
+        return request
+
+    async def _infer(self, images: list[bytes], offset: int) -> np.ndarray:
+        request = self._images_input(images)
         output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
         try:
-            result = await self._call(self.client.infer(MODEL_NAME, [request], outputs=[output]))
+            with metrics.TRITON_SECONDS.time():
+                result = await self._call(
+                    self.client.infer(MODEL_NAME, [request], outputs=[output])
+                )
         except ApiError as error:
             found = _INVALID_IMAGE.search(error.message)
             if found:  # the model names the image inside our chunk; the client wants its index

@@ -32,9 +32,10 @@ GRACEFUL_SHUTDOWN = 30
 class Frontend:
     """The uvicorn process (with IEI_WORKERS workers) serving `iei.app:create_app`."""
 
-    def __init__(self, settings: Settings, triton_endpoint: str) -> None:
+    def __init__(self, settings: Settings, triton_endpoint: str, work_dir: Path) -> None:
         self.settings = settings
         self.triton_endpoint = triton_endpoint
+        self.metrics_dir = work_dir / "metrics"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,7 +56,13 @@ class Frontend:
             "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN),
             "--no-access-log",
         ]  # fmt: skip
-        env = {**os.environ, "IEI_TRITON_URL": self.triton_endpoint}
+        # Workers are processes: their metrics meet in files that /metrics adds up.
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "IEI_TRITON_URL": self.triton_endpoint,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=die_with_parent,
@@ -94,9 +101,12 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    shown = settings.model_dump(mode="json", exclude={"api_key"})
+    shown["api_key"] = "set (hidden)" if settings.api_key else None
+    log.info("settings: %s", shown)
     work_dir = Path(tempfile.mkdtemp(prefix="iei-serve-"))
     triton = None if settings.triton_url else TritonServer(settings, work_dir)
-    frontend = Frontend(settings, settings.triton_endpoint)
+    frontend = Frontend(settings, settings.triton_endpoint, work_dir)
     try:
         if triton is not None:
             log.info("loading %s in Triton", settings.embedding_model)

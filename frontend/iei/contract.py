@@ -7,6 +7,7 @@ loads that folder alone, so it cannot import this); a unit test checks that both
 MODEL_NAME = "iei"
 INPUT_NAME = "IMAGE"  # TYPE_STRING [1]: the encoded image file
 OUTPUT_NAME = "EMBEDDING"  # TYPE_FP32 [-1]: the raw (not normalised) vector
+INFO_OUTPUT_NAME = "MODEL_INFO"  # TYPE_STRING [1], optional: JSON facts about the served model
 
 # The model fails one request with `IMAGE[i]: reason`, i the image's position in that request.
 INVALID_IMAGE_PATTERN = r"IMAGE\[(\d+)\]: (.*)"

@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .backend import TritonBackend
-from .settings import Settings
+from .errors import ApiError, ErrorType
+from .service import Services
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
-def get_backend(request: Request) -> TritonBackend:
-    backend: TritonBackend = request.app.state.backend
-    return backend
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-BackendDep = Annotated[TritonBackend, Depends(get_backend)]
+def require_api_key(request: Request, services: ServicesDep) -> None:
+    """`Authorization: Bearer <IEI_API_KEY>` when a key is set (compared in constant time)."""
+    key = services.settings.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = key.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise ApiError(
+            ErrorType.UNAUTHORIZED,
+            "missing or wrong API key (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+Authorized = Depends(require_api_key)

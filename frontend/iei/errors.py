@@ -1,7 +1,9 @@
-"""One error envelope and one table from error type to HTTP status, as TEI has them.
+"""One error table from error type to HTTP status, as TEI has it, and two envelopes.
 
-Every error leaves the service as `{"error": "...", "error_type": "..."}`: our own, FastAPI's
-validation errors, Starlette's 404/405, and anything unexpected (without its stack trace).
+TEI's routes answer `{"error": "...", "error_type": "..."}`; the OpenAI-compatible routes answer
+OpenAI's `{"error": {"message", "type", "code"}}` so that OpenAI SDKs raise proper errors. The
+status codes are the same. Every error goes through here: our own, FastAPI's validation errors,
+Starlette's 404/405, the body limit, and anything unexpected (without its stack trace).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("iei")
 
+OPENAI_PATHS = ("/v1/embeddings", "/embeddings")
+
 
 class ErrorType(StrEnum):
     EMPTY = "Empty"
     VALIDATION = "Validation"
+    UNAUTHORIZED = "Unauthorized"
     OVERLOADED = "Overloaded"
     BACKEND = "Backend"
     UNHEALTHY = "Unhealthy"
@@ -31,6 +36,7 @@ class ErrorType(StrEnum):
 STATUS = {
     ErrorType.EMPTY: 400,
     ErrorType.VALIDATION: 422,
+    ErrorType.UNAUTHORIZED: 401,
     ErrorType.OVERLOADED: 429,
     ErrorType.BACKEND: 424,
     ErrorType.UNHEALTHY: 503,
@@ -39,19 +45,58 @@ STATUS = {
     ErrorType.INTERNAL: 500,
 }
 
+# OpenAI's `type` for each of ours.
+OPENAI_TYPES = {
+    ErrorType.EMPTY: "invalid_request_error",
+    ErrorType.VALIDATION: "invalid_request_error",
+    ErrorType.NOT_FOUND: "invalid_request_error",
+    ErrorType.UNAUTHORIZED: "authentication_error",
+    ErrorType.OVERLOADED: "rate_limit_error",
+}
+
 
 class ApiError(Exception):
     """Raised anywhere in a request; becomes the JSON error response."""
 
-    def __init__(self, error_type: ErrorType, message: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        error_type: ErrorType,
+        message: str,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.status = status or STATUS[error_type]
+        self.headers = headers
 
 
-def error_response(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
+class PayloadTooLarge(StarletteHTTPException):
+    """The body grew past IEI_PAYLOAD_LIMIT while being read (FastAPI re-raises HTTPExceptions
+    from body parsing as they are)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"payload is larger than the limit of {limit} bytes")
+
+
+def error_body(path: str, status: int, error_type: ErrorType, message: str) -> dict[str, object]:
+    if path in OPENAI_PATHS:
+        kind = OPENAI_TYPES.get(error_type, "server_error" if status >= 500 else "api_error")
+        return {"error": {"message": message, "type": kind, "code": str(error_type)}}
+    return {"error": message, "error_type": str(error_type)}
+
+
+def error_response(
+    path: str,
+    status: int,
+    error_type: ErrorType,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(path, status, error_type, message), status_code=status, headers=headers
+    )
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:
@@ -66,19 +111,22 @@ def describe_validation_error(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.error_type, exc.message)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(
+            request.url.path, exc.status, exc.error_type, exc.message, exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, ErrorType.VALIDATION, describe_validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = describe_validation_error(exc)
+        return error_response(request.url.path, 422, ErrorType.VALIDATION, message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = ErrorType.NOT_FOUND if exc.status_code == 404 else ErrorType.VALIDATION
-        return error_response(exc.status_code, error_type, str(exc.detail))
+        return error_response(request.url.path, exc.status_code, error_type, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(500, ErrorType.INTERNAL, "internal error")
+        return error_response(request.url.path, 500, ErrorType.INTERNAL, "internal error")

@@ -6,17 +6,20 @@ first bytes. Decoding happens once, in the model.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 
 from .contract import IMAGE_FORMATS
 
+_SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never contains ':'
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),", re.I)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -33,6 +36,14 @@ class ImageInput:
     height: int
 
 
+def url_scheme(item: str) -> str | None:
+    """The scheme of a URL input (`https`, `file`, ...); None for base64 and data: URIs."""
+    found = _SCHEME.match(item)
+    if not found or found.group(1).lower() == "data":
+        return None
+    return found.group(1).lower()
+
+
 def decode_input(item: str) -> bytes:
     """base64 (whitespace and newlines allowed) or a `data:image/...;base64,` URI -> bytes."""
     text = item.strip()
@@ -44,8 +55,8 @@ def decode_input(item: str) -> bytes:
         if mime and not mime.startswith("image/") and mime != "application/octet-stream":
             raise InvalidInput(f"data: URI of type {mime} is not an image")
         text = text[match.end() :]
-    elif text.lower().startswith(("http://", "https://")):
-        raise InvalidInput("URL inputs are not supported; send the image as base64")
+    elif url_scheme(text):
+        raise InvalidInput("a URL must be fetched, not decoded")
     compact = _WHITESPACE.sub("", text)
     if not compact:
         raise InvalidInput("empty input")
@@ -81,12 +92,44 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
     return ImageInput(data, fmt, width, height)
 
 
-def prepare_inputs(items: list[str], max_pixels: int) -> list[ImageInput]:
-    """Every item of a request, or an `InvalidInput` naming the first bad one by index."""
+class Fetcher(Protocol):
+    async def fetch(self, url: str) -> bytes: ...
+
+
+def prepare_inputs(
+    items: list[str], max_pixels: int, fetched: dict[int, bytes] | None = None
+) -> list[ImageInput]:
+    """Every item of a request (URLs already `fetched`, by index), or an `InvalidInput` naming
+    the first bad one by index."""
+    fetched = fetched or {}
     images = []
     for index, item in enumerate(items):
         try:
-            images.append(inspect_image(decode_input(item), max_pixels))
+            data = fetched[index] if index in fetched else decode_input(item)
+            images.append(inspect_image(data, max_pixels))
         except InvalidInput as exc:
             raise InvalidInput(f"inputs[{index}]: {exc}") from None
     return images
+
+
+async def fetch_urls(items: list[str], fetcher: Fetcher) -> dict[int, bytes]:
+    """Fetch the URL items concurrently; only http(s) URLs are fetched, any other scheme is
+    refused before anything is read."""
+    urls = {}
+    for index, item in enumerate(items):
+        scheme = url_scheme(item)
+        if scheme is None:
+            continue
+        if scheme not in ("http", "https"):
+            raise InvalidInput(
+                f"inputs[{index}]: URL scheme {scheme!r} is not allowed (only http, https)"
+            )
+        urls[index] = item.strip()
+
+    async def one(index: int, url: str) -> tuple[int, bytes]:
+        try:
+            return index, await fetcher.fetch(url)
+        except InvalidInput as exc:
+            raise InvalidInput(f"inputs[{index}]: {exc}") from None
+
+    return dict(await asyncio.gather(*(one(i, u) for i, u in urls.items())))

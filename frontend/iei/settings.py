@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
@@ -45,8 +45,30 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="Largest image (width x height) accepted, from its header."
     )
     request_timeout: float = Field(
-        60.0, gt=0, le=3600, description="Seconds a request may wait for Triton before a 504."
+        60.0, gt=0, le=3600, description="Seconds a request may take before a 504."
     )
+    payload_limit: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
+    )
+    max_concurrent_requests: int = Field(
+        512,
+        ge=1,
+        description="Images in flight per frontend worker; beyond it requests get a 429 at once.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route but /health and /metrics needs this Bearer key."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name the OpenAI route answers to besides IMAGE_EMBEDDING_MODEL."
+    )
+    allow_private_urls: bool = Field(
+        False, description="Fetch image URLs on loopback, private and link-local addresses too."
+    )
+    url_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to fetch one image URL.")
+    url_max_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest image file fetched from a URL."
+    )
+    url_max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed per URL.")
     triton_url: str | None = Field(
         None,
         description="host:port of a Triton HTTP endpoint run by something else (compose, k8s). "
@@ -87,6 +109,18 @@ class Settings(BaseSettings):
         if "://" in bare or ":" not in bare or not bare.rpartition(":")[2].isdigit():
             raise ValueError(f"expected host:port (or http://host:port), got {value!r}")
         return bare
+
+    @cached_property
+    def model_names(self) -> frozenset[str]:
+        """Names a client may give as `model`: the id, its last part, the served name."""
+        names = {self.embedding_model, self.embedding_model.rstrip("/").rsplit("/", 1)[-1]}
+        if self.served_model_name:
+            names.add(self.served_model_name)
+        return frozenset(names)
+
+    @cached_property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.embedding_model
 
     @cached_property
     def host(self) -> str:

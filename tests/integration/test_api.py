@@ -101,7 +101,7 @@ def test_invalid_json_is_422(vit_stack):
         (b64(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj"), "not an image"),
         ("data:text/plain;base64," + b64(b"hello"), "not an image"),
         ("data:image/png,rawdata", "data:image/<type>;base64"),
-        ("https://example.org/cat.jpg", "URL inputs are not supported"),
+        ("ftp://example.org/cat.jpg", "is not allowed"),
         ("", "empty input"),
     ],
 )

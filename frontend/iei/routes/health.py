@@ -1,14 +1,15 @@
-"""`GET /health`: 200 only while Triton reports the model ready."""
+"""`GET /health` and `GET /metrics`: open even when an API key is set, as in TEI."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..dependencies import BackendDep
+from .. import metrics
+from ..dependencies import ServicesDep
 from ..errors import ErrorType, error_response
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["service"])
 
 
 @router.get(
@@ -16,7 +17,13 @@ router = APIRouter(tags=["health"])
     summary="Is the model ready?",
     responses={503: {"description": "Triton is down or the model is not ready"}},
 )
-async def health(backend: BackendDep) -> JSONResponse:
-    if await backend.is_ready():
+async def health(request: Request, services: ServicesDep) -> JSONResponse:
+    if await services.backend.is_ready():
         return JSONResponse({"status": "ok"})
-    return error_response(503, ErrorType.UNHEALTHY, "the model is not ready")
+    return error_response(request.url.path, 503, ErrorType.UNHEALTHY, "the model is not ready")
+
+
+@router.get("/metrics", summary="Prometheus metrics of the frontend", response_class=Response)
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "EMBEDDING"
+INFO_OUTPUT_NAME = "MODEL_INFO"
 
 # Formats we decode. Restricting PIL's plugins keeps it away from EPS (Ghostscript), PDF, PSD & co.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
@@ -258,6 +259,21 @@ class Embedder:
         return results
 
 
+def describe(embedder: Embedder, settings: ModelSettings) -> str:
+    """The MODEL_INFO output: facts a client cannot see from outside, as JSON."""
+    config = getattr(embedder.model, "config", None)
+    return json.dumps(
+        {
+            "model_id": settings.model_id,
+            "model_type": getattr(config, "model_type", None),
+            "architecture": type(embedder.model).__name__,
+            "dtype": str(embedder.dtype).removeprefix("torch."),
+            "device": str(embedder.device),
+            "pooling": settings.pooling,
+        }
+    )
+
+
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
     """Load the model and its processor; one clear error when that is impossible."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -314,6 +330,7 @@ class TritonPythonModel:
             torch.set_num_threads(threads)
         self.logger = pb_utils.Logger
         self.embedder = load_embedder(settings, device, threads)
+        self.info = describe(self.embedder, settings)
         # Warm up: the first forward pass allocates and picks kernels.
         self.embedder.forward(self._blank_batch(1))
         self.logger.log_info(
@@ -335,17 +352,18 @@ class TritonPythonModel:
         results = self.embedder.embed(blobs)
         responses = []
         offset = 0
-        for count in counts:
+        for request, count in zip(requests, counts, strict=True):
             own = results[offset : offset + count]
             offset += count
-            responses.append(make_response(own))
+            wants_info = INFO_OUTPUT_NAME in request.requested_output_names()
+            responses.append(make_response(own, self.info if wants_info else None))
         return responses
 
     def finalize(self) -> None:
         self.embedder.close()
 
 
-def make_response(results: Sequence[np.ndarray | InvalidImage]) -> Any:
+def make_response(results: Sequence[np.ndarray | InvalidImage], info: str | None = None) -> Any:
     """One request's results -> its response: vectors, or an error naming the first bad image.
 
     The message format `IMAGE[i]: reason` (i = position inside this request) is parsed by the
@@ -359,4 +377,8 @@ def make_response(results: Sequence[np.ndarray | InvalidImage]) -> Any:
                 )
             )
     vectors = np.stack(results).astype(np.float32, copy=False)  # type: ignore[arg-type]
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT_NAME, vectors)])
+    tensors = [pb_utils.Tensor(OUTPUT_NAME, vectors)]
+    if info is not None:
+        rows = np.full((len(results), 1), info.encode(), dtype=np.object_)
+        tensors.append(pb_utils.Tensor(INFO_OUTPUT_NAME, rows))
+    return pb_utils.InferenceResponse(output_tensors=tensors)

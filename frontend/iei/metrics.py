@@ -1,0 +1,52 @@
+"""Prometheus metrics of the frontend (Triton's own stay on its metrics port).
+
+With several uvicorn workers each one is a process: `iei serve` sets PROMETHEUS_MULTIPROC_DIR, and
+/metrics then adds up the files that all workers write (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("iei_requests", "HTTP requests by route and status.", ["route", "status"])
+REQUEST_SECONDS = Histogram(
+    "iei_request_duration_seconds", "Time to answer a request.", ["route"], buckets=LATENCY_BUCKETS
+)
+IN_FLIGHT = Gauge(
+    "iei_requests_in_flight", "Requests being answered now.", multiprocess_mode="livesum"
+)
+IMAGES = Counter("iei_images_embedded", "Images turned into embeddings.")
+IMAGES_PER_REQUEST = Histogram(
+    "iei_images_per_request", "Images in one embedding request.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)  # fmt: skip
+TRITON_SECONDS = Histogram(
+    "iei_triton_round_trip_seconds", "Time of one inference call to Triton (a chunk of images).",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: this process's metrics, or every worker's in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
