@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,3 +107,33 @@ def test_triton_client_example_runs(vit_stack, protocol):
     )
     assert result.returncode == 0, result.stderr
     assert "4 images -> embeddings of shape (4, 32)" in result.stdout
+
+
+def test_the_frontend_without_triton_answers_503_json(tmp_path):
+    """The real frontend process, with Triton unreachable: clear 503s, never a hang or a 500."""
+    port = free_port()
+    env = {**os.environ, "IEI_TRITON_URL": f"127.0.0.1:{free_port()}", "IEI_REQUEST_TIMEOUT": "5"}
+    command = [sys.executable, "-m", "uvicorn", "iei.app:create_app", "--factory",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                health = httpx.get(f"{url}/health")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert health.status_code == 503
+        assert health.json()["error_type"] == "Unhealthy"
+        image = base64.b64encode((Path("examples/images/coffee.jpg")).read_bytes()).decode()
+        embed = httpx.post(f"{url}/embed", json={"inputs": image}, timeout=10)
+        assert embed.status_code == 503
+        assert embed.json()["error_type"] == "Unhealthy"
+        openai = httpx.post(f"{url}/v1/embeddings", json={"input": image}, timeout=10)
+        assert openai.status_code == 503
+        assert openai.json()["error"]["code"] == "Unhealthy"
+        assert httpx.get(f"{url}/info").json()["triton"]["ready"] is False
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -1,0 +1,63 @@
+"""Which addresses a URL may lead to, and which URLs are refused before any connection."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from iei.fetch import UrlFetcher, is_public
+from iei.images import InvalidInput
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("93.184.216.34", True),
+        ("2606:2800:220:1:248:1893:25c8:1946", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("240.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("::ffff:93.184.216.34", True),
+    ],
+)
+def test_is_public(address, public):
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.org/a.jpg", "scheme 'ftp' is not allowed"),
+        ("file:///etc/passwd", "scheme 'file' is not allowed"),
+        ("http:///nohost", "without a host"),
+        ("http://user:secret@example.org/a.jpg", "credentials"),
+        ("http://127.0.0.1:9/a.jpg", "non-public address"),
+        ("http://[::1]:9/a.jpg", "non-public address"),
+        ("http://localhost:9/a.jpg", "non-public address"),
+        ("http://no-such-host.invalid/a.jpg", "cannot resolve"),
+    ],
+)
+async def test_refused_before_connecting(url, message):
+    fetcher = UrlFetcher(allow_private=False, timeout=5, max_bytes=1024, max_redirects=2)
+    try:
+        with pytest.raises(InvalidInput, match=message):
+            await fetcher.fetch(url)
+    finally:
+        await fetcher.close()
