@@ -61,3 +61,57 @@ async def test_refused_before_connecting(url, message):
             await fetcher.fetch(url)
     finally:
         await fetcher.close()
+
+
+@pytest.fixture(scope="module")
+def local_server():
+    """Redirect loops, a slow answer and a large file on 127.0.0.1."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/loop"):
+                self.send_response(302)
+                self.send_header("Location", f"/loop{len(self.path)}")
+                self.end_headers()
+            elif self.path == "/slow":
+                time.sleep(2)
+                self.send_response(200)
+                self.end_headers()
+            else:
+                body = b"x" * 5000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("path", "options", "message"),
+    [
+        ("/loop", {"max_redirects": 2}, "more than 2 redirects"),
+        ("/slow", {"timeout": 0.5}, "longer than 0.5 s"),
+        ("/file", {"max_bytes": 4096}, "larger than 4096 bytes"),
+    ],
+)
+async def test_limits_of_a_fetch(local_server, path, options, message):
+    settings = {"allow_private": True, "timeout": 5.0, "max_bytes": 1 << 20, "max_redirects": 5}
+    fetcher = UrlFetcher(**{**settings, **options})
+    try:
+        with pytest.raises(InvalidInput, match=message):
+            await fetcher.fetch(local_server + path)
+        if path == "/file":
+            fetcher.max_bytes = 5000
+            assert await fetcher.fetch(local_server + path) == b"x" * 5000
+    finally:
+        await fetcher.close()
