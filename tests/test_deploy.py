@@ -342,3 +342,14 @@ def test_hadolint_finds_nothing(name):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_deploy_docs_name_files_that_exist():
+    text = (ROOT / "docs" / "deploy.md").read_text() + (ROOT / "README.md").read_text()
+    paths = r"(?<![\w/.])((?:docker|deploy|model_repository|docs)/[\w./-]*\w)"
+    named = set(re.findall(paths, text))
+    named |= set(re.findall(r"\b(docker-compose[\w.-]*\.yml)\b", text))
+    assert "docs/deploy.md" in (ROOT / "README.md").read_text()
+    assert {"docker-compose.cpu.yml", "deploy/kubernetes/prometheus-adapter/values.yaml"} <= named
+    missing = sorted(name for name in named if not (ROOT / name).exists())
+    assert not missing, f"named in the docs but missing: {missing}"
