@@ -21,7 +21,14 @@ from pydantic import ValidationError
 from . import __version__
 from .processes import die_with_parent, stop_process
 from .settings import Settings
-from .triton_server import TritonServer, TritonStartupError
+from .triton_server import (
+    TritonServer,
+    TritonStartupError,
+    gpu_count,
+    model_environment,
+    render_model_repository,
+    triton_command,
+)
 
 log = logging.getLogger("iei")
 
@@ -139,6 +146,32 @@ def serve(settings: Settings) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def run_triton(settings: Settings) -> int:
+    """`iei triton`: render the model repository for this machine, then become `tritonserver`.
+
+    The container command of docker compose and Kubernetes; exec keeps Triton the process that
+    receives SIGTERM, and its arguments are those of `iei serve`.
+    """
+    try:
+        repository = render_model_repository(
+            settings.model_repository,
+            Path(tempfile.mkdtemp(prefix="iei-triton-")) / "model_repository",
+            gpus=gpu_count(),
+            instances=settings.triton_instances,
+        )
+        env = {**os.environ, **model_environment(settings)}
+    except TritonStartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    command = triton_command(settings, repository)
+    log.info("exec %s", " ".join(command))
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:  # only returns on failure
+        log.error("cannot start %s: %s (iei triton runs in the Triton image)", command[0], exc)
+    return 127
+
+
 def load_settings() -> Settings:
     try:
         return Settings()
@@ -160,11 +193,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Run Triton Inference Server and the HTTP frontend; settings come from "
         "the environment (IMAGE_EMBEDDING_MODEL, IEI_*), see the README.",
     )
+    commands.add_parser(
+        "triton",
+        help="run Triton alone in the foreground (the container command)",
+        description="Render the model repository for this machine (CPU instances without a "
+        "GPU) and exec tritonserver with the launch arguments of `iei serve`.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s iei: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
     if args.command == "serve":
         return serve(load_settings())
+    if args.command == "triton":
+        return run_triton(load_settings())
     return 2
 
 

@@ -142,6 +142,20 @@ def triton_arguments(
     return arguments
 
 
+def triton_command(settings: Settings, model_repository: Path) -> list[str]:
+    """argv of `iei triton`: a `tritonserver` on PATH (NGC image) alone, with the same arguments."""
+    return [
+        "tritonserver",
+        *triton_arguments(
+            model_repository=str(model_repository),
+            host=settings.triton_host,
+            http_port=settings.triton_http_port,
+            grpc_port=settings.triton_grpc_port,
+            metrics_port=settings.triton_metrics_port,
+        ),
+    ]
+
+
 def model_environment(settings: Settings) -> dict[str, str]:
     """What model.py reads from its environment."""
     model = settings.embedding_model

@@ -1,0 +1,24 @@
+# The HTTP frontend: FastAPI + uvicorn workers, no torch. Talks to Triton at IEI_TRITON_URL.
+FROM python:3.11.13-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    IEI_WORKERS=2 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/iei-metrics
+
+WORKDIR /tmp/iei-src
+COPY docker/frontend-constraints.txt pyproject.toml README.md ./
+COPY frontend ./frontend
+# The base package only (no `serve` extra): the frontend never imports torch.
+RUN pip install --no-cache-dir -c frontend-constraints.txt . \
+    && rm -rf /tmp/iei-src \
+    && useradd --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin iei
+
+WORKDIR /
+USER 10001
+EXPOSE 8000
+# Workers are processes: their Prometheus metrics meet in PROMETHEUS_MULTIPROC_DIR, created
+# fresh at each start (on /tmp, so the root filesystem can stay read-only). The flags are those
+# that `iei serve` gives uvicorn (frontend/iei/cli.py, Frontend.start).
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn iei.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$IEI_WORKERS\" --timeout-graceful-shutdown 30 --no-access-log"]

@@ -1,0 +1,355 @@
+"""docker compose files and Dockerfiles, checked statically: no Docker engine runs here.
+
+What they must hold: a GPU reservation and a CPU variant without one, Triton's launch through
+`iei triton`, ports and health checks that agree with the settings, pinned images and packages.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google.protobuf import text_format
+from iei.settings import DEFAULT_MODEL_REPOSITORY, Settings
+from iei.triton_server import gpu_count, render_model_repository, triton_command
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from tritonclient.grpc import model_config_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+MODEL_PY = ROOT / "model_repository" / "iei" / "1" / "model.py"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+NGC_TRITON = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version tests run
+# What the model's environment carries through compose, as the issue asks.
+MODEL_SETTINGS = ("IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING", "IEI_MAX_IMAGE_PIXELS")
+
+
+class Reset:
+    """Compose's `!reset` tag: the override removes the attribute."""
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
+
+
+def load_compose(name: str) -> dict[str, Any]:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge for mappings (enough for our override files)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Reset):
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def interpolate(value: str) -> str:
+    """`${NAME:-default}` as compose resolves it with nothing set in the shell or .env."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+
+
+def gigabytes(size: str) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", str(size).lower()).groups()
+    return float(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit] / 2**30
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) pairs, continuation lines joined, comments dropped."""
+    text = (DOCKER / name).read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    steps = []
+    for line in joined.splitlines():
+        if line.strip():
+            instruction, _, arguments = line.strip().partition(" ")
+            steps.append((instruction.upper(), arguments.strip()))
+    return steps
+
+
+def cmd_of(name: str) -> list[str]:
+    [cmd] = [json.loads(args) for instruction, args in dockerfile(name) if instruction == "CMD"]
+    return cmd
+
+
+def requirements(path: Path) -> list[Requirement]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def pin(requirement: Requirement) -> str:
+    [spec] = requirement.specifier
+    assert spec.operator == "==", f"{requirement} is not pinned"
+    return spec.version
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level modules a file imports (also inside functions), stdlib left out."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"__future__"}
+
+
+def cli_modules() -> list[Path]:
+    """Files of the `iei` package that `iei triton` imports, from a fresh interpreter."""
+    code = (
+        "import sys, iei.cli; print('\\n'.join(m.__file__ for n, m in sys.modules.items()"
+        " if n == 'iei' or n.startswith('iei.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [Path(line) for line in result.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose("docker-compose.yml")["services"]
+
+
+@pytest.fixture(scope="module")
+def triton(compose) -> dict[str, Any]:
+    return compose["triton"]
+
+
+@pytest.fixture(scope="module")
+def frontend(compose) -> dict[str, Any]:
+    return compose["frontend"]
+
+
+# --- docker compose ---------------------------------------------------------------------------
+
+
+def test_two_services_built_from_the_docker_folder(compose):
+    assert set(compose) == {"triton", "frontend"}
+    for service in compose.values():
+        assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert Path(service["build"]["dockerfile"]).parent == Path("docker")
+
+
+def test_triton_runs_iei_triton_as_its_image_does(triton):
+    assert triton["command"] == ["iei", "triton"]
+    assert cmd_of("triton.Dockerfile") == ["iei", "triton"]
+
+
+def test_triton_reserves_nvidia_gpus(triton):
+    [device] = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert "gpu" in device["capabilities"]
+    assert device["count"] == "all" or int(device["count"]) >= 1
+
+
+def test_triton_has_shared_memory_for_the_python_backend(triton):
+    assert gigabytes(triton["shm_size"]) >= 1
+
+
+def test_triton_ports_stay_internal(triton):
+    assert "ports" not in triton
+    environment = triton["environment"]
+    ports = {environment[f"IEI_TRITON_{kind}_PORT"] for kind in ("HTTP", "GRPC", "METRICS")}
+    assert set(triton["expose"]) == ports == {"8000", "8001", "8002"}
+
+
+def test_the_ports_override_publishes_triton_s_three_ports(triton):
+    published = load_compose("docker-compose.triton-ports.yml")["services"]["triton"]["ports"]
+    container_ports = {mapping.rsplit(":", 1)[1] for mapping in published}
+    assert container_ports == set(triton["expose"])
+
+
+def test_model_settings_pass_through_to_triton(triton, frontend):
+    for name in MODEL_SETTINGS:
+        assert triton["environment"][name].startswith(f"${{{name}"), name
+    assert frontend["environment"]["IMAGE_EMBEDDING_MODEL"].startswith("${IMAGE_EMBEDDING_MODEL")
+    assert frontend["environment"]["IEI_WORKERS"].startswith("${IEI_WORKERS")
+
+
+def test_every_iei_variable_in_compose_is_a_real_setting(compose):
+    known = {f"IEI_{name.upper()}" for name in Settings.model_fields} | {"IMAGE_EMBEDDING_MODEL"}
+    tree = ast.parse(MODEL_PY.read_text())
+    [settings_table] = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SETTINGS"
+    ]
+    known |= {env for env, _ in ast.literal_eval(settings_table).values()}
+    for name, service in compose.items():
+        unknown = {v for v in service["environment"] if v.startswith("IEI_")} - known
+        assert not unknown, f"{name}: {unknown} are read by nothing"
+
+
+def test_triton_s_arguments_from_compose_agree_with_its_healthcheck(triton, monkeypatch):
+    for name, value in triton["environment"].items():
+        monkeypatch.setenv(name, interpolate(value))
+    argv = triton_command(Settings(), Path("/repo"))
+    assert "--http-address=0.0.0.0" in argv  # reachable from the frontend's container
+    test = " ".join(triton["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/v2/health/ready" in test
+    assert "--http-port=8000" in argv
+    assert triton["healthcheck"]["start_period"]  # model downloads take minutes
+
+
+def test_frontend_waits_for_a_healthy_triton_and_finds_it_by_name(triton, frontend):
+    assert frontend["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    url = frontend["environment"]["IEI_TRITON_URL"]
+    assert url == f"triton:{triton['environment']['IEI_TRITON_HTTP_PORT']}"
+    assert Settings(triton_url=url).triton_endpoint == url
+
+
+def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
+    [mapping] = frontend["ports"]
+    host_port, container_port = interpolate(mapping).rsplit(":", 1)
+    assert host_port == container_port == "8000"
+    command = shlex.split(cmd_of("frontend.Dockerfile")[-1])
+    assert command[command.index("--port") + 1] == container_port
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert "iei.app:create_app" in command and "--factory" in command
+    assert command[command.index("--workers") + 1] == "$IEI_WORKERS"
+
+
+def test_the_cpu_variant_has_no_gpu_and_renders_cpu_instances(triton, monkeypatch, tmp_path):
+    override = load_compose("docker-compose.cpu.yml")["services"]["triton"]
+    merged = merge(triton, override)
+    assert "deploy" not in merged
+    assert merged["command"] == ["iei", "triton"]
+    for name, value in merged["environment"].items():
+        monkeypatch.setenv(name, interpolate(value))
+    assert gpu_count() == 0
+    target = render_model_repository(
+        DEFAULT_MODEL_REPOSITORY, tmp_path / "repo", gpus=gpu_count(), instances=None
+    )
+    config = text_format.Parse(
+        (target / "iei" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    kinds = {group.kind for group in config.instance_group}
+    assert kinds == {model_config_pb2.ModelInstanceGroup.KIND_CPU}
+
+
+# --- Dockerfiles and what they install --------------------------------------------------------
+
+
+def test_base_images_are_pinned():
+    images = {
+        name: [args.split()[0] for instruction, args in dockerfile(name) if instruction == "FROM"]
+        for name in ("triton.Dockerfile", "frontend.Dockerfile")
+    }
+    assert images["triton.Dockerfile"] == [NGC_TRITON]
+    [python] = images["frontend.Dockerfile"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", python), python
+
+
+def test_the_frontend_image_installs_the_base_package_without_torch():
+    steps = dockerfile("frontend.Dockerfile")
+    installs = [args for instruction, args in steps if instruction == "RUN" and "pip" in args]
+    assert installs and all("[" not in args and "torch" not in args for args in installs)
+    constraints = {
+        canonicalize_name(r.name): r for r in requirements(DOCKER / "frontend-constraints.txt")
+    }
+    assert not {"torch", "torchvision", "transformers"} & set(constraints)
+    for dependency in map(Requirement, PYPROJECT["project"]["dependencies"]):
+        pinned = constraints.get(canonicalize_name(dependency.name))
+        assert pinned is not None, f"{dependency.name} has no pin in frontend-constraints.txt"
+        assert dependency.specifier.contains(pin(pinned)), f"{pinned} vs {dependency}"
+
+
+def test_the_triton_image_pins_what_model_py_and_iei_triton_import():
+    pins = {r.name.lower(): pin(r) for r in requirements(DOCKER / "triton-requirements.txt")}
+    serve_extra = PYPROJECT["project"]["optional-dependencies"]["serve"]
+    serve = {r.name.lower(): r for r in map(Requirement, serve_extra)}
+    for name in ("torch", "torchvision"):
+        assert pins[name] == pin(serve[name]), f"{name}: the image and the serve extra differ"
+    distribution = {"PIL": "pillow", "google": "protobuf", "pydantic_settings": "pydantic-settings"}
+    imported = third_party_imports(MODEL_PY) - {"triton_python_backend_utils"}  # Triton's own
+    for module in cli_modules():
+        imported |= third_party_imports(module) - {"iei"}
+    missing = {distribution.get(name, name).lower() for name in imported} - set(pins)
+    assert not missing, f"imported but not in triton-requirements.txt: {missing}"
+
+
+# 3.11 names in the standard library; the Triton image's Python is 3.10.
+PYTHON_311_NAMES = {
+    ("enum", "StrEnum"),
+    ("asyncio", "timeout"),
+    ("asyncio", "TaskGroup"),
+    ("typing", "Self"),
+    ("typing", "LiteralString"),
+    ("typing", "Never"),
+    ("typing", "assert_never"),
+    ("datetime", "UTC"),
+}
+
+
+@pytest.mark.parametrize("path", [MODEL_PY, *cli_modules()], ids=lambda p: p.name)
+def test_code_run_by_the_triton_image_runs_on_python_3_10(path):
+    tree = ast.parse(path.read_text(), feature_version=(3, 10))  # new syntax fails here
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            used |= {(node.module, alias.name) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            used |= {(alias.name, "") for alias in node.names}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            used.add((node.value.id, node.attr))
+    assert not used & (PYTHON_311_NAMES | {("tomllib", "")})
+    assert "ExceptionGroup" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def test_dockerignore_keeps_what_the_dockerfiles_copy():
+    keep = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    keep = [pattern for pattern in keep if pattern and not pattern.startswith("#")]
+    for name in ("triton.Dockerfile", "frontend.Dockerfile"):
+        for instruction, args in dockerfile(name):
+            if instruction == "COPY":
+                for source in args.split()[:-1]:
+                    assert (ROOT / source).exists(), source
+                    top = source.split("/")[0] if not source.startswith("docker/") else "docker"
+                    assert any(fnmatch(top, pattern) for pattern in keep), source
+
+
+def hadolint() -> str | None:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    return str(beside_python) if beside_python.exists() else shutil.which("hadolint")
+
+
+@pytest.mark.skipif(hadolint() is None, reason="hadolint is not installed (pip install -e .[dev])")
+@pytest.mark.parametrize("name", ["triton.Dockerfile", "frontend.Dockerfile"])
+def test_hadolint_finds_nothing(name):
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "style", str(DOCKER / name)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_deploy_docs_name_files_that_exist():
+    text = (ROOT / "docs" / "deploy.md").read_text() + (ROOT / "README.md").read_text()
+    paths = r"(?<![\w/.])((?:docker|deploy|model_repository|docs)/[\w./-]*\w)"
+    named = set(re.findall(paths, text))
+    named |= set(re.findall(r"\b(docker-compose[\w.-]*\.yml)\b", text))
+    assert "docs/deploy.md" in (ROOT / "README.md").read_text()
+    assert {"docker-compose.cpu.yml", "deploy/kubernetes/prometheus-adapter/values.yaml"} <= named
+    missing = sorted(name for name in named if not (ROOT / name).exists())
+    assert not missing, f"named in the docs but missing: {missing}"

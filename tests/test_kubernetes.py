@@ -1,0 +1,247 @@
+"""deploy/kubernetes, checked offline: Kubernetes schemas (kubernetes-validate), the kustomization's
+resource list, and that Services, probes, ports and the frontend's Triton address agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from iei.settings import Settings
+from iei.triton_server import triton_command
+
+ROOT = Path(__file__).resolve().parents[1]
+KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported, newest kubernetes-validate knows
+MANIFESTS = sorted(p for p in KUSTOMIZE_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+KUSTOMIZATION = yaml.safe_load((KUSTOMIZE_DIR / "kustomization.yaml").read_text())
+RESOURCES = [doc for path in MANIFESTS for doc in load_all(path)]
+
+
+def only(kind: str, name: str) -> dict[str, Any]:
+    [found] = [r for r in RESOURCES if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    [found] = deployment["spec"]["template"]["spec"]["containers"]
+    return found
+
+
+def environment(deployment: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(deployment).get("env", []) if "value" in e}
+
+
+def container_ports(deployment: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+
+
+def dockerfile_env(name: str) -> dict[str, str]:
+    text = (ROOT / "docker" / name).read_text().replace("\\\n", " ")
+    pairs: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            pairs.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    return pairs
+
+
+def deployments_selected_by(labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in RESOURCES
+        if r["kind"] == "Deployment"
+        and labels.items() <= r["spec"]["template"]["metadata"]["labels"].items()
+    ]
+
+
+TRITON = only("Deployment", "iei-triton")
+FRONTEND = only("Deployment", "iei-frontend")
+TRITON_SERVICE = only("Service", "iei-triton")
+
+
+def test_the_kustomization_lists_every_manifest_and_nothing_else():
+    listed = KUSTOMIZATION["resources"]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {p.name for p in MANIFESTS}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_each_manifest_is_valid_for_kubernetes(path, version):
+    for resource in load_all(path):
+        kubernetes_validate.validate(resource, version, strict=True)
+
+
+def test_validation_refuses_a_misspelt_field():
+    broken = yaml.safe_load(yaml.safe_dump(TRITON))
+    container(broken)["resource"] = container(broken).pop("resources")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def kubectl() -> str | None:
+    return shutil.which("kubectl")
+
+
+@pytest.mark.skipif(kubectl() is None, reason="kubectl is not installed (its kustomize builds)")
+def test_kustomize_builds_valid_resources():
+    built = subprocess.run(
+        [kubectl(), "kustomize", str(KUSTOMIZE_DIR)], capture_output=True, text=True, check=True
+    ).stdout
+    resources = [doc for doc in yaml.safe_load_all(built) if doc]
+    for resource in resources:
+        kubernetes_validate.validate(resource, KUBERNETES_VERSIONS[-1], strict=True)
+    [config_map] = [r for r in resources if r["kind"] == "ConfigMap"]
+    assert re.fullmatch(r"iei-model-\w+", config_map["metadata"]["name"])  # hashed: rolls pods
+    for deployment in (r for r in resources if r["kind"] == "Deployment"):
+        [source] = container(deployment)["envFrom"]
+        assert source["configMapRef"]["name"] == config_map["metadata"]["name"]
+
+
+def test_deployments_read_the_generated_model_settings():
+    generated = {g["name"]: g for g in KUSTOMIZATION["configMapGenerator"]}
+    literals = dict(item.split("=", 1) for item in generated["iei-model"]["literals"])
+    assert {"IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING"} <= set(literals)
+    for deployment in (TRITON, FRONTEND):
+        [source] = container(deployment)["envFrom"]
+        assert source["configMapRef"]["name"] in generated
+
+
+def test_images_are_those_compose_builds():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    built = dict(compose[name]["image"].split(":") for name in ("triton", "frontend"))
+    tags = {image["name"]: image["newTag"] for image in KUSTOMIZATION["images"]}
+    assert tags == built
+    assert {container(d)["image"] for d in (TRITON, FRONTEND)} == set(built)
+
+
+@pytest.mark.parametrize("deployment", [TRITON, FRONTEND], ids=["triton", "frontend"])
+def test_each_deployment_selects_its_own_pods(deployment):
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert deployments_selected_by(selector) == [deployment]
+
+
+@pytest.mark.parametrize(
+    "service", [r for r in RESOURCES if r["kind"] == "Service"], ids=lambda s: s["metadata"]["name"]
+)
+def test_services_select_one_deployment_and_target_its_ports(service):
+    [deployment] = deployments_selected_by(service["spec"]["selector"])
+    ports = container_ports(deployment)
+    for port in service["spec"]["ports"]:
+        assert port["targetPort"] in ports, f"{port['targetPort']} is no container port"
+        assert port["port"] == ports[port["targetPort"]]  # one port number inside and out
+
+
+@pytest.mark.parametrize("kind", ["HorizontalPodAutoscaler", "PodDisruptionBudget"])
+@pytest.mark.parametrize("deployment", [TRITON, FRONTEND], ids=["triton", "frontend"])
+def test_autoscalers_and_budgets_cover_each_deployment(kind, deployment):
+    resource = only(kind, deployment["metadata"]["name"])
+    if kind == "HorizontalPodAutoscaler":
+        target = resource["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        assert resource["spec"]["minReplicas"] <= resource["spec"]["maxReplicas"]
+    else:
+        assert deployments_selected_by(resource["spec"]["selector"]["matchLabels"]) == [deployment]
+
+
+def probe_port(probe: dict[str, Any]) -> str:
+    return (probe.get("httpGet") or probe.get("tcpSocket"))["port"]
+
+
+def test_triton_probes_use_its_health_endpoints_on_its_http_port():
+    triton = container(TRITON)
+    for name in ("startupProbe", "readinessProbe"):
+        assert triton[name]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert probe_port(triton[name]) == "http"
+    startup = triton["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model downloads
+
+
+def test_triton_listens_where_its_container_ports_say(monkeypatch):
+    for name, value in environment(TRITON).items():
+        monkeypatch.setenv(name, value)
+    argv = triton_command(Settings(), Path("/repo"))
+    ports = container_ports(TRITON)
+    assert f"--http-port={ports['http']}" in argv
+    assert f"--grpc-port={ports['grpc']}" in argv
+    assert f"--metrics-port={ports['metrics']}" in argv
+    assert "--http-address=0.0.0.0" in argv
+    annotations = TRITON["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+
+
+def test_triton_runs_iei_triton_on_one_gpu_with_shared_memory_and_a_model_cache():
+    triton = container(TRITON)
+    assert triton["args"] == ["iei", "triton"] and "command" not in triton  # NGC entrypoint stays
+    resources = triton["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] >= 1
+    volumes = {v["name"]: v for v in TRITON["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in triton["volumeMounts"]}
+    assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in mounts[dockerfile_env("triton.Dockerfile")["HF_HOME"]]
+
+
+def test_the_frontend_calls_the_triton_service_on_its_http_port():
+    url = environment(FRONTEND)["IEI_TRITON_URL"]
+    [http] = [p for p in TRITON_SERVICE["spec"]["ports"] if p["targetPort"] == "http"]
+    assert url == f"{TRITON_SERVICE['metadata']['name']}:{http['port']}"
+    assert Settings(triton_url=url).triton_endpoint == url
+
+
+def test_the_frontend_probes_its_own_port_and_stays_alive_while_triton_is_down():
+    frontend = container(FRONTEND)
+    assert frontend["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert "httpGet" not in frontend["livenessProbe"] or (
+        frontend["livenessProbe"]["httpGet"]["path"] != "/health"
+    )
+    ports = container_ports(FRONTEND)
+    for name in ("readinessProbe", "livenessProbe"):
+        assert probe_port(frontend[name]) in ports
+    [cmd] = [
+        json.loads(line.removeprefix("CMD "))
+        for line in (ROOT / "docker" / "frontend.Dockerfile").read_text().splitlines()
+        if line.startswith("CMD ")
+    ]
+    command = shlex.split(cmd[-1])
+    assert int(command[command.index("--port") + 1]) == ports["http"]
+
+
+def test_the_frontend_runs_as_non_root_on_a_read_only_root_filesystem():
+    pod = FRONTEND["spec"]["template"]["spec"]
+    frontend = container(FRONTEND)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert frontend["securityContext"]["readOnlyRootFilesystem"] is True
+    assert frontend["securityContext"]["allowPrivilegeEscalation"] is False
+    # where it writes (Prometheus' multiprocess files) is a volume
+    metrics_dir = dockerfile_env("frontend.Dockerfile")["PROMETHEUS_MULTIPROC_DIR"]
+    assert any(metrics_dir.startswith(m["mountPath"] + "/") for m in frontend["volumeMounts"])
+
+
+@pytest.mark.parametrize("deployment", [TRITON, FRONTEND], ids=["triton", "frontend"])
+def test_every_container_requests_resources_and_limits_memory(deployment):
+    resources = container(deployment)["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"])
+    assert "memory" in resources["limits"]
+
+
+def test_the_triton_autoscaler_s_metric_is_defined_for_the_prometheus_adapter():
+    values = yaml.safe_load((KUSTOMIZE_DIR / "prometheus-adapter" / "values.yaml").read_text())
+    defined = {rule["name"]["as"]: rule for rule in values["rules"]["custom"]}
+    [metric] = only("HorizontalPodAutoscaler", "iei-triton")["spec"]["metrics"]
+    rule = defined[metric["pods"]["metric"]["name"]]
+    assert "nv_inference_queue_duration_us" in rule["metricsQuery"]
