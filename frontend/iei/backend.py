@@ -29,6 +29,9 @@ PROBE_IMAGE = bytes.fromhex(
     "0000000c4944415478da63f8cfc000000301010018dd8db00000000049454e44ae426082"
 )
 T = TypeVar("T")
+# Triton's words when the model cannot run at all (dead stub, model unloading, restarting):
+# a 503 for the client, who may retry, rather than the 424 of a failed inference.
+_UNAVAILABLE = ("is not healthy", "unknown model", "is not ready", "not found", "unavailable")
 
 
 class TritonBackend:
@@ -45,6 +48,7 @@ class TritonBackend:
         self._client: InferenceServerClient | None = None
         self._max_batch_size: int | None = None
         self._model_info: dict[str, Any] | None = None
+        self._verified = False  # the last inference succeeded
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -63,13 +67,25 @@ class TritonBackend:
         return self._client
 
     async def is_ready(self) -> bool:
-        """True when Triton answers that the model is ready (it raises when Triton is down)."""
+        """True when the model really answers.
+
+        Triton keeps reporting a model ready after its Python stub died (every inference then
+        fails), so readiness is confirmed with a real inference of a 1x1 image whenever the last
+        known state is not a success: at start, and after any failed inference.
+        """
         try:
-            return bool(
-                await asyncio.wait_for(self.client.is_model_ready(MODEL_NAME), _HEALTH_TIMEOUT)
-            )
+            ready = await asyncio.wait_for(self.client.is_model_ready(MODEL_NAME), _HEALTH_TIMEOUT)
         except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
+            ready = False
+        if not ready:
+            self._verified = False
             return False
+        if not self._verified:
+            try:
+                await asyncio.wait_for(self.embed([PROBE_IMAGE]), _HEALTH_TIMEOUT * 5)
+            except (ApiError, TimeoutError):
+                return False
+        return True
 
     async def max_batch_size(self) -> int:
         """The model's `max_batch_size`, read from Triton once (it may start after us)."""
@@ -135,15 +151,27 @@ class TritonBackend:
 
     async def _call(self, call: Awaitable[T]) -> T:
         try:
-            return await call
+            result = await call
         except InferenceServerException as exc:
-            raise ApiError(ErrorType.BACKEND, f"inference failed: {exc.message()}") from None
+            message = exc.message() or str(exc)
+            if _INVALID_IMAGE.search(message):  # the client's fault: the model is fine
+                raise ApiError(ErrorType.BACKEND, message) from None
+            self._verified = False
+            if any(sign in message for sign in _UNAVAILABLE):
+                raise ApiError(
+                    ErrorType.UNHEALTHY, f"the model is unavailable: {message}"
+                ) from None
+            raise ApiError(ErrorType.BACKEND, f"inference failed: {message}") from None
         except TimeoutError:
+            self._verified = False
             raise ApiError(
                 ErrorType.TIMEOUT, f"Triton did not answer within {self.timeout:g} s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
+            self._verified = False
             log.warning("Triton unreachable at %s: %s", self.endpoint, exc)
             raise ApiError(
                 ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
             ) from None
+        self._verified = True
+        return result

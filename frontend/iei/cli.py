@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -44,6 +45,7 @@ class Frontend:
         self.triton_endpoint = triton_endpoint
         self.metrics_dir = work_dir / "metrics"
         self.process: subprocess.Popen[bytes] | None = None
+        self.stop_requested = False
 
     @property
     def local_url(self) -> str:
@@ -78,10 +80,12 @@ class Frontend:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self, timeout: float, should_stop: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=10.0) as client:  # /health may run a probe inference
             while time.monotonic() < deadline:
+                if should_stop():
+                    raise TritonStartupError("stopped before the frontend was healthy")
                 if not self.running():
                     raise TritonStartupError("the HTTP frontend exited during start-up")
                 try:
@@ -92,18 +96,72 @@ class Frontend:
                 time.sleep(0.2)
         raise TritonStartupError(f"the HTTP frontend was not healthy after {timeout:.0f} s")
 
+    def request_stop(self) -> None:
+        """Begin uvicorn's graceful shutdown: stop accepting, finish what was accepted. Only
+        once: a second SIGTERM makes uvicorn drop the requests in flight."""
+        if self.process is not None and not self.stop_requested and self.running():
+            self.stop_requested = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.process is not None:
-            stop_process(self.process, signal.SIGTERM, GRACEFUL_SHUTDOWN + 5, name="frontend")
+            self.request_stop()
+            stop_process(self.process, None, GRACEFUL_SHUTDOWN + 5, name="frontend")
+
+
+class TritonSupervisor:
+    """Restart Triton when it dies or its model's stub dies, with back-off; the frontend keeps
+    running and answers 503 meanwhile."""
+
+    STABLE = 60.0  # seconds up after which the back-off starts again from its minimum
+    MAX_DELAY = 30.0
+
+    def __init__(self, triton: TritonServer, settings: Settings, stopping: threading.Event):
+        self.triton = triton
+        self.settings = settings
+        self.stopping = stopping
+        self.delay = 0.0
+        self.up_since = time.monotonic()
+
+    def check(self) -> None:
+        problem = self.triton.problem()
+        if problem is None:
+            if time.monotonic() - self.up_since > self.STABLE:
+                self.delay = 0.0
+            return
+        down_since = time.monotonic()
+        log.error("%s; restarting Triton", problem)
+        while not self.stopping.is_set():
+            if self.delay:
+                log.info("next Triton start in %.0f s", self.delay)
+                if self.stopping.wait(self.delay):
+                    return
+            self.delay = min(max(1.0, self.delay * 2), self.MAX_DELAY)
+            self.triton.stop(timeout=5.0)
+            try:
+                self.triton.start()
+                self.triton.wait_ready(self.settings.startup_timeout, self.stopping.is_set)
+            except (TritonStartupError, OSError) as exc:
+                log.error("Triton restart failed: %s", exc)
+                continue
+            self.triton.watch_stubs()
+            self.up_since = time.monotonic()
+            log.info(
+                "Triton is serving again, %.1f s after the failure", self.up_since - down_since
+            )
+            return
 
 
 def serve(settings: Settings) -> int:
     """Triton, then the frontend; stop both on SIGTERM/SIGINT or when either exits."""
     stopping = threading.Event()
+    frontend: Frontend | None = None
 
     def on_signal(signum: int, _: FrameType | None) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stopping.set()
+        if frontend is not None:  # at once, even while the main thread waits on a call
+            frontend.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -119,17 +177,18 @@ def serve(settings: Settings) -> int:
             log.info("loading %s in Triton", settings.embedding_model)
             triton.start()
             triton.wait_ready(settings.startup_timeout, stopping.is_set)
+            triton.watch_stubs()
         frontend.start()
-        frontend.wait_healthy(60.0)
+        frontend.wait_healthy(60.0, stopping.is_set)
         log.info(
             "IEI serving %s on http://%s (Triton HTTP %s, gRPC port %d)",
             settings.embedding_model, settings.bind, settings.triton_endpoint,
             settings.triton_grpc_port,
         )  # fmt: skip
+        supervisor = TritonSupervisor(triton, settings, stopping) if triton else None
         while not stopping.wait(0.5):
-            if triton is not None and not triton.running():
-                log.error("Triton exited: %s", triton.failure_reason())
-                return 1
+            if supervisor is not None:
+                supervisor.check()
             if not frontend.running():
                 log.error("the HTTP frontend exited")
                 return 1

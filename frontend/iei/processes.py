@@ -22,12 +22,14 @@ def die_with_parent() -> None:
 
 
 def stop_process(
-    process: subprocess.Popen[bytes], sig: signal.Signals, timeout: float, *, name: str
+    process: subprocess.Popen[bytes], sig: signal.Signals | None, timeout: float, *, name: str
 ) -> None:
-    """Ask the process to stop with `sig`, wait up to `timeout`, then kill its whole group."""
+    """Ask the process to stop with `sig` (None: it was asked already), wait up to `timeout`,
+    then kill its whole group."""
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

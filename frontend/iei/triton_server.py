@@ -172,6 +172,35 @@ def model_environment(settings: Settings) -> dict[str, str]:
     }
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (R, S, Z, ...), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def python_stubs(parent: int) -> list[int]:
+    """Living Python-backend stub processes that `parent` (tritonserver) started."""
+    stubs = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if (
+            int(fields[1]) == parent
+            and fields[0] != "Z"
+            and b"triton_python_backend_stub" in command
+        ):
+            stubs.append(int(entry.name))
+    return stubs
+
+
 class TritonServer:
     """One `tritonserver` process with the `iei` model, its log in `work_dir/triton.log`."""
 
@@ -181,6 +210,8 @@ class TritonServer:
         self.log_path = work_dir / "triton.log"
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
+        self.stubs: list[int] = []  # the model instances' processes, once the model is ready
+        self.install: TritonInstall | None = None  # assembled once: a restart reuses it
 
     @property
     def url(self) -> str:
@@ -190,7 +221,7 @@ class TritonServer:
 
     def start(self) -> None:
         model_env = model_environment(self.settings)
-        install = find_triton(self.work_dir)
+        install = self.install = self.install or find_triton(self.work_dir)
         repository = self.work_dir / "model_repository"
         if not repository.exists():
             render_model_repository(
@@ -233,6 +264,21 @@ class TritonServer:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def watch_stubs(self) -> None:
+        """Remember the stubs serving the model (call once it is ready: while it loads, a
+        short-lived stub comes and goes, which is no crash)."""
+        self.stubs = python_stubs(self.process.pid) if self.process else []
+
+    def problem(self) -> str | None:
+        """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops
+        reporting the model ready, so a dead stub (gone, or a zombie) is looked for here."""
+        if not self.running():
+            return f"Triton exited: {self.failure_reason()}"
+        for pid in self.stubs:
+            if process_state(pid) in (None, "Z"):
+                return f"the model's Python stub (pid {pid}) died"
+        return None
 
     def wait_ready(self, timeout: float, should_stop: object = None) -> None:
         """Poll the model's readiness until `timeout`, failing at once if Triton exits."""

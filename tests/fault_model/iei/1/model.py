@@ -1,0 +1,37 @@
+"""Fault-test model: `sleep:<seconds>` answers late, `fail` fails every request."""
+
+import json
+import os
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+INFO = json.dumps({"model_id": "fault-model", "model_type": "test", "pooling": "mean"})
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.behaviour = os.environ.get("IEI_TEST_BEHAVIOUR", "")
+
+    def execute(self, requests):
+        if self.behaviour.startswith("sleep:"):
+            time.sleep(float(self.behaviour.split(":", 1)[1]))
+        responses = []
+        for request in requests:
+            count = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().shape[0]
+            if self.behaviour == "fail":
+                error = pb_utils.TritonError("the model broke")
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            vectors = np.ones((count, 4), dtype=np.float32)
+            info = np.full((count, 1), INFO.encode(), dtype=np.object_)
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("EMBEDDING", vectors),
+                        pb_utils.Tensor("MODEL_INFO", info),
+                    ]
+                )
+            )
+        return responses

@@ -1,0 +1,230 @@
+"""Faults under load: a dead model stub, a dead Triton, SIGTERM, a slow or failing model.
+
+Each test starts its own stack, since it breaks it. Bounded in time: every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from sample_images import photos
+from stack import Stack, descendants
+
+pytestmark = pytest.mark.integration
+
+FAULT_MODEL = Path(__file__).resolve().parents[1] / "fault_model"
+IMAGE = base64.b64encode(photos()["chelsea.jpg"]).decode()
+REQUEST_TIMEOUT = 10.0
+
+
+@dataclass
+class Answer:
+    sent: float
+    seconds: float
+    status: int  # 0: no HTTP answer (connection refused or dropped)
+    json: bool
+
+
+@dataclass
+class Load:
+    """Concurrent single-image /embed requests from a background thread until stopped."""
+
+    url: str
+    clients: int = 4
+    answers: list[Answer] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Load:
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(REQUEST_TIMEOUT + 10)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=REQUEST_TIMEOUT + 5) as client:
+            await asyncio.gather(*(self._client(client) for _ in range(self.clients)))
+
+    async def _client(self, client: httpx.AsyncClient) -> None:
+        while not self.stop.is_set():
+            sent = time.monotonic()
+            try:
+                response = await client.post("/embed", json={"inputs": IMAGE})
+                is_json = response.headers.get("content-type", "").startswith("application/json")
+                self.answers.append(
+                    Answer(sent, time.monotonic() - sent, response.status_code, is_json)
+                )
+            except httpx.HTTPError:
+                self.answers.append(Answer(sent, time.monotonic() - sent, 0, False))
+                await asyncio.sleep(0.05)
+
+    def wait_for_success_streak(self, seconds: float, deadline: float) -> float:
+        """Wait until every answer of the last `seconds` is a 200; return when that began."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            now = time.monotonic()
+            recent = [a for a in self.answers if a.sent > now - seconds - 1]
+            failures = [a.sent for a in self.answers if a.status != 200]
+            if (
+                recent
+                and all(a.status == 200 for a in recent)
+                and now - max(failures, default=0) > seconds
+            ):
+                return max(failures, default=now)
+        raise AssertionError(f"no {seconds} s of full success within {deadline} s")
+
+
+def stub_pids(stack: Stack) -> list[int]:
+    return [
+        pid
+        for pid in descendants(stack.process.pid)
+        if b"triton_python_backend_stub" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def process_running(stack: Stack, fragment: bytes) -> int:
+    """The pid of the process under `iei serve` whose command line contains `fragment`."""
+    for pid in sorted(descendants(stack.process.pid)):
+        try:
+            if fragment in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError(f"no {fragment!r} process under iei serve")
+
+
+@pytest.fixture
+def fault_stack(model_dirs, tmp_path):
+    stack = Stack(
+        model_dirs["vit"],
+        tmp_path / "serve.log",
+        IEI_REQUEST_TIMEOUT=str(REQUEST_TIMEOUT),
+    ).start()
+    yield stack
+    assert stack.stop() == 0, stack.log()
+
+
+def assert_clean_failures(load: Load) -> None:
+    """Every answer was a 200 or a JSON 5xx (or a refused connection), none past the timeout."""
+    bad = [a for a in load.answers if a.status not in (200, 0) and not (a.status >= 500 and a.json)]
+    assert not bad, bad[:5]
+    slow = [a for a in load.answers if a.seconds > REQUEST_TIMEOUT + 2]
+    assert not slow, slow[:5]
+
+
+def test_a_dead_model_stub_is_noticed_and_service_restored(fault_stack):
+    health = f"{fault_stack.url}/health"
+    with Load(fault_stack.url) as load:
+        time.sleep(1.5)
+        [stub] = stub_pids(fault_stack)
+        killed = time.monotonic()
+        os.kill(stub, signal.SIGKILL)
+        saw_unhealthy = False
+        for _ in range(40):  # /health must not keep saying 200 while inference fails
+            if httpx.get(health, timeout=15).status_code == 503:
+                saw_unhealthy = True
+                break
+            time.sleep(0.25)
+        recovered = load.wait_for_success_streak(seconds=3, deadline=90)
+    assert saw_unhealthy
+    assert_clean_failures(load)
+    failures = [a for a in load.answers if a.status != 200]
+    assert failures, "killing the stub went unnoticed by the load"
+    assert "restarting Triton" in fault_stack.log()
+    assert "stub" in fault_stack.log()
+    assert httpx.get(health).status_code == 200
+    print(f"stub killed: service back {recovered - killed:.1f} s later")  # noqa: T201
+
+
+def test_a_dead_triton_is_restarted_without_restarting_the_frontend(fault_stack):
+    frontend = process_running(fault_stack, b"-m\0uvicorn")
+    with Load(fault_stack.url) as load:
+        time.sleep(1.5)
+        triton = process_running(fault_stack, b"bin/tritonserver")
+        killed = time.monotonic()
+        os.kill(triton, signal.SIGKILL)
+        time.sleep(0.5)
+        down = httpx.get(f"{fault_stack.url}/health", timeout=5)
+        assert down.status_code == 503
+        assert down.json()["error_type"] == "Unhealthy"
+        recovered = load.wait_for_success_streak(seconds=3, deadline=90)
+    assert_clean_failures(load)
+    refused_quickly = [a for a in load.answers if a.status == 503 and a.seconds < 2]
+    assert refused_quickly, "no quick 503 while Triton was down"
+    assert process_running(fault_stack, b"-m\0uvicorn") == frontend
+    assert "Triton exited" in fault_stack.log()
+    assert "Triton is serving again" in fault_stack.log()
+    print(f"tritonserver killed: service back {recovered - killed:.1f} s later")  # noqa: T201
+
+
+def fault_model_stack(tmp_path: Path, behaviour: str, **env: str) -> Stack:
+    model = tmp_path / "unused-model"
+    model.mkdir()
+    return Stack(
+        model,
+        tmp_path / "serve.log",
+        IEI_MODEL_REPOSITORY=str(FAULT_MODEL),
+        IEI_TEST_BEHAVIOUR=behaviour,
+        **env,
+    )
+
+
+def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
+    stack = fault_model_stack(tmp_path, "sleep:2").start(timeout=120)
+
+    async def during_shutdown() -> tuple[list[int], list[str]]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+            accepted = [
+                asyncio.create_task(client.post("/embed", json={"inputs": IMAGE})) for _ in range(6)
+            ]
+            await asyncio.sleep(0.5)  # all six are in the model's 2 s sleep now
+            stack.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            late = []
+            try:
+                response = await client.post("/embed", json={"inputs": IMAGE})
+                late.append(f"answered {response.status_code} {response.text[:100]}")
+            except httpx.HTTPError as exc:
+                late.append(type(exc).__name__)
+            return [r.status_code for r in await asyncio.gather(*accepted)], late
+
+    statuses, late = asyncio.run(during_shutdown())
+    assert statuses == [200] * 6
+    assert late == ["ConnectError"]
+    assert stack.stop() == 0  # already stopping: exits 0 and leaves no process behind
+
+
+def test_a_slow_model_ends_in_504_at_the_request_timeout(tmp_path):
+    stack = fault_model_stack(tmp_path, "sleep:6", IEI_REQUEST_TIMEOUT="1").start(timeout=120)
+    try:
+        started = time.monotonic()
+        response = httpx.post(f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=30)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 504
+        assert response.json()["error_type"] == "Timeout"
+        assert elapsed < 3
+    finally:
+        assert stack.stop() == 0
+
+
+def test_a_failing_model_is_424_backend(tmp_path):
+    stack = fault_model_stack(tmp_path, "fail").start(timeout=120)
+    try:
+        response = httpx.post(f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=30)
+        assert response.status_code == 424
+        assert response.json()["error_type"] == "Backend"
+        assert "the model broke" in response.json()["error"]
+    finally:
+        assert stack.stop() == 0
