@@ -1,4 +1,8 @@
-"""Fault-test model: `sleep:<seconds>` answers late, `fail` fails every request."""
+"""Fault-test model: `sleep:<seconds>` answers late, `fail` fails every request.
+
+The frontend's health probe (a 1x1 PNG of under 100 bytes) is answered at once, so the service
+becomes healthy and real requests meet the fault.
+"""
 
 import json
 import os
@@ -15,12 +19,14 @@ class TritonPythonModel:
         self.behaviour = os.environ.get("IEI_TEST_BEHAVIOUR", "")
 
     def execute(self, requests):
-        if self.behaviour.startswith("sleep:"):
+        images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
+        probe_only = all(len(bytes(b)) < 100 for batch in images for b in batch.reshape(-1))
+        if self.behaviour.startswith("sleep:") and not probe_only:
             time.sleep(float(self.behaviour.split(":", 1)[1]))
         responses = []
         for request in requests:
             count = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().shape[0]
-            if self.behaviour == "fail":
+            if self.behaviour == "fail" and not probe_only:
                 error = pb_utils.TritonError("the model broke")
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
