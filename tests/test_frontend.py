@@ -117,13 +117,20 @@ async def test_the_models_image_error_names_the_clients_index():
     assert caught.value.message == "inputs[9]: cannot decode image: broken"
 
 
-async def test_other_triton_errors_are_backend_errors():
-    error = InferenceServerException("Stub process 'iei_0_0' is not healthy.")
-    backend = backend_with(FakeTriton(fail=error), concurrency=4)
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [
+        ("Stub process 'iei_0_0' is not healthy.", 503),  # a dead stub: retry later
+        ("Request for unknown model: 'iei' is not found", 503),  # unloading or restarting
+        ("Failed to process the request(s), message: the model broke", 424),
+    ],
+)
+async def test_other_triton_errors(message, status):
+    backend = backend_with(FakeTriton(fail=InferenceServerException(message)), concurrency=4)
     with pytest.raises(ApiError) as caught:
         await backend.embed([b"a"])
-    assert caught.value.status == 424
-    assert "not healthy" in caught.value.message
+    assert caught.value.status == status
+    assert message in caught.value.message
 
 
 @asynccontextmanager

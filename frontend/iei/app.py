@@ -13,7 +13,8 @@ from . import __version__, metrics
 from .backend import TritonBackend
 from .errors import install_error_handlers
 from .fetch import UrlFetcher
-from .middleware import BodyLimit, RequestMetrics
+from .logs import configure_logging
+from .middleware import BodyLimit, RequestContext, RequestMetrics
 from .routes import embed, health, info, openai
 from .service import Permits, Services
 from .settings import Settings
@@ -23,6 +24,7 @@ log = logging.getLogger("iei")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_logging()
     backend = TritonBackend(
         settings.triton_endpoint,
         concurrency_level=settings.concurrency_level,
@@ -58,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RequestMetrics)
-    app.add_middleware(BodyLimit, limit=settings.payload_limit)  # outermost: before any read
+    app.add_middleware(BodyLimit, limit=settings.payload_limit)  # before anything is read
+    app.add_middleware(RequestContext)  # outermost: every answer carries the request id
     for module in (embed, openai, info, health):
         app.include_router(module.router)
     return app

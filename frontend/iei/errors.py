@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .logs import REQUEST_ID
+
 log = logging.getLogger("iei")
 
 OPENAI_PATHS = ("/v1/embeddings", "/embeddings")
@@ -81,10 +83,16 @@ class PayloadTooLarge(StarletteHTTPException):
 
 
 def error_body(path: str, status: int, error_type: ErrorType, message: str) -> dict[str, object]:
+    body: dict[str, object]
     if path in OPENAI_PATHS:
         kind = OPENAI_TYPES.get(error_type, "server_error" if status >= 500 else "api_error")
-        return {"error": {"message": message, "type": kind, "code": str(error_type)}}
-    return {"error": message, "error_type": str(error_type)}
+        body = {"error": {"message": message, "type": kind, "code": str(error_type)}}
+    else:
+        body = {"error": message, "error_type": str(error_type)}
+    request_id = REQUEST_ID.get()
+    if request_id:  # quote it when reporting a problem; the logs carry the same id
+        body["request_id"] = request_id
+    return body
 
 
 def error_response(

@@ -26,7 +26,7 @@ def assert_error(response: httpx.Response, status: int, error_type: str, *fragme
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error", "error_type"}, body
+    assert set(body) == {"error", "error_type", "request_id"}, body
     assert body["error_type"] == error_type
     for fragment in fragments:
         assert fragment in body["error"], body
@@ -144,3 +144,22 @@ def test_openapi_documents_embed(vit_stack):
     schema = httpx.get(f"{vit_stack.url}/openapi.json").json()
     assert "/embed" in schema["paths"]
     assert "/health" in schema["paths"]
+
+
+def test_request_ids_in_headers_error_bodies_and_logs_but_no_payloads(vit_stack, photo):
+    marker = b64(photo)[100:160]  # a piece of the payload that must never be logged
+    response = post(vit_stack, {"inputs": [b64(photo), "###"]}, headers={"X-Request-Id": "abc-42"})
+    assert response.status_code == 422
+    assert response.headers["x-request-id"] == "abc-42"
+    assert response.json()["request_id"] == "abc-42"
+    fresh = post(vit_stack, {"inputs": b64(photo)}, headers={"X-Request-Id": "bad id!"})
+    assert fresh.status_code == 200
+    generated = fresh.headers["x-request-id"]
+    assert len(generated) == 32 and generated != "bad id!"
+    deadline = time.monotonic() + 5
+    while "abc-42" not in vit_stack.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = vit_stack.log()
+    assert "abc-42 POST /embed 422" in log
+    assert f"{generated} POST /embed 200" in log
+    assert marker not in log

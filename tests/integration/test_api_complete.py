@@ -85,7 +85,7 @@ def auth(key: str = KEY) -> dict[str, str]:
 def tei_error(response: httpx.Response, status: int, error_type: str, fragment: str = "") -> None:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error", "error_type"}, body
+    assert set(body) == {"error", "error_type", "request_id"}, body
     assert body["error_type"] == error_type
     assert fragment in body["error"]
 
