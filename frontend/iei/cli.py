@@ -50,7 +50,7 @@ class Frontend:
     @property
     def local_url(self) -> str:
         host = self.settings.host
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 (a mapping, not a bind)
         return (
             f"http://[{host}]:{self.settings.port}"
             if ":" in host
@@ -72,7 +72,7 @@ class Frontend:
             "IEI_TRITON_URL": self.triton_endpoint,
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)
             command, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=die_with_parent,
         )  # fmt: skip
@@ -225,7 +225,7 @@ def run_triton(settings: Settings) -> int:
     command = triton_command(settings, repository)
     log.info("exec %s", " ".join(command))
     try:
-        os.execvpe(command[0], command, env)
+        os.execvpe(command[0], command, env)  # noqa: S606 (becomes tritonserver)
     except OSError as exc:  # only returns on failure
         log.error("cannot start %s: %s (iei triton runs in the Triton image)", command[0], exc)
     return 127

@@ -216,7 +216,7 @@ class TritonServer:
     @property
     def url(self) -> str:
         host = self.settings.triton_host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a mapping, not a bind)
         return f"http://{host}:{self.settings.triton_http_port}"
 
     def start(self) -> None:
@@ -251,7 +251,7 @@ class TritonServer:
                 [*install.library_path, env.get("LD_LIBRARY_PATH", "")]
             ).rstrip(os.pathsep)
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
+            self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)
                 command,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -314,5 +314,5 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None:
             stop_process(self.process, signal.SIGINT, timeout, name="Triton")
-        for region in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
+        for region in glob.glob(f"/dev/shm/{self.shm_prefix}*"):  # noqa: S108 (our own regions)
             Path(region).unlink(missing_ok=True)
