@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "IEI needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,dev,tools]'
 	@touch $(STAMP)
 
 run: setup ## serve IMAGE_EMBEDDING_MODEL with Triton + the HTTP frontend on IEI_BIND
