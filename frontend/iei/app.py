@@ -14,7 +14,7 @@ from .backend import TritonBackend
 from .errors import install_error_handlers
 from .fetch import UrlFetcher
 from .middleware import BodyLimit, RequestMetrics
-from .routes import embed, health, info, openai
+from .routes import demo, embed, health, info, openai
 from .service import Permits, Services
 from .settings import Settings
 
@@ -59,6 +59,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.payload_limit)  # outermost: before any read
-    for module in (embed, openai, info, health):
+    for module in (embed, openai, info, health, demo):
         app.include_router(module.router)
     return app
