@@ -299,6 +299,8 @@ def run_embed(args: argparse.Namespace) -> int:
     try:
         output_format(out)
         paths = find_images(args.paths)
+        if not paths:
+            raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
         done = prepare(out, args.resume, args.overwrite)
     except (BulkError, OSError) as exc:
         log.error("%s", exc)

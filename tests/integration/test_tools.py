@@ -221,3 +221,10 @@ def test_iei_embed_reports_an_unreachable_service(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert "cannot reach" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_iei_embed_refuses_a_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("no image here")
+    result = iei("embed", tmp_path, "--out", tmp_path / "x.npy", check=False)
+    assert result.returncode == 2 and "no image files in" in result.stderr
+    assert not (tmp_path / "x.npy").exists()
