@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint audit fuzz load format clean
+.PHONY: help setup run test lint audit fuzz load format clean browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -16,14 +16,22 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "IEI needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,dev,tools]'
 	@touch $(STAMP)
 
 run: setup ## serve IMAGE_EMBEDDING_MODEL with Triton + the HTTP frontend on IEI_BIND
 	$(BIN)/iei serve
 
-test: lint ## lint, then the whole test suite (starts the real stack with tiny models)
+test: lint browser ## lint, then the whole test suite (starts the real stack with tiny models)
 	$(BIN)/pytest
+
+# Debian's Chromium for the demo page's test, only where it is missing and apt-get can run (root).
+# Failing here is not fatal: that one test then skips and says why.
+browser: ## install Debian's chromium for the demo page's browser test, if missing
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+			|| echo "could not install chromium: the demo page's browser test will skip"; \
+	fi
 
 lint: setup audit ## ruff (lint, security rules, format check), mypy and the dependency audit
 	$(BIN)/ruff check .

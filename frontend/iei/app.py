@@ -15,7 +15,7 @@ from .errors import install_error_handlers
 from .fetch import UrlFetcher
 from .logs import configure_logging
 from .middleware import BodyLimit, RequestContext, RequestMetrics
-from .routes import embed, health, info, openai
+from .routes import demo, embed, health, info, openai
 from .service import Permits, Services
 from .settings import Settings
 
@@ -62,6 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.payload_limit)  # before anything is read
     app.add_middleware(RequestContext)  # outermost: every answer carries the request id
-    for module in (embed, openai, info, health):
+    for module in (embed, openai, info, health, demo):
         app.include_router(module.router)
     return app

@@ -19,7 +19,7 @@ from types import FrameType
 import httpx
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, bulk_cli
 from .processes import die_with_parent, stop_process
 from .settings import Settings
 from .triton_server import (
@@ -258,6 +258,22 @@ def main(argv: list[str] | None = None) -> int:
         description="Render the model repository for this machine (CPU instances without a "
         "GPU) and exec tritonserver with the launch arguments of `iei serve`.",
     )
+    bulk_cli.add_embed_arguments(
+        commands.add_parser(
+            "embed",
+            help="embed image files and folders through a running service into a file",
+            description="Embed every image under PATH... through a running IEI service and "
+            "write the vectors to --out (.jsonl, .npy + .ids.json, or .parquet).",
+        )
+    )
+    bulk_cli.add_similar_arguments(
+        commands.add_parser(
+            "similar",
+            help="the images of an `iei embed` file nearest to a query image",
+            description="Embed QUERY_IMAGE through the service and print the --top paths of "
+            "--index with the highest cosine similarity.",
+        )
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s iei: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
@@ -265,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(load_settings())
     if args.command == "triton":
         return run_triton(load_settings())
+    if args.command in ("embed", "similar"):
+        return bulk_cli.run(args)
     return 2
 
 

@@ -96,6 +96,31 @@ def test_http_examples_run(vit_stack, example):
     assert "embedded 5 images" in result.stdout
 
 
+def test_python_client_example_runs(vit_stack):
+    result = subprocess.run(
+        [sys.executable, "examples/python_client_example.py", "--url", vit_stack.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "embedded 6 images -> (6, 32) float32" in result.stdout
+    ranking = result.stdout.splitlines()[1:]
+    assert ranking[0].split() == ["1.000", "astronaut.jpg"]  # the query itself comes first
+
+
+def test_openai_client_example_runs(vit_stack):
+    result = subprocess.run(
+        [sys.executable, "examples/openai_client_example.py", "--url", vit_stack.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("norm 1.000") == 4
+    assert "embedded 4 images with model" in result.stdout
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_triton_client_example_runs(vit_stack, protocol):
     url = vit_stack.triton_grpc if protocol == "grpc" else vit_stack.triton_http

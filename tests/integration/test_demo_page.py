@@ -1,0 +1,120 @@
+"""The demo page at `/` in headless Chromium, against a stack with an API key.
+
+Chromium is Debian's (`make browser` installs it); Playwright only drives it, never downloads one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from sample_images import PHOTOS_DIR
+from stack import Stack
+
+pytestmark = pytest.mark.integration
+
+KEY = "demo-page-key"
+PHOTOS = [PHOTOS_DIR / name for name in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
+    stack = Stack(
+        model_dirs["vit"], tmp_path_factory.mktemp("logs") / "keyed.log", IEI_API_KEY=KEY
+    ).start()
+    yield stack
+    assert stack.stop() == 0, stack.log()
+
+
+def test_the_page_is_open_and_its_api_calls_are_not(keyed_stack):
+    page = httpx.get(f"{keyed_stack.url}/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'id="key"' in page.text and 'fetch("embed"' in page.text
+    assert httpx.get(f"{keyed_stack.url}/info").status_code == 401
+    assert "/" not in httpx.get(f"{keyed_stack.url}/openapi.json", headers=auth()).json()["paths"]
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def embed(stack: Stack, normalize: bool) -> np.ndarray:
+    inputs = [base64.b64encode(p.read_bytes()).decode() for p in PHOTOS]
+    response = httpx.post(
+        f"{stack.url}/embed",
+        json={"inputs": inputs, "normalize": normalize},
+        headers=auth(),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json())
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium at /usr/bin/chromium: `make browser` installs Debian's (as root)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        yield browser
+        browser.close()
+
+
+def test_the_page_embeds_dropped_images_and_draws_the_heatmap(keyed_stack, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 900, "height": 700})  # type: ignore[attr-defined]
+    page.goto(f"{keyed_stack.url}/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('401')")
+
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.getElementById('model').textContent.includes('dimensions')")
+    page.set_input_files("#files", [str(p) for p in PHOTOS])
+    page.wait_for_function("document.querySelectorAll('#heatmap td.cell').length === 9")
+    assert "3 image(s) embedded (raw vectors)" in page.text_content("#status")
+
+    # The cells are the cosines of the service's unit vectors, the norms those of its raw ones.
+    unit = embed(keyed_stack, normalize=True)
+    shown = np.array(
+        [
+            float(v)
+            for v in page.eval_on_selector_all(
+                "#heatmap td.cell", "c => c.map(e => e.dataset.value)"
+            )
+        ]
+    ).reshape(3, 3)
+    np.testing.assert_allclose(shown, unit @ unit.T, atol=2e-4)
+    norms = [
+        float(t)
+        for t in page.eval_on_selector_all("#norms td.norm", "c => c.map(e => e.textContent)")
+    ]
+    np.testing.assert_allclose(norms, np.linalg.norm(embed(keyed_stack, False), axis=1), rtol=2e-3)
+
+    # The screenshot shows coloured cells: sample each cell's corner (away from its text).
+    screenshot = tmp_path / "demo.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    pixels = Image.open(io.BytesIO(screenshot.read_bytes())).convert("RGB")
+    cells = page.query_selector_all("#heatmap td.cell")
+    colours = []
+    for cell in cells:
+        box = cell.bounding_box()
+        colours.append(pixels.getpixel((int(box["x"] + 4), int(box["y"] + 4))))
+    for diagonal in (0, 4, 8):  # cosine 1: the deep red end of the scale
+        assert colours[diagonal] == pytest.approx((165, 0, 38), abs=3), colours
+    assert len(set(colours)) >= 3  # not blank: off-diagonal cells take other colours
+    page.close()

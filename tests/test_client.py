@@ -1,0 +1,293 @@
+"""The Python client without a server: inputs, chunking, retries, typed errors (MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from iei.client import (
+    AsyncIEIClient,
+    AuthenticationError,
+    BackendError,
+    IEIClient,
+    IEIError,
+    OverloadedError,
+    RetryPolicy,
+    UnavailableError,
+    ValidationError,
+    chunks,
+    encode_image,
+)
+from PIL import Image
+
+DIMENSION = 4
+INFO = {"max_client_batch_size": 3, "embedding_dimension": DIMENSION, "limits": {}}
+
+
+def vector_of(item: str) -> list[float]:
+    """A vector that tells which input it came from (its length), so order is checkable."""
+    return [float(len(item))] * DIMENSION
+
+
+class FakeServer:
+    """Answers /info and /embed; `script` is a list of canned error answers served first."""
+
+    def __init__(self, script: list[httpx.Response] | None = None, info: dict | None = None):
+        self.script = list(script or [])
+        self.info = info or INFO
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/info":
+            return httpx.Response(200, json=self.info)
+        if self.script:
+            return self.script.pop(0)
+        body = orjson.loads(request.content)
+        return httpx.Response(200, json=[vector_of(item) for item in body["inputs"]])
+
+    @property
+    def embed_bodies(self) -> list[dict]:
+        return [orjson.loads(r.content) for r in self.requests if r.url.path == "/embed"]
+
+
+def error(status: int, error_type: str, message: str = "no", **headers: str) -> httpx.Response:
+    return httpx.Response(
+        status, json={"error": message, "error_type": error_type}, headers=headers
+    )
+
+
+def client_for(server: FakeServer, **options) -> tuple[IEIClient, list[float]]:
+    slept: list[float] = []
+    client = IEIClient(
+        "http://iei.test", transport=httpx.MockTransport(server), sleep=slept.append, **options
+    )
+    return client, slept
+
+
+def png(color: tuple[int, int, int], size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoded(item: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item)))
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def test_every_input_kind_is_encoded(tmp_path):
+    path = tmp_path / "red.png"
+    path.write_bytes(png((255, 0, 0)))
+    grey = np.full((5, 6), 7, dtype=np.uint8)
+    rgba = np.zeros((3, 2, 4), dtype=np.uint8)
+    items = [
+        encode_image(str(path)),
+        encode_image(path),
+        encode_image(png((255, 0, 0))),
+        encode_image(Image.new("RGB", (8, 8), (255, 0, 0))),
+        encode_image(grey),
+        encode_image(rgba),
+    ]
+    assert items[0] == items[1] == items[2] == base64.b64encode(path.read_bytes()).decode()
+    assert decoded(items[3]).getpixel((0, 0)) == (255, 0, 0)
+    assert decoded(items[4]).size == (6, 5) and decoded(items[4]).mode == "L"
+    assert np.array_equal(np.asarray(decoded(items[4])), grey)
+    assert decoded(items[5]).mode == "RGBA"
+
+
+def test_urls_and_data_uris_pass_through():
+    assert encode_image("https://example.org/a.jpg") == "https://example.org/a.jpg"
+    assert encode_image("data:image/png;base64,AAAA") == "data:image/png;base64,AAAA"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((4, 4), dtype=np.float32), np.zeros((4, 4, 2), dtype=np.uint8), 3.5, None],
+)
+def test_unusable_inputs_are_refused_before_sending(bad):
+    with pytest.raises(TypeError):
+        encode_image(bad)
+
+
+def test_chunks_respect_count_and_size():
+    assert [list(r) for r in chunks(["a"] * 7, 3, None)] == [[0, 1, 2], [3, 4, 5], [6]]
+    # A 5-character budget: "aaa"+"bb" fit, "cccc" alone, one oversized item still goes alone.
+    items = ["aaa", "bb", "cccc", "dddddddd", "e"]
+    assert [list(r) for r in chunks(items, 10, 5)] == [[0, 1], [2], [3], [4]]
+    assert list(chunks([], 3, None)) == []
+
+
+# --- embedding ---------------------------------------------------------------------------------
+
+
+def test_embed_chunks_to_the_servers_batch_limit_and_keeps_order():
+    server = FakeServer()
+    images = [b"x" * n for n in range(1, 8)]  # base64 lengths differ: 4, 4, 4, 8, 8, 8, 12
+    client, _ = client_for(server)
+    with client:
+        vectors = client.embed(images, normalize=False)
+        client.embed(images[:1])
+    assert vectors.dtype == np.float32 and vectors.shape == (7, DIMENSION)
+    expected = [len(base64.b64encode(image)) for image in images]
+    assert vectors[:, 0].tolist() == expected
+    bodies = server.embed_bodies
+    assert [len(b["inputs"]) for b in bodies] == [3, 3, 1, 1]
+    assert [b["normalize"] for b in bodies] == [False, False, False, True]
+    assert sum(r.url.path == "/info" for r in server.requests) == 1  # fetched once
+
+
+def test_a_smaller_batch_size_and_the_payload_limit_split_further():
+    server = FakeServer(info={"max_client_batch_size": 64, "limits": {"payload_limit": 100}})
+    client, _ = client_for(server, batch_size=2)
+    client.embed([b"x" * 30] * 5)  # 40 base64 characters each; 90 of 100 allowed -> 2 a request
+    assert [len(b["inputs"]) for b in server.embed_bodies] == [2, 2, 1]
+    server = FakeServer(info={"max_client_batch_size": 64, "limits": {"payload_limit": 100}})
+    client, _ = client_for(server)
+    client.embed([b"x" * 45] * 3)  # 60 characters each: one a request
+    assert [len(b["inputs"]) for b in server.embed_bodies] == [1, 1, 1]
+
+
+def test_no_images_give_an_empty_matrix_of_the_models_width():
+    client, _ = client_for(FakeServer())
+    assert client.embed([]).shape == (0, DIMENSION)
+
+
+def test_the_api_key_is_sent_as_bearer():
+    server = FakeServer()
+    IEIClient("http://iei.test", "s3cret", transport=httpx.MockTransport(server)).embed([b"x"])
+    assert {r.headers["authorization"] for r in server.requests} == {"Bearer s3cret"}
+    server = FakeServer()
+    IEIClient("http://iei.test", transport=httpx.MockTransport(server)).embed([b"x"])
+    assert all("authorization" not in r.headers for r in server.requests)
+
+
+# --- retries and errors ------------------------------------------------------------------------
+
+
+def test_429_and_503_are_retried_honouring_retry_after():
+    server = FakeServer([error(429, "Overloaded", **{"Retry-After": "2"}), error(503, "Unhealthy")])
+    client, slept = client_for(server, retry=RetryPolicy(attempts=3, backoff=0.1))
+    assert client.embed([b"x"]).shape == (1, DIMENSION)
+    assert slept[0] == 2.0  # the server's Retry-After
+    assert 0.15 <= slept[1] <= 0.25  # the second retry, no hint: backoff * 2**1, ±25 % jitter
+    assert len(server.embed_bodies) == 3
+
+
+def test_back_off_grows_exponentially_and_is_capped():
+    policy = RetryPolicy(attempts=10, backoff=1.0, max_backoff=5.0)
+    waits = [policy.delay(n, None) for n in range(1, 6)]
+    assert 0.75 <= waits[0] <= 1.25 and 1.5 <= waits[1] <= 2.5 and 3.0 <= waits[2] <= 5.0
+    assert waits[3] == waits[4] == 5.0
+    assert policy.delay(1, 60.0) == 5.0  # a Retry-After beyond the cap is capped too
+
+
+def test_retries_are_bounded_then_the_typed_error_is_raised():
+    server = FakeServer([error(429, "Overloaded", "too busy", **{"Retry-After": "1"})] * 5)
+    client, slept = client_for(server, retry=RetryPolicy(attempts=3))
+    with pytest.raises(OverloadedError) as raised:
+        client.embed([b"x"])
+    assert raised.value.status == 429
+    assert raised.value.error_type == "Overloaded"
+    assert raised.value.message == "too busy"
+    assert raised.value.retry_after == 1.0
+    assert slept == [1.0, 1.0]
+    assert len(server.embed_bodies) == 3
+
+
+@pytest.mark.parametrize(
+    ("response", "kind", "error_type"),
+    [
+        (error(422, "Validation", "inputs[0]: not an image"), ValidationError, "Validation"),
+        (error(400, "Empty"), ValidationError, "Empty"),
+        (error(401, "Unauthorized"), AuthenticationError, "Unauthorized"),
+        (error(424, "Backend"), BackendError, "Backend"),
+        (error(504, "Timeout"), BackendError, "Timeout"),
+        (httpx.Response(413, text="payload too large"), ValidationError, None),
+        (httpx.Response(418, text="teapot"), IEIError, None),
+    ],
+)
+def test_other_errors_are_typed_and_not_retried(response, kind, error_type):
+    server = FakeServer([response])
+    client, slept = client_for(server)
+    with pytest.raises(kind) as raised:
+        client.embed([b"x"])
+    assert type(raised.value) is kind
+    assert raised.value.status == response.status_code
+    assert raised.value.error_type == error_type
+    assert not slept and len(server.embed_bodies) == 1
+
+
+def test_the_openai_envelope_is_understood_too():
+    body = {"error": {"message": "bad", "type": "invalid_request_error", "code": "Validation"}}
+    server = FakeServer([httpx.Response(422, json=body)])
+    client, _ = client_for(server)
+    with pytest.raises(ValidationError) as raised:
+        client.embed([b"x"])
+    assert (raised.value.error_type, raised.value.message) == ("Validation", "bad")
+
+
+def test_lost_connections_are_retried_then_reported_as_unavailable():
+    calls = 0
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("refused", request=request)
+
+    slept: list[float] = []
+    client = IEIClient(
+        "http://iei.test",
+        transport=httpx.MockTransport(refuse),
+        retry=RetryPolicy(attempts=2),
+        sleep=slept.append,
+    )
+    with pytest.raises(UnavailableError) as raised:
+        client.embed([b"x"])
+    assert raised.value.status is None
+    assert calls == 2 and len(slept) == 1
+
+
+# --- the async twin ----------------------------------------------------------------------------
+
+
+def test_the_async_client_matches_the_blocking_one():
+    server = FakeServer([error(503, "Unhealthy", **{"Retry-After": "0"})])
+    slept: list[float] = []
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def run() -> np.ndarray:
+        async with AsyncIEIClient(
+            "http://iei.test", "k", transport=httpx.MockTransport(server), sleep=record
+        ) as client:
+            first, second = await asyncio.gather(
+                client.embed([b"a" * n for n in range(1, 6)]), client.embed([png((0, 0, 0))])
+            )
+            return np.concatenate([first, second])
+
+    vectors = asyncio.run(run())
+    assert vectors.shape == (6, DIMENSION) and vectors.dtype == np.float32
+    assert vectors[:5, 0].tolist() == [len(base64.b64encode(b"a" * n)) for n in range(1, 6)]
+    assert slept == [0.0]
+    assert sum(r.url.path == "/info" for r in server.requests) == 1
+    assert {r.headers["authorization"] for r in server.requests} == {"Bearer k"}
+
+
+def test_the_async_client_raises_typed_errors():
+    server = FakeServer([error(401, "Unauthorized")])
+
+    async def run() -> None:
+        async with AsyncIEIClient("http://iei.test", transport=httpx.MockTransport(server)) as c:
+            await c.embed([b"x"])
+
+    with pytest.raises(AuthenticationError):
+        asyncio.run(run())
