@@ -150,7 +150,7 @@ class RetryPolicy:
     def delay(self, retry: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_backoff)
-        wait = self.backoff * 2 ** (retry - 1) * random.uniform(0.75, 1.25)
+        wait = self.backoff * 2 ** (retry - 1) * random.uniform(0.75, 1.25)  # noqa: S311 (back-off jitter)
         return min(wait, self.max_backoff)
 
 
