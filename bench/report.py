@@ -89,7 +89,7 @@ def summary(results: dict[str, Any]) -> str:
         rows.append(
             (
                 "draft JPEG decoding vs full decode: cosine >= 0.99",
-                f"min **{worst:.5f}** (ViT-B/16, float32)",
+                f"min **{worst:.6f}** (ViT-B/16, float32)",
                 verdict(worst >= 0.99),
             )
         )
@@ -165,7 +165,7 @@ def vit_section(vit: dict[str, Any]) -> str:
                 f"{decode[s['size']]['full_ms']:.1f}",
                 f"{decode[s['size']]['draft_ms']:.1f}",
                 decode[s["size"]]["decoded"],
-                f"{decode[s['size']]['draft_cosine_min']:.5f}",
+                f"{decode[s['size']]['draft_cosine_min']:.6f}",
                 f"{s['img_s']:.2f}",
                 f"{small['img_s'] / s['img_s']:.2f}x",
             )
@@ -321,8 +321,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     meta = results.get("meta", {})
     parts = [
         "# Benchmarks\n",
-        "Written by `make bench` (`bench/`); every number below comes from one run on one "
-        "machine, side by side.\n",
+        "Written by `make bench` (`bench/`): the numbers below come from one run on one "
+        "machine, side by side; the queue-delay sweep is a separate run with its own command.\n",
         f"- command: `{meta.get('command')}`\n- date: {meta.get('date')}\n"
         f"- machine: {meta.get('cpu')}, {meta.get('cores')} cores, "
         f"GPU: {meta.get('gpu') or 'none available'}; torch {meta.get('torch')}, "
