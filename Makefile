@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint audit fuzz load format clean browser
+.PHONY: help setup run test lint audit fuzz load bench format clean browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -50,8 +50,12 @@ audit: setup ## pip-audit of the installed dependencies
 fuzz: setup ## a longer property-based run against the real stack (IEI_FUZZ_EXAMPLES, default 2000)
 	IEI_FUZZ_EXAMPLES=$${IEI_FUZZ_EXAMPLES:-2000} $(BIN)/pytest tests/integration/test_fuzz.py -p no:cacheprovider
 
-load: setup ## a bounded load test on loopback (LOAD_CLIENTS, LOAD_SECONDS); writes docs/reliability.md figures
+load: setup ## a bounded load test on loopback (LOAD_CLIENTS, LOAD_SECONDS), figures for docs/reliability.md
 	$(BIN)/python -m tests.load --clients $${LOAD_CLIENTS:-16} --seconds $${LOAD_SECONDS:-120}
+
+bench: setup ## measure the model's limit and the served stack; writes docs/benchmarks.md
+	$(BIN)/python -m pip install --quiet -e '.[serve,bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 format: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from types import SimpleNamespace
 
@@ -117,6 +118,74 @@ def test_pixel_limit():
         model.decode_image(encode(Image.new("RGB", (10, 10)), "PNG"), 99)
 
 
+# --- reduced-scale JPEG decoding (draft) -------------------------------------------------------
+
+
+def large_jpeg(width: int, height: int, **options: object) -> bytes:
+    coffee = Image.open(io.BytesIO(photos()["coffee.jpg"])).convert("RGB")
+    return encode(coffee.resize((width, height), Image.Resampling.BICUBIC), "JPEG", quality=90,
+                  **options)  # fmt: skip
+
+
+def test_jpeg_draft_setting():
+    assert model.read_settings({}, {}).jpeg_draft is True
+    assert model.read_settings({}, {"IEI_JPEG_DRAFT": "False"}).jpeg_draft is False
+    with pytest.raises(ValueError, match="IEI_JPEG_DRAFT"):
+        model.read_settings({}, {"IEI_JPEG_DRAFT": "maybe"})
+
+
+def test_draft_side_is_twice_what_the_processor_resizes_to(model_dirs):
+    from transformers import AutoImageProcessor
+
+    def side(family: str) -> int:
+        return model.draft_side(AutoImageProcessor.from_pretrained(model_dirs[family]))
+
+    assert side("vit") == 448  # 224 x 224
+    assert side("deit") == 512  # resize to 256, crop 224
+    assert side("convnext") == 512  # shortest edge 224 / crop_pct 0.875 = 256
+    assert model.draft_side(SimpleNamespace(size=None)) == 0  # unknown: never draft
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [
+        ((4000, 3000), (1000, 750)),  # 1/4: 1/8 would make the short side 375 < 448
+        ((2400, 1800), (600, 450)),
+        ((1000, 900), (500, 450)),  # both sides >= 2 x 448: 1/2
+        ((1000, 800), (1000, 800)),  # 800 < 2 x 448: a half would be under 448, full decode
+        ((4000, 600), (4000, 600)),  # the short side decides
+    ],
+)
+def test_large_jpegs_decode_at_a_reduced_scale_never_below_the_minimum(size, decoded):
+    image = model.decode_image(large_jpeg(*size), 50_000_000, min_side=448)
+    assert image.size == decoded
+    assert min(image.size) >= 448 or image.size == size
+    assert model.decode_image(large_jpeg(*size), 50_000_000).size == size  # off by default
+
+
+def test_draft_keeps_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = model.decode_image(large_jpeg(2400, 1800, exif=exif), 50_000_000, min_side=448)
+    assert image.size == (450, 600)
+
+
+@pytest.mark.parametrize("name", sorted({**photos(), **odd_images()}))
+def test_sample_images_are_never_drafted(name):
+    """The integration tests compare these with full decodes at cosine 0.9999."""
+    data = {**photos(), **odd_images()}[name]
+    full = model.decode_image(data, 50_000_000)
+    drafted = model.decode_image(data, 50_000_000, min_side=448)
+    assert drafted.size == full.size
+    assert np.array_equal(np.asarray(drafted), np.asarray(full))
+
+
+def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.ravel() - a.mean()
+    b = b.ravel() - b.mean()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
 # --- pooling ---------------------------------------------------------------------------------
 
 
@@ -199,6 +268,30 @@ def test_batching_does_not_change_a_vector(triton_model):
     alone = triton_model.execute([request(good[0])])[0].output_tensors[0].as_numpy()
     batched = triton_model.execute([request(*good)])[0].output_tensors[0].as_numpy()
     np.testing.assert_allclose(alone[0], batched[0], rtol=1e-4, atol=1e-5)
+
+
+def test_draft_decoding_stays_close_to_the_full_decode(triton_model):
+    embedder = triton_model.embedder
+    assert embedder.draft_side == 448  # on by default, from the tiny ViT's 224 x 224
+    big = large_jpeg(4000, 3000)
+    other = photos()["chelsea.jpg"]
+    try:
+        drafted = embedder.embed([big, other])
+        pixels_drafted = embedder.preprocess(embedder.decode_all([big, other]))
+        embedder.draft_side = 0
+        full = embedder.embed([big, other])
+        pixels_full = embedder.preprocess(embedder.decode_all([big, other]))
+    finally:
+        embedder.draft_side = 448
+    # The model input itself (224 x 224 x 3) is nearly the same...
+    assert centred_cosine(pixels_drafted[0].numpy(), pixels_full[0].numpy()) >= 0.99
+    # ...which a different photo is not (the comparison can fail).
+    assert centred_cosine(pixels_drafted[0].numpy(), pixels_full[1].numpy()) < 0.9
+    # and so is the embedding.
+    vectors = np.stack([drafted[0], full[0]]).astype(np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert vectors[0] @ vectors[1] >= 0.99
+    np.testing.assert_array_equal(drafted[1], full[1])  # a small photo is never drafted
 
 
 def test_forward_runs_in_sub_batches(triton_model):

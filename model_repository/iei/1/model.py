@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,9 +37,15 @@ SETTINGS = {
     "pooling": ("IEI_POOLING", "mean"),
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "32"),
+    "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOLINGS = ("mean", "cls", "pooler")
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper than a full decode
+# and resize) while its short side stays at least this many times the processor's input side:
+# 2x keeps the processor's own downscaling in charge of the final quality.
+DRAFT_FACTOR = 2
 
 
 class InvalidImage(ValueError):
@@ -52,6 +59,7 @@ class ModelSettings:
     pooling: str
     max_image_pixels: int
     forward_batch_size: int
+    jpeg_draft: bool = True
 
 
 def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
@@ -65,6 +73,8 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         raise ValueError(f"IEI_DTYPE={raw['dtype']!r}: expected auto, {', '.join(DTYPES)}")
     if raw["pooling"] not in POOLINGS:
         raise ValueError(f"IEI_POOLING={raw['pooling']!r}: expected one of {', '.join(POOLINGS)}")
+    if raw["jpeg_draft"].lower() not in BOOLEANS:
+        raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
     numbers = {}
     for name in ("max_image_pixels", "forward_batch_size"):
         try:
@@ -74,7 +84,11 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         if numbers[name] < 1:
             raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected a positive integer")
     return ModelSettings(
-        model_id=raw["model_id"], dtype=raw["dtype"], pooling=raw["pooling"], **numbers
+        model_id=raw["model_id"],
+        dtype=raw["dtype"],
+        pooling=raw["pooling"],
+        jpeg_draft=BOOLEANS[raw["jpeg_draft"].lower()],
+        **numbers,
     )
 
 
@@ -100,8 +114,31 @@ def resolve_dtype(requested: str, device: torch.device, native_bf16: bool) -> to
 # --- images -----------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Encoded file -> upright RGB image (first frame). Any failure is an `InvalidImage`."""
+def draft_side(processor: Any, factor: int = DRAFT_FACTOR) -> int:
+    """The smallest side a JPEG may be decoded at for this processor: `factor` times the largest
+    side it resizes to (ConvNeXt's shortest edge / crop_pct included); 0 when it is unknown."""
+    sides = []
+    crop_pct = getattr(processor, "crop_pct", None)
+    for attribute in ("size", "crop_size"):
+        size = getattr(processor, attribute, None)
+        if size is None:
+            continue
+        for key in ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width"):
+            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+            if not isinstance(value, int | float) or value <= 0:
+                continue
+            if key == "shortest_edge" and crop_pct:
+                value = value / crop_pct  # resized to shortest_edge / crop_pct, then cropped
+            sides.append(value)
+    return math.ceil(max(sides) * factor) if sides else 0
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image:
+    """Encoded file -> upright RGB image (first frame). Any failure is an `InvalidImage`.
+
+    `min_side` > 0 lets a JPEG at least twice that large on both sides decode at a reduced scale
+    whose sides both stay >= `min_side`; smaller files decode in full.
+    """
     if not data:
         raise InvalidImage("empty image file")
     try:
@@ -115,6 +152,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             if pixels == 0:
                 raise InvalidImage("image has no pixels")
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
+            if min_side > 0 and image.format in ("JPEG", "MPO"):
+                # PIL picks the largest scale 1/2^k with both sides still >= min_side.
+                image.draft(image.mode, (min_side, min_side))
             image.load()
             upright = ImageOps.exif_transpose(image)
             return to_rgb(upright)
@@ -190,6 +230,7 @@ class Embedder:
         max_image_pixels: int,
         forward_batch_size: int,
         decode_threads: int,
+        draft_side: int = 0,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -198,6 +239,7 @@ class Embedder:
         self.pooling = pooling
         self.max_image_pixels = max_image_pixels
         self.forward_batch_size = forward_batch_size
+        self.draft_side = draft_side
         self.pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
 
     def close(self) -> None:
@@ -208,7 +250,7 @@ class Embedder:
 
         def one(blob: bytes) -> Image.Image | InvalidImage:
             try:
-                return decode_image(blob, self.max_image_pixels)
+                return decode_image(blob, self.max_image_pixels, self.draft_side)
             except InvalidImage as exc:
                 return exc
 
@@ -303,6 +345,7 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         max_image_pixels=settings.max_image_pixels,
         forward_batch_size=settings.forward_batch_size,
         decode_threads=threads,
+        draft_side=draft_side(processor) if settings.jpeg_draft else 0,
     )
 
 
@@ -335,7 +378,8 @@ class TritonPythonModel:
         self.embedder.forward(self._blank_batch(1))
         self.logger.log_info(
             f"iei: {settings.model_id} on {device} ({self.embedder.dtype}), "
-            f"pooling={settings.pooling}, {threads} threads"
+            f"pooling={settings.pooling}, {threads} threads, "
+            f"JPEG draft decoding to >= {self.embedder.draft_side} px (0: off)"
         )
 
     def _blank_batch(self, n: int) -> torch.Tensor:

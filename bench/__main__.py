@@ -1,0 +1,329 @@
+"""`python -m bench`: the model's in-process limit and the served stack, side by side, in one run.
+
+    .venv/bin/python -m bench                          # the full run (a few minutes on 2 cores)
+    .venv/bin/python -m bench --queue-delays 0,2000,10000   # the dynamic batcher's delay sweep
+    .venv/bin/python -m bench --render-only            # rewrite the docs from results.json
+
+Writes docs/benchmarks.md, its plots and docs/benchmarks/results.json (each part of a run
+replaces only its own results there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import measure, report
+from .workload import ROOT, SIZES, ServedStack, build_model, load_model_module, make_jpegs
+
+DOCS = ROOT / "docs"
+SMALL = SIZES[0]
+SIZE_LOAD = 16  # concurrent single-image requests in the image-size sweep
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
+
+
+def machine() -> dict[str, Any]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        lscpu = ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+        platform.processor() or "unknown",
+    )
+    import torch
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "command": " ".join([".venv/bin/python -m bench", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_before": os.getloadavg()[0],
+        **machine(),
+    }
+
+
+def embedder_for(mm: Any, model_dir: Path, dtype: str) -> Any:
+    import torch
+
+    settings = mm.read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_DTYPE": dtype})
+    return mm.load_embedder(settings, torch.device("cpu"), os.cpu_count() or 1)
+
+
+def preprocessed(embedder: Any, files: list[bytes]) -> Any:
+    import torch
+
+    return torch.stack(embedder.preprocess(embedder.decode_all(files)))
+
+
+# --- ViT-B/16: in-process limit, decode costs, served --------------------------------------
+
+
+def inprocess(mm: Any, model_dir: Path, files: dict[tuple[int, int], list[bytes]], n: int) -> dict:
+    """The forward pass alone in fp32 and bf16, cosines, and what decoding costs per size."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows, vectors, embedders = [], {}, {}
+    for dtype in ("float32", "bfloat16"):
+        embedder = embedders[dtype] = embedder_for(mm, model_dir, dtype)
+        pixels = preprocessed(embedder, files[SMALL])
+        vectors[dtype] = embedder.forward(pixels)
+        for batch in (1, 8, 32):
+            images = {1: n // 4, 8: n // 2, 32: n}[batch]
+            rate = measure.forward_limit(embedder, pixels, batch, images)
+            rows.append({"dtype": dtype, "batch": batch, "img_s": rate})
+            log(f"in-process {dtype} batch {batch}: {rate:.2f} img/s")
+    auto = mm.resolve_dtype("auto", torch.device("cpu"), mm.cpu_has_native_bf16())
+    reduced_cosine = measure.cosine(vectors["bfloat16"], vectors["float32"])
+
+    # Decoding: full vs draft per source size, and the draft's cost to the embedding (fp32, so
+    # that only the decoding differs).
+    fp32 = embedders["float32"]
+    side = mm.draft_side(fp32.processor)
+    decode = []
+    for size, blobs in files.items():
+        full = measure.per_call(lambda b=blobs: [mm.decode_image(x, 10**9) for x in b], 2)
+        draft = measure.per_call(lambda b=blobs: [mm.decode_image(x, 10**9, side) for x in b], 2)
+        decoded = mm.decode_image(blobs[0], 10**9, side).size
+        similarity = 1.0  # not drafted: the same pixels
+        if decoded != size:
+            fp32.draft_side = 0
+            exact = np.stack(fp32.embed(blobs))
+            fp32.draft_side = side
+            drafted = np.stack(fp32.embed(blobs))
+            similarity = float(measure.cosine(drafted, exact).min())
+        decode.append(
+            {
+                "size": f"{size[0]}x{size[1]}",
+                "kb": sum(map(len, blobs)) / len(blobs) / 1024,
+                "full_ms": full / len(blobs) * 1000,
+                "draft_ms": draft / len(blobs) * 1000,
+                "decoded": f"{decoded[0]}x{decoded[1]}",
+                "draft_cosine_min": similarity,
+            }
+        )
+        log(f"decode {decode[-1]}")
+    return {
+        "forward": rows,
+        "auto_dtype": str(auto).removeprefix("torch."),
+        "bf16_cosine_min": float(reduced_cosine.min()),
+        "draft_side": side,
+        "decode": decode,
+        "fp32_vectors": vectors["float32"].tolist(),
+        "bf16_embedder": embedders["bfloat16"],
+    }
+
+
+async def served_vit(
+    stack: ServedStack, files: dict[tuple[int, int], list[bytes]], n: int, levels: list[int]
+) -> dict:
+    small = files[SMALL]
+    await measure.http_load(stack.url, small, concurrency=8, requests=16)  # warm the batch sizes
+    loads = []
+    for c in levels:
+        loads.append(
+            await measure.http_load(stack.url, small, concurrency=c, requests=max(n // 2, 2 * c))
+        )
+        log(f"/embed c={c}: {loads[-1].img_s:.2f} img/s")
+    large = {"concurrency": 1, "requests": 2, "per_request": n}
+    loads.append(await measure.http_load(stack.url, small, **large))
+    log(f"/embed one request of {n}: {loads[-1].img_s:.2f} img/s")
+    for c in levels:
+        loads.append(
+            await measure.grpc_load(stack.grpc, small, concurrency=c, requests=max(n // 2, 2 * c))
+        )
+        log(f"gRPC c={c}: {loads[-1].img_s:.2f} img/s")
+    loads.append(await measure.grpc_load(stack.grpc, small, **large))
+    sizes = []
+    for size, blobs in files.items():
+        load = await measure.http_load(stack.url, blobs, concurrency=SIZE_LOAD, requests=n // 2)
+        sizes.append({"size": f"{size[0]}x{size[1]}", **load.row()})
+        log(f"/embed {size} c={SIZE_LOAD}: {load.img_s:.2f} img/s")
+    return {"loads": [x.row() for x in loads], "sizes": sizes}
+
+
+async def paired(stack: ServedStack, embedder: Any, files: list[bytes], n: int) -> dict:
+    """One round of the headline ratio, measured back to back so that the machine's load is
+    nearly the same for all of them: the forward pass alone, the model's whole work in-process
+    (decode, processor, forward: what one Triton execution does), and the served stack."""
+    pixels = preprocessed(embedder, files)
+    batch = (files * n)[:8]
+    rounds = max(1, n // 8)
+    execute = measure.per_call(lambda: embedder.embed(batch), rounds) / len(batch)
+    row = {
+        "forward": measure.forward_limit(embedder, pixels, 8, n),
+        "execute": 1 / execute,
+        "embed_c16": (await measure.http_load(stack.url, files, concurrency=16, requests=n)).img_s,
+        "embed_large": (
+            await measure.http_load(stack.url, files, concurrency=1, requests=1, per_request=n)
+        ).img_s,
+        "grpc_c16": (await measure.grpc_load(stack.grpc, files, concurrency=16, requests=n)).img_s,
+    }
+    log(f"paired round: { {k: round(v, 2) for k, v in row.items()} }")
+    return row
+
+
+def run_vit(work: Path, n: int, levels: list[int], rounds: int = 3) -> dict:
+    mm = load_model_module()
+    model_dir = build_model("vit-base", work / "vit-base")
+    files = {size: make_jpegs(size) for size in SIZES}
+    limits = inprocess(mm, model_dir, files, n)
+    bf16 = limits.pop("bf16_embedder")
+    with ServedStack(model_dir, work / "vit-base.log") as stack:
+        log("ViT-B/16 served")
+        served = asyncio.run(served_vit(stack, files, n, levels))
+        vectors = measure.embed_vectors(stack.url, files[SMALL])
+
+        async def pairs() -> list[dict]:
+            return [await paired(stack, bf16, files[SMALL], n) for _ in range(rounds)]
+
+        served["paired"] = asyncio.run(pairs())
+    fp32 = np.array(limits.pop("fp32_vectors"))
+    served["cosine_to_fp32_min"] = float(measure.cosine(vectors, fp32).min())
+    # Different photos, same model: what a cosine means for random weights.
+    between = [
+        measure.cosine(fp32[i : i + 1], fp32[j : j + 1])[0]
+        for i in range(len(fp32))
+        for j in range(i + 1, len(fp32))
+    ]
+    limits["cosine_between_photos_max"] = float(max(between))
+    return {"inprocess": limits, "served": served}
+
+
+# --- tiny model: the stack's own cost --------------------------------------------------------
+
+
+def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
+    import torch
+
+    mm = load_model_module()
+    model_dir = build_model("vit-tiny", work / "vit-tiny")
+    files = make_jpegs(SMALL)
+    torch.set_num_threads(os.cpu_count() or 1)
+    embedder = embedder_for(mm, model_dir, "auto")
+    batch = (files * 32)[:32]
+    decoded = embedder.decode_all(batch)
+    pixels = torch.stack(embedder.preprocess(decoded))
+    reps = max(2, n // 32)
+    inproc = {
+        "decode_us": measure.per_call(lambda: [mm.decode_image(f, 10**9) for f in batch], reps),
+        "preprocess_us": measure.per_call(lambda: embedder.preprocess(decoded), reps),
+        "forward_us": measure.per_call(lambda: embedder.forward(pixels), reps),
+        # What one Triton execution of the model does, decode threads included.
+        "execute_us": measure.per_call(lambda: embedder.embed(batch), reps),
+    }
+    inproc = {k: v / len(batch) * 1e6 for k, v in inproc.items()}
+    log(f"tiny in-process (us/image): {inproc}")
+    embedder.close()
+
+    async def served(stack: ServedStack) -> list[measure.Load]:
+        loads = []
+        for c in levels:
+            for load in (measure.http_load, measure.grpc_load):
+                url = stack.url if load is measure.http_load else stack.grpc
+                loads.append(await load(url, files, concurrency=c, requests=max(n, 4 * c)))
+                log(f"tiny {loads[-1].path} c={c}: {loads[-1].img_s:.0f} img/s")
+        for load in (measure.http_load, measure.grpc_load):
+            url = stack.url if load is measure.http_load else stack.grpc
+            loads.append(await load(url, files, concurrency=1, requests=8, per_request=64))
+            log(f"tiny {loads[-1].path} 64 per request: {loads[-1].img_s:.0f} img/s")
+        return loads
+
+    with ServedStack(model_dir, work / "vit-tiny.log") as stack:
+        loads = asyncio.run(served(stack))
+    return {"inprocess_us": inproc, "loads": [x.row() for x in loads]}
+
+
+# --- dynamic batcher: queue delay -----------------------------------------------------------
+
+
+def run_queue_delays(work: Path, delays: list[int], n: int) -> dict:
+    from .workload import with_queue_delay
+
+    model_dir = build_model("vit-base", work / "vit-base")
+    files = make_jpegs(SMALL)
+    rows = []
+    for delay in delays:
+        repository = with_queue_delay(ROOT / "model_repository", work / f"repo-{delay}", delay)
+        env = {"IEI_MODEL_REPOSITORY": str(repository)}
+        with ServedStack(model_dir, work / f"delay-{delay}.log", **env) as stack:
+
+            async def sweep(url: str = stack.url) -> list[measure.Load]:
+                await measure.http_load(url, files, concurrency=8, requests=16)
+                return [
+                    await measure.http_load(url, files, concurrency=c, requests=max(n // 2, 2 * c))
+                    for c in (1, 4, 16)
+                ]
+
+            for load in asyncio.run(sweep()):
+                rows.append({"delay_us": delay, **load.row()})
+                log(f"delay {delay} us c={load.concurrency}: {load.img_s:.2f} img/s")
+    return {"rows": rows}
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="images per measurement (base)")
+    parser.add_argument("--only", choices=("vit", "tiny"), help="run one part only")
+    parser.add_argument(
+        "--concurrency", default="1,4,16,64", help="concurrent single-image requests to try"
+    )
+    parser.add_argument("--queue-delays", help="comma-separated delays in us: sweep only these")
+    parser.add_argument("--render-only", action="store_true", help="rewrite docs from the JSON")
+    parser.add_argument("--out", type=Path, default=DOCS, help="folder for benchmarks.md")
+    args = parser.parse_args(argv)
+
+    results_path = args.out / "benchmarks" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if not args.render_only:
+        with tempfile.TemporaryDirectory(prefix="iei-bench-") as tmp:
+            work = Path(tmp)
+            meta = run_meta(args)
+            if args.queue_delays:
+                delays = [int(d) for d in args.queue_delays.split(",")]
+                sweep = run_queue_delays(work, delays, args.images)
+                results["queue_delay"] = {"meta": meta, **sweep}
+            else:
+                results["meta"] = meta
+                levels = [int(c) for c in args.concurrency.split(",")]
+                if args.only in (None, "vit"):
+                    results["vit"] = run_vit(work, args.images, levels)
+                if args.only in (None, "tiny"):
+                    results["tiny"] = run_tiny(work, args.images, levels)
+            meta["load_after"] = os.getloadavg()[0]
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+    report.write(results, args.out)
+    log(f"wrote {args.out / 'benchmarks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

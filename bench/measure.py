@@ -1,0 +1,169 @@
+"""The measurements: the model in this process, and clients of the served stack."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Load:
+    """One load measurement: images per second and request latencies."""
+
+    path: str  # embed (HTTP /embed) or grpc (Triton directly)
+    mode: str  # single: one image per request; large: many images per request
+    concurrency: int
+    per_request: int
+    images: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def img_s(self) -> float:
+        return self.images / self.seconds
+
+    def row(self) -> dict[str, Any]:
+        p50, p95, p99 = np.percentile(self.latencies_ms, [50, 95, 99])
+        row = asdict(self)
+        del row["latencies_ms"]
+        return {**row, "img_s": self.img_s, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def per_call(fn: Callable[[], object], repeat: int) -> float:
+    """Seconds per call of `fn`, after one call to warm it up."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+# --- in-process ----------------------------------------------------------------------------
+
+
+def forward_limit(embedder: Any, pixels: Any, batch: int, images: int) -> float:
+    """Images per second of the service's own forward pass (and pooling) on preprocessed
+    batches of `batch`, nothing else: the ceiling of what serving can reach."""
+    import torch
+
+    rows = pixels[torch.arange(batch) % len(pixels)]
+    embedder.forward(rows[: min(batch, 8)])  # warm-up (a batch of 32 would cost seconds)
+    rounds = max(1, images // batch)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        embedder.forward(rows)
+    return batch * rounds / (time.perf_counter() - start)
+
+
+# --- served --------------------------------------------------------------------------------
+
+
+async def _drive(
+    call: Callable[[int], Awaitable[None]], total: int, concurrency: int
+) -> tuple[float, list[float]]:
+    """`total` calls, `concurrency` at a time, as fast as answers come."""
+    latencies: list[float] = []
+    next_index = iter(range(total))
+
+    async def worker() -> None:
+        for i in next_index:
+            start = time.perf_counter()
+            await call(i)
+            latencies.append((time.perf_counter() - start) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
+
+
+def embed_bodies(files: Sequence[bytes], per_request: int) -> list[bytes]:
+    """Ready /embed request bodies (base64 done before the clock starts)."""
+    import orjson
+
+    encoded = [base64.b64encode(f).decode("ascii") for f in files]
+    bodies = []
+    for start in range(len(files)):
+        chosen = [encoded[(start + k) % len(encoded)] for k in range(per_request)]
+        bodies.append(orjson.dumps({"inputs": chosen}))
+    return bodies
+
+
+async def http_load(
+    url: str, files: Sequence[bytes], *, concurrency: int, requests: int, per_request: int = 1
+) -> Load:
+    """POST /embed: `requests` requests of `per_request` images, `concurrency` at a time."""
+    import aiohttp
+
+    bodies = embed_bodies(files, per_request)
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def call(i: int) -> None:
+            async with session.post(
+                f"{url}/embed", data=bodies[i % len(bodies)], headers=headers
+            ) as response:
+                text = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"/embed answered {response.status}: {text[:300]!r}")
+
+        await call(0)  # connection and first-request costs stay out of the clock
+        seconds, latencies = await _drive(call, requests, concurrency)
+    mode = "single" if per_request == 1 else "large"
+    return Load("embed", mode, concurrency, per_request, requests * per_request, seconds, latencies)
+
+
+async def grpc_load(
+    endpoint: str, files: Sequence[bytes], *, concurrency: int, requests: int, per_request: int = 1
+) -> Load:
+    """Triton's gRPC endpoint directly, the same images as BYTES."""
+    import tritonclient.grpc.aio as grpc_aio
+
+    client = grpc_aio.InferenceServerClient(endpoint)
+    tensors = []
+    for start in range(len(files)):
+        tensor = np.empty((per_request, 1), dtype=np.object_)
+        tensor[:, 0] = [files[(start + k) % len(files)] for k in range(per_request)]
+        tensors.append(tensor)
+    output = [grpc_aio.InferRequestedOutput("EMBEDDING")]
+
+    async def call(i: int) -> None:
+        tensor = tensors[i % len(tensors)]
+        request = grpc_aio.InferInput("IMAGE", list(tensor.shape), "BYTES")
+        request.set_data_from_numpy(tensor)
+        result = await client.infer("iei", [request], outputs=output)
+        if result.as_numpy("EMBEDDING").shape[0] != per_request:
+            raise RuntimeError("Triton returned the wrong number of vectors")
+
+    try:
+        await call(0)
+        seconds, latencies = await _drive(call, requests, concurrency)
+    finally:
+        await client.close()
+    mode = "single" if per_request == 1 else "large"
+    return Load("grpc", mode, concurrency, per_request, requests * per_request, seconds, latencies)
+
+
+def embed_vectors(url: str, files: Sequence[bytes]) -> np.ndarray:
+    """Raw vectors from /embed, to check what the stack returns."""
+    import httpx
+
+    body = {"inputs": [base64.b64encode(f).decode() for f in files], "normalize": False}
+    response = httpx.post(f"{url}/embed", json=body, timeout=600)
+    response.raise_for_status()
+    return np.array(response.json(), dtype=np.float64)

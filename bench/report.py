@@ -1,0 +1,435 @@
+"""docs/benchmarks.md and its plots, from the results of `python -m bench`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PLOTS = "benchmarks"  # folder beside benchmarks.md
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def label(load: dict[str, Any]) -> str:
+    where = "`/embed`" if load["path"] == "embed" else "Triton gRPC"
+    if load["mode"] == "large":
+        count = load["images"] // load["per_request"]
+        return f"{where}, {count} requests of {load['per_request']} images, one at a time"
+    return f"{where}, 1 image per request, concurrency {load['concurrency']}"
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def served_best(row: dict[str, float]) -> float:
+    return max(row["embed_c16"], row["embed_large"])
+
+
+def best(loads: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    return max((x for x in loads if x["path"] == path), key=lambda x: x["img_s"])
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def summary(results: dict[str, Any]) -> str:
+    rows = []
+    vit, tiny = results.get("vit"), results.get("tiny")
+    if vit:
+        limits = vit["inprocess"]
+        pairs = vit["served"]["paired"]
+        ratio = median([served_best(r) / r["forward"] for r in pairs])
+        rows.append(
+            (
+                f"served ViT-B/16 >= 0.9 x in-process limit ({limits['auto_dtype']}, forward "
+                "pass alone)",
+                f"**{ratio:.2f}** (median of {len(pairs)} paired rounds, best of `/embed` "
+                "c=16 and one large request)",
+                verdict(ratio >= 0.9),
+            )
+        )
+        rows.append(
+            (
+                "served ViT-B/16 vs the model's whole work in-process (decode, processor, forward)",
+                f"**{median([served_best(r) / r['execute'] for r in pairs]):.2f}**",
+                "-",
+            )
+        )
+        sizes = {s["size"]: s for s in vit["served"]["sizes"]}
+        small, large = sizes["500x375"], sizes["4000x3000"]
+        growth = small["img_s"] / large["img_s"]
+        rows.append(
+            (
+                "4000x3000 JPEG costs < 1.5 x a 500x375 one, end to end",
+                f"{small['img_s']:.2f} / {large['img_s']:.2f} img/s = **{growth:.2f}x**",
+                verdict(growth < 1.5),
+            )
+        )
+        rows.append(
+            (
+                f"{limits['auto_dtype']} vs float32: cosine >= 0.99",
+                f"min **{limits['bf16_cosine_min']:.5f}**",
+                verdict(limits["bf16_cosine_min"] >= 0.99),
+            )
+        )
+        drafted = [d for d in limits["decode"] if d["decoded"] != d["size"]]
+        worst = min((d["draft_cosine_min"] for d in drafted), default=1.0)
+        rows.append(
+            (
+                "draft JPEG decoding vs full decode: cosine >= 0.99",
+                f"min **{worst:.6f}** (ViT-B/16, float32)",
+                verdict(worst >= 0.99),
+            )
+        )
+        rows.append(
+            (
+                "for scale: cosine between *different* photos (float32)",
+                f"max {limits['cosine_between_photos_max']:.5f}",
+                "-",
+            )
+        )
+        rows.append(
+            (
+                "served vectors (bf16) vs in-process float32, same images",
+                f"min cosine {vit['served']['cosine_to_fp32_min']:.5f}",
+                "-",
+            )
+        )
+    if tiny:
+        embed = best(tiny["loads"], "embed")
+        rows.append(
+            (
+                "stack's own cost per image (tiny model, best `/embed` case)",
+                f"{1e6 / embed['img_s']:.0f} us/image ({label(embed)})",
+                "see below",
+            )
+        )
+    return table(("target", "measured", "met"), rows)
+
+
+def vit_section(vit: dict[str, Any]) -> str:
+    limits = vit["inprocess"]
+    auto = limits["auto_dtype"]
+    limit = max(r["img_s"] for r in limits["forward"] if r["dtype"] == auto)
+    forward = table(
+        ("precision", "batch", "img/s", "ms/image"),
+        [
+            (r["dtype"], r["batch"], f"{r['img_s']:.2f}", f"{1000 / r['img_s']:.0f}")
+            for r in limits["forward"]
+        ],
+    )
+    served = table(
+        ("path", "images", "img/s", "x limit", "p50 ms", "p95 ms", "p99 ms"),
+        [
+            (
+                label(x),
+                x["images"],
+                f"{x['img_s']:.2f}",
+                f"{x['img_s'] / limit:.2f}",
+                f"{x['p50_ms']:.0f}",
+                f"{x['p95_ms']:.0f}",
+                f"{x['p99_ms']:.0f}",
+            )
+            for x in vit["served"]["loads"]
+        ],
+    )
+    decode = {d["size"]: d for d in limits["decode"]}
+    small = vit["served"]["sizes"][0]
+    sizes = table(
+        (
+            "source JPEG",
+            "file KiB",
+            "decode full ms",
+            "decode draft ms",
+            "decoded at",
+            "draft cosine (min)",
+            "served img/s (c=16)",
+            "cost vs 500x375",
+        ),
+        [
+            (
+                s["size"],
+                f"{decode[s['size']]['kb']:.0f}",
+                f"{decode[s['size']]['full_ms']:.1f}",
+                f"{decode[s['size']]['draft_ms']:.1f}",
+                decode[s["size"]]["decoded"],
+                f"{decode[s['size']]['draft_cosine_min']:.6f}",
+                f"{s['img_s']:.2f}",
+                f"{small['img_s'] / s['img_s']:.2f}x",
+            )
+            for s in vit["served"]["sizes"]
+        ],
+    )
+    paired = table(
+        (
+            "round",
+            "forward alone",
+            "whole model work",
+            "`/embed` c=16",
+            "`/embed` 1 request",
+            "gRPC c=16",
+            "best served / forward",
+            "best served / whole",
+        ),
+        [
+            (
+                i + 1,
+                f"{r['forward']:.2f}",
+                f"{r['execute']:.2f}",
+                f"{r['embed_c16']:.2f}",
+                f"{r['embed_large']:.2f}",
+                f"{r['grpc_c16']:.2f}",
+                f"{served_best(r) / r['forward']:.2f}",
+                f"{served_best(r) / r['execute']:.2f}",
+            )
+            for i, r in enumerate(vit["served"]["paired"])
+        ],
+    )
+    return f"""## ViT-B/16: the model's limit and the served stack
+
+### In-process limit
+
+The service's own forward pass (`Embedder.forward` of `model.py`: sub-batches, pooling) on
+preprocessed 500x375 photos, {auto} being what `IEI_DTYPE=auto` picks on this CPU:
+
+{forward}
+
+### Served
+
+#### The headline ratio, in paired rounds
+
+Each round measures, back to back within seconds and with the stack idle during the in-process
+parts: the forward pass alone ({auto}, batch 8), the model's whole work in-process
+(`Embedder.embed` on the JPEG files, batch 8: decode threads, processor, forward, as in one
+Triton execution), then the served stack (images/s). Pairing keeps the other load on this
+machine nearly the same for the two sides of each ratio.
+
+{paired}
+
+#### By concurrency
+
+`iei serve` with its defaults (`IEI_DTYPE=auto`, 2 frontend workers, 1 model instance, the
+committed dynamic batcher); 500x375 JPEGs sent as base64 (`/embed`) or as raw bytes (Triton gRPC).
+"x limit" divides by the best in-process {auto} rate, {limit:.2f} img/s.
+
+{served}
+
+![throughput](benchmarks/throughput.png)
+![latency](benchmarks/latency.png)
+
+### Cost against source image size
+
+Decode-only costs are in-process, one thread, per image (`decode_image` of `model.py`, without
+and with draft decoding to >= {limits["draft_side"]} px on the short side); the draft cosine
+compares ViT-B/16 float32 embeddings of the drafted and the full decode (1.00000: the image is
+too small to be drafted). Served: `/embed`, concurrency 16.
+
+{sizes}
+
+![image size](benchmarks/image_size.png)
+"""
+
+
+def tiny_section(tiny: dict[str, Any]) -> str:
+    inproc = tiny["inprocess_us"]
+    loads = tiny["loads"]
+    embed, grpc = best(loads, "embed"), best(loads, "grpc")
+    rows = [
+        ("decode (PIL, one thread, per image)", f"{inproc['decode_us']:.0f}"),
+        ("image processor (batch of 32)", f"{inproc['preprocess_us']:.0f}"),
+        ("forward pass of the tiny model (batch of 32)", f"{inproc['forward_us']:.0f}"),
+        (
+            "= the model's execute() in-process (decode threads, processor, forward)",
+            f"{inproc['execute_us']:.0f}",
+        ),
+        (
+            f"Triton gRPC end to end, best ({label(grpc)})",
+            f"{1e6 / grpc['img_s']:.0f}",
+        ),
+        (
+            "-> Triton's own share (gRPC, batcher, Python backend IPC)",
+            f"{1e6 / grpc['img_s'] - inproc['execute_us']:.0f}",
+        ),
+        (f"`/embed` end to end, best ({label(embed)})", f"{1e6 / embed['img_s']:.0f}"),
+        (
+            "-> the frontend's share (HTTP, JSON, base64, header check, Triton client)",
+            f"{1e6 / embed['img_s'] - 1e6 / grpc['img_s']:.0f}",
+        ),
+    ]
+    served = table(
+        ("path", "img/s", "us/image", "p50 ms", "p99 ms"),
+        [
+            (
+                label(x),
+                f"{x['img_s']:.0f}",
+                f"{1e6 / x['img_s']:.0f}",
+                f"{x['p50_ms']:.1f}",
+                f"{x['p99_ms']:.1f}",
+            )
+            for x in loads
+        ],
+    )
+    breakdown = table(("where the time goes (wall time per image, 2 cores)", "us/image"), rows)
+    return f"""## The stack's own cost (tiny ViT)
+
+A 2-layer ViT with hidden size 32: its forward pass is nearly free, so what remains is decoding,
+transport and the hops. Per-image wall time at saturation on the 2 shared cores (the client, the
+frontend and Triton all run on them, as they would on a small host):
+
+{breakdown}
+
+{served}
+"""
+
+
+def queue_section(queue: dict[str, Any]) -> str:
+    rows = [
+        (
+            f"{r['delay_us'] / 1000:g} ms",
+            r["concurrency"],
+            f"{r['img_s']:.2f}",
+            f"{r['p50_ms']:.0f}",
+            f"{r['p99_ms']:.0f}",
+        )
+        for r in queue["rows"]
+    ]
+    meta = queue["meta"]
+    return f"""## Dynamic batching: queue delay (ViT-B/16, CPU)
+
+`{meta["command"]}` ({meta["date"]}, load average {meta["load_before"]:.1f} at the start).
+`/embed`, one 500x375 image per request, each delay in its own `iei serve`:
+
+{table(("max_queue_delay", "concurrency", "img/s", "p50 ms", "p99 ms"), rows)}
+"""
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    from .notes import NOTES
+
+    meta = results.get("meta", {})
+    parts = [
+        "# Benchmarks\n",
+        "Written by `make bench` (`bench/`): the numbers below come from one run on one "
+        "machine, side by side; the queue-delay sweep is a separate run with its own command.\n",
+        f"- command: `{meta.get('command')}`\n- date: {meta.get('date')}\n"
+        f"- machine: {meta.get('cpu')}, {meta.get('cores')} cores, "
+        f"GPU: {meta.get('gpu') or 'none available'}; torch {meta.get('torch')}, "
+        f"Python {meta.get('python')}\n"
+        f"- load average (1 min) at the start: {meta.get('load_before', 0):.1f}, "
+        f"at the end: {meta.get('load_after', 0):.1f}\n",
+        NOTES["caveat"],
+        "## Summary\n\n" + summary(results) + "\n",
+    ]
+    if "vit" in results:
+        parts.append(vit_section(results["vit"]))
+    if "tiny" in results:
+        parts.append(tiny_section(results["tiny"]))
+        parts.append(NOTES["overhead"])
+    if "queue_delay" in results:
+        parts.append(queue_section(results["queue_delay"]))
+        parts.append(NOTES["queue_delay"])
+    parts += [NOTES["fast"], NOTES["gpu"], NOTES["original"]]
+    (out / "benchmarks.md").write_text("\n".join(p.rstrip() + "\n" for p in parts))
+    plot(results, out / PLOTS)
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vit, tiny = results.get("vit"), results.get("tiny")
+
+    def curve(loads: list[dict[str, Any]], path: str) -> tuple[list[int], list[dict[str, Any]]]:
+        points = sorted(
+            (x for x in loads if x["path"] == path and x["mode"] == "single"),
+            key=lambda x: x["concurrency"],
+        )
+        return [x["concurrency"] for x in points], points
+
+    panels = [p for p in (("ViT-B/16", vit), ("tiny ViT (stack overhead)", tiny)) if p[1]]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+        for ax, (title, part) in zip(axes[0], panels, strict=True):
+            loads = part["served"]["loads"] if "served" in part else part["loads"]
+            for path, name in (("embed", "/embed"), ("grpc", "Triton gRPC")):
+                xs, points = curve(loads, path)
+                ax.plot(xs, [p["img_s"] for p in points], "o-", label=name)
+            if "inprocess" in part:
+                for row_dtype, style in (("bfloat16", "--"), ("float32", ":")):
+                    rates = [
+                        r["img_s"] for r in part["inprocess"]["forward"] if r["dtype"] == row_dtype
+                    ]
+                    ax.axhline(max(rates), ls=style, c="grey", label=f"in-process {row_dtype}")
+                auto = part["inprocess"]["auto_dtype"]
+                limit = max(r["img_s"] for r in part["inprocess"]["forward"] if r["dtype"] == auto)
+                ax.axhline(0.9 * limit, ls="-.", c="red", lw=0.8, label="0.9 x limit (target)")
+            else:
+                ax.axhline(
+                    1e6 / part["inprocess_us"]["execute_us"],
+                    ls="--",
+                    c="grey",
+                    label="in-process execute()",
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent requests (1 image each)")
+            ax.set_ylabel("images / s")
+            ax.set_ylim(bottom=0)
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "throughput.png", dpi=110)
+        plt.close(fig)
+
+    if vit:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for path, style in (("embed", "-"), ("grpc", "--")):
+            xs, points = curve(vit["served"]["loads"], path)
+            for q, marker in (("p50", "o"), ("p95", "s"), ("p99", "^")):
+                name = "/embed" if path == "embed" else "gRPC"
+                ax.plot(
+                    xs, [p[f"{q}_ms"] for p in points], marker=marker, ls=style, label=f"{name} {q}"
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent requests (1 image each)")
+        ax.set_ylabel("latency, ms")
+        ax.set_title("ViT-B/16 served: latency percentiles")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        fig.savefig(folder / "latency.png", dpi=110)
+        plt.close(fig)
+
+        decode = vit["inprocess"]["decode"]
+        sizes = vit["served"]["sizes"]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        names = [s["size"] for s in sizes]
+        left.bar(names, [s["img_s"] for s in sizes])
+        left.set_ylabel("images / s (/embed, c=16)")
+        left.set_title("ViT-B/16 served, by source JPEG size")
+        right.plot(names, [d["full_ms"] for d in decode], "o-", label="full decode")
+        right.plot(names, [d["draft_ms"] for d in decode], "o-", label="draft decode")
+        right.set_yscale("log")
+        right.set_ylabel("ms / image (one thread)")
+        right.set_title("decode only")
+        right.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "image_size.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,175 @@
+"""What the benchmark runs on: models built from configs, JPEGs made at bench time, the stack."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "examples" / "images"
+MODEL_PY = ROOT / "model_repository" / "iei" / "1" / "model.py"
+IEI = Path(sys.executable).parent / "iei"
+
+# google/vit-base-patch16-224's preprocessor_config.json (the hub is not reachable here).
+VIT_PROCESSOR = {
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": True,
+    "size": {"height": 224, "width": 224},
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+# ViTConfig() defaults are ViT-B/16 at 224 px: the real model's cost, with random weights.
+MODELS: dict[str, dict[str, int]] = {
+    "vit-base": {},
+    # Small enough that the forward pass is noise: what is left is the stack's own cost.
+    "vit-tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+}
+SIZES = ((500, 375), (1000, 750), (2000, 1500), (4000, 3000))
+
+
+def build_model(name: str, folder: Path) -> Path:
+    """A loadable model folder (config, random weights, the hub's processor settings)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(**MODELS[name]), add_pooling_layer=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(VIT_PROCESSOR, indent=2))
+    return folder
+
+
+def make_jpegs(size: tuple[int, int], seed: int = 0) -> list[bytes]:
+    """The sample photos at `size`, as a camera would save them: resized, with sensor-like
+    noise (a plain upscale compresses far better than a real photo), quality 90."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for path in sorted(PHOTOS.glob("*.jpg")):
+        image = Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels += rng.normal(0, 3, pixels.shape).astype(np.float32)
+        noisy = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        buffer = io.BytesIO()
+        noisy.save(buffer, "JPEG", quality=90)
+        files.append(buffer.getvalue())
+    return files
+
+
+def load_model_module() -> Any:
+    """model_repository/iei/1/model.py in this process, for its decoder and Embedder.
+
+    Only `TritonPythonModel` touches Triton's utils; an empty stand-in satisfies the import.
+    """
+    import importlib.util
+
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils"))
+    spec = importlib.util.spec_from_file_location("iei_triton_model", MODEL_PY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_queue_delay(source: Path, target: Path, delay_us: int) -> Path:
+    """A copy of the model repository whose dynamic batcher waits `delay_us`."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    config = target / "iei" / "config.pbtxt"
+    text, found = re.subn(
+        r"max_queue_delay_microseconds: \d+",
+        f"max_queue_delay_microseconds: {delay_us}",
+        config.read_text(),
+    )
+    if found != 1:
+        raise RuntimeError(f"no max_queue_delay_microseconds in {config}")
+    config.write_text(text)
+    return target
+
+
+class ServedStack:
+    """`iei serve` on free loopback ports, as users start it (default settings unless given)."""
+
+    def __init__(self, model_dir: Path, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.grpc_port = free_port()
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "IMAGE_EMBEDDING_MODEL": str(model_dir),
+            "IEI_BIND": f"127.0.0.1:{self.port}",
+            "IEI_TRITON_HTTP_PORT": str(free_port()),
+            "IEI_TRITON_GRPC_PORT": str(self.grpc_port),
+            "IEI_TRITON_METRICS_PORT": str(free_port()),
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def __enter__(self) -> ServedStack:
+        import httpx
+
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [str(IEI), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"iei serve exited; its log: {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"iei serve not healthy after 300 s; its log: {self.log_path}")
+
+    def __exit__(self, *_: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

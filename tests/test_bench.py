@@ -1,0 +1,147 @@
+"""The benchmark tool (bench/): its report from known results, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import measure, report  # noqa: E402
+
+
+def load(path: str, mode: str, concurrency: int, img_s: float, per_request: int = 1) -> dict:
+    return {
+        "path": path,
+        "mode": mode,
+        "concurrency": concurrency,
+        "per_request": per_request,
+        "images": 32,
+        "seconds": 32 / img_s,
+        "img_s": img_s,
+        "p50_ms": 100.0,
+        "p95_ms": 150.0,
+        "p99_ms": 200.0,
+    }
+
+
+def known_results(served_rate: float) -> dict:
+    sizes = ["500x375", "1000x750", "2000x1500", "4000x3000"]
+    loads = [load(p, "single", c, served_rate) for p in ("embed", "grpc") for c in (1, 4)]
+    return {
+        "meta": {
+            "command": "python -m bench",
+            "date": "today",
+            "cpu": "cpu",
+            "cores": 2,
+            "gpu": None,
+            "load_before": 1.0,
+            "load_after": 1.0,
+        },
+        "vit": {
+            "inprocess": {
+                "forward": [
+                    {"dtype": d, "batch": b, "img_s": 10.0 if d == "bfloat16" else 4.0}
+                    for d in ("float32", "bfloat16")
+                    for b in (1, 8)
+                ],
+                "auto_dtype": "bfloat16",
+                "bf16_cosine_min": 0.995,
+                "cosine_between_photos_max": 0.5,
+                "draft_side": 448,
+                "decode": [
+                    {
+                        "size": s,
+                        "kb": 10.0,
+                        "full_ms": 1.0,
+                        "draft_ms": 1.0,
+                        "decoded": s if s != "4000x3000" else "1000x750",
+                        "draft_cosine_min": 0.999,
+                    }
+                    for s in sizes
+                ],
+            },
+            "served": {
+                "loads": [*loads, load("embed", "large", 1, served_rate, per_request=16)],
+                "sizes": [{"size": s, **load("embed", "single", 16, served_rate)} for s in sizes],
+                "paired": [
+                    {
+                        "forward": 10.0,
+                        "execute": 9.5,
+                        "embed_c16": served_rate,
+                        "embed_large": served_rate,
+                        "grpc_c16": served_rate,
+                    }
+                ],
+                "cosine_to_fp32_min": 0.99,
+            },
+        },
+        "tiny": {
+            "inprocess_us": {
+                "decode_us": 1000.0,
+                "preprocess_us": 1000.0,
+                "forward_us": 300.0,
+                "execute_us": 2500.0,
+            },
+            "loads": loads,
+        },
+    }
+
+
+@pytest.mark.parametrize(("served_rate", "met"), [(9.5, "yes"), (5.0, "**no**")])
+def test_report_judges_the_targets_from_the_numbers(tmp_path, served_rate, met):
+    report.write(known_results(served_rate), tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    headline = next(line for line in text.splitlines() if "0.9 x in-process limit" in line)
+    assert f"**{served_rate / 10:.2f}**" in headline
+    assert headline.endswith(f"| {met} |")
+    assert "No GPU was available" in text
+    for plot in ("throughput", "latency", "image_size"):
+        assert (tmp_path / "benchmarks" / f"{plot}.png").stat().st_size > 1000
+
+
+def test_forward_limit_and_cosine_with_a_stand_in_model():
+    import torch
+
+    class Embedder:
+        calls: list[int] = []  # noqa: RUF012
+
+        def forward(self, pixels: torch.Tensor) -> None:
+            self.calls.append(len(pixels))
+
+    embedder = Embedder()
+    rate = measure.forward_limit(embedder, torch.zeros(3, 3, 4, 4), batch=8, images=16)
+    assert rate > 0
+    assert embedder.calls == [8, 8, 8]  # warm-up, then 16 images in batches of 8
+    assert measure.cosine([[1.0, 0.0]], [[2.0, 0.0]])[0] == pytest.approx(1.0)
+    assert measure.cosine([[1.0, 0.0]], [[0.0, 3.0]])[0] == pytest.approx(0.0)
+
+
+@pytest.mark.integration
+def test_a_tiny_run_end_to_end(tmp_path):
+    """The tool itself: the tiny model through the real stack with a handful of requests."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--only",
+        "tiny",
+        "--images",
+        "4",
+        "--concurrency",
+        "1,2",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    paths = {(x["path"], x["concurrency"]) for x in results["tiny"]["loads"]}
+    assert {("embed", 1), ("grpc", 2)} <= paths
+    assert all(x["img_s"] > 0 for x in results["tiny"]["loads"])
+    assert "The stack's own cost" in (tmp_path / "benchmarks.md").read_text()
