@@ -133,29 +133,26 @@ class TritonBackend:
     async def _infer(self, images: list[bytes], offset: int) -> np.ndarray:
         request = self._images_input(images)
         output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
-        try:
-            with metrics.TRITON_SECONDS.time():
-                result = await self._call(
-                    self.client.infer(MODEL_NAME, [request], outputs=[output])
-                )
-        except ApiError as error:
-            found = _INVALID_IMAGE.search(error.message)
-            if found:  # the model names the image inside our chunk; the client wants its index
-                index = offset + int(found.group(1))
-                raise ApiError(ErrorType.VALIDATION, f"inputs[{index}]: {found.group(2)}") from None
-            raise
+        with metrics.TRITON_SECONDS.time():
+            result = await self._call(
+                self.client.infer(MODEL_NAME, [request], outputs=[output]), offset
+            )
         vectors = result.as_numpy(OUTPUT_NAME)
         if vectors is None or vectors.shape[0] != len(images):
             raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some images")
         return vectors
 
-    async def _call(self, call: Awaitable[T]) -> T:
+    async def _call(self, call: Awaitable[T], offset: int = 0) -> T:
+        """Await a Triton call; its failures become API errors. `offset`: the position of the
+        call's first image in the client's request."""
         try:
             result = await call
         except InferenceServerException as exc:
             message = exc.message() or str(exc)
-            if _INVALID_IMAGE.search(message):  # the client's fault: the model is fine
-                raise ApiError(ErrorType.BACKEND, message) from None
+            found = _INVALID_IMAGE.search(message)
+            if found:  # the client's fault (the model is fine): name the client's own index
+                index = offset + int(found.group(1))
+                raise ApiError(ErrorType.VALIDATION, f"inputs[{index}]: {found.group(2)}") from None
             self._verified = False
             if any(sign in message for sign in _UNAVAILABLE):
                 raise ApiError(
