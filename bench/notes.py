@@ -3,8 +3,8 @@ writes the numbers, so a re-run never loses it)."""
 
 NOTES = {
     "caveat": """
-**Read the ratios, not the absolute numbers.** This machine's 2 cores are shared with other
-engineers' test runs (load average 2 to 3 during the run above): a measurement can stall for
+**Read the ratios, not the absolute numbers.** This machine's 2 cores may be shared with other
+work (the load average before and after the run is above): a measurement can stall for
 seconds when another process takes the cores, so neighbouring rows of the tables below can
 differ several-fold for no reason of their own (e.g. a concurrency of 4 slower than 1). The
 headline ratio is therefore measured in **paired rounds**: the in-process limit and the served
@@ -29,7 +29,7 @@ processor alone take about 2.6 ms per 500x375 JPEG (tiny-model table below), 8% 
   1.2 ms, the published image processor about 1.4 ms; they run inside the model's execution, on
   the same 2 cores as the forward pass. With ViT-B/16 on AMX (34 ms per image) they are why
   served throughput sits below the forward-pass-only limit even when the stack is quiet
-  (quietest round: 0.78 of the forward alone, 0.91 of the model's whole work in-process). The
+  (the summary gives both ratios: to the forward alone and to the model's whole work). The
   processor is the model's published one (the contract), so it stays; passing it uint8 tensors
   instead of PIL images was measured and saves nothing measurable here.
 - **What was attacked: decoding cost that grows with the source.** Draft decoding takes a
@@ -47,10 +47,10 @@ processor alone take about 2.6 ms per 500x375 JPEG (tiny-model table below), 8% 
   `IEI_CONCURRENCY_LEVEL` images.
 
 **Target status on this run.** Served / forward-pass-alone limit: below the 0.9 target (median
-in the summary; 0.78 in the quietest round). The 0.9 target assumed a forward pass of about 130
+in the summary). The 0.9 target assumed a forward pass of about 130
 ms per image (fp32 or bf16 autocast); with bf16 weights on AMX it is 34 ms, and the 2.6 ms of
 decoding and processing that no serving stack can skip are already 8% of it. Against the
-model's whole in-process work the served stack reaches about 0.9. The 4000x3000 / 500x375
+model's whole in-process work the served stack comes much closer (summary). The 4000x3000 / 500x375
 cost ratio is over the 1.5x target here for the same reason: even drafted, the large file costs
 about 19 ms to decode plus megabytes of base64 to move, against a 34 ms forward pass; in
 float32 (155 ms per image) the same extra cost would be about 1.2x.
