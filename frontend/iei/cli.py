@@ -138,11 +138,14 @@ class TritonSupervisor:
                     return
             self.delay = min(max(1.0, self.delay * 2), self.MAX_DELAY)
             self.triton.stop(timeout=5.0)
+            if self.stopping.is_set():  # a SIGTERM during the stop: no new Triton
+                return
             try:
                 self.triton.start()
                 self.triton.wait_ready(self.settings.startup_timeout, self.stopping.is_set)
             except (TritonStartupError, OSError) as exc:
-                log.error("Triton restart failed: %s", exc)
+                if not self.stopping.is_set():
+                    log.error("Triton restart failed: %s", exc)
                 continue
             self.triton.watch_stubs()
             self.up_since = time.monotonic()
@@ -189,7 +192,7 @@ def serve(settings: Settings) -> int:
         while not stopping.wait(0.5):
             if supervisor is not None:
                 supervisor.check()
-            if not frontend.running():
+            if not frontend.running() and not stopping.is_set():
                 log.error("the HTTP frontend exited")
                 return 1
         return 0

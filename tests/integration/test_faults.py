@@ -42,6 +42,7 @@ class Load:
     clients: int = 4
     answers: list[Answer] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    in_flight: set[float] = field(default_factory=set)  # when each unanswered request was sent
 
     def __enter__(self) -> Load:
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -59,6 +60,7 @@ class Load:
     async def _client(self, client: httpx.AsyncClient) -> None:
         while not self.stop.is_set():
             sent = time.monotonic()
+            self.in_flight.add(sent)
             try:
                 response = await client.post("/embed", json={"inputs": IMAGE})
                 is_json = response.headers.get("content-type", "").startswith("application/json")
@@ -68,21 +70,26 @@ class Load:
             except httpx.HTTPError:
                 self.answers.append(Answer(sent, time.monotonic() - sent, 0, False))
                 await asyncio.sleep(0.05)
+            finally:
+                self.in_flight.discard(sent)
 
-    def wait_for_success_streak(self, seconds: float, deadline: float) -> float:
-        """Wait until every answer of the last `seconds` is a 200; return when that began."""
+    def wait_for_success_streak(self, since: float, seconds: float, deadline: float) -> float:
+        """Wait for `seconds` of nothing but 200s, all sent after `since` and after the last
+        failure, with no earlier request still unanswered (it may yet fail); return when the
+        streak began."""
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             time.sleep(0.5)
-            now = time.monotonic()
-            recent = [a for a in self.answers if a.sent > now - seconds - 1]
-            failures = [a.sent for a in self.answers if a.status != 200]
+            answers = list(self.answers)
+            last_failure = max((a.sent for a in answers if a.status != 200), default=since)
+            begun = max(since, last_failure)
+            streak = [a.sent for a in answers if a.sent > begun]
             if (
-                recent
-                and all(a.status == 200 for a in recent)
-                and now - max(failures, default=0) > seconds
+                streak
+                and time.monotonic() - min(streak) > seconds
+                and min(self.in_flight, default=begun + 1) > begun
             ):
-                return max(failures, default=now)
+                return min(streak)
         raise AssertionError(f"no {seconds} s of full success within {deadline} s")
 
 
@@ -137,7 +144,7 @@ def test_a_dead_model_stub_is_noticed_and_service_restored(fault_stack):
                 saw_unhealthy = True
                 break
             time.sleep(0.25)
-        recovered = load.wait_for_success_streak(seconds=3, deadline=90)
+        recovered = load.wait_for_success_streak(killed, seconds=3, deadline=90)
     assert saw_unhealthy
     assert_clean_failures(load)
     failures = [a for a in load.answers if a.status != 200]
@@ -159,7 +166,7 @@ def test_a_dead_triton_is_restarted_without_restarting_the_frontend(fault_stack)
         down = httpx.get(f"{fault_stack.url}/health", timeout=5)
         assert down.status_code == 503
         assert down.json()["error_type"] == "Unhealthy"
-        recovered = load.wait_for_success_streak(seconds=3, deadline=90)
+        recovered = load.wait_for_success_streak(killed, seconds=3, deadline=90)
     assert_clean_failures(load)
     refused_quickly = [a for a in load.answers if a.status == 503 and a.seconds < 2]
     assert refused_quickly, "no quick 503 while Triton was down"
