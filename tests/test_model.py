@@ -55,6 +55,15 @@ def test_dtype_auto_follows_the_device():
     assert model.resolve_dtype("float32", cuda, native_bf16=True) is torch.float32
 
 
+def test_forward_batch_size_auto_follows_the_device():
+    assert model.read_settings({}, {}).forward_batch_size == 0  # auto
+    assert model.read_settings(config(forward_batch_size="12"), {}).forward_batch_size == 12
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert model.resolve_forward_batch_size(0, cpu) == 8
+    assert model.resolve_forward_batch_size(0, cuda) == 64
+    assert model.resolve_forward_batch_size(12, cpu) == 12
+
+
 def test_native_bf16_is_read_from_cpu_flags(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
@@ -299,3 +308,36 @@ def test_forward_runs_in_sub_batches(triton_model):
     size = embedder.forward_batch_size
     pixels = triton_model._blank_batch(size + 3)
     assert embedder.forward(pixels).shape == (size + 3, 32)
+
+
+def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place(triton_model):
+    embedder = triton_model.embedder
+    good = list(photos().values())
+    blobs = [good[0], b"broken", good[1], good[2], b"", good[3], good[4]]  # 7 over 2 threads
+    prepared = embedder.prepare(blobs)
+    decoded = embedder.decode_all(blobs)
+    assert [type(r).__name__ for r in prepared] == [
+        "InvalidImage" if isinstance(d, model.InvalidImage) else "Tensor" for d in decoded
+    ]
+    assert str(prepared[1]).startswith("cannot decode image")
+    reference = embedder.preprocess([d for d in decoded if isinstance(d, Image.Image)])
+    tensors = [t for t in prepared if isinstance(t, torch.Tensor)]
+    assert len(tensors) == 5
+    for ours, theirs in zip(tensors, reference, strict=True):
+        assert torch.equal(ours, theirs)
+    assert embedder.prepare([]) == []
+
+
+def test_processor_on_the_instance_device_gives_the_same_input(triton_model):
+    """The GPU path passes the instance's device to the processor; on the CPU it must agree."""
+    embedder = triton_model.embedder
+    images = [i for i in embedder.decode_all(list(photos().values()))]
+    plain = embedder.preprocess(images)
+    embedder.preprocess_device = torch.device("cpu")
+    try:
+        on_device = embedder.preprocess(images)
+    finally:
+        embedder.preprocess_device = None
+    for a, b in zip(plain, on_device, strict=True):
+        assert b.device.type == "cpu"
+        torch.testing.assert_close(a, b)

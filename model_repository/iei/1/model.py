@@ -36,7 +36,7 @@ SETTINGS = {
     "dtype": ("IEI_DTYPE", "auto"),
     "pooling": ("IEI_POOLING", "mean"),
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
-    "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "32"),
+    "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
     "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +46,10 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
 # and resize) while its short side stays at least this many times the processor's input side:
 # 2x keeps the processor's own downscaling in charge of the final quality.
 DRAFT_FACTOR = 2
+# Images per forward pass when IEI_FORWARD_BATCH_SIZE=auto. On the CPU a ViT-B/16 in bf16 (AMX) ran
+# 35 img/s at 8 and 25 img/s at 32 (activations outgrow the caches; docs/benchmarks.md); a GPU
+# wants the whole batch.
+FORWARD_BATCH_AUTO = {"cpu": 8, "cuda": 64}
 
 
 class InvalidImage(ValueError):
@@ -58,7 +62,7 @@ class ModelSettings:
     dtype: str
     pooling: str
     max_image_pixels: int
-    forward_batch_size: int
+    forward_batch_size: int  # 0: auto, by device (resolve_forward_batch_size)
     jpeg_draft: bool = True
 
 
@@ -77,6 +81,9 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
     numbers = {}
     for name in ("max_image_pixels", "forward_batch_size"):
+        if name == "forward_batch_size" and raw[name] == "auto":
+            numbers[name] = 0
+            continue
         try:
             numbers[name] = int(raw[name])
         except ValueError:
@@ -109,6 +116,11 @@ def resolve_dtype(requested: str, device: torch.device, native_bf16: bool) -> to
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def resolve_forward_batch_size(requested: int, device: torch.device) -> int:
+    """0 (auto): what this kind of device runs fastest (FORWARD_BATCH_AUTO)."""
+    return requested or FORWARD_BATCH_AUTO.get(device.type, FORWARD_BATCH_AUTO["cuda"])
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -231,6 +243,7 @@ class Embedder:
         forward_batch_size: int,
         decode_threads: int,
         draft_side: int = 0,
+        preprocess_device: torch.device | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -240,6 +253,8 @@ class Embedder:
         self.max_image_pixels = max_image_pixels
         self.forward_batch_size = forward_batch_size
         self.draft_side = draft_side
+        self.preprocess_device = preprocess_device
+        self.threads = decode_threads
         self.pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
 
     def close(self) -> None:
@@ -257,20 +272,52 @@ class Embedder:
         return list(self.pool.map(one, blobs))
 
     def preprocess(self, images: list[Image.Image]) -> list[torch.Tensor | InvalidImage]:
-        """The model's own processor over the batch; per image only if the batch fails."""
+        """The model's own processor over the batch; per image only if the batch fails.
+
+        On a GPU instance the processor resizes and normalises there (its `device` argument):
+        the uint8 image goes over, and the float tensor never crosses the bus.
+        """
+        if not images:
+            return []
         try:
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = self._process(images)
             return list(pixels)
         except Exception:
             results: list[torch.Tensor | InvalidImage] = []
             for image in images:
                 try:
-                    results.append(
-                        self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
-                    )
+                    results.append(self._process([image])[0])
                 except Exception as exc:
                     results.append(InvalidImage(f"preprocessing failed: {exc}"))
             return results
+
+    def _process(self, images: list[Image.Image]) -> torch.Tensor:
+        options: dict[str, Any] = {"return_tensors": "pt"}
+        if self.preprocess_device is not None:
+            options["device"] = self.preprocess_device
+        return self.processor(images=images, **options)["pixel_values"]
+
+    def prepare(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
+        """Encoded files -> model input, decode and processor together in the thread pool.
+
+        The batch is cut into one contiguous chunk per thread: the processor's per-image work
+        (resize, to tensor) then runs in parallel too instead of on one core after the decode.
+        """
+        chunk = max(1, math.ceil(len(blobs) / self.threads))
+        chunks = [blobs[i : i + chunk] for i in range(0, len(blobs), chunk)]
+        return [r for part in self.pool.map(self._prepare_chunk, chunks) for r in part]
+
+    def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
+        results: list[Any] = []
+        for blob in blobs:
+            try:
+                results.append(decode_image(blob, self.max_image_pixels, self.draft_side))
+            except InvalidImage as exc:
+                results.append(exc)
+        good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
+        for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
+            results[i] = tensor
+        return results
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
@@ -285,15 +332,8 @@ class Embedder:
 
     def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
         """Every image of a whole dynamic batch -> its vector, or the reason it has none."""
-        results: list[np.ndarray | InvalidImage] = list(self.decode_all(blobs))
-        good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
-        prepared = self.preprocess([results[i] for i in good])  # type: ignore[misc]
-        ready = []
-        for i, tensor in zip(good, prepared, strict=True):
-            if isinstance(tensor, InvalidImage):
-                results[i] = tensor
-            else:
-                ready.append((i, tensor))
+        results: list[Any] = self.prepare(blobs)
+        ready = [(i, t) for i, t in enumerate(results) if isinstance(t, torch.Tensor)]
         if ready:
             vectors = self.forward(torch.stack([t for _, t in ready]))
             for (i, _), vector in zip(ready, vectors, strict=True):
@@ -312,6 +352,7 @@ def describe(embedder: Embedder, settings: ModelSettings) -> str:
             "dtype": str(embedder.dtype).removeprefix("torch."),
             "device": str(embedder.device),
             "pooling": settings.pooling,
+            "forward_batch_size": embedder.forward_batch_size,
         }
     )
 
@@ -343,9 +384,10 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         dtype=dtype,
         pooling=settings.pooling,
         max_image_pixels=settings.max_image_pixels,
-        forward_batch_size=settings.forward_batch_size,
+        forward_batch_size=resolve_forward_batch_size(settings.forward_batch_size, device),
         decode_threads=threads,
         draft_side=draft_side(processor) if settings.jpeg_draft else 0,
+        preprocess_device=device if device.type == "cuda" else None,
     )
 
 
