@@ -3,6 +3,7 @@
     .venv/bin/python -m bench                          # the full run (a few minutes on 2 cores)
     .venv/bin/python -m bench --queue-delays 0,2000,10000   # the dynamic batcher's delay sweep
     .venv/bin/python -m bench --render-only            # rewrite the docs from results.json
+    .venv/bin/python -m bench --original DIR           # also the original IEI service (a checkout)
 
 Writes docs/benchmarks.md, its plots and docs/benchmarks/results.json (each part of a run
 replaces only its own results there).
@@ -187,7 +188,9 @@ async def paired(stack: ServedStack, embedder: Any, files: list[bytes], n: int) 
     return row
 
 
-def run_vit(work: Path, n: int, levels: list[int], rounds: int = 3) -> dict:
+def run_vit(
+    work: Path, n: int, levels: list[int], rounds: int = 3, original: Path | None = None
+) -> dict:
     mm = load_model_module()
     model_dir = build_model("vit-base", work / "vit-base")
     files = {size: make_jpegs(size) for size in SIZES}
@@ -211,7 +214,13 @@ def run_vit(work: Path, n: int, levels: list[int], rounds: int = 3) -> dict:
         for j in range(i + 1, len(fp32))
     ]
     limits["cosine_between_photos_max"] = float(max(between))
-    return {"inprocess": limits, "served": served}
+    results = {"inprocess": limits, "served": served}
+    if original is not None:
+        from .original import run_original
+
+        log("the original IEI service")
+        results["original"] = run_original(original, model_dir, work, files[SMALL], n)
+    return results
 
 
 # --- tiny model: the stack's own cost --------------------------------------------------------
@@ -298,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-delays", help="comma-separated delays in us: sweep only these")
     parser.add_argument("--render-only", action="store_true", help="rewrite docs from the JSON")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for benchmarks.md")
+    parser.add_argument(
+        "--original",
+        type=Path,
+        help="a checkout of lloydzhou/image-embedding-inference at 107b3f1, to measure beside ours",
+    )
     args = parser.parse_args(argv)
 
     results_path = args.out / "benchmarks" / "results.json"
@@ -314,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["meta"] = meta
                 levels = [int(c) for c in args.concurrency.split(",")]
                 if args.only in (None, "vit"):
-                    results["vit"] = run_vit(work, args.images, levels)
+                    results["vit"] = run_vit(work, args.images, levels, original=args.original)
                 if args.only in (None, "tiny"):
                     results["tiny"] = run_tiny(work, args.images, levels)
             meta["load_after"] = os.getloadavg()[0]

@@ -106,7 +106,8 @@ matter more there, and GPU decoding is the next thing to measure.
     "original": """
 ## The original IEI service
 
-Not measured: running it (lloydzhou/image-embedding-inference, transformers version at commit
-107b3f1) needs its own environment, which this run did not set up within its time.
+Not in this run. To measure it beside ours (same run, same images and weights), give the bench a
+checkout of lloydzhou/image-embedding-inference at commit 107b3f1, kept outside this tree:
+`make bench BENCH_ARGS="--original /path/to/checkout"`.
 """,
 }

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import measure, report  # noqa: E402
+from bench import measure, original, report  # noqa: E402
 
 
 def load(path: str, mode: str, concurrency: int, img_s: float, per_request: int = 1) -> dict:
@@ -145,3 +145,72 @@ def test_a_tiny_run_end_to_end(tmp_path):
     assert {("embed", 1), ("grpc", 2)} <= paths
     assert all(x["img_s"] > 0 for x in results["tiny"]["loads"])
     assert "The stack's own cost" in (tmp_path / "benchmarks.md").read_text()
+
+
+@pytest.mark.parametrize(("theirs", "met"), [(4.0, "yes"), (6.0, "**no**")])
+def test_report_compares_with_the_original_service(tmp_path, theirs, met):
+    results = known_results(served_rate=9.5)
+    results["vit"]["original"] = {
+        "commit": "107b3f1",
+        "rows": [
+            {"workers": w, **load("embed", mode, c, theirs * f)}
+            for w, f in ((4, 1.0), (1, 0.5))
+            for mode, c in (("single", 16), ("large", 1))
+        ],
+    }
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    row = next(line for line in text.splitlines() if "original IEI service (same" in line)
+    assert f"9.50 / {theirs:.2f} img/s = **{9.5 / theirs:.1f}x**" in row
+    assert row.endswith(f"| {met} |")
+    assert "at commit 107b3f1" in text
+    del results["vit"]["original"]
+    report.write(results, tmp_path)
+    assert "--original /path/to/checkout" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_the_hub_cache_resolves_the_original_s_model_id_offline(tmp_path):
+    from transformers import AutoConfig, ViTConfig
+
+    model = tmp_path / "model"
+    model.mkdir()
+    ViTConfig(hidden_size=48, num_hidden_layers=1).save_pretrained(model)
+    cache = original.hub_cache(model, tmp_path / "hub")
+    config = AutoConfig.from_pretrained(original.MODEL_ID, cache_dir=cache, local_files_only=True)
+    assert config.hidden_size == 48
+    with pytest.raises(OSError):  # the comparison can fail: another id is not there
+        AutoConfig.from_pretrained("google/vit-large", cache_dir=cache, local_files_only=True)
+
+
+STAND_IN_ORIGINAL = """
+import os
+from fastapi import FastAPI
+from transformers import AutoConfig
+
+app = FastAPI()
+config = AutoConfig.from_pretrained(os.environ["IMAGE_EMBEDDING_MODEL"])  # offline, from the cache
+
+@app.get("/health")
+def health():
+    return {"message": "OK"}
+
+@app.post("/embed")
+def embed(body: dict):
+    return [[float(config.hidden_size)] for _ in body["inputs"]]
+"""
+
+
+@pytest.mark.integration
+def test_the_original_service_harness_end_to_end(tmp_path, model_dirs):
+    """The harness (cache, process, loads) against a stand-in with the original's contract."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "server.py").write_text(STAND_IN_ORIGINAL)
+    files = [b"not decoded by the stand-in"] * 2
+    result = original.run_original(checkout, model_dirs["vit"], tmp_path / "work", files, n=4)
+    assert {(r["workers"], r["mode"]) for r in result["rows"]} == {
+        (w, m) for w in original.WORKERS for m in ("single", "large")
+    }
+    assert all(r["img_s"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit, match="no server.py"):
+        original.run_original(tmp_path, model_dirs["vit"], tmp_path / "work", files, n=4)
