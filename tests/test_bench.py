@@ -212,5 +212,5 @@ def test_the_original_service_harness_end_to_end(tmp_path, model_dirs):
         (w, m) for w in original.WORKERS for m in ("single", "large")
     }
     assert all(r["img_s"] > 0 for r in result["rows"])
-    with pytest.raises(SystemExit, match="no server.py"):
+    with pytest.raises(SystemExit, match=r"no server\.py"):
         original.run_original(tmp_path, model_dirs["vit"], tmp_path / "work", files, n=4)
