@@ -77,6 +77,27 @@ def test_any_text_is_an_image_or_invalid_input(text):
         inspect_image(decode_input(text), 1_000_000)
 
 
+WHITESPACE_AT = st.lists(st.tuples(st.integers(0), st.sampled_from(" \t\r\n")))
+
+
+@given(st.binary(min_size=1, max_size=300), WHITESPACE_AT)
+def test_base64_decodes_with_whitespace_anywhere_and_padding_optional(data, breaks):
+    text = base64.b64encode(data).decode()
+    for position, space in breaks:
+        cut = position % (len(text) + 1)
+        text = text[:cut] + space + text[cut:]
+    assert decode_input(text) == data
+    assert decode_input(text.rstrip().rstrip("=")) == data
+
+
+@given(st.binary(min_size=1, max_size=300), st.sampled_from("!$%*-_.~"), st.integers(0))
+def test_a_character_outside_base64_is_refused(data, bad, position):
+    text = base64.b64encode(data).decode()
+    cut = position % (len(text) + 1)
+    with pytest.raises(InvalidInput, match="not valid base64"):
+        decode_input(text[:cut] + bad + text[cut:])
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_any_bytes_are_an_image_or_invalid_input(data):

@@ -7,7 +7,6 @@ first bytes. Decoding happens once, in the model.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 import re
@@ -15,13 +14,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
+import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from .contract import IMAGE_FORMATS
 
 _SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never contains ':'
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),", re.I)
-_WHITESPACE = re.compile(r"\s+")
 
 
 class InvalidInput(ValueError):
@@ -57,14 +56,22 @@ def decode_input(item: str) -> bytes:
         text = text[match.end() :]
     elif url_scheme(text):
         raise InvalidInput("a URL must be fetched, not decoded")
-    compact = _WHITESPACE.sub("", text)
-    if not compact:
+    if not text:
         raise InvalidInput("empty input")
-    compact += "=" * (-len(compact) % 4)  # tolerate missing padding
+    try:  # the common case, megabytes long: no whitespace inside (a regex over it cost 14 ms)
+        return _b64decode(text)
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(text.split())  # line-wrapped base64 (MIME, `base64` without -w0)
     try:
-        return base64.b64decode(compact, validate=True)
+        return _b64decode(compact)
     except (binascii.Error, ValueError):
         raise InvalidInput("not valid base64") from None
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64 (SIMD: about 25x the standard library), missing padding tolerated."""
+    return pybase64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
 def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
