@@ -57,16 +57,22 @@ def per_call(fn: Callable[[], object], repeat: int) -> float:
 
 def forward_limit(embedder: Any, pixels: Any, batch: int, images: int) -> float:
     """Images per second of the service's own forward pass (and pooling) on preprocessed
-    batches of `batch`, nothing else: the ceiling of what serving can reach."""
+    batches of `batch`, each one pass (not cut into the service's sub-batches), nothing else:
+    the ceiling of what serving can reach."""
     import torch
 
     rows = pixels[torch.arange(batch) % len(pixels)]
-    embedder.forward(rows[: min(batch, 8)])  # warm-up (a batch of 32 would cost seconds)
-    rounds = max(1, images // batch)
-    start = time.perf_counter()
-    for _ in range(rounds):
-        embedder.forward(rows)
-    return batch * rounds / (time.perf_counter() - start)
+    sub_batch = getattr(embedder, "forward_batch_size", None)
+    embedder.forward_batch_size = batch
+    try:
+        embedder.forward(rows[: min(batch, 8)])  # warm-up (a batch of 32 would cost seconds)
+        rounds = max(1, images // batch)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            embedder.forward(rows)
+        return batch * rounds / (time.perf_counter() - start)
+    finally:
+        embedder.forward_batch_size = sub_batch
 
 
 # --- served --------------------------------------------------------------------------------

@@ -109,15 +109,17 @@ def test_forward_limit_and_cosine_with_a_stand_in_model():
     import torch
 
     class Embedder:
-        calls: list[int] = []  # noqa: RUF012
+        calls: list[tuple[int, int]] = []  # noqa: RUF012
+        forward_batch_size = 4  # the service's sub-batch: the limit is measured without it
 
         def forward(self, pixels: torch.Tensor) -> None:
-            self.calls.append(len(pixels))
+            self.calls.append((len(pixels), self.forward_batch_size))
 
     embedder = Embedder()
     rate = measure.forward_limit(embedder, torch.zeros(3, 3, 4, 4), batch=8, images=16)
     assert rate > 0
-    assert embedder.calls == [8, 8, 8]  # warm-up, then 16 images in batches of 8
+    assert embedder.calls == [(8, 8)] * 3  # warm-up, then 16 images in passes of 8
+    assert embedder.forward_batch_size == 4
     assert measure.cosine([[1.0, 0.0]], [[2.0, 0.0]])[0] == pytest.approx(1.0)
     assert measure.cosine([[1.0, 0.0]], [[0.0, 3.0]])[0] == pytest.approx(0.0)
 
