@@ -166,6 +166,7 @@ def vit_section(vit: dict[str, Any]) -> str:
         ],
     )
     decode = {d["size"]: d for d in limits["decode"]}
+    sizes_rounds = vit["served"]["sizes"][0].get("rounds", 1)
     small = vit["served"]["sizes"][0]
     sizes = table(
         (
@@ -221,8 +222,10 @@ def vit_section(vit: dict[str, Any]) -> str:
 
 ### In-process limit
 
-The service's own forward pass (`Embedder.forward` of `model.py`: sub-batches, pooling) on
-preprocessed 500x375 photos, {auto} being what `IEI_DTYPE=auto` picks on this CPU:
+The service's own forward pass and pooling (`Embedder.forward` of `model.py`), each batch as
+one pass, on preprocessed 500x375 photos; {auto} is what `IEI_DTYPE=auto` picks on this CPU.
+The service itself cuts an execution into passes of `IEI_FORWARD_BATCH_SIZE` (`auto`: 8 on a
+CPU, from measurements like these):
 
 {forward}
 
@@ -254,7 +257,8 @@ committed dynamic batcher); 500x375 JPEGs sent as base64 (`/embed`) or as raw by
 Decode-only costs are in-process, one thread, per image (`decode_image` of `model.py`, without
 and with draft decoding to >= {limits["draft_side"]} px on the short side); the draft cosine
 compares ViT-B/16 float32 embeddings of the drafted and the full decode (1.00000: the image is
-too small to be drafted). Served: `/embed`, concurrency 16.
+too small to be drafted). Served: `/embed`, concurrency 16, the median of
+{sizes_rounds} rounds that go through the sizes in turn.
 
 {sizes}
 
