@@ -257,22 +257,28 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
     log(f"tiny in-process (us/image): {inproc}")
     embedder.close()
 
-    async def served(stack: ServedStack) -> list[measure.Load]:
-        loads = []
-        for c in levels:
+    async def served(stack: ServedStack) -> list[dict]:
+        """Each load with the CPU time that every part of the stack spent on it per image."""
+        assert stack.process is not None
+        rows = []
+        shapes = [(c, max(n, 4 * c), 1) for c in levels] + [(1, 8, 64)]
+        for concurrency, requests, per_request in shapes:
             for load in (measure.http_load, measure.grpc_load):
                 url = stack.url if load is measure.http_load else stack.grpc
-                loads.append(await load(url, files, concurrency=c, requests=max(n, 4 * c)))
-                log(f"tiny {loads[-1].path} c={c}: {loads[-1].img_s:.0f} img/s")
-        for load in (measure.http_load, measure.grpc_load):
-            url = stack.url if load is measure.http_load else stack.grpc
-            loads.append(await load(url, files, concurrency=1, requests=8, per_request=64))
-            log(f"tiny {loads[-1].path} 64 per request: {loads[-1].img_s:.0f} img/s")
-        return loads
+                before = measure.cpu_by_role(stack.process.pid)
+                done = await load(
+                    url, files, concurrency=concurrency, requests=requests, per_request=per_request
+                )
+                after = measure.cpu_by_role(stack.process.pid)
+                cpu = measure.cpu_per_image(before, after, done.images)
+                rows.append({**done.row(), "cpu_us": cpu})
+                log(f"tiny {done.path} c={concurrency} x{per_request}: {done.img_s:.0f} img/s, "
+                    f"CPU us/image { {k: round(v) for k, v in cpu.items()} }")  # fmt: skip
+        return rows
 
     with ServedStack(model_dir, work / "vit-tiny.log") as stack:
         loads = asyncio.run(served(stack))
-    return {"inprocess_us": inproc, "loads": [x.row() for x in loads]}
+    return {"inprocess_us": inproc, "loads": loads}
 
 
 # --- dynamic batcher: queue delay -----------------------------------------------------------

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import resource
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -173,3 +176,59 @@ def embed_vectors(url: str, files: Sequence[bytes]) -> np.ndarray:
     response = httpx.post(f"{url}/embed", json=body, timeout=600)
     response.raise_for_status()
     return np.array(response.json(), dtype=np.float64)
+
+
+# --- CPU time by process ----------------------------------------------------------------------
+
+# Which part of the stack a process is, by the first marker in its own or an ancestor's command
+# line (uvicorn's worker processes are `python -c from multiprocessing...` under uvicorn).
+ROLES = (
+    (b"triton_python_backend_stub", "model"),
+    (b"tritonserver", "triton"),
+    (b"uvicorn", "frontend"),
+)
+
+
+def _processes() -> dict[int, tuple[int, bytes, float]]:
+    """pid -> (parent pid, command line, CPU seconds) of every process we can read."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        found[int(entry.name)] = (int(fields[1]), command, cpu)
+    return found
+
+
+def cpu_by_role(root: int) -> dict[str, float]:
+    """CPU seconds so far of the processes under `root` (`iei serve`), summed by role, plus
+    this process's own (the load generator: `client`)."""
+    processes = _processes()
+    totals: dict[str, float] = {}
+    for pid, (_, _, seconds) in processes.items():
+        chain, cursor = [], pid
+        while cursor in processes and cursor != root and len(chain) < 64:
+            chain.append(processes[cursor][1])
+            cursor = processes[cursor][0]
+        if cursor != root:
+            continue  # not under `iei serve`
+        role = next((r for marker, r in ROLES for c in chain if marker in c), "launcher")
+        totals[role] = totals.get(role, 0.0) + seconds
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    totals["client"] = usage.ru_utime + usage.ru_stime
+    return totals
+
+
+def cpu_per_image(before: dict[str, float], after: dict[str, float], images: int) -> dict:
+    """Microseconds of CPU per image by role between two `cpu_by_role` snapshots."""
+    return {
+        role: (after[role] - before.get(role, 0.0)) / images * 1e6
+        for role in after
+        if role in before  # a process that started in between would count its whole life
+    }

@@ -343,6 +343,37 @@ frontend and Triton all run on them, as they would on a small host):
 {breakdown}
 
 {served}
+{cpu_section(loads)}"""
+
+
+CPU_ROLES = (
+    ("frontend", "frontend workers"),
+    ("triton", "tritonserver"),
+    ("model", "model (Python stub)"),
+    ("client", "load generator"),
+)
+
+
+def cpu_section(loads: list[dict[str, Any]]) -> str:
+    """CPU time per image by process, where the bench recorded it."""
+    measured = [x for x in loads if "cpu_us" in x]
+    if not measured:
+        return ""
+    rows = [
+        (
+            label(x),
+            *(f"{x['cpu_us'].get(role, 0.0):.0f}" for role, _ in CPU_ROLES),
+            f"{sum(v for k, v in x['cpu_us'].items() if k != 'client'):.0f}",
+        )
+        for x in measured
+    ]
+    headers = ("path", *(name for _, name in CPU_ROLES), "the stack in all")
+    return f"""
+CPU time per image by process during each load above (utime + stime from `/proc`, microseconds;
+"the stack in all" leaves out the load generator). Unlike wall time this does not depend on what
+else shares the cores, and it says which process to make cheaper:
+
+{table(headers, rows)}
 """
 
 

@@ -33,6 +33,8 @@ def load(path: str, mode: str, concurrency: int, img_s: float, per_request: int 
 def known_results(served_rate: float) -> dict:
     sizes = ["500x375", "1000x750", "2000x1500", "4000x3000"]
     loads = [load(p, "single", c, served_rate) for p in ("embed", "grpc") for c in (1, 4)]
+    cpu = {"frontend": 1500.0, "triton": 200.0, "model": 3000.0, "client": 300.0}
+    tiny_loads = [{**x, "cpu_us": cpu} for x in loads]
     return {
         "meta": {
             "command": "python -m bench",
@@ -88,7 +90,7 @@ def known_results(served_rate: float) -> dict:
                 "forward_us": 300.0,
                 "execute_us": 2500.0,
             },
-            "loads": loads,
+            "loads": tiny_loads,
         },
     }
 
@@ -101,6 +103,9 @@ def test_report_judges_the_targets_from_the_numbers(tmp_path, served_rate, met):
     assert f"**{served_rate / 10:.2f}**" in headline
     assert headline.endswith(f"| {met} |")
     assert "No GPU was available" in text
+    assert "CPU time per image by process" in text
+    cpu_row = "| `/embed`, 1 image per request, concurrency 1 | 1500 | 200 | 3000 | 300 | 4700 |"
+    assert cpu_row in text.splitlines()  # the stack in all: without the load generator
     for plot in ("throughput", "latency", "image_size"):
         assert (tmp_path / "benchmarks" / f"{plot}.png").stat().st_size > 1000
 
@@ -146,6 +151,13 @@ def test_a_tiny_run_end_to_end(tmp_path):
     paths = {(x["path"], x["concurrency"]) for x in results["tiny"]["loads"]}
     assert {("embed", 1), ("grpc", 2)} <= paths
     assert all(x["img_s"] > 0 for x in results["tiny"]["loads"])
+    # CPU time by process: every part of the stack is found and spent something on the images.
+    # (/proc counts in 10 ms ticks: a short load may show 0, the 64-image ones cannot.)
+    for x in results["tiny"]["loads"]:
+        assert {"frontend", "triton", "model", "client"} <= set(x["cpu_us"]), x["cpu_us"]
+    large = {x["path"]: x["cpu_us"] for x in results["tiny"]["loads"] if x["mode"] == "large"}
+    assert large["embed"]["frontend"] > 0 and large["embed"]["model"] > 0
+    assert large["grpc"]["model"] > 0
     assert "The stack's own cost" in (tmp_path / "benchmarks.md").read_text()
 
 
