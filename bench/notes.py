@@ -17,43 +17,45 @@ a camera photo) and saved as JPEG quality 90; the models are ViT-B/16 (`ViTConfi
 random weights, the processor settings of `google/vit-base-patch16-224`: the real model's cost)
 and a tiny ViT, both built locally (there is no model hub here).
 
-This CPU has AMX (`amx_bf16` in `/proc/cpuinfo`): ViT-B/16 with bf16 weights runs at about 30
-img/s on its 2 cores, 5x its float32 rate (the 7.6 img/s noted in DESIGN.md was bf16
-*autocast*). A forward pass of about 34 ms per image leaves little room: decoding and the image
-processor alone take about 2.6 ms per 500x375 JPEG (tiny-model table below), 8% of it.
+This CPU has AMX (`amx_bf16` in `/proc/cpuinfo`): ViT-B/16 with bf16 weights runs at about 35
+img/s on its 2 cores in passes of 8 images, 4 to 5x its float32 rate, but only about 25 img/s in
+passes of 32 (the activations of a larger pass outgrow the caches): `IEI_FORWARD_BATCH_SIZE=auto`
+cuts an execution into passes of 8 on a CPU for that reason. A forward pass of under 30 ms per
+image leaves little room: decoding and the image processor alone take about 2.4 ms of CPU per
+500x375 JPEG (tiny-model tables below), 8% of it.
 """,
     "overhead": """
-### Reading the numbers, and the largest item
+### Reading the numbers, and what was attacked
 
-- **The model's own input work is the largest item.** Per 500x375 JPEG: PIL decode about
-  1.2 ms, the published image processor about 1.4 ms; they run inside the model's execution, on
-  the same 2 cores as the forward pass. With ViT-B/16 on AMX (34 ms per image) they are why
-  served throughput sits below the forward-pass-only limit even when the stack is quiet
-  (the summary gives both ratios: to the forward alone and to the model's whole work). The
-  processor is the model's published one (the contract), so it stays; passing it uint8 tensors
-  instead of PIL images was measured and saves nothing measurable here.
-- **What was attacked: decoding cost that grows with the source.** Draft decoding takes a
-  4000x3000 JPEG from about 68 ms to about 19 ms (table above) at a cosine to the full decode
-  of 0.99999 (while different photos sit at about 0.92): without it, a 12-megapixel photo would
-  cost 2 to 3 forward passes of decoding alone.
-- **Triton's own share** (gRPC, dynamic batcher, the Python backend's shared-memory hop) is a
-  few hundred microseconds per image when requests carry many images, more per single-image
-  request. **The frontend's share** (HTTP, JSON with base64, the header check in a thread, the
-  Triton HTTP client) is about 1 ms per image on a large request and several on single-image
-  requests: a client that can batch should send up to 64 images per request, and a client
-  that cannot batch but needs the last few percent can call Triton's gRPC endpoint directly.
-- The frontend does not serialise requests: one async Triton client per worker with up to 100
-  keep-alive connections, and a request's chunks go out concurrently up to
-  `IEI_CONCURRENCY_LEVEL` images.
+- **The largest item per image is the model's own input work**: PIL decode about 1.1 ms and
+  the published image processor about 1.3 ms per 500x375 JPEG (the tiny model's in-process
+  row), then the frontend on single-image requests (CPU table: about 1.5 ms per request, 0.3 ms
+  per image in 64-image requests); Triton's own share is a few hundred microseconds.
+- **Attacked in the model**: decoding and the processor now run together in the thread pool,
+  one contiguous chunk of the batch per thread (the processor's per-image resize used to run on
+  one core after all decoding); the forward pass runs in passes of 8 on a CPU (above); with
+  both, served ViT-B/16 went from 0.88 to about 0.95 of the forward-pass-alone limit on this
+  machine, and the stack is as fast as the model's whole in-process work (ratio about 1).
+- **Attacked for large photos**: draft decoding takes a 4000x3000 JPEG from about 65 ms to
+  about 18 ms (table above) at a cosine to the full decode of 0.99999 (different photos sit at
+  about 0.92); and the frontend's base64 decoding of a 2 MB input took 18 ms (a whitespace
+  regex over the whole string, then the standard library) and now takes 0.14 ms (`pybase64`;
+  whitespace is stripped only when the strict decode fails). Together they took the
+  4000x3000 / 500x375 cost ratio from 1.7-1.8x to the figure in the summary.
+- **Single-image requests through `/embed`** stay below Triton gRPC at the same concurrency:
+  on 2 cores every millisecond the frontend spends per request is taken from the forward pass.
+  A client that can batch should send up to 64 images per request (the `/embed` large-request
+  row matches gRPC); one that cannot but needs the last few percent can call Triton's gRPC
+  endpoint directly. The frontend does not serialise requests: one async Triton client per
+  worker with up to 100 keep-alive connections, and a request's chunks go out concurrently up
+  to `IEI_CONCURRENCY_LEVEL` images.
+- Left alone after earlier runs of this bench with the setting in its environment (the
+  stack inherits it): `IEI_TRITON_INSTANCES=2` was slower on 2 cores (two instances split the
+  same cores) and `IEI_WORKERS=1` no better.
 
-**Target status on this run.** Served / forward-pass-alone limit: below the 0.9 target (median
-in the summary). The 0.9 target assumed a forward pass of about 130
-ms per image (fp32 or bf16 autocast); with bf16 weights on AMX it is 34 ms, and the 2.6 ms of
-decoding and processing that no serving stack can skip are already 8% of it. Against the
-model's whole in-process work the served stack comes much closer (summary). The 4000x3000 / 500x375
-cost ratio is over the 1.5x target here for the same reason: even drafted, the large file costs
-about 19 ms to decode plus megabytes of base64 to move, against a 34 ms forward pass; in
-float32 (155 ms per image) the same extra cost would be about 1.2x.
+**Target status on this run**: see the summary. The ratios depend on the forward pass's cost:
+with bf16 on AMX a forward pass is under 30 ms per image, so the fixed input work weighs 4 to 5
+times more than it would in float32.
 """,
     "queue_delay": """
 **Inconclusive on this machine; the committed 2 ms stays.** In the sweep above 0 and 2 ms are
@@ -74,6 +76,9 @@ with `python -m bench --queue-delays 0,2000,10000`.
 - **Reduced precision.** `IEI_DTYPE=auto` loads the weights in bf16 on CPUs with native bf16
   (AVX-512 BF16 or AMX, read from `/proc/cpuinfo`), fp16 on CUDA, else fp32; the cosine to
   fp32 is in the summary. Weights in bf16 run slightly faster than autocast.
+- **Forward passes of the right size.** One Triton execution (up to 64 images from the dynamic
+  batcher) runs under `torch.inference_mode` in passes of `IEI_FORWARD_BATCH_SIZE`: `auto` is
+  8 on a CPU (the fastest pass size in the in-process table) and 64, the whole batch, on a GPU.
 - **Reduced-scale JPEG decoding.** `model.py` reads the processor's target size in
   `initialize` and decodes a JPEG that is at least twice as large on both sides at 1/2, 1/4 or
   1/8 scale (libjpeg's DCT scaling), never below 2x the processor's input side (448 px for a
@@ -81,27 +86,30 @@ with `python -m bench --queue-delays 0,2000,10000`.
   does the final antialiasing. Files of up to about 900 px on a side decode in full, bit for bit
   as before (the integration tests compare them with an independent full decode at cosine
   0.9999). `IEI_JPEG_DRAFT=false` turns it off.
-- **One batched forward per Triton execution**, under `torch.inference_mode`, in sub-batches
-  of `IEI_FORWARD_BATCH_SIZE`; decoding runs in a thread pool (PIL releases the GIL); the
-  processor runs once over the batch; instances x threads <= cores.
-- **Transport.** The frontend sends raw bytes as Triton binary tensors over one keep-alive
-  async client per worker; a request's chunks go to Triton concurrently up to
-  `IEI_CONCURRENCY_LEVEL` images; many requests are merged by Triton's dynamic batcher.
+- **Input work in parallel.** Decoding and the model's processor run in a thread pool, one
+  chunk of the batch per thread (PIL and torch release the GIL); instances x threads <= cores.
+- **Transport.** The frontend decodes base64 with `pybase64` and sends raw bytes as Triton
+  binary tensors over one keep-alive async client per worker; a request's chunks go to Triton
+  concurrently up to `IEI_CONCURRENCY_LEVEL` images; many requests are merged by Triton's
+  dynamic batcher.
 """,
     "gpu": """
 ## GPU
 
 **No GPU was available for this work: there are no GPU numbers here, and none are estimated.**
-What the committed GPU path does (unchanged by this work, its functions tested on the CPU): the
-instance runs on `cuda:<device id>` (`KIND_GPU`), `IEI_DTYPE=auto` picks fp16 there, and each
-preprocessed sub-batch is copied to the device in one transfer (`non_blocking=True`). Not done,
-because none of it could be run or measured here: JPEG decoding on the GPU
-(`torchvision.io.decode_jpeg(device="cuda")`, which would also need the EXIF and colour-mode
-handling of `decode_image`), the fast image processor with `device="cuda"`, and pinned host
-memory for the transfer. On a GPU the forward pass of ViT-B/16 takes milliseconds per batch, so
-CPU decoding and the per-request hops become the limit: draft decoding, large requests, more
-frontend workers and the queue delay (`python -m bench --queue-delays ...` on that machine)
-matter more there, and GPU decoding is the next thing to measure.
+What the GPU path does: the instance runs on `cuda:<device id>` (`KIND_GPU`), `IEI_DTYPE=auto`
+picks fp16 there, the image processor resizes and normalises on that GPU (its `device`
+argument: the uint8 image crosses the bus, not the float tensor), and a whole execution of up
+to 64 images is one forward pass. Those are the same functions the CPU tests run (the
+processor with an explicit device is tested against the plain call). The benchmark is ready for
+a GPU host: `make bench` there measures the in-process limit on the GPU (float32 and fp16,
+batches up to 64) and the served stack with the same tables. Not done, because none of it could
+be run or measured here: JPEG decoding on the GPU (`torchvision.io.decode_jpeg(device="cuda")`,
+which would also need the EXIF and colour-mode handling of `decode_image`) and pinned host
+memory. On a GPU the forward pass of ViT-B/16 takes milliseconds per batch, so CPU decoding
+(about 1 ms per 500x375 JPEG per core, in parallel over the instance's threads) and the
+per-request hops become the limit: draft decoding, large requests, more frontend workers and
+the queue delay (`python -m bench --queue-delays ...` on that machine) matter more there.
 """,
     "original": """
 ## The original IEI service

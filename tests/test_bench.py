@@ -53,7 +53,7 @@ def known_results(served_rate: float) -> dict:
                     for b in (1, 8)
                 ],
                 "auto_dtype": "bfloat16",
-                "bf16_cosine_min": 0.995,
+                "reduced_cosine_min": 0.995,
                 "cosine_between_photos_max": 0.5,
                 "draft_side": 448,
                 "decode": [
