@@ -174,3 +174,30 @@ async def test_normalisation_in_the_frontend():
         raw = (await client.post("/embed", json={"inputs": [PNG], "normalize": False})).json()
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     assert raw == [[137.0, 1.0]]  # PNG's first byte, chunk of one
+
+
+async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkeypatch):
+    """Both paths give the same answers; only inputs over INLINE_INPUT_SIZE pay the thread hop."""
+    from iei import service
+
+    hops: list[int] = []
+
+    async def counting_threadpool(function, *args):
+        hops.append(len(args[0]))
+        return function(*args)
+
+    monkeypatch.setattr(service, "run_in_threadpool", counting_threadpool)
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    large = base64.b64encode(encode(Image.fromarray(noise), "PNG")).decode()
+    assert len(large) > service.INLINE_INPUT_SIZE
+    settings = Settings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton()) as client:
+        small_answer = await client.post("/embed", json={"inputs": [PNG], "normalize": False})
+        assert hops == []
+        large_answer = await client.post("/embed", json={"inputs": [large], "normalize": False})
+        assert hops == [1]
+        bad = await client.post("/embed", json={"inputs": [PNG, "not an image!"]})
+    assert small_answer.json() == [[137.0, 1.0]]
+    assert large_answer.json() == [[137.0, 1.0]]
+    assert bad.status_code == 422
+    assert bad.json()["error"].startswith("inputs[1]: not valid base64")
