@@ -27,8 +27,8 @@ image leaves little room: decoding and the image processor alone take about 2.4 
     "overhead": """
 ### Reading the numbers, and what was attacked
 
-- **The largest item per image is the model's own input work**: PIL decode about 1.1 ms and
-  the published image processor about 1.3 ms per 500x375 JPEG (the tiny model's in-process
+- **The largest item per image is the model's own input work**: PIL decode about 1 ms and
+  the published image processor 1 to 1.3 ms per 500x375 JPEG (the tiny model's in-process
   row), then the frontend on single-image requests (CPU table: about 1.5 ms per request, 0.3 ms
   per image in 64-image requests); Triton's own share is a few hundred microseconds.
 - **Attacked in the model**: decoding and the processor now run together in the thread pool,
@@ -36,8 +36,8 @@ image leaves little room: decoding and the image processor alone take about 2.4 
   one core after all decoding); the forward pass runs in passes of 8 on a CPU (above); with
   both, served ViT-B/16 went from 0.88 to about 0.95 of the forward-pass-alone limit on this
   machine, and the stack is as fast as the model's whole in-process work (ratio about 1).
-- **Attacked for large photos**: draft decoding takes a 4000x3000 JPEG from about 65 ms to
-  about 18 ms (table above) at a cosine to the full decode of 0.99999 (different photos sit at
+- **Attacked for large photos**: draft decoding takes a 4000x3000 JPEG from 57-65 ms to
+  18-20 ms (table above) at a cosine to the full decode of 0.99999 (different photos sit at
   about 0.92); and the frontend's base64 decoding of a 2 MB input took 18 ms (a whitespace
   regex over the whole string, then the standard library) and now takes 0.14 ms (`pybase64`;
   whitespace is stripped only when the strict decode fails). Together they took the
