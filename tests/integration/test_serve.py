@@ -57,6 +57,20 @@ def test_an_unreachable_hub_model_fails_with_one_line():
     assert_one_clear_line(result, "IEI cannot load model 'example-org/no-such-model'")
 
 
+def test_a_model_slower_to_load_than_the_startup_timeout_fails_with_one_line(model_dirs):
+    """Loading a model takes seconds (torch import, weights, warm-up); 1 s cannot be enough."""
+    triton_port = free_port()
+    result = serve_output(
+        str(model_dirs["vit"]),
+        timeout=60,
+        IEI_STARTUP_TIMEOUT="1",
+        IEI_TRITON_HTTP_PORT=str(triton_port),
+    )
+    assert_one_clear_line(result, "not ready after 1 s", "IEI_STARTUP_TIMEOUT")
+    with pytest.raises(httpx.ConnectError):  # the Triton it started is gone with it
+        httpx.get(f"http://127.0.0.1:{triton_port}/v2/health/live", timeout=2)
+
+
 def test_invalid_settings_are_named():
     result = serve_output("x", timeout=20, IEI_WORKERS="0", IEI_DTYPE="float8")
     assert result.returncode == 2
