@@ -104,9 +104,11 @@ to 64 images is one forward pass. Those are the same functions the CPU tests run
 processor with an explicit device is tested against the plain call). The benchmark is ready for
 a GPU host: `make bench` there measures the in-process limit on the GPU (float32 and fp16,
 batches up to 64) and the served stack with the same tables. Not done, because none of it could
-be run or measured here: JPEG decoding on the GPU (`torchvision.io.decode_jpeg(device="cuda")`,
-which would also need the EXIF and colour-mode handling of `decode_image`) and pinned host
-memory. On a GPU the forward pass of ViT-B/16 takes milliseconds per batch, so CPU decoding
+be run or measured here: JPEG decoding on the GPU and pinned host memory for the uint8 images
+the processor moves. For the decoding, `torchvision.io.decode_jpeg(device="cuda")` is
+deprecated as of torchvision 0.29 in favour of TorchCodec, and it would also need the EXIF and
+colour-mode handling of `decode_image`; whether it pays is a measurement for a GPU host (CPU
+decoding runs on a thread per core and draft-decodes large photos). On a GPU the forward pass of ViT-B/16 takes milliseconds per batch, so CPU decoding
 (about 1 ms per 500x375 JPEG per core, in parallel over the instance's threads) and the
 per-request hops become the limit: draft decoding, large requests, more frontend workers and
 the queue delay (`python -m bench --queue-delays ...` on that machine) matter more there.
