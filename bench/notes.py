@@ -108,9 +108,9 @@ be run or measured here: JPEG decoding on the GPU and pinned host memory for the
 the processor moves. For the decoding, `torchvision.io.decode_jpeg(device="cuda")` is
 deprecated as of torchvision 0.29 in favour of TorchCodec, and it would also need the EXIF and
 colour-mode handling of `decode_image`; whether it pays is a measurement for a GPU host (CPU
-decoding runs on a thread per core and draft-decodes large photos). On a GPU the forward pass of ViT-B/16 takes milliseconds per batch, so CPU decoding
-(about 1 ms per 500x375 JPEG per core, in parallel over the instance's threads) and the
-per-request hops become the limit: draft decoding, large requests, more frontend workers and
+decoding runs on a thread per core and draft-decodes large photos). On a GPU the forward pass
+of ViT-B/16 takes milliseconds per batch, so CPU decoding (about 1 ms per 500x375 JPEG per
+core, in parallel over the instance's threads) and the per-request hops become the limit: draft decoding, large requests, more frontend workers and
 the queue delay (`python -m bench --queue-delays ...` on that machine) matter more there.
 """,
     "original": """

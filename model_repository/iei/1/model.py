@@ -262,14 +262,13 @@ class Embedder:
 
     def decode_all(self, blobs: Sequence[bytes]) -> list[Image.Image | InvalidImage]:
         """Decode in parallel (PIL releases the GIL); a failure is returned, not raised."""
+        return list(self.pool.map(self._decode, blobs))
 
-        def one(blob: bytes) -> Image.Image | InvalidImage:
-            try:
-                return decode_image(blob, self.max_image_pixels, self.draft_side)
-            except InvalidImage as exc:
-                return exc
-
-        return list(self.pool.map(one, blobs))
+    def _decode(self, blob: bytes) -> Image.Image | InvalidImage:
+        try:
+            return decode_image(blob, self.max_image_pixels, self.draft_side)
+        except InvalidImage as exc:
+            return exc
 
     def preprocess(self, images: list[Image.Image]) -> list[torch.Tensor | InvalidImage]:
         """The model's own processor over the batch; per image only if the batch fails.
@@ -308,12 +307,7 @@ class Embedder:
         return [r for part in self.pool.map(self._prepare_chunk, chunks) for r in part]
 
     def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
-        results: list[Any] = []
-        for blob in blobs:
-            try:
-                results.append(decode_image(blob, self.max_image_pixels, self.draft_side))
-            except InvalidImage as exc:
-                results.append(exc)
+        results: list[Any] = [self._decode(blob) for blob in blobs]
         good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
         for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
             results[i] = tensor
