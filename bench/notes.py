@@ -111,7 +111,8 @@ colour-mode handling of `decode_image`; whether it pays is a measurement for a G
 decoding runs on a thread per core and draft-decodes large photos). On a GPU the forward pass
 of ViT-B/16 takes milliseconds per batch, so CPU decoding (about 1 ms per 500x375 JPEG per
 core, in parallel over the instance's threads) and the per-request hops become the limit:
-draft decoding, large requests, more frontend workers and the queue delay (`python -m bench --queue-delays ...` on that machine) matter more there.
+draft decoding, large requests, more frontend workers and the queue delay
+(`python -m bench --queue-delays ...` on that machine) matter more there.
 """,
     "original": """
 ## The original IEI service
