@@ -23,7 +23,8 @@ def label(load: dict[str, Any]) -> str:
     where = "`/embed`" if load["path"] == "embed" else "Triton gRPC"
     if load["mode"] == "large":
         count = load["images"] // load["per_request"]
-        return f"{where}, {count} requests of {load['per_request']} images, one at a time"
+        requests = "1 request" if count == 1 else f"{count} requests"
+        return f"{where}, {requests} of {load['per_request']} images, one at a time"
     return f"{where}, 1 image per request, concurrency {load['concurrency']}"
 
 
