@@ -58,6 +58,9 @@ def test_dtype_auto_follows_the_device():
 def test_forward_batch_size_auto_follows_the_device():
     assert model.read_settings({}, {}).forward_batch_size == 0  # auto
     assert model.read_settings(config(forward_batch_size="12"), {}).forward_batch_size == 12
+    assert model.read_settings({}, {"IEI_FORWARD_BATCH_SIZE": "AUTO"}).forward_batch_size == 0
+    with pytest.raises(ValueError, match="expected auto or a positive integer"):
+        model.read_settings({}, {"IEI_FORWARD_BATCH_SIZE": "big"})
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert model.resolve_forward_batch_size(0, cpu) == 8
     assert model.resolve_forward_batch_size(0, cuda) == 64
@@ -310,10 +313,37 @@ def test_forward_runs_in_sub_batches(triton_model):
     assert embedder.forward(pixels).shape == (size + 3, 32)
 
 
-def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place(triton_model):
+class SpyProcessor:
+    """Wraps the real processor: records each call's keyword arguments, and raises `failure`
+    for any call that contains an image of `poison_size`."""
+
+    def __init__(self, real, poison_size=None, failure=None):
+        self.real, self.poison_size, self.failure = real, poison_size, failure
+        self.calls: list[dict] = []
+
+    def __call__(self, images, **options):
+        self.calls.append(options)
+        if self.failure is not None and any(i.size == self.poison_size for i in images):
+            raise self.failure
+        return self.real(images=images, **options)
+
+
+@pytest.fixture
+def embedder(triton_model):
+    """The tiny ViT's embedder; what a test changes on it is put back afterwards."""
     embedder = triton_model.embedder
+    saved = (embedder.processor, embedder.threads, embedder.preprocess_device)
+    yield embedder
+    embedder.processor, embedder.threads, embedder.preprocess_device = saved
+
+
+@pytest.mark.parametrize("threads", [1, 3, 16])
+def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place(
+    embedder, threads
+):
+    embedder.threads = threads  # chunks of the batch; the pool itself has one thread per core
     good = list(photos().values())
-    blobs = [good[0], b"broken", good[1], good[2], b"", good[3], good[4]]  # 7 over 2 threads
+    blobs = [good[0], b"broken", good[1], good[2], b"", good[3], good[4]]
     prepared = embedder.prepare(blobs)
     decoded = embedder.decode_all(blobs)
     assert [type(r).__name__ for r in prepared] == [
@@ -328,16 +358,37 @@ def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place
     assert embedder.prepare([]) == []
 
 
-def test_processor_on_the_instance_device_gives_the_same_input(triton_model):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_processor_failure_fails_only_its_own_image(embedder, threads):
+    embedder.threads = threads
+    odd = encode(Image.new("RGB", (31, 17), (9, 9, 9)), "PNG")
+    embedder.processor = SpyProcessor(embedder.processor, (31, 17), ValueError("odd size"))
+    good = list(photos().values())
+    prepared = embedder.prepare([good[0], odd, good[1], good[2]])
+    assert [isinstance(r, torch.Tensor) for r in prepared] == [True, False, True, True]
+    assert str(prepared[1]) == "preprocessing failed: odd size"
+
+
+def test_a_device_failure_is_a_server_error_not_a_bad_image(embedder):
+    """Out of GPU memory (or a CUDA error) must fail the execution, not blame the images."""
+    odd = encode(Image.new("RGB", (31, 17), (9, 9, 9)), "PNG")
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    embedder.processor = SpyProcessor(embedder.processor, (31, 17), oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        embedder.prepare([photos()["chelsea.jpg"], odd])
+    assert model.is_device_failure(RuntimeError("CUDA error: an illegal memory access"))
+    assert not model.is_device_failure(ValueError("Unsupported number of image dimensions"))
+
+
+def test_the_processor_gets_the_instance_device_only_on_a_gpu_instance(embedder):
     """The GPU path passes the instance's device to the processor; on the CPU it must agree."""
-    embedder = triton_model.embedder
-    images = [i for i in embedder.decode_all(list(photos().values()))]
+    images = embedder.decode_all(list(photos().values()))
+    embedder.processor = spy = SpyProcessor(embedder.processor)
     plain = embedder.preprocess(images)
+    assert spy.calls == [{"return_tensors": "pt"}]  # a CPU instance: no device argument
     embedder.preprocess_device = torch.device("cpu")
-    try:
-        on_device = embedder.preprocess(images)
-    finally:
-        embedder.preprocess_device = None
+    on_device = embedder.preprocess(images)
+    assert spy.calls[-1] == {"return_tensors": "pt", "device": torch.device("cpu")}
     for a, b in zip(plain, on_device, strict=True):
         assert b.device.type == "cpu"
         torch.testing.assert_close(a, b)

@@ -48,7 +48,7 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
 DRAFT_FACTOR = 2
 # Images per forward pass when IEI_FORWARD_BATCH_SIZE=auto. On the CPU a ViT-B/16 in bf16 (AMX) ran
 # 35 img/s at 8 and 25 img/s at 32 (activations outgrow the caches; docs/benchmarks.md); a GPU
-# wants the whole batch.
+# wants large passes (64: config.pbtxt's max_batch_size, so one pass per execution).
 FORWARD_BATCH_AUTO = {"cpu": 8, "cuda": 64}
 
 
@@ -81,7 +81,8 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
     numbers = {}
     for name in ("max_image_pixels", "forward_batch_size"):
-        if name == "forward_batch_size" and raw[name] == "auto":
+        is_batch = name == "forward_batch_size"
+        if is_batch and raw[name].lower() == "auto":
             numbers[name] = 0
             continue
         try:
@@ -89,7 +90,8 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         except ValueError:
             numbers[name] = 0
         if numbers[name] < 1:
-            raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected a positive integer")
+            expected = "auto or a positive integer" if is_batch else "a positive integer"
+            raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected {expected}")
     return ModelSettings(
         model_id=raw["model_id"],
         dtype=raw["dtype"],
@@ -200,6 +202,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def is_device_failure(exc: BaseException) -> bool:
+    """Out of memory, or an error of the CUDA runtime: a server fault whatever the image."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuda" in str(exc))
+
+
 # --- pooling ----------------------------------------------------------------------------------
 
 
@@ -255,7 +264,14 @@ class Embedder:
         self.draft_side = draft_side
         self.preprocess_device = preprocess_device
         self.threads = decode_threads
-        self.pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        # torch's current GPU is per thread: the pool's threads work on the instance's one.
+        on_gpu = device.type == "cuda"
+        self.pool = ThreadPoolExecutor(
+            max_workers=decode_threads,
+            thread_name_prefix="decode",
+            initializer=torch.cuda.set_device if on_gpu else None,
+            initargs=(device,) if on_gpu else (),
+        )
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -281,12 +297,16 @@ class Embedder:
         try:
             pixels = self._process(images)
             return list(pixels)
-        except Exception:
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise  # the GPU's trouble, not the images': the whole execution fails (5xx)
             results: list[torch.Tensor | InvalidImage] = []
             for image in images:
                 try:
                     results.append(self._process([image])[0])
                 except Exception as exc:
+                    if is_device_failure(exc):
+                        raise
                     results.append(InvalidImage(f"preprocessing failed: {exc}"))
             return results
 
@@ -419,8 +439,9 @@ class TritonPythonModel:
         )
 
     def _blank_batch(self, n: int) -> torch.Tensor:
+        """n grey images through the same processor call as requests (on the GPU there)."""
         image = Image.new("RGB", (32, 32), (127, 127, 127))
-        return self.embedder.processor(images=[image] * n, return_tensors="pt")["pixel_values"]
+        return self.embedder._process([image] * n)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         blobs, counts = [], []
