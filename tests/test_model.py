@@ -338,9 +338,7 @@ def embedder(triton_model):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 16])
-def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place(
-    embedder, threads
-):
+def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place(embedder, threads):
     embedder.threads = threads  # chunks of the batch; the pool itself has one thread per core
     good = list(photos().values())
     blobs = [good[0], b"broken", good[1], good[2], b"", good[3], good[4]]
