@@ -88,6 +88,7 @@ def test_base64_decodes_with_whitespace_anywhere_and_padding_optional(data, brea
         text = text[:cut] + space + text[cut:]
     assert decode_input(text) == data
     assert decode_input(text.rstrip().rstrip("=")) == data
+    assert decode_input(text.rstrip() + "==") == data  # surplus padding, as the stdlib allows
 
 
 @given(st.binary(min_size=1, max_size=300), st.sampled_from("!$%*-_.~"), st.integers(0))
