@@ -38,6 +38,7 @@ def test_accepted_forms(item):
         ("", "empty input"),
         ("   \n", "empty input"),
         ("not base64 at all!", "not valid base64"),
+        ("====", "not valid base64"),
         ("data:image/png," + B64, "data:image/<type>;base64"),
         ("data:text/html;base64," + B64, "text/html is not an image"),
         ("http://example.org/x.png", "must be fetched"),

@@ -73,6 +73,8 @@ def _b64decode(text: str) -> bytes:
     """Strict base64 (SIMD: about 25x the standard library); missing or surplus padding is
     tolerated, as the standard library's strict mode tolerates it."""
     text = text.rstrip("=")
+    if not text:
+        raise binascii.Error("padding alone")
     return pybase64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
