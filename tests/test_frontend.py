@@ -177,7 +177,7 @@ async def test_normalisation_in_the_frontend():
 
 
 async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkeypatch):
-    """Both paths give the same answers; only inputs over INLINE_INPUT_SIZE pay the thread hop."""
+    """Both paths give the same answers; only many or large inputs pay the thread hop."""
     from iei import service
 
     hops: list[int] = []
@@ -196,6 +196,9 @@ async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkey
         assert hops == []
         large_answer = await client.post("/embed", json={"inputs": [large], "normalize": False})
         assert hops == [1]
+        many = [PNG] * (service.INLINE_INPUTS + 1)  # small, but many header checks
+        assert (await client.post("/embed", json={"inputs": many})).status_code == 200
+        assert hops == [1, len(many)]
         bad = await client.post("/embed", json={"inputs": [PNG, "not an image!"]})
     assert small_answer.json() == [[137.0, 1.0]]
     assert large_answer.json() == [[137.0, 1.0]]

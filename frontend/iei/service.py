@@ -16,8 +16,10 @@ from .fetch import UrlFetcher
 from .images import InvalidInput, fetch_urls, prepare_inputs
 from .settings import Settings
 
-# Inputs up to this many characters (base64) or bytes (fetched) are decoded and checked on the
-# event loop: tens of microseconds, less than the hop to a worker thread and back.
+# A request of at most INLINE_INPUTS inputs and INLINE_INPUT_SIZE characters (base64) or bytes
+# (fetched) is decoded and header-checked on the event loop: under a millisecond, less than the
+# hop to a worker thread and back costs the loop. Anything larger goes to a thread.
+INLINE_INPUTS = 8
 INLINE_INPUT_SIZE = 256 * 1024
 
 
@@ -93,7 +95,8 @@ async def embed_inputs(items: list[str], services: Services, started: float) -> 
         async with asyncio.timeout(settings.request_timeout):
             try:
                 fetched = await fetch_urls(items, services.fetcher)
-                if sum(map(len, items)) + sum(map(len, fetched.values())) <= INLINE_INPUT_SIZE:
+                size = sum(map(len, items)) + sum(map(len, fetched.values()))
+                if count <= INLINE_INPUTS and size <= INLINE_INPUT_SIZE:
                     images = prepare_inputs(items, settings.max_image_pixels, fetched)
                 else:  # base64 of many megabytes is real CPU work: keep it off the event loop.
                     images = await run_in_threadpool(
