@@ -206,11 +206,11 @@ def _processes() -> dict[int, tuple[int, bytes, float]]:
     return found
 
 
-def cpu_by_role(root: int) -> dict[str, float]:
-    """CPU seconds so far of the processes under `root` (`iei serve`), summed by role, plus
-    this process's own (the load generator: `client`)."""
+def cpu_by_role(root: int) -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds so far) for the processes under `root` (`iei serve`), plus this
+    process (the load generator: `client`)."""
     processes = _processes()
-    totals: dict[str, float] = {}
+    found = {}
     for pid, (_, _, seconds) in processes.items():
         chain, cursor = [], pid
         while cursor in processes and cursor != root and len(chain) < 64:
@@ -219,16 +219,19 @@ def cpu_by_role(root: int) -> dict[str, float]:
         if cursor != root:
             continue  # not under `iei serve`
         role = next((r for marker, r in ROLES for c in chain if marker in c), "launcher")
-        totals[role] = totals.get(role, 0.0) + seconds
+        found[pid] = (role, seconds)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    totals["client"] = usage.ru_utime + usage.ru_stime
+    found[os.getpid()] = ("client", usage.ru_utime + usage.ru_stime)
+    return found
+
+
+def cpu_per_image(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], images: int
+) -> dict[str, float]:
+    """Microseconds of CPU per image by role between two `cpu_by_role` snapshots. Only processes
+    alive at both count: one that started or ended in between (a restart) is left out."""
+    totals: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        if pid in before:
+            totals[role] = totals.get(role, 0.0) + (seconds - before[pid][1]) / images * 1e6
     return totals
-
-
-def cpu_per_image(before: dict[str, float], after: dict[str, float], images: int) -> dict:
-    """Microseconds of CPU per image by role between two `cpu_by_role` snapshots."""
-    return {
-        role: (after[role] - before.get(role, 0.0)) / images * 1e6
-        for role in after
-        if role in before  # a process that started in between would count its whole life
-    }

@@ -16,13 +16,14 @@ at bench time to each size with a little noise added (a plain upscale compresses
 a camera photo) and saved as JPEG quality 90; the models are ViT-B/16 (`ViTConfig()` defaults,
 random weights, the processor settings of `google/vit-base-patch16-224`: the real model's cost)
 and a tiny ViT, both built locally (there is no model hub here).
-
+""",
+    "cpu": """
 This CPU has AMX (`amx_bf16` in `/proc/cpuinfo`): ViT-B/16 with bf16 weights runs at about 35
 img/s on its 2 cores in passes of 8 images, 4 to 5x its float32 rate, but only about 25 img/s in
 passes of 32 (the activations of a larger pass outgrow the caches): `IEI_FORWARD_BATCH_SIZE=auto`
 cuts an execution into passes of 8 on a CPU for that reason. A forward pass of under 30 ms per
-image leaves little room: decoding and the image processor alone take about 2.4 ms of CPU per
-500x375 JPEG (tiny-model tables below), 8% of it.
+image leaves little room: decoding and the image processor alone take about 2.4 ms per 500x375
+JPEG (one thread each, in-process: the tiny-model tables below), 8% of it.
 """,
     "overhead": """
 ### Reading the numbers, and what was attacked

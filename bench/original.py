@@ -114,8 +114,9 @@ def run_original(checkout: Path, model_dir: Path, work: Path, files: list[bytes]
         with OriginalServer(checkout, model_dir, work, workers) as server:
 
             async def loads(url: str = server.url, warm: int = 4 * workers) -> list[measure.Load]:
-                # It loads the model lazily in each worker, on that worker's first request.
-                await measure.http_load(url, files, concurrency=warm, requests=2 * warm)
+                # It loads the model lazily in each worker, on that worker's first request: warm
+                # up with many connections so that every worker has had requests before the clock.
+                await measure.http_load(url, files, concurrency=warm, requests=4 * warm)
                 return [
                     await measure.http_load(url, files, concurrency=16, requests=n),
                     await measure.http_load(url, files, concurrency=1, requests=1, per_request=n),

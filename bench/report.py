@@ -348,6 +348,7 @@ frontend and Triton all run on them, as they would on a small host):
 {cpu_section(loads)}"""
 
 
+STACK_ROLES = ("frontend", "triton", "model")  # `iei serve` itself idles: left out
 CPU_ROLES = (
     ("frontend", "frontend workers"),
     ("triton", "tritonserver"),
@@ -365,15 +366,16 @@ def cpu_section(loads: list[dict[str, Any]]) -> str:
         (
             label(x),
             *(f"{x['cpu_us'].get(role, 0.0):.0f}" for role, _ in CPU_ROLES),
-            f"{sum(v for k, v in x['cpu_us'].items() if k != 'client'):.0f}",
+            f"{sum(x['cpu_us'].get(role, 0.0) for role in STACK_ROLES):.0f}",
         )
         for x in measured
     ]
     headers = ("path", *(name for _, name in CPU_ROLES), "the stack in all")
     return f"""
-CPU time per image by process during each load above (utime + stime from `/proc`, microseconds;
-"the stack in all" leaves out the load generator). Unlike wall time this does not depend on what
-else shares the cores, and it says which process to make cheaper:
+CPU time per image by process during each load above (utime + stime from `/proc`, microseconds,
+in 10 ms ticks; "the stack in all" is the frontend, tritonserver and the model). Unlike wall
+time this does not depend on what else shares the cores, and it says which process to make
+cheaper:
 
 {table(headers, rows)}
 """
@@ -400,6 +402,19 @@ def queue_section(queue: dict[str, Any]) -> str:
 """
 
 
+def gpu_section(gpu: str | None) -> str:
+    from .notes import NOTES
+
+    if not gpu:
+        return NOTES["gpu"]
+    return f"""## GPU
+
+The tables above ran on {gpu}: the in-process rows on that GPU, the served ones through
+`iei serve` with its instance there (`KIND_GPU`, fp16 by `IEI_DTYPE=auto`, the processor on the
+GPU, one forward pass per execution).
+"""
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     from .notes import NOTES
 
@@ -415,6 +430,7 @@ def write(results: dict[str, Any], out: Path) -> None:
         f"- load average (1 min) at the start: {meta.get('load_before', 0):.1f}, "
         f"at the end: {meta.get('load_after', 0):.1f}\n",
         NOTES["caveat"],
+        "" if meta.get("gpu") else NOTES["cpu"],
         "## Summary\n\n" + summary(results) + "\n",
     ]
     if "vit" in results:
@@ -425,7 +441,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     if "queue_delay" in results:
         parts.append(queue_section(results["queue_delay"]))
         parts.append(NOTES["queue_delay"])
-    parts += [NOTES["fast"], NOTES["gpu"]]
+    parts += [NOTES["fast"], gpu_section(meta.get("gpu"))]
     if "original" in results.get("vit", {}):
         parts.append(original_section(results["vit"], meta.get("command", "")))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def load(path: str, mode: str, concurrency: int, img_s: float, per_request: int 
 def known_results(served_rate: float) -> dict:
     sizes = ["500x375", "1000x750", "2000x1500", "4000x3000"]
     loads = [load(p, "single", c, served_rate) for p in ("embed", "grpc") for c in (1, 4)]
-    cpu = {"frontend": 1500.0, "triton": 200.0, "model": 3000.0, "client": 300.0}
+    cpu = {"frontend": 1500.0, "triton": 200.0, "model": 3000.0, "client": 300.0, "launcher": 9.0}
     tiny_loads = [{**x, "cpu_us": cpu} for x in loads]
     return {
         "meta": {
@@ -105,9 +106,37 @@ def test_report_judges_the_targets_from_the_numbers(tmp_path, served_rate, met):
     assert "No GPU was available" in text
     assert "CPU time per image by process" in text
     cpu_row = "| `/embed`, 1 image per request, concurrency 1 | 1500 | 200 | 3000 | 300 | 4700 |"
-    assert cpu_row in text.splitlines()  # the stack in all: without the load generator
+    assert cpu_row in text.splitlines()  # the stack in all: not the load generator or launcher
     for plot in ("throughput", "latency", "image_size"):
         assert (tmp_path / "benchmarks" / f"{plot}.png").stat().st_size > 1000
+
+
+def test_a_run_on_a_gpu_host_says_so_instead_of_the_cpu_notes(tmp_path):
+    results = known_results(served_rate=9.5)
+    results["meta"]["gpu"] = "NVIDIA H200"
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "GPU: NVIDIA H200" in text
+    assert "The tables above ran on NVIDIA H200" in text
+    assert "No GPU was available" not in text
+    assert "This CPU has AMX" not in text
+
+
+def test_cpu_per_image_counts_only_processes_alive_at_both_snapshots():
+    before = {10: ("frontend", 1.0), 11: ("frontend", 2.0), 20: ("triton", 5.0), 30: ("model", 1.0)}
+    after = {10: ("frontend", 1.5), 11: ("frontend", 2.5), 21: ("triton", 0.2), 30: ("model", 3.0)}
+    # Triton 20 ended and 21 started in between (a restart): neither counts.
+    assert measure.cpu_per_image(before, after, images=100) == {
+        "frontend": pytest.approx(10_000.0),
+        "model": pytest.approx(20_000.0),
+    }
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    with subprocess.Popen(sleeper) as launcher:  # stands in for `iei serve`
+        try:
+            roles = {pid: role for pid, (role, _) in measure.cpu_by_role(launcher.pid).items()}
+        finally:
+            launcher.kill()
+    assert roles == {launcher.pid: "launcher", os.getpid(): "client"}
 
 
 def test_forward_limit_and_cosine_with_a_stand_in_model():
