@@ -14,14 +14,12 @@ import asyncio
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from . import measure
-from .workload import free_port
+from .workload import free_port, start_server, stop_server
 
 MODEL_ID = "google/vit-base-patch16-224"  # the only ids it accepts are hub ids of its list
 COMMIT = "107b3f1"
@@ -75,35 +73,15 @@ class OriginalServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> OriginalServer:
-        import httpx
-
-        command = [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--workers", str(self.workers)]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the original server exited; its log: {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise RuntimeError(f"the original server did not start; its log: {self.log_path}")
+        command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--workers", str(self.workers), "server:app"]
+        self.process = start_server(
+            "the original server", command, self.env, self.log_path, self.url, 120, self.folder
+        )
+        return self
 
     def __exit__(self, *_: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_server(self.process, 30)
 
 
 def run_original(checkout: Path, model_dir: Path, work: Path, files: list[bytes], n: int) -> dict:

@@ -146,30 +146,49 @@ class ServedStack:
         return f"127.0.0.1:{self.grpc_port}"
 
     def __enter__(self) -> ServedStack:
-        import httpx
-
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [str(IEI), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"iei serve exited; its log: {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise RuntimeError(f"iei serve not healthy after 300 s; its log: {self.log_path}")
+        command = [str(IEI), "serve"]
+        self.process = start_server("iei serve", command, self.env, self.log_path, self.url, 300)
+        return self
 
     def __exit__(self, *_: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_server(self.process, 60)
+
+
+def start_server(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    url: str,
+    timeout: float,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server process (output to `log_path`) and wait until `url`/health answers 200;
+    raise with the log's path if it exits or stays unhealthy for `timeout` seconds."""
+    import httpx
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited; its log: {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(process, 10)
+    raise RuntimeError(f"{name} not healthy after {timeout:.0f} s; its log: {log_path}")
+
+
+def stop_server(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
