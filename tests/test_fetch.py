@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 from iei.fetch import UrlFetcher, is_public
 from iei.images import InvalidInput
+from stack import local_http_server
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +68,6 @@ async def test_refused_before_connecting(url, message):
 def local_server():
     """Redirect loops, a slow answer and a large file on 127.0.0.1."""
     import http.server
-    import threading
     import time
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -87,13 +87,8 @@ def local_server():
                 self.end_headers()
                 self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_http_server(Handler) as url:
+        yield url
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
-import threading
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 from sample_images import photos
-from stack import Stack
+from stack import Stack, local_http_server
 
 pytestmark = pytest.mark.integration
 
@@ -50,13 +49,8 @@ def image_server() -> Iterator[str]:
             else:
                 self.send_error(404)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_http_server(Handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

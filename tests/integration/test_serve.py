@@ -95,42 +95,32 @@ def test_version():
     assert result.stdout.startswith("iei ")
 
 
+def run_example(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run an example script as a user would; it must succeed."""
+    command = [sys.executable, script, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 @pytest.mark.parametrize(
     "example",
     ["request_example_batch.py", "request_example_concurrent.py"],
 )
 def test_http_examples_run(vit_stack, example):
-    result = subprocess.run(
-        [sys.executable, f"examples/{example}", "--url", vit_stack.url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_example(f"examples/{example}", "--url", vit_stack.url)
     assert "embedded 5 images" in result.stdout
 
 
 def test_python_client_example_runs(vit_stack):
-    result = subprocess.run(
-        [sys.executable, "examples/python_client_example.py", "--url", vit_stack.url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_example("examples/python_client_example.py", "--url", vit_stack.url)
     assert "embedded 6 images -> (6, 32) float32" in result.stdout
     ranking = result.stdout.splitlines()[1:]
     assert ranking[0].split() == ["1.000", "astronaut.jpg"]  # the query itself comes first
 
 
 def test_openai_client_example_runs(vit_stack):
-    result = subprocess.run(
-        [sys.executable, "examples/openai_client_example.py", "--url", vit_stack.url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_example("examples/openai_client_example.py", "--url", vit_stack.url)
     assert result.stdout.count("norm 1.000") == 4
     assert "embedded 4 images with model" in result.stdout
 
@@ -138,13 +128,7 @@ def test_openai_client_example_runs(vit_stack):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_triton_client_example_runs(vit_stack, protocol):
     url = vit_stack.triton_grpc if protocol == "grpc" else vit_stack.triton_http
-    result = subprocess.run(
-        [sys.executable, "examples/triton_client_example.py", "--protocol", protocol, "--url", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_example("examples/triton_client_example.py", "--protocol", protocol, "--url", url)
     assert "4 images -> embeddings of shape (4, 32)" in result.stdout
 
 
