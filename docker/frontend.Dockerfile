@@ -10,8 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /tmp/iei-src
 COPY docker/frontend-constraints.txt pyproject.toml README.md ./
 COPY frontend ./frontend
-# The base package only (no `serve` extra): the frontend never imports torch.
-RUN pip install --no-cache-dir -c frontend-constraints.txt . \
+# The client and the `server` extra (not `serve`): the frontend never imports torch.
+RUN pip install --no-cache-dir -c frontend-constraints.txt ".[server]" \
     && rm -rf /tmp/iei-src \
     && useradd --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin iei
 
@@ -20,5 +20,5 @@ USER 10001
 EXPOSE 8000
 # Workers are processes: their Prometheus metrics meet in PROMETHEUS_MULTIPROC_DIR, created
 # fresh at each start (on /tmp, so the root filesystem can stay read-only). The flags are those
-# that `iei serve` gives uvicorn (frontend/iei/cli.py, Frontend.start).
-CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn iei.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$IEI_WORKERS\" --timeout-graceful-shutdown 30 --no-access-log"]
+# that `iei serve` gives uvicorn (frontend/iei/launcher/frontend.py, uvicorn_arguments).
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$IEI_WORKERS\" --timeout-graceful-shutdown 30 --no-access-log"]

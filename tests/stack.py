@@ -76,7 +76,17 @@ def alive(pid: int) -> bool:
 class Stack:
     """`iei serve` with a model folder, on free loopback ports."""
 
-    def __init__(self, model_dir: Path, log_path: Path, **env: str) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        *,
+        iei: Path = IEI,
+        cwd: Path | None = None,
+        **env: str,
+    ) -> None:
+        self.iei = iei  # the `iei` command: this environment's, or one installed elsewhere
+        self.cwd = cwd
         self.port = free_port()
         self.triton_http_port = free_port()
         self.triton_grpc_port = free_port()
@@ -113,7 +123,11 @@ class Stack:
     def start(self, timeout: float = 180.0) -> Stack:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(IEI), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [str(self.iei), "serve"],
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from fake_pb_utils import load_model_module
 from google.protobuf import text_format
 from iei import contract
-from iei.settings import DEFAULT_MODEL_REPOSITORY, Settings
+from iei.launcher.repository import shipped_model_repository
+from iei.launcher.settings import LauncherSettings
 from tritonclient.grpc import model_config_pb2
+
+DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
 
 CONFIG = DEFAULT_MODEL_REPOSITORY / "iei" / "config.pbtxt"
 
@@ -45,7 +48,7 @@ def test_model_py_uses_the_same_names_and_formats():
 
 def test_config_defaults_match_the_frontends():
     parameters = {k: v.string_value for k, v in committed_config().parameters.items()}
-    defaults = Settings.model_fields
+    defaults = LauncherSettings.model_fields
     assert parameters["model_id"] == defaults["embedding_model"].default
     assert parameters["dtype"] == defaults["dtype"].default
     assert parameters["pooling"] == defaults["pooling"].default
@@ -57,9 +60,8 @@ def test_the_frontend_never_imports_torch():
     import subprocess
     import sys
 
-    code = (
-        "import sys, iei.app, iei.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
-    )
+    code = "import sys, iei.server.app, iei.cli; "
+    code += "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

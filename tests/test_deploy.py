@@ -21,17 +21,23 @@ from typing import Any
 import pytest
 import yaml
 from google.protobuf import text_format
-from iei.settings import DEFAULT_MODEL_REPOSITORY, Settings
-from iei.triton_server import gpu_count, render_model_repository, triton_command
+from iei import settings as table
+from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
+from iei.launcher.settings import LauncherSettings
+from iei.launcher.triton_process import triton_command
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tritonclient.grpc import model_config_pb2
+
+DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 MODEL_PY = ROOT / "model_repository" / "iei" / "1" / "model.py"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 NGC_TRITON = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version tests run
+# Read by the frontend image's command (uvicorn's worker count), not by Python code.
+IMAGE_COMMAND_READS = {"IEI_WORKERS"}
 # What the model's environment carries through compose, as the issue asks.
 MODEL_SETTINGS = ("IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING", "IEI_MAX_IMAGE_PIXELS")
 
@@ -115,9 +121,11 @@ def third_party_imports(path: Path) -> set[str]:
 
 
 def cli_modules() -> list[Path]:
-    """Files of the `iei` package that `iei triton` imports, from a fresh interpreter."""
+    """Files of the `iei` package that `iei triton` (and `iei serve`) import, from a fresh
+    interpreter."""
     code = (
-        "import sys, iei.cli; print('\\n'.join(m.__file__ for n, m in sys.modules.items()"
+        "import sys, iei.cli, iei.launcher.container, iei.launcher.serve; "
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items()"
         " if n == 'iei' or n.startswith('iei.')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -186,24 +194,22 @@ def test_model_settings_pass_through_to_triton(triton, frontend):
     assert frontend["environment"]["IEI_WORKERS"].startswith("${IEI_WORKERS")
 
 
-def test_every_iei_variable_in_compose_is_a_real_setting(compose):
-    known = {f"IEI_{name.upper()}" for name in Settings.model_fields} | {"IMAGE_EMBEDDING_MODEL"}
-    tree = ast.parse(MODEL_PY.read_text())
-    [settings_table] = [
-        node.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SETTINGS"
-    ]
-    known |= {env for env, _ in ast.literal_eval(settings_table).values()}
+def test_every_variable_in_compose_is_in_the_settings_table_and_read_where_it_is_set(compose):
+    readers = {"triton": {table.LAUNCHER, table.MODEL}, "frontend": {table.SERVER}}
     for name, service in compose.items():
-        unknown = {v for v in service["environment"] if v.startswith("IEI_")} - known
-        assert not unknown, f"{name}: {unknown} are read by nothing"
+        for variable in service["environment"]:
+            if not variable.startswith(("IEI_", "IMAGE_EMBEDDING_MODEL")):
+                continue  # HF_TOKEN and the like belong to other software
+            entry = table.by_env(variable)
+            assert entry is not None, f"{name}: {variable} is not a setting"
+            read_here = readers[name] & set(entry.readers) or variable in IMAGE_COMMAND_READS
+            assert read_here, f"{name}: {variable} is set but nothing in it reads it"
 
 
 def test_triton_s_arguments_from_compose_agree_with_its_healthcheck(triton, monkeypatch):
     for name, value in triton["environment"].items():
         monkeypatch.setenv(name, interpolate(value))
-    argv = triton_command(Settings(), Path("/repo"))
+    argv = triton_command(LauncherSettings(), Path("/repo"))
     assert "--http-address=0.0.0.0" in argv  # reachable from the frontend's container
     test = " ".join(triton["healthcheck"]["test"])
     assert "http://127.0.0.1:8000/v2/health/ready" in test
@@ -215,7 +221,7 @@ def test_frontend_waits_for_a_healthy_triton_and_finds_it_by_name(triton, fronte
     assert frontend["depends_on"] == {"triton": {"condition": "service_healthy"}}
     url = frontend["environment"]["IEI_TRITON_URL"]
     assert url == f"triton:{triton['environment']['IEI_TRITON_HTTP_PORT']}"
-    assert Settings(triton_url=url).triton_endpoint == url
+    assert LauncherSettings(triton_url=url).triton_endpoint == url
 
 
 def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
@@ -225,7 +231,7 @@ def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
     command = shlex.split(cmd_of("frontend.Dockerfile")[-1])
     assert command[command.index("--port") + 1] == container_port
     assert command[command.index("--host") + 1] == "0.0.0.0"
-    assert "iei.app:create_app" in command and "--factory" in command
+    assert "iei.server.app:create_app" in command and "--factory" in command
     assert command[command.index("--workers") + 1] == "$IEI_WORKERS"
 
 
@@ -260,15 +266,16 @@ def test_base_images_are_pinned():
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", python), python
 
 
-def test_the_frontend_image_installs_the_base_package_without_torch():
+def test_the_frontend_image_installs_the_server_extra_without_torch():
     steps = dockerfile("frontend.Dockerfile")
     installs = [args for instruction, args in steps if instruction == "RUN" and "pip" in args]
-    assert installs and all("[" not in args and "torch" not in args for args in installs)
+    assert len(installs) == 1 and '".[server]"' in installs[0] and "torch" not in installs[0]
     constraints = {
         canonicalize_name(r.name): r for r in requirements(DOCKER / "frontend-constraints.txt")
     }
     assert not {"torch", "torchvision", "transformers"} & set(constraints)
-    for dependency in map(Requirement, PYPROJECT["project"]["dependencies"]):
+    server = PYPROJECT["project"]["optional-dependencies"]["server"]
+    for dependency in map(Requirement, [*PYPROJECT["project"]["dependencies"], *server]):
         pinned = constraints.get(canonicalize_name(dependency.name))
         assert pinned is not None, f"{dependency.name} has no pin in frontend-constraints.txt"
         assert dependency.specifier.contains(pin(pinned)), f"{pinned} vs {dependency}"

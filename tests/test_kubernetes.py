@@ -14,8 +14,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from iei.settings import Settings
-from iei.triton_server import triton_command
+from iei import settings as table
+from iei.launcher.settings import LauncherSettings
+from iei.launcher.triton_process import triton_command
 
 ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
@@ -120,6 +121,26 @@ def test_deployments_read_the_generated_model_settings():
         assert source["configMapRef"]["name"] in generated
 
 
+def test_every_variable_is_in_the_settings_table_and_read_by_a_container():
+    generated = {g["name"]: g for g in KUSTOMIZATION["configMapGenerator"]}
+    shared = [item.split("=", 1)[0] for item in generated["iei-model"]["literals"]]
+    own = {
+        "triton": [e["name"] for e in container(TRITON).get("env", [])],
+        "frontend": [e["name"] for e in container(FRONTEND).get("env", [])],
+    }
+    readers = {"triton": {table.LAUNCHER, table.MODEL}, "frontend": {table.SERVER}}
+    for variable in shared:  # the ConfigMap goes to both containers: one of them reads it
+        entry = table.by_env(variable)
+        assert entry is not None, f"{variable} is not a setting"
+        assert set(entry.readers) & (readers["triton"] | readers["frontend"]), variable
+    for name, variables in own.items():
+        for variable in (v for v in variables if v.startswith(("IEI_", "IMAGE_"))):
+            entry = table.by_env(variable)
+            assert entry is not None, f"{name}: {variable} is not a setting"
+            image_reads = name == "frontend" and variable == "IEI_WORKERS"  # uvicorn's flag
+            assert readers[name] & set(entry.readers) or image_reads, f"{name}: {variable}"
+
+
 def test_images_are_those_compose_builds():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     built = dict(compose[name]["image"].split(":") for name in ("triton", "frontend"))
@@ -175,7 +196,7 @@ def test_triton_probes_use_its_health_endpoints_on_its_http_port():
 def test_triton_listens_where_its_container_ports_say(monkeypatch):
     for name, value in environment(TRITON).items():
         monkeypatch.setenv(name, value)
-    argv = triton_command(Settings(), Path("/repo"))
+    argv = triton_command(LauncherSettings(), Path("/repo"))
     ports = container_ports(TRITON)
     assert f"--http-port={ports['http']}" in argv
     assert f"--grpc-port={ports['grpc']}" in argv
@@ -200,7 +221,7 @@ def test_the_frontend_calls_the_triton_service_on_its_http_port():
     url = environment(FRONTEND)["IEI_TRITON_URL"]
     [http] = [p for p in TRITON_SERVICE["spec"]["ports"] if p["targetPort"] == "http"]
     assert url == f"{TRITON_SERVICE['metadata']['name']}:{http['port']}"
-    assert Settings(triton_url=url).triton_endpoint == url
+    assert LauncherSettings(triton_url=url).triton_endpoint == url
 
 
 def test_the_frontend_probes_its_own_port_and_stays_alive_while_triton_is_down():

@@ -1,21 +1,83 @@
-"""Settings: defaults, environment names, and nonsense refused with the variable's name."""
+"""The settings table (`iei.settings.SETTINGS`) is the one declaration: the parts' classes, the
+model, and the README follow it; values are validated and nonsense is refused by name."""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
 import pytest
-from iei.settings import Settings
-from pydantic import ValidationError
+from fake_pb_utils import load_model_module
+from iei import settings as table
+from iei.launcher.settings import LauncherSettings
+from iei.server.settings import ServerSettings
+from pydantic import SecretStr, ValidationError
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "path": Path}
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith("IEI_") or name == "IMAGE_EMBEDDING_MODEL":
             monkeypatch.delenv(name)
 
 
+def field_type(annotation: object) -> str:
+    """A pydantic annotation in the table's words ("int", "a|b", "secret"...)."""
+    if get_origin(annotation) in (types.UnionType, typing.Union):
+        [annotation] = [a for a in get_args(annotation) if a is not type(None)]
+        return field_type(annotation)
+    if get_origin(annotation) is Literal:
+        return "|".join(get_args(annotation))
+    if annotation is SecretStr:
+        return "secret"
+    return {v: k for k, v in PYTHON_TYPES.items()}[annotation]
+
+
+@pytest.mark.parametrize(
+    ("cls", "parts"),
+    [(ServerSettings, {table.SERVER}), (LauncherSettings, set(table.SETTINGS_READERS))],
+)
+def test_each_class_declares_exactly_the_settings_its_part_reads(cls, parts):
+    expected = {name for name, s in table.SETTINGS.items() if parts & set(s.readers)}
+    assert set(cls.model_fields) == expected
+
+
+@pytest.mark.parametrize("name", sorted(table.SETTINGS))
+def test_each_field_takes_name_default_and_type_from_the_table(name):
+    entry = table.SETTINGS[name]
+    field = LauncherSettings.model_fields[name]
+    assert field.default == entry.default
+    assert entry.env in field.validation_alias.choices
+    assert field_type(field.annotation) == entry.type
+    assert field.description == entry.description
+
+
+def test_the_model_reads_the_tables_model_settings_with_the_same_defaults():
+    model = load_model_module()
+    by_env = dict(model.SETTINGS.values())
+    expected = table.read_by(table.MODEL)
+    assert set(by_env) == {s.env for s in expected.values()}
+    for entry in expected.values():
+        default = entry.default
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        assert by_env[entry.env] == shown, entry.env
+
+
+def test_the_readme_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    assert table.markdown_table() in readme, "regenerate it: python -m iei.settings"
+
+
 def test_defaults():
-    settings = Settings()
+    settings = LauncherSettings()
     assert settings.embedding_model == "google/vit-base-patch16-224"
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
     assert settings.triton_endpoint == "127.0.0.1:8100"
@@ -23,6 +85,7 @@ def test_defaults():
     assert settings.pooling == "mean"
     assert settings.max_client_batch_size == 64
     assert settings.max_image_pixels == 50_000_000
+    assert settings.repository.joinpath("iei", "config.pbtxt").is_file()
 
 
 def test_environment(monkeypatch):
@@ -32,7 +95,7 @@ def test_environment(monkeypatch):
     monkeypatch.setenv("IEI_CONCURRENCY_LEVEL", "8")
     monkeypatch.setenv("IEI_TRITON_URL", "http://triton:8000/")
     monkeypatch.setenv("IEI_DTYPE", "bfloat16")
-    settings = Settings()
+    settings = LauncherSettings()
     assert settings.embedding_model == "/models/vit"
     assert (settings.host, settings.port) == ("::", 9000)
     assert settings.workers == 4
@@ -41,9 +104,18 @@ def test_environment(monkeypatch):
     assert settings.dtype == "bfloat16"
 
 
+def test_a_limit_that_counts_images_is_named_for_images_and_its_old_name_still_works(
+    monkeypatch,
+):
+    monkeypatch.setenv("IEI_MAX_CONCURRENT_REQUESTS", "7")
+    assert ServerSettings().max_concurrent_images == 7
+    monkeypatch.setenv("IEI_MAX_CONCURRENT_IMAGES", "9")
+    assert ServerSettings().max_concurrent_images == 9  # the new name wins
+
+
 def test_empty_variables_mean_default(monkeypatch):
     monkeypatch.setenv("IEI_WORKERS", "")
-    assert Settings().workers == 2
+    assert LauncherSettings().workers == 2
 
 
 @pytest.mark.parametrize(
@@ -61,9 +133,22 @@ def test_empty_variables_mean_default(monkeypatch):
         ("IEI_TRITON_URL", "triton"),
         ("IEI_REQUEST_TIMEOUT", "0"),
         ("IEI_MAX_IMAGE_PIXELS", "0"),
+        ("IEI_FORWARD_BATCH_SIZE", "0"),
+        ("IEI_JPEG_DRAFT", "maybe"),
     ],
 )
-def test_nonsense_is_refused(monkeypatch, name, value):
+def test_nonsense_is_refused_by_the_variables_name(monkeypatch, caplog, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
-        Settings()
+        LauncherSettings()
+    with caplog.at_level(logging.ERROR, "iei"), pytest.raises(SystemExit) as stopped:
+        table.load(LauncherSettings)
+    assert stopped.value.code == 2
+    assert re.search(rf"invalid setting {name}: ", caplog.text), caplog.text
+
+
+def test_the_api_key_is_never_shown(monkeypatch):
+    monkeypatch.setenv("IEI_API_KEY", "s3cret")
+    shown = LauncherSettings().shown()
+    assert shown["api_key"] == "set (hidden)"
+    assert "s3cret" not in repr(shown)

@@ -1,136 +1,226 @@
-"""All settings of the frontend and of `iei serve`, read once from the environment."""
+"""Every setting of IEI, declared once: its variable, default, type, which part reads it, meaning.
+
+The parts' pydantic-settings classes (`iei.server.settings`, `iei.launcher.settings`) take their
+defaults, variable names and descriptions from `SETTINGS`; the model (`model_repository/`, which
+cannot import this package), the README's table, compose and the Kubernetes manifests are checked
+against it by tests. `python -m iei.settings` prints the README's table.
+
+Runs on the Triton image's Python 3.10 (`iei triton` imports it).
+"""
 
 from __future__ import annotations
 
-from functools import cached_property
-from pathlib import Path
-from typing import Literal
+import logging
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = "google/vit-base-patch16-224"
-# The checkout's model_repository/ (frontend/iei/settings.py -> repository root).
-DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+log = logging.getLogger("iei")
+
+# Who reads a setting: the HTTP frontend, `iei serve` / `iei triton`, the Triton model.
+SERVER, LAUNCHER, MODEL = "server", "launcher", "model"
+SETTINGS_READERS = (SERVER, LAUNCHER, MODEL)
 
 
-class Settings(BaseSettings):
-    """Environment variables `IEI_*` (and `IMAGE_EMBEDDING_MODEL`); see the README's table."""
+@dataclass(frozen=True)
+class Setting:
+    env: str  # the environment variable
+    default: Any  # None: unset
+    type: str  # "str", "int", "float", "bool", "path", "secret", or "a|b|c" (one of these words)
+    readers: tuple[str, ...]
+    description: str  # one README table cell (Markdown)
+    shown_default: str | None = None  # how the README shows the default, when not just the value
+    aliases: tuple[str, ...] = ()  # older variable names that still work
+
+
+_SETTINGS = [
+    ("embedding_model", Setting(
+        "IMAGE_EMBEDDING_MODEL", "google/vit-base-patch16-224", "str", (SERVER, LAUNCHER, MODEL),
+        "hub id or local folder of the model",
+    )),
+    ("bind", Setting(
+        "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,), "`host:port` of the HTTP frontend",
+    )),
+    ("workers", Setting(
+        "IEI_WORKERS", 2, "int", (LAUNCHER,), "uvicorn worker processes of the frontend",
+    )),
+    ("concurrency_level", Setting(
+        "IEI_CONCURRENCY_LEVEL", 32, "int", (SERVER,),
+        "images of one request in flight to Triton at once",
+    )),
+    ("dtype", Setting(
+        "IEI_DTYPE", "auto", "auto|float32|bfloat16|float16", (LAUNCHER, MODEL),
+        "`auto` (fp16 on a GPU, bf16 on CPUs with native bf16, else float32), `float32`, "
+        "`bfloat16`, `float16`",
+    )),
+    ("pooling", Setting(
+        "IEI_POOLING", "mean", "mean|cls|pooler", (LAUNCHER, MODEL), "`mean`, `cls` or `pooler`",
+    )),
+    ("max_client_batch_size", Setting(
+        "IEI_MAX_CLIENT_BATCH_SIZE", 64, "int", (SERVER,), "most inputs in one request",
+    )),
+    ("max_image_pixels", Setting(
+        "IEI_MAX_IMAGE_PIXELS", 50_000_000, "int", (SERVER, MODEL),
+        "largest image (width x height), checked from the header",
+    )),
+    ("request_timeout", Setting(
+        "IEI_REQUEST_TIMEOUT", 60.0, "float", (SERVER,),
+        "seconds a request may take before a 504",
+    )),
+    ("payload_limit", Setting(
+        "IEI_PAYLOAD_LIMIT", 64 * 1024 * 1024, "int", (SERVER,), "largest request body in bytes",
+        shown_default="`67108864` (64 MiB)",
+    )),
+    ("max_concurrent_images", Setting(
+        "IEI_MAX_CONCURRENT_IMAGES", 512, "int", (SERVER,),
+        "images in flight per frontend worker before 429 (`IEI_MAX_CONCURRENT_REQUESTS`, its "
+        "earlier name, still works)",
+        aliases=("IEI_MAX_CONCURRENT_REQUESTS",),
+    )),
+    ("api_key", Setting(
+        "IEI_API_KEY", None, "secret", (SERVER,),
+        "Bearer key required by every route but `/health`, `/metrics` and the docs",
+    )),
+    ("served_model_name", Setting(
+        "IEI_SERVED_MODEL_NAME", None, "str", (SERVER,),
+        "name the OpenAI route reports and accepts as `model`",
+    )),
+    ("allow_private_urls", Setting(
+        "IEI_ALLOW_PRIVATE_URLS", False, "bool", (SERVER,),
+        "fetch URLs on loopback, private and link-local addresses too",
+    )),
+    ("url_timeout", Setting(
+        "IEI_URL_TIMEOUT", 10.0, "float", (SERVER,), "seconds to fetch one image URL",
+    )),
+    ("url_max_bytes", Setting(
+        "IEI_URL_MAX_BYTES", 32 * 1024 * 1024, "int", (SERVER,),
+        "largest image file fetched from a URL", shown_default="`33554432` (32 MiB)",
+    )),
+    ("url_max_redirects", Setting(
+        "IEI_URL_MAX_REDIRECTS", 5, "int", (SERVER,), "redirects followed per URL",
+    )),
+    ("triton_url", Setting(
+        "IEI_TRITON_URL", None, "str", (SERVER, LAUNCHER),
+        "`host:port` of a Triton HTTP endpoint that something else runs (compose, Kubernetes); "
+        "when set, `iei serve` starts only the frontend",
+    )),
+    ("triton_host", Setting(
+        "IEI_TRITON_HOST", "127.0.0.1", "str", (LAUNCHER,),
+        "interface of the Triton that `iei serve` starts; `0.0.0.0` exposes it to other machines",
+    )),
+    ("triton_http_port", Setting(
+        "IEI_TRITON_HTTP_PORT", 8100, "int", (SERVER, LAUNCHER), "Triton's HTTP port",
+    )),
+    ("triton_grpc_port", Setting(
+        "IEI_TRITON_GRPC_PORT", 8101, "int", (LAUNCHER,), "Triton's gRPC port",
+    )),
+    ("triton_metrics_port", Setting(
+        "IEI_TRITON_METRICS_PORT", 8102, "int", (LAUNCHER,),
+        "Triton's Prometheus metrics (`/metrics`)",
+    )),
+    ("triton_instances", Setting(
+        "IEI_TRITON_INSTANCES", None, "int", (LAUNCHER,),
+        "model instances per GPU, or on the CPU (CPU threads are shared between them)",
+        shown_default="`1`",
+    )),
+    ("model_repository", Setting(
+        "IEI_MODEL_REPOSITORY", None, "path", (LAUNCHER,),
+        "the folder Triton loads", shown_default="the one IEI ships",
+    )),
+    ("startup_timeout", Setting(
+        "IEI_STARTUP_TIMEOUT", 600.0, "float", (LAUNCHER,),
+        "seconds `iei serve` waits for the model to load (downloads included)",
+    )),
+    ("forward_batch_size", Setting(
+        "IEI_FORWARD_BATCH_SIZE", "auto", "str", (LAUNCHER, MODEL),
+        "images per forward pass inside one Triton execution; `auto`: 8 on a CPU, 64 on a GPU",
+    )),
+    ("jpeg_draft", Setting(
+        "IEI_JPEG_DRAFT", True, "bool", (LAUNCHER, MODEL),
+        "decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 "
+        "scale (never below 2x the input side); `false` always decodes in full",
+    )),
+]  # fmt: skip
+SETTINGS: dict[str, Setting] = dict(_SETTINGS)
+
+
+def read_by(part: str) -> dict[str, Setting]:
+    """The settings that `part` (SERVER, LAUNCHER or MODEL) reads."""
+    return {name: s for name, s in SETTINGS.items() if part in s.readers}
+
+
+def by_env(variable: str) -> Setting | None:
+    """The setting of an environment variable (its current or an older name)."""
+    for entry in SETTINGS.values():
+        if variable == entry.env or variable in entry.aliases:
+            return entry
+    return None
+
+
+def setting(name: str, **constraints: Any) -> Any:
+    """The pydantic field of `name`, from the table: default, variable (and older names),
+    description; `constraints` (ge, le, min_length...) validate the value."""
+    entry = SETTINGS[name]
+    return Field(
+        entry.default,
+        validation_alias=AliasChoices(entry.env, *entry.aliases, name),
+        description=entry.description,
+        **constraints,
+    )
+
+
+class SettingsBase(BaseSettings):
+    """Read from the environment once; an empty variable means the default."""
 
     model_config = SettingsConfigDict(
-        env_prefix="IEI_", env_ignore_empty=True, extra="ignore", frozen=True
+        env_ignore_empty=True, extra="ignore", frozen=True, populate_by_name=True
     )
 
-    embedding_model: str = Field(
-        DEFAULT_MODEL,
-        validation_alias=AliasChoices("IMAGE_EMBEDDING_MODEL"),
-        description="Hugging Face hub id or local folder of the model Triton serves.",
-        min_length=1,
-    )
-    bind: str = Field("0.0.0.0:8000", description="host:port the HTTP frontend listens on.")
-    workers: int = Field(2, ge=1, le=64, description="uvicorn worker processes of the frontend.")
-    concurrency_level: int = Field(
-        32, ge=1, le=4096, description="Images of one request in flight to Triton at once."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights and activations: auto = fp16 on GPU, bf16 on CPUs with it."
-    )
-    pooling: Literal["mean", "cls", "pooler"] = Field(
-        "mean", description="How token vectors become one embedding."
-    )
-    max_client_batch_size: int = Field(
-        64, ge=1, le=4096, description="Most inputs one /embed request may carry."
-    )
-    max_image_pixels: int = Field(
-        50_000_000, ge=1, description="Largest image (width x height) accepted, from its header."
-    )
-    request_timeout: float = Field(
-        60.0, gt=0, le=3600, description="Seconds a request may take before a 504."
-    )
-    payload_limit: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 above)."
-    )
-    max_concurrent_requests: int = Field(
-        512,
-        ge=1,
-        description="Images in flight per frontend worker; beyond it requests get a 429 at once.",
-    )
-    api_key: SecretStr | None = Field(
-        None, description="When set, every route but /health and /metrics needs this Bearer key."
-    )
-    served_model_name: str | None = Field(
-        None, description="Name the OpenAI route answers to besides IMAGE_EMBEDDING_MODEL."
-    )
-    allow_private_urls: bool = Field(
-        False, description="Fetch image URLs on loopback, private and link-local addresses too."
-    )
-    url_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to fetch one image URL.")
-    url_max_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Largest image file fetched from a URL."
-    )
-    url_max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed per URL.")
-    triton_url: str | None = Field(
-        None,
-        description="host:port of a Triton HTTP endpoint run by something else (compose, k8s). "
-        "Unset: the one `iei serve` starts on 127.0.0.1:IEI_TRITON_HTTP_PORT.",
-    )
-    triton_host: str = Field(
-        "127.0.0.1",
-        description="Interface the Triton that `iei serve` starts listens on; 0.0.0.0 exposes "
-        "it to direct HTTP/gRPC clients on other machines.",
-    )
-    triton_http_port: int = Field(8100, ge=1, le=65535)
-    triton_grpc_port: int = Field(8101, ge=1, le=65535)
-    triton_metrics_port: int = Field(8102, ge=1, le=65535)
-    triton_instances: int | None = Field(
-        None, ge=1, le=64, description="Model instances per GPU (or on the CPU). Unset: 1."
-    )
-    model_repository: Path = Field(
-        DEFAULT_MODEL_REPOSITORY, description="Folder Triton loads; this checkout's by default."
-    )
-    startup_timeout: float = Field(
-        600.0, gt=0, description="Seconds `iei serve` waits for the model to load."
-    )
+    def shown(self) -> dict[str, Any]:
+        """The settings as they may be logged: a secret only says whether it is set."""
+        values = self.model_dump(mode="json")
+        for name in values:
+            if SETTINGS[name].type == "secret":
+                values[name] = "set (hidden)" if values[name] else None
+        return values
 
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, e.g. 0.0.0.0:8000, got {value!r}")
-        return value
 
-    @field_validator("triton_url")
-    @classmethod
-    def _check_triton_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        bare = value.removeprefix("http://").rstrip("/")
-        if "://" in bare or ":" not in bare or not bare.rpartition(":")[2].isdigit():
-            raise ValueError(f"expected host:port (or http://host:port), got {value!r}")
-        return bare
+def load(cls: type[SettingsBase]) -> Any:
+    """`cls()`, or one log line per invalid variable (by its name) and exit status 2."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            env = SETTINGS[name].env if name in SETTINGS else name
+            log.error("invalid setting %s: %s", env, error["msg"])
+        raise SystemExit(2) from None
 
-    @cached_property
-    def model_names(self) -> frozenset[str]:
-        """Names a client may give as `model`: the id, its last part, the served name."""
-        names = {self.embedding_model, self.embedding_model.rstrip("/").rsplit("/", 1)[-1]}
-        if self.served_model_name:
-            names.add(self.served_model_name)
-        return frozenset(names)
 
-    @cached_property
-    def public_model_name(self) -> str:
-        return self.served_model_name or self.embedding_model
+def _default_cell(entry: Setting) -> str:
+    if entry.shown_default is not None:
+        return entry.shown_default
+    if entry.default is None:
+        return "unset"
+    if isinstance(entry.default, bool):
+        return f"`{str(entry.default).lower()}`"
+    if isinstance(entry.default, float) and entry.default.is_integer():
+        return f"`{int(entry.default)}`"
+    return f"`{entry.default}`"
 
-    @cached_property
-    def host(self) -> str:
-        return self.bind.rpartition(":")[0].strip("[]")
 
-    @cached_property
-    def port(self) -> int:
-        return int(self.bind.rpartition(":")[2])
+def markdown_table() -> str:
+    """The README's settings table."""
+    rows = ["| variable | default | read by | meaning |", "| --- | --- | --- | --- |"]
+    for entry in SETTINGS.values():
+        rows.append(
+            f"| `{entry.env}` | {_default_cell(entry)} | {', '.join(entry.readers)} | "
+            f"{entry.description} |"
+        )
+    return "\n".join(rows)
 
-    @cached_property
-    def triton_endpoint(self) -> str:
-        """host:port of Triton's HTTP endpoint, as tritonclient wants it."""
-        return self.triton_url or f"127.0.0.1:{self.triton_http_port}"
+
+if __name__ == "__main__":
+    print(markdown_table())  # noqa: T201 (the command's output)

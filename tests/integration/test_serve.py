@@ -136,7 +136,7 @@ def test_the_frontend_without_triton_answers_503_json(tmp_path):
     """The real frontend process, with Triton unreachable: clear 503s, never a hang or a 500."""
     port = free_port()
     env = {**os.environ, "IEI_TRITON_URL": f"127.0.0.1:{free_port()}", "IEI_REQUEST_TIMEOUT": "5"}
-    command = [sys.executable, "-m", "uvicorn", "iei.app:create_app", "--factory",
+    command = [sys.executable, "-m", "uvicorn", "iei.server.app:create_app", "--factory",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     try:

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from iei.bulk import load_index
 from iei.client import AsyncIEIClient, IEIClient, ValidationError
+from iei.client.index_files import load_index
 from PIL import Image
 from sample_images import PHOTOS_DIR
 from stack import IEI

@@ -41,7 +41,11 @@ SETTINGS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOLINGS = ("mean", "cls", "pooler")
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# The words pydantic takes for a bool, so that `iei serve`'s check and this one agree.
+BOOLEANS = {
+    **dict.fromkeys(("true", "1", "yes", "y", "on", "t"), True),
+    **dict.fromkeys(("false", "0", "no", "n", "off", "f"), False),
+}
 # A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper than a full decode
 # and resize) while its short side stays at least this many times the processor's input side:
 # 2x keeps the processor's own downscaling in charge of the final quality.

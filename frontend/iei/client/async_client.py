@@ -1,0 +1,84 @@
+"""`AsyncIEIClient`: the client's plans (`core.py`) carried out on asyncio. Reading files and
+encoding PIL/numpy images runs in a worker thread, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import numpy as np
+
+from .core import JSON_HEADERS, ClientCore, Encode, Plan, RetryPolicy, Send, T
+from .inputs import ImageInput
+
+
+class AsyncIEIClient:
+    """The asyncio twin of `IEIClient`: `await client.embed(images)`."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        batch_size: int | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self._core = ClientCore(url, api_key, timeout, retry or RetryPolicy(), batch_size)
+        self._http = httpx.AsyncClient(
+            base_url=self._core.url,
+            headers=self._core.headers,
+            timeout=timeout,
+            transport=transport,
+        )
+        self._sleep = sleep
+        self._info_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def info(self) -> dict[str, Any]:
+        """`GET /info`, fetched once and kept (concurrent first calls share one request)."""
+        async with self._info_lock:
+            return await self._run(self._core.info())
+
+    async def embed(self, images: Sequence[ImageInput], *, normalize: bool = True) -> np.ndarray:
+        """Vectors of `images` (unit length unless normalize=False), float32 (N, D)."""
+        await self.info()
+        return await self._run(self._core.embed(images, normalize))
+
+    async def _run(self, plan: Plan[T]) -> T:
+        result: Any = None
+        while True:
+            try:
+                step = plan.send(result)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Send):
+                try:
+                    result = await self._http.request(
+                        step.method, step.path, content=step.body,
+                        headers=JSON_HEADERS if step.body is not None else None,
+                    )  # fmt: skip
+                except httpx.TransportError as exc:
+                    result = exc
+            elif isinstance(step, Encode):
+                result = await asyncio.to_thread(step.run)
+            else:
+                result = await self._sleep(step.seconds)

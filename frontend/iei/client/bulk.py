@@ -1,0 +1,237 @@
+"""`iei embed`: a folder of images into a file of vectors (formats: `index_files.py`).
+
+An image the service refuses (its 422: not an image, too many pixels, …) or a file that cannot be
+read is skipped with a warning and counted; a refused batch is retried one image at a time so that
+only the bad file is lost. Skipped files are not recorded and are tried again by `--resume`, which
+continues the journal of an interrupted run (or, when the run had finished, starts from the
+finished file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .async_client import AsyncIEIClient
+from .core import RetryPolicy
+from .errors import IEIError, ValidationError
+from .index_files import (
+    BulkError,
+    Journal,
+    files_of,
+    journal_path,
+    load_index,
+    output_format,
+    read_journal,
+    stack,
+    write_index,
+)
+
+log = logging.getLogger("iei")
+
+# What a folder walk picks up (files named on the command line are taken whatever their suffix).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif",
+     ".tiff"}
+)  # fmt: skip
+
+
+def find_images(roots: Iterable[Path]) -> list[str]:
+    """The image paths under `roots`, each once, folders walked recursively in sorted order."""
+    found: dict[str, None] = {}
+    for root in roots:
+        if root.is_file():
+            found[str(root)] = None
+        elif root.is_dir():
+            for folder, subfolders, files in os.walk(root):
+                subfolders.sort()
+                for name in sorted(files):
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        found[os.path.join(folder, name)] = None
+        else:
+            raise BulkError(f"no such file or folder: {root}")
+    return list(found)
+
+
+# --- embedding ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    embedded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def read_files(paths: Sequence[str]) -> list[bytes | OSError]:
+    contents: list[bytes | OSError] = []
+    for path in paths:
+        try:
+            contents.append(Path(path).read_bytes())
+        except OSError as exc:
+            contents.append(exc)
+    return contents
+
+
+async def embed_paths(
+    client: AsyncIEIClient,
+    paths: Sequence[str],
+    *,
+    batch_size: int,
+    concurrency: int,
+    normalize: bool,
+    on_embedded: Callable[[Sequence[str], np.ndarray], None],
+    on_skipped: Callable[[str, str], None],
+) -> None:
+    """Embed `paths` in batches, `concurrency` requests in flight; report each result."""
+    batches: Iterator[Sequence[str]] = (
+        paths[i : i + batch_size] for i in range(0, len(paths), batch_size)
+    )
+
+    async def embed_batch(batch: Sequence[str], contents: Sequence[bytes]) -> None:
+        try:
+            vectors = await client.embed(contents, normalize=normalize)
+        except ValidationError as exc:
+            if len(batch) == 1:
+                on_skipped(batch[0], strip_index(exc.message))
+                return
+            for path, content in zip(batch, contents, strict=True):  # find the bad one(s)
+                await embed_batch([path], [content])
+            return
+        on_embedded(batch, vectors)
+
+    async def worker() -> None:
+        for batch in batches:  # one shared iterator: each batch goes to one worker
+            contents = await asyncio.to_thread(read_files, batch)
+            readable = [
+                (p, c) for p, c in zip(batch, contents, strict=True) if isinstance(c, bytes)
+            ]
+            for path, content in zip(batch, contents, strict=True):
+                if isinstance(content, OSError):
+                    on_skipped(path, f"cannot read: {content.strerror or content}")
+            if readable:
+                await embed_batch([p for p, _ in readable], [c for _, c in readable])
+
+    async with asyncio.TaskGroup() as workers:
+        for _ in range(concurrency):
+            workers.create_task(worker())
+
+
+def strip_index(message: str) -> str:
+    """`inputs[0]: not an image` -> `not an image` (the index means nothing to the user)."""
+    return message.split(": ", 1)[1] if message.startswith("inputs[") else message
+
+
+def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
+    """What earlier runs finished (for --resume), after checking what is on disk."""
+    existing = [f for f in files_of(out) if f.exists()]
+    if not resume:
+        if existing and not overwrite:
+            names = ", ".join(str(f) for f in existing)
+            raise BulkError(f"{names} exists: continue with --resume, or replace with --overwrite")
+        for file in existing:
+            file.unlink()
+        return {}
+    journal = journal_path(out)
+    if journal.exists():
+        return read_journal(journal, repair=True)
+    if out.exists():  # a finished .npy/.parquet: continue from it (new files in the folders)
+        paths, vectors = load_index(out)
+        done = dict(zip(paths, vectors, strict=True))
+        seed = Journal(journal)
+        seed.append(paths, vectors)
+        seed.close()
+        return done
+    return {}
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    started = time.perf_counter()
+    try:
+        output_format(out)
+        paths = find_images(args.paths)
+        if not paths:
+            raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
+        done = prepare(out, args.resume, args.overwrite)
+    except (BulkError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    todo = [p for p in paths if p not in done]
+    tally = Tally()
+    journal = Journal(journal_path(out))
+    progress = tqdm(
+        total=len(todo), unit="img", desc="embedding", disable=args.no_progress, file=sys.stderr
+    )
+
+    def embedded(batch: Sequence[str], vectors: np.ndarray) -> None:
+        journal.append(batch, vectors)
+        done.update(zip(batch, vectors, strict=True))
+        tally.embedded += len(batch)
+        progress.update(len(batch))
+
+    def skipped(path: str, reason: str) -> None:
+        log.warning("skipped %s: %s", path, reason)
+        tally.skipped.append((path, reason))
+        progress.update(1)
+
+    async def embed_all() -> None:
+        retry = RetryPolicy(attempts=max(0, args.retries) + 1)
+        async with AsyncIEIClient(
+            args.url, args.api_key, batch_size=args.batch_size, retry=retry
+        ) as client:
+            dimension = (await client.info()).get("embedding_dimension")
+            if done and dimension and len(next(iter(done.values()))) != dimension:
+                raise BulkError(f"{out} holds vectors of another model (not {dimension} values)")
+            await embed_paths(
+                client, todo, batch_size=args.batch_size, concurrency=args.concurrency,
+                normalize=not args.raw, on_embedded=embedded, on_skipped=skipped,
+            )  # fmt: skip
+
+    try:
+        with logging_redirect_tqdm(), progress:
+            asyncio.run(embed_all())
+    except (BaseExceptionGroup, BulkError, IEIError, KeyboardInterrupt) as exc:
+        return report_stop(exc, len(done))
+    finally:
+        journal.close()
+
+    if output_format(out) != ".jsonl":
+        order = {path: index for index, path in enumerate(paths)}
+        final = sorted(done, key=lambda p: order.get(p, len(order)))  # earlier runs' extras last
+        write_index(out, final, stack([done[p] for p in final]))
+        journal_path(out).unlink()
+    seconds = time.perf_counter() - started
+    rate = tally.embedded / seconds if seconds > 0 else 0.0
+    sys.stdout.write(
+        f"embedded {tally.embedded} images, skipped {len(tally.skipped)}, "
+        f"{len(paths) - len(todo)} already done, in {seconds:.1f} s ({rate:.1f} images/s) "
+        f"-> {out} ({len(done)} vectors)\n"
+    )
+    return 0
+
+
+def report_stop(exc: BaseException, kept: int) -> int:
+    """One line for a run that stopped early, and its exit status; the journal stays."""
+    while isinstance(exc, BaseExceptionGroup):  # from the TaskGroup of workers
+        exc = exc.exceptions[0]
+    if isinstance(exc, BulkError):
+        log.error("%s", exc)
+        return 2
+    if isinstance(exc, IEIError):
+        log.error("stopped: %s (%d vectors kept; continue with --resume)", exc, kept)
+        return 1
+    if isinstance(exc, KeyboardInterrupt):
+        log.error("interrupted (%d vectors kept; continue with --resume)", kept)
+        return 130
+    raise exc

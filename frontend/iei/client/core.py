@@ -1,0 +1,173 @@
+"""The client's one implementation, without I/O: request building, batching, retries and error
+mapping are generators ("plans") that yield what they need done — send a request, wait, encode
+images — and are sent back the result. `IEIClient` carries the steps out with blocking calls,
+`AsyncIEIClient` with awaits; nothing else differs between the two.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import httpx
+import numpy as np
+import orjson
+
+from .errors import RETRIED_STATUSES, IEIError, UnavailableError, error_from_response
+from .inputs import ImageInput, encode_image
+
+T = TypeVar("T")
+
+# Share of the server's payload limit one request may fill (JSON framing is the rest).
+PAYLOAD_SHARE = 0.9
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send this request; the plan gets the `httpx.Response`, or the `httpx.TransportError`."""
+
+    method: str
+    path: str
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Sleep this long (back-off before a retry); the plan gets None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Encode:
+    """Turn these inputs into what the server takes (CPU work: the async client runs it in a
+    thread); the plan gets the list of strings."""
+
+    images: Sequence[ImageInput]
+
+    def run(self) -> list[str]:
+        return [encode_image(image) for image in self.images]
+
+
+Step: TypeAlias = Send | Wait | Encode
+Plan: TypeAlias = Generator[Step, Any, T]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before retrying 429, 503 and lost connections.
+
+    The wait before retry n (1, 2, …) is the server's `Retry-After` when it sends one, else
+    `backoff * 2**(n-1)` with ±25 % jitter (so that many clients do not retry in step); never
+    more than `max_backoff`. `attempts` counts every try, the first included.
+    """
+
+    attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+
+    def delay(self, retry: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        wait = self.backoff * 2 ** (retry - 1) * random.uniform(0.75, 1.25)  # noqa: S311 (back-off jitter)
+        return min(wait, self.max_backoff)
+
+
+def chunks(encoded: Sequence[str], max_items: int, max_chars: int | None) -> Iterator[range]:
+    """Index ranges of at most `max_items` inputs and (where possible) `max_chars` characters."""
+    start, size = 0, 0
+    for index, item in enumerate(encoded):
+        full = index - start >= max_items
+        too_large = max_chars is not None and index > start and size + len(item) > max_chars
+        if full or too_large:
+            yield range(start, index)
+            start, size = index, 0
+        size += len(item)
+    if start < len(encoded):
+        yield range(start, len(encoded))
+
+
+def as_matrix(vectors: list[np.ndarray], dimension: int | None) -> np.ndarray:
+    if not vectors:
+        return np.zeros((0, dimension or 0), dtype=np.float32)
+    return np.concatenate(vectors, axis=0)
+
+
+def vectors_from(response: httpx.Response) -> np.ndarray:
+    return np.asarray(orjson.loads(response.content), dtype=np.float32)
+
+
+class ClientCore:
+    """What a client knows (the service, its key, its limits once read) and the plans of its
+    calls."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        timeout: float,
+        retry: RetryPolicy,
+        batch_size: int | None,
+    ) -> None:
+        if retry.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.retry = retry
+        self.batch_size = batch_size
+        self.server_info: dict[str, Any] | None = None
+
+    def limits(self) -> tuple[int, int | None, int | None]:
+        """(images per request, characters per request, embedding dimension) from /info."""
+        info = self.server_info or {}
+        limits = info.get("limits") or {}
+        per_request = int(
+            info.get("max_client_batch_size") or limits.get("max_client_batch_size") or 32
+        )
+        if self.batch_size is not None:
+            per_request = max(1, min(per_request, self.batch_size))
+        payload = limits.get("payload_limit")
+        max_chars = int(payload * PAYLOAD_SHARE) if payload else None
+        return per_request, max_chars, info.get("embedding_dimension")
+
+    def info(self) -> Plan[dict[str, Any]]:
+        """`GET /info`, asked once and kept."""
+        if self.server_info is None:
+            response = yield from self.request("GET", "/info")
+            self.server_info = orjson.loads(response.content)
+        return self.server_info
+
+    def embed(self, images: Sequence[ImageInput], normalize: bool) -> Plan[np.ndarray]:
+        """Vectors of `images` as float32 (N, D): requests within the server's limits, in order."""
+        encoded: list[str] = yield Encode(images)
+        yield from self.info()
+        per_request, max_chars, dimension = self.limits()
+        parts = []
+        for span in chunks(encoded, per_request, max_chars):
+            body = {"inputs": [encoded[i] for i in span], "normalize": normalize}
+            response = yield from self.request("POST", "/embed", body)
+            parts.append(vectors_from(response))
+        return as_matrix(parts, dimension)
+
+    def request(self, method: str, path: str, body: object = None) -> Plan[httpx.Response]:
+        """One call, retried on 429, 503 and lost connections; other errors raise at once."""
+        content = None if body is None else orjson.dumps(body)
+        for attempt in range(1, self.retry.attempts + 1):
+            error: IEIError
+            outcome = yield Send(method, path, content)
+            if isinstance(outcome, httpx.TransportError):
+                error = UnavailableError(f"cannot reach {self.url}: {outcome!r}")
+            elif outcome.is_success:
+                return outcome
+            else:
+                error = error_from_response(outcome)
+                if outcome.status_code not in RETRIED_STATUSES:
+                    raise error
+            if attempt == self.retry.attempts:
+                raise error
+            yield Wait(self.retry.delay(attempt, error.retry_after))
+        raise AssertionError("unreachable")

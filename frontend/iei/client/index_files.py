@@ -1,0 +1,161 @@
+"""The files `iei embed` writes and `iei similar` reads, chosen by the suffix of `--out`:
+
+- `.jsonl`: one `{"path", "embedding"}` object per line, appended as requests finish (so in
+  completion order). The file is its own progress record: `--resume` reads the paths back (a torn
+  last line from a killed run is cut off) and embeds only the others.
+- `.npy` (+ `NAME.ids.json`, the paths in row order) and `.parquet` (columns `path`, `embedding`):
+  written once at the end, rows in the order the paths were walked. Until then results go to a
+  sidecar journal `OUT.progress.jsonl` in the `.jsonl` format. Output files are replaced
+  atomically, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+log = logging.getLogger("iei")
+
+FORMATS = (".jsonl", ".npy", ".parquet")
+
+
+class BulkError(Exception):
+    """A problem with the command's arguments or files: reported in one line, exit status 2."""
+
+
+# --- output files ------------------------------------------------------------------------------
+
+
+def output_format(out: Path) -> str:
+    suffix = out.suffix.lower()
+    if suffix not in FORMATS:
+        raise BulkError(f"--out must end in {', '.join(FORMATS)}, not {out.name!r}")
+    return suffix
+
+
+def ids_path(out: Path) -> Path:
+    """`vectors.npy` keeps its paths in `vectors.ids.json`."""
+    return out.with_suffix(".ids.json")
+
+
+def journal_path(out: Path) -> Path:
+    return out if output_format(out) == ".jsonl" else out.with_name(out.name + ".progress.jsonl")
+
+
+def files_of(out: Path) -> list[Path]:
+    """Every file a run writes for `out`."""
+    files = [out, journal_path(out)]
+    if output_format(out) == ".npy":
+        files.append(ids_path(out))
+    return list(dict.fromkeys(files))
+
+
+def read_journal(path: Path, repair: bool = False) -> dict[str, np.ndarray]:
+    """path -> vector from a `.jsonl` file; with `repair`, a torn last line is cut off the file."""
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        if not repair:
+            raise BulkError(f"{path}: the last line is incomplete (an interrupted run?)")
+        log.warning("%s: dropping an incomplete last line (an interrupted write)", path)
+        with open(path, "r+b") as file:
+            file.truncate(complete)
+    done: dict[str, np.ndarray] = {}
+    for number, line in enumerate(data[:complete].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+            done[str(record["path"])] = np.asarray(record["embedding"], dtype=np.float32)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BulkError(f"{path}:{number}: not a {{path, embedding}} line ({exc})") from None
+    return done
+
+
+def load_index(path: Path) -> tuple[list[str], np.ndarray]:
+    """(paths, float32 vectors (N, D)) from a file that `iei embed` wrote."""
+    if not path.exists():
+        raise BulkError(f"no such index: {path}")
+    kind = output_format(path)
+    if kind == ".jsonl":
+        done = read_journal(path)
+        return list(done), stack(list(done.values()))
+    if kind == ".npy":
+        vectors = np.load(path).astype(np.float32, copy=False)
+        paths = orjson.loads(ids_path(path).read_bytes())
+    else:
+        pq = import_parquet()
+        table = pq.read_table(path, columns=["path", "embedding"])
+        paths = table.column("path").to_pylist()
+        vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    if len(paths) != len(vectors):
+        raise BulkError(f"{path}: {len(vectors)} vectors but {len(paths)} paths")
+    return [str(p) for p in paths], vectors.reshape(len(paths), -1)
+
+
+def write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
+    """Write `.npy` + ids or `.parquet`, each file through a temporary name and a rename."""
+    kind = output_format(out)
+    if kind == ".npy":
+        with open(partial(out), "wb") as file:
+            np.save(file, vectors)
+        partial(ids_path(out)).write_bytes(orjson.dumps(paths, option=orjson.OPT_INDENT_2))
+        os.replace(partial(ids_path(out)), ids_path(out))
+        os.replace(partial(out), out)
+    elif kind == ".parquet":
+        pa, pq = import_arrow(), import_parquet()
+        dimension = vectors.shape[1]
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimension)
+        table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding})
+        pq.write_table(table, partial(out))
+        os.replace(partial(out), out)
+
+
+def partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def stack(vectors: list[np.ndarray]) -> np.ndarray:
+    try:
+        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+    except ValueError:
+        raise BulkError("the vectors have different lengths (made by different models?)") from None
+
+
+def import_parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BulkError(".parquet needs pyarrow: pip install 'iei[tools]'") from None
+    return pq
+
+
+def import_arrow() -> Any:
+    import pyarrow as pa
+
+    return pa
+
+
+class Journal:
+    """Appends `{"path", "embedding"}` lines, flushed after every batch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "ab")  # noqa: SIM115 - closed by close()
+
+    def append(self, paths: Sequence[str], vectors: np.ndarray) -> None:
+        for path, vector in zip(paths, vectors, strict=True):
+            line = orjson.dumps(
+                {"path": path, "embedding": vector}, option=orjson.OPT_SERIALIZE_NUMPY
+            )
+            self.file.write(line + b"\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

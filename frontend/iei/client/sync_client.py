@@ -1,0 +1,80 @@
+"""`IEIClient`: the client's plans (`core.py`) carried out with blocking calls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import numpy as np
+
+from .core import JSON_HEADERS, ClientCore, Encode, Plan, RetryPolicy, Send, T
+from .inputs import ImageInput
+
+
+class IEIClient:
+    """Blocking client. `embed(images)` → float32 array (N, D), one row per image, in order."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        batch_size: int | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._core = ClientCore(url, api_key, timeout, retry or RetryPolicy(), batch_size)
+        self._http = httpx.Client(
+            base_url=self._core.url,
+            headers=self._core.headers,
+            timeout=timeout,
+            transport=transport,
+        )
+        self._sleep = sleep
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def info(self) -> dict[str, Any]:
+        """`GET /info`, fetched once and kept."""
+        return self._run(self._core.info())
+
+    def embed(self, images: Sequence[ImageInput], *, normalize: bool = True) -> np.ndarray:
+        """Vectors of `images` (unit length unless normalize=False), float32 (N, D)."""
+        return self._run(self._core.embed(images, normalize))
+
+    def _run(self, plan: Plan[T]) -> T:
+        result: Any = None
+        while True:
+            try:
+                step = plan.send(result)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Send):
+                try:
+                    result = self._http.request(
+                        step.method, step.path, content=step.body,
+                        headers=JSON_HEADERS if step.body is not None else None,
+                    )  # fmt: skip
+                except httpx.TransportError as exc:
+                    result = exc
+            elif isinstance(step, Encode):
+                result = step.run()
+            else:
+                result = self._sleep(step.seconds)

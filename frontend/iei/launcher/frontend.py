@@ -1,0 +1,98 @@
+"""The HTTP frontend as a child of `iei serve`: uvicorn with IEI_WORKERS worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from .errors import TritonStartupError
+from .processes import die_with_parent, stop_process
+from .settings import LauncherSettings
+
+# Seconds uvicorn gives requests in flight to finish after SIGTERM.
+GRACEFUL_SHUTDOWN = 30
+# The ASGI application every worker builds (docker/frontend.Dockerfile runs the same).
+APP_FACTORY = "iei.server.app:create_app"
+
+
+def uvicorn_arguments(host: str, port: int, workers: int | str) -> list[str]:
+    """uvicorn's flags for the frontend, shared with the frontend image's command."""
+    return [
+        APP_FACTORY, "--factory", "--host", host, "--port", str(port),
+        "--workers", str(workers), "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN),
+        "--no-access-log",
+    ]  # fmt: skip
+
+
+class Frontend:
+    """The uvicorn process (with IEI_WORKERS workers) serving `iei.server.app:create_app`."""
+
+    def __init__(self, settings: LauncherSettings, triton_endpoint: str, work_dir: Path) -> None:
+        self.settings = settings
+        self.triton_endpoint = triton_endpoint
+        self.metrics_dir = work_dir / "metrics"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stop_requested = False
+
+    @property
+    def local_url(self) -> str:
+        host = self.settings.host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 (a mapping, not a bind)
+        literal = f"[{host}]" if ":" in host else host
+        return f"http://{literal}:{self.settings.port}"
+
+    def start(self) -> None:
+        settings = self.settings
+        command = [
+            sys.executable, "-m", "uvicorn",
+            *uvicorn_arguments(settings.host, settings.port, settings.workers),
+        ]  # fmt: skip
+        # Workers are processes: their metrics meet in files that /metrics adds up.
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "IEI_TRITON_URL": self.triton_endpoint,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+        }
+        self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)
+            command, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_healthy(self, timeout: float, should_stop: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=10.0) as client:  # /health may run a probe inference
+            while time.monotonic() < deadline:
+                if should_stop():
+                    raise TritonStartupError("stopped before the frontend was healthy")
+                if not self.running():
+                    raise TritonStartupError("the HTTP frontend exited during start-up")
+                try:
+                    if client.get(f"{self.local_url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+        raise TritonStartupError(f"the HTTP frontend was not healthy after {timeout:.0f} s")
+
+    def request_stop(self) -> None:
+        """Begin uvicorn's graceful shutdown: stop accepting, finish what was accepted. Only
+        once: a second SIGTERM makes uvicorn drop the requests in flight."""
+        if self.process is not None and not self.stop_requested and self.running():
+            self.stop_requested = True
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.request_stop()
+            stop_process(self.process, None, GRACEFUL_SHUTDOWN + 5, name="frontend")

@@ -1,0 +1,71 @@
+"""`iei serve`: Triton and the HTTP frontend in the foreground, stopped together on SIGTERM/SIGINT
+or when either exits; Triton is restarted when it (or its model's stub) dies."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+
+from .errors import TritonStartupError
+from .frontend import Frontend
+from .settings import LauncherSettings
+from .supervisor import TritonSupervisor
+from .triton_process import TritonServer
+
+log = logging.getLogger("iei")
+
+
+def serve(settings: LauncherSettings) -> int:
+    """Triton, then the frontend; stop both on SIGTERM/SIGINT or when either exits."""
+    stopping = threading.Event()
+    frontend: Frontend | None = None
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stopping.set()
+        if frontend is not None:  # at once, even while the main thread waits on a call
+            frontend.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    log.info("settings: %s", settings.shown())
+    work_dir = Path(tempfile.mkdtemp(prefix="iei-serve-"))
+    triton = None if settings.triton_url else TritonServer(settings, work_dir)
+    frontend = Frontend(settings, settings.triton_endpoint, work_dir)
+    try:
+        if triton is not None:
+            log.info("loading %s in Triton", settings.embedding_model)
+            triton.start()
+            triton.wait_ready(settings.startup_timeout, stopping.is_set)
+            triton.watch_stubs()
+        frontend.start()
+        frontend.wait_healthy(60.0, stopping.is_set)
+        log.info(
+            "IEI serving %s on http://%s (Triton HTTP %s, gRPC port %d)",
+            settings.embedding_model, settings.bind, settings.triton_endpoint,
+            settings.triton_grpc_port,
+        )  # fmt: skip
+        supervisor = TritonSupervisor(triton, settings, stopping) if triton else None
+        while not stopping.wait(0.5):
+            if supervisor is not None:
+                supervisor.check()
+            if not frontend.running() and not stopping.is_set():
+                log.error("the HTTP frontend exited")
+                return 1
+        return 0
+    except TritonStartupError as exc:
+        if stopping.is_set():
+            return 0
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        frontend.stop()
+        if triton is not None:
+            triton.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""What `iei serve` and `iei triton` read: the frontend's settings (`iei serve` runs it and checks
+them before anything starts), the model's (checked here so a typo stops start-up with the
+variable's name, not a Triton failure), and the launcher's own."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator
+
+from ..server.settings import ServerSettings
+from ..settings import setting
+from .repository import shipped_model_repository
+
+
+class LauncherSettings(ServerSettings):
+    bind: str = setting("bind")
+    workers: int = setting("workers", ge=1, le=64)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("dtype")
+    pooling: Literal["mean", "cls", "pooler"] = setting("pooling")
+    forward_batch_size: str = setting("forward_batch_size")
+    jpeg_draft: bool = setting("jpeg_draft")
+    triton_host: str = setting("triton_host")
+    triton_grpc_port: int = setting("triton_grpc_port", ge=1, le=65535)
+    triton_metrics_port: int = setting("triton_metrics_port", ge=1, le=65535)
+    triton_instances: int | None = setting("triton_instances", ge=1, le=64)
+    model_repository: Path | None = setting("model_repository")
+    startup_timeout: float = setting("startup_timeout", gt=0)
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, e.g. 0.0.0.0:8000, got {value!r}")
+        return value
+
+    @field_validator("forward_batch_size")
+    @classmethod
+    def _check_forward_batch_size(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"expected auto or a positive integer, got {value!r}")
+        return value
+
+    @cached_property
+    def host(self) -> str:
+        return self.bind.rpartition(":")[0].strip("[]")
+
+    @cached_property
+    def port(self) -> int:
+        return int(self.bind.rpartition(":")[2])
+
+    @cached_property
+    def repository(self) -> Path:
+        """The model repository Triton loads: IEI_MODEL_REPOSITORY, else the one IEI ships."""
+        return self.model_repository or shipped_model_repository()

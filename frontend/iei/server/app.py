@@ -1,0 +1,68 @@
+"""The FastAPI application: `create_app()` is what uvicorn's workers call."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from . import metrics
+from .embedding import Permits, Services
+from .errors import install_error_handlers
+from .fetch import UrlFetcher
+from .logs import configure_logging
+from .middleware import BodyLimit, RequestContext, RequestMetrics
+from .routes import demo, embed, health, info, openai
+from .settings import ServerSettings
+from .triton_client import TritonClient
+
+log = logging.getLogger("iei")
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    configure_logging()
+    triton = TritonClient(
+        settings.triton_endpoint,
+        concurrency_level=settings.concurrency_level,
+        timeout=settings.request_timeout,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Clients are created inside the running loop, as aiohttp and httpx require.
+        await triton.open()
+        fetcher = UrlFetcher(
+            allow_private=settings.allow_private_urls,
+            timeout=settings.url_timeout,
+            max_bytes=settings.url_max_bytes,
+            max_redirects=settings.url_max_redirects,
+        )
+        app.state.services = Services(
+            settings, triton, fetcher, Permits(settings.max_concurrent_images)
+        )
+        try:
+            yield
+        finally:
+            await fetcher.close()
+            await triton.close()
+            metrics.worker_exited(os.getpid())
+
+    app = FastAPI(
+        title="IEI — Image Embedding Inference",
+        version=__version__,
+        description="Image embeddings over HTTP, served by NVIDIA Triton Inference Server. "
+        "TEI-compatible `/embed`, OpenAI-compatible `/v1/embeddings`.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(BodyLimit, limit=settings.payload_limit)  # before anything is read
+    app.add_middleware(RequestContext)  # outermost: every answer carries the request id
+    for module in (embed, openai, info, health, demo):
+        app.include_router(module.router)
+    return app

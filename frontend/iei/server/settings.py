@@ -1,0 +1,56 @@
+"""What the HTTP frontend reads from the environment (the table is `iei.settings.SETTINGS`)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import SecretStr, field_validator
+
+from ..settings import SettingsBase, setting
+
+
+class ServerSettings(SettingsBase):
+    """The frontend's settings; see the README's table."""
+
+    embedding_model: str = setting("embedding_model", min_length=1)
+    concurrency_level: int = setting("concurrency_level", ge=1, le=4096)
+    max_client_batch_size: int = setting("max_client_batch_size", ge=1, le=4096)
+    max_image_pixels: int = setting("max_image_pixels", ge=1)
+    request_timeout: float = setting("request_timeout", gt=0, le=3600)
+    payload_limit: int = setting("payload_limit", ge=1024)
+    max_concurrent_images: int = setting("max_concurrent_images", ge=1)
+    api_key: SecretStr | None = setting("api_key")
+    served_model_name: str | None = setting("served_model_name")
+    allow_private_urls: bool = setting("allow_private_urls")
+    url_timeout: float = setting("url_timeout", gt=0, le=600)
+    url_max_bytes: int = setting("url_max_bytes", ge=1024)
+    url_max_redirects: int = setting("url_max_redirects", ge=0, le=20)
+    triton_url: str | None = setting("triton_url")
+    triton_http_port: int = setting("triton_http_port", ge=1, le=65535)
+
+    @field_validator("triton_url")
+    @classmethod
+    def _check_triton_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        bare = value.removeprefix("http://").rstrip("/")
+        if "://" in bare or ":" not in bare or not bare.rpartition(":")[2].isdigit():
+            raise ValueError(f"expected host:port (or http://host:port), got {value!r}")
+        return bare
+
+    @cached_property
+    def model_names(self) -> frozenset[str]:
+        """Names a client may give as `model`: the id, its last part, the served name."""
+        names = {self.embedding_model, self.embedding_model.rstrip("/").rsplit("/", 1)[-1]}
+        if self.served_model_name:
+            names.add(self.served_model_name)
+        return frozenset(names)
+
+    @cached_property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.embedding_model
+
+    @cached_property
+    def triton_endpoint(self) -> str:
+        """host:port of Triton's HTTP endpoint, as tritonclient wants it."""
+        return self.triton_url or f"127.0.0.1:{self.triton_http_port}"

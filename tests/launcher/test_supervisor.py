@@ -1,0 +1,90 @@
+"""`iei serve`'s Triton supervisor: restarts with back-off, and never starts a Triton once a stop
+was asked for. A recording stand-in replaces TritonServer; nothing here starts a process."""
+
+from __future__ import annotations
+
+import threading
+
+from iei.launcher.errors import TritonStartupError
+from iei.launcher.settings import LauncherSettings
+from iei.launcher.supervisor import TritonSupervisor
+
+
+class FakeTriton:
+    """Records the supervisor's calls; `on_stop` runs inside stop() (e.g. a SIGTERM arriving)."""
+
+    def __init__(self, problem: str | None = "Triton exited", fail_starts: int = 0) -> None:
+        self.calls: list[str] = []
+        self._problem = problem
+        self.fail_starts = fail_starts
+        self.on_stop = lambda: None
+
+    def problem(self) -> str | None:
+        return self._problem
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.calls.append("stop")
+        self.on_stop()
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def wait_ready(self, timeout: float, should_stop: object = None) -> None:
+        self.calls.append("wait_ready")
+        if self.fail_starts:
+            self.fail_starts -= 1
+            raise TritonStartupError("Triton exited during start-up")
+        self._problem = None
+
+    def watch_stubs(self) -> None:
+        self.calls.append("watch_stubs")
+
+
+def supervisor(triton: FakeTriton, stopping: threading.Event) -> TritonSupervisor:
+    return TritonSupervisor(triton, LauncherSettings(), stopping)  # type: ignore[arg-type]
+
+
+def test_a_healthy_triton_is_left_alone():
+    triton = FakeTriton(problem=None)
+    supervisor(triton, threading.Event()).check()
+    assert triton.calls == []
+
+
+def test_a_problem_restarts_triton_and_watches_the_new_stubs():
+    triton = FakeTriton()
+    supervisor(triton, threading.Event()).check()
+    assert triton.calls == ["stop", "start", "wait_ready", "watch_stubs"]
+
+
+def test_a_failed_restart_is_retried_after_a_back_off(monkeypatch):
+    stopping = threading.Event()
+    waits: list[float] = []
+    monkeypatch.setattr(stopping, "wait", lambda delay: waits.append(delay) or False)
+    triton = FakeTriton(fail_starts=2)
+    supervisor(triton, stopping).check()
+    assert triton.calls.count("start") == 3
+    assert waits == [1.0, 2.0]  # doubling from one second
+    assert triton.calls[-1] == "watch_stubs"
+
+
+def test_a_stop_asked_for_while_triton_stops_starts_no_new_triton():
+    stopping = threading.Event()
+    triton = FakeTriton()
+    triton.on_stop = stopping.set  # SIGTERM arrives while the dead Triton is being stopped
+    supervisor(triton, stopping).check()
+    assert triton.calls == ["stop"]
+
+
+def test_a_stop_during_the_restart_ends_the_retries_quietly(caplog):
+    stopping = threading.Event()
+
+    class StoppedWhileStarting(FakeTriton):
+        def wait_ready(self, timeout: float, should_stop: object = None) -> None:
+            self.calls.append("wait_ready")
+            stopping.set()  # SIGTERM while Triton loads: wait_ready gives up
+            raise TritonStartupError("stopped before Triton was ready")
+
+    triton = StoppedWhileStarting()
+    supervisor(triton, stopping).check()
+    assert triton.calls == ["stop", "start", "wait_ready"]
+    assert "restart failed" not in caplog.text

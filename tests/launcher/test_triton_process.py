@@ -1,0 +1,102 @@
+"""How `iei serve` prepares Triton: the binary, the rendered repository, arguments, errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from google.protobuf import text_format
+from iei.launcher.errors import TritonStartupError
+from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
+from iei.launcher.settings import LauncherSettings
+from iei.launcher.triton_install import find_triton
+from iei.launcher.triton_process import TritonServer, model_environment, triton_arguments
+from tritonclient.grpc import model_config_pb2
+
+DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
+
+KIND = model_config_pb2.ModelInstanceGroup
+
+
+def rendered(tmp_path, **options):
+    target = render_model_repository(DEFAULT_MODEL_REPOSITORY, tmp_path / "repo", **options)
+    text = (target / "iei" / "config.pbtxt").read_text()
+    return target, text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_without_a_gpu_the_instances_run_on_the_cpu(tmp_path):
+    target, config = rendered(tmp_path, gpus=0, instances=None)
+    assert [(g.kind, g.count) for g in config.instance_group] == [(KIND.KIND_CPU, 1)]
+    assert (target / "iei" / "1" / "model.py").is_file()
+    assert config.max_batch_size == 64  # everything else is kept
+
+
+def test_with_gpus_the_committed_group_stays_and_counts_apply(tmp_path):
+    _, config = rendered(tmp_path, gpus=2, instances=3)
+    assert [(g.kind, g.count) for g in config.instance_group] == [(KIND.KIND_GPU, 3)]
+
+
+def test_a_repository_without_the_model_is_refused(tmp_path):
+    with pytest.raises(TritonStartupError, match=r"no iei/config\.pbtxt"):
+        render_model_repository(tmp_path, tmp_path / "out", gpus=0, instances=None)
+
+
+@pytest.mark.parametrize(("visible", "expected"), [("", 0), ("-1", 0), (None, None)])
+def test_gpu_count_honours_cuda_visible_devices(monkeypatch, visible, expected):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    count = gpu_count()
+    assert count >= 0 if expected is None else count == expected
+
+
+def test_arguments_bind_the_ports_and_name_the_shm_prefix():
+    arguments = triton_arguments(
+        model_repository="/repo",
+        host="127.0.0.1",
+        http_port=1,
+        grpc_port=2,
+        metrics_port=3,
+        shm_prefix="iei-7-",
+    )
+    assert "--model-repository=/repo" in arguments
+    assert "--http-address=127.0.0.1" in arguments
+    assert {"--http-port=1", "--grpc-port=2", "--metrics-port=3"} <= set(arguments)
+    assert "--backend-config=python,shm-region-prefix-name=iei-7-" in arguments
+
+
+def test_local_model_folders_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    env = model_environment(LauncherSettings(IMAGE_EMBEDDING_MODEL="./my-model", dtype="float32"))
+    assert env["IMAGE_EMBEDDING_MODEL"] == str(tmp_path / "my-model")
+    assert env["IEI_DTYPE"] == "float32"
+    hub = model_environment(LauncherSettings(IMAGE_EMBEDDING_MODEL="google/vit-base-patch16-224"))
+    assert hub["IMAGE_EMBEDDING_MODEL"] == "google/vit-base-patch16-224"
+    with pytest.raises(TritonStartupError, match="no such folder"):
+        model_environment(LauncherSettings(IMAGE_EMBEDDING_MODEL="./missing"))
+
+
+def test_the_wheels_triton_gets_a_python_backend_for_this_python(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no tritonserver on PATH
+    install = find_triton(tmp_path)
+    assert install.binary.name == "tritonserver" and os.access(install.binary, os.X_OK)
+    backend = tmp_path / "backends" / "python"
+    assert install.backend_directory == tmp_path / "backends"
+    assert (backend / "libtriton_python.so").is_file()
+    assert (backend / "triton_python_backend_stub").is_file()
+    assert install.library_path[0] == __import__("sysconfig").get_config_var("LIBDIR")
+
+
+def test_failure_reason_is_the_models_own_line(tmp_path):
+    server = TritonServer(LauncherSettings(), tmp_path)
+    server.log_path.write_text(
+        "I1128 model loading\n"
+        "E1128 failed to load 'iei' version 1: Internal: RuntimeError: IEI cannot load model "
+        "'x' (IMAGE_EMBEDDING_MODEL): no config.json\\n\\nAt:\\n  model.py(1): initialize\n"
+    )
+    assert server.failure_reason() == (
+        "IEI cannot load model 'x' (IMAGE_EMBEDDING_MODEL): no config.json"
+    )

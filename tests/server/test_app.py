@@ -1,0 +1,206 @@
+"""The frontend without Triton: chunking, concurrency, error mapping, health when Triton is down.
+
+A fake tritonclient stands in for Triton, so these run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from contextlib import asynccontextmanager
+
+import httpx
+import numpy as np
+import pytest
+from iei.server.app import create_app
+from iei.server.errors import ApiError, ErrorType
+from iei.server.settings import ServerSettings
+from iei.server.triton_client import TritonClient
+from PIL import Image
+from sample_images import encode
+from stack import free_port
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.anyio
+
+PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
+
+
+class FakeTriton:
+    """Answers like tritonclient's aio client: vector i = [first byte value, chunk size]."""
+
+    def __init__(self, max_batch_size: int = 4, fail: Exception | None = None, delay=0.0):
+        self.max_batch_size = max_batch_size
+        self.fail = fail
+        self.delay = delay
+        self.in_flight = 0
+        self.peak = 0
+        self.chunks: list[int] = []
+
+    async def get_model_config(self, name):
+        return {"max_batch_size": self.max_batch_size}
+
+    async def infer(self, name, inputs, outputs=None):
+        images = inputs[0].test_images
+        self.in_flight += len(images)
+        self.peak = max(self.peak, self.in_flight)
+        self.chunks.append(len(images))
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail:
+                raise self.fail
+            return FakeResult(np.array([[row[0][0], len(images)] for row in images], "float32"))
+        finally:
+            self.in_flight -= len(images)
+
+    async def close(self):
+        pass
+
+
+class FakeResult:
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def as_numpy(self, name):
+        return self.vectors
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def keep_numpy_inputs(monkeypatch):
+    """Let the fake read the images back: tritonclient serialises them otherwise."""
+    import tritonclient.http as triton_http
+
+    original = triton_http.InferInput.set_data_from_numpy
+
+    def remember(self, array, binary_data=True):
+        self.test_images = array
+        return original(self, array, binary_data=binary_data)
+
+    monkeypatch.setattr(triton_http.InferInput, "set_data_from_numpy", remember)
+
+
+def triton_client_with(fake: FakeTriton, concurrency: int) -> TritonClient:
+    triton = TritonClient("127.0.0.1:1", concurrency_level=concurrency, timeout=5)
+    triton._client = fake  # type: ignore[assignment]
+    return triton
+
+
+async def test_chunks_respect_batch_size_and_concurrency_and_keep_order():
+    fake = FakeTriton(max_batch_size=4, delay=0.01)
+    triton = triton_client_with(fake, concurrency=8)
+    images = [bytes([i]) for i in range(22)]
+    vectors = await triton.embed(images)
+    assert vectors[:, 0].tolist() == list(range(22))
+    assert max(fake.chunks) == 4 and sum(fake.chunks) == 22
+    assert fake.peak <= 8
+
+
+async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
+    fake = FakeTriton(max_batch_size=64, delay=0.01)
+    vectors = await triton_client_with(fake, concurrency=3).embed([bytes([i]) for i in range(7)])
+    assert fake.chunks == [3, 3, 1]
+    assert fake.peak <= 3
+    assert vectors.shape == (7, 2)
+
+
+async def test_the_models_image_error_names_the_clients_index():
+    error = InferenceServerException("[400] IMAGE[1]: cannot decode image: broken")
+    triton = triton_client_with(FakeTriton(max_batch_size=4, fail=error), concurrency=4)
+    with pytest.raises(ApiError) as caught:
+        await triton._infer([b"a", b"b"], offset=8)
+    assert caught.value.error_type == ErrorType.VALIDATION
+    assert caught.value.message == "inputs[9]: cannot decode image: broken"
+
+
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [
+        ("Stub process 'iei_0_0' is not healthy.", 503),  # a dead stub: retry later
+        ("Request for unknown model: 'iei' is not found", 503),  # unloading or restarting
+        ("Failed to process the request(s), message: the model broke", 424),
+    ],
+)
+async def test_other_triton_errors(message, status):
+    triton = triton_client_with(FakeTriton(fail=InferenceServerException(message)), concurrency=4)
+    with pytest.raises(ApiError) as caught:
+        await triton.embed([b"a"])
+    assert caught.value.status == status
+    assert message in caught.value.message
+
+
+@asynccontextmanager
+async def app_client(settings: ServerSettings, fake: FakeTriton | None = None):
+    """The app with its lifespan run, and Triton replaced by `fake` when given."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        if fake is not None:
+            app.state.services.triton._client = fake
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://iei") as client:
+            yield client
+
+
+async def test_when_triton_is_down_health_and_embed_are_503_json():
+    settings = ServerSettings(triton_url=f"127.0.0.1:{free_port()}")
+    async with app_client(settings) as client:
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["error_type"] == "Unhealthy"
+        embed = await client.post("/embed", json={"inputs": PNG})
+        assert embed.status_code == 503
+        assert embed.json()["error_type"] == "Unhealthy"
+        info = (await client.get("/info")).json()
+        assert info["triton"]["ready"] is False
+        assert info["embedding_dimension"] is None
+
+
+async def test_a_slow_triton_ends_in_504():
+    settings = ServerSettings(triton_url="127.0.0.1:1", request_timeout=0.2)
+    async with app_client(settings, FakeTriton(delay=5)) as client:
+        response = await client.post("/embed", json={"inputs": [PNG]})
+    assert response.status_code == 504
+    assert response.json()["error_type"] == "Timeout"
+
+
+async def test_normalisation_in_the_frontend():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton()) as client:
+        unit = (await client.post("/embed", json={"inputs": [PNG, PNG]})).json()
+        raw = (await client.post("/embed", json={"inputs": [PNG], "normalize": False})).json()
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    assert raw == [[137.0, 1.0]]  # PNG's first byte, chunk of one
+
+
+async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkeypatch):
+    """Both paths give the same answers; only many or large inputs pay the thread hop."""
+    from iei.server import embedding as service
+
+    hops: list[int] = []
+
+    async def counting_threadpool(function, *args):
+        hops.append(len(args[0]))
+        return function(*args)
+
+    monkeypatch.setattr(service, "run_in_threadpool", counting_threadpool)
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    large = base64.b64encode(encode(Image.fromarray(noise), "PNG")).decode()
+    assert len(large) > service.INLINE_INPUT_SIZE
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton()) as client:
+        small_answer = await client.post("/embed", json={"inputs": [PNG], "normalize": False})
+        assert hops == []
+        large_answer = await client.post("/embed", json={"inputs": [large], "normalize": False})
+        assert hops == [1]
+        many = [PNG] * (service.INLINE_INPUTS + 1)  # small, but many header checks
+        assert (await client.post("/embed", json={"inputs": many})).status_code == 200
+        assert hops == [1, len(many)]
+        bad = await client.post("/embed", json={"inputs": [PNG, "not an image!"]})
+    assert small_answer.json() == [[137.0, 1.0]]
+    assert large_answer.json() == [[137.0, 1.0]]
+    assert bad.status_code == 422
+    assert bad.json()["error"].startswith("inputs[1]: not valid base64")
