@@ -21,7 +21,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "images"
-MODEL_PY = ROOT / "model_repository" / "iei" / "1" / "model.py"
+REPOSITORY = ROOT / "model_repository"
 IEI = Path(sys.executable).parent / "iei"
 
 # google/vit-base-patch16-224's preprocessor_config.json (the hub is not reachable here).
@@ -82,19 +82,24 @@ def make_jpegs(size: tuple[int, int], seed: int = 0) -> list[bytes]:
 
 
 def load_model_module() -> Any:
-    """model_repository/iei/1/model.py in this process, for its decoder and Embedder.
+    """The model repository's code (`iei_runtime`) in this process: its decoder, settings and
+    Embedder, as the `iei` model runs them.
 
-    Only `TritonPythonModel` touches Triton's utils; an empty stand-in satisfies the import.
+    Only the Triton wiring touches Triton's utils; an empty stand-in satisfies the import.
     """
-    import importlib.util
-
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils"))
-    spec = importlib.util.spec_from_file_location("iei_triton_model", MODEL_PY)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    if str(REPOSITORY) not in sys.path:
+        sys.path.insert(0, str(REPOSITORY))
+    from iei_runtime import images, loading, settings
+
+    return types.SimpleNamespace(
+        read_settings=settings.read_settings,
+        resolve_dtype=settings.resolve_dtype,
+        cpu_has_native_bf16=settings.cpu_has_native_bf16,
+        load_embedder=loading.load_embedder,
+        decode_image=images.decode_image,
+        draft_side=images.draft_side,
+    )
 
 
 def free_port() -> int:

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-MODEL_PY = Path(__file__).resolve().parents[1] / "model_repository" / "iei" / "1" / "model.py"
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+MODEL_PY = REPOSITORY / "iei" / "1" / "model.py"
 
 
 class TritonError:
@@ -71,13 +72,21 @@ def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | N
     return request.tensors.get(name)
 
 
-def load_model_module() -> Any:
-    """Import model_repository/iei/1/model.py with this module standing in for Triton's."""
+def install() -> None:
+    """This module as Triton's `triton_python_backend_utils`, and the model repository's shared
+    code (`iei_runtime`) importable, as inside Triton."""
     fake = types.ModuleType("triton_python_backend_utils")
     for name in ("TritonError", "Tensor", "InferenceResponse", "Logger",
                  "get_input_tensor_by_name"):  # fmt: skip
         setattr(fake, name, globals()[name])
     sys.modules["triton_python_backend_utils"] = fake
+    if str(REPOSITORY) not in sys.path:
+        sys.path.insert(0, str(REPOSITORY))
+
+
+def load_model_module() -> Any:
+    """Import model_repository/iei/1/model.py with this module standing in for Triton's."""
+    install()
     spec = importlib.util.spec_from_file_location("iei_triton_model", MODEL_PY)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

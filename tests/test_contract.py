@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fake_pb_utils import load_model_module
+import re
+
+from fake_pb_utils import install
 from google.protobuf import text_format
 from iei import contract
 from iei.launcher.repository import shipped_model_repository
@@ -38,12 +40,14 @@ def test_committed_config_is_a_gpu_deployment():
     assert kinds == {model_config_pb2.ModelInstanceGroup.KIND_GPU}
 
 
-def test_model_py_uses_the_same_names_and_formats():
-    model = load_model_module()
-    assert model.INPUT_NAME == contract.INPUT_NAME
-    assert model.OUTPUT_NAME == contract.OUTPUT_NAME
-    assert model.INFO_OUTPUT_NAME == contract.INFO_OUTPUT_NAME
-    assert model.IMAGE_FORMATS == contract.IMAGE_FORMATS
+def test_the_model_uses_the_same_names_and_formats():
+    install()
+    from iei_runtime import images, triton
+
+    assert triton.INPUT_NAME == contract.INPUT_NAME
+    assert triton.OUTPUT_NAME == contract.OUTPUT_NAME
+    assert triton.INFO_OUTPUT_NAME == contract.INFO_OUTPUT_NAME
+    assert images.IMAGE_FORMATS == contract.IMAGE_FORMATS
 
 
 def test_config_defaults_match_the_frontends():
@@ -68,6 +72,6 @@ def test_the_frontend_never_imports_torch():
 
 
 def test_the_model_repository_never_imports_the_frontend():
-    source = (DEFAULT_MODEL_REPOSITORY / "iei" / "1" / "model.py").read_text()
-    assert "import iei" not in source
-    assert "from iei" not in source
+    for path in DEFAULT_MODEL_REPOSITORY.rglob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*(import iei\b|from iei\b)", source, re.M), path

@@ -33,7 +33,9 @@ DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-MODEL_PY = ROOT / "model_repository" / "iei" / "1" / "model.py"
+# Everything Triton runs: each model's model.py and the code they share (iei_runtime).
+MODEL_SOURCES = sorted((ROOT / "model_repository").rglob("*.py"))
+MODEL_PACKAGES = {"iei_runtime", "triton_python_backend_utils"}  # the repository's own, Triton's
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 NGC_TRITON = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version tests run
 # Read by the frontend image's command (uvicorn's worker count), not by Python code.
@@ -288,7 +290,7 @@ def test_the_triton_image_pins_what_model_py_and_iei_triton_import():
     for name in ("torch", "torchvision"):
         assert pins[name] == pin(serve[name]), f"{name}: the image and the serve extra differ"
     distribution = {"PIL": "pillow", "google": "protobuf", "pydantic_settings": "pydantic-settings"}
-    imported = third_party_imports(MODEL_PY) - {"triton_python_backend_utils"}  # Triton's own
+    imported = set().union(*map(third_party_imports, MODEL_SOURCES)) - MODEL_PACKAGES
     for module in cli_modules():
         imported |= third_party_imports(module) - {"iei"}
     missing = {distribution.get(name, name).lower() for name in imported} - set(pins)
@@ -308,7 +310,9 @@ PYTHON_311_NAMES = {
 }
 
 
-@pytest.mark.parametrize("path", [MODEL_PY, *cli_modules()], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [*MODEL_SOURCES, *cli_modules()], ids=lambda p: f"{p.parent.name}/{p.name}"
+)
 def test_code_run_by_the_triton_image_runs_on_python_3_10(path):
     tree = ast.parse(path.read_text(), feature_version=(3, 10))  # new syntax fails here
     used = set()

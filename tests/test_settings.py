@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import pytest
-from fake_pb_utils import load_model_module
+from fake_pb_utils import install
 from iei import settings as table
 from iei.launcher.settings import LauncherSettings
 from iei.server.settings import ServerSettings
@@ -61,8 +61,10 @@ def test_each_field_takes_name_default_and_type_from_the_table(name):
 
 
 def test_the_model_reads_the_tables_model_settings_with_the_same_defaults():
-    model = load_model_module()
-    by_env = dict(model.SETTINGS.values())
+    install()
+    from iei_runtime.settings import SETTINGS
+
+    by_env = dict(SETTINGS.values())
     expected = table.read_by(table.MODEL)
     assert set(by_env) == {s.env for s in expected.values()}
     for entry in expected.values():

@@ -13,8 +13,11 @@ from fake_pb_utils import InferenceRequest, Tensor, load_model_module
 from PIL import Image
 from sample_images import encode, odd_images, photos
 
-model = load_model_module()
+model = load_model_module()  # installs the stand-in for Triton's utils first
 
+from iei_runtime import embedder as embedding  # noqa: E402
+from iei_runtime import images, pooling  # noqa: E402
+from iei_runtime import settings as model_settings  # noqa: E402
 
 # --- settings --------------------------------------------------------------------------------
 
@@ -24,7 +27,7 @@ def config(**parameters: str) -> dict:
 
 
 def test_settings_environment_beats_config_beats_defaults():
-    settings = model.read_settings(
+    settings = model_settings.read_settings(
         config(model_id="from-config", pooling="cls"), {"IMAGE_EMBEDDING_MODEL": "from-env"}
     )
     assert settings.model_id == "from-env"
@@ -44,36 +47,40 @@ def test_settings_environment_beats_config_beats_defaults():
 )
 def test_bad_settings_are_refused_by_name(environ, message):
     with pytest.raises(ValueError, match=message):
-        model.read_settings({}, environ)
+        model_settings.read_settings({}, environ)
 
 
 def test_dtype_auto_follows_the_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert model.resolve_dtype("auto", cuda, native_bf16=False) is torch.float16
-    assert model.resolve_dtype("auto", cpu, native_bf16=True) is torch.bfloat16
-    assert model.resolve_dtype("auto", cpu, native_bf16=False) is torch.float32
-    assert model.resolve_dtype("float32", cuda, native_bf16=True) is torch.float32
+    assert model_settings.resolve_dtype("auto", cuda, native_bf16=False) is torch.float16
+    assert model_settings.resolve_dtype("auto", cpu, native_bf16=True) is torch.bfloat16
+    assert model_settings.resolve_dtype("auto", cpu, native_bf16=False) is torch.float32
+    assert model_settings.resolve_dtype("float32", cuda, native_bf16=True) is torch.float32
 
 
 def test_forward_batch_size_auto_follows_the_device():
-    assert model.read_settings({}, {}).forward_batch_size == 0  # auto
-    assert model.read_settings(config(forward_batch_size="12"), {}).forward_batch_size == 12
-    assert model.read_settings({}, {"IEI_FORWARD_BATCH_SIZE": "AUTO"}).forward_batch_size == 0
+    assert model_settings.read_settings({}, {}).forward_batch_size == 0  # auto
+    assert (
+        model_settings.read_settings(config(forward_batch_size="12"), {}).forward_batch_size == 12
+    )
+    assert (
+        model_settings.read_settings({}, {"IEI_FORWARD_BATCH_SIZE": "AUTO"}).forward_batch_size == 0
+    )
     with pytest.raises(ValueError, match="expected auto or a positive integer"):
-        model.read_settings({}, {"IEI_FORWARD_BATCH_SIZE": "big"})
+        model_settings.read_settings({}, {"IEI_FORWARD_BATCH_SIZE": "big"})
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert model.resolve_forward_batch_size(0, cpu) == 8
-    assert model.resolve_forward_batch_size(0, cuda) == 64
-    assert model.resolve_forward_batch_size(12, cpu) == 12
+    assert model_settings.resolve_forward_batch_size(0, cpu) == 8
+    assert model_settings.resolve_forward_batch_size(0, cuda) == 64
+    assert model_settings.resolve_forward_batch_size(12, cpu) == 12
 
 
 def test_native_bf16_is_read_from_cpu_flags(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
-    assert model.cpu_has_native_bf16(str(info))
+    assert model_settings.cpu_has_native_bf16(str(info))
     info.write_text("processor: 0\nflags\t\t: fpu sse2 avx2\n")
-    assert not model.cpu_has_native_bf16(str(info))
-    assert not model.cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert not model_settings.cpu_has_native_bf16(str(info))
+    assert not model_settings.cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -81,26 +88,26 @@ def test_native_bf16_is_read_from_cpu_flags(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(odd_images()))
 def test_every_odd_image_decodes_to_rgb(name):
-    image = model.decode_image(odd_images()[name], 50_000_000)
+    image = images.decode_image(odd_images()[name], 50_000_000)
     assert image.mode == "RGB"
     assert image.width >= 1 and image.height >= 1
 
 
 def test_exif_orientation_is_applied():
-    image = model.decode_image(odd_images()["exif_rotated.jpg"], 50_000_000)
+    image = images.decode_image(odd_images()["exif_rotated.jpg"], 50_000_000)
     assert image.size == (400, 600)  # stored 600x400, orientation 6 turns it upright
 
 
 def test_16_bit_samples_are_scaled_not_clipped():
     grey = np.full((4, 4), 40000, dtype=np.uint16)
-    image = model.decode_image(encode(Image.fromarray(grey), "PNG"), 100)
+    image = images.decode_image(encode(Image.fromarray(grey), "PNG"), 100)
     assert image.getpixel((0, 0)) == (156, 156, 156)  # 40000 >> 8; clipping would give 255
 
 
 def test_transparent_pixels_become_white():
     rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
     rgba.putpixel((1, 0), (10, 20, 30, 255))
-    image = model.decode_image(encode(rgba, "PNG"), 100)
+    image = images.decode_image(encode(rgba, "PNG"), 100)
     assert image.getpixel((0, 0)) == (255, 255, 255)
     assert image.getpixel((1, 0)) == (10, 20, 30)
 
@@ -108,7 +115,7 @@ def test_transparent_pixels_become_white():
 def test_first_frame_of_an_animation():
     frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    assert model.decode_image(gif, 100).getpixel((0, 0)) == (255, 0, 0)
+    assert images.decode_image(gif, 100).getpixel((0, 0)) == (255, 0, 0)
 
 
 @pytest.mark.parametrize(
@@ -121,13 +128,13 @@ def test_first_frame_of_an_animation():
     ],
 )
 def test_undecodable_files_raise_invalid_image(data, message):
-    with pytest.raises(model.InvalidImage, match=message):
-        model.decode_image(data, 50_000_000)
+    with pytest.raises(images.InvalidImage, match=message):
+        images.decode_image(data, 50_000_000)
 
 
 def test_pixel_limit():
-    with pytest.raises(model.InvalidImage, match="over the limit of 99 pixels"):
-        model.decode_image(encode(Image.new("RGB", (10, 10)), "PNG"), 99)
+    with pytest.raises(images.InvalidImage, match="over the limit of 99 pixels"):
+        images.decode_image(encode(Image.new("RGB", (10, 10)), "PNG"), 99)
 
 
 # --- reduced-scale JPEG decoding (draft) -------------------------------------------------------
@@ -140,22 +147,22 @@ def large_jpeg(width: int, height: int, **options: object) -> bytes:
 
 
 def test_jpeg_draft_setting():
-    assert model.read_settings({}, {}).jpeg_draft is True
-    assert model.read_settings({}, {"IEI_JPEG_DRAFT": "False"}).jpeg_draft is False
+    assert model_settings.read_settings({}, {}).jpeg_draft is True
+    assert model_settings.read_settings({}, {"IEI_JPEG_DRAFT": "False"}).jpeg_draft is False
     with pytest.raises(ValueError, match="IEI_JPEG_DRAFT"):
-        model.read_settings({}, {"IEI_JPEG_DRAFT": "maybe"})
+        model_settings.read_settings({}, {"IEI_JPEG_DRAFT": "maybe"})
 
 
 def test_draft_side_is_twice_what_the_processor_resizes_to(model_dirs):
     from transformers import AutoImageProcessor
 
     def side(family: str) -> int:
-        return model.draft_side(AutoImageProcessor.from_pretrained(model_dirs[family]))
+        return images.draft_side(AutoImageProcessor.from_pretrained(model_dirs[family]))
 
     assert side("vit") == 448  # 224 x 224
     assert side("deit") == 512  # resize to 256, crop 224
     assert side("convnext") == 512  # shortest edge 224 / crop_pct 0.875 = 256
-    assert model.draft_side(SimpleNamespace(size=None)) == 0  # unknown: never draft
+    assert images.draft_side(SimpleNamespace(size=None)) == 0  # unknown: never draft
 
 
 @pytest.mark.parametrize(
@@ -169,16 +176,16 @@ def test_draft_side_is_twice_what_the_processor_resizes_to(model_dirs):
     ],
 )
 def test_large_jpegs_decode_at_a_reduced_scale_never_below_the_minimum(size, decoded):
-    image = model.decode_image(large_jpeg(*size), 50_000_000, min_side=448)
+    image = images.decode_image(large_jpeg(*size), 50_000_000, min_side=448)
     assert image.size == decoded
     assert min(image.size) >= 448 or image.size == size
-    assert model.decode_image(large_jpeg(*size), 50_000_000).size == size  # off by default
+    assert images.decode_image(large_jpeg(*size), 50_000_000).size == size  # off by default
 
 
 def test_draft_keeps_exif_orientation():
     exif = Image.Exif()
     exif[0x0112] = 6
-    image = model.decode_image(large_jpeg(2400, 1800, exif=exif), 50_000_000, min_side=448)
+    image = images.decode_image(large_jpeg(2400, 1800, exif=exif), 50_000_000, min_side=448)
     assert image.size == (450, 600)
 
 
@@ -186,8 +193,8 @@ def test_draft_keeps_exif_orientation():
 def test_sample_images_are_never_drafted(name):
     """The integration tests compare these with full decodes at cosine 0.9999."""
     data = {**photos(), **odd_images()}[name]
-    full = model.decode_image(data, 50_000_000)
-    drafted = model.decode_image(data, 50_000_000, min_side=448)
+    full = images.decode_image(data, 50_000_000)
+    drafted = images.decode_image(data, 50_000_000, min_side=448)
     assert drafted.size == full.size
     assert np.array_equal(np.asarray(drafted), np.asarray(full))
 
@@ -204,20 +211,20 @@ def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_mean_pooling_over_tokens_and_over_the_grid():
     tokens = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     grid = torch.arange(32, dtype=torch.float32).reshape(2, 4, 2, 2)
-    out = model.pool(SimpleNamespace(last_hidden_state=tokens), "mean")
+    out = pooling.pool(SimpleNamespace(last_hidden_state=tokens), "mean")
     assert torch.equal(out, tokens.mean(1))
-    out = model.pool(SimpleNamespace(last_hidden_state=grid), "mean")
+    out = pooling.pool(SimpleNamespace(last_hidden_state=grid), "mean")
     assert out.shape == (2, 4)
     assert torch.equal(out, grid.mean((2, 3)))
-    assert torch.equal(model.pool(SimpleNamespace(last_hidden_state=tokens), "cls"), tokens[:, 0])
+    assert torch.equal(pooling.pool(SimpleNamespace(last_hidden_state=tokens), "cls"), tokens[:, 0])
 
 
 def test_pooling_that_a_model_cannot_do_is_an_error():
     grid = SimpleNamespace(last_hidden_state=torch.zeros(1, 4, 2, 2), pooler_output=None)
     with pytest.raises(ValueError, match="no CLS token"):
-        model.pool(grid, "cls")
+        pooling.pool(grid, "cls")
     with pytest.raises(ValueError, match="no pooler_output"):
-        model.pool(grid, "pooler")
+        pooling.pool(grid, "pooler")
 
 
 # --- the Triton model, with a tiny ViT -------------------------------------------------------
@@ -345,7 +352,7 @@ def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place
     prepared = embedder.prepare(blobs)
     decoded = embedder.decode_all(blobs)
     assert [type(r).__name__ for r in prepared] == [
-        "InvalidImage" if isinstance(d, model.InvalidImage) else "Tensor" for d in decoded
+        "InvalidImage" if isinstance(d, images.InvalidImage) else "Tensor" for d in decoded
     ]
     assert str(prepared[1]).startswith("cannot decode image")
     reference = embedder.preprocess([d for d in decoded if isinstance(d, Image.Image)])
@@ -374,8 +381,8 @@ def test_a_device_failure_is_a_server_error_not_a_bad_image(embedder):
     embedder.processor = SpyProcessor(embedder.processor, (31, 17), oom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         embedder.prepare([photos()["chelsea.jpg"], odd])
-    assert model.is_device_failure(RuntimeError("CUDA error: an illegal memory access"))
-    assert not model.is_device_failure(ValueError("Unsupported number of image dimensions"))
+    assert embedding.is_device_failure(RuntimeError("CUDA error: an illegal memory access"))
+    assert not embedding.is_device_failure(ValueError("Unsupported number of image dimensions"))
 
 
 def test_the_processor_gets_the_instance_device_only_on_a_gpu_instance(embedder):

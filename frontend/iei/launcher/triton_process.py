@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -39,11 +40,16 @@ def triton_arguments(
     http_port: int,
     grpc_port: int,
     metrics_port: int,
+    models: Sequence[str] = (MODEL_NAME,),
     shm_prefix: str | None = None,
 ) -> list[str]:
     """Launch arguments of Triton, shared by `iei serve` and the container command."""
     arguments = [
         f"--model-repository={model_repository}",
+        # The models are loaded by name: the repository also holds the code they share
+        # (iei_runtime/), which is no model, and models that this deployment does not serve.
+        "--model-control-mode=explicit",
+        *(f"--load-model={name}" for name in models),
         f"--http-address={host}",
         f"--http-port={http_port}",
         f"--grpc-address={host}",

@@ -1,0 +1,140 @@
+"""Decoding, preprocessing and the forward pass of one dynamic batch; no Triton here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import InvalidImage, decode_image
+from .pooling import pool
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Out of memory, or an error of the CUDA runtime: a server fault whatever the image."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuda" in str(exc))
+
+
+class Embedder:
+    """Decoding, preprocessing and the forward pass for one batch of images; no Triton here."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Callable[..., Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        pooling: str,
+        max_image_pixels: int,
+        forward_batch_size: int,
+        decode_threads: int,
+        draft_side: int = 0,
+        preprocess_device: torch.device | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+        self.pooling = pooling
+        self.max_image_pixels = max_image_pixels
+        self.forward_batch_size = forward_batch_size
+        self.draft_side = draft_side
+        self.preprocess_device = preprocess_device
+        self.threads = decode_threads
+        # torch's current GPU is per thread: the pool's threads work on the instance's one.
+        on_gpu = device.type == "cuda"
+        self.pool = ThreadPoolExecutor(
+            max_workers=decode_threads,
+            thread_name_prefix="decode",
+            initializer=torch.cuda.set_device if on_gpu else None,
+            initargs=(device,) if on_gpu else (),
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def decode_all(self, blobs: Sequence[bytes]) -> list[Image.Image | InvalidImage]:
+        """Decode in parallel (PIL releases the GIL); a failure is returned, not raised."""
+        return list(self.pool.map(self._decode, blobs))
+
+    def _decode(self, blob: bytes) -> Image.Image | InvalidImage:
+        try:
+            return decode_image(blob, self.max_image_pixels, self.draft_side)
+        except InvalidImage as exc:
+            return exc
+
+    def preprocess(self, images: list[Image.Image]) -> list[torch.Tensor | InvalidImage]:
+        """The model's own processor over the batch; per image only if the batch fails.
+
+        On a GPU instance the processor resizes and normalises there (its `device` argument):
+        the uint8 image goes over, and the float tensor never crosses the bus.
+        """
+        if not images:
+            return []
+        try:
+            pixels = self._process(images)
+            return list(pixels)
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise  # the GPU's trouble, not the images': the whole execution fails (5xx)
+            results: list[torch.Tensor | InvalidImage] = []
+            for image in images:
+                try:
+                    results.append(self._process([image])[0])
+                except Exception as exc:
+                    if is_device_failure(exc):
+                        raise
+                    results.append(InvalidImage(f"preprocessing failed: {exc}"))
+            return results
+
+    def _process(self, images: list[Image.Image]) -> torch.Tensor:
+        options: dict[str, Any] = {"return_tensors": "pt"}
+        if self.preprocess_device is not None:
+            options["device"] = self.preprocess_device
+        return self.processor(images=images, **options)["pixel_values"]
+
+    def prepare(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
+        """Encoded files -> model input, decode and processor together in the thread pool.
+
+        The batch is cut into one contiguous chunk per thread: the processor's per-image work
+        (resize, to tensor) then runs in parallel too instead of on one core after the decode.
+        """
+        chunk = max(1, math.ceil(len(blobs) / self.threads))
+        chunks = [blobs[i : i + chunk] for i in range(0, len(blobs), chunk)]
+        return [r for part in self.pool.map(self._prepare_chunk, chunks) for r in part]
+
+    def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
+        results: list[Any] = [self._decode(blob) for blob in blobs]
+        good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
+        for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
+            results[i] = tensor
+        return results
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) -> (N, D) float32, in sub-batches of `forward_batch_size`."""
+        chunks = []
+        for start in range(0, len(pixel_values), self.forward_batch_size):
+            batch = pixel_values[start : start + self.forward_batch_size]
+            batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
+            outputs = self.model(pixel_values=batch)
+            chunks.append(pool(outputs, self.pooling).float())
+        return torch.cat(chunks).cpu().numpy()
+
+    def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
+        """Every image of a whole dynamic batch -> its vector, or the reason it has none."""
+        results: list[Any] = self.prepare(blobs)
+        ready = [(i, t) for i, t in enumerate(results) if isinstance(t, torch.Tensor)]
+        if ready:
+            vectors = self.forward(torch.stack([t for _, t in ready]))
+            for (i, _), vector in zip(ready, vectors, strict=True):
+                results[i] = vector
+        return results

@@ -1,0 +1,95 @@
+"""Encoded image files -> upright 8-bit RGB PIL images, or the reason why not."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats we decode. Restricting PIL's plugins keeps it away from EPS (Ghostscript), PDF, PSD & co.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
+# A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper than a full decode
+# and resize) while its short side stays at least this many times the processor's input side:
+# 2x keeps the processor's own downscaling in charge of the final quality.
+DRAFT_FACTOR = 2
+
+
+class InvalidImage(ValueError):
+    """The bytes of one image cannot be turned into model input. Fails only its own request."""
+
+
+def draft_side(processor: Any, factor: int = DRAFT_FACTOR) -> int:
+    """The smallest side a JPEG may be decoded at for this processor: `factor` times the largest
+    side it resizes to (ConvNeXt's shortest edge / crop_pct included); 0 when it is unknown."""
+    sides = []
+    crop_pct = getattr(processor, "crop_pct", None)
+    for attribute in ("size", "crop_size"):
+        size = getattr(processor, attribute, None)
+        if size is None:
+            continue
+        for key in ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width"):
+            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+            if not isinstance(value, int | float) or value <= 0:
+                continue
+            if key == "shortest_edge" and crop_pct:
+                value = value / crop_pct  # resized to shortest_edge / crop_pct, then cropped
+            sides.append(value)
+    return math.ceil(max(sides) * factor) if sides else 0
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image:
+    """Encoded file -> upright RGB image (first frame). Any failure is an `InvalidImage`.
+
+    `min_side` > 0 lets a JPEG at least twice that large on both sides decode at a reduced scale
+    whose sides both stay >= `min_side`; smaller files decode in full.
+    """
+    if not data:
+        raise InvalidImage("empty image file")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise InvalidImage(
+                    f"image of {image.width}x{image.height} = {pixels} pixels is over the limit "
+                    f"of {max_pixels} pixels"
+                )
+            if pixels == 0:
+                raise InvalidImage("image has no pixels")
+            image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
+            if min_side > 0 and image.format in ("JPEG", "MPO"):
+                # PIL picks the largest scale 1/2^k with both sides still >= min_side.
+                image.draft(image.mode, (min_side, min_side))
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb(upright)
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"image is over the pixel limit: {exc}") from exc
+    except Exception as exc:  # PIL raises many types on hostile input; none may escape
+        raise InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparent areas become white, high bit depths are scaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples (PIL opens 16-bit grey PNG/TIFF as I;16 or I): keep the top 8 bits.
+        # PIL's own convert() would clip everything above 255 to white.
+        values = np.asarray(image, dtype=np.int64)
+        grey = np.clip(values >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        grey = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV

@@ -1,0 +1,101 @@
+"""The model's settings: environment of the Triton process first, then config.pbtxt
+`parameters`, then the defaults here (the same as the frontend's table, `iei/settings.py`, which a
+test checks: this folder cannot import the frontend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SETTINGS = {
+    # name in config.pbtxt: (environment variable, default)
+    "model_id": ("IMAGE_EMBEDDING_MODEL", "google/vit-base-patch16-224"),
+    "dtype": ("IEI_DTYPE", "auto"),
+    "pooling": ("IEI_POOLING", "mean"),
+    "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
+    "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
+    "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POOLINGS = ("mean", "cls", "pooler")
+# The words pydantic takes for a bool, so that `iei serve`'s check and this one agree.
+BOOLEANS = {
+    **dict.fromkeys(("true", "1", "yes", "y", "on", "t"), True),
+    **dict.fromkeys(("false", "0", "no", "n", "off", "f"), False),
+}
+
+# Images per forward pass when IEI_FORWARD_BATCH_SIZE=auto. On the CPU a ViT-B/16 in bf16 (AMX) ran
+# 35 img/s at 8 and 25 img/s at 32 (activations outgrow the caches; docs/benchmarks.md); a GPU
+# wants large passes (64: config.pbtxt's max_batch_size, so one pass per execution).
+FORWARD_BATCH_AUTO = {"cpu": 8, "cuda": 64}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_id: str
+    dtype: str
+    pooling: str
+    max_image_pixels: int
+    forward_batch_size: int  # 0: auto, by device (resolve_forward_batch_size)
+    jpeg_draft: bool = True
+
+
+def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
+    """Resolve every setting (environment > config parameter > default) and validate it."""
+    params = model_config.get("parameters", {})
+    raw = {}
+    for name, (env_name, default) in SETTINGS.items():
+        value = environ.get(env_name) or params.get(name, {}).get("string_value") or default
+        raw[name] = value.strip()
+    if raw["dtype"] not in ("auto", *DTYPES):
+        raise ValueError(f"IEI_DTYPE={raw['dtype']!r}: expected auto, {', '.join(DTYPES)}")
+    if raw["pooling"] not in POOLINGS:
+        raise ValueError(f"IEI_POOLING={raw['pooling']!r}: expected one of {', '.join(POOLINGS)}")
+    if raw["jpeg_draft"].lower() not in BOOLEANS:
+        raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
+    numbers = {}
+    for name in ("max_image_pixels", "forward_batch_size"):
+        is_batch = name == "forward_batch_size"
+        if is_batch and raw[name].lower() == "auto":
+            numbers[name] = 0
+            continue
+        try:
+            numbers[name] = int(raw[name])
+        except ValueError:
+            numbers[name] = 0
+        if numbers[name] < 1:
+            expected = "auto or a positive integer" if is_batch else "a positive integer"
+            raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected {expected}")
+    return ModelSettings(
+        model_id=raw["model_id"],
+        dtype=raw["dtype"],
+        pooling=raw["pooling"],
+        jpeg_draft=BOOLEANS[raw["jpeg_draft"].lower()],
+        **numbers,
+    )
+
+
+def cpu_has_native_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """AVX-512 BF16 or AMX: bf16 matrix work runs natively, so it is faster than fp32."""
+    try:
+        with open(cpuinfo_path) as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve_dtype(requested: str, device: torch.device, native_bf16: bool) -> torch.dtype:
+    """`auto`: fp16 on CUDA, bf16 on CPUs that compute it natively, float32 otherwise."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def resolve_forward_batch_size(requested: int, device: torch.device) -> int:
+    """0 (auto): what this kind of device runs fastest (FORWARD_BATCH_AUTO)."""
+    return requested or FORWARD_BATCH_AUTO.get(device.type, FORWARD_BATCH_AUTO["cuda"])
