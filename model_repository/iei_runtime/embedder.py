@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from .images import InvalidImage, decode_image
-from .pooling import pool
 
 
 def is_device_failure(exc: BaseException) -> bool:
@@ -27,23 +26,21 @@ class Embedder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        encoder: torch.nn.Module,
         processor: Callable[..., Any],
         *,
         device: torch.device,
         dtype: torch.dtype,
-        pooling: str,
         max_image_pixels: int,
         forward_batch_size: int,
         decode_threads: int,
         draft_side: int = 0,
         preprocess_device: torch.device | None = None,
     ) -> None:
-        self.model = model
+        self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
         self.processor = processor
         self.device = device
         self.dtype = dtype
-        self.pooling = pooling
         self.max_image_pixels = max_image_pixels
         self.forward_batch_size = forward_batch_size
         self.draft_side = draft_side
@@ -125,8 +122,7 @@ class Embedder:
         for start in range(0, len(pixel_values), self.forward_batch_size):
             batch = pixel_values[start : start + self.forward_batch_size]
             batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
-            outputs = self.model(pixel_values=batch)
-            chunks.append(pool(outputs, self.pooling).float())
+            chunks.append(self.encoder(pixel_values=batch).float())
         return torch.cat(chunks).cpu().numpy()
 
     def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:

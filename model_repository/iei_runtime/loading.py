@@ -8,6 +8,7 @@ from inspect import signature
 import torch
 
 from .embedder import Embedder
+from .encoders import PooledEncoder
 from .images import draft_side
 from .settings import (
     ModelSettings,
@@ -19,12 +20,12 @@ from .settings import (
 
 def describe(embedder: Embedder, settings: ModelSettings) -> str:
     """The MODEL_INFO output: facts a client cannot see from outside, as JSON."""
-    config = getattr(embedder.model, "config", None)
+    config = embedder.encoder.config
     return json.dumps(
         {
             "model_id": settings.model_id,
             "model_type": getattr(config, "model_type", None),
-            "architecture": type(embedder.model).__name__,
+            "architecture": embedder.encoder.architecture,
             "dtype": str(embedder.dtype).removeprefix("torch."),
             "device": str(embedder.device),
             "pooling": settings.pooling,
@@ -54,11 +55,10 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         ) from None
     model.eval().to(device)
     return Embedder(
-        model,
+        PooledEncoder(model, settings.pooling),
         processor,
         device=device,
         dtype=dtype,
-        pooling=settings.pooling,
         max_image_pixels=settings.max_image_pixels,
         forward_batch_size=resolve_forward_batch_size(settings.forward_batch_size, device),
         decode_threads=threads,
