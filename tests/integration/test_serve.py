@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,18 @@ def test_a_missing_model_folder_fails_at_once(tmp_path):
 def test_a_folder_that_is_no_model_fails_with_one_line(tmp_path):
     result = serve_output(str(tmp_path))
     assert_one_clear_line(result, "IEI cannot load model", str(tmp_path), "model_type")
+
+
+def test_a_model_that_fails_in_its_own_code_says_why_and_keeps_triton_s_log(model_dirs):
+    """The reason is the model's exception, not Triton's harmless NVML warning; the log that the
+    first lines name is still there afterwards."""
+    result = serve_output(str(model_dirs["convnext"]), IEI_POOLING="cls")
+    assert_one_clear_line(result, "model 'iei' failed to load", "no CLS token", "IEI_POOLING")
+    assert "NVML" not in result.stderr.split("cannot start")[1].splitlines()[0]
+    [named] = re.findall(r"log: (\S+triton\.log)", result.stderr)
+    assert Path(named).is_file() and "no CLS token" in Path(named).read_text()
+    assert f"Triton's log is kept: {named}" in result.stderr
+    Path(named).unlink()
 
 
 def test_an_unreachable_hub_model_fails_with_one_line():

@@ -100,3 +100,32 @@ def test_failure_reason_is_the_models_own_line(tmp_path):
     assert server.failure_reason() == (
         "IEI cannot load model 'x' (IMAGE_EMBEDDING_MODEL): no config.json"
     )
+
+
+def test_failure_reason_skips_the_harmless_nvml_lines_and_names_the_model(tmp_path):
+    """Seen on every CPU host: the NVML/DCGM lines come after the model's failure."""
+    server = TritonServer(LauncherSettings(), tmp_path)
+    server.log_path.write_text(
+        'E1128 18:38:09.815781 31732 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        'E1128 18:38:17.348598 31732 backend_model.cc:692] "ERROR: Failed to create instance: '
+        'ValueError: no CLS token\\n\\nAt:\\n  pooling.py(25): pool"\n'
+        "E1128 18:38:17.348727 31732 model_lifecycle.cc:642] \"failed to load 'iei' version 1: "
+        "Internal: ValueError: a convolutional model has no CLS token; use IEI_POOLING=mean"
+        '\\n\\nAt:\\n  pooling.py(25): pool"\n'
+        "Error: Failed to initialize NVML\n"
+        'W1128 18:38:17.349666 31732 metrics.cc:798] "DCGM unable to start"\n'
+    )
+    assert server.failure_reason() == (
+        "model 'iei' failed to load: ValueError: a convolutional model has no CLS token; "
+        "use IEI_POOLING=mean"
+    )
+
+
+def test_failure_reason_without_a_model_failure_is_triton_s_last_real_error(tmp_path):
+    server = TritonServer(LauncherSettings(), tmp_path)
+    server.log_path.write_text(
+        'E1128 18:38:09.815781 31732 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        'E1128 18:38:10.000000 31732 http_server.cc:100] "failed to bind port 8100"\n'
+        "Error: Failed to initialize NVML\n"
+    )
+    assert server.failure_reason().endswith(": failed to bind port 8100")

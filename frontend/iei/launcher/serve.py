@@ -36,8 +36,11 @@ def serve(settings: LauncherSettings) -> int:
 
     log.info("settings: %s", settings.shown())
     work_dir = Path(tempfile.mkdtemp(prefix="iei-serve-"))
-    triton = None if settings.triton_url else TritonServer(settings, work_dir)
+    # Beside the work folder, not in it: a failed start keeps the log that the first lines name.
+    log_path = work_dir.with_name(f"{work_dir.name}-triton.log")
+    triton = None if settings.triton_url else TritonServer(settings, work_dir, log_path)
     frontend = Frontend(settings, settings.triton_endpoint, work_dir)
+    code = 1
     try:
         if triton is not None:
             log.info("loading %s in Triton", settings.embedding_model)
@@ -57,15 +60,21 @@ def serve(settings: LauncherSettings) -> int:
                 supervisor.check()
             if not frontend.running() and not stopping.is_set():
                 log.error("the HTTP frontend exited")
-                return 1
-        return 0
+                return code
+        code = 0
+        return code
     except TritonStartupError as exc:
         if stopping.is_set():
-            return 0
+            code = 0
+            return code
         log.error("cannot start: %s", exc)
-        return 1
+        return code
     finally:
         frontend.stop()
         if triton is not None:
             triton.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
+        if code == 0:
+            log_path.unlink(missing_ok=True)
+        elif log_path.exists():
+            log.info("Triton's log is kept: %s", log_path)

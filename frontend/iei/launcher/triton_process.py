@@ -29,8 +29,12 @@ from .triton_install import TritonInstall, find_triton
 
 log = logging.getLogger("iei")
 
-# The model's own message when it cannot load (model.py, load_embedder).
-MODEL_LOAD_FAILURE = re.compile(r"IEI cannot load model .*")
+# Triton's log: an error line (`E1128 18:38:17.348727 31732 file.cc:642] "message"`), and the
+# one that names a model that failed to load, with its reason.
+TRITON_ERROR = re.compile(r"^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] (.*)$")
+FAILED_TO_LOAD = re.compile(r"failed to load '([\w-]+)' version \d+: \w+: (.*)")
+# Error lines every CPU-only host prints.
+HARMLESS = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM")
 
 
 def triton_arguments(
@@ -130,12 +134,14 @@ def python_stubs(parent: int) -> list[int]:
 
 
 class TritonServer:
-    """One `tritonserver` process with the `iei` model, its log in `work_dir/triton.log`."""
+    """One `tritonserver` process with the models, its log in `log_path` (a restart appends)."""
 
-    def __init__(self, settings: LauncherSettings, work_dir: Path) -> None:
+    def __init__(
+        self, settings: LauncherSettings, work_dir: Path, log_path: Path | None = None
+    ) -> None:
         self.settings = settings
         self.work_dir = work_dir
-        self.log_path = work_dir / "triton.log"
+        self.log_path = log_path or work_dir / "triton.log"
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
         self.stubs: list[int] = []  # the model instances' processes, once the model is ready
@@ -230,14 +236,23 @@ class TritonServer:
         )
 
     def failure_reason(self) -> str:
-        """The one line of Triton's log that says why it stopped."""
+        """The one line of Triton's log that says why it stopped: a model's own load error
+        first, then Triton's last error line. Lines of another form (`Error: Failed to initialize
+        NVML`, which every host without a GPU prints) are not reasons."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        found = MODEL_LOAD_FAILURE.search(text)
-        if found:  # Triton's log writes the Python traceback's newlines as a literal \n
-            return found.group(0).split("\\n")[0].strip().rstrip("\"'")
-        errors = [line for line in text.splitlines() if line.startswith("E")]
-        last = errors[-1] if errors else "no output"
-        return f"Triton exited with code {self.process and self.process.poll()}: {last[:300]}"
+        code = self.process.poll() if self.process else None
+        found = FAILED_TO_LOAD.findall(text)
+        if found:
+            model, reason = found[-1]
+            # Triton writes a Python traceback's newlines as a literal \n: the first line is
+            # the exception, IEI's own one-line message included.
+            reason = reason.split("\\n")[0].strip().rstrip("\"'")
+            own = reason.find("IEI cannot load model")  # the model's own sentence says it all
+            return reason[own:] if own >= 0 else f"model {model!r} failed to load: {reason}"
+        errors = [m.group(1) for m in map(TRITON_ERROR.match, text.splitlines()) if m]
+        errors = [e for e in errors if not any(noise in e for noise in HARMLESS)]
+        last = errors[-1].strip().strip('"') if errors else "no error in its log"
+        return f"Triton exited with code {code}: {last[:300]}"
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None:
