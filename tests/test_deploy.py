@@ -126,7 +126,7 @@ def cli_modules() -> list[Path]:
     """Files of the `iei` package that `iei triton` (and `iei serve`) import, from a fresh
     interpreter."""
     code = (
-        "import sys, iei.cli, iei.launcher.container, iei.launcher.serve; "
+        "import sys, iei.cli, iei.launcher.serve; "
         "print('\\n'.join(m.__file__ for n, m in sys.modules.items()"
         " if n == 'iei' or n.startswith('iei.')))"
     )

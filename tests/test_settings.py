@@ -109,6 +109,7 @@ def test_environment(monkeypatch):
 def test_a_limit_that_counts_images_is_named_for_images_and_its_old_name_still_works(
     monkeypatch,
 ):
+    monkeypatch.setenv("IEI_MAX_CLIENT_BATCH_SIZE", "4")
     monkeypatch.setenv("IEI_MAX_CONCURRENT_REQUESTS", "7")
     assert ServerSettings().max_concurrent_images == 7
     monkeypatch.setenv("IEI_MAX_CONCURRENT_IMAGES", "9")
@@ -154,3 +155,27 @@ def test_the_api_key_is_never_shown(monkeypatch):
     shown = LauncherSettings().shown()
     assert shown["api_key"] == "set (hidden)"
     assert "s3cret" not in repr(shown)
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"IEI_MAX_CLIENT_BATCH_SIZE": "100", "IEI_MAX_CONCURRENT_IMAGES": "50"},
+         "IEI_MAX_CLIENT_BATCH_SIZE=100 (inputs a request may carry) is more than "
+         "IEI_MAX_CONCURRENT_IMAGES=50"),
+        ({"IEI_URL_MAX_BYTES": "2000000", "IEI_URL_REQUEST_MAX_BYTES": "1000000"},
+         "IEI_URL_MAX_BYTES=2000000"),
+        ({"IEI_URL_MAX_BYTES": "1000000", "IEI_URL_REQUEST_MAX_BYTES": "9000000",
+          "IEI_URL_WORKER_MAX_BYTES": "8000000"},
+         "is more than IEI_URL_WORKER_MAX_BYTES=8000000"),
+    ],
+)  # fmt: skip
+def test_settings_that_contradict_each_other_stop_start_up_with_one_line(
+    monkeypatch, caplog, variables, named
+):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.ERROR, "iei"), pytest.raises(SystemExit):
+        table.load(LauncherSettings)
+    [line] = caplog.messages
+    assert line.startswith("invalid settings: ") and named in line

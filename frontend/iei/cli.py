@@ -89,14 +89,10 @@ def launch(command: str) -> int:
             command, exc.name,
         )  # fmt: skip
         return 2
+    from .launcher.serve import serve, serve_triton
+
     settings = table.load(LauncherSettings)
-    if command == "serve":
-        from .launcher.serve import serve
-
-        return serve(settings)
-    from .launcher.container import run_triton
-
-    return run_triton(settings)
+    return serve(settings) if command == "serve" else serve_triton(settings)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,9 +107,10 @@ def parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "triton",
-        help="run Triton alone in the foreground (the container command)",
+        help="run Triton alone in the foreground, supervised (the container command)",
         description="Render the model repository for this machine (CPU instances without a "
-        "GPU) and exec tritonserver with the launch arguments of `iei serve`.",
+        "GPU) and run tritonserver with the launch arguments of `iei serve`, restarting it when "
+        "it, its model's stub or its model's answers fail, as `iei serve` does.",
     )
     add_embed_arguments(
         commands.add_parser(

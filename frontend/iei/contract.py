@@ -9,8 +9,19 @@ INPUT_NAME = "IMAGE"  # TYPE_STRING [1]: the encoded image file
 OUTPUT_NAME = "EMBEDDING"  # TYPE_FP32 [-1]: the raw (not normalised) vector
 INFO_OUTPUT_NAME = "MODEL_INFO"  # TYPE_STRING [1], optional: JSON facts about the served model
 
+# The model's dynamic batcher has two priority levels (the launcher renders them): 1 goes to the
+# head of the queue, for probes of the model's health; every other request has 2.
+PROBE_PRIORITY = 1
+QUEUE_PRIORITY_LEVELS = 2
+
 # The model fails one request with `IMAGE[i]: reason`, i the image's position in that request.
 INVALID_IMAGE_PATTERN = r"IMAGE\[(\d+)\]: (.*)"
 
 # Image formats decoded by the model; the frontend refuses anything else before calling Triton.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
+
+# A 1x1 PNG: the cheapest image to ask the model whether it answers (health probes).
+PROBE_IMAGE = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c4944415478da63f8cfc000000301010018dd8db00000000049454e44ae426082"
+)

@@ -98,6 +98,16 @@ _SETTINGS = [
         "IEI_URL_MAX_BYTES", 32 * 1024 * 1024, "int", (SERVER,),
         "largest image file fetched from a URL", shown_default="`33554432` (32 MiB)",
     )),
+    ("url_request_max_bytes", Setting(
+        "IEI_URL_REQUEST_MAX_BYTES", 64 * 1024 * 1024, "int", (SERVER,),
+        "most bytes the URL inputs of one request may download together",
+        shown_default="`67108864` (64 MiB)",
+    )),
+    ("url_worker_max_bytes", Setting(
+        "IEI_URL_WORKER_MAX_BYTES", 256 * 1024 * 1024, "int", (SERVER,),
+        "most bytes of URL downloads a frontend worker holds at once; beyond it a 429",
+        shown_default="`268435456` (256 MiB)",
+    )),
     ("url_max_redirects", Setting(
         "IEI_URL_MAX_REDIRECTS", 5, "int", (SERVER,), "redirects followed per URL",
     )),
@@ -124,6 +134,11 @@ _SETTINGS = [
         "IEI_TRITON_INSTANCES", None, "int", (LAUNCHER,),
         "model instances per GPU, or on the CPU (CPU threads are shared between them)",
         shown_default="`1`",
+    )),
+    ("triton_max_queue_size", Setting(
+        "IEI_TRITON_MAX_QUEUE_SIZE", 256, "int", (LAUNCHER,),
+        "Triton requests (chunks of up to 64 images) that may wait for a model; more are refused "
+        "(503, retry), and one that waited `IEI_REQUEST_TIMEOUT` is dropped, not computed",
     )),
     ("model_repository", Setting(
         "IEI_MODEL_REPOSITORY", None, "path", (LAUNCHER,),
@@ -193,9 +208,13 @@ def load(cls: type[SettingsBase]) -> Any:
         return cls()
     except ValidationError as exc:
         for error in exc.errors():
-            name = str(error["loc"][0]) if error["loc"] else "?"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if not error["loc"]:  # settings that contradict each other
+                log.error("invalid settings: %s", message)
+                continue
+            name = str(error["loc"][0])
             env = SETTINGS[name].env if name in SETTINGS else name
-            log.error("invalid setting %s: %s", env, error["msg"])
+            log.error("invalid setting %s: %s", env, message)
         raise SystemExit(2) from None
 
 

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
 import pytest
+from iei.contract import PROBE_IMAGE, PROBE_PRIORITY
+from iei.server import routing, triton_client
 from iei.server.app import create_app
 from iei.server.errors import ApiError, ErrorType
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
 from PIL import Image
+from pydantic import SecretStr
 from sample_images import encode
 from stack import free_port
 from tritonclient.utils import InferenceServerException
@@ -29,10 +33,18 @@ PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
 class FakeTriton:
     """Answers like tritonclient's aio client: vector i = [first byte value, chunk size]."""
 
-    def __init__(self, max_batch_size: int = 4, fail: Exception | None = None, delay=0.0):
+    def __init__(
+        self,
+        max_batch_size: int = 4,
+        fail: Exception | None = None,
+        delay=0.0,
+        probe_fails: bool = False,
+    ):
         self.max_batch_size = max_batch_size
-        self.fail = fail
+        self.fail = fail  # for every request but the health probe's 1x1 PNG...
+        self.probe_fails = probe_fails  # ... which fails too when the whole model is broken
         self.delay = delay
+        self.priorities: list[int] = []
         self.in_flight = 0
         self.peak = 0
         self.chunks: list[int] = []
@@ -40,14 +52,19 @@ class FakeTriton:
     async def get_model_config(self, name):
         return {"max_batch_size": self.max_batch_size}
 
-    async def infer(self, name, inputs, outputs=None):
+    async def is_model_ready(self, name):
+        return True
+
+    async def infer(self, name, inputs, outputs=None, priority=0):
         images = inputs[0].test_images
+        probe = images.reshape(-1).tolist() == [PROBE_IMAGE]
+        self.priorities.append(priority)
         self.in_flight += len(images)
         self.peak = max(self.peak, self.in_flight)
         self.chunks.append(len(images))
         try:
             await asyncio.sleep(self.delay)
-            if self.fail:
+            if self.fail and (not probe or self.probe_fails):
                 raise self.fail
             return FakeResult(np.array([[row[0][0], len(images)] for row in images], "float32"))
         finally:
@@ -109,7 +126,7 @@ async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
 
 
 async def test_the_models_image_error_names_the_clients_index():
-    error = InferenceServerException("[400] IMAGE[1]: cannot decode image: broken")
+    error = InferenceServerException("IMAGE[1]: cannot decode image: broken", status="400")
     triton = triton_client_with(FakeTriton(max_batch_size=4, fail=error), concurrency=4)
     with pytest.raises(ApiError) as caught:
         await triton._infer([b"a", b"b"], offset=8)
@@ -118,19 +135,60 @@ async def test_the_models_image_error_names_the_clients_index():
 
 
 @pytest.mark.parametrize(
-    ("message", "status"),
+    ("status", "message", "probe_fails", "expected"),
     [
-        ("Stub process 'iei_0_0' is not healthy.", 503),  # a dead stub: retry later
-        ("Request for unknown model: 'iei' is not found", 503),  # unloading or restarting
-        ("Failed to process the request(s), message: the model broke", 424),
+        # Triton's INTERNAL and the model is broken (its probe fails too): retry later.
+        ("500", "Stub process 'iei_0_0' is not healthy.", True, 503),
+        ("404", "Request for unknown model: 'iei' is not found", False, 503),  # restarting
+        ("503", "Exceeds maximum queue size", False, 503),
+        # Triton's INTERNAL but the model answers its probe: this inference failed.
+        ("500", "Failed to process the request(s), message: the model broke", False, 424),
+        # Words inside a message decide nothing: CUDA's "named symbol not found" is no 404.
+        ("500", "CUDA error: named symbol not found", False, 424),
+        ("400", "the model refused it", False, 422),
     ],
 )
-async def test_other_triton_errors(message, status):
-    triton = triton_client_with(FakeTriton(fail=InferenceServerException(message)), concurrency=4)
+async def test_triton_errors_are_classified_by_status(status, message, probe_fails, expected):
+    fail = InferenceServerException(message, status=status)
+    triton = triton_client_with(FakeTriton(fail=fail, probe_fails=probe_fails), concurrency=4)
     with pytest.raises(ApiError) as caught:
         await triton.embed([b"a"])
-    assert caught.value.status == status
+    assert caught.value.status == expected
     assert message in caught.value.message
+
+
+async def test_the_first_failed_chunk_cancels_the_others():
+    class FailsFirst(FakeTriton):
+        async def infer(self, name, inputs, outputs=None, priority=0):
+            if inputs[0].test_images[0][0] == b"\x00":
+                raise InferenceServerException("IMAGE[0]: bad", status="400")
+            return await super().infer(name, inputs, outputs, priority)
+
+    fake = FailsFirst(max_batch_size=1, delay=30)
+    triton = triton_client_with(fake, concurrency=4)
+    started = time.monotonic()
+    with pytest.raises(ApiError, match=r"inputs\[0\]: bad"):
+        await triton.embed([bytes([i]) for i in range(4)])
+    assert time.monotonic() - started < 5  # the three 30 s chunks were cancelled, not awaited
+    assert fake.in_flight == 0  # and nothing of the request is left running
+
+
+async def test_probes_share_one_inference_at_the_head_of_the_queue():
+    fake = FakeTriton(delay=0.2)
+    triton = triton_client_with(fake, concurrency=4)
+    answers = await asyncio.gather(*(triton.is_ready() for _ in range(10)))
+    assert answers == [True] * 10
+    assert fake.priorities == [PROBE_PRIORITY]  # one probe for ten callers, prioritised
+    assert await triton.is_ready()  # a recent success vouches for the model: no new probe
+    assert len(fake.priorities) == 1
+
+
+async def test_a_probe_that_cannot_finish_in_time_says_not_ready_in_time(monkeypatch):
+    monkeypatch.setattr(triton_client, "PROBE_TIMEOUT", 0.3)
+    triton = triton_client_with(FakeTriton(delay=30), concurrency=4)
+    started = time.monotonic()
+    assert not await triton.is_ready()
+    assert time.monotonic() - started < 1
 
 
 @asynccontextmanager
@@ -204,3 +262,71 @@ async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkey
     assert large_answer.json() == [[137.0, 1.0]]
     assert bad.status_code == 422
     assert bad.json()["error"].startswith("inputs[1]: not valid base64")
+
+
+class UnreadBody:
+    """A request body that records whether anyone read it."""
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        self.size = size
+        self.read = False
+
+    async def __aiter__(self):
+        self.read = True
+        yield b'{"inputs": ["' + b"A" * self.size + b'"]}'
+
+
+async def test_a_wrong_key_is_refused_before_the_body_is_read():
+    settings = ServerSettings(triton_url="127.0.0.1:1", api_key=SecretStr("k"))
+    async with app_client(settings, FakeTriton()) as client:
+        body = UnreadBody()
+        response = await client.post("/embed", content=body)
+        assert response.status_code == 401
+        assert response.json()["error_type"] == "Unauthorized"
+        assert not body.read
+        assert (await client.get("/live")).status_code == 200  # probes need no key
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_a_full_worker_refuses_before_the_body_is_read():
+    settings = ServerSettings(triton_url="127.0.0.1:1", max_concurrent_images=64)
+    async with app_client(settings, FakeTriton()) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        permits.used = permits.capacity
+        body = UnreadBody()
+        response = await client.post("/v1/embeddings", content=body)
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "1"
+        assert not body.read
+        permits.used = 0
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+
+
+async def test_a_large_json_body_is_parsed_off_the_event_loop(monkeypatch):
+    parsed_in_thread = []
+    original = routing.run_in_threadpool
+
+    async def recording(function, *args):
+        parsed_in_thread.append(len(args[0]))
+        return await original(function, *args)
+
+    monkeypatch.setattr(routing, "run_in_threadpool", recording)
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton()) as client:
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+        assert parsed_in_thread == []  # a small body: on the loop
+        large = {"inputs": [PNG], "padding": "x" * routing.INLINE_JSON_BYTES}
+        assert (await client.post("/embed", json=large)).status_code == 200
+        assert len(parsed_in_thread) == 1 and parsed_in_thread[0] > routing.INLINE_JSON_BYTES
+        bad = b"{" * (routing.INLINE_JSON_BYTES + 1)
+        response = await client.post(
+            "/embed", content=bad, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422  # bad JSON parsed in the thread is still a 422
+
+
+async def test_liveness_does_not_depend_on_triton():
+    settings = ServerSettings(triton_url=f"127.0.0.1:{free_port()}")
+    async with app_client(settings) as client:
+        assert (await client.get("/live")).json() == {"status": "alive"}
+        assert (await client.get("/health")).status_code == 503

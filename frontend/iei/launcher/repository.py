@@ -10,7 +10,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from ..contract import MODEL_NAME
+from ..contract import MODEL_NAME, QUEUE_PRIORITY_LEVELS
 from .errors import TritonStartupError
 
 # The package's folder, frontend/iei in a checkout, site-packages/iei in a wheel install.
@@ -36,17 +36,38 @@ def gpu_count() -> int:
 
 
 def render_model_repository(
-    source: Path, target: Path, *, gpus: int, instances: int | None
+    source: Path,
+    target: Path,
+    *,
+    gpus: int,
+    instances: int | None,
+    request_timeout: float | None = None,
+    max_queue_size: int | None = None,
 ) -> Path:
-    """Copy the model repository, with an instance group for this machine.
+    """Copy the model repository, with every model's config rendered for this machine.
 
-    The committed config is a GPU deployment; without a GPU Triton would refuse it, so the
-    copy runs its instances on the CPU.
+    - Instances: the committed configs are GPU deployments; without a GPU Triton would refuse
+      them, so the copy runs its instances on the CPU. `instances` sets their count.
+    - Queue: two priority levels (probes of the model's health go first, `contract.py`), and a
+      queue policy: at most `max_queue_size` requests wait, and a request that waited longer
+      than `request_timeout` seconds (the frontend has answered 504 by then) is dropped, not
+      computed.
     """
-    config_path = source / MODEL_NAME / "config.pbtxt"
-    if not config_path.is_file():
+    if not (source / MODEL_NAME / "config.pbtxt").is_file():
         raise TritonStartupError(f"no {MODEL_NAME}/config.pbtxt in model repository {source}")
-    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    for config_path in sorted(target.glob("*/config.pbtxt")):
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        render_instances(config, gpus=gpus, instances=instances)
+        if config.HasField("dynamic_batching"):
+            render_queue(config.dynamic_batching, request_timeout, max_queue_size)
+        config_path.write_text(text_format.MessageToString(config))
+    return target
+
+
+def render_instances(
+    config: model_config_pb2.ModelConfig, *, gpus: int, instances: int | None
+) -> None:
     if gpus == 0:
         del config.instance_group[:]
         config.instance_group.add(
@@ -55,6 +76,19 @@ def render_model_repository(
     elif instances:
         for group in config.instance_group:
             group.count = instances
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-    (target / MODEL_NAME / "config.pbtxt").write_text(text_format.MessageToString(config))
-    return target
+
+
+def render_queue(
+    batching: model_config_pb2.ModelDynamicBatching,
+    request_timeout: float | None,
+    max_queue_size: int | None,
+) -> None:
+    batching.priority_levels = QUEUE_PRIORITY_LEVELS
+    batching.default_priority_level = QUEUE_PRIORITY_LEVELS
+    policy = batching.default_queue_policy
+    if request_timeout is not None:
+        policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
+        policy.default_timeout_microseconds = int(request_timeout * 1_000_000)
+        policy.allow_timeout_override = True
+    if max_queue_size is not None:
+        policy.max_queue_size = max_queue_size

@@ -1,5 +1,6 @@
-"""`iei serve`: Triton and the HTTP frontend in the foreground, stopped together on SIGTERM/SIGINT
-or when either exits; Triton is restarted when it (or its model's stub) dies."""
+"""`iei serve` (Triton and the HTTP frontend) and `iei triton` (Triton alone, the container
+command) in the foreground: stopped together on SIGTERM/SIGINT or when either exits; Triton is
+restarted when it, its model's stub, or its model's answers fail."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ log = logging.getLogger("iei")
 
 
 def serve(settings: LauncherSettings) -> int:
-    """Triton, then the frontend; stop both on SIGTERM/SIGINT or when either exits."""
+    """`iei serve`: Triton (unless IEI_TRITON_URL names one), then the frontend."""
+    return run(settings, with_triton=not settings.triton_url, with_frontend=True)
+
+
+def serve_triton(settings: LauncherSettings) -> int:
+    """`iei triton`: Triton alone, supervised, its log on stdout too (the container's log)."""
+    return run(settings, with_triton=True, with_frontend=False)
+
+
+def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -> int:
     stopping = threading.Event()
     frontend: Frontend | None = None
 
@@ -38,8 +48,11 @@ def serve(settings: LauncherSettings) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="iei-serve-"))
     # Beside the work folder, not in it: a failed start keeps the log that the first lines name.
     log_path = work_dir.with_name(f"{work_dir.name}-triton.log")
-    triton = None if settings.triton_url else TritonServer(settings, work_dir, log_path)
-    frontend = Frontend(settings, settings.triton_endpoint, work_dir)
+    triton = (
+        TritonServer(settings, work_dir, log_path, echo=not with_frontend) if with_triton else None
+    )
+    if with_frontend:
+        frontend = Frontend(settings, settings.triton_endpoint, work_dir)
     code = 1
     try:
         if triton is not None:
@@ -47,18 +60,19 @@ def serve(settings: LauncherSettings) -> int:
             triton.start()
             triton.wait_ready(settings.startup_timeout, stopping.is_set)
             triton.watch_stubs()
-        frontend.start()
-        frontend.wait_healthy(60.0, stopping.is_set)
+        if frontend is not None:
+            frontend.start()
+            frontend.wait_healthy(60.0, stopping.is_set)
         log.info(
-            "IEI serving %s on http://%s (Triton HTTP %s, gRPC port %d)",
-            settings.embedding_model, settings.bind, settings.triton_endpoint,
-            settings.triton_grpc_port,
+            "IEI serving %s%s (Triton HTTP %s, gRPC port %d)",
+            settings.embedding_model, f" on http://{settings.bind}" if frontend else "",
+            settings.triton_endpoint, settings.triton_grpc_port,
         )  # fmt: skip
         supervisor = TritonSupervisor(triton, settings, stopping) if triton else None
         while not stopping.wait(0.5):
             if supervisor is not None:
                 supervisor.check()
-            if not frontend.running() and not stopping.is_set():
+            if frontend is not None and not frontend.running() and not stopping.is_set():
                 log.error("the HTTP frontend exited")
                 return code
         code = 0
@@ -70,7 +84,8 @@ def serve(settings: LauncherSettings) -> int:
         log.error("cannot start: %s", exc)
         return code
     finally:
-        frontend.stop()
+        if frontend is not None:
+            frontend.stop()
         if triton is not None:
             triton.stop()
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ from pydantic import field_validator
 
 from ..server.settings import ServerSettings
 from ..settings import setting
-from .repository import shipped_model_repository
+from .repository import render_model_repository, shipped_model_repository
 
 
 class LauncherSettings(ServerSettings):
@@ -26,6 +26,7 @@ class LauncherSettings(ServerSettings):
     triton_grpc_port: int = setting("triton_grpc_port", ge=1, le=65535)
     triton_metrics_port: int = setting("triton_metrics_port", ge=1, le=65535)
     triton_instances: int | None = setting("triton_instances", ge=1, le=64)
+    triton_max_queue_size: int = setting("triton_max_queue_size", ge=1)
     model_repository: Path | None = setting("model_repository")
     startup_timeout: float = setting("startup_timeout", gt=0)
 
@@ -57,3 +58,14 @@ class LauncherSettings(ServerSettings):
     def repository(self) -> Path:
         """The model repository Triton loads: IEI_MODEL_REPOSITORY, else the one IEI ships."""
         return self.model_repository or shipped_model_repository()
+
+    def render(self, target: Path, gpus: int) -> Path:
+        """The model repository rendered for this machine and these settings, in `target`."""
+        return render_model_repository(
+            self.repository,
+            target,
+            gpus=gpus,
+            instances=self.triton_instances,
+            request_timeout=self.request_timeout,
+            max_queue_size=self.triton_max_queue_size,
+        )

@@ -7,23 +7,25 @@ process and its stubs are watched here (`problem`), for the supervisor to act on
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
-from ..contract import MODEL_NAME
+from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
 from ..settings import MODEL, SETTINGS, read_by
 from .errors import TritonStartupError
 from .processes import die_with_parent, stop_process
-from .repository import gpu_count, render_model_repository
+from .repository import gpu_count
 from .settings import LauncherSettings
 from .triton_install import TritonInstall, find_triton
 
@@ -73,16 +75,24 @@ def triton_arguments(
     return arguments
 
 
-def triton_command(settings: LauncherSettings, model_repository: Path) -> list[str]:
-    """argv of `iei triton`: a `tritonserver` on PATH (NGC image) alone, with the same arguments."""
+def triton_command(
+    settings: LauncherSettings,
+    model_repository: Path,
+    *,
+    binary: str = "tritonserver",
+    shm_prefix: str | None = None,
+) -> list[str]:
+    """argv of Triton for these settings: `iei serve` and `iei triton` (the container command)
+    both start it so."""
     return [
-        "tritonserver",
+        binary,
         *triton_arguments(
             model_repository=str(model_repository),
             host=settings.triton_host,
             http_port=settings.triton_http_port,
             grpc_port=settings.triton_grpc_port,
             metrics_port=settings.triton_metrics_port,
+            shm_prefix=shm_prefix,
         ),
     ]
 
@@ -136,12 +146,24 @@ def python_stubs(parent: int) -> list[int]:
 class TritonServer:
     """One `tritonserver` process with the models, its log in `log_path` (a restart appends)."""
 
+    PROBE_INTERVAL = 10.0  # seconds between real inferences that check the model answers
+    PROBE_TIMEOUT = 10.0
+    PROBE_FAILURES = 3  # failed probes in a row that make the model broken (within a minute)
+
     def __init__(
-        self, settings: LauncherSettings, work_dir: Path, log_path: Path | None = None
+        self,
+        settings: LauncherSettings,
+        work_dir: Path,
+        log_path: Path | None = None,
+        *,
+        echo: bool = False,
     ) -> None:
         self.settings = settings
         self.work_dir = work_dir
         self.log_path = log_path or work_dir / "triton.log"
+        self.echo = echo  # Triton's output to our stdout too (a container's log)
+        self.failed_probes = 0
+        self.next_probe = 0.0
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
         self.stubs: list[int] = []  # the model instances' processes, once the model is ready
@@ -158,23 +180,10 @@ class TritonServer:
         install = self.install = self.install or find_triton(self.work_dir)
         repository = self.work_dir / "model_repository"
         if not repository.exists():
-            render_model_repository(
-                self.settings.repository,
-                repository,
-                gpus=gpu_count(),
-                instances=self.settings.triton_instances,
-            )
-        command = [
-            str(install.binary),
-            *triton_arguments(
-                model_repository=str(repository),
-                host=self.settings.triton_host,
-                http_port=self.settings.triton_http_port,
-                grpc_port=self.settings.triton_grpc_port,
-                metrics_port=self.settings.triton_metrics_port,
-                shm_prefix=self.shm_prefix,
-            ),
-        ]
+            self.settings.render(repository, gpus=gpu_count())
+        command = triton_command(
+            self.settings, repository, binary=str(install.binary), shm_prefix=self.shm_prefix
+        )
         if install.backend_directory:
             command.append(f"--backend-directory={install.backend_directory}")
         env = {**os.environ, **model_env}
@@ -189,12 +198,24 @@ class TritonServer:
                 command,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=log_file,
+                stdout=subprocess.PIPE if self.echo else log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # our signal handler decides when Triton stops
                 preexec_fn=die_with_parent,
             )
+        if self.echo:
+            threading.Thread(target=self._tee, args=(self.process,), daemon=True).start()
+        self.failed_probes, self.next_probe = 0, time.monotonic() + self.PROBE_INTERVAL
         log.info("started Triton (pid %d), log: %s", self.process.pid, self.log_path)
+
+    def _tee(self, process: subprocess.Popen[bytes]) -> None:
+        """Triton's output line by line to the log file and to our stdout."""
+        with open(self.log_path, "ab") as log_file:
+            for line in process.stdout or ():
+                log_file.write(line)
+                log_file.flush()
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -206,13 +227,49 @@ class TritonServer:
 
     def problem(self) -> str | None:
         """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops
-        reporting the model ready, so a dead stub (gone, or a zombie) is looked for here."""
+        reporting the model ready, so a dead stub (gone, or a zombie) is looked for here; and
+        every PROBE_INTERVAL a real inference (at the head of the queue) must succeed: a model
+        stuck in an error (a sticky CUDA error) fails PROBE_FAILURES of them in a row."""
         if not self.running():
             return f"Triton exited: {self.failure_reason()}"
         for pid in self.stubs:
             if process_state(pid) in (None, "Z"):
                 return f"the model's Python stub (pid {pid}) died"
+        if time.monotonic() >= self.next_probe:
+            self.next_probe = time.monotonic() + self.PROBE_INTERVAL
+            failure = self.probe()
+            self.failed_probes = self.failed_probes + 1 if failure else 0
+            if failure and self.failed_probes >= self.PROBE_FAILURES:
+                return f"the model failed {self.failed_probes} probes in a row ({failure})"
         return None
+
+    def probe(self) -> str | None:
+        """One inference of a 1x1 PNG at the head of the queue: None, or why it failed. A full
+        queue (Triton's 503) is load, not a broken model."""
+        payload = len(PROBE_IMAGE).to_bytes(4, "little") + PROBE_IMAGE  # one BYTES element
+        header = json.dumps({
+            "inputs": [{"name": INPUT_NAME, "shape": [1, 1], "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(payload)}}],
+            "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": True}}],
+            "parameters": {"priority": PROBE_PRIORITY},
+        }).encode()  # fmt: skip
+        try:
+            response = httpx.post(
+                f"{self.url}/v2/models/{MODEL_NAME}/infer",
+                content=header + payload,
+                headers={
+                    "Inference-Header-Content-Length": str(len(header)),
+                    "Content-Type": "application/octet-stream",
+                },
+                timeout=self.PROBE_TIMEOUT,
+            )
+        except httpx.TimeoutException:
+            return f"no answer within {self.PROBE_TIMEOUT:g} s"
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if response.status_code in (200, 503):
+            return None
+        return f"HTTP {response.status_code}: {response.text[:200]}"
 
     def wait_ready(self, timeout: float, should_stop: object = None) -> None:
         """Poll the model's readiness until `timeout`, failing at once if Triton exits."""

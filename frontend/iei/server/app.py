@@ -11,11 +11,12 @@ from fastapi import FastAPI
 
 from .. import __version__
 from . import metrics
-from .embedding import Permits, Services
+from .embedding import Services
 from .errors import install_error_handlers
 from .fetch import UrlFetcher
+from .limits import Capacity
 from .logs import configure_logging
-from .middleware import BodyLimit, RequestContext, RequestMetrics
+from .middleware import Admission, BodyLimit, RequestContext, RequestMetrics
 from .routes import demo, embed, health, info, openai
 from .settings import ServerSettings
 from .triton_client import TritonClient
@@ -41,9 +42,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             timeout=settings.url_timeout,
             max_bytes=settings.url_max_bytes,
             max_redirects=settings.url_max_redirects,
+            worker_max_bytes=settings.url_worker_max_bytes,
         )
         app.state.services = Services(
-            settings, triton, fetcher, Permits(settings.max_concurrent_images)
+            settings, triton, fetcher, Capacity(settings.max_concurrent_images)
         )
         try:
             yield
@@ -62,6 +64,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodyLimit, limit=settings.payload_limit)  # before anything is read
+    app.add_middleware(Admission)  # the key and a full worker, before the body's size
     app.add_middleware(RequestContext)  # outermost: every answer carries the request id
     for module in (embed, openai, info, health, demo):
         app.include_router(module.router)

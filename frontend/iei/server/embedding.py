@@ -10,9 +10,10 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from . import metrics
-from .errors import ApiError, ErrorType
+from .errors import ApiError, ErrorType, overloaded
 from .fetch import UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
+from .limits import Capacity
 from .settings import ServerSettings
 from .triton_client import TritonClient
 
@@ -23,23 +24,6 @@ INLINE_INPUTS = 8
 INLINE_INPUT_SIZE = 256 * 1024
 
 
-class Permits:
-    """Images in flight in this worker: taken all at once or refused at once (no queueing)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-
-    def try_take(self, count: int) -> bool:
-        if self.used + count > self.capacity:
-            return False
-        self.used += count
-        return True
-
-    def give_back(self, count: int) -> None:
-        self.used -= count
-
-
 @dataclass
 class Services:
     """Everything a request needs, one per worker process (created in the app's lifespan)."""
@@ -47,7 +31,7 @@ class Services:
     settings: ServerSettings
     triton: TritonClient
     fetcher: UrlFetcher
-    permits: Permits
+    permits: Capacity  # images in flight in this worker
 
 
 @dataclass(frozen=True)
@@ -85,16 +69,12 @@ async def embed_inputs(items: list[str], services: Services, started: float) -> 
             f"batch size {count} > maximum allowed batch size {settings.max_client_batch_size}",
         )
     if not services.permits.try_take(count):
-        raise ApiError(
-            ErrorType.OVERLOADED,
-            f"model is overloaded: {count} more images would exceed the limit of "
-            f"{settings.max_concurrent_images} images in flight",
-            headers={"Retry-After": "1"},
-        )
+        raise overloaded(settings.max_concurrent_images, count)
+    downloads = services.fetcher.request_budget(settings.url_request_max_bytes)
     try:
         async with asyncio.timeout(settings.request_timeout):
             try:
-                fetched = await fetch_urls(items, services.fetcher)
+                fetched = await fetch_urls(items, services.fetcher, downloads)
                 size = sum(map(len, items)) + sum(map(len, fetched.values()))
                 if count <= INLINE_INPUTS and size <= INLINE_INPUT_SIZE:
                     images = prepare_inputs(items, settings.max_image_pixels, fetched)
@@ -110,7 +90,8 @@ async def embed_inputs(items: list[str], services: Services, started: float) -> 
         raise ApiError(
             ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
         ) from None
-    finally:
+    finally:  # every part of the work has ended here (task groups): nothing still holds these
+        downloads.release()
         services.permits.give_back(count)
     metrics.IMAGES.inc(count)
     metrics.IMAGES_PER_REQUEST.observe(count)

@@ -82,6 +82,15 @@ class PayloadTooLarge(StarletteHTTPException):
         super().__init__(413, f"payload is larger than the limit of {limit} bytes")
 
 
+def overloaded(limit: int, count: int | None = None) -> ApiError:
+    more = f"{count} more images" if count is not None else "more images"
+    return ApiError(
+        ErrorType.OVERLOADED,
+        f"model is overloaded: {more} would exceed the limit of {limit} images in flight",
+        headers={"Retry-After": "1"},
+    )
+
+
 def error_body(path: str, status: int, error_type: ErrorType, message: str) -> dict[str, object]:
     body: dict[str, object]
     if path in OPENAI_PATHS:
@@ -138,3 +147,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return error_response(request.url.path, 500, ErrorType.INTERNAL, "internal error")
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error a request reports when its concurrent parts failed (asyncio.TaskGroup): the
+    first API or input error (a cancellation is no reason), else the first of any kind."""
+    leaves: list[BaseException] = []
+
+    def flatten(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                flatten(inner)
+        else:
+            leaves.append(error)
+
+    flatten(group)
+    return next((e for e in leaves if isinstance(e, ApiError | ValueError)), leaves[0])

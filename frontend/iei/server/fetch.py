@@ -10,31 +10,120 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import sys
 from contextlib import AbstractAsyncContextManager
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from .errors import ApiError, ErrorType
 from .inputs import InvalidInput
+from .limits import Capacity
 
 ALLOWED_SCHEMES = ("http", "https")
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
-def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Routable on the internet: not loopback, private, link-local, multicast or reserved."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# NAT64's well-known and local-use prefixes (RFC 6052, 8215): the IPv4 address is the last 32
+# bits. The deprecated IPv4-compatible form (::a.b.c.d) carries one the same way.
+_NAT64 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: IPv4-mapped, NAT64, 6to4, Teredo (server and
+    client), IPv4-compatible; empty for a plain IPv6 address."""
+    if address.ipv4_mapped:
+        return [address.ipv4_mapped]
+    if address.sixtofour:
+        return [address.sixtofour]
+    if address.teredo:
+        return list(address.teredo)
+    low_bits = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if any(address in network for network in _NAT64):
+        return [low_bits]
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1, judged as they are
+        return [low_bits]
+    return []
+
+
+def is_public(address: Address) -> bool:
+    """Routable on the internet: not loopback, private, link-local, multicast or reserved. An IPv6
+    address with an IPv4 address inside is judged by that IPv4 address too."""
+    inside = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
+    if inside:
+        return all(is_public(v4) for v4 in inside)
     return address.is_global and not address.is_multicast
+
+
+def parse_url(url: str) -> SplitResult:
+    """An http(s) URL's parts, or an `InvalidInput` that says what is wrong with it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in 0..65535
+        host = parts.hostname
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise InvalidInput(f"malformed URL: {exc}") from None
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        raise InvalidInput(f"URL scheme {parts.scheme!r} is not allowed (only http, https)")
+    if not host:
+        raise InvalidInput("URL without a host")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise InvalidInput("URLs with credentials are not fetched")
+    if port == 0:
+        raise InvalidInput("malformed URL: port 0")
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise InvalidInput("malformed URL: it contains white space or control characters")
+    try:
+        host.encode("idna") if not host.isascii() else None
+    except UnicodeError:
+        raise InvalidInput(f"malformed URL: host {host!r} is not a valid name") from None
+    return parts
+
+
+class RequestBytes:
+    """The bytes one request's URL fetches hold, within its own limit and the worker's budget;
+    all given back by `release` when the request's work has ended."""
+
+    def __init__(self, worker: Capacity, limit: int) -> None:
+        self.worker = worker
+        self.limit = limit
+        self.used = 0
+
+    def take(self, count: int) -> None:
+        if self.used + count > self.limit:
+            raise InvalidInput(
+                f"the URLs of this request hold more than {self.limit} bytes together "
+                "(IEI_URL_REQUEST_MAX_BYTES)"
+            )
+        if not self.worker.try_take(count):
+            raise ApiError(
+                ErrorType.OVERLOADED,
+                "too many URL downloads in flight (IEI_URL_WORKER_MAX_BYTES); retry later",
+                headers={"Retry-After": "1"},
+            )
+        self.used += count
+
+    def release(self) -> None:
+        self.worker.give_back(self.used)
+        self.used = 0
 
 
 class UrlFetcher:
     """One shared async HTTP client per worker; `fetch` returns the file's bytes."""
 
     def __init__(
-        self, *, allow_private: bool, timeout: float, max_bytes: int, max_redirects: int
+        self,
+        *,
+        allow_private: bool,
+        timeout: float,
+        max_bytes: int,
+        max_redirects: int,
+        worker_max_bytes: int | None = None,
     ) -> None:
         self.allow_private = allow_private
+        self.budget = Capacity(worker_max_bytes or sys.maxsize)  # None: no limit per worker
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.timeout = timeout
@@ -48,37 +137,44 @@ class UrlFetcher:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, url: str) -> bytes:
+    def request_budget(self, limit: int) -> RequestBytes:
+        """What the URL fetches of one request may hold; `release()` it when the request ends."""
+        return RequestBytes(self.budget, limit)
+
+    async def fetch(self, url: str, budget: RequestBytes | None = None) -> bytes:
+        """The file at `url`, its bytes taken from `budget` (a budget of its own if None)."""
+        own = budget is None
+        budget = budget or self.request_budget(self.max_bytes)
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._fetch(url)
+                return await self._fetch(url, budget)
+        except (InvalidInput, ApiError):
+            raise
         except TimeoutError:
             raise InvalidInput(f"fetching the URL took longer than {self.timeout:g} s") from None
-        except httpx.HTTPError as exc:
-            raise InvalidInput(f"cannot fetch the URL: {type(exc).__name__}") from None
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # UnicodeError included
+            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise InvalidInput(f"cannot fetch the URL: {type(exc).__name__} {reason}") from None
+        finally:
+            if own:
+                budget.release()
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetch(self, url: str, budget: RequestBytes) -> bytes:
+        parts = parse_url(url)
         for _ in range(self.max_redirects + 1):
-            parts = self._check_url(url)
             address = await self._resolve(parts)
             async with self._open(parts, address) as response:
                 if response.status_code in _REDIRECTS and "location" in response.headers:
-                    url = urljoin(url, response.headers["location"])
+                    try:
+                        url = urljoin(url, response.headers["location"])
+                        parts = parse_url(url)
+                    except ValueError as exc:  # InvalidInput is one
+                        raise InvalidInput(f"the URL redirects to a bad target: {exc}") from None
                     continue
                 if response.status_code != 200:
                     raise InvalidInput(f"the URL answered HTTP {response.status_code}")
-                return await self._read_capped(response)
+                return await self._read_capped(response, budget)
         raise InvalidInput(f"more than {self.max_redirects} redirects")
-
-    def _check_url(self, url: str) -> SplitResult:
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ALLOWED_SCHEMES:
-            raise InvalidInput(f"URL scheme {parts.scheme!r} is not allowed (only http, https)")
-        if not parts.hostname:
-            raise InvalidInput("URL without a host")
-        if parts.username or parts.password:
-            raise InvalidInput("URLs with credentials are not fetched")
-        return parts
 
     async def _resolve(self, parts: SplitResult) -> str:
         """The address to connect to, after checking every address the name resolves to."""
@@ -114,7 +210,7 @@ class UrlFetcher:
             extensions={"sni_hostname": parts.hostname},
         )
 
-    async def _read_capped(self, response: httpx.Response) -> bytes:
+    async def _read_capped(self, response: httpx.Response, budget: RequestBytes) -> bytes:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise InvalidInput(f"the file is larger than {self.max_bytes} bytes")
@@ -123,5 +219,6 @@ class UrlFetcher:
             size += len(chunk)
             if size > self.max_bytes:
                 raise InvalidInput(f"the file is larger than {self.max_bytes} bytes")
+            budget.take(len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)

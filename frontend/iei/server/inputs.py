@@ -12,12 +12,13 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from ..contract import IMAGE_FORMATS
+from .errors import first_error
 
 _SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never contains ':'
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),", re.I)
@@ -104,7 +105,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
 
 
 class Fetcher(Protocol):
-    async def fetch(self, url: str) -> bytes: ...
+    async def fetch(self, url: str, budget: Any) -> bytes: ...
 
 
 def prepare_inputs(
@@ -123,9 +124,10 @@ def prepare_inputs(
     return images
 
 
-async def fetch_urls(items: list[str], fetcher: Fetcher) -> dict[int, bytes]:
-    """Fetch the URL items concurrently; only http(s) URLs are fetched, any other scheme is
-    refused before anything is read."""
+async def fetch_urls(items: list[str], fetcher: Fetcher, budget: Any) -> dict[int, bytes]:
+    """Fetch the URL items concurrently, their bytes taken from `budget`; only http(s) URLs are
+    fetched, any other scheme is refused before anything is read. The first failure cancels the
+    other fetches: none is left running when this returns or raises."""
     urls = {}
     for index, item in enumerate(items):
         scheme = url_scheme(item)
@@ -137,10 +139,16 @@ async def fetch_urls(items: list[str], fetcher: Fetcher) -> dict[int, bytes]:
             )
         urls[index] = item.strip()
 
-    async def one(index: int, url: str) -> tuple[int, bytes]:
+    async def one(index: int, url: str) -> bytes:
         try:
-            return index, await fetcher.fetch(url)
+            return await fetcher.fetch(url, budget)
         except InvalidInput as exc:
             raise InvalidInput(f"inputs[{index}]: {exc}") from None
 
-    return dict(await asyncio.gather(*(one(i, u) for i, u in urls.items())))
+    tasks = {}
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {i: group.create_task(one(i, u)) for i, u in urls.items()}
+    except BaseExceptionGroup as failed:
+        raise first_error(failed) from None
+    return {index: task.result() for index, task in tasks.items()}

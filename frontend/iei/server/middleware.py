@@ -1,4 +1,5 @@
-"""ASGI middleware: the body limit (before anything is buffered) and request metrics."""
+"""ASGI middleware: admission and the body limit (before anything is read), request ids and
+metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
-from .errors import ErrorType, PayloadTooLarge, error_response
+from .auth import UNAUTHORIZED, key_accepted
+from .errors import ErrorType, PayloadTooLarge, error_response, overloaded
 from .logs import REQUEST_ID, request_id_from
 
 log = logging.getLogger("iei")
@@ -48,6 +50,42 @@ class RequestContext:
                 scope["method"], scope["path"], status, (time.perf_counter() - start) * 1000,
             )  # fmt: skip
             REQUEST_ID.reset(token)
+
+
+# Open without the API key, as in TEI: probes, metrics, the API docs and the demo page (GET /).
+OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/openapi.json", "/docs", "/redoc"})
+# Routes that hold images in flight: refused at once while the worker is full.
+EMBEDDING_PATHS = frozenset({"/", "/embed", "/v1/embeddings", "/embeddings"})
+
+
+class Admission:
+    """Before anything of the body is read: the API key (401) and, on the embedding routes, a
+    worker already at IEI_MAX_CONCURRENT_IMAGES (429). A large body then costs nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        services = getattr(scope["app"].state, "services", None)
+        refusal = None
+        is_open = path in OPEN_PATHS or path.startswith("/docs") or (method, path) == ("GET", "/")
+        if services is not None and not is_open:
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not key_accepted(authorization, services.settings.api_key):
+                refusal = UNAUTHORIZED
+            elif method == "POST" and path in EMBEDDING_PATHS and services.permits.full:
+                refusal = overloaded(services.settings.max_concurrent_images)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            path, refusal.status, refusal.error_type, refusal.message, refusal.headers
+        )
+        await response(scope, receive, send)
 
 
 class BodyLimit:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from pydantic import SecretStr, field_validator
+from pydantic import SecretStr, field_validator, model_validator
 
-from ..settings import SettingsBase, setting
+from ..settings import SETTINGS, SettingsBase, setting
 
 
 class ServerSettings(SettingsBase):
@@ -24,6 +24,8 @@ class ServerSettings(SettingsBase):
     allow_private_urls: bool = setting("allow_private_urls")
     url_timeout: float = setting("url_timeout", gt=0, le=600)
     url_max_bytes: int = setting("url_max_bytes", ge=1024)
+    url_request_max_bytes: int = setting("url_request_max_bytes", ge=1024)
+    url_worker_max_bytes: int = setting("url_worker_max_bytes", ge=1024)
     url_max_redirects: int = setting("url_max_redirects", ge=0, le=20)
     triton_url: str | None = setting("triton_url")
     triton_http_port: int = setting("triton_http_port", ge=1, le=65535)
@@ -37,6 +39,25 @@ class ServerSettings(SettingsBase):
         if "://" in bare or ":" not in bare or not bare.rpartition(":")[2].isdigit():
             raise ValueError(f"expected host:port (or http://host:port), got {value!r}")
         return bare
+
+    @model_validator(mode="after")
+    def _check_limits_agree(self) -> ServerSettings:
+        """Limits that contradict each other would refuse every large request: stop instead."""
+        pairs = [
+            ("max_client_batch_size", "max_concurrent_images", "inputs a request may carry",
+             "images a worker may have in flight"),
+            ("url_max_bytes", "url_request_max_bytes", "bytes of one URL",
+             "bytes the URLs of one request may download"),
+            ("url_request_max_bytes", "url_worker_max_bytes",
+             "bytes the URLs of one request may download", "bytes a worker may hold"),
+        ]  # fmt: skip
+        for small, large, small_means, large_means in pairs:
+            if getattr(self, small) > getattr(self, large):
+                raise ValueError(
+                    f"{SETTINGS[small].env}={getattr(self, small)} ({small_means}) is more than "
+                    f"{SETTINGS[large].env}={getattr(self, large)} ({large_means})"
+                )
+        return self
 
     @cached_property
     def model_names(self) -> frozenset[str]:

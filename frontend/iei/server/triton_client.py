@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -15,23 +17,31 @@ import tritonclient.http as triton_http
 from tritonclient.http.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from ..contract import INFO_OUTPUT_NAME, INPUT_NAME, INVALID_IMAGE_PATTERN, MODEL_NAME, OUTPUT_NAME
+from ..contract import (
+    INFO_OUTPUT_NAME,
+    INPUT_NAME,
+    INVALID_IMAGE_PATTERN,
+    MODEL_NAME,
+    OUTPUT_NAME,
+    PROBE_IMAGE,
+    PROBE_PRIORITY,
+)
 from . import metrics
-from .errors import ApiError, ErrorType
+from .errors import ApiError, ErrorType, first_error
 
 log = logging.getLogger("iei")
 
 _INVALID_IMAGE = re.compile(INVALID_IMAGE_PATTERN, re.S)
-_HEALTH_TIMEOUT = 2.0
-# A 1x1 PNG: the cheapest image to ask the model about itself.
-PROBE_IMAGE = bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
-    "0000000c4944415478da63f8cfc000000301010018dd8db00000000049454e44ae426082"
-)
+# A probe of the model (health, or a failure to explain) gives up after this long: well under the
+# probe timeouts of Kubernetes (3 s) and compose (5 s). It is sent at the head of Triton's queue
+# (PROBE_PRIORITY), so a full queue does not hold it up.
+PROBE_TIMEOUT = 2.0
+# A successful inference vouches for the model this long; after that, /health asks it again.
+VERIFIED_FOR = 10.0
 T = TypeVar("T")
-# Triton's words when the model cannot run at all (dead stub, model unloading, restarting):
-# a 503 for the client, who may retry, rather than the 424 of a failed inference.
-_UNAVAILABLE = ("is not healthy", "unknown model", "is not ready", "not found", "unavailable")
+# Triton's HTTP status for an unknown or unloaded model (404) and for a model that cannot take the
+# request now (503: not ready, queue full, queue timeout): the service is unavailable, retry.
+_UNAVAILABLE_STATUSES = ("404", "503")
 
 
 class TritonClient:
@@ -48,7 +58,8 @@ class TritonClient:
         self._client: InferenceServerClient | None = None
         self._max_batch_size: int | None = None
         self._model_info: dict[str, Any] | None = None
-        self._verified = False  # the last inference succeeded
+        self._verified_at = -math.inf  # when an inference last succeeded (monotonic)
+        self._probe: asyncio.Task[bool] | None = None
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -70,22 +81,32 @@ class TritonClient:
         """True when the model really answers.
 
         Triton keeps reporting a model ready after its Python stub died (every inference then
-        fails), so readiness is confirmed with a real inference of a 1x1 image whenever the last
-        known state is not a success: at start, and after any failed inference.
+        fails), so readiness rests on a real inference: a recent success, or a probe.
         """
-        try:
-            ready = await asyncio.wait_for(self.server.is_model_ready(MODEL_NAME), _HEALTH_TIMEOUT)
-        except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
-            ready = False
-        if not ready:
-            self._verified = False
-            return False
-        if not self._verified:
-            try:
-                await asyncio.wait_for(self.embed([PROBE_IMAGE]), _HEALTH_TIMEOUT * 5)
-            except (ApiError, TimeoutError):
+        if time.monotonic() - self._verified_at < VERIFIED_FOR:
+            try:  # Triton itself still there? (metadata: answered at once, never queued)
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    return bool(await self.server.is_model_ready(MODEL_NAME))
+            except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
                 return False
-        return True
+        return await self.model_answers()
+
+    async def model_answers(self) -> bool:
+        """A real inference of a 1x1 image, at the head of Triton's queue, within PROBE_TIMEOUT.
+        Callers at the same moment share one probe."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._run_probe())
+        return await asyncio.shield(self._probe)
+
+    async def _run_probe(self) -> bool:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                if not await self.server.is_model_ready(MODEL_NAME):
+                    return False
+                await self._infer([PROBE_IMAGE], 0, priority=PROBE_PRIORITY, explain=False)
+            return True
+        except (ApiError, InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
+            return False
 
     async def max_batch_size(self) -> int:
         """The model's `max_batch_size`, read from Triton once (it may start after us)."""
@@ -111,7 +132,8 @@ class TritonClient:
 
     async def embed(self, images: list[bytes]) -> np.ndarray:
         """Vectors for `images`, in order: chunks of at most max_batch_size, and at most
-        `concurrency_level` images in flight at once."""
+        `concurrency_level` images in flight at once. The first chunk that fails cancels the
+        others: nothing of the request is left running when this returns or raises."""
         chunk = min(await self.max_batch_size(), self.concurrency_level)
         parallel = asyncio.Semaphore(max(1, self.concurrency_level // chunk))
 
@@ -119,7 +141,13 @@ class TritonClient:
             async with parallel:
                 return await self._infer(images[start : start + chunk], start)
 
-        parts = await asyncio.gather(*(run(s) for s in range(0, len(images), chunk)))
+        tasks = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(run(s)) for s in range(0, len(images), chunk)]
+        except BaseExceptionGroup as failed:
+            raise first_error(failed) from None
+        parts = [task.result() for task in tasks]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     @staticmethod
@@ -130,45 +158,52 @@ class TritonClient:
         request.set_data_from_numpy(tensor, binary_data=True)  # raw bytes, not JSON
         return request
 
-    async def _infer(self, images: list[bytes], offset: int) -> np.ndarray:
+    async def _infer(
+        self, images: list[bytes], offset: int, *, priority: int = 0, explain: bool = True
+    ) -> np.ndarray:
         request = self._images_input(images)
         output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
+        call = self.server.infer(MODEL_NAME, [request], outputs=[output], priority=priority)
         with metrics.TRITON_SECONDS.time():
-            result = await self._call(
-                self.server.infer(MODEL_NAME, [request], outputs=[output]), offset
-            )
+            result = await self._call(call, offset, explain=explain)
         vectors = result.as_numpy(OUTPUT_NAME)
         if vectors is None or vectors.shape[0] != len(images):
             raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some images")
         return vectors
 
-    async def _call(self, call: Awaitable[T], offset: int = 0) -> T:
-        """Await a Triton call; its failures become API errors. `offset`: the position of the
-        call's first image in the client's request."""
+    async def _call(self, call: Awaitable[T], offset: int = 0, *, explain: bool = True) -> T:
+        """Await a Triton call; its failures become API errors, by Triton's status. `offset`: the
+        position of the call's first image in the client's request. `explain`: on a failure of
+        the model itself (Triton's 500), probe the model to tell a broken request (424) from a
+        broken model (503)."""
         try:
             result = await call
         except InferenceServerException as exc:
-            message = exc.message() or str(exc)
-            found = _INVALID_IMAGE.search(message)
-            if found:  # the client's fault (the model is fine): name the client's own index
-                index = offset + int(found.group(1))
-                raise ApiError(ErrorType.VALIDATION, f"inputs[{index}]: {found.group(2)}") from None
-            self._verified = False
-            if any(sign in message for sign in _UNAVAILABLE):
+            status, message = exc.status(), exc.message() or str(exc)
+            if status == "400":  # the model refused the input (INVALID_ARG): the client's fault
+                found = _INVALID_IMAGE.search(message)
+                if found:  # name the client's own index
+                    index = offset + int(found.group(1))
+                    message = f"inputs[{index}]: {found.group(2)}"
+                raise ApiError(ErrorType.VALIDATION, message) from None
+            self._verified_at = -math.inf
+            if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers()):
                 raise ApiError(
-                    ErrorType.UNHEALTHY, f"the model is unavailable: {message}"
+                    ErrorType.UNHEALTHY,
+                    f"the model is unavailable: {message}",
+                    headers={"Retry-After": "1"},
                 ) from None
             raise ApiError(ErrorType.BACKEND, f"inference failed: {message}") from None
         except TimeoutError:
-            self._verified = False
+            self._verified_at = -math.inf
             raise ApiError(
                 ErrorType.TIMEOUT, f"Triton did not answer within {self.timeout:g} s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
-            self._verified = False
+            self._verified_at = -math.inf
             log.warning("Triton unreachable at %s: %s", self.endpoint, exc)
             raise ApiError(
                 ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
             ) from None
-        self._verified = True
+        self._verified_at = time.monotonic()
         return result

@@ -9,9 +9,10 @@ from fastapi import APIRouter
 from ..dependencies import Authorized, ServicesDep
 from ..embedding import embed_inputs, normalize_rows
 from ..responses import VectorResponse
+from ..routing import OffLoopJSONRoute
 from ..schemas import EmbedRequest
 
-router = APIRouter(tags=["embeddings"], dependencies=[Authorized])
+router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=OffLoopJSONRoute)
 
 
 @router.post(

@@ -12,12 +12,21 @@ from ..errors import ErrorType, error_response
 router = APIRouter(tags=["service"])
 
 
+@router.get("/live", summary="Is the frontend process alive? (liveness)")
+async def live() -> JSONResponse:
+    """200 while this worker's event loop runs, whatever Triton does: a liveness probe that
+    restarts the frontend only when the frontend itself is stuck."""
+    return JSONResponse({"status": "alive"})
+
+
 @router.get(
     "/health",
-    summary="Is the model ready?",
-    responses={503: {"description": "Triton is down or the model is not ready"}},
+    summary="Does the model answer? (readiness)",
+    responses={503: {"description": "Triton is down or the model does not answer"}},
 )
 async def health(request: Request, services: ServicesDep) -> JSONResponse:
+    """200 when the model answers a real inference (a recent one, or a probe at the head of
+    Triton's queue, shared by concurrent callers and bounded to 2 s)."""
     if await services.triton.is_ready():
         return JSONResponse({"status": "ok"})
     return error_response(request.url.path, 503, ErrorType.UNHEALTHY, "the model is not ready")

@@ -12,9 +12,10 @@ from ..dependencies import Authorized, ServicesDep
 from ..embedding import embed_inputs, normalize_rows
 from ..errors import ApiError, ErrorType
 from ..responses import VectorResponse
+from ..routing import OffLoopJSONRoute
 from ..schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
 
-router = APIRouter(tags=["embeddings"], dependencies=[Authorized])
+router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=OffLoopJSONRoute)
 
 
 @router.post(
