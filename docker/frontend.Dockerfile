@@ -21,4 +21,4 @@ EXPOSE 8000
 # Workers are processes: their Prometheus metrics meet in PROMETHEUS_MULTIPROC_DIR, created
 # fresh at each start (on /tmp, so the root filesystem can stay read-only). The flags are those
 # that `iei serve` gives uvicorn (frontend/iei/launcher/frontend.py, uvicorn_arguments).
-CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$IEI_WORKERS\" --timeout-graceful-shutdown 30 --no-access-log"]
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"${IEI_WORKERS:-2}\" --timeout-graceful-shutdown 30 --no-access-log"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from deployment_settings import frontend_container, triton_container
 from google.protobuf import text_format
 from iei import settings as table
 from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
@@ -40,8 +41,6 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 NGC_TRITON = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version tests run
 # Read by the frontend image's command (uvicorn's worker count), not by Python code.
 IMAGE_COMMAND_READS = {"IEI_WORKERS"}
-# What the model's environment carries through compose, as the issue asks.
-MODEL_SETTINGS = ("IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING", "IEI_MAX_IMAGE_PIXELS")
 
 
 class Reset:
@@ -189,11 +188,18 @@ def test_the_ports_override_publishes_triton_s_three_ports(triton):
     assert container_ports == set(triton["expose"])
 
 
-def test_model_settings_pass_through_to_triton(triton, frontend):
-    for name in MODEL_SETTINGS:
-        assert triton["environment"][name].startswith(f"${{{name}"), name
-    assert frontend["environment"]["IMAGE_EMBEDDING_MODEL"].startswith("${IMAGE_EMBEDDING_MODEL")
-    assert frontend["environment"]["IEI_WORKERS"].startswith("${IEI_WORKERS")
+@pytest.mark.parametrize(
+    ("service", "expected"),
+    [("triton", triton_container), ("frontend", frontend_container)],
+)
+def test_every_setting_read_in_a_service_passes_through_from_the_shell_or_env_file(
+    compose, service, expected
+):
+    environment = compose[service]["environment"]
+    for name in expected():
+        assert name in environment, f"{service} lacks {name}"
+        # unset or empty: the table's default (never a default written here, a key least of all)
+        assert environment[name] == f"${{{name}:-}}", f"{service}: {name}={environment[name]}"
 
 
 def test_every_variable_in_compose_is_in_the_settings_table_and_read_where_it_is_set(compose):
@@ -234,7 +240,7 @@ def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
     assert command[command.index("--port") + 1] == container_port
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert "iei.server.app:create_app" in command and "--factory" in command
-    assert command[command.index("--workers") + 1] == "$IEI_WORKERS"
+    assert command[command.index("--workers") + 1] == "${IEI_WORKERS:-2}"  # empty: the default
 
 
 def test_the_cpu_variant_has_no_gpu_and_renders_cpu_instances(triton, monkeypatch, tmp_path):

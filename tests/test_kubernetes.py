@@ -14,6 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from deployment_settings import frontend_container, triton_container
 from iei import settings as table
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_process import triton_command
@@ -105,20 +106,52 @@ def test_kustomize_builds_valid_resources():
     resources = [doc for doc in yaml.safe_load_all(built) if doc]
     for resource in resources:
         kubernetes_validate.validate(resource, KUBERNETES_VERSIONS[-1], strict=True)
-    [config_map] = [r for r in resources if r["kind"] == "ConfigMap"]
-    assert re.fullmatch(r"iei-model-\w+", config_map["metadata"]["name"])  # hashed: rolls pods
+    config_maps = {r["metadata"]["name"] for r in resources if r["kind"] == "ConfigMap"}
+    assert all(re.fullmatch(r"iei-\w+-\w+", name) for name in config_maps)  # hashed: rolls pods
     for deployment in (r for r in resources if r["kind"] == "Deployment"):
-        [source] = container(deployment)["envFrom"]
-        assert source["configMapRef"]["name"] == config_map["metadata"]["name"]
+        for source in container(deployment)["envFrom"]:
+            assert source["configMapRef"]["name"] in config_maps
 
 
-def test_deployments_read_the_generated_model_settings():
-    generated = {g["name"]: g for g in KUSTOMIZATION["configMapGenerator"]}
-    literals = dict(item.split("=", 1) for item in generated["iei-model"]["literals"])
-    assert {"IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING"} <= set(literals)
-    for deployment in (TRITON, FRONTEND):
-        [source] = container(deployment)["envFrom"]
-        assert source["configMapRef"]["name"] in generated
+def generated_settings() -> dict[str, dict[str, str]]:
+    """ConfigMap name -> its variables, from kustomization.yaml."""
+    return {
+        g["name"]: dict(item.split("=", 1) for item in g["literals"])
+        for g in KUSTOMIZATION["configMapGenerator"]
+    }
+
+
+def settings_of(deployment: dict[str, Any]) -> dict[str, str]:
+    """Every variable a Deployment's container gets: its ConfigMaps, then its own env."""
+    maps = generated_settings()
+    found: dict[str, str] = {}
+    for source in container(deployment)["envFrom"]:
+        found.update(maps[source["configMapRef"]["name"]])
+    for item in container(deployment).get("env", []):
+        found[item["name"]] = item.get("value", "<from a Secret>")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("deployment", "expected"), [(TRITON, triton_container), (FRONTEND, frontend_container)],
+    ids=["triton", "frontend"],
+)  # fmt: skip
+def test_every_setting_a_container_reads_reaches_it(deployment, expected):
+    assert expected() <= set(settings_of(deployment))
+
+
+def test_the_generated_settings_are_the_tables_defaults():
+    for name, variables in generated_settings().items():
+        for variable, value in variables.items():
+            shown = table.as_env_value(table.by_env(variable).default)
+            assert value == shown, f"{name}: {variable}={value}, the default is {shown!r}"
+
+
+def test_the_api_key_comes_from_a_secret_never_a_literal():
+    [key] = [e for e in container(FRONTEND)["env"] if e["name"] == "IEI_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "value" not in key
+    assert all("IEI_API_KEY" not in variables for variables in generated_settings().values())
 
 
 def test_every_variable_is_in_the_settings_table_and_read_by_a_container():
@@ -226,10 +259,8 @@ def test_the_frontend_calls_the_triton_service_on_its_http_port():
 
 def test_the_frontend_probes_its_own_port_and_stays_alive_while_triton_is_down():
     frontend = container(FRONTEND)
-    assert frontend["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert "httpGet" not in frontend["livenessProbe"] or (
-        frontend["livenessProbe"]["httpGet"]["path"] != "/health"
-    )
+    assert frontend["readinessProbe"]["httpGet"]["path"] == "/health"  # the model answers
+    assert frontend["livenessProbe"]["httpGet"]["path"] == "/live"  # the process answers
     ports = container_ports(FRONTEND)
     for name in ("readinessProbe", "livenessProbe"):
         assert probe_port(frontend[name]) in ports

@@ -68,9 +68,7 @@ def test_the_model_reads_the_tables_model_settings_with_the_same_defaults():
     expected = table.read_by(table.MODEL)
     assert set(by_env) == {s.env for s in expected.values()}
     for entry in expected.values():
-        default = entry.default
-        shown = str(default).lower() if isinstance(default, bool) else str(default)
-        assert by_env[entry.env] == shown, entry.env
+        assert by_env[entry.env] == table.as_env_value(entry.default), entry.env
 
 
 def test_the_readme_table_is_the_generated_one():

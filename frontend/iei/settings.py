@@ -66,8 +66,9 @@ _SETTINGS = [
         "largest image (width x height), checked from the header",
     )),
     ("request_timeout", Setting(
-        "IEI_REQUEST_TIMEOUT", 60.0, "float", (SERVER,),
-        "seconds a request may take before a 504",
+        "IEI_REQUEST_TIMEOUT", 60.0, "float", (SERVER, LAUNCHER),
+        "seconds a request may take before a 504; a request still in Triton's queue after it "
+        "is dropped",
     )),
     ("payload_limit", Setting(
         "IEI_PAYLOAD_LIMIT", 64 * 1024 * 1024, "int", (SERVER,), "largest request body in bytes",
@@ -164,6 +165,17 @@ SETTINGS: dict[str, Setting] = dict(_SETTINGS)
 def read_by(part: str) -> dict[str, Setting]:
     """The settings that `part` (SERVER, LAUNCHER or MODEL) reads."""
     return {name: s for name, s in SETTINGS.items() if part in s.readers}
+
+
+def as_env_value(value: Any) -> str:
+    """A setting's value as an environment variable carries it (None: empty, the default)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def by_env(variable: str) -> Setting | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
-from ..settings import MODEL, SETTINGS, read_by
+from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .errors import TritonStartupError
 from .processes import die_with_parent, stop_process
 from .repository import gpu_count
@@ -104,7 +104,7 @@ def model_environment(settings: LauncherSettings) -> dict[str, str]:
     for name, entry in read_by(MODEL).items():
         value = getattr(settings, name)
         if value is not None:
-            environment[entry.env] = str(value).lower() if isinstance(value, bool) else str(value)
+            environment[entry.env] = as_env_value(value)
     model = settings.embedding_model
     local = Path(model).expanduser()
     if local.exists():
