@@ -64,7 +64,8 @@ def guarded_stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
         IEI_ALLOW_PRIVATE_URLS="true",
         IEI_PAYLOAD_LIMIT=str(2 * 1024 * 1024),
         IEI_URL_MAX_BYTES=str(2 * 1024 * 1024),
-        IEI_MAX_CONCURRENT_REQUESTS="8",
+        IEI_MAX_CONCURRENT_REQUESTS="8",  # the earlier name of IEI_MAX_CONCURRENT_IMAGES
+        IEI_MAX_CLIENT_BATCH_SIZE="8",  # more would contradict it: start-up refuses that
         IEI_SERVED_MODEL_NAME="my-vit",
         IEI_WORKERS="2",
     ).start()
@@ -255,14 +256,13 @@ def test_payload_limit_is_413_before_the_body_is_read(guarded_stack):
 
 
 def test_more_images_in_flight_than_allowed_is_429_at_once(guarded_stack):
-    """8 images may be in flight per worker: 9 in one request are refused without waiting,
-    and under a burst of concurrent requests some are refused while the others succeed."""
+    """8 images may be in flight per worker (and so at most 8 in one request): under a burst of
+    concurrent requests some are refused at once while the others succeed."""
     image = b64(photos()["coffee.jpg"])
     response = httpx.post(
         f"{guarded_stack.url}/embed", json={"inputs": [image] * 9}, headers=auth()
     )
-    tei_error(response, 429, "Overloaded", "limit of 8 images")
-    assert response.headers["retry-after"] == "1"
+    tei_error(response, 422, "Validation", "batch size 9 > maximum allowed batch size 8")
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(base_url=guarded_stack.url, headers=auth()) as client:
@@ -273,6 +273,16 @@ def test_more_images_in_flight_than_allowed_is_429_at_once(guarded_stack):
     statuses = asyncio.run(burst())
     assert set(statuses) <= {200, 429}
     assert 200 in statuses and 429 in statuses
+    refused = asyncio.run(refused_answer(guarded_stack.url, body={"inputs": [image] * 6}))
+    tei_error(refused, 429, "Overloaded", "limit of 8 images")
+    assert refused.headers["retry-after"] == "1"
+
+
+async def refused_answer(url: str, body: dict) -> httpx.Response:
+    """One 429 out of a burst that overfills a worker."""
+    async with httpx.AsyncClient(base_url=url, headers=auth(), timeout=60) as client:
+        answers = await asyncio.gather(*(client.post("/embed", json=body) for _ in range(12)))
+    return next(a for a in answers if a.status_code == 429)
 
 
 # --- URL inputs ---------------------------------------------------------------------------

@@ -224,6 +224,7 @@ class TritonServer:
         """Remember the stubs serving the model (call once it is ready: while it loads, a
         short-lived stub comes and goes, which is no crash)."""
         self.stubs = python_stubs(self.process.pid) if self.process else []
+        log.info("watching the model stubs (pids %s)", self.stubs)
 
     def problem(self) -> str | None:
         """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops

@@ -1,4 +1,6 @@
-"""Fault-test model: `sleep:<seconds>` answers late, `fail` fails every request.
+"""Fault-test model: `sleep:<seconds>` answers late, `fail` fails every request, `sticky`
+fails every request, the health probe's included, once it has seen the image b"BREAK" (as a GPU
+whose CUDA context is lost does, until the process is restarted).
 
 The frontend's health probe (a 1x1 PNG of under 100 bytes) is answered at once, so the service
 becomes healthy and real requests meet the fault.
@@ -17,9 +19,16 @@ INFO = json.dumps({"model_id": "fault-model", "model_type": "test", "pooling": "
 class TritonPythonModel:
     def initialize(self, args):
         self.behaviour = os.environ.get("IEI_TEST_BEHAVIOUR", "")
+        self.broken = False
 
     def execute(self, requests):
         images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
+        blobs = [bytes(b) for batch in images for b in batch.reshape(-1)]
+        if self.behaviour == "sticky" and any(b"BREAK" in blob for blob in blobs):
+            self.broken = True
+        if self.broken:
+            error = pb_utils.TritonError("CUDA error: an illegal memory access was encountered")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
         probe_only = all(len(bytes(b)) < 100 for batch in images for b in batch.reshape(-1))
         if self.behaviour.startswith("sleep:") and not probe_only:
             time.sleep(float(self.behaviour.split(":", 1)[1]))
