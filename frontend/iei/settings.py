@@ -117,6 +117,11 @@ _SETTINGS = [
         "`host:port` of a Triton HTTP endpoint that something else runs (compose, Kubernetes); "
         "when set, `iei serve` starts only the frontend",
     )),
+    ("decode_pixel_budget", Setting(
+        "IEI_DECODE_PIXEL_BUDGET", 100_000_000, "int", (LAUNCHER, MODEL),
+        "pixels of full-size decoded images a model instance holds at once (each image is shrunk "
+        "right after decoding); bounds the model's memory for decoding at about 8 bytes a pixel",
+    )),
     ("triton_host", Setting(
         "IEI_TRITON_HOST", "127.0.0.1", "str", (LAUNCHER,),
         "interface of the Triton that `iei serve` starts; `0.0.0.0` exposes it to other machines",

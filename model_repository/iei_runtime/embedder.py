@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import InvalidImage, decode_image
+from .images import InvalidImage, PixelBudget, decode_image
 
 
 def is_device_failure(exc: BaseException) -> bool:
@@ -35,6 +36,8 @@ class Embedder:
         forward_batch_size: int,
         decode_threads: int,
         draft_side: int = 0,
+        jpeg_draft: bool = True,
+        pixel_budget: int | None = None,
         preprocess_device: torch.device | None = None,
     ) -> None:
         self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
@@ -43,17 +46,39 @@ class Embedder:
         self.dtype = dtype
         self.max_image_pixels = max_image_pixels
         self.forward_batch_size = forward_batch_size
-        self.draft_side = draft_side
+        self.draft_side = draft_side  # images shrink to no less than this (0: not at all)
+        self.jpeg_draft = jpeg_draft
+        self.budget = PixelBudget(pixel_budget or max_image_pixels)
         self.preprocess_device = preprocess_device
         self.threads = decode_threads
-        # torch's current GPU is per thread: the pool's threads work on the instance's one.
-        on_gpu = device.type == "cuda"
         self.pool = ThreadPoolExecutor(
             max_workers=decode_threads,
             thread_name_prefix="decode",
-            initializer=torch.cuda.set_device if on_gpu else None,
-            initargs=(device,) if on_gpu else (),
+            initializer=self._enter_decode_thread,
         )
+        self._start_decode_threads()
+
+    def _enter_decode_thread(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # torch's current GPU is per thread
+        else:
+            # A decode thread's tensor work (the processor's resize) runs on one core: each
+            # thread would otherwise start an OpenMP team of its own (threads x cores threads).
+            # torch copies its global setting into a thread's own OpenMP setting the first time
+            # the thread asks for it: set it, make this thread ask now, and
+            # _start_decode_threads puts the global setting back for the forward pass.
+            torch.set_num_threads(1)
+            torch.get_num_threads()
+
+    def _start_decode_threads(self) -> None:
+        """Start every decode thread now (ThreadPoolExecutor starts them on demand), so that
+        none changes torch's settings later, then restore the forward pass's threads."""
+        compute_threads = torch.get_num_threads()
+        ready = threading.Barrier(self.threads + 1)
+        for _ in range(self.threads):
+            self.pool.submit(ready.wait)
+        ready.wait()
+        torch.set_num_threads(compute_threads)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -64,7 +89,10 @@ class Embedder:
 
     def _decode(self, blob: bytes) -> Image.Image | InvalidImage:
         try:
-            return decode_image(blob, self.max_image_pixels, self.draft_side)
+            return decode_image(
+                blob, self.max_image_pixels, self.draft_side, self.budget,
+                jpeg_draft=self.jpeg_draft,
+            )  # fmt: skip
         except InvalidImage as exc:
             return exc
 

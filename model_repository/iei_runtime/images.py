@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 # Formats we decode. Restricting PIL's plugins keeps it away from EPS (Ghostscript), PDF, PSD & co.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
@@ -40,11 +43,57 @@ def draft_side(processor: Any, factor: int = DRAFT_FACTOR) -> int:
     return math.ceil(max(sides) * factor) if sides else 0
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image:
-    """Encoded file -> upright RGB image (first frame). Any failure is an `InvalidImage`.
+class PixelBudget:
+    """Pixels of full-size decoded images that an instance's decode threads hold at once. An
+    image waits for its share before it is decoded and gives it back once it is shrunk, so the
+    peak memory of decoding is bounded by the budget, not by what a request carries."""
 
-    `min_side` > 0 lets a JPEG at least twice that large on both sides decode at a reduced scale
-    whose sides both stay >= `min_side`; smaller files decode in full.
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.capacity)  # an image over the whole budget runs alone
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + pixels <= self.capacity)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
+
+
+# EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose)
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    min_side: int = 0,
+    budget: PixelBudget | None = None,
+    *,
+    jpeg_draft: bool = True,
+) -> Image.Image:
+    """Encoded file -> upright RGB image (first frame), shrunk right after decoding to no less
+    than `min_side` on both sides. Any failure is an `InvalidImage`.
+
+    `min_side` > 0: a JPEG decodes at a reduced DCT scale (1/2, 1/4, 1/8) whose sides both stay
+    >= `min_side` (unless not `jpeg_draft`); any other image (and a JPEG still more than twice
+    that) is box-reduced by an integer factor at once. The full-size decode holds `budget` until
+    it is shrunk.
     """
     if not data:
         raise InvalidImage("empty image file")
@@ -59,12 +108,18 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image
             if pixels == 0:
                 raise InvalidImage("image has no pixels")
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
-            if min_side > 0 and image.format in ("JPEG", "MPO"):
+            if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.
                 image.draft(image.mode, (min_side, min_side))
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            return to_rgb(upright)
+            with budget.hold(image.width * image.height) if budget else nullcontext():
+                image.load()
+                # Read once loaded (Pillow turns a TIFF upright as it loads it, and says so
+                # there), and before the shrunk copy, which carries no EXIF.
+                orientation = image.getexif().get(0x0112, 1)
+                small = shrink(image, min_side)
+            if orientation in UPRIGHT:
+                small = small.transpose(UPRIGHT[orientation])
+            return small
     except InvalidImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -73,15 +128,30 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image
         raise InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 
 
+def shrink(image: Image.Image, min_side: int) -> Image.Image:
+    """A decoded image -> 8-bit RGB, box-reduced by the largest integer factor that keeps both
+    sides >= `min_side` (0: not reduced). RGB and grey are reduced before the conversion (less to
+    convert); other modes are converted first, so that transparency is composited over white
+    and high bit depths are scaled before any averaging."""
+    factor = min(image.width, image.height) // min_side if min_side > 0 else 1
+    if image.mode in ("RGB", "L"):
+        return to_rgb(image.reduce(factor) if factor >= 2 else image)
+    rgb = to_rgb(image)
+    return rgb.reduce(factor) if factor >= 2 else rgb
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparent areas become white, high bit depths are scaled."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples (PIL opens 16-bit grey PNG/TIFF as I;16 or I): keep the top 8 bits.
-        # PIL's own convert() would clip everything above 255 to white.
-        values = np.asarray(image, dtype=np.int64)
-        grey = np.clip(values >> 8, 0, 255).astype(np.uint8)
+        # PIL's own convert() would clip everything above 255 to white. In the samples' own
+        # width: no 8-byte copy of a large image.
+        values = np.asarray(image)
+        if values.dtype != np.uint16:  # mode I: 32-bit samples, only 16 of them meaningful
+            values = np.clip(values, 0, 0xFFFF)
+        grey = (values >> 8).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
     if image.mode == "F":
         grey = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)

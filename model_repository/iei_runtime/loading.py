@@ -62,6 +62,8 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         max_image_pixels=settings.max_image_pixels,
         forward_batch_size=resolve_forward_batch_size(settings.forward_batch_size, device),
         decode_threads=threads,
-        draft_side=draft_side(processor) if settings.jpeg_draft else 0,
+        draft_side=draft_side(processor),
+        jpeg_draft=settings.jpeg_draft,
+        pixel_budget=settings.decode_pixel_budget,
         preprocess_device=device if device.type == "cuda" else None,
     )

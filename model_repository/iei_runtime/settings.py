@@ -17,6 +17,7 @@ SETTINGS = {
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
     "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
+    "decode_pixel_budget": ("IEI_DECODE_PIXEL_BUDGET", "100000000"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOLINGS = ("mean", "cls", "pooler")
@@ -40,6 +41,7 @@ class ModelSettings:
     max_image_pixels: int
     forward_batch_size: int  # 0: auto, by device (resolve_forward_batch_size)
     jpeg_draft: bool = True
+    decode_pixel_budget: int = 100_000_000
 
 
 def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
@@ -56,7 +58,7 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
     if raw["jpeg_draft"].lower() not in BOOLEANS:
         raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
     numbers = {}
-    for name in ("max_image_pixels", "forward_batch_size"):
+    for name in ("max_image_pixels", "forward_batch_size", "decode_pixel_budget"):
         is_batch = name == "forward_batch_size"
         if is_batch and raw[name].lower() == "auto":
             numbers[name] = 0
@@ -68,6 +70,11 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         if numbers[name] < 1:
             expected = "auto or a positive integer" if is_batch else "a positive integer"
             raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected {expected}")
+    if numbers["decode_pixel_budget"] < numbers["max_image_pixels"]:
+        raise ValueError(
+            f"IEI_DECODE_PIXEL_BUDGET={numbers['decode_pixel_budget']} is less than "
+            f"IEI_MAX_IMAGE_PIXELS={numbers['max_image_pixels']}: the largest image would not fit"
+        )
     return ModelSettings(
         model_id=raw["model_id"],
         dtype=raw["dtype"],

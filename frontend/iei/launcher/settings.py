@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from ..server.settings import ServerSettings
 from ..settings import setting
@@ -22,6 +22,7 @@ class LauncherSettings(ServerSettings):
     pooling: Literal["mean", "cls", "pooler"] = setting("pooling")
     forward_batch_size: str = setting("forward_batch_size")
     jpeg_draft: bool = setting("jpeg_draft")
+    decode_pixel_budget: int = setting("decode_pixel_budget", ge=1)
     triton_host: str = setting("triton_host")
     triton_grpc_port: int = setting("triton_grpc_port", ge=1, le=65535)
     triton_metrics_port: int = setting("triton_metrics_port", ge=1, le=65535)
@@ -45,6 +46,15 @@ class LauncherSettings(ServerSettings):
         if value != "auto" and not (value.isdigit() and int(value) >= 1):
             raise ValueError(f"expected auto or a positive integer, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_budget_holds_an_image(self) -> LauncherSettings:
+        if self.decode_pixel_budget < self.max_image_pixels:
+            raise ValueError(
+                f"IEI_DECODE_PIXEL_BUDGET={self.decode_pixel_budget} is less than "
+                f"IEI_MAX_IMAGE_PIXELS={self.max_image_pixels}: the largest image would not fit"
+            )
+        return self
 
     @cached_property
     def host(self) -> str:

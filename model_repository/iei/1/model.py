@@ -22,6 +22,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from iei_runtime.loading import describe, load_embedder
+from iei_runtime.resources import available_cores
 from iei_runtime.settings import read_settings
 from iei_runtime.triton import INFO_OUTPUT_NAME, INPUT_NAME, instance_count, make_response
 
@@ -30,14 +31,15 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
         settings = read_settings(model_config, dict(os.environ))
+        cores = available_cores()
         if args["model_instance_kind"] == "GPU":
             device = torch.device("cuda", int(args["model_instance_device_id"]))
             torch.cuda.set_device(device)
-            threads = max(1, os.cpu_count() or 1)
+            threads = cores
         else:
             device = torch.device("cpu")
             # instances x threads <= cores, so instances don't fight over the same cores.
-            threads = max(1, (os.cpu_count() or 1) // instance_count(model_config))
+            threads = max(1, cores // instance_count(model_config))
             torch.set_num_threads(threads)
         self.logger = pb_utils.Logger
         self.embedder = load_embedder(settings, device, threads)
@@ -47,7 +49,9 @@ class TritonPythonModel:
         self.logger.log_info(
             f"iei: {settings.model_id} on {device} ({self.embedder.dtype}), "
             f"pooling={settings.pooling}, {threads} threads, "
-            f"JPEG draft decoding to >= {self.embedder.draft_side} px (0: off)"
+            f"images shrunk to >= {self.embedder.draft_side} px after decoding (0: not), "
+            f"JPEG draft decoding {'on' if self.embedder.jpeg_draft else 'off'}, "
+            f"{self.embedder.budget.capacity} pixels decoded at once at most"
         )
 
     def _blank_batch(self, n: int) -> torch.Tensor:

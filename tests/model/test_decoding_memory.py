@@ -1,0 +1,146 @@
+"""Bounded decoding: each image shrinks right after it is decoded, full-size decodes share a
+pixel budget, decode threads stay single-threaded for torch, and cores are counted as the
+process may use them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fake_pb_utils import install
+from PIL import Image
+from sample_images import PHOTOS_DIR, encode
+
+install()
+from iei_runtime import images, resources  # noqa: E402
+from iei_runtime.embedder import Embedder  # noqa: E402
+
+
+def big(fmt: str, size: tuple[int, int], mode: str = "RGB", **options: object) -> bytes:
+    cat = (
+        Image.open(PHOTOS_DIR / "chelsea.jpg").convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    )
+    return encode(cat.convert(mode), fmt, **options)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"), [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("WEBP", "RGB"),
+                      ("TIFF", "RGB"), ("PNG", "P")],
+)  # fmt: skip
+def test_every_format_shrinks_right_after_decoding_never_below_the_minimum(fmt, mode):
+    image = images.decode_image(big(fmt, (3000, 2000), mode), 50_000_000, min_side=448)
+    assert image.mode == "RGB"
+    assert image.size == (3000 // 4, 2000 // 4)  # the largest factor keeping both sides >= 448
+    assert images.decode_image(big(fmt, (800, 600), mode), 50_000_000, 448).size == (800, 600)
+
+
+def test_a_shrunk_image_gives_the_processor_what_a_full_decode_gives(model_dirs):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_dirs["vit"])
+    data = big("PNG", (3000, 2000))
+    full = processor(images=[images.decode_image(data, 50_000_000)], return_tensors="pt")
+    side = images.draft_side(processor)
+    shrunk = processor(images=[images.decode_image(data, 50_000_000, side)], return_tensors="pt")
+    a, b = (x["pixel_values"].flatten().double() for x in (full, shrunk))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999
+
+
+def test_orientation_survives_the_shrink_whatever_the_format():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    for fmt in ("TIFF", "PNG", "WEBP"):
+        image = images.decode_image(big(fmt, (3000, 2000), exif=exif), 50_000_000, 448)
+        assert image.size == (500, 750), fmt
+
+
+def test_a_pixel_budget_bounds_what_is_decoded_at_once():
+    budget = images.PixelBudget(100)
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def hold(pixels: int) -> None:
+        with budget.hold(pixels):
+            with lock:
+                held[0] += min(pixels, 100)
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.02)
+            with lock:
+                held[0] -= min(pixels, 100)
+
+    threads = [threading.Thread(target=hold, args=(p,)) for p in [60, 60, 40, 30, 500, 10] * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert peak[0] <= 100  # never more than the budget (an image over it ran alone)
+    assert budget.held == 0
+
+
+def thread_count() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads")).split()[1])
+
+
+def test_decode_threads_do_not_start_a_torch_thread_team_each(model_dirs):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_dirs["vit"])
+    torch.set_num_threads(4)
+    before = thread_count()
+    embedder = Embedder(
+        torch.nn.Identity(), processor, device=torch.device("cpu"), dtype=torch.float32,
+        max_image_pixels=50_000_000, forward_batch_size=8, decode_threads=4, draft_side=448,
+    )  # fmt: skip
+    try:
+        assert torch.get_num_threads() == 4  # the forward pass keeps its threads
+        files = [big("PNG", (1200, 900)) for _ in range(8)]
+        embedder.prepare(files)
+        torch.ones(256, 256) @ torch.ones(256, 256)  # the forward pass's own team
+        # 4 decode threads and one team of 4 for the forward pass; each decode thread running
+        # a team of its own would add 4 x 3 more.
+        assert thread_count() - before <= 4 + 4
+    finally:
+        embedder.close()
+
+
+def write(folder: Path, name: str, text: str) -> None:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cores_are_counted_from_affinity_and_the_cgroup_quota(tmp_path, files, quota):
+    for name, text in files.items():
+        write(tmp_path, name, text)
+    assert resources.cgroup_cpu_quota(tmp_path) == quota
+    cores = resources.available_cores(tmp_path)
+    affinity = len(__import__("os").sched_getaffinity(0))
+    assert cores == (min(affinity, int(np.ceil(quota))) if quota else affinity)
+
+
+def test_the_budget_must_hold_the_largest_image():
+    from iei_runtime.settings import read_settings
+
+    with pytest.raises(ValueError, match="IEI_DECODE_PIXEL_BUDGET=10 is less than"):
+        read_settings({}, {"IEI_DECODE_PIXEL_BUDGET": "10", "IEI_MAX_IMAGE_PIXELS": "20"})
+
+
+def test_no_pixel_array_of_an_image_is_widened_to_eight_bytes():
+    """A 16-bit grey image converts in its own width (an int64 copy was 8 bytes a pixel)."""
+    grey16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    image = images.decode_image(encode(Image.fromarray(grey16), "PNG"), 50_000_000)
+    assert np.array_equal(np.asarray(image)[:, :, 0], (grey16 >> 8).astype(np.uint8))
