@@ -41,8 +41,9 @@ TRIGGER = break_trigger()
 
 
 @contextmanager
-def containers(tmp_path: Path, model: Path, **env: str) -> Iterator[tuple[str, Path]]:
-    """`iei triton` and a uvicorn frontend; the frontend's URL and Triton's output file."""
+def containers(tmp_path: Path, model: Path, **env: str) -> Iterator[tuple[str, Path, int]]:
+    """`iei triton` and a uvicorn frontend; the frontend's URL, Triton's output file and the pid
+    of `iei triton`."""
     triton_port, frontend_port = free_port(), free_port()
     environment = {
         **os.environ,
@@ -70,7 +71,7 @@ def containers(tmp_path: Path, model: Path, **env: str) -> Iterator[tuple[str, P
     try:
         wait_for(lambda: healthy(url), 180, f"not healthy:\n{output.read_text()}")
         tree = descendants(triton.pid)
-        yield url, output
+        yield url, output, triton.pid
     finally:
         frontend.terminate()
         triton.send_signal(signal.SIGTERM)
@@ -99,18 +100,18 @@ def embed(url: str, image: str = IMAGE) -> httpx.Response:
     return httpx.post(f"{url}/embed", json={"inputs": [image]}, timeout=30)
 
 
-def stub_of(output: Path) -> int:
+def stub_of(iei_triton: int) -> int:
     [pid] = [
-        p for p in descendants(os.getpid())
+        p for p in descendants(iei_triton)
         if b"triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_bytes()
     ]  # fmt: skip
     return pid
 
 
 def test_iei_triton_restarts_triton_when_the_model_stub_dies(model_dirs, tmp_path):
-    with containers(tmp_path, model_dirs["vit"]) as (url, output):
+    with containers(tmp_path, model_dirs["vit"]) as (url, output, iei_triton):
         assert embed(url).status_code == 200
-        os.kill(stub_of(output), signal.SIGKILL)
+        os.kill(stub_of(iei_triton), signal.SIGKILL)
         killed = time.monotonic()
         down = embed(url)
         assert down.status_code == 503 and down.json()["error_type"] == "Unhealthy"
@@ -128,7 +129,7 @@ def test_a_model_stuck_in_errors_is_restarted_within_a_minute(tmp_path):
     model.mkdir()
     with containers(
         tmp_path, model, IEI_MODEL_REPOSITORY=str(FAULT_MODEL), IEI_TEST_BEHAVIOUR="sticky"
-    ) as (url, output):
+    ) as (url, output, _):
         assert embed(url).status_code == 200
         embed(url, TRIGGER)
         broke = time.monotonic()

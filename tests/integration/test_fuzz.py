@@ -96,6 +96,37 @@ bodies = st.one_of(
 )
 
 
+# URLs: every part may be malformed. Hosts are addresses that are refused before any
+# connection (no network needed) or names that cannot resolve (.invalid).
+private_v4 = st.sampled_from(["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254",
+                              "0.0.0.0", "100.64.0.1", "192.0.2.1"])  # fmt: skip
+ODD_HOSTS = [
+    "[::1]", "[fe80::1]", "[2002:c0a8:101::1]", "localhost", "[::1", "::1]", "[]", "",
+    "[64:ff9b::7f00:1%eth0]", "x.invalid", "münchen.invalid", "a..b.invalid", "-.invalid",
+    "[v1.fe80::a+en1]",
+]  # fmt: skip
+hosts = st.one_of(
+    private_v4,
+    private_v4.map(lambda v4: f"[::ffff:{v4}]"),
+    private_v4.map(lambda v4: f"[64:ff9b::{v4}]"),
+    st.sampled_from(ODD_HOSTS),
+    st.text(max_size=12).map(lambda t: f"{t}.invalid"),
+)
+ports = st.one_of(
+    st.just(""),
+    st.integers(-5, 100_000).map(lambda p: f":{p}"),
+    st.text(max_size=6).map(lambda t: f":{t}"),
+)
+urls = st.builds(
+    lambda scheme, user, host, port, path: f"{scheme}://{user}{host}{port}/{path}",
+    st.sampled_from(["http", "https", "HTTP", "hTtPs", "ftp", "file", "gopher"]),
+    st.sampled_from(["", "user@", "user:pass@", "@", ":@"]),
+    hosts,
+    ports,
+    st.text(max_size=20),
+)
+
+
 @pytest.fixture(scope="module")
 def client(vit_stack):
     with httpx.Client(base_url=vit_stack.url, timeout=60) as client:
@@ -129,6 +160,18 @@ def test_any_json_body_gets_a_clear_answer(client, body):
 def test_any_raw_body_gets_a_clear_answer(client, raw):
     response = client.post("/embed", content=raw, headers={"content-type": "application/json"})
     check(response, allow_ok=False)
+
+
+@FUZZ
+@given(url=urls, route=st.sampled_from(["/embed", "/v1/embeddings"]))
+def test_any_url_gets_a_clear_answer_naming_the_input(client, url, route):
+    """Malformed ports, IPv6 literals, empty hosts, credentials, addresses with a private IPv4
+    address inside: a 422 that names the input, never a 5xx."""
+    key = "inputs" if route == "/embed" else "input"
+    response = client.post(route, json={key: [url]})
+    check(response, allow_ok=False)
+    assert response.status_code == 422, response.text
+    assert "inputs[0]" in response.text or "input" in response.text
 
 
 @pytest.mark.parametrize("depth", [1_000, 100_000])
