@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iei.server.inputs import InvalidInput, decode_input, inspect_image, prepare_inputs
+from iei.server.inputs import (
+    InvalidInput,
+    decode_input,
+    fetch_urls,
+    inspect_image,
+    prepare_inputs,
+)
 from PIL import Image
 from sample_images import encode, odd_images, photos
 
@@ -114,3 +122,31 @@ def test_corrupted_headers_never_escape(position, value):
     data[position] = value
     with contextlib.suppress(InvalidInput):
         inspect_image(bytes(data), 1_000_000)
+
+
+def test_one_failed_url_cancels_the_other_downloads_of_its_request():
+    class Fetcher:
+        def __init__(self) -> None:
+            self.running = 0
+
+        async def fetch(self, url: str, budget: object) -> bytes:
+            self.running += 1
+            try:
+                if url.endswith("/bad"):
+                    raise InvalidInput("the URL answered HTTP 404")
+                await asyncio.sleep(30)
+                return b""
+            finally:
+                self.running -= 1
+
+    fetcher = Fetcher()
+    items = ["http://a.example/slow", "http://b.example/bad", "http://c.example/slow"]
+
+    async def run() -> None:
+        with pytest.raises(InvalidInput, match=r"inputs\[1\]: the URL answered HTTP 404"):
+            await fetch_urls(items, fetcher, budget=None)
+
+    started = time.monotonic()
+    asyncio.run(run())
+    assert time.monotonic() - started < 5  # the two slow downloads were cancelled
+    assert fetcher.running == 0  # and none is left running
