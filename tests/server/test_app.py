@@ -13,7 +13,8 @@ import httpx
 import numpy as np
 import pytest
 from iei.server.app import create_app
-from iei.server.errors import ApiError, ErrorType
+from iei.server.errors import ApiError
+from iei.server.inputs import InvalidInput
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
 from PIL import Image
@@ -108,13 +109,18 @@ async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
     assert vectors.shape == (7, 2)
 
 
-async def test_the_models_image_error_names_the_clients_index():
-    error = InferenceServerException("[400] IMAGE[1]: cannot decode image: broken")
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("iei", "IMAGE[1]: cannot decode image: broken"), ("iei_text", "TEXT[1]: empty text")],
+)
+async def test_the_models_input_error_names_the_clients_index(model, message):
+    error = InferenceServerException(f"[400] {message}")
     triton = triton_client_with(FakeTriton(max_batch_size=4, fail=error), concurrency=4)
-    with pytest.raises(ApiError) as caught:
-        await triton._infer([b"a", b"b"], offset=8)
-    assert caught.value.error_type == ErrorType.VALIDATION
-    assert caught.value.message == "inputs[9]: cannot decode image: broken"
+    request = triton._bytes_input("IMAGE", [b"a", b"b"])
+    with pytest.raises(InvalidInput) as caught:
+        await triton._infer(model, request, ("EMBEDDING",), offset=8)
+    assert caught.value.index == 9
+    assert str(caught.value) == f"inputs[9]: {message.split(': ', 1)[1]}"
 
 
 @pytest.mark.parametrize(

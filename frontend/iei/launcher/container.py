@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import TritonStartupError
+from .models import served_models
 from .repository import gpu_count, render_model_repository
 from .settings import LauncherSettings
 from .triton_process import model_environment, triton_command
@@ -29,7 +30,8 @@ def run_triton(settings: LauncherSettings) -> int:
     except TritonStartupError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    command = triton_command(settings, repository)
+    models = served_models(settings.embedding_model, settings.repository)
+    command = triton_command(settings, repository, models)
     log.info("exec %s", " ".join(command))
     try:
         os.execvpe(command[0], command, env)  # noqa: S606 (becomes tritonserver)

@@ -38,23 +38,24 @@ def gpu_count() -> int:
 def render_model_repository(
     source: Path, target: Path, *, gpus: int, instances: int | None
 ) -> Path:
-    """Copy the model repository, with an instance group for this machine.
+    """Copy the model repository, with instance groups for this machine in every model's
+    config (`iei`, `iei_text`, ...).
 
-    The committed config is a GPU deployment; without a GPU Triton would refuse it, so the
-    copy runs its instances on the CPU.
+    The committed configs are GPU deployments; without a GPU Triton would refuse them, so the
+    copy runs their instances on the CPU.
     """
-    config_path = source / MODEL_NAME / "config.pbtxt"
-    if not config_path.is_file():
+    if not (source / MODEL_NAME / "config.pbtxt").is_file():
         raise TritonStartupError(f"no {MODEL_NAME}/config.pbtxt in model repository {source}")
-    config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-    if gpus == 0:
-        del config.instance_group[:]
-        config.instance_group.add(
-            count=instances or 1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU
-        )
-    elif instances:
-        for group in config.instance_group:
-            group.count = instances
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-    (target / MODEL_NAME / "config.pbtxt").write_text(text_format.MessageToString(config))
+    for config_path in sorted(target.glob("*/config.pbtxt")):
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        if gpus == 0:
+            del config.instance_group[:]
+            config.instance_group.add(
+                count=instances or 1, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU
+            )
+        elif instances:
+            for group in config.instance_group:
+                group.count = instances
+        config_path.write_text(text_format.MessageToString(config))
     return target

@@ -6,6 +6,7 @@ process and its stubs are watched here (`problem`), for the supervisor to act on
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -22,6 +23,7 @@ import httpx
 from ..contract import MODEL_NAME
 from ..settings import MODEL, SETTINGS, read_by
 from .errors import TritonStartupError
+from .models import served_models
 from .processes import die_with_parent, stop_process
 from .repository import gpu_count, render_model_repository
 from .settings import LauncherSettings
@@ -69,7 +71,9 @@ def triton_arguments(
     return arguments
 
 
-def triton_command(settings: LauncherSettings, model_repository: Path) -> list[str]:
+def triton_command(
+    settings: LauncherSettings, model_repository: Path, models: Sequence[str] = (MODEL_NAME,)
+) -> list[str]:
     """argv of `iei triton`: a `tritonserver` on PATH (NGC image) alone, with the same arguments."""
     return [
         "tritonserver",
@@ -79,6 +83,7 @@ def triton_command(settings: LauncherSettings, model_repository: Path) -> list[s
             http_port=settings.triton_http_port,
             grpc_port=settings.triton_grpc_port,
             metrics_port=settings.triton_metrics_port,
+            models=models,
         ),
     ]
 
@@ -130,7 +135,8 @@ def python_stubs(parent: int) -> list[int]:
 
 
 class TritonServer:
-    """One `tritonserver` process with the `iei` model, its log in `work_dir/triton.log`."""
+    """One `tritonserver` process with the `iei` model (and `iei_text` for a dual encoder), its
+    log in `work_dir/triton.log`."""
 
     def __init__(self, settings: LauncherSettings, work_dir: Path) -> None:
         self.settings = settings
@@ -140,6 +146,7 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.stubs: list[int] = []  # the model instances' processes, once the model is ready
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
+        self.models: tuple[str, ...] = ()  # decided once, from the model's config.json
 
     @property
     def url(self) -> str:
@@ -150,6 +157,9 @@ class TritonServer:
     def start(self) -> None:
         model_env = model_environment(self.settings)
         install = self.install = self.install or find_triton(self.work_dir)
+        if not self.models:
+            self.models = served_models(self.settings.embedding_model, self.settings.repository)
+            log.info("Triton models: %s", ", ".join(self.models))
         repository = self.work_dir / "model_repository"
         if not repository.exists():
             render_model_repository(
@@ -166,6 +176,7 @@ class TritonServer:
                 http_port=self.settings.triton_http_port,
                 grpc_port=self.settings.triton_grpc_port,
                 metrics_port=self.settings.triton_metrics_port,
+                models=self.models,
                 shm_prefix=self.shm_prefix,
             ),
         ]
@@ -209,20 +220,19 @@ class TritonServer:
         return None
 
     def wait_ready(self, timeout: float, should_stop: object = None) -> None:
-        """Poll the model's readiness until `timeout`, failing at once if Triton exits."""
+        """Poll the models' readiness until `timeout`, failing at once if Triton exits."""
         deadline = time.monotonic() + timeout
-        ready_url = f"{self.url}/v2/models/{MODEL_NAME}/ready"
+        waiting = [f"{self.url}/v2/models/{name}/ready" for name in self.models or (MODEL_NAME,)]
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if not self.running():
                     raise TritonStartupError(self.failure_reason())
                 if callable(should_stop) and should_stop():
                     raise TritonStartupError("stopped before Triton was ready")
-                try:
-                    if client.get(ready_url).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
+                with contextlib.suppress(httpx.HTTPError):
+                    waiting = [url for url in waiting if client.get(url).status_code != 200]
+                if not waiting:
+                    return
                 time.sleep(0.25)
         raise TritonStartupError(
             f"the model was not ready after {timeout:.0f} s (IEI_STARTUP_TIMEOUT); "

@@ -15,13 +15,23 @@ import tritonclient.http as triton_http
 from tritonclient.http.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from ..contract import INFO_OUTPUT_NAME, INPUT_NAME, INVALID_IMAGE_PATTERN, MODEL_NAME, OUTPUT_NAME
+from ..contract import (
+    INFO_OUTPUT_NAME,
+    INPUT_NAME,
+    INVALID_INPUT_PATTERN,
+    MODEL_NAME,
+    OUTPUT_NAME,
+    TEXT_INPUT_NAME,
+    TEXT_MODEL_NAME,
+    TOKENS_OUTPUT_NAME,
+)
 from . import metrics
 from .errors import ApiError, ErrorType
+from .inputs import InvalidInput
 
 log = logging.getLogger("iei")
 
-_INVALID_IMAGE = re.compile(INVALID_IMAGE_PATTERN, re.S)
+_INVALID_INPUT = re.compile(INVALID_INPUT_PATTERN, re.S)
 _HEALTH_TIMEOUT = 2.0
 # A 1x1 PNG: the cheapest image to ask the model about itself.
 PROBE_IMAGE = bytes.fromhex(
@@ -34,8 +44,13 @@ T = TypeVar("T")
 _UNAVAILABLE = ("is not healthy", "unknown model", "is not ready", "not found", "unavailable")
 
 
+def joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 class TritonClient:
-    """Sends images to the `iei` model in chunks and maps Triton's failures to API errors.
+    """Sends images to the `iei` model and texts to `iei_text` in chunks, and maps Triton's
+    failures to API errors.
 
     One client (one aiohttp connection pool, kept alive) per worker process; it must be created
     inside the running event loop, hence `open()` in the app's lifespan.
@@ -46,7 +61,7 @@ class TritonClient:
         self.concurrency_level = concurrency_level
         self.timeout = timeout
         self._client: InferenceServerClient | None = None
-        self._max_batch_size: int | None = None
+        self._max_batch_sizes: dict[str, int] = {}
         self._model_info: dict[str, Any] | None = None
         self._verified = False  # the last inference succeeded
 
@@ -83,22 +98,22 @@ class TritonClient:
         if not self._verified:
             try:
                 await asyncio.wait_for(self.embed([PROBE_IMAGE]), _HEALTH_TIMEOUT * 5)
-            except (ApiError, TimeoutError):
+            except (ApiError, InvalidInput, TimeoutError):
                 return False
         return True
 
-    async def max_batch_size(self) -> int:
-        """The model's `max_batch_size`, read from Triton once (it may start after us)."""
-        if self._max_batch_size is None:
-            config = await self._call(self.server.get_model_config(MODEL_NAME))
-            self._max_batch_size = max(1, int(config.get("max_batch_size", 1)))
-        return self._max_batch_size
+    async def max_batch_size(self, model: str = MODEL_NAME) -> int:
+        """A model's `max_batch_size`, read from Triton once (it may start after us)."""
+        if model not in self._max_batch_sizes:
+            config = await self._call(self.server.get_model_config(model))
+            self._max_batch_sizes[model] = max(1, int(config.get("max_batch_size", 1)))
+        return self._max_batch_sizes[model]
 
     async def model_info(self) -> dict[str, Any]:
         """What the model says about itself (MODEL_INFO) plus the embedding dimension, asked
         once with a probe image."""
         if self._model_info is None:
-            request = self._images_input([PROBE_IMAGE])
+            request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
             outputs = [
                 triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True),
                 triton_http.InferRequestedOutput(INFO_OUTPUT_NAME, binary_data=True),
@@ -112,47 +127,68 @@ class TritonClient:
     async def embed(self, images: list[bytes]) -> np.ndarray:
         """Vectors for `images`, in order: chunks of at most max_batch_size, and at most
         `concurrency_level` images in flight at once."""
-        chunk = min(await self.max_batch_size(), self.concurrency_level)
+        parts = await self._chunked(MODEL_NAME, INPUT_NAME, images, (OUTPUT_NAME,))
+        return joined([part[0] for part in parts])
+
+    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors for `texts` (by `iei_text`), in order, and each text's tokens before
+        truncation; chunked as images are."""
+        items = [text.encode() for text in texts]
+        parts = await self._chunked(
+            TEXT_MODEL_NAME, TEXT_INPUT_NAME, items, (OUTPUT_NAME, TOKENS_OUTPUT_NAME)
+        )
+        vectors = joined([part[0] for part in parts])
+        return vectors, joined([part[1] for part in parts]).reshape(-1)
+
+    async def _chunked(
+        self, model: str, input_name: str, items: list[bytes], outputs: tuple[str, ...]
+    ) -> list[list[np.ndarray]]:
+        """`items` in chunks of at most the model's max_batch_size, at most `concurrency_level`
+        items in flight at once; each chunk's `outputs`, in order."""
+        chunk = min(await self.max_batch_size(model), self.concurrency_level)
         parallel = asyncio.Semaphore(max(1, self.concurrency_level // chunk))
 
-        async def run(start: int) -> np.ndarray:
+        async def run(start: int) -> list[np.ndarray]:
+            request = self._bytes_input(input_name, items[start : start + chunk])
             async with parallel:
-                return await self._infer(images[start : start + chunk], start)
+                return await self._infer(model, request, outputs, start)
 
-        parts = await asyncio.gather(*(run(s) for s in range(0, len(images), chunk)))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return await asyncio.gather(*(run(s) for s in range(0, len(items), chunk)))
 
     @staticmethod
-    def _images_input(images: list[bytes]) -> triton_http.InferInput:
-        tensor = np.empty((len(images), 1), dtype=np.object_)
-        tensor[:, 0] = images
-        request = triton_http.InferInput(INPUT_NAME, list(tensor.shape), "BYTES")
+    def _bytes_input(name: str, items: list[bytes]) -> triton_http.InferInput:
+        tensor = np.empty((len(items), 1), dtype=np.object_)
+        tensor[:, 0] = items
+        request = triton_http.InferInput(name, list(tensor.shape), "BYTES")
         request.set_data_from_numpy(tensor, binary_data=True)  # raw bytes, not JSON
         return request
 
-    async def _infer(self, images: list[bytes], offset: int) -> np.ndarray:
-        request = self._images_input(images)
-        output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
+    async def _infer(
+        self,
+        model: str,
+        request: triton_http.InferInput,
+        outputs: tuple[str, ...],
+        offset: int,
+    ) -> list[np.ndarray]:
+        wanted = [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
         with metrics.TRITON_SECONDS.time():
-            result = await self._call(
-                self.server.infer(MODEL_NAME, [request], outputs=[output]), offset
-            )
-        vectors = result.as_numpy(OUTPUT_NAME)
-        if vectors is None or vectors.shape[0] != len(images):
-            raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some images")
-        return vectors
+            result = await self._call(self.server.infer(model, [request], outputs=wanted), offset)
+        arrays = [result.as_numpy(name) for name in outputs]
+        count = request.shape()[0]
+        if any(array is None or array.shape[0] != count for array in arrays):
+            raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some inputs")
+        return arrays
 
     async def _call(self, call: Awaitable[T], offset: int = 0) -> T:
-        """Await a Triton call; its failures become API errors. `offset`: the position of the
-        call's first image in the client's request."""
+        """Await a Triton call; its failures become API errors, a bad input an `InvalidInput`.
+        `offset`: the position of the call's first item among those of the embed call."""
         try:
             result = await call
         except InferenceServerException as exc:
             message = exc.message() or str(exc)
-            found = _INVALID_IMAGE.search(message)
+            found = _INVALID_INPUT.search(message)
             if found:  # the client's fault (the model is fine): name the client's own index
-                index = offset + int(found.group(1))
-                raise ApiError(ErrorType.VALIDATION, f"inputs[{index}]: {found.group(2)}") from None
+                raise InvalidInput(found.group(2), offset + int(found.group(1))) from None
             self._verified = False
             if any(sign in message for sign in _UNAVAILABLE):
                 raise ApiError(
