@@ -54,8 +54,11 @@ PROJECTED = "projected"
 
 def sub_config(config: dict[str, Any], name: str) -> dict[str, Any] | None:
     """`text_config` / `vision_config` (old CLIP files spell them `*_config_dict`)."""
-    value = config.get(name) or config.get(name + "_dict")
-    return value if isinstance(value, dict) else None
+    for key in (name, name + "_dict"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def towers(config: dict[str, Any]) -> Towers | None:
