@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from contextlib import asynccontextmanager
 
 import httpx
@@ -27,43 +28,70 @@ pytestmark = pytest.mark.anyio
 PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
 
 
-class FakeTriton:
-    """Answers like tritonclient's aio client: vector i = [first byte value, chunk size]."""
+IMAGE_ONLY = {"model_type": "vit", "modalities": ["image"], "text_context_length": None}
+WITH_TEXT = {"model_type": "clip", "modalities": ["image", "text"], "text_context_length": 5}
 
-    def __init__(self, max_batch_size: int = 4, fail: Exception | None = None, delay=0.0):
+
+class FakeTriton:
+    """Answers like tritonclient's aio client: image vector i = [first byte value, chunk size];
+    `iei_text`: text vector i = [characters, chunk size], TOKENS = words + 2, and `TEXT[i]` fails
+    for a text that says BAD."""
+
+    def __init__(
+        self, max_batch_size: int = 4, fail: Exception | None = None, delay=0.0, info=IMAGE_ONLY
+    ):
         self.max_batch_size = max_batch_size
         self.fail = fail
         self.delay = delay
+        self.info = info
         self.in_flight = 0
         self.peak = 0
         self.chunks: list[int] = []
+        self.models: list[str] = []
 
     async def get_model_config(self, name):
         return {"max_batch_size": self.max_batch_size}
 
+    async def is_model_ready(self, name):
+        return True
+
     async def infer(self, name, inputs, outputs=None):
-        images = inputs[0].test_images
-        self.in_flight += len(images)
+        items = inputs[0].test_images
+        self.in_flight += len(items)
         self.peak = max(self.peak, self.in_flight)
-        self.chunks.append(len(images))
+        self.chunks.append(len(items))
+        self.models.append(name)
         try:
             await asyncio.sleep(self.delay)
             if self.fail:
                 raise self.fail
-            return FakeResult(np.array([[row[0][0], len(images)] for row in images], "float32"))
+            if name == "iei_text":
+                return self.texts([bytes(row[0]).decode() for row in items])
+            vectors = np.array([[row[0][0], len(items)] for row in items], "float32")
+            info = np.full((len(items), 1), json.dumps(self.info).encode(), dtype=np.object_)
+            return FakeResult(EMBEDDING=vectors, MODEL_INFO=info)
         finally:
-            self.in_flight -= len(images)
+            self.in_flight -= len(items)
+
+    @staticmethod
+    def texts(texts: list[str]) -> FakeResult:
+        for i, text in enumerate(texts):
+            if "BAD" in text:
+                raise InferenceServerException(f"[400] TEXT[{i}]: not valid UTF-8")
+        vectors = np.array([[len(t), len(texts)] for t in texts], "float32")
+        tokens = np.array([[len(t.split()) + 2] for t in texts], "int32")
+        return FakeResult(EMBEDDING=vectors, TOKENS=tokens)
 
     async def close(self):
         pass
 
 
 class FakeResult:
-    def __init__(self, vectors):
-        self.vectors = vectors
+    def __init__(self, **outputs: np.ndarray) -> None:
+        self.outputs = outputs
 
     def as_numpy(self, name):
-        return self.vectors
+        return self.outputs[name]
 
 
 @pytest.fixture
@@ -210,3 +238,89 @@ async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkey
     assert large_answer.json() == [[137.0, 1.0]]
     assert bad.status_code == 422
     assert bad.json()["error"].startswith("inputs[1]: not valid base64")
+
+
+# --- texts -------------------------------------------------------------------------------------
+
+
+async def test_texts_and_images_of_one_request_come_back_in_order():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    fake = FakeTriton(info=WITH_TEXT)
+    body = {"input": ["a cat", {"image": PNG}, {"text": "a big dog"}], "modality": "text"}
+    async with app_client(settings, fake) as client:
+        mixed = await client.post("/v1/embeddings", json=body)
+        texts = await client.post(
+            "/embed", json={"inputs": ["a cat", "dog"], "modality": "text", "normalize": False}
+        )
+        root = await client.post("/", json={"inputs": ["a cat"], "modality": "text"})
+    assert mixed.status_code == 200, mixed.text
+    rows = np.array([d["embedding"] for d in mixed.json()["data"]])
+    raw = np.array([[5, 2], [137, 1], [9, 2]], dtype=np.float64)  # texts in one chunk of two
+    np.testing.assert_allclose(rows, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-6)
+    assert texts.json() == [[5.0, 2.0], [3.0, 2.0]]
+    assert root.status_code == 200  # TEI's root route answers as /embed
+    assert "iei_text" in fake.models
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/embed", {"inputs": ["a", ""], "modality": "text"}, "inputs[1]: empty text"),
+        ("/embed", {"inputs": ["12345678901"], "modality": "text"},
+         "inputs[0]: text of 11 characters is longer than the limit of 10 characters"),
+        ("/embed", {"inputs": ["a", "a b c d"], "modality": "text", "truncate": False},
+         "inputs[1]: text of 6 tokens is longer than the model's context of 5 tokens"),
+        ("/embed", {"inputs": ["a"], "modality": "text", "truncation_direction": "Left"},
+         "truncation_direction left is not supported"),
+        ("/embed", {"inputs": ["a"], "modality": "Text"}, "modality: Input should be 'image' or"),
+        ("/embed", {"inputs": ["a"], "modality": "text", "truncate": "no"}, "truncate"),
+        ("/v1/embeddings", {"input": [{"image": PNG}, "a", "BAD"], "modality": "text"},
+         "inputs[2]: not valid UTF-8"),  # the model's TEXT[1]: its position in the request
+        ("/v1/embeddings", {"input": ["a", {"image": PNG, "text": "b"}]},
+         "inputs[1]: an item is a string, or an object with exactly one of `text` and `image`"),
+        ("/v1/embeddings", {"input": [{"picture": PNG}]}, "inputs[0]: an item is a string"),
+        ("/v1/embeddings", {"input": [{"text": ["a"]}]}, "inputs[0]: an item is a string"),
+        ("/v1/embeddings", {"input": [{"text": "a"}, {"image": "not an image!"}]},
+         "inputs[1]: not valid base64"),
+    ],
+)  # fmt: skip
+async def test_bad_texts_and_items_are_422_naming_the_input(path, body, message):
+    settings = ServerSettings(triton_url="127.0.0.1:1", max_text_chars=10)
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        response = await client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert message in (error["message"] if isinstance(error, dict) else error)
+
+
+async def test_an_overlong_text_is_cut_by_default():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        body = {"inputs": ["one two three four"], "modality": "text", "normalize": False}
+        response = await client.post("/embed", json=body)
+    assert response.json() == [[18.0, 1.0]]
+
+
+async def test_text_on_an_image_only_model_is_a_validation_error():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    fake = FakeTriton(info=IMAGE_ONLY)
+    async with app_client(settings, fake) as client:
+        response = await client.post("/embed", json={"inputs": ["a cat"], "modality": "text"})
+        mixed = await client.post("/v1/embeddings", json={"input": [PNG, {"text": "a cat"}]})
+        info = (await client.get("/info")).json()
+    assert response.status_code == 422
+    assert response.json()["error_type"] == "Validation"
+    assert "embeds images only: it has no text tower" in response.json()["error"]
+    assert mixed.status_code == 422
+    assert "iei_text" not in fake.models
+    assert (info["modalities"], info["text_context_length"]) == (["image"], None)
+
+
+async def test_info_says_what_a_dual_encoder_serves():
+    settings = ServerSettings(triton_url="127.0.0.1:1", max_text_chars=99)
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        info = (await client.get("/info")).json()
+    assert info["modalities"] == ["image", "text"]
+    assert info["text_context_length"] == 5
+    assert info["embedding_dimension"] == 2
+    assert info["limits"]["max_text_chars"] == 99
