@@ -142,7 +142,8 @@ _SETTINGS = [
     )),
     ("forward_batch_size", Setting(
         "IEI_FORWARD_BATCH_SIZE", "auto", "str", (LAUNCHER, MODEL),
-        "images per forward pass inside one Triton execution; `auto`: 8 on a CPU, 64 on a GPU",
+        "images (or texts) per forward pass inside one Triton execution; `auto`: 8 on a CPU, "
+        "64 on a GPU",
     )),
     ("jpeg_draft", Setting(
         "IEI_JPEG_DRAFT", True, "bool", (LAUNCHER, MODEL),
