@@ -22,33 +22,32 @@ def committed_config(model: str = contract.MODEL_NAME) -> model_config_pb2.Model
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def test_config_pbtxt_matches_the_contract():
-    config = committed_config()
-    assert config.name == contract.MODEL_NAME
-    assert config.backend == "python"
-    assert [i.name for i in config.input] == [contract.INPUT_NAME]
-    assert config.input[0].data_type == model_config_pb2.TYPE_STRING
-    assert list(config.input[0].dims) == [1]
-    assert [o.name for o in config.output] == [contract.OUTPUT_NAME, contract.INFO_OUTPUT_NAME]
-    assert config.output[0].data_type == model_config_pb2.TYPE_FP32
-    assert list(config.output[0].dims) == [-1]
-    assert config.output[1].data_type == model_config_pb2.TYPE_STRING
-    assert config.max_batch_size >= 1
-    assert config.HasField("dynamic_batching")
+TYPES = model_config_pb2
+# model -> its input, and its outputs as (name, type, dims): what the frontend and users rely on.
+CONTRACT = {
+    contract.MODEL_NAME: (
+        contract.INPUT_NAME,
+        [(contract.OUTPUT_NAME, TYPES.TYPE_FP32, [-1]),
+         (contract.INFO_OUTPUT_NAME, TYPES.TYPE_STRING, [1])],
+    ),
+    contract.TEXT_MODEL_NAME: (
+        contract.TEXT_INPUT_NAME,
+        [(contract.OUTPUT_NAME, TYPES.TYPE_FP32, [-1]),
+         (contract.TOKENS_OUTPUT_NAME, TYPES.TYPE_INT32, [1])],
+    ),
+}  # fmt: skip
 
 
-def test_text_config_pbtxt_matches_the_contract():
-    config = committed_config(contract.TEXT_MODEL_NAME)
-    assert config.name == contract.TEXT_MODEL_NAME
+@pytest.mark.parametrize("model", sorted(CONTRACT))
+def test_config_pbtxt_matches_the_contract(model):
+    config = committed_config(model)
+    input_name, outputs = CONTRACT[model]
+    assert config.name == model
     assert config.backend == "python"
-    assert [i.name for i in config.input] == [contract.TEXT_INPUT_NAME]
-    assert config.input[0].data_type == model_config_pb2.TYPE_STRING
-    assert list(config.input[0].dims) == [1]
-    assert [o.name for o in config.output] == [contract.OUTPUT_NAME, contract.TOKENS_OUTPUT_NAME]
-    assert config.output[0].data_type == model_config_pb2.TYPE_FP32
-    assert list(config.output[0].dims) == [-1]
-    assert config.output[1].data_type == model_config_pb2.TYPE_INT32
-    assert list(config.output[1].dims) == [1]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        (input_name, TYPES.TYPE_STRING, [1])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == outputs
     assert config.max_batch_size >= 1
     assert config.HasField("dynamic_batching")
 

@@ -4,6 +4,7 @@ responses with per-request errors. The one module here that imports Triton's
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+
+from .settings import ModelSettings, read_settings
 
 INPUT_NAME = "IMAGE"  # model `iei`: the encoded image file
 TEXT_INPUT_NAME = "TEXT"  # model `iei_text`: the text, UTF-8
@@ -23,6 +26,14 @@ def instance_count(model_config: dict[str, Any]) -> int:
     """Instances of this model on this machine (the CPU threads are shared between them)."""
     groups = model_config.get("instance_group") or [{"count": 1}]
     return max(1, sum(int(g.get("count", 1)) for g in groups))
+
+
+def start_instance(args: dict[str, str]) -> tuple[ModelSettings, torch.device, int]:
+    """What `initialize` gets from Triton, resolved: the settings (environment > config.pbtxt
+    parameters > defaults), this instance's device (made torch's current one) and CPU threads."""
+    model_config = json.loads(args["model_config"])
+    settings = read_settings(model_config, dict(os.environ))
+    return (settings, *instance_device(args, model_config))
 
 
 def instance_device(args: dict[str, str], model_config: dict[str, Any]) -> tuple[torch.device, int]:

@@ -7,8 +7,6 @@ the repository's models and unit-tested without Triton; this class only wires it
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,22 +18,19 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from iei_runtime.loading import describe, load_embedder
-from iei_runtime.settings import read_settings
 from iei_runtime.triton import (
     INFO_OUTPUT_NAME,
     INPUT_NAME,
     gather_inputs,
     info_rows,
-    instance_device,
     make_response,
+    start_instance,
 )
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        model_config = json.loads(args["model_config"])
-        settings = read_settings(model_config, dict(os.environ))
-        device, threads = instance_device(args, model_config)
+        settings, device, threads = start_instance(args)
         self.logger = pb_utils.Logger
         # Loading runs the first forward pass (it allocates and picks kernels: a warm-up).
         self.embedder = load_embedder(settings, device, threads)

@@ -7,8 +7,6 @@ never imports the frontend; the logic is in `iei_runtime/texts.py`.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,21 +18,18 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from iei_runtime.loading import load_text_embedder
-from iei_runtime.settings import read_settings
 from iei_runtime.triton import (
     TEXT_INPUT_NAME,
     TOKENS_OUTPUT_NAME,
     gather_inputs,
-    instance_device,
     make_response,
+    start_instance,
 )
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        model_config = json.loads(args["model_config"])
-        settings = read_settings(model_config, dict(os.environ))
-        device, _ = instance_device(args, model_config)
+        settings, device, _ = start_instance(args)
         self.embedder = load_text_embedder(settings, device)  # warmed up
         pb_utils.Logger.log_info(
             f"iei_text: {settings.model_id} on {device} ({self.embedder.dtype}), "
