@@ -269,3 +269,13 @@ def test_huggingface_hubs_inference_client_posts_to_the_root(clip_stack):
     served = np.asarray(client.feature_extraction(photo), dtype=np.float64)
     expected = vectors(post(clip_stack, "/embed", {"inputs": [photo]}))
     np.testing.assert_allclose(served.reshape(expected.shape), expected, atol=1e-6)
+
+
+def test_the_openai_sdk_sends_texts_with_extra_body(clip_stack):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{clip_stack.url}/v1", api_key="unused")
+    texts = client.embeddings.create(
+        input=TEXTS[:2], model="clip", extra_body={"modality": "text"}
+    )  # the SDK asks for base64 and decodes it
+    served = np.asarray([d.embedding for d in texts.data])
+    np.testing.assert_allclose(served, embed_texts(clip_stack, TEXTS[:2]), atol=1e-6)
