@@ -255,13 +255,13 @@ def test_payload_limit_is_413_before_the_body_is_read(guarded_stack):
 
 
 def test_more_images_in_flight_than_allowed_is_429_at_once(guarded_stack):
-    """8 images may be in flight per worker: 9 in one request are refused without waiting,
+    """8 inputs may be in flight per worker: 9 in one request are refused without waiting,
     and under a burst of concurrent requests some are refused while the others succeed."""
     image = b64(photos()["coffee.jpg"])
     response = httpx.post(
         f"{guarded_stack.url}/embed", json={"inputs": [image] * 9}, headers=auth()
     )
-    tei_error(response, 429, "Overloaded", "limit of 8 images")
+    tei_error(response, 429, "Overloaded", "limit of 8 inputs in flight")  # texts count too
     assert response.headers["retry-after"] == "1"
 
     async def burst() -> list[int]:
