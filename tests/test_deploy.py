@@ -41,7 +41,8 @@ NGC_TRITON = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version
 # Read by the frontend image's command (uvicorn's worker count), not by Python code.
 IMAGE_COMMAND_READS = {"IEI_WORKERS"}
 # What the model's environment carries through compose, as the issue asks.
-MODEL_SETTINGS = ("IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING", "IEI_MAX_IMAGE_PIXELS")
+MODEL_SETTINGS = ("IMAGE_EMBEDDING_MODEL", "IEI_DTYPE", "IEI_POOLING", "IEI_MAX_IMAGE_PIXELS",
+                  "IEI_MAX_TEXT_CHARS")  # fmt: skip
 
 
 class Reset:

@@ -324,3 +324,16 @@ async def test_info_says_what_a_dual_encoder_serves():
     assert info["text_context_length"] == 5
     assert info["embedding_dimension"] == 2
     assert info["limits"]["max_text_chars"] == 99
+
+
+def test_images_and_texts_of_different_widths_cannot_share_a_request():
+    """A forced IEI_POOLING on a dual encoder pools its vision tower without the projection:
+    its image vectors no longer have the texts' width (nor their space)."""
+    from iei.server.embedding import in_order
+
+    images, texts = np.ones((1, 3), np.float32), np.zeros((2, 2), np.float32)
+    assert in_order(3, [([0, 2], texts), ([1], None)]) is texts  # one part: as it came
+    merged = in_order(3, [([1], np.ones((1, 2), np.float32)), ([0, 2], texts)])
+    assert merged.tolist() == [[0, 0], [1, 1], [0, 0]]
+    with pytest.raises(ApiError, match=r"differ in dimension \[2, 3\]"):
+        in_order(3, [([1], images), ([0, 2], texts)])
