@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -119,10 +119,12 @@ async def embed_inputs(
                     check_text(value, settings.max_text_chars, position)
                 files = await image_files([items[i].value for i in images], images, services)
                 sent = time.perf_counter()
-                image_vectors, text_result = await asyncio.gather(
-                    named(services.triton.embed(files), images) if files else nothing(),
-                    named(services.triton.embed_texts(values), texts) if texts else nothing(),
-                )
+                calls: dict[str, Awaitable[Any]] = {}
+                if files:
+                    calls[IMAGE] = named(services.triton.embed(files), images)
+                if texts:
+                    calls[TEXT] = named(services.triton.embed_texts(values), texts)
+                done = dict(zip(calls, await together(list(calls.values())), strict=True))
             except InvalidInput as exc:
                 raise ApiError(ErrorType.VALIDATION, str(exc)) from None
     except TimeoutError:
@@ -131,9 +133,9 @@ async def embed_inputs(
         ) from None
     finally:
         services.permits.give_back(count)
-    parts = [(images, image_vectors)]
-    if text_result is not None:
-        text_vectors, tokens = text_result
+    parts = [(images, done.get(IMAGE))]
+    if TEXT in done:
+        text_vectors, tokens = done[TEXT]
         if not truncate:
             refuse_overlong(tokens, texts, context)
         parts.append((texts, text_vectors))
@@ -194,8 +196,16 @@ async def named(call: Awaitable[T], positions: list[int]) -> T:
         raise exc.among(positions) from None
 
 
-async def nothing() -> None:
-    return None
+async def together(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Await `calls` at once (images and texts); once all are done, the first failure in their
+    order is raised (none is left running, or unheard)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def refuse_overlong(tokens: np.ndarray, positions: list[int], context: int) -> None:
