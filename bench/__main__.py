@@ -4,9 +4,10 @@
     .venv/bin/python -m bench --queue-delays 0,2000,10000   # the dynamic batcher's delay sweep
     .venv/bin/python -m bench --render-only            # rewrite the docs from results.json
     .venv/bin/python -m bench --original DIR           # also the original IEI service (a checkout)
+    .venv/bin/python -m bench --only families          # each model family's base-size throughput
 
 Writes docs/benchmarks.md, its plots and docs/benchmarks/results.json (each part of a run
-replaces only its own results there).
+replaces only its own results there), and the README's model guide from the families' part.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import measure, report
+from .families import run_families
 from .workload import ROOT, SIZES, ServedStack, build_model, load_model_module, make_jpegs
 
 DOCS = ROOT / "docs"
@@ -80,10 +82,9 @@ def embedder_for(mm: Any, model_dir: Path, dtype: str) -> Any:
     return mm.load_embedder(settings, device(), os.cpu_count() or 1)
 
 
-def preprocessed(embedder: Any, files: list[bytes]) -> Any:
-    import torch
-
-    return torch.stack(embedder.preprocess(embedder.decode_all(files)))
+def preprocessed(mm: Any, embedder: Any, files: list[bytes]) -> Any:
+    """The processor's tensors for `files`, batched (what one execution's forward pass gets)."""
+    return mm.stack(embedder.preprocess(embedder.decode_all(files)))
 
 
 # --- ViT-B/16: in-process limit, decode costs, served --------------------------------------
@@ -100,7 +101,7 @@ def inprocess(mm: Any, model_dir: Path, files: dict[tuple[int, int], list[bytes]
     rows, vectors, embedders = [], {}, {}
     for dtype in dict.fromkeys(("float32", reduced)):
         embedder = embedders[dtype] = embedder_for(mm, model_dir, dtype)
-        pixels = preprocessed(embedder, files[SMALL])
+        pixels = preprocessed(mm, embedder, files[SMALL])
         vectors[dtype] = embedder.forward(pixels)
         for batch in (1, 8, 32, 64) if device().type == "cuda" else (1, 8, 32):
             images = {1: n // 4, 8: n // 2}.get(batch, n)
@@ -182,12 +183,14 @@ async def served_vit(
     return {"loads": [x.row() for x in loads], "sizes": sizes}
 
 
-async def paired(stack: ServedStack, embedder: Any, files: list[bytes], n: int, size: int) -> dict:
+async def paired(
+    stack: ServedStack, mm: Any, embedder: Any, files: list[bytes], n: int, size: int
+) -> dict:
     """One round of the headline ratio, measured back to back so that the machine's load is
     nearly the same for all of them: the forward pass alone at its best batch `size`, the
     model's whole work in-process on that many files (decode, processor, forward: what one
     Triton execution does), and the served stack."""
-    pixels = preprocessed(embedder, files)
+    pixels = preprocessed(mm, embedder, files)
     batch = (files * size)[:size]
     rounds = max(1, n // size)
     execute = measure.per_call(lambda: embedder.embed(batch), rounds) / len(batch)
@@ -222,7 +225,7 @@ def run_vit(
         vectors = measure.embed_vectors(stack.url, files[SMALL])
 
         async def pairs() -> list[dict]:
-            return [await paired(stack, reduced, files[SMALL], n, best) for _ in range(rounds)]
+            return [await paired(stack, mm, reduced, files[SMALL], n, best) for _ in range(rounds)]
 
         served["paired"] = asyncio.run(pairs())
     fp32 = np.array(limits.pop("fp32_vectors"))
@@ -256,7 +259,7 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
     embedder = embedder_for(mm, model_dir, "auto")
     batch = (files * 32)[:32]
     decoded = embedder.decode_all(batch)
-    pixels = torch.stack(embedder.preprocess(decoded))
+    pixels = mm.stack(embedder.preprocess(decoded))
     reps = max(2, n // 32)
     inproc = {
         "decode_us": measure.per_call(lambda: [mm.decode_image(f, 10**9) for f in batch], reps),
@@ -327,7 +330,7 @@ def run_queue_delays(work: Path, delays: list[int], n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=32, help="images per measurement (base)")
-    parser.add_argument("--only", choices=("vit", "tiny"), help="run one part only")
+    parser.add_argument("--only", choices=("vit", "families", "tiny"), help="run one part only")
     parser.add_argument(
         "--concurrency", default="1,4,16,64", help="concurrent single-image requests to try"
     )
@@ -356,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                 levels = [int(c) for c in args.concurrency.split(",")]
                 if args.only in (None, "vit"):
                     results["vit"] = run_vit(work, args.images, levels, original=args.original)
+                if args.only in (None, "families"):
+                    files = make_jpegs(SMALL)
+                    results["families"] = run_families(load_model_module(), files, args.images, log)
                 if args.only in (None, "tiny"):
                     results["tiny"] = run_tiny(work, args.images, levels)
             meta["load_after"] = os.getloadavg()[0]
@@ -363,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=1))
     report.write(results, args.out)
     log(f"wrote {args.out / 'benchmarks.md'}")
+    if args.out == DOCS:  # the README's model guide shows the families' figures of this run
+        report.update_readme(results, ROOT / "README.md")
+        log("wrote the model guide in README.md")
     return 0
 
 

@@ -7,7 +7,7 @@ import base64
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,17 +58,21 @@ def per_call(fn: Callable[[], object], repeat: int) -> float:
 # --- in-process ----------------------------------------------------------------------------
 
 
-def forward_limit(embedder: Any, pixels: Any, batch: int, images: int) -> float:
-    """Images per second of the service's own forward pass (and pooling) on preprocessed
-    batches of `batch`, each one pass (not cut into the service's sub-batches), nothing else:
-    the ceiling of what serving can reach."""
+def forward_limit(embedder: Any, inputs: Mapping[str, Any], batch: int, images: int) -> float:
+    """Inputs per second of the service's own forward pass (and pooling) on preprocessed
+    batches of `batch` (`inputs`: the processor's or tokenizer's tensors by name), each one pass
+    (not cut into the service's sub-batches), nothing else: the ceiling of what serving can
+    reach."""
     import torch
 
-    rows = pixels[torch.arange(batch) % len(pixels)]
+    count = len(next(iter(inputs.values())))
+    index = torch.arange(batch) % count
+    rows = {name: tensor[index] for name, tensor in inputs.items()}
     sub_batch = getattr(embedder, "forward_batch_size", None)
     embedder.forward_batch_size = batch
     try:
-        embedder.forward(rows[: min(batch, 8)])  # warm-up (a batch of 32 would cost seconds)
+        # warm-up (a batch of 32 would cost seconds)
+        embedder.forward({name: tensor[: min(batch, 8)] for name, tensor in rows.items()})
         rounds = max(1, images // batch)
         start = time.perf_counter()
         for _ in range(rounds):

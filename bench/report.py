@@ -296,6 +296,84 @@ Best of each over the same two loads: ours {ours:.2f} img/s, the original {their
 """
 
 
+def families_section(families: dict[str, Any]) -> str:
+    from .families import FAMILIES
+
+    by_key = {f.key: f for f in FAMILIES}
+    rows = []
+    for r in families["rows"]:
+        family = by_key[r["key"]]
+        text = f"{r['text_s']:.1f} ({r['text_tokens']} tokens)" if "text_s" in r else "-"
+        rows.append(
+            (
+                family.name,
+                f"`{family.checkpoint}`",
+                r["dimension"],
+                r["dtype"],
+                f"{r['img_s']:.2f}",
+                f"{r['whole_img_s']:.2f}",
+                text,
+            )
+        )
+    headers = ("family", "stands for", "dimension", "precision", "img/s forward",
+               "img/s whole work", "texts/s")  # fmt: skip
+    return f"""## Model families (in-process, base size)
+
+Each family at the size of the checkpoint named, with random weights (the real cost), in the
+service's own modules (`iei_runtime`: the encoder, the Embedder, the TextEmbedder) on this
+machine's CPU, in the precision `IEI_DTYPE=auto` picks. "forward": passes of 8 preprocessed
+500x375 photos; "whole work": decode, the checkpoint's image processor and the forward pass for
+8 JPEG files, as one Triton execution does them; texts: passes of 8 texts of the number of
+tokens shown (SigLIP pads every text to 64; CLIP's are padded to the longest, 16 here is a short
+query). The README's model guide shows these figures.
+
+{table(headers, rows)}
+"""
+
+
+GUIDE_START = "<!-- model guide: the figures are written by `make bench` (bench/report.py) -->"
+GUIDE_END = "<!-- end of the model guide -->"
+
+
+def model_guide(results: dict[str, Any]) -> str:
+    """The README's table: which model for which job, with each family's throughput from the
+    last `make bench` (until one has run: a placeholder, never a guess)."""
+    from .families import FAMILIES
+
+    measured = {r["key"]: r for r in results.get("families", {}).get("rows", [])}
+    meta = results.get("meta", {})
+    pending = "measured by `make bench`"
+    rows = []
+    for family in FAMILIES:
+        r = measured.get(family.key)
+        images = f"{r['img_s']:.1f} ({r['whole_img_s']:.1f})" if r else pending
+        texts = "-" if family.text is None and not family.text_like else pending
+        text_row = measured.get(family.text_like or family.key) or {}
+        if "text_s" in text_row:
+            texts = f"{text_row['text_s']:.1f}"
+        dimension = r["dimension"] if r else family.dimension
+        rows.append((family.job, f"`{family.checkpoint}`", family.name, dimension, images, texts))
+    headers = ("job", "model (hub id)", "family", "dimension", "CPU images/s", "CPU texts/s")
+    if measured:
+        source = (
+            f"Figures from `make bench` on {meta.get('cpu')}, {meta.get('cores')} cores "
+            f"({meta.get('date')}; [docs/benchmarks.md](docs/benchmarks.md#model-families-"
+            "in-process-base-size)): one model instance in-process, the precision "
+            "`IEI_DTYPE=auto` picks there; images/s of the forward pass in passes of 8 (in "
+            "brackets: with decoding and the image processor), texts/s in passes of 8."
+        )
+    else:
+        source = "The throughput columns are written by `make bench` (bench/families.py)."
+    return f"{GUIDE_START}\n{table(headers, rows)}\n\n{source}\n{GUIDE_END}"
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> None:
+    """Replace the model guide between its markers in the README."""
+    text = readme.read_text()
+    start, end = text.index(GUIDE_START), text.index(GUIDE_END) + len(GUIDE_END)
+    readme.write_text(text[:start] + model_guide(results) + text[end:])
+
+
 def tiny_section(tiny: dict[str, Any]) -> str:
     inproc = tiny["inprocess_us"]
     loads = tiny["loads"]
@@ -435,6 +513,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     ]
     if "vit" in results:
         parts.append(vit_section(results["vit"]))
+    if "families" in results:
+        parts.append(families_section(results["families"]))
     if "tiny" in results:
         parts.append(tiny_section(results["tiny"]))
         parts.append(NOTES["overhead"])

@@ -90,9 +90,10 @@ def load_model_module() -> Any:
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils"))
     if str(REPOSITORY) not in sys.path:
         sys.path.insert(0, str(REPOSITORY))
-    from iei_runtime import images, loading, settings
+    from iei_runtime import embedder, images, loading, settings
 
     return types.SimpleNamespace(
+        stack=embedder.stack,
         read_settings=settings.read_settings,
         resolve_dtype=settings.resolve_dtype,
         cpu_has_native_bf16=settings.cpu_has_native_bf16,

@@ -38,3 +38,15 @@ def vit_stack(
     stack = Stack(model_dirs["vit"], log).start()
     yield stack
     assert stack.stop() == 0, stack.log()
+
+
+@pytest.fixture(scope="session")
+def clip_stack(
+    model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One stack with the tiny CLIP (images and texts), shared by the retrieval tests, the demo
+    page and the text-search example."""
+    log = tmp_path_factory.mktemp("logs") / "clip_stack.log"
+    stack = Stack(model_dirs["clip"], log).start()
+    yield stack
+    assert stack.stop() == 0, stack.log()

@@ -12,6 +12,7 @@ import numpy as np
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 MODEL_PY = REPOSITORY / "iei" / "1" / "model.py"
+TEXT_MODEL_PY = REPOSITORY / "iei_text" / "1" / "model.py"
 
 
 class TritonError:
@@ -84,10 +85,11 @@ def install() -> None:
         sys.path.insert(0, str(REPOSITORY))
 
 
-def load_model_module() -> Any:
-    """Import model_repository/iei/1/model.py with this module standing in for Triton's."""
+def load_model_module(path: Path = MODEL_PY) -> Any:
+    """Import a model's model.py (`iei`'s unless `path` says otherwise) with this module
+    standing in for Triton's."""
     install()
-    spec = importlib.util.spec_from_file_location("iei_triton_model", MODEL_PY)
+    spec = importlib.util.spec_from_file_location(f"triton_model_{path.parts[-3]}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here

@@ -2,7 +2,15 @@
 
 It shares no code with the model repository: its own image loading (orientation table, alpha
 compositing and 16-bit scaling in numpy), the PIL implementation of the model's processor (the
-service runs the torchvision one), and its own pooling.
+service runs the torchvision one), the full model (the service loads one tower of a dual
+encoder), and its own pooling: `get_image_features` / `get_text_features` for dual encoders,
+`pooler_output` for DINOv2, the mean of the last hidden state for the rest.
+
+Texts are tokenized as Hugging Face's own zero-shot pipeline does: SigLIP and SigLIP2 padded to
+`max_length` 64, CLIP padded to the longest text, both truncated to the context; the mask is
+whatever the tokenizer returns (SigLIP's has one, SigLIP2's files say none). SigLIP2's
+fixed-resolution checkpoints name Gemma's tokenizer, which does not lower-case: the reference
+takes transformers' `Siglip2Tokenizer` for them (the service folds the case itself).
 """
 
 from __future__ import annotations
@@ -50,28 +58,60 @@ def load_naive(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-class Reference:
-    """AutoImageProcessor (PIL backend) + AutoModel in float32 + mean pooling, in-process."""
+def unit(vectors: object) -> np.ndarray:
+    rows = np.asarray(vectors, dtype=np.float64)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
-    def __init__(self, model_dir: Path) -> None:
+
+class Reference:
+    """AutoImageProcessor (PIL backend) + AutoModel in float32 + the family's pooling."""
+
+    def __init__(self, model_dir: Path, *, padding: str | None = None) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModel
 
         self.torch = torch
         self.processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
         self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        config = self.model.config
+        self.model_type = config.model_type
+        self.joint = hasattr(self.model, "get_text_features")
+        if self.joint:
+            from transformers import AutoTokenizer, Siglip2Tokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            if "Gemma" in type(self.tokenizer).__name__:
+                self.tokenizer = Siglip2Tokenizer.from_pretrained(model_dir)
+            self.context = config.text_config.max_position_embeddings
+            # `padding`: a test's way to show that the padding matters (the comparison can fail)
+            self.padding = padding or ("longest" if self.model_type == "clip" else "max_length")
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """Unit-norm vectors, one per image."""
         with self.torch.no_grad():
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels).last_hidden_state
-        pooled = hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
-        vectors = pooled.numpy().astype(np.float64)
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+            inputs = self.processor(images=images, return_tensors="pt")
+            if self.joint:  # every tensor of the processor (NaFlex: the mask and the grid)
+                return unit(self.model.get_image_features(**inputs).pooler_output)
+            outputs = self.model(pixel_values=inputs["pixel_values"])
+        if self.model_type.startswith("dinov2"):
+            return unit(outputs.pooler_output)
+        hidden = outputs.last_hidden_state
+        return unit(hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1))
 
     def embed(self, files: list[bytes]) -> np.ndarray:
         return self.embed_images([load_rgb(f) for f in files])
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm vectors of the image space, one per text (cut to the context)."""
+        tokens = self.tokenizer(
+            texts,
+            padding=self.padding,
+            truncation=True,
+            max_length=self.context,
+            return_tensors="pt",
+        )
+        with self.torch.no_grad():
+            return unit(self.model.get_text_features(**tokens).pooler_output)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

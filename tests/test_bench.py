@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,11 +147,13 @@ def test_forward_limit_and_cosine_with_a_stand_in_model():
         calls: list[tuple[int, int]] = []  # noqa: RUF012
         forward_batch_size = 4  # the service's sub-batch: the limit is measured without it
 
-        def forward(self, pixels: torch.Tensor) -> None:
-            self.calls.append((len(pixels), self.forward_batch_size))
+        def forward(self, inputs: dict[str, torch.Tensor]) -> None:
+            assert inputs.keys() == {"pixel_values", "pixel_attention_mask"}
+            self.calls.append((len(inputs["pixel_values"]), self.forward_batch_size))
 
     embedder = Embedder()
-    rate = measure.forward_limit(embedder, torch.zeros(3, 3, 4, 4), batch=8, images=16)
+    inputs = {"pixel_values": torch.zeros(3, 3, 4, 4), "pixel_attention_mask": torch.ones(3, 4)}
+    rate = measure.forward_limit(embedder, inputs, batch=8, images=16)
     assert rate > 0
     assert embedder.calls == [(8, 8)] * 3  # warm-up, then 16 images in passes of 8
     assert embedder.forward_batch_size == 4
@@ -257,3 +260,96 @@ def test_the_original_service_harness_end_to_end(tmp_path, model_dirs):
     assert all(r["img_s"] > 0 for r in result["rows"])
     with pytest.raises(SystemExit, match=r"no server\.py"):
         original.run_original(tmp_path, model_dirs["vit"], tmp_path / "work", files, n=4)
+
+
+# --- model families -------------------------------------------------------------------------------
+
+
+def tiny_family(key: str) -> Any:
+    """A family of bench/families.py at a tiny size: its code path, not its cost."""
+    import dataclasses
+
+    import transformers as tf
+
+    from bench import families
+    from bench.workload import load_model_module
+
+    load_model_module()  # iei_runtime importable
+    from iei_runtime.encoders import TowerEncoder
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2}  # fmt: skip
+    family = next(f for f in families.FAMILIES if f.key == key)
+    if key == "clip":
+        return dataclasses.replace(
+            family,
+            image=lambda: TowerEncoder(
+                tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**tiny, projection_dim=8)),
+                "image_embeds",
+            ),
+            text=lambda: TowerEncoder(
+                tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(**tiny, projection_dim=8)),
+                "text_embeds",
+            ),
+        )
+    return dataclasses.replace(  # siglip2_naflex: three tensors from its processor
+        family,
+        image=lambda: TowerEncoder(
+            tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**tiny)), "pooler_output"
+        ),
+    )
+
+
+def test_a_familys_throughput_runs_the_services_modules():
+    from bench import families
+    from bench.workload import SIZES, load_model_module, make_jpegs
+
+    mm = load_model_module()
+    files = make_jpegs(SIZES[0])[:2]
+    clip = families.measure_family(mm, tiny_family("clip"), files, n=8)
+    assert clip["dimension"] == 8 and clip["inputs"] == ["pixel_values"]
+    assert clip["img_s"] > 0 and clip["whole_img_s"] > 0 and clip["text_s"] > 0
+    assert clip["text_tokens"] == 16
+    naflex = families.measure_family(mm, tiny_family("siglip2_naflex"), files, n=8)
+    assert naflex["inputs"] == ["pixel_attention_mask", "pixel_values", "spatial_shapes"]
+    assert "text_s" not in naflex
+
+
+def family_results() -> dict:
+    from bench import families
+
+    rows = []
+    for number, family in enumerate(families.FAMILIES, start=1):
+        row = {"key": family.key, "dimension": family.dimension, "dtype": "bfloat16",
+               "img_s": 10.0 * number, "whole_img_s": 9.0 * number}  # fmt: skip
+        if family.text is not None:
+            row.update(text_s=100.0 * number, text_tokens=family.text_tokens)
+        rows.append(row)
+    return {"rows": rows}
+
+
+def test_the_model_guide_shows_the_measured_figures_or_says_who_measures_them(tmp_path):
+    results = known_results(served_rate=9.5)
+    pending = report.model_guide(results)
+    assert pending.count("measured by `make bench`") == 9  # 6 image cells, 3 text cells
+    assert "| search images by text, and by image | `google/siglip2-base-patch16-224` |" in pending
+    results["families"] = family_results()
+    guide = report.model_guide(results)
+    assert "measured by `make bench`" not in guide
+    assert "| SigLIP2 B/16 | 768 | 10.0 (9.0) | 100.0 |" in guide
+    assert "| DINOv2-S/14 | 384 | 40.0 (36.0) | - |" in guide
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{pending}\n\nafter\n")
+    report.update_readme(results, readme)
+    assert readme.read_text() == f"intro\n\n{guide}\n\nafter\n"
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## Model families (in-process, base size)" in text
+    assert "| CLIP ViT-B/16 | `openai/clip-vit-base-patch16` | 512 | bfloat16 | 30.00 |" in text
+
+
+def test_the_readmes_model_guide_is_the_one_the_last_bench_wrote():
+    results_path = ROOT / "docs" / "benchmarks" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    readme = (ROOT / "README.md").read_text()
+    assert report.model_guide(results) in readme, "regenerate: python -m bench --render-only"

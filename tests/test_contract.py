@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from fake_pb_utils import install
 from google.protobuf import text_format
 from iei import contract
@@ -16,28 +17,56 @@ DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
 CONFIG = DEFAULT_MODEL_REPOSITORY / "iei" / "config.pbtxt"
 
 
-def committed_config() -> model_config_pb2.ModelConfig:
-    return text_format.Parse(CONFIG.read_text(), model_config_pb2.ModelConfig())
+def committed_config(model: str = contract.MODEL_NAME) -> model_config_pb2.ModelConfig:
+    path = DEFAULT_MODEL_REPOSITORY / model / "config.pbtxt"
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def test_config_pbtxt_matches_the_contract():
-    config = committed_config()
-    assert config.name == contract.MODEL_NAME
+TYPES = model_config_pb2
+# model -> its input, and its outputs as (name, type, dims): what the frontend and users rely on.
+CONTRACT = {
+    contract.MODEL_NAME: (
+        contract.INPUT_NAME,
+        [(contract.OUTPUT_NAME, TYPES.TYPE_FP32, [-1]),
+         (contract.INFO_OUTPUT_NAME, TYPES.TYPE_STRING, [1])],
+    ),
+    contract.TEXT_MODEL_NAME: (
+        contract.TEXT_INPUT_NAME,
+        [(contract.OUTPUT_NAME, TYPES.TYPE_FP32, [-1]),
+         (contract.TOKENS_OUTPUT_NAME, TYPES.TYPE_INT32, [1])],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(CONTRACT))
+def test_config_pbtxt_matches_the_contract(model):
+    config = committed_config(model)
+    input_name, outputs = CONTRACT[model]
+    assert config.name == model
     assert config.backend == "python"
-    assert [i.name for i in config.input] == [contract.INPUT_NAME]
-    assert config.input[0].data_type == model_config_pb2.TYPE_STRING
-    assert list(config.input[0].dims) == [1]
-    assert [o.name for o in config.output] == [contract.OUTPUT_NAME, contract.INFO_OUTPUT_NAME]
-    assert config.output[0].data_type == model_config_pb2.TYPE_FP32
-    assert list(config.output[0].dims) == [-1]
-    assert config.output[1].data_type == model_config_pb2.TYPE_STRING
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        (input_name, TYPES.TYPE_STRING, [1])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == outputs
     assert config.max_batch_size >= 1
     assert config.HasField("dynamic_batching")
 
 
-def test_committed_config_is_a_gpu_deployment():
-    kinds = {g.kind for g in committed_config().instance_group}
+@pytest.mark.parametrize("model", [contract.MODEL_NAME, contract.TEXT_MODEL_NAME])
+def test_committed_configs_are_gpu_deployments(model):
+    kinds = {g.kind for g in committed_config(model).instance_group}
     assert kinds == {model_config_pb2.ModelInstanceGroup.KIND_GPU}
+
+
+def test_both_sides_parse_the_models_input_errors():
+    install()
+    from iei_runtime import triton
+
+    pattern = re.compile(contract.INVALID_INPUT_PATTERN)
+    for name in (triton.INPUT_NAME, triton.TEXT_INPUT_NAME):
+        found = pattern.fullmatch(f"{name}[12]: empty text")
+        assert found and found.groups() == ("12", "empty text")
+    assert not pattern.search("OTHER[1]: no")
 
 
 def test_the_model_uses_the_same_names_and_formats():
@@ -47,16 +76,23 @@ def test_the_model_uses_the_same_names_and_formats():
     assert triton.INPUT_NAME == contract.INPUT_NAME
     assert triton.OUTPUT_NAME == contract.OUTPUT_NAME
     assert triton.INFO_OUTPUT_NAME == contract.INFO_OUTPUT_NAME
+    assert triton.TEXT_INPUT_NAME == contract.TEXT_INPUT_NAME
+    assert triton.TOKENS_OUTPUT_NAME == contract.TOKENS_OUTPUT_NAME
     assert images.IMAGE_FORMATS == contract.IMAGE_FORMATS
 
 
-def test_config_defaults_match_the_frontends():
-    parameters = {k: v.string_value for k, v in committed_config().parameters.items()}
+@pytest.mark.parametrize("model", [contract.MODEL_NAME, contract.TEXT_MODEL_NAME])
+def test_config_defaults_match_the_frontends(model):
+    parameters = {k: v.string_value for k, v in committed_config(model).parameters.items()}
     defaults = LauncherSettings.model_fields
     assert parameters["model_id"] == defaults["embedding_model"].default
     assert parameters["dtype"] == defaults["dtype"].default
-    assert parameters["pooling"] == defaults["pooling"].default
-    assert int(parameters["max_image_pixels"]) == defaults["max_image_pixels"].default
+    assert parameters["forward_batch_size"] == defaults["forward_batch_size"].default
+    if model == contract.MODEL_NAME:
+        assert parameters["pooling"] == defaults["pooling"].default
+        assert int(parameters["max_image_pixels"]) == defaults["max_image_pixels"].default
+    else:
+        assert int(parameters["max_text_chars"]) == defaults["max_text_chars"].default
 
 
 def test_the_frontend_never_imports_torch():

@@ -82,7 +82,7 @@ def test_defaults():
     assert (settings.host, settings.port) == ("0.0.0.0", 8000)
     assert settings.triton_endpoint == "127.0.0.1:8100"
     assert settings.dtype == "auto"
-    assert settings.pooling == "mean"
+    assert settings.pooling == "auto"
     assert settings.max_client_batch_size == 64
     assert settings.max_image_pixels == 50_000_000
     assert settings.repository.joinpath("iei", "config.pbtxt").is_file()

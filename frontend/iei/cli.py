@@ -1,9 +1,9 @@
 """The `iei` command: arguments here, the work in the part that does it.
 
-`iei serve` and `iei triton` need the `serve` extra (the launcher); `iei embed` and `iei similar`
-need only the base package (the client). Each part is imported when its command runs, so a client
-install never imports the server's dependencies, and `iei triton` runs on the Triton image's
-Python 3.10.
+`iei serve` and `iei triton` need the `serve` extra (the launcher); `iei embed`, `iei similar`
+and `iei search` need only the base package (the client). Each part is imported when its command
+runs, so a client install never imports the server's dependencies, and `iei triton` runs on the
+Triton image's Python 3.10.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_similar_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("query", metavar="QUERY_IMAGE", help="an image file (or http(s) URL)")
+def add_query_arguments(parser: argparse.ArgumentParser, metavar: str, what: str) -> None:
+    parser.add_argument("query", metavar=metavar, help=what)
     parser.add_argument("--index", required=True, type=Path, help="a file written by `iei embed`")
     parser.add_argument("--top", type=positive, default=10, help="how many to show (default 10)")
     add_service_arguments(parser)
@@ -120,13 +120,26 @@ def parser() -> argparse.ArgumentParser:
             "write the vectors to --out (.jsonl, .npy + .ids.json, or .parquet).",
         )
     )
-    add_similar_arguments(
+    add_query_arguments(
         commands.add_parser(
             "similar",
             help="the images of an `iei embed` file nearest to a query image",
             description="Embed QUERY_IMAGE through the service and print the --top paths of "
             "--index with the highest cosine similarity.",
-        )
+        ),
+        "QUERY_IMAGE",
+        "an image file (or http(s) URL)",
+    )
+    add_query_arguments(
+        commands.add_parser(
+            "search",
+            help="the images of an `iei embed` file that best match a text",
+            description="Embed TEXT through the service (a model with a text tower: CLIP, "
+            "SigLIP, SigLIP2) and print the --top paths of --index with the highest cosine "
+            "similarity.",
+        ),
+        "TEXT",
+        'what to look for, e.g. "a cat on a sofa"',
     )
     return parser
 
@@ -142,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         from .client.bulk import run_embed
 
         return run_embed(args)
-    from .client.similar import run_similar
+    from .client.similar import run_search, run_similar
 
-    return run_similar(args)
+    return run_similar(args) if args.command == "similar" else run_search(args)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,15 @@ INFO_OUTPUT_NAME = "MODEL_INFO"  # TYPE_STRING [1], optional: JSON facts about t
 PROBE_PRIORITY = 1
 QUEUE_PRIORITY_LEVELS = 2
 
-# The model fails one request with `IMAGE[i]: reason`, i the image's position in that request.
-INVALID_IMAGE_PATTERN = r"IMAGE\[(\d+)\]: (.*)"
+# Dual encoders (CLIP, SigLIP, SigLIP2) only: texts into the image space.
+TEXT_MODEL_NAME = "iei_text"
+TEXT_INPUT_NAME = "TEXT"  # TYPE_STRING [1]: the text, UTF-8
+# EMBEDDING as above; TOKENS: TYPE_INT32 [1], the text's tokens before truncation.
+TOKENS_OUTPUT_NAME = "TOKENS"
+
+# A model fails one request with `IMAGE[i]: reason` or `TEXT[i]: reason`, i the item's position
+# in that request.
+INVALID_INPUT_PATTERN = r"(?:IMAGE|TEXT)\[(\d+)\]: (.*)"
 
 # Image formats decoded by the model; the frontend refuses anything else before calling Triton.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO

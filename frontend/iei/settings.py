@@ -56,7 +56,10 @@ _SETTINGS = [
         "`bfloat16`, `float16`",
     )),
     ("pooling", Setting(
-        "IEI_POOLING", "mean", "mean|cls|pooler", (LAUNCHER, MODEL), "`mean`, `cls` or `pooler`",
+        "IEI_POOLING", "auto", "auto|mean|cls|pooler", (LAUNCHER, MODEL),
+        "`auto`: a dual encoder's projected image embedding (the space its texts share), "
+        "DINOv2's `pooler_output`, else the mean of the last hidden state; `mean`, `cls` or "
+        "`pooler` force one (one the model cannot do stops start-up)",
     )),
     ("max_client_batch_size", Setting(
         "IEI_MAX_CLIENT_BATCH_SIZE", 64, "int", (SERVER,), "most inputs in one request",
@@ -64,6 +67,10 @@ _SETTINGS = [
     ("max_image_pixels", Setting(
         "IEI_MAX_IMAGE_PIXELS", 50_000_000, "int", (SERVER, MODEL),
         "largest image (width x height), checked from the header",
+    )),
+    ("max_text_chars", Setting(
+        "IEI_MAX_TEXT_CHARS", 4096, "int", (SERVER, MODEL),
+        "longest text in characters (`modality: text`), checked before tokenizing",
     )),
     ("request_timeout", Setting(
         "IEI_REQUEST_TIMEOUT", 60.0, "float", (SERVER, LAUNCHER),
@@ -156,7 +163,8 @@ _SETTINGS = [
     )),
     ("forward_batch_size", Setting(
         "IEI_FORWARD_BATCH_SIZE", "auto", "str", (LAUNCHER, MODEL),
-        "images per forward pass inside one Triton execution; `auto`: 8 on a CPU, 64 on a GPU",
+        "images (or texts) per forward pass inside one Triton execution; `auto`: 8 on a CPU, "
+        "64 on a GPU",
     )),
     ("jpeg_draft", Setting(
         "IEI_JPEG_DRAFT", True, "bool", (LAUNCHER, MODEL),

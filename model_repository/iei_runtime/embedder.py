@@ -4,15 +4,60 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .images import InvalidImage, PixelBudget, decode_image
+
+# The tensors a processor or tokenizer returns, by name: batched (N, ...) for a batch, unbatched
+# for one input. Every one goes to the model (SigLIP2 NaFlex: pixel_values, pixel_attention_mask,
+# spatial_shapes).
+Inputs: TypeAlias = dict[str, torch.Tensor]
+
+
+def unbatch(batch: Mapping[str, torch.Tensor]) -> list[Inputs]:
+    """A batch of tensors -> one dict per input."""
+    count = len(next(iter(batch.values())))
+    return [{name: tensor[i] for name, tensor in batch.items()} for i in range(count)]
+
+
+def stack(items: Sequence[Mapping[str, torch.Tensor]]) -> Inputs:
+    """One dict per input -> a batch (the inverse of `unbatch`)."""
+    return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Onto the model's device; only floating tensors take the model's dtype (masks, ids and
+    shapes keep theirs)."""
+    if tensor.is_floating_point():
+        return tensor.to(device, dtype=dtype, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def run_encoder(
+    encoder: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    forward_batch_size: int,
+) -> np.ndarray:
+    """(N, ...) tensors -> (N, D) float32, in sub-batches of `forward_batch_size`."""
+    count = len(next(iter(batch.values())))
+    chunks = []
+    for start in range(0, count, forward_batch_size):
+        part = {
+            name: to_device(tensor[start : start + forward_batch_size], device, dtype)
+            for name, tensor in batch.items()
+        }
+        chunks.append(encoder(**part).float())
+    return torch.cat(chunks).cpu().numpy()
 
 
 def is_device_failure(exc: BaseException) -> bool:
@@ -39,6 +84,7 @@ class Embedder:
         jpeg_draft: bool = True,
         pixel_budget: int | None = None,
         preprocess_device: torch.device | None = None,
+        model_facts: dict[str, Any] | None = None,
     ) -> None:
         self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
         self.processor = processor
@@ -50,6 +96,7 @@ class Embedder:
         self.jpeg_draft = jpeg_draft
         self.budget = PixelBudget(pixel_budget or max_image_pixels)
         self.preprocess_device = preprocess_device
+        self.model_facts = model_facts or {}  # the model's configuration, as a dict
         self.threads = decode_threads
         self.pool = ThreadPoolExecutor(
             max_workers=decode_threads,
@@ -96,8 +143,9 @@ class Embedder:
         except InvalidImage as exc:
             return exc
 
-    def preprocess(self, images: list[Image.Image]) -> list[torch.Tensor | InvalidImage]:
-        """The model's own processor over the batch; per image only if the batch fails.
+    def preprocess(self, images: list[Image.Image]) -> list[Inputs | InvalidImage]:
+        """The model's own processor over the batch (every tensor it returns, per image); per
+        image only if the batch fails.
 
         On a GPU instance the processor resizes and normalises there (its `device` argument):
         the uint8 image goes over, and the float tensor never crosses the bus.
@@ -105,28 +153,32 @@ class Embedder:
         if not images:
             return []
         try:
-            pixels = self._process(images)
-            return list(pixels)
+            return list(unbatch(self._process(images)))
         except Exception as exc:
             if is_device_failure(exc):
                 raise  # the GPU's trouble, not the images': the whole execution fails (5xx)
-            results: list[torch.Tensor | InvalidImage] = []
+            results: list[Inputs | InvalidImage] = []
             for image in images:
                 try:
-                    results.append(self._process([image])[0])
+                    results.append(unbatch(self._process([image]))[0])
                 except Exception as exc:
                     if is_device_failure(exc):
                         raise
                     results.append(InvalidImage(f"preprocessing failed: {exc}"))
             return results
 
-    def _process(self, images: list[Image.Image]) -> torch.Tensor:
+    def _process(self, images: list[Image.Image]) -> Inputs:
         options: dict[str, Any] = {"return_tensors": "pt"}
         if self.preprocess_device is not None:
             options["device"] = self.preprocess_device
-        return self.processor(images=images, **options)["pixel_values"]
+        features = self.processor(images=images, **options)
+        return {name: value for name, value in features.items() if isinstance(value, torch.Tensor)}
 
-    def prepare(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
+    def blank(self, count: int) -> Inputs:
+        """`count` grey images through the same processor call as requests (warm-up, checks)."""
+        return self._process([Image.new("RGB", (32, 32), (127, 127, 127))] * count)
+
+    def prepare(self, blobs: Sequence[bytes]) -> list[Inputs | InvalidImage]:
         """Encoded files -> model input, decode and processor together in the thread pool.
 
         The batch is cut into one contiguous chunk per thread: the processor's per-image work
@@ -136,29 +188,27 @@ class Embedder:
         chunks = [blobs[i : i + chunk] for i in range(0, len(blobs), chunk)]
         return [r for part in self.pool.map(self._prepare_chunk, chunks) for r in part]
 
-    def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[torch.Tensor | InvalidImage]:
+    def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[Inputs | InvalidImage]:
         results: list[Any] = [self._decode(blob) for blob in blobs]
         good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
         for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
             results[i] = tensor
         return results
 
-    @torch.inference_mode()
-    def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """(N, 3, H, W) -> (N, D) float32, in sub-batches of `forward_batch_size`."""
-        chunks = []
-        for start in range(0, len(pixel_values), self.forward_batch_size):
-            batch = pixel_values[start : start + self.forward_batch_size]
-            batch = batch.to(self.device, dtype=self.dtype, non_blocking=True)
-            chunks.append(self.encoder(pixel_values=batch).float())
-        return torch.cat(chunks).cpu().numpy()
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """The processor's tensors, (N, ...) each -> (N, D) float32, in sub-batches of
+        `forward_batch_size`."""
+        return run_encoder(
+            self.encoder, batch,
+            device=self.device, dtype=self.dtype, forward_batch_size=self.forward_batch_size,
+        )  # fmt: skip
 
     def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
         """Every image of a whole dynamic batch -> its vector, or the reason it has none."""
         results: list[Any] = self.prepare(blobs)
-        ready = [(i, t) for i, t in enumerate(results) if isinstance(t, torch.Tensor)]
+        ready = [(i, t) for i, t in enumerate(results) if isinstance(t, dict)]
         if ready:
-            vectors = self.forward(torch.stack([t for _, t in ready]))
+            vectors = self.forward(stack([t for _, t in ready]))
             for (i, _), vector in zip(ready, vectors, strict=True):
                 results[i] = vector
         return results

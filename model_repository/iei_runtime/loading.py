@@ -1,14 +1,22 @@
-"""Load the model and its processor for an instance, and describe what was loaded."""
+"""Load the model, its processor or tokenizer for an instance, and describe what was loaded.
+
+A dual encoder (CLIP, SigLIP, SigLIP2) is loaded one tower at a time from its full checkpoint:
+the image model holds the vision tower with its projection, the text model the text tower.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from inspect import signature
+from typing import Any
 
 import torch
 
 from .embedder import Embedder
-from .encoders import PooledEncoder
+from .encoders import PooledEncoder, TowerEncoder
+from .families import PROJECTED, resolve_pooling, text_context, towers
 from .images import draft_side
 from .settings import (
     ModelSettings,
@@ -16,46 +24,107 @@ from .settings import (
     resolve_dtype,
     resolve_forward_batch_size,
 )
+from .texts import TextEmbedder, folds_case
+
+
+class ModelLoadError(RuntimeError):
+    """Why the model cannot be served, in the one line the launcher shows at start-up."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        super().__init__(f"IEI cannot load model {model_id!r} (IMAGE_EMBEDDING_MODEL): {reason}")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Loading one tower of a checkpoint lists the other tower's weights as unexpected, at
+    warning level, at length; what matters (missing weights) is checked instead."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_tower(class_name: str, model_id: str, dtype: torch.dtype) -> Any:
+    """One tower of a dual encoder, from the full checkpoint; every weight must be found (a
+    missing one would be random, and its vectors silently wrong)."""
+    import transformers
+
+    with quiet_transformers():
+        model, loading = getattr(transformers, class_name).from_pretrained(
+            model_id, dtype=dtype, output_loading_info=True
+        )
+    missing = loading.get("missing_keys") or []
+    if missing:
+        raise ValueError(f"{class_name} misses {len(missing)} weights, e.g. {sorted(missing)[0]}")
+    return model
+
+
+def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtype) -> Any:
+    from transformers import AutoModel
+
+    joint = towers(config.to_dict())
+    if joint is not None:
+        return load_tower(joint.vision if pooling == PROJECTED else joint.vision_plain,
+                          model_id, dtype)  # fmt: skip
+    kwargs = {}
+    accepted = signature(AutoModel._model_mapping[type(config)]).parameters
+    if pooling != "pooler" and "add_pooling_layer" in accepted:
+        # A classification checkpoint has no pooler weights; don't build a random one.
+        kwargs["add_pooling_layer"] = False
+    return AutoModel.from_pretrained(model_id, config=config, dtype=dtype, **kwargs)
 
 
 def describe(embedder: Embedder, settings: ModelSettings) -> str:
     """The MODEL_INFO output: facts a client cannot see from outside, as JSON."""
-    config = embedder.encoder.config
+    facts = embedder.model_facts
+    context = text_context(facts)
     return json.dumps(
         {
             "model_id": settings.model_id,
-            "model_type": getattr(config, "model_type", None),
+            "model_type": facts.get("model_type"),
             "architecture": embedder.encoder.architecture,
             "dtype": str(embedder.dtype).removeprefix("torch."),
             "device": str(embedder.device),
-            "pooling": settings.pooling,
+            "pooling": embedder.encoder.pooling,
             "forward_batch_size": embedder.forward_batch_size,
+            "modalities": ["image", "text"] if context else ["image"],
+            "text_context_length": context,
         }
     )
 
 
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
-    """Load the model and its processor; one clear error when that is impossible."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    """Load the model and its processor; one clear error when that is impossible, or when the
+    model cannot do the pooling asked for. The first forward pass (the check) warms it up."""
+    from transformers import AutoConfig, AutoImageProcessor
 
     dtype = resolve_dtype(settings.dtype, device, cpu_has_native_bf16())
     try:
         config = AutoConfig.from_pretrained(settings.model_id)
+        facts = config.to_dict()
+        pooling = resolve_pooling(settings.pooling, facts)
         processor = AutoImageProcessor.from_pretrained(settings.model_id)
-        kwargs = {}
-        accepted = signature(AutoModel._model_mapping[type(config)]).parameters
-        if settings.pooling != "pooler" and "add_pooling_layer" in accepted:
-            # A classification checkpoint has no pooler weights; don't build a random one.
-            kwargs["add_pooling_layer"] = False
-        model = AutoModel.from_pretrained(settings.model_id, config=config, dtype=dtype, **kwargs)
+        model = load_image_model(settings.model_id, config, pooling, dtype)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(
-            f"IEI cannot load model {settings.model_id!r} (IMAGE_EMBEDDING_MODEL): {reason}"
-        ) from None
+        raise ModelLoadError(settings.model_id, first_line(exc)) from None
     model.eval().to(device)
-    return Embedder(
-        PooledEncoder(model, settings.pooling),
+    joint = towers(facts)
+    encoder = (
+        TowerEncoder(model, joint.image_output)
+        if joint is not None and pooling == PROJECTED
+        else PooledEncoder(model, pooling)
+    )
+    embedder = Embedder(
+        encoder,
         processor,
         device=device,
         dtype=dtype,
@@ -66,4 +135,45 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         jpeg_draft=settings.jpeg_draft,
         pixel_budget=settings.decode_pixel_budget,
         preprocess_device=device if device.type == "cuda" else None,
+        model_facts=facts,
     )
+    try:
+        embedder.forward(embedder.blank(1))
+    except ValueError as exc:  # pooling.pool: e.g. no CLS token in a convolutional map
+        embedder.close()
+        reason = f"IEI_POOLING={settings.pooling}: {first_line(exc)}"
+        raise ModelLoadError(settings.model_id, reason) from None
+    return embedder
+
+
+def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmbedder:
+    """The text tower and tokenizer of a dual encoder; one clear error for any other model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    dtype = resolve_dtype(settings.dtype, device, cpu_has_native_bf16())
+    try:
+        facts = AutoConfig.from_pretrained(settings.model_id).to_dict()
+        joint = towers(facts)
+        if joint is None:
+            raise ValueError(
+                f"a {facts.get('model_type')} model has no text tower whose vectors share the "
+                "image space (texts need a CLIP, SigLIP or SigLIP2 model)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
+        model = load_tower(joint.text, settings.model_id, dtype)
+    except Exception as exc:
+        raise ModelLoadError(settings.model_id, first_line(exc)) from None
+    model.eval().to(device)
+    embedder = TextEmbedder(
+        TowerEncoder(model, joint.text_output),
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        context=text_context(facts) or joint.context,
+        pad_to_context=joint.pad_to_context,
+        lower_case=joint.lower_case and not folds_case(tokenizer),
+        max_chars=settings.max_text_chars,
+        forward_batch_size=resolve_forward_batch_size(settings.forward_batch_size, device),
+    )
+    embedder.warm_up()
+    return embedder

@@ -9,18 +9,20 @@ from typing import Any
 
 import torch
 
+from .families import POOLINGS
+
 SETTINGS = {
     # name in config.pbtxt: (environment variable, default)
     "model_id": ("IMAGE_EMBEDDING_MODEL", "google/vit-base-patch16-224"),
     "dtype": ("IEI_DTYPE", "auto"),
-    "pooling": ("IEI_POOLING", "mean"),
+    "pooling": ("IEI_POOLING", "auto"),
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
     "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
     "decode_pixel_budget": ("IEI_DECODE_PIXEL_BUDGET", "100000000"),
+    "max_text_chars": ("IEI_MAX_TEXT_CHARS", "4096"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-POOLINGS = ("mean", "cls", "pooler")
 # The words pydantic takes for a bool, so that `iei serve`'s check and this one agree.
 BOOLEANS = {
     **dict.fromkeys(("true", "1", "yes", "y", "on", "t"), True),
@@ -42,6 +44,7 @@ class ModelSettings:
     forward_batch_size: int  # 0: auto, by device (resolve_forward_batch_size)
     jpeg_draft: bool = True
     decode_pixel_budget: int = 100_000_000
+    max_text_chars: int = 4096
 
 
 def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
@@ -58,7 +61,8 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
     if raw["jpeg_draft"].lower() not in BOOLEANS:
         raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
     numbers = {}
-    for name in ("max_image_pixels", "forward_batch_size", "decode_pixel_budget"):
+    for name in ("max_image_pixels", "forward_batch_size", "decode_pixel_budget",
+                 "max_text_chars"):  # fmt: skip
         is_batch = name == "forward_batch_size"
         if is_batch and raw[name].lower() == "auto":
             numbers[name] = 0

@@ -1,19 +1,26 @@
-"""What the Triton models share about Triton itself: their instances, and responses with
-per-request errors. The one module here that imports Triton's `triton_python_backend_utils`."""
+"""What the Triton models share about Triton itself: their instances, their requests, and
+responses with per-request errors. The one module here that imports Triton's
+`triton_python_backend_utils`."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
-from .images import InvalidImage
+from .resources import available_cores
+from .settings import ModelSettings, read_settings
 
-INPUT_NAME = "IMAGE"
+INPUT_NAME = "IMAGE"  # model `iei`: the encoded image file
+TEXT_INPUT_NAME = "TEXT"  # model `iei_text`: the text, UTF-8
 OUTPUT_NAME = "EMBEDDING"
 INFO_OUTPUT_NAME = "MODEL_INFO"
+TOKENS_OUTPUT_NAME = "TOKENS"  # model `iei_text`: the text's tokens before truncation
 
 
 def instance_count(model_config: dict[str, Any]) -> int:
@@ -22,22 +29,62 @@ def instance_count(model_config: dict[str, Any]) -> int:
     return max(1, sum(int(g.get("count", 1)) for g in groups))
 
 
-def make_response(results: Sequence[np.ndarray | InvalidImage], info: str | None = None) -> Any:
-    """One request's results -> its response: vectors, or an error naming the first bad image.
+def start_instance(args: dict[str, str]) -> tuple[ModelSettings, torch.device, int]:
+    """What `initialize` gets from Triton, resolved: the settings (environment > config.pbtxt
+    parameters > defaults), this instance's device (made torch's current one) and CPU threads."""
+    model_config = json.loads(args["model_config"])
+    settings = read_settings(model_config, dict(os.environ))
+    return (settings, *instance_device(args, model_config))
 
-    The message format `IMAGE[i]: reason` (i = position inside this request) is parsed by the
-    frontend to name the failing input of a client's request.
+
+def instance_device(args: dict[str, str], model_config: dict[str, Any]) -> tuple[torch.device, int]:
+    """The device of this instance (made torch's current one) and its CPU threads."""
+    if args["model_instance_kind"] == "GPU":
+        device = torch.device("cuda", int(args["model_instance_device_id"]))
+        torch.cuda.set_device(device)
+        return device, available_cores()
+    # instances x threads <= cores, so instances don't fight over the same cores.
+    threads = max(1, available_cores() // instance_count(model_config))
+    torch.set_num_threads(threads)
+    return torch.device("cpu"), threads
+
+
+def gather_inputs(requests: Sequence[Any], name: str) -> tuple[list[bytes], list[range]]:
+    """Every item of input `name` over a dynamic batch, and each request's span of them."""
+    items: list[bytes] = []
+    spans = []
+    for request in requests:
+        tensor = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+        start = len(items)
+        items.extend(bytes(b) for b in tensor.reshape(-1))
+        spans.append(range(start, len(items)))
+    return items, spans
+
+
+def make_response(
+    results: Sequence[np.ndarray | ValueError],
+    input_name: str = INPUT_NAME,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Any:
+    """One request's results -> its response: vectors (and `extra` outputs, one row per item),
+    or an error naming the first bad item.
+
+    The message format `IMAGE[i]: reason` / `TEXT[i]: reason` (i = position inside this request)
+    is parsed by the frontend to name the failing input of a client's request.
     """
     for i, result in enumerate(results):
-        if isinstance(result, InvalidImage):
+        if isinstance(result, ValueError):
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(
-                    f"{INPUT_NAME}[{i}]: {result}", pb_utils.TritonError.INVALID_ARG
+                    f"{input_name}[{i}]: {result}", pb_utils.TritonError.INVALID_ARG
                 )
             )
     vectors = np.stack(results).astype(np.float32, copy=False)  # type: ignore[arg-type]
     tensors = [pb_utils.Tensor(OUTPUT_NAME, vectors)]
-    if info is not None:
-        rows = np.full((len(results), 1), info.encode(), dtype=np.object_)
-        tensors.append(pb_utils.Tensor(INFO_OUTPUT_NAME, rows))
+    tensors += [pb_utils.Tensor(name, rows) for name, rows in (extra or {}).items()]
     return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def info_rows(info: str, count: int) -> np.ndarray:
+    """The MODEL_INFO output: the same JSON on every row."""
+    return np.full((count, 1), info.encode(), dtype=np.object_)

@@ -160,6 +160,30 @@ def test_no_images_give_an_empty_matrix_of_the_models_width():
     assert client.embed([]).shape == (0, DIMENSION)
 
 
+def test_texts_go_as_they_are_with_modality_text_in_the_servers_chunks():
+    server = FakeServer()
+    texts = ["a cat", "a dog on a sofa", "x", "the sea at night"]
+    client, _ = client_for(server)
+    with client:
+        vectors = client.embed_texts(texts)
+        client.embed_texts(texts[:1], normalize=False, truncate=False)
+    assert vectors.dtype == np.float32 and vectors.shape == (4, DIMENSION)
+    assert vectors[:, 0].tolist() == [len(t) for t in texts]  # in order, nothing encoded
+    bodies = server.embed_bodies
+    assert [b["inputs"] for b in bodies] == [texts[:3], texts[3:], texts[:1]]
+    assert {b["modality"] for b in bodies} == {"text"}
+    assert [(b["normalize"], b["truncate"]) for b in bodies] == [(True, True)] * 2 + [
+        (False, False)
+    ]
+
+
+@pytest.mark.parametrize("bad", ["a single string", [b"bytes"], [3]])
+def test_texts_must_be_a_list_of_str(bad):
+    client, _ = client_for(FakeServer())
+    with pytest.raises(TypeError):
+        client.embed_texts(bad)
+
+
 def test_the_api_key_is_sent_as_bearer():
     server = FakeServer()
     IEIClient("http://iei.test", "s3cret", transport=httpx.MockTransport(server)).embed([b"x"])
@@ -269,9 +293,12 @@ def test_the_async_client_matches_the_blocking_one():
         async with AsyncIEIClient(
             "http://iei.test", "k", transport=httpx.MockTransport(server), sleep=record
         ) as client:
-            first, second = await asyncio.gather(
-                client.embed([b"a" * n for n in range(1, 6)]), client.embed([png((0, 0, 0))])
+            first, second, texts = await asyncio.gather(
+                client.embed([b"a" * n for n in range(1, 6)]),
+                client.embed([png((0, 0, 0))]),
+                client.embed_texts(["a cat", "a dog"]),
             )
+            assert texts[:, 0].tolist() == [5.0, 5.0]
             return np.concatenate([first, second])
 
     vectors = asyncio.run(run())

@@ -274,7 +274,7 @@ def test_more_images_in_flight_than_allowed_is_429_at_once(guarded_stack):
     assert set(statuses) <= {200, 429}
     assert 200 in statuses and 429 in statuses
     refused = asyncio.run(refused_answer(guarded_stack.url, body={"inputs": [image] * 6}))
-    tei_error(refused, 429, "Overloaded", "limit of 8 images")
+    tei_error(refused, 429, "Overloaded", "limit of 8 inputs in flight")
     assert refused.headers["retry-after"] == "1"
 
 

@@ -84,6 +84,7 @@ def test_the_page_embeds_dropped_images_and_draws_the_heatmap(keyed_stack, brows
     page.fill("#key", KEY)
     page.dispatch_event("#key", "change")
     page.wait_for_function("document.getElementById('model').textContent.includes('dimensions')")
+    assert page.is_hidden("#search")  # a ViT has no text tower: no text box
     page.set_input_files("#files", [str(p) for p in PHOTOS])
     page.wait_for_function("document.querySelectorAll('#heatmap td.cell').length === 9")
     assert "3 image(s) embedded (raw vectors)" in page.text_content("#status")
@@ -117,4 +118,31 @@ def test_the_page_embeds_dropped_images_and_draws_the_heatmap(keyed_stack, brows
     for diagonal in (0, 4, 8):  # cosine 1: the deep red end of the scale
         assert colours[diagonal] == pytest.approx((165, 0, 38), abs=3), colours
     assert len(set(colours)) >= 3  # not blank: off-diagonal cells take other colours
+    page.close()
+
+
+def test_the_text_box_ranks_the_dropped_images_by_cosine(clip_stack, browser):
+    """With a text tower the page shows a text box; its ranking is the service's cosines."""
+    page = browser.new_page(viewport={"width": 900, "height": 700})  # type: ignore[attr-defined]
+    page.goto(f"{clip_stack.url}/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('texts')")
+    page.set_input_files("#files", [str(p) for p in PHOTOS])
+    page.wait_for_function("document.querySelectorAll('#heatmap td.cell').length === 9")
+    query = "a photo of a cat"
+    page.fill("#query", query)
+    page.click("#search button")
+    page.wait_for_function("document.querySelectorAll('#ranking li').length === 3")
+    shown = page.eval_on_selector_all(
+        "#ranking li", "items => items.map(i => [i.dataset.name, Number(i.dataset.score)])"
+    )
+    inputs = [base64.b64encode(p.read_bytes()).decode() for p in PHOTOS]
+    images = np.asarray(httpx.post(f"{clip_stack.url}/embed", json={"inputs": inputs}).json())
+    text = httpx.post(
+        f"{clip_stack.url}/embed", json={"inputs": [query], "modality": "text"}
+    ).json()[0]
+    scores = images @ np.asarray(text)
+    order = np.argsort(-scores)
+    assert [name for name, _ in shown] == [PHOTOS[i].name for i in order]
+    np.testing.assert_allclose([score for _, score in shown], scores[order], atol=2e-4)
+    assert f'ranked by "{query}"' in page.text_content("#status")
     page.close()

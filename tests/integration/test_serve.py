@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from stack import IEI, Stack, free_port
 
@@ -57,7 +58,7 @@ def test_a_model_that_fails_in_its_own_code_says_why_and_keeps_triton_s_log(mode
     """The reason is the model's exception, not Triton's harmless NVML warning; the log that the
     first lines name is still there afterwards."""
     result = serve_output(str(model_dirs["convnext"]), IEI_POOLING="cls")
-    assert_one_clear_line(result, "model 'iei' failed to load", "no CLS token", "IEI_POOLING")
+    assert_one_clear_line(result, "IEI cannot load model", "no CLS token", "IEI_POOLING")
     assert "NVML" not in result.stderr.split("cannot start")[1].splitlines()[0]
     [named] = re.findall(r"log: (\S+triton\.log)", result.stderr)
     assert Path(named).is_file() and "no CLS token" in Path(named).read_text()
@@ -136,6 +137,29 @@ def test_openai_client_example_runs(vit_stack):
     result = run_example("examples/openai_client_example.py", "--url", vit_stack.url)
     assert result.stdout.count("norm 1.000") == 4
     assert "embedded 4 images with model" in result.stdout
+
+
+def test_text_search_example_indexes_and_searches_by_text_and_image(clip_stack, tmp_path):
+    from iei.client import IEIClient
+
+    index = tmp_path / "photos.faiss"
+    query = "a photo of a cat"
+    result = run_example("examples/text_search_example.py", "--url", clip_stack.url,
+                         "--query", query, "--index", str(index))  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"indexed 5 images (16 dimensions) in {index}"
+    assert index.is_file() and index.with_suffix(".names.json").is_file()
+    by_text, by_image = lines[2:5], lines[6:9]
+    # FAISS's ranking is the exact cosine ranking of the service's vectors.
+    photos = sorted(p for p in Path("examples/images").iterdir() if p.suffix in {".jpg", ".png"})
+    with IEIClient(clip_stack.url) as client:
+        images, text = client.embed(photos), client.embed_texts([query])[0]
+    best = np.argsort(-(images @ text))[:3]
+    assert [line.split()[1] for line in by_text] == [photos[i].name for i in best]
+    assert [float(line.split()[0]) for line in by_text] == pytest.approx(
+        (images @ text)[best], abs=1e-3
+    )
+    assert by_image[0].split() == ["1.000", "astronaut.jpg"]  # the query image itself first
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -228,3 +228,49 @@ def test_iei_embed_refuses_a_folder_without_images(tmp_path):
     result = iei("embed", tmp_path, "--out", tmp_path / "x.npy", check=False)
     assert result.returncode == 2 and "no image files in" in result.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+# --- texts: the client and `iei search` (a dual encoder) ------------------------------------------
+
+
+def embed_texts_endpoint(stack, texts: list[str]) -> np.ndarray:
+    body = {"inputs": texts, "modality": "text"}
+    response = httpx.post(f"{stack.url}/embed", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json(), dtype=np.float32)
+
+
+def test_the_clients_embed_texts_as_embed_does(clip_stack):
+    texts = ["a photo of a cat", "a red car at night", "the sea"]
+    expected = embed_texts_endpoint(clip_stack, texts)
+    with IEIClient(clip_stack.url, batch_size=2) as client:
+        np.testing.assert_allclose(client.embed_texts(texts), expected, rtol=1e-5, atol=1e-6)
+
+    async def run() -> np.ndarray:
+        async with AsyncIEIClient(clip_stack.url) as client:
+            return await client.embed_texts(texts)
+
+    np.testing.assert_allclose(asyncio.run(run()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_iei_search_ranks_an_index_by_a_text(clip_stack, photo_folder):
+    out = photo_folder.parent / "index.parquet"
+    iei("embed", photo_folder, "--out", out, "--url", clip_stack.url, "--no-progress")
+    query = "a photo of a cat"
+    result = iei("search", query, "--index", out, "--top", "3", "--url", clip_stack.url)
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert len(lines) == 3
+    paths, vectors = load_index(out)
+    text = embed_texts_endpoint(clip_stack, [query])[0]
+    cosines = vectors @ text / np.linalg.norm(vectors, axis=1) / np.linalg.norm(text)
+    best = np.argsort(-cosines)[:3]
+    assert [path for _, path in lines] == [paths[i] for i in best]
+    np.testing.assert_allclose([float(s) for s, _ in lines], cosines[best], atol=1e-4)
+
+
+def test_iei_search_on_an_image_only_model_says_why(vit_stack, photo_folder):
+    out = photo_folder.parent / "index.npy"
+    iei("embed", PHOTOS[0], "--out", out, "--url", vit_stack.url, "--no-progress")
+    result = iei("search", "a cat", "--index", out, "--url", vit_stack.url, check=False)
+    assert result.returncode == 1
+    assert "embeds images only" in result.stderr and "Traceback" not in result.stderr

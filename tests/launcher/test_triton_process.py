@@ -37,6 +37,17 @@ def test_with_gpus_the_committed_group_stays_and_counts_apply(tmp_path):
     assert [(g.kind, g.count) for g in config.instance_group] == [(KIND.KIND_GPU, 3)]
 
 
+@pytest.mark.parametrize(("gpus", "kind"), [(0, KIND.KIND_CPU), (1, KIND.KIND_GPU)])
+def test_every_model_of_the_repository_is_rendered(tmp_path, gpus, kind):
+    target, _ = rendered(tmp_path, gpus=gpus, instances=2)
+    text = (target / "iei_text" / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.name == "iei_text"
+    assert [(g.kind, g.count) for g in config.instance_group] == [(kind, 2)]
+    assert (target / "iei_text" / "1" / "model.py").is_file()
+    assert (target / "iei_runtime" / "families.py").is_file()
+
+
 def test_a_repository_without_the_model_is_refused(tmp_path):
     with pytest.raises(TritonStartupError, match=r"no iei/config\.pbtxt"):
         render_model_repository(tmp_path, tmp_path / "out", gpus=0, instances=None)

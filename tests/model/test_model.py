@@ -302,10 +302,11 @@ def test_draft_decoding_stays_close_to_the_full_decode(triton_model):
         pixels_full = embedder.preprocess(embedder.decode_all([big, other]))
     finally:
         embedder.draft_side = 448
+    drafted_pixels = pixels_drafted[0]["pixel_values"].numpy()
     # The model input itself (224 x 224 x 3) is nearly the same...
-    assert centred_cosine(pixels_drafted[0].numpy(), pixels_full[0].numpy()) >= 0.99
+    assert centred_cosine(drafted_pixels, pixels_full[0]["pixel_values"].numpy()) >= 0.99
     # ...which a different photo is not (the comparison can fail).
-    assert centred_cosine(pixels_drafted[0].numpy(), pixels_full[1].numpy()) < 0.9
+    assert centred_cosine(drafted_pixels, pixels_full[1]["pixel_values"].numpy()) < 0.9
     # and so is the embedding.
     vectors = np.stack([drafted[0], full[0]]).astype(np.float64)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -316,8 +317,7 @@ def test_draft_decoding_stays_close_to_the_full_decode(triton_model):
 def test_forward_runs_in_sub_batches(triton_model):
     embedder = triton_model.embedder
     size = embedder.forward_batch_size
-    pixels = triton_model._blank_batch(size + 3)
-    assert embedder.forward(pixels).shape == (size + 3, 32)
+    assert embedder.forward(embedder.blank(size + 3)).shape == (size + 3, 32)
 
 
 class SpyProcessor:
@@ -352,14 +352,15 @@ def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place
     prepared = embedder.prepare(blobs)
     decoded = embedder.decode_all(blobs)
     assert [type(r).__name__ for r in prepared] == [
-        "InvalidImage" if isinstance(d, images.InvalidImage) else "Tensor" for d in decoded
+        "InvalidImage" if isinstance(d, images.InvalidImage) else "dict" for d in decoded
     ]
     assert str(prepared[1]).startswith("cannot decode image")
     reference = embedder.preprocess([d for d in decoded if isinstance(d, Image.Image)])
-    tensors = [t for t in prepared if isinstance(t, torch.Tensor)]
-    assert len(tensors) == 5
-    for ours, theirs in zip(tensors, reference, strict=True):
-        assert torch.equal(ours, theirs)
+    inputs = [t for t in prepared if isinstance(t, dict)]
+    assert len(inputs) == 5
+    for ours, theirs in zip(inputs, reference, strict=True):
+        assert ours.keys() == theirs.keys() == {"pixel_values"}
+        assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
     assert embedder.prepare([]) == []
 
 
@@ -370,7 +371,7 @@ def test_a_processor_failure_fails_only_its_own_image(embedder, threads):
     embedder.processor = SpyProcessor(embedder.processor, (31, 17), ValueError("odd size"))
     good = list(photos().values())
     prepared = embedder.prepare([good[0], odd, good[1], good[2]])
-    assert [isinstance(r, torch.Tensor) for r in prepared] == [True, False, True, True]
+    assert [isinstance(r, dict) for r in prepared] == [True, False, True, True]
     assert str(prepared[1]) == "preprocessing failed: odd size"
 
 
@@ -395,5 +396,5 @@ def test_the_processor_gets_the_instance_device_only_on_a_gpu_instance(embedder)
     on_device = embedder.preprocess(images)
     assert spy.calls[-1] == {"return_tensors": "pt", "device": torch.device("cpu")}
     for a, b in zip(plain, on_device, strict=True):
-        assert b.device.type == "cpu"
+        assert b["pixel_values"].device.type == "cpu"
         torch.testing.assert_close(a, b)

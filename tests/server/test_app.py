@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from contextlib import asynccontextmanager
 
@@ -16,7 +17,8 @@ import pytest
 from iei.contract import PROBE_IMAGE, PROBE_PRIORITY
 from iei.server import routing, triton_client
 from iei.server.app import create_app
-from iei.server.errors import ApiError, ErrorType
+from iei.server.errors import ApiError
+from iei.server.inputs import InvalidInput
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
 from PIL import Image
@@ -30,24 +32,33 @@ pytestmark = pytest.mark.anyio
 PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
 
 
+IMAGE_ONLY = {"model_type": "vit", "modalities": ["image"], "text_context_length": None}
+WITH_TEXT = {"model_type": "clip", "modalities": ["image", "text"], "text_context_length": 5}
+
+
 class FakeTriton:
-    """Answers like tritonclient's aio client: vector i = [first byte value, chunk size]."""
+    """Answers like tritonclient's aio client: image vector i = [first byte value, chunk size];
+    `iei_text`: text vector i = [characters, chunk size], TOKENS = words + 2, and `TEXT[i]` fails
+    for a text that says BAD."""
 
     def __init__(
         self,
         max_batch_size: int = 4,
         fail: Exception | None = None,
         delay=0.0,
+        info=IMAGE_ONLY,
         probe_fails: bool = False,
     ):
         self.max_batch_size = max_batch_size
         self.fail = fail  # for every request but the health probe's 1x1 PNG...
         self.probe_fails = probe_fails  # ... which fails too when the whole model is broken
         self.delay = delay
+        self.info = info
         self.priorities: list[int] = []
         self.in_flight = 0
         self.peak = 0
         self.chunks: list[int] = []
+        self.models: list[str] = []
 
     async def get_model_config(self, name):
         return {"max_batch_size": self.max_batch_size}
@@ -56,30 +67,44 @@ class FakeTriton:
         return True
 
     async def infer(self, name, inputs, outputs=None, priority=0):
-        images = inputs[0].test_images
-        probe = images.reshape(-1).tolist() == [PROBE_IMAGE]
+        items = inputs[0].test_images
+        probe = items.reshape(-1).tolist() == [PROBE_IMAGE]
         self.priorities.append(priority)
-        self.in_flight += len(images)
+        self.in_flight += len(items)
         self.peak = max(self.peak, self.in_flight)
-        self.chunks.append(len(images))
+        self.chunks.append(len(items))
+        self.models.append(name)
         try:
             await asyncio.sleep(self.delay)
             if self.fail and (not probe or self.probe_fails):
                 raise self.fail
-            return FakeResult(np.array([[row[0][0], len(images)] for row in images], "float32"))
+            if name == "iei_text":
+                return self.texts([bytes(row[0]).decode() for row in items])
+            vectors = np.array([[row[0][0], len(items)] for row in items], "float32")
+            info = np.full((len(items), 1), json.dumps(self.info).encode(), dtype=np.object_)
+            return FakeResult(EMBEDDING=vectors, MODEL_INFO=info)
         finally:
-            self.in_flight -= len(images)
+            self.in_flight -= len(items)
+
+    @staticmethod
+    def texts(texts: list[str]) -> FakeResult:
+        for i, text in enumerate(texts):
+            if "BAD" in text:
+                raise InferenceServerException(f"TEXT[{i}]: not valid UTF-8", status="400")
+        vectors = np.array([[len(t), len(texts)] for t in texts], "float32")
+        tokens = np.array([[len(t.split()) + 2] for t in texts], "int32")
+        return FakeResult(EMBEDDING=vectors, TOKENS=tokens)
 
     async def close(self):
         pass
 
 
 class FakeResult:
-    def __init__(self, vectors):
-        self.vectors = vectors
+    def __init__(self, **outputs: np.ndarray) -> None:
+        self.outputs = outputs
 
     def as_numpy(self, name):
-        return self.vectors
+        return self.outputs[name]
 
 
 @pytest.fixture
@@ -125,13 +150,18 @@ async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
     assert vectors.shape == (7, 2)
 
 
-async def test_the_models_image_error_names_the_clients_index():
-    error = InferenceServerException("IMAGE[1]: cannot decode image: broken", status="400")
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("iei", "IMAGE[1]: cannot decode image: broken"), ("iei_text", "TEXT[1]: empty text")],
+)
+async def test_the_models_input_error_names_the_clients_index(model, message):
+    error = InferenceServerException(message, status="400")
     triton = triton_client_with(FakeTriton(max_batch_size=4, fail=error), concurrency=4)
-    with pytest.raises(ApiError) as caught:
-        await triton._infer([b"a", b"b"], offset=8)
-    assert caught.value.error_type == ErrorType.VALIDATION
-    assert caught.value.message == "inputs[9]: cannot decode image: broken"
+    request = triton._bytes_input("IMAGE", [b"a", b"b"])
+    with pytest.raises(InvalidInput) as caught:
+        await triton._infer(model, request, ("EMBEDDING",), offset=8)
+    assert caught.value.index == 9
+    assert str(caught.value) == f"inputs[9]: {message.split(': ', 1)[1]}"
 
 
 @pytest.mark.parametrize(
@@ -145,7 +175,7 @@ async def test_the_models_image_error_names_the_clients_index():
         ("500", "Failed to process the request(s), message: the model broke", False, 424),
         # Words inside a message decide nothing: CUDA's "named symbol not found" is no 404.
         ("500", "CUDA error: named symbol not found", False, 424),
-        ("400", "the model refused it", False, 422),
+        ("400", "the model refused it", False, 422),  # INVALID_ARG without an item's index
     ],
 )
 async def test_triton_errors_are_classified_by_status(status, message, probe_fails, expected):
@@ -167,7 +197,7 @@ async def test_the_first_failed_chunk_cancels_the_others():
     fake = FailsFirst(max_batch_size=1, delay=30)
     triton = triton_client_with(fake, concurrency=4)
     started = time.monotonic()
-    with pytest.raises(ApiError, match=r"inputs\[0\]: bad"):
+    with pytest.raises(InvalidInput, match=r"inputs\[0\]: bad"):
         await triton.embed([bytes([i]) for i in range(4)])
     assert time.monotonic() - started < 5  # the three 30 s chunks were cancelled, not awaited
     assert fake.in_flight == 0  # and nothing of the request is left running
@@ -262,6 +292,105 @@ async def test_small_inputs_are_checked_inline_and_large_ones_in_a_thread(monkey
     assert large_answer.json() == [[137.0, 1.0]]
     assert bad.status_code == 422
     assert bad.json()["error"].startswith("inputs[1]: not valid base64")
+
+
+# --- texts -------------------------------------------------------------------------------------
+
+
+async def test_texts_and_images_of_one_request_come_back_in_order():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    fake = FakeTriton(info=WITH_TEXT)
+    body = {"input": ["a cat", {"image": PNG}, {"text": "a big dog"}], "modality": "text"}
+    async with app_client(settings, fake) as client:
+        mixed = await client.post("/v1/embeddings", json=body)
+        texts = await client.post(
+            "/embed", json={"inputs": ["a cat", "dog"], "modality": "text", "normalize": False}
+        )
+        root = await client.post("/", json={"inputs": ["a cat"], "modality": "text"})
+    assert mixed.status_code == 200, mixed.text
+    rows = np.array([d["embedding"] for d in mixed.json()["data"]])
+    raw = np.array([[5, 2], [137, 1], [9, 2]], dtype=np.float64)  # texts in one chunk of two
+    np.testing.assert_allclose(rows, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-6)
+    assert texts.json() == [[5.0, 2.0], [3.0, 2.0]]
+    assert root.status_code == 200  # TEI's root route answers as /embed
+    assert "iei_text" in fake.models
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/embed", {"inputs": ["a", ""], "modality": "text"}, "inputs[1]: empty text"),
+        ("/embed", {"inputs": ["12345678901"], "modality": "text"},
+         "inputs[0]: text of 11 characters is longer than the limit of 10 characters"),
+        ("/embed", {"inputs": ["a", "a b c d"], "modality": "text", "truncate": False},
+         "inputs[1]: text of 6 tokens is longer than the model's context of 5 tokens"),
+        ("/embed", {"inputs": ["a"], "modality": "text", "truncation_direction": "Left"},
+         "truncation_direction left is not supported"),
+        ("/embed", {"inputs": ["a"], "modality": "Text"}, "modality: Input should be 'image' or"),
+        ("/embed", {"inputs": ["a"], "modality": "text", "truncate": "no"}, "truncate"),
+        ("/v1/embeddings", {"input": [{"image": PNG}, "a", "BAD"], "modality": "text"},
+         "inputs[2]: not valid UTF-8"),  # the model's TEXT[1]: its position in the request
+        ("/v1/embeddings", {"input": ["a", {"image": PNG, "text": "b"}]},
+         "inputs[1]: an item is a string, or an object with exactly one of `text` and `image`"),
+        ("/v1/embeddings", {"input": [{"picture": PNG}]}, "inputs[0]: an item is a string"),
+        ("/v1/embeddings", {"input": [{"text": ["a"]}]}, "inputs[0]: an item is a string"),
+        ("/v1/embeddings", {"input": [{"text": "a"}, {"image": "not an image!"}]},
+         "inputs[1]: not valid base64"),
+    ],
+)  # fmt: skip
+async def test_bad_texts_and_items_are_422_naming_the_input(path, body, message):
+    settings = ServerSettings(triton_url="127.0.0.1:1", max_text_chars=10)
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        response = await client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert message in (error["message"] if isinstance(error, dict) else error)
+
+
+async def test_an_overlong_text_is_cut_by_default():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        body = {"inputs": ["one two three four"], "modality": "text", "normalize": False}
+        response = await client.post("/embed", json=body)
+    assert response.json() == [[18.0, 1.0]]
+
+
+async def test_text_on_an_image_only_model_is_a_validation_error():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    fake = FakeTriton(info=IMAGE_ONLY)
+    async with app_client(settings, fake) as client:
+        response = await client.post("/embed", json={"inputs": ["a cat"], "modality": "text"})
+        mixed = await client.post("/v1/embeddings", json={"input": [PNG, {"text": "a cat"}]})
+        info = (await client.get("/info")).json()
+    assert response.status_code == 422
+    assert response.json()["error_type"] == "Validation"
+    assert "embeds images only: it has no text tower" in response.json()["error"]
+    assert mixed.status_code == 422
+    assert "iei_text" not in fake.models
+    assert (info["modalities"], info["text_context_length"]) == (["image"], None)
+
+
+async def test_info_says_what_a_dual_encoder_serves():
+    settings = ServerSettings(triton_url="127.0.0.1:1", max_text_chars=99)
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        info = (await client.get("/info")).json()
+    assert info["modalities"] == ["image", "text"]
+    assert info["text_context_length"] == 5
+    assert info["embedding_dimension"] == 2
+    assert info["limits"]["max_text_chars"] == 99
+
+
+def test_images_and_texts_of_different_widths_cannot_share_a_request():
+    """A forced IEI_POOLING on a dual encoder pools its vision tower without the projection:
+    its image vectors no longer have the texts' width (nor their space)."""
+    from iei.server.embedding import in_order
+
+    images, texts = np.ones((1, 3), np.float32), np.zeros((2, 2), np.float32)
+    assert in_order(3, [([0, 2], texts), ([1], None)]) is texts  # one part: as it came
+    merged = in_order(3, [([1], np.ones((1, 2), np.float32)), ([0, 2], texts)])
+    assert merged.tolist() == [[0, 0], [1, 1], [0, 0]]
+    with pytest.raises(ApiError, match=r"differ in dimension \[2, 3\]"):
+        in_order(3, [([1], images), ([0, 2], texts)])
 
 
 class UnreadBody:

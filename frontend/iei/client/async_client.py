@@ -63,6 +63,14 @@ class AsyncIEIClient:
         await self.info()
         return await self._run(self._core.embed(images, normalize))
 
+    async def embed_texts(
+        self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True
+    ) -> np.ndarray:
+        """Vectors of `texts` in the model's image space (a dual encoder: CLIP, SigLIP,
+        SigLIP2), float32 (N, D); texts over the model's context are cut unless truncate=False."""
+        await self.info()
+        return await self._run(self._core.embed_texts(texts, normalize, truncate))
+
     async def _run(self, plan: Plan[T]) -> T:
         result: Any = None
         while True:

@@ -144,11 +144,29 @@ class ClientCore:
     def embed(self, images: Sequence[ImageInput], normalize: bool) -> Plan[np.ndarray]:
         """Vectors of `images` as float32 (N, D): requests within the server's limits, in order."""
         encoded: list[str] = yield Encode(images)
+        return (yield from self.embed_inputs(encoded, {"normalize": normalize}))
+
+    def embed_texts(
+        self, texts: Sequence[str], normalize: bool, truncate: bool
+    ) -> Plan[np.ndarray]:
+        """Vectors of `texts` in the image space of a dual encoder (CLIP, SigLIP, SigLIP2), as
+        float32 (N, D); a text over the model's context is cut to it unless `truncate` is false
+        (then the server refuses it)."""
+        if isinstance(texts, str):
+            raise TypeError("embed_texts takes a list of texts, not one str")
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be str, not {type(text).__name__}")
+        options = {"modality": "text", "normalize": normalize, "truncate": truncate}
+        return (yield from self.embed_inputs(list(texts), options))
+
+    def embed_inputs(self, inputs: list[str], options: dict[str, Any]) -> Plan[np.ndarray]:
+        """POST /embed in requests within the server's limits (inputs and payload), in order."""
         yield from self.info()
         per_request, max_chars, dimension = self.limits()
         parts = []
-        for span in chunks(encoded, per_request, max_chars):
-            body = {"inputs": [encoded[i] for i in span], "normalize": normalize}
+        for span in chunks(inputs, per_request, max_chars):
+            body = {"inputs": [inputs[i] for i in span], **options}
             response = yield from self.request("POST", "/embed", body)
             parts.append(vectors_from(response))
         return as_matrix(parts, dimension)

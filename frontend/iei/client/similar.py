@@ -1,10 +1,12 @@
-"""`iei similar`: the images of an `iei embed` file nearest to a query image."""
+"""`iei similar` and `iei search`: the images of an `iei embed` file nearest to a query image,
+or to a text."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,10 +31,22 @@ def nearest(query: np.ndarray, vectors: np.ndarray, top: int) -> list[tuple[int,
 
 
 def run_similar(args: argparse.Namespace) -> int:
+    """`iei similar QUERY_IMAGE`: the images nearest to an image."""
+    return rank(args, lambda client: client.embed([args.query])[0])
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """`iei search "TEXT"`: the images nearest to a text (a dual encoder: CLIP, SigLIP,
+    SigLIP2 put texts and images in one space)."""
+    return rank(args, lambda client: client.embed_texts([args.query])[0])
+
+
+def rank(args: argparse.Namespace, embed_query: Callable[[IEIClient], np.ndarray]) -> int:
+    """Print the `--top` rows of `--index` nearest to the query, best first."""
     try:
         paths, vectors = load_index(args.index)
         with IEIClient(args.url, args.api_key) as client:
-            query = client.embed([args.query])[0]
+            query = embed_query(client)
         found = nearest(query, vectors, args.top)
     except (BulkError, OSError) as exc:
         log.error("%s", exc)

@@ -59,6 +59,13 @@ class IEIClient:
         """Vectors of `images` (unit length unless normalize=False), float32 (N, D)."""
         return self._run(self._core.embed(images, normalize))
 
+    def embed_texts(
+        self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True
+    ) -> np.ndarray:
+        """Vectors of `texts` in the model's image space (a dual encoder: CLIP, SigLIP,
+        SigLIP2), float32 (N, D); texts over the model's context are cut unless truncate=False."""
+        return self._run(self._core.embed_texts(texts, normalize, truncate))
+
     def _run(self, plan: Plan[T]) -> T:
         result: Any = None
         while True:

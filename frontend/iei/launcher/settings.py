@@ -19,7 +19,7 @@ class LauncherSettings(ServerSettings):
     bind: str = setting("bind")
     workers: int = setting("workers", ge=1, le=64)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("dtype")
-    pooling: Literal["mean", "cls", "pooler"] = setting("pooling")
+    pooling: Literal["auto", "mean", "cls", "pooler"] = setting("pooling")
     forward_batch_size: str = setting("forward_batch_size")
     jpeg_draft: bool = setting("jpeg_draft")
     decode_pixel_budget: int = setting("decode_pixel_budget", ge=1)

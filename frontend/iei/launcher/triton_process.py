@@ -6,6 +6,7 @@ process and its stubs are watched here (`problem`), for the supervisor to act on
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -24,6 +25,7 @@ import httpx
 from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .errors import TritonStartupError
+from .models import served_models
 from .processes import die_with_parent, stop_process
 from .repository import gpu_count
 from .settings import LauncherSettings
@@ -79,6 +81,7 @@ def triton_command(
     settings: LauncherSettings,
     model_repository: Path,
     *,
+    models: Sequence[str] = (MODEL_NAME,),
     binary: str = "tritonserver",
     shm_prefix: str | None = None,
 ) -> list[str]:
@@ -92,6 +95,7 @@ def triton_command(
             http_port=settings.triton_http_port,
             grpc_port=settings.triton_grpc_port,
             metrics_port=settings.triton_metrics_port,
+            models=models,
             shm_prefix=shm_prefix,
         ),
     ]
@@ -144,7 +148,8 @@ def python_stubs(parent: int) -> list[int]:
 
 
 class TritonServer:
-    """One `tritonserver` process with the models, its log in `log_path` (a restart appends)."""
+    """One `tritonserver` process with the `iei` model (and `iei_text` for a dual encoder), its
+    log in `log_path` (a restart appends)."""
 
     PROBE_INTERVAL = 10.0  # seconds between real inferences that check the model answers
     PROBE_TIMEOUT = 10.0
@@ -168,6 +173,7 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.stubs: list[int] = []  # the model instances' processes, once the model is ready
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
+        self.models: tuple[str, ...] = ()  # decided once, from the model's config.json
 
     @property
     def url(self) -> str:
@@ -178,12 +184,16 @@ class TritonServer:
     def start(self) -> None:
         model_env = model_environment(self.settings)
         install = self.install = self.install or find_triton(self.work_dir)
+        if not self.models:
+            self.models = served_models(self.settings.embedding_model, self.settings.repository)
+            log.info("Triton models: %s", ", ".join(self.models))
         repository = self.work_dir / "model_repository"
         if not repository.exists():
             self.settings.render(repository, gpus=gpu_count())
         command = triton_command(
-            self.settings, repository, binary=str(install.binary), shm_prefix=self.shm_prefix
-        )
+            self.settings, repository, models=self.models, binary=str(install.binary),
+            shm_prefix=self.shm_prefix,
+        )  # fmt: skip
         if install.backend_directory:
             command.append(f"--backend-directory={install.backend_directory}")
         env = {**os.environ, **model_env}
@@ -224,7 +234,8 @@ class TritonServer:
         """Remember the stubs serving the model (call once it is ready: while it loads, a
         short-lived stub comes and goes, which is no crash)."""
         self.stubs = python_stubs(self.process.pid) if self.process else []
-        log.info("watching the model stubs (pids %s)", self.stubs)
+        if self.stubs:
+            log.info("watching the model stubs (pids %s)", self.stubs)
 
     def problem(self) -> str | None:
         """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops
@@ -233,6 +244,8 @@ class TritonServer:
         stuck in an error (a sticky CUDA error) fails PROBE_FAILURES of them in a row."""
         if not self.running():
             return f"Triton exited: {self.failure_reason()}"
+        if not self.stubs:  # not seen yet when the model turned ready (it happens): look again
+            self.watch_stubs()
         for pid in self.stubs:
             if process_state(pid) in (None, "Z"):
                 return f"the model's Python stub (pid {pid}) died"
@@ -273,20 +286,19 @@ class TritonServer:
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
     def wait_ready(self, timeout: float, should_stop: object = None) -> None:
-        """Poll the model's readiness until `timeout`, failing at once if Triton exits."""
+        """Poll the models' readiness until `timeout`, failing at once if Triton exits."""
         deadline = time.monotonic() + timeout
-        ready_url = f"{self.url}/v2/models/{MODEL_NAME}/ready"
+        waiting = [f"{self.url}/v2/models/{name}/ready" for name in self.models or (MODEL_NAME,)]
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if not self.running():
                     raise TritonStartupError(self.failure_reason())
                 if callable(should_stop) and should_stop():
                     raise TritonStartupError("stopped before Triton was ready")
-                try:
-                    if client.get(ready_url).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
+                with contextlib.suppress(httpx.HTTPError):
+                    waiting = [url for url in waiting if client.get(url).status_code != 200]
+                if not waiting:
+                    return
                 time.sleep(0.25)
         raise TritonStartupError(
             f"the model was not ready after {timeout:.0f} s (IEI_STARTUP_TIMEOUT); "

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from . import metrics
-from .errors import ApiError, ErrorType, overloaded
-from .fetch import UrlFetcher
+from .errors import ApiError, ErrorType, first_error, overloaded
+from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
 from .limits import Capacity
 from .settings import ServerSettings
 from .triton_client import TritonClient
+
+IMAGE, TEXT = "image", "text"  # the modalities
+T = TypeVar("T")
 
 # A request of at most INLINE_INPUTS inputs and INLINE_INPUT_SIZE characters (base64) or bytes
 # (fetched) is decoded and header-checked on the event loop: under a millisecond, less than the
@@ -31,7 +36,7 @@ class Services:
     settings: ServerSettings
     triton: TritonClient
     fetcher: UrlFetcher
-    permits: Capacity  # images in flight in this worker
+    permits: Capacity  # inputs in flight in this worker
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,20 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-async def embed_inputs(items: list[str], services: Services, started: float) -> Embedded:
-    """Validate, fetch and check the inputs, then embed them with Triton; raw vectors."""
+@dataclass(frozen=True)
+class Input:
+    """One input of a request: an image (base64, data: URI or URL) or a text."""
+
+    modality: str  # IMAGE or TEXT
+    value: str
+
+
+async def embed_inputs(
+    items: list[Input], services: Services, started: float, *, truncate: bool = True
+) -> Embedded:
+    """Validate, fetch and check the inputs, then embed them with Triton (images with `iei`,
+    texts with `iei_text`, both at once); raw vectors in input order. A text longer than the
+    model's context is cut to it, or refused when `truncate` is false."""
     settings = services.settings
     count = len(items)
     if count == 0:
@@ -68,24 +85,30 @@ async def embed_inputs(items: list[str], services: Services, started: float) -> 
             ErrorType.VALIDATION,
             f"batch size {count} > maximum allowed batch size {settings.max_client_batch_size}",
         )
+    images = [i for i, item in enumerate(items) if item.modality == IMAGE]
+    texts = [i for i, item in enumerate(items) if item.modality == TEXT]
+    context = await text_context(services) if texts else 0
     if not services.permits.try_take(count):
         raise overloaded(settings.max_concurrent_images, count)
     downloads = services.fetcher.request_budget(settings.url_request_max_bytes)
     try:
         async with asyncio.timeout(settings.request_timeout):
             try:
-                fetched = await fetch_urls(items, services.fetcher, downloads)
-                size = sum(map(len, items)) + sum(map(len, fetched.values()))
-                if count <= INLINE_INPUTS and size <= INLINE_INPUT_SIZE:
-                    images = prepare_inputs(items, settings.max_image_pixels, fetched)
-                else:  # base64 of many megabytes is real CPU work: keep it off the event loop.
-                    images = await run_in_threadpool(
-                        prepare_inputs, items, settings.max_image_pixels, fetched
-                    )
+                values = [items[i].value for i in texts]
+                for value, position in zip(values, texts, strict=True):
+                    check_text(value, settings.max_text_chars, position)
+                files = await image_files(
+                    [items[i].value for i in images], images, services, downloads
+                )
+                sent = time.perf_counter()
+                calls: dict[str, Awaitable[Any]] = {}
+                if files:
+                    calls[IMAGE] = named(services.triton.embed(files), images)
+                if texts:
+                    calls[TEXT] = named(services.triton.embed_texts(values), texts)
+                done = dict(zip(calls, await together(list(calls.values())), strict=True))
             except InvalidInput as exc:
                 raise ApiError(ErrorType.VALIDATION, str(exc)) from None
-            sent = time.perf_counter()
-            vectors = await services.triton.embed([image.data for image in images])
     except TimeoutError:
         raise ApiError(
             ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
@@ -93,6 +116,108 @@ async def embed_inputs(items: list[str], services: Services, started: float) -> 
     finally:  # every part of the work has ended here (task groups): nothing still holds these
         downloads.release()
         services.permits.give_back(count)
-    metrics.IMAGES.inc(count)
-    metrics.IMAGES_PER_REQUEST.observe(count)
+    parts = [(images, done.get(IMAGE))]
+    if TEXT in done:
+        text_vectors, tokens = done[TEXT]
+        if not truncate:
+            refuse_overlong(tokens, texts, context)
+        parts.append((texts, text_vectors))
+    vectors = in_order(count, parts)
+    metrics.IMAGES.inc(len(images))
+    metrics.TEXTS.inc(len(texts))
+    if images:
+        metrics.IMAGES_PER_REQUEST.observe(len(images))
     return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
+
+
+async def text_context(services: Services) -> int:
+    """The model's text context in tokens; a 422 when it has no text tower."""
+    info = await services.triton.model_info()
+    if TEXT not in (info.get("modalities") or [IMAGE]):
+        raise ApiError(
+            ErrorType.VALIDATION,
+            f"the model {services.settings.public_model_name!r} embeds images only: it has no "
+            "text tower (`modality: text` needs a CLIP, SigLIP or SigLIP2 model)",
+        )
+    return int(info.get("text_context_length") or 0)
+
+
+def check_text(text: str, max_chars: int, position: int) -> None:
+    """What the frontend can see of a bad text without a tokenizer: empty, or too long."""
+    if not text.strip():
+        raise InvalidInput("empty text", position)
+    if len(text) > max_chars:
+        raise InvalidInput(
+            f"text of {len(text)} characters is longer than the limit of {max_chars} characters",
+            position,
+        )
+
+
+async def image_files(
+    values: list[str], positions: list[int], services: Services, downloads: RequestBytes
+) -> list[bytes]:
+    """The image inputs (at `positions` in the request) fetched (their bytes held by
+    `downloads`), decoded from base64 and header-checked: the files to send to Triton."""
+    if not values:
+        return []
+    max_pixels = services.settings.max_image_pixels
+    try:
+        fetched = await fetch_urls(values, services.fetcher, downloads)
+        size = sum(map(len, values)) + sum(map(len, fetched.values()))
+        if len(values) <= INLINE_INPUTS and size <= INLINE_INPUT_SIZE:
+            images = prepare_inputs(values, max_pixels, fetched)
+        else:  # base64 of many megabytes is real CPU work: keep it off the event loop.
+            images = await run_in_threadpool(prepare_inputs, values, max_pixels, fetched)
+    except InvalidInput as exc:
+        raise exc.among(positions) from None
+    return [image.data for image in images]
+
+
+async def named(call: Awaitable[T], positions: list[int]) -> T:
+    """`call`, whose bad input is named by its position in the request (`positions`)."""
+    try:
+        return await call
+    except InvalidInput as exc:
+        raise exc.among(positions) from None
+
+
+async def together(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Await `calls` at once (images and texts); the first failure cancels the others, and is
+    raised once none is left running."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]  # type: ignore[arg-type]
+    except BaseExceptionGroup as failed:
+        raise first_error(failed) from None
+    return [task.result() for task in tasks]
+
+
+def refuse_overlong(tokens: np.ndarray, positions: list[int], context: int) -> None:
+    for count, position in zip(tokens.tolist(), positions, strict=True):
+        if count > context:
+            raise ApiError(
+                ErrorType.VALIDATION,
+                f"inputs[{position}]: text of {count} tokens is longer than the model's context "
+                f"of {context} tokens (and truncate is false)",
+            )
+
+
+def in_order(count: int, parts: list[tuple[list[int], np.ndarray | None]]) -> np.ndarray:
+    """The vectors of each part (images, texts) at their positions in the request."""
+    present = [(positions, vectors) for positions, vectors in parts if vectors is not None]
+    if len(present) == 1:
+        return present[0][1]  # type: ignore[return-value]
+    dimensions = {vectors.shape[1] for _, vectors in present}  # type: ignore[union-attr]
+    if len(dimensions) > 1:
+        raise ApiError(
+            ErrorType.VALIDATION,
+            f"this model's image and text vectors differ in dimension {sorted(dimensions)} "
+            "(IEI_POOLING is not auto): one request cannot mix images and texts",
+        )
+    result = np.empty((count, dimensions.pop()), dtype=np.float32)
+    for positions, vectors in present:
+        result[positions] = vectors
+    return result

@@ -83,10 +83,10 @@ class PayloadTooLarge(StarletteHTTPException):
 
 
 def overloaded(limit: int, count: int | None = None) -> ApiError:
-    more = f"{count} more images" if count is not None else "more images"
+    more = f"{count} more inputs" if count is not None else "more inputs"
     return ApiError(
         ErrorType.OVERLOADED,
-        f"model is overloaded: {more} would exceed the limit of {limit} images in flight",
+        f"model is overloaded: {more} would exceed the limit of {limit} inputs in flight",
         headers={"Retry-After": "1"},
     )
 

@@ -25,7 +25,22 @@ _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?
 
 
 class InvalidInput(ValueError):
-    """One input cannot become an image; the message says why (without its index)."""
+    """One input cannot be embedded: `reason` says why, `index` (once known) is its position
+    among the request's inputs, and the message names it (`inputs[3]: reason`)."""
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        super().__init__(reason if index is None else f"inputs[{index}]: {reason}")
+        self.reason = reason
+        self.index = index
+
+    def at(self, index: int) -> InvalidInput:
+        """The same problem, at position `index`."""
+        return InvalidInput(self.reason, index)
+
+    def among(self, positions: list[int]) -> InvalidInput:
+        """Found at `index` of a part of the request (its images, its texts) that sits at
+        `positions` in the whole request."""
+        return self.at(positions[self.index or 0])
 
 
 @dataclass(frozen=True)
@@ -120,7 +135,7 @@ def prepare_inputs(
             data = fetched[index] if index in fetched else decode_input(item)
             images.append(inspect_image(data, max_pixels))
         except InvalidInput as exc:
-            raise InvalidInput(f"inputs[{index}]: {exc}") from None
+            raise exc.at(index) from None
     return images
 
 
@@ -134,16 +149,14 @@ async def fetch_urls(items: list[str], fetcher: Fetcher, budget: Any) -> dict[in
         if scheme is None:
             continue
         if scheme not in ("http", "https"):
-            raise InvalidInput(
-                f"inputs[{index}]: URL scheme {scheme!r} is not allowed (only http, https)"
-            )
+            raise InvalidInput(f"URL scheme {scheme!r} is not allowed (only http, https)", index)
         urls[index] = item.strip()
 
     async def one(index: int, url: str) -> bytes:
         try:
             return await fetcher.fetch(url, budget)
         except InvalidInput as exc:
-            raise InvalidInput(f"inputs[{index}]: {exc}") from None
+            raise exc.at(index) from None
 
     tasks = {}
     try:

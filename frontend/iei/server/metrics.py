@@ -28,6 +28,7 @@ IN_FLIGHT = Gauge(
     "iei_requests_in_flight", "Requests being answered now.", multiprocess_mode="livesum"
 )
 IMAGES = Counter("iei_images_embedded", "Images turned into embeddings.")
+TEXTS = Counter("iei_texts_embedded", "Texts turned into embeddings (dual encoders).")
 IMAGES_PER_REQUEST = Histogram(
     "iei_images_per_request", "Images in one embedding request.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),

@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 # A 1x1 PNG, for the examples in the OpenAPI document.
 EXAMPLE_IMAGE = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 )
-INPUT_DESCRIPTION = "An image: base64 of the file, a data:image/...;base64, URI, or an http(s) URL."
+INPUT_DESCRIPTION = (
+    "An image (base64 of the file, a data:image/...;base64, URI, or an http(s) URL), or with "
+    "`modality: text` a text."
+)
+MODALITY_DESCRIPTION = (
+    "What the inputs are: `image` (the default) or `text` (models with a text tower: CLIP, "
+    "SigLIP, SigLIP2; texts and images then share one space)."
+)
+Modality = Literal["image", "text"]
 
 
 class EmbedRequest(BaseModel):
-    """`POST /embed`, as in text-embeddings-inference, with images instead of text."""
+    """`POST /embed` (and `POST /`), as in text-embeddings-inference: images, or texts."""
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"examples": [{"inputs": [EXAMPLE_IMAGE], "normalize": True}]},
+        json_schema_extra={
+            "examples": [
+                {"inputs": [EXAMPLE_IMAGE], "normalize": True},
+                {"inputs": ["a cat on a sofa"], "modality": "text"},
+            ]
+        },
     )
 
     inputs: StrictStr | list[StrictStr] = Field(description=f"One or a list. {INPUT_DESCRIPTION}")
+    modality: Modality = Field("image", description=MODALITY_DESCRIPTION)
     normalize: StrictBool = Field(True, description="Scale each vector to unit L2 norm.")
     truncate: StrictBool | None = Field(
-        None, description="Accepted for TEI clients; images are never truncated."
+        None,
+        description="Texts: cut one longer than the model's context to it (the default), or "
+        "`false`: refuse it with a 422. Images are never truncated.",
     )
     truncation_direction: Literal["left", "right", "Left", "Right"] | None = Field(
-        None, description="Accepted for TEI clients; ignored."
+        None, description="Accepted for TEI clients; texts are cut at their end (right)."
     )
 
     @property
@@ -35,15 +51,47 @@ class EmbedRequest(BaseModel):
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
 
 
+# An item of OpenAI's `input`: a string (an image, or a text with `modality: text`) or an object
+# naming what it is (Jina's shape), so that one request can mix texts and images. Items are
+# checked by the route, which names a bad one by its index.
+OpenAIItem = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "object",
+                    "properties": {"text": {"type": "string"}, "image": {"type": "string"}},
+                    "description": "Exactly one of `text` and `image` (base64, data: URI, URL).",
+                },
+            ]
+        }
+    ),
+]
+
+
 class OpenAIEmbeddingRequest(BaseModel):
-    """`POST /v1/embeddings`, OpenAI's shape."""
+    """`POST /v1/embeddings`, OpenAI's shape (`modality` as in Infinity, item objects as in
+    Jina's API)."""
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"examples": [{"input": [EXAMPLE_IMAGE], "encoding_format": "float"}]},
+        json_schema_extra={
+            "examples": [
+                {"input": [EXAMPLE_IMAGE], "encoding_format": "float"},
+                {"input": [{"text": "a cat on a sofa"}, {"image": EXAMPLE_IMAGE}]},
+            ]
+        },
     )
 
-    input: StrictStr | list[StrictStr] = Field(description=f"One or a list. {INPUT_DESCRIPTION}")
+    input: StrictStr | list[OpenAIItem] = Field(
+        description=f"One or a list. {INPUT_DESCRIPTION} A list may also hold objects "
+        '`{"text": "..."}` and `{"image": "..."}`, mixed.'
+    )
+    modality: Modality = Field(
+        "image", description=f"{MODALITY_DESCRIPTION} Plain strings of `input` are these."
+    )
     model: StrictStr | None = Field(None, description="Checked against the served model.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: the little-endian float32 bytes, as OpenAI sends them."
@@ -54,7 +102,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     user: StrictStr | None = Field(None, description="Ignored.")
 
     @property
-    def input_list(self) -> list[str]:
+    def input_list(self) -> list[Any]:
         return [self.input] if isinstance(self.input, str) else self.input
 
 
@@ -83,6 +131,7 @@ class TritonInfo(BaseModel):
 
 class Limits(BaseModel):
     max_client_batch_size: int
+    max_text_chars: int
     max_concurrent_images: int
     max_concurrent_requests: int = Field(
         description="The earlier name of max_concurrent_images (it counts images)."
@@ -106,6 +155,12 @@ class Info(BaseModel):
     dtype: str | None
     device: str | None
     pooling: str | None
+    modalities: list[str] | None = Field(
+        description='`["image"]`, or `["image", "text"]` for a model with a text tower'
+    )
+    text_context_length: int | None = Field(
+        description="Tokens of a text the model reads; longer texts are cut (null: no texts)"
+    )
     max_batch_size: int | None
     max_client_batch_size: int
     limits: Limits

@@ -16,6 +16,7 @@ class ServerSettings(SettingsBase):
     concurrency_level: int = setting("concurrency_level", ge=1, le=4096)
     max_client_batch_size: int = setting("max_client_batch_size", ge=1, le=4096)
     max_image_pixels: int = setting("max_image_pixels", ge=1)
+    max_text_chars: int = setting("max_text_chars", ge=1, le=1_000_000)
     request_timeout: float = setting("request_timeout", gt=0, le=3600)
     payload_limit: int = setting("payload_limit", ge=1024)
     max_concurrent_images: int = setting("max_concurrent_images", ge=1)

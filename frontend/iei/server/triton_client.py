@@ -20,18 +20,22 @@ from tritonclient.utils import InferenceServerException
 from ..contract import (
     INFO_OUTPUT_NAME,
     INPUT_NAME,
-    INVALID_IMAGE_PATTERN,
+    INVALID_INPUT_PATTERN,
     MODEL_NAME,
     OUTPUT_NAME,
     PROBE_IMAGE,
     PROBE_PRIORITY,
+    TEXT_INPUT_NAME,
+    TEXT_MODEL_NAME,
+    TOKENS_OUTPUT_NAME,
 )
 from . import metrics
 from .errors import ApiError, ErrorType, first_error
+from .inputs import InvalidInput
 
 log = logging.getLogger("iei")
 
-_INVALID_IMAGE = re.compile(INVALID_IMAGE_PATTERN, re.S)
+_INVALID_INPUT = re.compile(INVALID_INPUT_PATTERN, re.S)
 # A probe of the model (health, or a failure to explain) gives up after this long: well under the
 # probe timeouts of Kubernetes (3 s) and compose (5 s). It is sent at the head of Triton's queue
 # (PROBE_PRIORITY), so a full queue does not hold it up.
@@ -44,8 +48,13 @@ T = TypeVar("T")
 _UNAVAILABLE_STATUSES = ("404", "503")
 
 
+def joined(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 class TritonClient:
-    """Sends images to the `iei` model in chunks and maps Triton's failures to API errors.
+    """Sends images to the `iei` model and texts to `iei_text` in chunks, and maps Triton's
+    failures to API errors.
 
     One client (one aiohttp connection pool, kept alive) per worker process; it must be created
     inside the running event loop, hence `open()` in the app's lifespan.
@@ -56,7 +65,7 @@ class TritonClient:
         self.concurrency_level = concurrency_level
         self.timeout = timeout
         self._client: InferenceServerClient | None = None
-        self._max_batch_size: int | None = None
+        self._max_batch_sizes: dict[str, int] = {}
         self._model_info: dict[str, Any] | None = None
         self._verified_at = -math.inf  # when an inference last succeeded (monotonic)
         self._probe: asyncio.Task[bool] | None = None
@@ -99,27 +108,31 @@ class TritonClient:
         return await asyncio.shield(self._probe)
 
     async def _run_probe(self) -> bool:
+        request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(MODEL_NAME):
                     return False
-                await self._infer([PROBE_IMAGE], 0, priority=PROBE_PRIORITY, explain=False)
+                await self._infer(
+                    MODEL_NAME, request, (OUTPUT_NAME,), 0, priority=PROBE_PRIORITY, explain=False
+                )
             return True
-        except (ApiError, InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
+        except (ApiError, InvalidInput, InferenceServerException, aiohttp.ClientError, OSError,
+                TimeoutError):  # fmt: skip
             return False
 
-    async def max_batch_size(self) -> int:
-        """The model's `max_batch_size`, read from Triton once (it may start after us)."""
-        if self._max_batch_size is None:
-            config = await self._call(self.server.get_model_config(MODEL_NAME))
-            self._max_batch_size = max(1, int(config.get("max_batch_size", 1)))
-        return self._max_batch_size
+    async def max_batch_size(self, model: str = MODEL_NAME) -> int:
+        """A model's `max_batch_size`, read from Triton once (it may start after us)."""
+        if model not in self._max_batch_sizes:
+            config = await self._call(self.server.get_model_config(model))
+            self._max_batch_sizes[model] = max(1, int(config.get("max_batch_size", 1)))
+        return self._max_batch_sizes[model]
 
     async def model_info(self) -> dict[str, Any]:
         """What the model says about itself (MODEL_INFO) plus the embedding dimension, asked
         once with a probe image."""
         if self._model_info is None:
-            request = self._images_input([PROBE_IMAGE])
+            request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
             outputs = [
                 triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True),
                 triton_http.InferRequestedOutput(INFO_OUTPUT_NAME, binary_data=True),
@@ -132,59 +145,84 @@ class TritonClient:
 
     async def embed(self, images: list[bytes]) -> np.ndarray:
         """Vectors for `images`, in order: chunks of at most max_batch_size, and at most
-        `concurrency_level` images in flight at once. The first chunk that fails cancels the
-        others: nothing of the request is left running when this returns or raises."""
-        chunk = min(await self.max_batch_size(), self.concurrency_level)
+        `concurrency_level` images in flight at once."""
+        parts = await self._chunked(MODEL_NAME, INPUT_NAME, images, (OUTPUT_NAME,))
+        return joined([part[0] for part in parts])
+
+    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors for `texts` (by `iei_text`), in order, and each text's tokens before
+        truncation; chunked as images are."""
+        items = [text.encode() for text in texts]
+        parts = await self._chunked(
+            TEXT_MODEL_NAME, TEXT_INPUT_NAME, items, (OUTPUT_NAME, TOKENS_OUTPUT_NAME)
+        )
+        vectors = joined([part[0] for part in parts])
+        return vectors, joined([part[1] for part in parts]).reshape(-1)
+
+    async def _chunked(
+        self, model: str, input_name: str, items: list[bytes], outputs: tuple[str, ...]
+    ) -> list[list[np.ndarray]]:
+        """`items` in chunks of at most the model's max_batch_size, at most `concurrency_level`
+        items in flight at once; each chunk's `outputs`, in order."""
+        chunk = min(await self.max_batch_size(model), self.concurrency_level)
         parallel = asyncio.Semaphore(max(1, self.concurrency_level // chunk))
 
-        async def run(start: int) -> np.ndarray:
+        async def run(start: int) -> list[np.ndarray]:
+            request = self._bytes_input(input_name, items[start : start + chunk])
             async with parallel:
-                return await self._infer(images[start : start + chunk], start)
+                return await self._infer(model, request, outputs, start)
 
+        # The first chunk that fails cancels the others: nothing of the request is left running
+        # when this returns or raises.
         tasks = []
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(run(s)) for s in range(0, len(images), chunk)]
+                tasks = [group.create_task(run(s)) for s in range(0, len(items), chunk)]
         except BaseExceptionGroup as failed:
             raise first_error(failed) from None
-        parts = [task.result() for task in tasks]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return [task.result() for task in tasks]
 
     @staticmethod
-    def _images_input(images: list[bytes]) -> triton_http.InferInput:
-        tensor = np.empty((len(images), 1), dtype=np.object_)
-        tensor[:, 0] = images
-        request = triton_http.InferInput(INPUT_NAME, list(tensor.shape), "BYTES")
+    def _bytes_input(name: str, items: list[bytes]) -> triton_http.InferInput:
+        tensor = np.empty((len(items), 1), dtype=np.object_)
+        tensor[:, 0] = items
+        request = triton_http.InferInput(name, list(tensor.shape), "BYTES")
         request.set_data_from_numpy(tensor, binary_data=True)  # raw bytes, not JSON
         return request
 
     async def _infer(
-        self, images: list[bytes], offset: int, *, priority: int = 0, explain: bool = True
-    ) -> np.ndarray:
-        request = self._images_input(images)
-        output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
-        call = self.server.infer(MODEL_NAME, [request], outputs=[output], priority=priority)
+        self,
+        model: str,
+        request: triton_http.InferInput,
+        outputs: tuple[str, ...],
+        offset: int,
+        *,
+        priority: int = 0,
+        explain: bool = True,
+    ) -> list[np.ndarray]:
+        wanted = [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
+        call = self.server.infer(model, [request], outputs=wanted, priority=priority)
         with metrics.TRITON_SECONDS.time():
             result = await self._call(call, offset, explain=explain)
-        vectors = result.as_numpy(OUTPUT_NAME)
-        if vectors is None or vectors.shape[0] != len(images):
-            raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some images")
-        return vectors
+        arrays = [result.as_numpy(name) for name in outputs]
+        count = request.shape()[0]
+        if any(array is None or array.shape[0] != count for array in arrays):
+            raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some inputs")
+        return arrays
 
     async def _call(self, call: Awaitable[T], offset: int = 0, *, explain: bool = True) -> T:
-        """Await a Triton call; its failures become API errors, by Triton's status. `offset`: the
-        position of the call's first image in the client's request. `explain`: on a failure of
-        the model itself (Triton's 500), probe the model to tell a broken request (424) from a
-        broken model (503)."""
+        """Await a Triton call; its failures become API errors, by Triton's status, and a bad
+        input an `InvalidInput`. `offset`: the position of the call's first item among those of
+        the embed call. `explain`: on a failure of the model itself (Triton's 500), probe the
+        model to tell a broken request (424) from a broken model (503)."""
         try:
             result = await call
         except InferenceServerException as exc:
             status, message = exc.status(), exc.message() or str(exc)
             if status == "400":  # the model refused the input (INVALID_ARG): the client's fault
-                found = _INVALID_IMAGE.search(message)
+                found = _INVALID_INPUT.search(message)
                 if found:  # name the client's own index
-                    index = offset + int(found.group(1))
-                    message = f"inputs[{index}]: {found.group(2)}"
+                    raise InvalidInput(found.group(2), offset + int(found.group(1))) from None
                 raise ApiError(ErrorType.VALIDATION, message) from None
             self._verified_at = -math.inf
             if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers()):

@@ -33,10 +33,13 @@ async def info(services: ServicesDep) -> Info:
         dtype=model.get("dtype"),  # type: ignore[arg-type]
         device=model.get("device"),  # type: ignore[arg-type]
         pooling=model.get("pooling"),  # type: ignore[arg-type]
+        modalities=model.get("modalities", ["image"] if model else None),  # type: ignore[arg-type]
+        text_context_length=model.get("text_context_length"),  # type: ignore[arg-type]
         max_batch_size=max_batch_size,
         max_client_batch_size=settings.max_client_batch_size,
         limits=Limits(
             max_client_batch_size=settings.max_client_batch_size,
+            max_text_chars=settings.max_text_chars,
             max_concurrent_images=settings.max_concurrent_images,
             max_concurrent_requests=settings.max_concurrent_images,
             max_image_pixels=settings.max_image_pixels,

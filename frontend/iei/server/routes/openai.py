@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
 
 from ..dependencies import Authorized, ServicesDep
-from ..embedding import embed_inputs, normalize_rows
+from ..embedding import IMAGE, TEXT, Input, embed_inputs, normalize_rows
 from ..errors import ApiError, ErrorType
 from ..responses import VectorResponse
 from ..routing import OffLoopJSONRoute
@@ -18,8 +19,30 @@ from ..schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
 router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=OffLoopJSONRoute)
 
 
+def openai_items(body: OpenAIEmbeddingRequest) -> list[Input]:
+    """`input`'s items: strings are of the request's `modality`; an object names its own
+    (`{"text": ...}` or `{"image": ...}`), so one request can mix both."""
+    return [item_of(item, body.modality, index) for index, item in enumerate(body.input_list)]
+
+
+def item_of(item: Any, modality: str, index: int) -> Input:
+    if isinstance(item, str):
+        return Input(modality, item)
+    if isinstance(item, dict) and len(item) == 1:
+        [(kind, value)] = item.items()
+        if kind in (TEXT, IMAGE) and isinstance(value, str):
+            return Input(kind, value)
+    raise ApiError(
+        ErrorType.VALIDATION,
+        f"inputs[{index}]: an item is a string, or an object with exactly one of `text` and "
+        "`image`, a string",
+    )
+
+
 @router.post(
-    "/v1/embeddings", response_model=OpenAIEmbeddingResponse, summary="Embed images (OpenAI)"
+    "/v1/embeddings",
+    response_model=OpenAIEmbeddingResponse,
+    summary="Embed images or texts (OpenAI)",
 )
 @router.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
 async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep) -> VectorResponse:
@@ -30,7 +53,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep)
             f"model {body.model!r} is not served here; this service serves "
             f"{settings.public_model_name!r}",
         )
-    result = await embed_inputs(body.input_list, services, time.perf_counter())
+    result = await embed_inputs(openai_items(body), services, time.perf_counter())
     vectors = result.vectors
     if body.dimensions is not None:
         if body.dimensions > vectors.shape[1]:

@@ -1,0 +1,93 @@
+"""What a model is, from its configuration alone: whether it has a text tower whose vectors share
+the image space, what `IEI_POOLING=auto` means for it, and how its texts are tokenized.
+
+The configuration is a plain dict (config.json as it is, or a transformers config's `to_dict()`),
+and this file imports nothing: the launcher reads it by path to decide whether Triton loads the
+text model too (`iei_text`), so both sides follow one rule. Runs on Python 3.10.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Towers(NamedTuple):
+    """How a dual encoder is served: each tower loaded alone from the full checkpoint."""
+
+    vision: str  # the vision tower with its projection into the shared space (transformers class)
+    vision_plain: str  # the vision tower alone, for a forced IEI_POOLING (mean, cls, pooler)
+    text: str  # the text tower with its projection
+    image_output: str  # the output of `vision` that is the shared-space vector
+    text_output: str  # the output of `text` that is the shared-space vector
+    context: int  # text tokens, when config.json leaves `max_position_embeddings` out
+    pad_to_context: bool  # the text tower pools the last position: pad every text to `context`
+    lower_case: bool  # trained on lower-cased text (folded here when the tokenizer does not)
+
+
+# Dual encoders whose text and image embeddings share one space, by `model_type`. Other configs
+# with a text and a vision part (LLaVA, BLIP-2, PaliGemma, ...) are generative models, not
+# embedders: they get no text model.
+JOINT = {
+    "clip": Towers(
+        "CLIPVisionModelWithProjection", "CLIPVisionModel", "CLIPTextModelWithProjection",
+        "image_embeds", "text_embeds", 77, pad_to_context=False, lower_case=False,
+    ),
+    # SigLIP and SigLIP2 at a fixed resolution (SigLIP2's fixed-resolution checkpoints are
+    # model_type "siglip" with Gemma's tokenizer, which does not lower-case by itself).
+    "siglip": Towers(
+        "SiglipVisionModel", "SiglipVisionModel", "SiglipTextModel",
+        "pooler_output", "pooler_output", 64, pad_to_context=True, lower_case=True,
+    ),
+    # SigLIP2 NaFlex: the image processor also returns pixel_attention_mask and spatial_shapes.
+    "siglip2": Towers(
+        "Siglip2VisionModel", "Siglip2VisionModel", "Siglip2TextModel",
+        "pooler_output", "pooler_output", 64, pad_to_context=True, lower_case=True,
+    ),
+}  # fmt: skip
+# Models whose own `pooler_output` is their image embedding (DINOv2: the CLS token after the final
+# layer norm, as its model card uses it).
+POOLER_MODELS = ("dinov2", "dinov2_with_registers")
+# IEI_POOLING values; `projected` is what `auto` means for a dual encoder, not a setting.
+POOLINGS = ("auto", "mean", "cls", "pooler")
+PROJECTED = "projected"
+
+
+def sub_config(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """`text_config` / `vision_config` (old CLIP files spell them `*_config_dict`)."""
+    for key in (name, name + "_dict"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def towers(config: dict[str, Any]) -> Towers | None:
+    """The towers of a dual encoder with a text and a vision part; None for anything else."""
+    found = JOINT.get(str(config.get("model_type", "")))
+    if found is None or sub_config(config, "text_config") is None:
+        return None
+    return found if sub_config(config, "vision_config") is not None else None
+
+
+def has_text_tower(config: dict[str, Any]) -> bool:
+    """Whether texts can be embedded into this model's image space."""
+    return towers(config) is not None
+
+
+def text_context(config: dict[str, Any]) -> int | None:
+    """Tokens a text may have (the text tower's positions); None without a text tower."""
+    joint = towers(config)
+    if joint is None:
+        return None
+    text = sub_config(config, "text_config") or {}
+    return int(text.get("max_position_embeddings") or joint.context)
+
+
+def resolve_pooling(requested: str, config: dict[str, Any]) -> str:
+    """`auto`: a dual encoder's projected image embedding, DINOv2's `pooler_output`, else the mean
+    of the last hidden state (the original service's definition). Anything else is kept."""
+    if requested != "auto":
+        return requested
+    if towers(config) is not None:
+        return PROJECTED
+    return "pooler" if config.get("model_type") in POOLER_MODELS else "mean"
