@@ -70,6 +70,9 @@ def containers(tmp_path: Path, model: Path, **env: str) -> Iterator[tuple[str, P
     tree = descendants(triton.pid)
     try:
         wait_for(lambda: healthy(url), 180, f"not healthy:\n{output.read_text()}")
+        # The frontend may see the model ready a moment before `iei triton` does and starts
+        # watching it: the faults below are for a supervised Triton.
+        wait_for(lambda: "IEI serving" in output.read_text(), 30, output.read_text())
         tree = descendants(triton.pid)
         yield url, output, triton.pid
     finally:
