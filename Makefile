@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "IEI needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,dev,tools]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,engines,dev,tools]'
 	@touch $(STAMP)
 
 run: setup ## serve IMAGE_EMBEDDING_MODEL with Triton + the HTTP frontend on IEI_BIND
@@ -54,7 +54,7 @@ load: setup ## a bounded load test on loopback (LOAD_CLIENTS, LOAD_SECONDS), fig
 	$(BIN)/python -m tests.load --clients $${LOAD_CLIENTS:-16} --seconds $${LOAD_SECONDS:-120}
 
 bench: setup ## measure the model's limit and the served stack; writes docs/benchmarks.md
-	$(BIN)/python -m pip install --quiet -e '.[serve,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 format: setup ## apply ruff's fixes and formatting

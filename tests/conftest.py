@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from stack import Stack
 from tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exported models go to a folder of this session (every stack started here inherits it),
+    not to the user's cache."""
+    folder = tmp_path_factory.mktemp("engine-cache")
+    previous = os.environ.get("IEI_ENGINE_CACHE")
+    os.environ["IEI_ENGINE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("IEI_ENGINE_CACHE", None)
+    else:
+        os.environ["IEI_ENGINE_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engines import Choice
 from .images import InvalidImage, PixelBudget, decode_image
 
 # The tensors a processor or tokenizer returns, by name: batched (N, ...) for a batch, unbatched
@@ -41,7 +42,7 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
 
 @torch.inference_mode()
 def run_encoder(
-    encoder: torch.nn.Module,
+    encoder: Callable[..., torch.Tensor],
     batch: Mapping[str, torch.Tensor],
     *,
     device: torch.device,
@@ -87,6 +88,8 @@ class Embedder:
         model_facts: dict[str, Any] | None = None,
     ) -> None:
         self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
+        self.run: Callable[..., torch.Tensor] = encoder  # or its engine's runner (engines.py)
+        self.choice = Choice("torch", str(dtype).removeprefix("torch."))
         self.processor = processor
         self.device = device
         self.dtype = dtype
@@ -199,7 +202,7 @@ class Embedder:
         """The processor's tensors, (N, ...) each -> (N, D) float32, in sub-batches of
         `forward_batch_size`."""
         return run_encoder(
-            self.encoder, batch,
+            self.run, batch,
             device=self.device, dtype=self.dtype, forward_batch_size=self.forward_batch_size,
         )  # fmt: skip
 

@@ -7,6 +7,8 @@ the image model holds the vision tower with its projection, the text model the t
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from inspect import signature
@@ -14,17 +16,21 @@ from typing import Any
 
 import torch
 
+from . import engines
 from .embedder import Embedder
 from .encoders import PooledEncoder, TowerEncoder
 from .families import PROJECTED, resolve_pooling, text_context, towers
 from .images import draft_side
 from .settings import (
+    DTYPES,
     ModelSettings,
     cpu_has_native_bf16,
-    resolve_dtype,
+    engine_cache,
     resolve_forward_batch_size,
 )
 from .texts import TextEmbedder, folds_case
+
+log = logging.getLogger("iei")
 
 
 class ModelLoadError(RuntimeError):
@@ -92,7 +98,8 @@ def describe(embedder: Embedder, settings: ModelSettings) -> str:
             "model_id": settings.model_id,
             "model_type": facts.get("model_type"),
             "architecture": embedder.encoder.architecture,
-            "dtype": str(embedder.dtype).removeprefix("torch."),
+            "engine": embedder.choice.engine,
+            "dtype": embedder.choice.precision,
             "device": str(embedder.device),
             "pooling": embedder.encoder.pooling,
             "forward_batch_size": embedder.forward_batch_size,
@@ -102,12 +109,69 @@ def describe(embedder: Embedder, settings: ModelSettings) -> str:
     )
 
 
+def choose_engine(settings: ModelSettings, device: torch.device) -> engines.Choice:
+    """IEI_ENGINE and IEI_DTYPE resolved for this device, or the one line why not."""
+    try:
+        return engines.choose(settings.engine, settings.dtype, device, cpu_has_native_bf16())
+    except engines.EngineError as exc:
+        raise ModelLoadError(settings.model_id, str(exc)) from None
+
+
+def torch_dtype(choice: engines.Choice) -> torch.dtype:
+    """The dtype torch loads the model in: the precision for torch; float32 to export from."""
+    return DTYPES[choice.precision] if choice.engine == "torch" else torch.float32
+
+
+def with_engine(
+    embedder: Any,
+    choice: engines.Choice,
+    settings: ModelSettings,
+    role: str,
+    example: dict[str, torch.Tensor],
+    varying: dict[str, dict[int, str]],
+    threads: int,
+) -> None:
+    """Run `embedder`'s encoder on `choice.engine` (exported once, cached), when not torch."""
+    embedder.choice = choice
+    if choice.engine == "torch":
+        return
+    encoder = embedder.encoder
+    signature = engines.Signature.of(example, varying)
+    shapes = {name: list(tensor.shape[1:]) for name, tensor in example.items()}
+    described = f"{encoder.architecture} {type(encoder).__name__} {encoder.pooling} {shapes}"
+    try:
+        embedder.run = engines.exported_runner(
+            encoder, signature, choice, threads=threads, model_id=settings.model_id, role=role,
+            cache=engine_cache(settings.engine_cache, dict(os.environ)), describe=described,
+        )  # fmt: skip
+    except Exception as exc:  # an exporter's or quantizer's failure: this model cannot go there
+        if settings.engine == "auto":  # a choice IEI made, not the user: torch serves it
+            embedder.choice = engines.Choice("torch", "float32")
+            log.warning("%s encoder stays on torch: %s cannot export it (%s)",
+                        role, choice.engine, first_line(exc))  # fmt: skip
+            return
+        reason = (
+            f"IEI_ENGINE={choice.engine} IEI_DTYPE={choice.precision}: cannot export "
+            f"{encoder.architecture} ({first_line(exc)}); IEI_ENGINE=torch serves it"
+        )
+        raise ModelLoadError(settings.model_id, reason) from None
+
+
+def engine_line(embedder: Any) -> str:
+    """What runs the encoder, for the instance's log line."""
+    choice = embedder.choice
+    line = f"{choice.engine} {choice.precision}"
+    return f"{line} ({embedder.run.describe()})" if choice.engine != "torch" else line
+
+
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
     """Load the model and its processor; one clear error when that is impossible, or when the
-    model cannot do the pooling asked for. The first forward pass (the check) warms it up."""
+    model cannot do the pooling asked for. The first forward pass (the check) warms it up; then
+    the encoder moves to its engine (engines.py) when that is not torch."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    dtype = resolve_dtype(settings.dtype, device, cpu_has_native_bf16())
+    choice = choose_engine(settings, device)
+    dtype = torch_dtype(choice)
     try:
         config = AutoConfig.from_pretrained(settings.model_id)
         facts = config.to_dict()
@@ -143,6 +207,12 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         embedder.close()
         reason = f"IEI_POOLING={settings.pooling}: {first_line(exc)}"
         raise ModelLoadError(settings.model_id, reason) from None
+    try:
+        with_engine(embedder, choice, settings, "image", embedder.blank(2), {}, threads)
+    except ModelLoadError:
+        embedder.close()
+        raise
+    embedder.forward(embedder.blank(1))  # the engine's first run: it warms up too
     return embedder
 
 
@@ -150,7 +220,8 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
     """The text tower and tokenizer of a dual encoder; one clear error for any other model."""
     from transformers import AutoConfig, AutoTokenizer
 
-    dtype = resolve_dtype(settings.dtype, device, cpu_has_native_bf16())
+    choice = choose_engine(settings, device)
+    dtype = torch_dtype(choice)
     try:
         facts = AutoConfig.from_pretrained(settings.model_id).to_dict()
         joint = towers(facts)
@@ -175,5 +246,9 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
         max_chars=settings.max_text_chars,
         forward_batch_size=resolve_forward_batch_size(settings.forward_batch_size, device),
     )
+    example = embedder.tokenize(["a photo of a cat", "two dogs"])
+    # Padded to the longest text, the length varies from one batch to the next.
+    varying = {} if joint.pad_to_context else {name: {1: "length"} for name in example}
+    with_engine(embedder, choice, settings, "text", example, varying, torch.get_num_threads())
     embedder.warm_up()
     return embedder

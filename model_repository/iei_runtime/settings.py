@@ -5,6 +5,7 @@ test checks: this folder cannot import the frontend)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ SETTINGS = {
     # name in config.pbtxt: (environment variable, default)
     "model_id": ("IMAGE_EMBEDDING_MODEL", "google/vit-base-patch16-224"),
     "dtype": ("IEI_DTYPE", "auto"),
+    "engine": ("IEI_ENGINE", "auto"),
+    "engine_cache": ("IEI_ENGINE_CACHE", ""),
     "pooling": ("IEI_POOLING", "auto"),
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
@@ -23,6 +26,8 @@ SETTINGS = {
     "max_text_chars": ("IEI_MAX_TEXT_CHARS", "4096"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = (*DTYPES, "int8")  # int8: weights, and activations quantized per call (engines.py)
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # The words pydantic takes for a bool, so that `iei serve`'s check and this one agree.
 BOOLEANS = {
     **dict.fromkeys(("true", "1", "yes", "y", "on", "t"), True),
@@ -42,6 +47,8 @@ class ModelSettings:
     pooling: str
     max_image_pixels: int
     forward_batch_size: int  # 0: auto, by device (resolve_forward_batch_size)
+    engine: str = "auto"
+    engine_cache: str = ""  # "": $HF_HOME/iei-engines, else ~/.cache/iei/engines
     jpeg_draft: bool = True
     decode_pixel_budget: int = 100_000_000
     max_text_chars: int = 4096
@@ -54,8 +61,10 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
     for name, (env_name, default) in SETTINGS.items():
         value = environ.get(env_name) or params.get(name, {}).get("string_value") or default
         raw[name] = value.strip()
-    if raw["dtype"] not in ("auto", *DTYPES):
-        raise ValueError(f"IEI_DTYPE={raw['dtype']!r}: expected auto, {', '.join(DTYPES)}")
+    if raw["dtype"] not in ("auto", *PRECISIONS):
+        raise ValueError(f"IEI_DTYPE={raw['dtype']!r}: expected auto, {', '.join(PRECISIONS)}")
+    if raw["engine"] not in ENGINES:
+        raise ValueError(f"IEI_ENGINE={raw['engine']!r}: expected {', '.join(ENGINES)}")
     if raw["pooling"] not in POOLINGS:
         raise ValueError(f"IEI_POOLING={raw['pooling']!r}: expected one of {', '.join(POOLINGS)}")
     if raw["jpeg_draft"].lower() not in BOOLEANS:
@@ -82,6 +91,8 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
     return ModelSettings(
         model_id=raw["model_id"],
         dtype=raw["dtype"],
+        engine=raw["engine"],
+        engine_cache=raw["engine_cache"],
         pooling=raw["pooling"],
         jpeg_draft=BOOLEANS[raw["jpeg_draft"].lower()],
         **numbers,
@@ -110,3 +121,13 @@ def resolve_dtype(requested: str, device: torch.device, native_bf16: bool) -> to
 def resolve_forward_batch_size(requested: int, device: torch.device) -> int:
     """0 (auto): what this kind of device runs fastest (FORWARD_BATCH_AUTO)."""
     return requested or FORWARD_BATCH_AUTO.get(device.type, FORWARD_BATCH_AUTO["cuda"])
+
+
+def engine_cache(setting: str, environ: dict[str, str]) -> Path:
+    """Where exported encoders are kept: IEI_ENGINE_CACHE, else beside the Hugging Face cache
+    (a volume in compose and Kubernetes, so a restart finds them), else the user's cache."""
+    if setting:
+        return Path(setting).expanduser()
+    if environ.get("HF_HOME"):
+        return Path(environ["HF_HOME"]) / "iei-engines"
+    return Path("~/.cache/iei/engines").expanduser()

@@ -7,13 +7,14 @@ text tower pools the last position, so the padding changes the vector).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from .embedder import Inputs, run_encoder
+from .engines import Choice
 
 
 class InvalidText(ValueError):
@@ -57,6 +58,8 @@ class TextEmbedder:
         forward_batch_size: int,
     ) -> None:
         self.encoder = encoder  # tokenizer tensors -> (N, D), the projection included
+        self.run: Callable[..., torch.Tensor] = encoder  # or its engine's runner (engines.py)
+        self.choice = Choice("torch", str(dtype).removeprefix("torch."))
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
@@ -86,7 +89,7 @@ class TextEmbedder:
 
     def forward(self, batch: Inputs) -> np.ndarray:
         return run_encoder(
-            self.encoder, batch,
+            self.run, batch,
             device=self.device, dtype=self.dtype, forward_batch_size=self.forward_batch_size,
         )  # fmt: skip
 

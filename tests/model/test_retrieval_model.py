@@ -30,8 +30,9 @@ TOLERANCE = 0.999  # the contract's; what the service must reach, and what a mis
 
 
 def settings_for(folder, **environ: str):
+    """float32 on torch: the model code itself (tests/model/test_engines.py has the others)."""
     return read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(folder), "IEI_DTYPE": "float32",
-                              **environ})  # fmt: skip
+                              "IEI_ENGINE": "torch", **environ})  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from .repository import render_model_repository, shipped_model_repository
 class LauncherSettings(ServerSettings):
     bind: str = setting("bind")
     workers: int = setting("workers", ge=1, le=64)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = setting("dtype")
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = setting("engine")
+    engine_cache: Path | None = setting("engine_cache")
     pooling: Literal["auto", "mean", "cls", "pooler"] = setting("pooling")
     forward_batch_size: str = setting("forward_batch_size")
     jpeg_draft: bool = setting("jpeg_draft")

@@ -152,7 +152,8 @@ class Info(BaseModel):
     model_type: str | None
     architecture: str | None
     embedding_dimension: int | None
-    dtype: str | None
+    engine: str | None = Field(None, description="What runs it: torch, onnxruntime, openvino.")
+    dtype: str | None = Field(None, description="Its precision: float32, bfloat16, float16, int8.")
     device: str | None
     pooling: str | None
     modalities: list[str] | None = Field(

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 # top (Triton loads the models it is told to, so that folder is no model of its own).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from iei_runtime.loading import describe, load_embedder
+from iei_runtime.loading import describe, engine_line, load_embedder
 from iei_runtime.triton import (
     INFO_OUTPUT_NAME,
     INPUT_NAME,
@@ -36,7 +36,7 @@ class TritonPythonModel:
         self.embedder = load_embedder(settings, device, threads)
         self.info = describe(self.embedder, settings)
         self.logger.log_info(
-            f"iei: {settings.model_id} on {device} ({self.embedder.dtype}), "
+            f"iei: {settings.model_id} on {device}, {engine_line(self.embedder)}, "
             f"pooling={self.embedder.encoder.pooling} (IEI_POOLING={settings.pooling}), "
             f"{threads} threads, "
             f"images shrunk to >= {self.embedder.draft_side} px after decoding (0: not), "

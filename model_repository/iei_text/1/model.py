@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 # The shared code is at the repository's top (see iei/1/model.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from iei_runtime.loading import load_text_embedder
+from iei_runtime.loading import engine_line, load_text_embedder
 from iei_runtime.triton import (
     TEXT_INPUT_NAME,
     TOKENS_OUTPUT_NAME,
@@ -32,7 +32,7 @@ class TritonPythonModel:
         settings, device, _ = start_instance(args)
         self.embedder = load_text_embedder(settings, device)  # warmed up
         pb_utils.Logger.log_info(
-            f"iei_text: {settings.model_id} on {device} ({self.embedder.dtype}), "
+            f"iei_text: {settings.model_id} on {device}, {engine_line(self.embedder)}, "
             f"context {self.embedder.context} tokens, padding={self.embedder.padding}, "
             f"lower-cased here: {self.embedder.lower_case}"
         )

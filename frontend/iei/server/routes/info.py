@@ -30,6 +30,7 @@ async def info(services: ServicesDep) -> Info:
         model_type=model.get("model_type"),  # type: ignore[arg-type]
         architecture=model.get("architecture"),  # type: ignore[arg-type]
         embedding_dimension=model.get("embedding_dimension"),  # type: ignore[arg-type]
+        engine=model.get("engine"),  # type: ignore[arg-type]
         dtype=model.get("dtype"),  # type: ignore[arg-type]
         device=model.get("device"),  # type: ignore[arg-type]
         pooling=model.get("pooling"),  # type: ignore[arg-type]
