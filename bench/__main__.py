@@ -5,6 +5,7 @@
     .venv/bin/python -m bench --render-only            # rewrite the docs from results.json
     .venv/bin/python -m bench --original DIR           # also the original IEI service (a checkout)
     .venv/bin/python -m bench --only families          # each model family's base-size throughput
+    .venv/bin/python -m bench --only engines           # torch, ONNX Runtime, OpenVINO, int8
 
 Writes docs/benchmarks.md, its plots and docs/benchmarks/results.json (each part of a run
 replaces only its own results there), and the README's model guide from the families' part.
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import measure, report
+from .engines import run_engines
 from .families import run_families
 from .workload import ROOT, SIZES, ServedStack, build_model, load_model_module, make_jpegs
 
@@ -330,7 +332,9 @@ def run_queue_delays(work: Path, delays: list[int], n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=32, help="images per measurement (base)")
-    parser.add_argument("--only", choices=("vit", "families", "tiny"), help="run one part only")
+    parser.add_argument(
+        "--only", choices=("vit", "engines", "families", "tiny"), help="run one part only"
+    )
     parser.add_argument(
         "--concurrency", default="1,4,16,64", help="concurrent single-image requests to try"
     )
@@ -359,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                 levels = [int(c) for c in args.concurrency.split(",")]
                 if args.only in (None, "vit"):
                     results["vit"] = run_vit(work, args.images, levels, original=args.original)
+                if args.only in (None, "engines"):
+                    model_dir = build_model("vit-base", work / "vit-base")
+                    results["engines"] = run_engines(
+                        load_model_module(), model_dir, make_jpegs(SMALL), args.images, work, log
+                    )
                 if args.only in (None, "families"):
                     files = make_jpegs(SMALL)
                     results["families"] = run_families(load_model_module(), files, args.images, log)

@@ -128,6 +128,9 @@ def summary(results: dict[str, Any]) -> str:
                 "-",
             )
         )
+    engines = results.get("engines")
+    if engines:
+        rows += engines_summary(engines, vit)
     if tiny:
         embed = best(tiny["loads"], "embed")
         rows.append(
@@ -331,6 +334,68 @@ query). The README's model guide shows these figures.
 """
 
 
+def engines_summary(engines: dict[str, Any], vit: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    from .engines import best_exact, fastest_int8, ratio, torch_float32
+
+    rows = engines["inprocess"]
+    best = best_exact(rows)
+    found = [
+        (
+            "the best exact engine ahead of eager torch float32 (ViT-B/16 in-process, batch "
+            f"{engines['batch']})",
+            f"{best['engine']}: **{ratio(best['img_s'], torch_float32(rows)):.2f}x**",
+            verdict(best["img_s"] > torch_float32(rows)),
+        ),
+    ]
+    int8 = [r for r in rows if r["precision"] == "int8"]
+    if int8:
+        worst = min(r["cosine_min"] for r in int8)
+        found.append(("int8 vs float32: cosine >= 0.99 (ViT-B/16)", f"min **{worst:.5f}**",
+                      verdict(worst >= 0.99)))  # fmt: skip
+    if vit and "original" in vit:
+        _, theirs = served_vs_original(vit)
+        int8_served = fastest_int8(engines["served"])
+        found.append(
+            (
+                "`/embed` with IEI_DTYPE=int8 >= 2 x the original service (float32 both: the "
+                "target of a CPU without native bf16)",
+                f"{int8_served:.2f} / {theirs:.2f} img/s = **{ratio(int8_served, theirs):.1f}x**",
+                verdict(int8_served >= 2 * theirs),
+            )
+        )
+    return found
+
+
+def engines_section(engines: dict[str, Any]) -> str:
+    from .engines import torch_float32
+
+    base = torch_float32(engines["inprocess"])
+    inprocess = [
+        (r["engine"], r["precision"], f"{r['img_s']:.2f}", f"{r['img_s'] / base:.2f}x",
+         f"{r['cosine_min']:.5f}", f"{r['load_s']:.0f}")
+        for r in engines["inprocess"]
+    ]  # fmt: skip
+    served = [
+        (f"`IEI_ENGINE={r['asked'].split()[0]} IEI_DTYPE={r['asked'].split()[1]}`",
+         f"{r['engine']} {r['precision']}", f"{r['img_s']:.2f}", f"{r['p50_ms']:.0f}")
+        for r in engines["served"]
+    ]  # fmt: skip
+    bf16 = "has" if engines["native_bf16"] else "has no"
+    return f"""## Engines and int8 (ViT-B/16)
+
+The model on each engine and precision this CPU runs (it {bf16} native bf16), in one run:
+in-process, the service's own loading (export to the engine once, cached) and forward pass on
+batches of {engines["batch"]} preprocessed photos, with the cosine of its vectors to torch
+float32's; served, `/embed` with single-image requests, 16 at a time, under the settings shown
+(`auto` = what the service picks on this machine). "load s" is the first load: the export, then
+the engine's compilation (a restart loads the export from `IEI_ENGINE_CACHE`).
+
+{table(("engine", "precision", "img/s", "vs torch float32", "cosine min", "load s"), inprocess)}
+
+{table(("settings", "runs as", "img/s", "p50 ms"), served)}
+"""
+
+
 GUIDE_START = "<!-- model guide: the figures are written by `make bench` (bench/report.py) -->"
 GUIDE_END = "<!-- end of the model guide -->"
 
@@ -513,6 +578,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     ]
     if "vit" in results:
         parts.append(vit_section(results["vit"]))
+    if "engines" in results:
+        parts.append(engines_section(results["engines"]))
     if "families" in results:
         parts.append(families_section(results["families"]))
     if "tiny" in results:

@@ -353,3 +353,66 @@ def test_the_readmes_model_guide_is_the_one_the_last_bench_wrote():
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     readme = (ROOT / "README.md").read_text()
     assert report.model_guide(results) in readme, "regenerate: python -m bench --render-only"
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+
+def engine_results() -> dict:
+    rows = [("torch", "float32", 2.0, 1.0), ("onnxruntime", "float32", 2.1, 1.0),
+            ("openvino", "float32", 2.3, 1.0), ("onnxruntime", "int8", 5.0, 0.9995)]  # fmt: skip
+    return {
+        "native_bf16": False,
+        "batch": 8,
+        "inprocess": [
+            {"engine": e, "precision": p, "img_s": r, "cosine_min": c, "load_s": 9.0}
+            for e, p, r, c in rows
+        ],
+        "served": [
+            {
+                **load("embed", "single", 16, 4.6),
+                "asked": "onnxruntime int8",
+                "engine": "onnxruntime",
+                "precision": "int8",
+            },
+            {
+                **load("embed", "single", 16, 2.2),
+                "asked": "auto float32",
+                "engine": "openvino",
+                "precision": "float32",
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(("int8_rate", "met"), [(4.6, "yes"), (3.0, "**no**")])
+def test_report_judges_int8_against_the_original_and_the_best_exact_engine(
+    tmp_path, int8_rate, met
+):
+    results = known_results(served_rate=9.5)
+    original = [{"workers": 1, **load("embed", "single", 16, 2.0)}]
+    results["vit"]["original"] = {"commit": "107b3f1", "rows": original}
+    results["engines"] = engine_results()
+    results["engines"]["served"][0]["img_s"] = int8_rate
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## Engines and int8 (ViT-B/16)" in text
+    [int8_row] = [line for line in text.splitlines() if "IEI_DTYPE=int8 >= 2 x" in line]
+    assert int8_row.endswith(f"| {met} |")
+    [exact_row] = [line for line in text.splitlines() if "best exact engine ahead" in line]
+    assert "openvino: **1.15x**" in exact_row and exact_row.endswith("| yes |")
+
+
+def test_the_engines_part_runs_the_services_loading(tmp_path, model_dirs, monkeypatch):
+    """The in-process part on the tiny ViT (its code path, not its cost); the served part is
+    the stack the rest of the suite runs."""
+    from bench import engines
+    from bench.workload import load_model_module
+
+    monkeypatch.setattr(engines, "ServedStack", None)  # in-process only below
+    mm = load_model_module()
+    files = [(ROOT / "examples" / "images" / "coffee.jpg").read_bytes()] * 2
+    found = engines.run_engines(mm, model_dirs["vit"], files, 8, tmp_path, print, served=False)
+    asked = {(r["engine"], r["precision"]) for r in found["inprocess"]}
+    assert {("torch", "float32"), ("openvino", "float32"), ("onnxruntime", "int8")} <= asked
+    assert all(r["cosine_min"] > 0.99 and r["img_s"] > 0 for r in found["inprocess"])
