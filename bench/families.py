@@ -203,6 +203,7 @@ def measure_family(mm: Any, family: Family, files: list[bytes], n: int) -> dict[
         )
     finally:
         embedder.close()
+    row.update(measure_int8(family, inputs, n))
     if family.text is not None:
         encoder = family.text().eval().to(dtype)
         texts = TextEmbedder(
@@ -217,6 +218,34 @@ def measure_family(mm: Any, family: Family, files: list[bytes], n: int) -> dict[
         row["text_s"] = measure.forward_limit(texts, tokens, TEXT_BATCH, n)
         row["text_tokens"] = family.text_tokens
     return row
+
+
+def measure_int8(family: Family, inputs: dict[str, Any], n: int) -> dict[str, Any]:
+    """The image encoder with IEI_DTYPE=int8 (ONNX Runtime, as the service exports it): images/s
+    of its forward pass, and the cosine of its vectors to float32's."""
+    import torch
+    from iei_runtime import engines
+    from iei_runtime.embedder import Embedder
+
+    torch.manual_seed(0)  # the same random weights as the measurement above
+    encoder = family.image().eval()
+    device, float32 = torch.device("cpu"), torch.float32
+    embedder = Embedder(encoder, processor_for(family), device=device, dtype=float32,
+                        max_image_pixels=10**9, forward_batch_size=8, decode_threads=1)  # fmt: skip
+    try:
+        exact = embedder.forward(inputs)
+        example = {name: tensor[:2] for name, tensor in inputs.items()}
+        with tempfile.TemporaryDirectory() as cache:
+            embedder.run = engines.exported_runner(
+                encoder, engines.Signature.of(example, {}), engines.Choice("onnxruntime", "int8"),
+                threads=os.cpu_count() or 1, cache=Path(cache), model_id=f"bench-{family.key}",
+                role="image", describe=family.key,
+            )  # fmt: skip
+            quantized = embedder.forward(inputs)
+            rate = measure.forward_limit(embedder, inputs, 8, n)
+    finally:
+        embedder.close()
+    return {"int8_img_s": rate, "int8_cosine_min": float(measure.cosine(quantized, exact).min())}
 
 
 def run_families(mm: Any, files: list[bytes], n: int, log: Callable[[str], None]) -> dict:

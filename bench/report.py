@@ -307,6 +307,11 @@ def families_section(families: dict[str, Any]) -> str:
     for r in families["rows"]:
         family = by_key[r["key"]]
         text = f"{r['text_s']:.1f} ({r['text_tokens']} tokens)" if "text_s" in r else "-"
+        int8 = (
+            (f"{r['int8_img_s']:.2f}", f"{r['int8_cosine_min']:.4f}")
+            if "int8_img_s" in r
+            else ("-", "-")
+        )
         rows.append(
             (
                 family.name,
@@ -316,10 +321,11 @@ def families_section(families: dict[str, Any]) -> str:
                 f"{r['img_s']:.2f}",
                 f"{r['whole_img_s']:.2f}",
                 text,
+                *int8,
             )
         )
     headers = ("family", "stands for", "dimension", "precision", "img/s forward",
-               "img/s whole work", "texts/s")  # fmt: skip
+               "img/s whole work", "texts/s", "int8 img/s", "int8 cosine")  # fmt: skip
     return f"""## Model families (in-process, base size)
 
 Each family at the size of the checkpoint named, with random weights (the real cost), in the
@@ -328,7 +334,9 @@ machine's CPU, in the precision `IEI_DTYPE=auto` picks. "forward": passes of 8 p
 500x375 photos; "whole work": decode, the checkpoint's image processor and the forward pass for
 8 JPEG files, as one Triton execution does them; texts: passes of 8 texts of the number of
 tokens shown (SigLIP pads every text to 64; CLIP's are padded to the longest, 16 here is a short
-query). The README's model guide shows these figures.
+query); int8: the image encoder with `IEI_DTYPE=int8` (ONNX Runtime's dynamic int8, as the
+service exports it), its forward pass and the lowest cosine of its vectors to float32's over the
+photos. The README's model guide shows these figures.
 
 {table(headers, rows)}
 """
