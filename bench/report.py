@@ -34,6 +34,10 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+# The served stack's target, as a share of the model's in-process limit (issue 12).
+TARGET = 0.93
+
+
 def served_best(row: dict[str, float]) -> float:
     return max(row["embed_c16"], row["embed_large"])
 
@@ -62,16 +66,17 @@ def summary(results: dict[str, Any]) -> str:
     if vit:
         limits = vit["inprocess"]
         pairs = vit["served"]["paired"]
-        ratio = median([served_best(r) / r["forward"] for r in pairs])
-        rows.append(
-            (
-                f"served ViT-B/16 >= 0.9 x in-process limit ({limits['auto_dtype']}, forward "
-                "pass alone)",
-                f"**{ratio:.2f}** (median of {len(pairs)} paired rounds, best of `/embed` "
-                "c=16 and one large request)",
-                verdict(ratio >= 0.9),
+        for key, load in (("embed_c16", "16 concurrent single-image requests"),
+                          ("embed_large", "one batched request")):  # fmt: skip
+            ratio = median([r[key] / r["forward"] for r in pairs])
+            rows.append(
+                (
+                    f"served ViT-B/16 >= {TARGET} x in-process limit, {load} "
+                    f"({limits['auto_dtype']}, forward pass alone)",
+                    f"**{ratio:.2f}** (median of {len(pairs)} paired rounds)",
+                    verdict(ratio >= TARGET),
+                )
             )
-        )
         rows.append(
             (
                 "served ViT-B/16 vs the model's whole work in-process (decode, processor, forward)",
@@ -641,7 +646,8 @@ def plot(results: dict[str, Any], folder: Path) -> None:
                     ]
                     ax.axhline(max(rates), ls=style, c="grey", label=f"in-process {row_dtype}")
                 limit = max(r["img_s"] for r in part["inprocess"]["forward"] if r["dtype"] == auto)
-                ax.axhline(0.9 * limit, ls="-.", c="red", lw=0.8, label="0.9 x limit (target)")
+                target = f"{TARGET} x limit (target)"
+                ax.axhline(TARGET * limit, ls="-.", c="red", lw=0.8, label=target)
             else:
                 ax.axhline(
                     1e6 / part["inprocess_us"]["execute_us"],
