@@ -291,11 +291,17 @@ def test_the_frontend_image_installs_the_server_extra_without_torch():
 
 def test_the_triton_image_pins_what_model_py_and_iei_triton_import():
     pins = {r.name.lower(): pin(r) for r in requirements(DOCKER / "triton-requirements.txt")}
-    serve_extra = PYPROJECT["project"]["optional-dependencies"]["serve"]
+    # The image is a CUDA 12 deployment (any driver from R525): the serve-cu12 extra's pins.
+    serve_extra = PYPROJECT["project"]["optional-dependencies"]["serve-cu12"]
     serve = {r.name.lower(): r for r in map(Requirement, serve_extra)}
-    for name in ("torch", "torchvision"):
-        assert pins[name] == pin(serve[name]), f"{name}: the image and the serve extra differ"
-    distribution = {"PIL": "pillow", "google": "protobuf", "pydantic_settings": "pydantic-settings"}
+    for name in ("torch", "torchvision", "nvidia-nvimgcodec-cu12"):
+        assert pins[name] == pin(serve[name]), f"{name}: the image and the serve-cu12 extra differ"
+    distribution = {
+        "PIL": "pillow",
+        "google": "protobuf",
+        "pydantic_settings": "pydantic-settings",
+        "nvidia": "nvidia-nvimgcodec-cu12",  # from nvidia import nvimgcodec
+    }
     imported = set().union(*map(third_party_imports, MODEL_SOURCES)) - MODEL_PACKAGES
     for module in cli_modules():
         imported |= third_party_imports(module) - {"iei"}

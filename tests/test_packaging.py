@@ -51,7 +51,10 @@ def test_the_base_install_is_the_client_and_the_extras_add_the_parts(wheel):
         by_extra.setdefault(extra, set()).add(canonicalize_name(requirement.name))
     assert by_extra[""] == {"httpx", "numpy", "pillow", "orjson", "tqdm"}
     assert {"fastapi", "uvicorn", "tritonclient", "prometheus-client"} <= by_extra["server"]
-    assert {"iei", "torch", "nvidia-pytriton", "transformers"} <= by_extra["serve"]
+    assert {"iei", "nvidia-pytriton", "transformers"} <= by_extra["serve-base"]
+    # Each serve flavour: the shared part and its own torch (CUDA 13 or CUDA 12 builds).
+    assert {"iei", "torch", "torchvision"} == by_extra["serve"]
+    assert {"iei", "torch", "torchvision", "nvidia-nvimgcodec-cu12"} <= by_extra["serve-cu12"]
     assert not HEAVY & by_extra["server"]
 
 

@@ -14,6 +14,10 @@ INFO_OUTPUT_NAME = "MODEL_INFO"  # TYPE_STRING [1], optional: JSON facts about t
 PROBE_PRIORITY = 1
 QUEUE_PRIORITY_LEVELS = 2
 
+# The split layout (IEI_TRITON_LAYOUT): `iei` is an ensemble of these two, decoding and resizing
+# on CPU instances, then normalising and encoding on the model's device.
+STAGE_MODEL_NAMES = ("iei_preprocess", "iei_encoder")
+
 # Dual encoders (CLIP, SigLIP, SigLIP2) only: texts into the image space.
 TEXT_MODEL_NAME = "iei_text"
 TEXT_INPUT_NAME = "TEXT"  # TYPE_STRING [1]: the text, UTF-8

@@ -165,6 +165,17 @@ _SETTINGS = [
         "Triton requests (chunks of up to 64 images) that may wait for a model; more are refused "
         "(503, retry), and one that waited `IEI_REQUEST_TIMEOUT` is dropped, not computed",
     )),
+    ("triton_layout", Setting(
+        "IEI_TRITON_LAYOUT", "auto", "auto|single|split", (LAUNCHER,),
+        "`single`: one model decodes, preprocesses and encodes; `split`: an ensemble of "
+        "`iei_preprocess` (many CPU processes) and `iei_encoder` (the device, its own batcher); "
+        "`auto`: split where there is a GPU, single on a CPU (faster there, docs/benchmarks.md)",
+    )),
+    ("preprocess_instances", Setting(
+        "IEI_PREPROCESS_INSTANCES", None, "int", (LAUNCHER,),
+        "CPU processes of `iei_preprocess` in the split layout, one thread each",
+        shown_default="the cores, less one per GPU",
+    )),
     ("model_repository", Setting(
         "IEI_MODEL_REPOSITORY", None, "path", (LAUNCHER,),
         "the folder Triton loads", shown_default="the one IEI ships",
@@ -182,6 +193,12 @@ _SETTINGS = [
         "IEI_JPEG_DRAFT", True, "bool", (LAUNCHER, MODEL),
         "decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 "
         "scale (never below 2x the input side); `false` always decodes in full",
+    )),
+    ("jpeg_decoder", Setting(
+        "IEI_JPEG_DECODER", "auto", "auto|pil|torchvision|nvimagecodec", (LAUNCHER, MODEL),
+        "who decodes plain JPEGs in the split layout: `nvimagecodec` or `torchvision` (nvJPEG "
+        "on a GPU, batched; libjpeg-turbo on a CPU), or `pil`; `auto`: nvImageCodec on a GPU "
+        "where installed, else torchvision there, PIL on a CPU. Other files always go to PIL",
     )),
 ]  # fmt: skip
 SETTINGS: dict[str, Setting] = dict(_SETTINGS)

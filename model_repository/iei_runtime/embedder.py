@@ -68,38 +68,32 @@ def is_device_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuda" in str(exc))
 
 
-class Embedder:
-    """Decoding, preprocessing and the forward pass for one batch of images; no Triton here."""
+class Preprocessor:
+    """Decoding and the image processor for one batch of images: encoded files in, the
+    processor's tensors out (per image), in a pool of decode threads; no model, no Triton."""
 
     def __init__(
         self,
-        encoder: torch.nn.Module,
         processor: Callable[..., Any],
         *,
         device: torch.device,
-        dtype: torch.dtype,
         max_image_pixels: int,
-        forward_batch_size: int,
         decode_threads: int,
         draft_side: int = 0,
         jpeg_draft: bool = True,
         pixel_budget: int | None = None,
         preprocess_device: torch.device | None = None,
-        model_facts: dict[str, Any] | None = None,
+        processor_options: dict[str, Any] | None = None,
     ) -> None:
-        self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
-        self.run: Callable[..., torch.Tensor] = encoder  # or its engine's runner (engines.py)
-        self.choice = Choice("torch", str(dtype).removeprefix("torch."))
         self.processor = processor
         self.device = device
-        self.dtype = dtype
         self.max_image_pixels = max_image_pixels
-        self.forward_batch_size = forward_batch_size
         self.draft_side = draft_side  # images shrink to no less than this (0: not at all)
         self.jpeg_draft = jpeg_draft
         self.budget = PixelBudget(pixel_budget or max_image_pixels)
         self.preprocess_device = preprocess_device
-        self.model_facts = model_facts or {}  # the model's configuration, as a dict
+        # Passed to every processor call (the split layout's CPU stage: do_normalize=False...)
+        self.processor_options = processor_options or {}
         self.threads = decode_threads
         self.pool = ThreadPoolExecutor(
             max_workers=decode_threads,
@@ -171,7 +165,7 @@ class Embedder:
             return results
 
     def _process(self, images: list[Image.Image]) -> Inputs:
-        options: dict[str, Any] = {"return_tensors": "pt"}
+        options: dict[str, Any] = {"return_tensors": "pt", **self.processor_options}
         if self.preprocess_device is not None:
             options["device"] = self.preprocess_device
         features = self.processor(images=images, **options)
@@ -197,6 +191,43 @@ class Embedder:
         for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
             results[i] = tensor
         return results
+
+
+class Embedder(Preprocessor):
+    """Decoding, preprocessing and the forward pass for one batch of images; no Triton here."""
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        processor: Callable[..., Any],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_image_pixels: int,
+        forward_batch_size: int,
+        decode_threads: int,
+        draft_side: int = 0,
+        jpeg_draft: bool = True,
+        pixel_budget: int | None = None,
+        preprocess_device: torch.device | None = None,
+        model_facts: dict[str, Any] | None = None,
+    ) -> None:
+        self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
+        self.run: Callable[..., torch.Tensor] = encoder  # or its engine's runner (engines.py)
+        self.choice = Choice("torch", str(dtype).removeprefix("torch."))
+        self.dtype = dtype
+        self.forward_batch_size = forward_batch_size
+        self.model_facts = model_facts or {}  # the model's configuration, as a dict
+        super().__init__(
+            processor,
+            device=device,
+            max_image_pixels=max_image_pixels,
+            decode_threads=decode_threads,
+            draft_side=draft_side,
+            jpeg_draft=jpeg_draft,
+            pixel_budget=pixel_budget,
+            preprocess_device=preprocess_device,
+        )
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
         """The processor's tensors, (N, ...) each -> (N, D) float32, in sub-batches of

@@ -52,6 +52,16 @@ POOLINGS = ("auto", "mean", "cls", "pooler")
 PROJECTED = "projected"
 
 
+# Models whose image processor returns more than pixel_values (SigLIP2 NaFlex: the patches' mask
+# and grid); the split layout carries pixel_values alone (stages.py).
+MORE_THAN_PIXELS = ("siglip2",)
+
+
+def pixels_only(config: dict[str, Any]) -> bool:
+    """Whether the model's image input is pixel_values alone (the split layout can serve it)."""
+    return config.get("model_type") not in MORE_THAN_PIXELS
+
+
 def sub_config(config: dict[str, Any], name: str) -> dict[str, Any] | None:
     """`text_config` / `vision_config` (old CLIP files spell them `*_config_dict`)."""
     for key in (name, name + "_dict"):

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from . import engines
-from .embedder import Embedder
+from .embedder import Embedder, Preprocessor
 from .encoders import PooledEncoder, TowerEncoder
 from .families import PROJECTED, resolve_pooling, text_context, towers
 from .images import draft_side
+from .jpeg_decoders import choose_jpeg_decoder
 from .settings import (
     DTYPES,
     ModelSettings,
@@ -28,6 +29,7 @@ from .settings import (
     engine_cache,
     resolve_forward_batch_size,
 )
+from .stages import UINT8_PIXELS, EncodeStage, PreprocessStage, check_pixels_only
 from .texts import TextEmbedder, folds_case
 
 log = logging.getLogger("iei")
@@ -89,8 +91,9 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
     return AutoModel.from_pretrained(model_id, config=config, dtype=dtype, **kwargs)
 
 
-def describe(embedder: Embedder, settings: ModelSettings) -> str:
-    """The MODEL_INFO output: facts a client cannot see from outside, as JSON."""
+def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
+    """The MODEL_INFO output: facts a client cannot see from outside, as JSON (`more`: the
+    layout's own)."""
     facts = embedder.model_facts
     context = text_context(facts)
     return json.dumps(
@@ -105,6 +108,7 @@ def describe(embedder: Embedder, settings: ModelSettings) -> str:
             "forward_batch_size": embedder.forward_batch_size,
             "modalities": ["image", "text"] if context else ["image"],
             "text_context_length": context,
+            **more,
         }
     )
 
@@ -212,8 +216,59 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     except ModelLoadError:
         embedder.close()
         raise
-    embedder.forward(embedder.blank(1))  # the engine's first run: it warms up too
+    # The engine's first runs, at the shapes of real executions: a single image and a full
+    # forward pass (kernels and buffers chosen before the first request, not during it).
+    for count in sorted({1, embedder.forward_batch_size}):
+        embedder.forward(embedder.blank(count))
     return embedder
+
+
+def defers_jpegs(setting: str) -> bool:
+    """Whether the split layout's encoder decodes plain JPEGs (IEI_JPEG_DECODER): the
+    preprocessing instances (on the CPU) then pass them on as files."""
+    return setting in ("torchvision", "nvimagecodec") or (
+        setting == "auto" and torch.cuda.is_available()
+    )
+
+
+def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessStage:
+    """The split layout's CPU step: the model's image processor alone (no model weights)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(settings.model_id)
+    except Exception as exc:
+        raise ModelLoadError(settings.model_id, first_line(exc)) from None
+    preprocessor = Preprocessor(
+        processor,
+        device=torch.device("cpu"),
+        max_image_pixels=settings.max_image_pixels,
+        decode_threads=threads,
+        draft_side=draft_side(processor),
+        jpeg_draft=settings.jpeg_draft,
+        pixel_budget=settings.decode_pixel_budget,
+        processor_options=UINT8_PIXELS,
+    )
+    try:
+        return PreprocessStage(preprocessor, defer_jpegs=defers_jpegs(settings.jpeg_decoder))
+    except ValueError as exc:
+        preprocessor.close()
+        raise ModelLoadError(settings.model_id, f"IEI_TRITON_LAYOUT=split: {exc}") from None
+
+
+def load_encode_stage(settings: ModelSettings, device: torch.device, threads: int) -> EncodeStage:
+    """The split layout's device step: the model, its JPEG decoder, warmed up at real shapes."""
+    embedder = load_embedder(settings, device, threads)
+    try:
+        blank = embedder.blank(1)
+        embedder.processor_options = UINT8_PIXELS
+        check_pixels_only(embedder.blank(1))
+        stage = EncodeStage(embedder, choose_jpeg_decoder(settings.jpeg_decoder, device))
+    except ValueError as exc:
+        embedder.close()
+        raise ModelLoadError(settings.model_id, f"IEI_TRITON_LAYOUT=split: {exc}") from None
+    stage.warm_up(tuple(blank["pixel_values"].shape[1:]))
+    return stage
 
 
 def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmbedder:

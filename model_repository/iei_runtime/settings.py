@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .families import POOLINGS
+from .jpeg_decoders import JPEG_DECODERS
 
 SETTINGS = {
     # name in config.pbtxt: (environment variable, default)
@@ -22,6 +23,7 @@ SETTINGS = {
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
     "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
+    "jpeg_decoder": ("IEI_JPEG_DECODER", "auto"),
     "decode_pixel_budget": ("IEI_DECODE_PIXEL_BUDGET", "100000000"),
     "max_text_chars": ("IEI_MAX_TEXT_CHARS", "4096"),
 }
@@ -50,6 +52,7 @@ class ModelSettings:
     engine: str = "auto"
     engine_cache: str = ""  # "": $HF_HOME/iei-engines, else ~/.cache/iei/engines
     jpeg_draft: bool = True
+    jpeg_decoder: str = "auto"  # jpeg_decoders.py: auto, pil, torchvision, nvimagecodec
     decode_pixel_budget: int = 100_000_000
     max_text_chars: int = 4096
 
@@ -67,6 +70,10 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         raise ValueError(f"IEI_ENGINE={raw['engine']!r}: expected {', '.join(ENGINES)}")
     if raw["pooling"] not in POOLINGS:
         raise ValueError(f"IEI_POOLING={raw['pooling']!r}: expected one of {', '.join(POOLINGS)}")
+    if raw["jpeg_decoder"] not in JPEG_DECODERS:
+        raise ValueError(
+            f"IEI_JPEG_DECODER={raw['jpeg_decoder']!r}: expected {', '.join(JPEG_DECODERS)}"
+        )
     if raw["jpeg_draft"].lower() not in BOOLEANS:
         raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
     numbers = {}
@@ -95,6 +102,7 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         engine_cache=raw["engine_cache"],
         pooling=raw["pooling"],
         jpeg_draft=BOOLEANS[raw["jpeg_draft"].lower()],
+        jpeg_decoder=raw["jpeg_decoder"],
         **numbers,
     )
 

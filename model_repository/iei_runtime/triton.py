@@ -72,6 +72,17 @@ def make_response(
     The message format `IMAGE[i]: reason` / `TEXT[i]: reason` (i = position inside this request)
     is parsed by the frontend to name the failing input of a client's request.
     """
+    failed = error_response(results, input_name)
+    if failed is not None:
+        return failed
+    vectors = np.stack(results).astype(np.float32, copy=False)  # type: ignore[arg-type]
+    tensors = [pb_utils.Tensor(OUTPUT_NAME, vectors)]
+    tensors += [pb_utils.Tensor(name, rows) for name, rows in (extra or {}).items()]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def error_response(results: Sequence[object], input_name: str = INPUT_NAME) -> Any | None:
+    """The response that fails a request at its first bad item, or None when there is none."""
     for i, result in enumerate(results):
         if isinstance(result, ValueError):
             return pb_utils.InferenceResponse(
@@ -79,10 +90,7 @@ def make_response(
                     f"{input_name}[{i}]: {result}", pb_utils.TritonError.INVALID_ARG
                 )
             )
-    vectors = np.stack(results).astype(np.float32, copy=False)  # type: ignore[arg-type]
-    tensors = [pb_utils.Tensor(OUTPUT_NAME, vectors)]
-    tensors += [pb_utils.Tensor(name, rows) for name, rows in (extra or {}).items()]
-    return pb_utils.InferenceResponse(output_tensors=tensors)
+    return None
 
 
 def info_rows(info: str, count: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Which Triton models serve the model: `iei` always, `iei_text` as well for a dual encoder.
+"""Which Triton models serve the model: `iei` always, `iei_text` as well for a dual encoder, and
+in which layout (`iei` alone, or the ensemble of `iei_preprocess` and `iei_encoder`).
 
 The rule is the model repository's own (`iei_runtime/families.py`, read by its path: the
 repository never imports this package, and the launcher follows the repository it serves),
@@ -15,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..contract import MODEL_NAME, TEXT_MODEL_NAME
+from ..contract import MODEL_NAME, STAGE_MODEL_NAMES, TEXT_MODEL_NAME
 
 log = logging.getLogger("iei")
 
@@ -43,8 +44,13 @@ def read_model_config(model_id: str) -> dict[str, Any] | None:
 
 def repository_rules(repository: Path) -> ModuleType | None:
     """The repository's `families.py` (it imports nothing), or None in a repository without it."""
-    path = repository / RULES
-    spec = importlib.util.spec_from_file_location("iei_model_families", path)
+    return repository_module(repository / RULES)
+
+
+def repository_module(path: Path) -> ModuleType | None:
+    """A module of the repository's `iei_runtime/` that imports only the standard library, loaded
+    by its path; None where the repository has no such file."""
+    spec = importlib.util.spec_from_file_location(f"iei_repository_{path.stem}", path)
     if not path.is_file() or spec is None or spec.loader is None:
         return None
     module = importlib.util.module_from_spec(spec)
@@ -62,3 +68,24 @@ def served_models(model_id: str, repository: Path) -> tuple[str, ...]:
     if rules is None or config is None or not rules.has_text_tower(config):
         return (MODEL_NAME,)
     return (MODEL_NAME, TEXT_MODEL_NAME)
+
+
+def model_layout(requested: str, gpus: int, model_id: str, repository: Path) -> str:
+    """IEI_TRITON_LAYOUT resolved. `auto`: split on a GPU host, where the device must not wait
+    for one process's decoding; single on a CPU-only host, where both layouts share the same cores
+    and one process measured faster (docs/benchmarks.md); single too for a model whose image
+    input is more than pixel_values (SigLIP2 NaFlex), which the split layout cannot carry."""
+    if requested != "auto":
+        return requested
+    if gpus == 0:
+        return "single"
+    rules = repository_rules(repository)
+    config = read_model_config(model_id) if rules is not None else None
+    if rules is not None and config is not None and not rules.pixels_only(config):
+        return "single"
+    return "split"
+
+
+def layout_models(models: tuple[str, ...], layout: str) -> tuple[str, ...]:
+    """The models Triton loads: the served ones, and the ensemble's steps in the split layout."""
+    return (*models, *STAGE_MODEL_NAMES) if layout == "split" else models

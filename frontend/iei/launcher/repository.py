@@ -10,8 +10,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from ..contract import MODEL_NAME, QUEUE_PRIORITY_LEVELS
+from ..contract import MODEL_NAME, QUEUE_PRIORITY_LEVELS, STAGE_MODEL_NAMES
 from .errors import TritonStartupError
+from .models import repository_module
 
 # The package's folder, frontend/iei in a checkout, site-packages/iei in a wheel install.
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -41,10 +42,17 @@ def render_model_repository(
     *,
     gpus: int,
     instances: int | None,
+    layout: str = "single",
+    preprocess_instances: int | None = None,
     request_timeout: float | None = None,
     max_queue_size: int | None = None,
 ) -> Path:
     """Copy the model repository, with every model's config rendered for this machine.
+
+    - Layout: `single` serves `iei` as committed (one Python model does everything); `split`
+      makes `iei` the ensemble of `iei/configs/split.pbtxt` over `iei_preprocess` (CPU
+      instances, `preprocess_instances` of them: by default the cores, less one per GPU) and
+      `iei_encoder` (the device). The other layout's models are left out of the copy.
 
     - Instances: the committed configs are GPU deployments; without a GPU Triton would refuse
       them, so the copy runs its instances on the CPU. `instances` sets their count.
@@ -56,13 +64,41 @@ def render_model_repository(
     if not (source / MODEL_NAME / "config.pbtxt").is_file():
         raise TritonStartupError(f"no {MODEL_NAME}/config.pbtxt in model repository {source}")
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    render_layout(target, layout)
     for config_path in sorted(target.glob("*/config.pbtxt")):
         config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-        render_instances(config, gpus=gpus, instances=instances)
+        if config.name == STAGE_MODEL_NAMES[0]:  # iei_preprocess: CPU processes on any host
+            cores = preprocess_instances or max(1, available_cores(source) - gpus)
+            render_instances(config, gpus=0, instances=cores)
+        elif config.platform != "ensemble":  # an ensemble has no instances of its own
+            render_instances(config, gpus=gpus, instances=instances)
         if config.HasField("dynamic_batching"):
             render_queue(config.dynamic_batching, request_timeout, max_queue_size)
         config_path.write_text(text_format.MessageToString(config))
     return target
+
+
+def available_cores(repository: Path) -> int:
+    """The cores this process may use, counted as the model's instances count them."""
+    resources = repository_module(repository / "iei_runtime" / "resources.py")
+    return resources.available_cores() if resources else (os.cpu_count() or 1)
+
+
+def render_layout(repository: Path, layout: str) -> None:
+    """Keep the models of `layout` in a copied repository (see render_model_repository)."""
+    split = repository / MODEL_NAME / "configs" / "split.pbtxt"
+    if layout == "split":
+        if not split.is_file() or not all((repository / m).is_dir() for m in STAGE_MODEL_NAMES):
+            raise TritonStartupError(
+                f"IEI_TRITON_LAYOUT=split: model repository {repository} has no split layout "
+                f"({MODEL_NAME}/configs/split.pbtxt, {', '.join(STAGE_MODEL_NAMES)})"
+            )
+        (repository / MODEL_NAME / "config.pbtxt").write_text(split.read_text())
+        (repository / MODEL_NAME / "1" / "model.py").unlink()  # an ensemble runs no code
+    else:
+        for name in STAGE_MODEL_NAMES:
+            shutil.rmtree(repository / name, ignore_errors=True)
+    shutil.rmtree(split.parent, ignore_errors=True)
 
 
 def render_instances(

@@ -24,6 +24,9 @@ class LauncherSettings(ServerSettings):
     pooling: Literal["auto", "mean", "cls", "pooler"] = setting("pooling")
     forward_batch_size: str = setting("forward_batch_size")
     jpeg_draft: bool = setting("jpeg_draft")
+    jpeg_decoder: Literal["auto", "pil", "torchvision", "nvimagecodec"] = setting("jpeg_decoder")
+    triton_layout: Literal["auto", "single", "split"] = setting("triton_layout")
+    preprocess_instances: int | None = setting("preprocess_instances", ge=1, le=256)
     decode_pixel_budget: int = setting("decode_pixel_budget", ge=1)
     triton_host: str = setting("triton_host")
     triton_grpc_port: int = setting("triton_grpc_port", ge=1, le=65535)
@@ -71,13 +74,15 @@ class LauncherSettings(ServerSettings):
         """The model repository Triton loads: IEI_MODEL_REPOSITORY, else the one IEI ships."""
         return self.model_repository or shipped_model_repository()
 
-    def render(self, target: Path, gpus: int) -> Path:
+    def render(self, target: Path, gpus: int, layout: str = "single") -> Path:
         """The model repository rendered for this machine and these settings, in `target`."""
         return render_model_repository(
             self.repository,
             target,
             gpus=gpus,
+            layout=layout,
             instances=self.triton_instances,
+            preprocess_instances=self.preprocess_instances,
             request_timeout=self.request_timeout,
             max_queue_size=self.triton_max_queue_size,
         )

@@ -25,7 +25,7 @@ import httpx
 from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .errors import TritonStartupError
-from .models import served_models
+from .models import layout_models, model_layout, served_models
 from .processes import die_with_parent, stop_process
 from .repository import gpu_count
 from .settings import LauncherSettings
@@ -174,6 +174,7 @@ class TritonServer:
         self.stubs: list[int] = []  # the model instances' processes, once the model is ready
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
         self.models: tuple[str, ...] = ()  # decided once, from the model's config.json
+        self.layout = "single"  # IEI_TRITON_LAYOUT resolved, with the models
 
     @property
     def url(self) -> str:
@@ -185,11 +186,16 @@ class TritonServer:
         model_env = model_environment(self.settings)
         install = self.install = self.install or find_triton(self.work_dir)
         if not self.models:
-            self.models = served_models(self.settings.embedding_model, self.settings.repository)
-            log.info("Triton models: %s", ", ".join(self.models))
+            settings, gpus = self.settings, gpu_count()
+            served = served_models(settings.embedding_model, settings.repository)
+            self.layout = model_layout(
+                settings.triton_layout, gpus, settings.embedding_model, settings.repository
+            )
+            self.models = layout_models(served, self.layout)
+            log.info("Triton models: %s (%s layout)", ", ".join(self.models), self.layout)
         repository = self.work_dir / "model_repository"
         if not repository.exists():
-            self.settings.render(repository, gpus=gpu_count())
+            self.settings.render(repository, gpus=gpu_count(), layout=self.layout)
         command = triton_command(
             self.settings, repository, models=self.models, binary=str(install.binary),
             shm_prefix=self.shm_prefix,

@@ -1,0 +1,56 @@
+"""Triton Python model `iei_encoder`, the split layout's second step (iei/configs/split.pbtxt):
+uint8 pixels (or JPEG files) in, embeddings out, on the model's device. The logic is
+`iei_runtime/stages.py`; this class wires it to Triton."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (see iei/1/model.py)
+
+from iei_runtime.loading import describe, engine_line, load_encode_stage
+from iei_runtime.stages import JPEG_NAME, PIXELS_NAME
+from iei_runtime.triton import (
+    INFO_OUTPUT_NAME,
+    INPUT_NAME,
+    gather_inputs,
+    info_rows,
+    make_response,
+    start_instance,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        settings, device, threads = start_instance(args)
+        self.stage = load_encode_stage(settings, device, threads)
+        embedder = self.stage.embedder
+        decoder = self.stage.decoder.name if self.stage.decoder else "pil"
+        self.info = describe(embedder, settings, layout="split", jpeg_decoder=decoder)
+        pb_utils.Logger.log_info(
+            f"iei_encoder: {settings.model_id} on {device}, {engine_line(embedder)}, "
+            f"pooling={embedder.encoder.pooling}, plain JPEGs decoded by {decoder}"
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pixels = np.concatenate(
+            [pb_utils.get_input_tensor_by_name(r, PIXELS_NAME).as_numpy() for r in requests]
+        )
+        files, spans = gather_inputs(requests, JPEG_NAME)
+        results = self.stage.embed(pixels, files)
+        responses = []
+        for request, span in zip(requests, spans, strict=True):
+            own = results[span.start : span.stop]
+            wants_info = INFO_OUTPUT_NAME in request.requested_output_names()
+            extra = {INFO_OUTPUT_NAME: info_rows(self.info, len(own))} if wants_info else None
+            # IMAGE[i]: the ensemble's input, whose rows these are.
+            responses.append(make_response(own, INPUT_NAME, extra))
+        return responses
+
+    def finalize(self) -> None:
+        self.stage.embedder.close()
