@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint audit fuzz load bench format clean browser
+.PHONY: help setup run test lint audit fuzz load bench bench-gpu format clean browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -56,6 +56,24 @@ load: setup ## a bounded load test on loopback (LOAD_CLIENTS, LOAD_SECONDS), fig
 bench: setup ## measure the model's limit and the served stack; writes docs/benchmarks.md
 	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The GPU path in one run (the CPU where there is no GPU), in its own environment on a GPU host:
+# torch built for the CUDA that the host's NVIDIA driver runs (R580 and newer: CUDA 13, the
+# `serve` and `gpu` extras; R525 to R570: CUDA 12, `serve-cu12`). docs/gpu.md says more.
+, := ,  # a comma inside $(if ...)
+GPU_DRIVER = $(shell nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 | cut -d. -f1)
+bench-gpu: ## measure the GPU path (split layout, GPU JPEG decoding); writes docs/benchmarks.md
+ifeq ($(GPU_DRIVER),)
+	$(MAKE) setup
+	$(BIN)/python -m pip install --quiet -e '.[serve,bench]'
+	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
+else
+	@test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install --quiet --upgrade pip
+	.venv-gpu/bin/python -m pip install --quiet -e \
+		".[$(if $(shell [ $(GPU_DRIVER) -ge 580 ] && echo y),serve$(,)gpu,serve-cu12)$(,)bench]"
+	.venv-gpu/bin/python -m bench.gpu $(BENCH_ARGS)
+endif
 
 format: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -31,7 +31,17 @@ import numpy as np
 from . import measure, report
 from .engines import run_engines
 from .families import run_families
-from .workload import ROOT, SIZES, ServedStack, build_model, load_model_module, make_jpegs
+from .workload import (
+    ROOT,
+    SIZES,
+    ServedStack,
+    build_model,
+    device,
+    embedder_for,
+    load_model_module,
+    make_jpegs,
+    preprocessed,
+)
 
 DOCS = ROOT / "docs"
 SMALL = SIZES[0]
@@ -70,23 +80,6 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
         "load_before": os.getloadavg()[0],
         **machine(),
     }
-
-
-def device() -> Any:
-    """Where the service would run the model here: the first GPU, else the CPU."""
-    import torch
-
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def embedder_for(mm: Any, model_dir: Path, dtype: str) -> Any:
-    settings = mm.read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_DTYPE": dtype})
-    return mm.load_embedder(settings, device(), os.cpu_count() or 1)
-
-
-def preprocessed(mm: Any, embedder: Any, files: list[bytes]) -> Any:
-    """The processor's tensors for `files`, batched (what one execution's forward pass gets)."""
-    return mm.stack(embedder.preprocess(embedder.decode_all(files)))
 
 
 # --- ViT-B/16: in-process limit, decode costs, served --------------------------------------

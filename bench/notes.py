@@ -97,23 +97,10 @@ with `python -m bench --queue-delays 0,2000,10000`.
     "gpu": """
 ## GPU
 
-**No GPU was available for this work: there are no GPU numbers here, and none are estimated.**
-What the GPU path does: the instance runs on `cuda:<device id>` (`KIND_GPU`), `IEI_DTYPE=auto`
-picks fp16 there, the image processor resizes and normalises on that GPU (its `device`
-argument: the uint8 image crosses the bus, not the float tensor), and a whole execution of up
-to 64 images is one forward pass. Those are the same functions the CPU tests run (the
-processor with an explicit device is tested against the plain call). The benchmark is ready for
-a GPU host: `make bench` there measures the in-process limit on the GPU (float32 and fp16,
-batches up to 64) and the served stack with the same tables. Not done, because none of it could
-be run or measured here: JPEG decoding on the GPU and pinned host memory for the uint8 images
-the processor moves. For the decoding, `torchvision.io.decode_jpeg(device="cuda")` is
-deprecated as of torchvision 0.29 in favour of TorchCodec, and it would also need the EXIF and
-colour-mode handling of `decode_image`; whether it pays is a measurement for a GPU host (CPU
-decoding runs on a thread per core and draft-decodes large photos). On a GPU the forward pass
-of ViT-B/16 takes milliseconds per batch, so CPU decoding (about 1 ms per 500x375 JPEG per
-core, in parallel over the instance's threads) and the per-request hops become the limit:
-draft decoding, large requests, more frontend workers and the queue delay
-(`python -m bench --queue-delays ...` on that machine) matter more there.
+**No GPU was available for this run: the tables above are CPU figures, and no GPU figure is
+estimated.** On a GPU host `make bench` measures the same tables there (float32 and fp16, the
+instance on `cuda:<id>`), and `make bench-gpu` measures the GPU path itself (next section): the
+split layout, JPEG decoding on the GPU, `/embed` and Triton gRPC at the GPU's rates.
 """,
     "original": """
 ## The original IEI service

@@ -136,6 +136,8 @@ def summary(results: dict[str, Any]) -> str:
     engines = results.get("engines")
     if engines:
         rows += engines_summary(engines, vit)
+    if results.get("gpu"):
+        rows += gpu_path_rows(results["gpu"])
     if tiny:
         embed = best(tiny["loads"], "embed")
         rows.append(
@@ -571,6 +573,78 @@ GPU, one forward pass per execution).
 """
 
 
+# Issue 12's GPU targets: ViT-B/16 through `/embed` on one H100, absolute and against the
+# in-process fp16 limit measured in the same run.
+GPU_TARGET_IMG_S = 5000
+GPU_TARGET_SHARE = 0.6
+
+
+def gpu_path_rows(part: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The GPU path's summary rows: the best `/embed` rate of the split layout on 500x375 JPEGs."""
+    meta, limit = part["meta"], part["inprocess"]["img_s"]
+    loads = [x for x in part["served"].get("split", {}).get("500x375", []) if x["path"] == "embed"]
+    if not meta.get("gpu") or not loads:
+        return [
+            (
+                f"GPU: `/embed` >= {GPU_TARGET_IMG_S} img/s and >= {GPU_TARGET_SHARE} x in-process "
+                "fp16 (ViT-B/16, one H100)",
+                "not measured: `make bench-gpu` ran on a CPU (no GPU was available)",
+                "-",
+            )
+        ]
+    top = max(loads, key=lambda x: x["img_s"])
+    share = top["img_s"] / limit
+    return [
+        (
+            f"GPU: `/embed` >= {GPU_TARGET_IMG_S} img/s (ViT-B/16, {meta['gpu']})",
+            f"**{top['img_s']:.0f}** img/s ({label(top)})",
+            verdict(top["img_s"] >= GPU_TARGET_IMG_S),
+        ),
+        (
+            f"GPU: `/embed` >= {GPU_TARGET_SHARE} x the in-process {part['inprocess']['dtype']} "
+            "limit",
+            f"**{share:.2f}** ({limit:.0f} img/s in-process)",
+            verdict(share >= GPU_TARGET_SHARE),
+        ),
+    ]
+
+
+def gpu_path_section(part: dict[str, Any] | None) -> str:
+    """`make bench-gpu`'s run, or what it is when it has not run."""
+    heading = "## The GPU path (`make bench-gpu`)\n\n"
+    if not part:
+        return heading + "Not run yet: `make bench-gpu` writes this section.\n"
+    meta, limit = part["meta"], part["inprocess"]
+    if meta.get("gpu"):
+        where = f"{meta['gpu']} (CUDA {meta.get('cuda')}, driver {meta.get('driver')})"
+    else:
+        where = (
+            f"this host's CPU ({meta['cores']} cores): **no GPU was available, so the GPU figures "
+            "are still to be measured**; the script runs the same way on a GPU host"
+        )
+    rows = []
+    for layout, sizes in part["served"].items():
+        for size, loads in sizes.items():
+            for x in loads:
+                gpu = "-" if x.get("gpu_percent") is None else f"{x['gpu_percent']:.0f}"
+                load = label(x).replace(", one at a time", f", concurrency {x['concurrency']}")
+                rows.append((
+                    layout, size, load,
+                    f"{x['img_s']:.1f}", f"{x['img_s'] / limit['img_s']:.2f}",
+                    f"{x['p50_ms']:.0f}", f"{x['p99_ms']:.0f}", f"{x['cpu_percent']:.0f}", gpu,
+                ))  # fmt: skip
+    headers = ("layout", "JPEG", "load", "img/s", "x limit", "p50 ms", "p99 ms", "CPU %", "GPU %")
+    run = f"`{meta['command']}` ({meta['seconds']} s, {meta['date']})"
+    return f"""{heading}Command: {run}, on {where}.
+ViT-B/16 with random weights; the in-process limit is its forward pass alone in
+{limit["dtype"]} on preprocessed batches of {limit["batch"]}: **{limit["img_s"]:.1f} img/s**.
+`x limit` is each load's rate over that limit. CPU % is the whole machine's busy share (the load
+generator included), GPU % the share of time a kernel ran (NVML).
+
+{table(headers, rows)}
+"""
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     from .notes import NOTES
 
@@ -601,7 +675,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     if "queue_delay" in results:
         parts.append(queue_section(results["queue_delay"]))
         parts.append(NOTES["queue_delay"])
-    parts += [NOTES["fast"], gpu_section(meta.get("gpu"))]
+    parts += [NOTES["fast"], gpu_section(meta.get("gpu")), gpu_path_section(results.get("gpu"))]
     if "original" in results.get("vit", {}):
         parts.append(original_section(results["vit"], meta.get("command", "")))
     else:

@@ -103,6 +103,23 @@ def load_model_module() -> Any:
     )
 
 
+def device() -> Any:
+    """Where the service would run the model here: the first GPU, else the CPU."""
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def embedder_for(mm: Any, model_dir: Path, dtype: str) -> Any:
+    settings = mm.read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_DTYPE": dtype})
+    return mm.load_embedder(settings, device(), os.cpu_count() or 1)
+
+
+def preprocessed(mm: Any, embedder: Any, files: list[bytes]) -> Any:
+    """The processor's tensors for `files`, batched (what one execution's forward pass gets)."""
+    return mm.stack(embedder.preprocess(embedder.decode_all(files)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

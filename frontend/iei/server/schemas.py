@@ -154,6 +154,12 @@ class Info(BaseModel):
     embedding_dimension: int | None
     engine: str | None = Field(None, description="What runs it: torch, onnxruntime, openvino.")
     dtype: str | None = Field(None, description="Its precision: float32, bfloat16, float16, int8.")
+    layout: str | None = Field(
+        None, description="Triton's layout (IEI_TRITON_LAYOUT): single, or split (an ensemble)."
+    )
+    jpeg_decoder: str | None = Field(
+        None, description="What decodes plain JPEGs: pil, torchvision or nvimagecodec."
+    )
     device: str | None
     pooling: str | None
     modalities: list[str] | None = Field(

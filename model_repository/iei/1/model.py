@@ -34,7 +34,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         # Loading runs the first forward pass (it allocates and picks kernels: a warm-up).
         self.embedder = load_embedder(settings, device, threads)
-        self.info = describe(self.embedder, settings)
+        self.info = describe(self.embedder, settings, layout="single", jpeg_decoder="pil")
         self.logger.log_info(
             f"iei: {settings.model_id} on {device}, {engine_line(self.embedder)}, "
             f"pooling={self.embedder.encoder.pooling} (IEI_POOLING={settings.pooling}), "

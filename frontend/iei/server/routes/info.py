@@ -32,6 +32,8 @@ async def info(services: ServicesDep) -> Info:
         embedding_dimension=model.get("embedding_dimension"),  # type: ignore[arg-type]
         engine=model.get("engine"),  # type: ignore[arg-type]
         dtype=model.get("dtype"),  # type: ignore[arg-type]
+        layout=model.get("layout"),  # type: ignore[arg-type]
+        jpeg_decoder=model.get("jpeg_decoder"),  # type: ignore[arg-type]
         device=model.get("device"),  # type: ignore[arg-type]
         pooling=model.get("pooling"),  # type: ignore[arg-type]
         modalities=model.get("modalities", ["image"] if model else None),  # type: ignore[arg-type]
