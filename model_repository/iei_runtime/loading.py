@@ -259,15 +259,18 @@ def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessSt
 def load_encode_stage(settings: ModelSettings, device: torch.device, threads: int) -> EncodeStage:
     """The split layout's device step: the model, its JPEG decoder, warmed up at real shapes."""
     embedder = load_embedder(settings, device, threads)
+    shape = tuple(embedder.blank(1)["pixel_values"].shape[1:])
     try:
-        blank = embedder.blank(1)
-        embedder.processor_options = UINT8_PIXELS
-        check_pixels_only(embedder.blank(1))
-        stage = EncodeStage(embedder, choose_jpeg_decoder(settings.jpeg_decoder, device))
+        decoder = choose_jpeg_decoder(settings.jpeg_decoder, device)
+        stage = EncodeStage(embedder, decoder)  # its processor calls stop at uint8 from here
+        try:
+            check_pixels_only(embedder.blank(1))
+        except ValueError as exc:
+            raise ValueError(f"IEI_TRITON_LAYOUT=split: {exc}") from None
     except ValueError as exc:
         embedder.close()
-        raise ModelLoadError(settings.model_id, f"IEI_TRITON_LAYOUT=split: {exc}") from None
-    stage.warm_up(tuple(blank["pixel_values"].shape[1:]))
+        raise ModelLoadError(settings.model_id, str(exc)) from None
+    stage.warm_up(shape)
     return stage
 
 

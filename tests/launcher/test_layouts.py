@@ -113,3 +113,21 @@ def test_layout_settings_are_checked_by_name():
         LauncherSettings(triton_layout="sideways")
     with pytest.raises(ValueError, match="jpeg_decoder"):
         LauncherSettings(jpeg_decoder="libjpeg")
+
+
+def test_on_a_cpu_the_batcher_prefers_whole_forward_passes(tmp_path):
+    from fake_pb_utils import load_model_module
+    from iei.launcher.repository import CPU_FORWARD_BATCH
+
+    load_model_module()  # iei_runtime on sys.path
+    from iei_runtime.settings import FORWARD_BATCH_AUTO
+
+    assert FORWARD_BATCH_AUTO["cpu"] == CPU_FORWARD_BATCH
+    cpu = render_model_repository(SHIPPED, tmp_path / "cpu", gpus=0, instances=None)
+    batching = read(cpu / MODEL_NAME / "config.pbtxt").dynamic_batching
+    assert list(batching.preferred_batch_size) == [8, 16, 24, 32, 40, 48, 56, 64]
+    gpu = render_model_repository(SHIPPED, tmp_path / "gpu", gpus=1, instances=None)
+    assert not read(gpu / MODEL_NAME / "config.pbtxt").dynamic_batching.preferred_batch_size
+    chosen = LauncherSettings(forward_batch_size="16").render(tmp_path / "chosen", gpus=1)
+    batching = read(chosen / MODEL_NAME / "config.pbtxt").dynamic_batching
+    assert list(batching.preferred_batch_size) == [16, 32, 48, 64]

@@ -193,3 +193,9 @@ def test_files_the_tensor_decoder_refuses_go_through_pil_and_fail_alone(vit, sin
 def test_a_model_whose_input_is_more_than_pixels_is_refused_in_the_split_layout(model_dirs):
     with pytest.raises(loading.ModelLoadError, match=r"IEI_TRITON_LAYOUT=split.*pixel_values"):
         loading.load_preprocess_stage(settings(model_dirs["siglip2_naflex"]), 1)
+
+
+def test_a_gpu_decoder_on_a_cpu_instance_stops_start_up_with_one_line(vit):
+    message = "IEI_JPEG_DECODER=nvimagecodec decodes on a GPU"
+    with pytest.raises(loading.ModelLoadError, match=message):
+        loading.load_encode_stage(settings(vit, IEI_JPEG_DECODER="nvimagecodec"), CPU, threads=1)

@@ -14,6 +14,10 @@ from ..contract import MODEL_NAME, QUEUE_PRIORITY_LEVELS, STAGE_MODEL_NAMES
 from .errors import TritonStartupError
 from .models import repository_module
 
+# IEI_FORWARD_BATCH_SIZE=auto on a CPU (iei_runtime/settings.py FORWARD_BATCH_AUTO; a test
+# checks that they agree).
+CPU_FORWARD_BATCH = 8
+
 # The package's folder, frontend/iei in a checkout, site-packages/iei in a wheel install.
 _PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -46,6 +50,7 @@ def render_model_repository(
     preprocess_instances: int | None = None,
     request_timeout: float | None = None,
     max_queue_size: int | None = None,
+    forward_batch_size: int | None = None,
 ) -> Path:
     """Copy the model repository, with every model's config rendered for this machine.
 
@@ -56,6 +61,10 @@ def render_model_repository(
 
     - Instances: the committed configs are GPU deployments; without a GPU Triton would refuse
       them, so the copy runs its instances on the CPU. `instances` sets their count.
+    - Batches: on a CPU the model runs an execution in forward passes of `forward_batch_size`
+      (IEI_FORWARD_BATCH_SIZE, `auto`: 8 there), so the batcher prefers executions of its
+      multiples: 10 queued images become an execution of 8 (and 2 wait for the next one), not
+      passes of 8 and 2, whose second runs at a fraction of the rate.
     - Queue: two priority levels (probes of the model's health go first, `contract.py`), and a
       queue policy: at most `max_queue_size` requests wait, and a request that waited longer
       than `request_timeout` seconds (the frontend has answered 504 by then) is dropped, not
@@ -74,6 +83,10 @@ def render_model_repository(
             render_instances(config, gpus=gpus, instances=instances)
         if config.HasField("dynamic_batching"):
             render_queue(config.dynamic_batching, request_timeout, max_queue_size)
+            passes = forward_batch_size or (CPU_FORWARD_BATCH if gpus == 0 else 0)
+            if config.name != STAGE_MODEL_NAMES[0] and 0 < passes < config.max_batch_size:
+                preferred = range(passes, config.max_batch_size + 1, passes)
+                config.dynamic_batching.preferred_batch_size[:] = preferred
         config_path.write_text(text_format.MessageToString(config))
     return target
 

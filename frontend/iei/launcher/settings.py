@@ -85,4 +85,7 @@ class LauncherSettings(ServerSettings):
             preprocess_instances=self.preprocess_instances,
             request_timeout=self.request_timeout,
             max_queue_size=self.triton_max_queue_size,
+            forward_batch_size=(
+                None if self.forward_batch_size == "auto" else int(self.forward_batch_size)
+            ),
         )
