@@ -93,6 +93,20 @@ def error_response(results: Sequence[object], input_name: str = INPUT_NAME) -> A
     return None
 
 
+def vector_responses(
+    requests: Sequence[Any], spans: Sequence[range], results: Sequence[Any], info: str
+) -> list[Any]:
+    """Each image request's response over a dynamic batch's `results`: its vectors (and
+    MODEL_INFO when it asked for it), or the error of its first bad image."""
+    responses = []
+    for request, span in zip(requests, spans, strict=True):
+        own = results[span.start : span.stop]
+        wants_info = INFO_OUTPUT_NAME in request.requested_output_names()
+        extra = {INFO_OUTPUT_NAME: info_rows(info, len(own))} if wants_info else None
+        responses.append(make_response(own, INPUT_NAME, extra))
+    return responses
+
+
 def info_rows(info: str, count: int) -> np.ndarray:
     """The MODEL_INFO output: the same JSON on every row."""
     return np.full((count, 1), info.encode(), dtype=np.object_)

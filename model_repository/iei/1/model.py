@@ -18,14 +18,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from iei_runtime.loading import describe, engine_line, load_embedder
-from iei_runtime.triton import (
-    INFO_OUTPUT_NAME,
-    INPUT_NAME,
-    gather_inputs,
-    info_rows,
-    make_response,
-    start_instance,
-)
+from iei_runtime.triton import INPUT_NAME, gather_inputs, start_instance, vector_responses
 
 
 class TritonPythonModel:
@@ -47,13 +40,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         blobs, spans = gather_inputs(requests, INPUT_NAME)
         results = self.embedder.embed(blobs)
-        responses = []
-        for request, span in zip(requests, spans, strict=True):
-            own = results[span.start : span.stop]
-            wants_info = INFO_OUTPUT_NAME in request.requested_output_names()
-            extra = {INFO_OUTPUT_NAME: info_rows(self.info, len(own))} if wants_info else None
-            responses.append(make_response(own, INPUT_NAME, extra))
-        return responses
+        return vector_responses(requests, spans, results, self.info)
 
     def finalize(self) -> None:
         self.embedder.close()

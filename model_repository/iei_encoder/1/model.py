@@ -15,14 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (se
 
 from iei_runtime.loading import describe, engine_line, load_encode_stage
 from iei_runtime.stages import JPEG_NAME, PIXELS_NAME
-from iei_runtime.triton import (
-    INFO_OUTPUT_NAME,
-    INPUT_NAME,
-    gather_inputs,
-    info_rows,
-    make_response,
-    start_instance,
-)
+from iei_runtime.triton import gather_inputs, start_instance, vector_responses
 
 
 class TritonPythonModel:
@@ -43,14 +36,8 @@ class TritonPythonModel:
         )
         files, spans = gather_inputs(requests, JPEG_NAME)
         results = self.stage.embed(pixels, files)
-        responses = []
-        for request, span in zip(requests, spans, strict=True):
-            own = results[span.start : span.stop]
-            wants_info = INFO_OUTPUT_NAME in request.requested_output_names()
-            extra = {INFO_OUTPUT_NAME: info_rows(self.info, len(own))} if wants_info else None
-            # IMAGE[i]: the ensemble's input, whose rows these are.
-            responses.append(make_response(own, INPUT_NAME, extra))
-        return responses
+        # Errors name IMAGE[i]: the ensemble's input, whose rows these are.
+        return vector_responses(requests, spans, results, self.info)
 
     def finalize(self) -> None:
         self.stage.embedder.close()
