@@ -174,7 +174,7 @@ def meta(argv: list[str], started: float) -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "command": "python -m bench.gpu " + " ".join(argv),
+        "command": " ".join([".venv/bin/python -m bench.gpu", *argv]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
