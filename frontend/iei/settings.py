@@ -174,7 +174,7 @@ _SETTINGS = [
     ("preprocess_instances", Setting(
         "IEI_PREPROCESS_INSTANCES", None, "int", (LAUNCHER,),
         "CPU processes of `iei_preprocess` in the split layout, one thread each",
-        shown_default="the cores, less one per GPU",
+        shown_default="the cores less one per GPU, at most 16 per GPU",
     )),
     ("model_repository", Setting(
         "IEI_MODEL_REPOSITORY", None, "path", (LAUNCHER,),

@@ -131,3 +131,16 @@ def test_on_a_cpu_the_batcher_prefers_whole_forward_passes(tmp_path):
     chosen = LauncherSettings(forward_batch_size="16").render(tmp_path / "chosen", gpus=1)
     batching = read(chosen / MODEL_NAME / "config.pbtxt").dynamic_batching
     assert list(batching.preferred_batch_size) == [16, 32, 48, 64]
+
+
+def test_preprocessing_defaults_to_a_process_per_core_within_a_cap_per_gpu(monkeypatch):
+    from iei.launcher import repository
+
+    monkeypatch.setattr(repository, "available_cores", lambda _: 96)
+    assert repository.default_preprocess_instances(SHIPPED, gpus=1) == 16
+    assert repository.default_preprocess_instances(SHIPPED, gpus=4) == 64
+    assert repository.default_preprocess_instances(SHIPPED, gpus=0) == 16
+    monkeypatch.setattr(repository, "available_cores", lambda _: 8)
+    assert repository.default_preprocess_instances(SHIPPED, gpus=1) == 7
+    monkeypatch.setattr(repository, "available_cores", lambda _: 1)
+    assert repository.default_preprocess_instances(SHIPPED, gpus=1) == 1
