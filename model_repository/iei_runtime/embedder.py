@@ -150,21 +150,23 @@ class Preprocessor:
         if not images:
             return []
         try:
-            return list(unbatch(self._process(images)))
+            return list(unbatch(self.process(images)))
         except Exception as exc:
             if is_device_failure(exc):
                 raise  # the GPU's trouble, not the images': the whole execution fails (5xx)
             results: list[Inputs | InvalidImage] = []
             for image in images:
                 try:
-                    results.append(unbatch(self._process([image]))[0])
+                    results.append(unbatch(self.process([image]))[0])
                 except Exception as exc:
                     if is_device_failure(exc):
                         raise
                     results.append(InvalidImage(f"preprocessing failed: {exc}"))
             return results
 
-    def _process(self, images: list[Image.Image]) -> Inputs:
+    def process(self, images: list[Any]) -> Inputs:
+        """The processor's call on decoded images (PIL images, or (3, H, W) uint8 tensors on the
+        device), with this instance's options and device."""
         options: dict[str, Any] = {"return_tensors": "pt", **self.processor_options}
         if self.preprocess_device is not None:
             options["device"] = self.preprocess_device
@@ -173,7 +175,7 @@ class Preprocessor:
 
     def blank(self, count: int) -> Inputs:
         """`count` grey images through the same processor call as requests (warm-up, checks)."""
-        return self._process([Image.new("RGB", (32, 32), (127, 127, 127))] * count)
+        return self.process([Image.new("RGB", (32, 32), (127, 127, 127))] * count)
 
     def prepare(self, blobs: Sequence[bytes]) -> list[Inputs | InvalidImage]:
         """Encoded files -> model input, decode and processor together in the thread pool.

@@ -29,7 +29,7 @@ from .settings import (
     engine_cache,
     resolve_forward_batch_size,
 )
-from .stages import UINT8_PIXELS, EncodeStage, PreprocessStage, check_pixels_only
+from .stages import UINT8_PIXELS, EncodeStage, PreprocessStage
 from .texts import TextEmbedder, folds_case
 
 log = logging.getLogger("iei")
@@ -253,25 +253,18 @@ def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessSt
         return PreprocessStage(preprocessor, defer_jpegs=defers_jpegs(settings.jpeg_decoder))
     except ValueError as exc:
         preprocessor.close()
-        raise ModelLoadError(settings.model_id, f"IEI_TRITON_LAYOUT=split: {exc}") from None
+        raise ModelLoadError(settings.model_id, str(exc)) from None
 
 
 def load_encode_stage(settings: ModelSettings, device: torch.device, threads: int) -> EncodeStage:
-    """The split layout's device step: the model, its JPEG decoder, warmed up at real shapes."""
+    """The split layout's device step: the model (warmed up at real shapes by load_embedder)
+    and its JPEG decoder."""
     embedder = load_embedder(settings, device, threads)
-    shape = tuple(embedder.blank(1)["pixel_values"].shape[1:])
     try:
-        decoder = choose_jpeg_decoder(settings.jpeg_decoder, device)
-        stage = EncodeStage(embedder, decoder)  # its processor calls stop at uint8 from here
-        try:
-            check_pixels_only(embedder.blank(1))
-        except ValueError as exc:
-            raise ValueError(f"IEI_TRITON_LAYOUT=split: {exc}") from None
+        return EncodeStage(embedder, choose_jpeg_decoder(settings.jpeg_decoder, device))
     except ValueError as exc:
         embedder.close()
         raise ModelLoadError(settings.model_id, str(exc)) from None
-    stage.warm_up(shape)
-    return stage
 
 
 def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmbedder:

@@ -11,7 +11,7 @@ as the file itself and is decoded, resized and normalised on the encoder's devic
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from .jpeg_decoders import JpegDecoder, JpegHeader, batchable_jpeg
 
 PIXELS_NAME = "PIXELS"  # uint8 (3, H, W): the processor's resized image (zeros: see JPEG)
 JPEG_NAME = "JPEG"  # the JPEG file when the encoder decodes it, else empty
+# int32 (3,): that JPEG's width, height and EXIF orientation, read once in the CPU step (zeros
+# without a JPEG), so that the encoder's one process does not parse the header again.
+JPEG_HEADER_NAME = "JPEG_HEADER"
 # The processor's arguments that stop it before rescaling and normalising: its output stays
 # uint8 (a quarter of float32 between the processes), and the encoder finishes it.
 UINT8_PIXELS = {"do_rescale": False, "do_normalize": False}
@@ -32,9 +35,17 @@ def check_pixels_only(features: Mapping[str, torch.Tensor]) -> None:
     pixels = features.get("pixel_values")
     if set(features) != {"pixel_values"} or pixels is None or pixels.dtype != torch.uint8:
         raise ValueError(
-            f"its image processor returns {', '.join(sorted(features))}: the split layout carries "
-            "pixel_values alone (IEI_TRITON_LAYOUT=single serves this model)"
+            f"IEI_TRITON_LAYOUT=split: its image processor returns "
+            f"{', '.join(sorted(features))}: the split layout carries pixel_values alone "
+            "(IEI_TRITON_LAYOUT=single serves this model)"
         )
+
+
+class Deferred(NamedTuple):
+    """A plain JPEG the encoder decodes on its device: the file and its header."""
+
+    file: bytes
+    header: JpegHeader
 
 
 class PreprocessStage:
@@ -48,26 +59,33 @@ class PreprocessStage:
         check_pixels_only(blank)
         self.shape = tuple(blank["pixel_values"].shape[1:])
 
-    def run(self, files: Sequence[bytes]) -> list[np.ndarray | bytes | InvalidImage]:
-        limit = self.preprocessor.max_image_pixels
-        deferred = {i for i, f in enumerate(files) if self.defer_jpegs and batchable_jpeg(f, limit)}
-        rest = [i for i in range(len(files)) if i not in deferred]
-        results: list[Any] = [files[i] if i in deferred else None for i in range(len(files))]
+    def run(self, files: Sequence[bytes]) -> list[np.ndarray | Deferred | InvalidImage]:
+        results: list[Any] = [None] * len(files)
+        if self.defer_jpegs:
+            for i, file in enumerate(files):
+                header = batchable_jpeg(file, self.preprocessor.max_image_pixels)
+                results[i] = Deferred(file, header) if header else None
+        rest = [i for i, r in enumerate(results) if r is None]
         prepared = self.preprocessor.prepare([files[i] for i in rest])
         for i, result in zip(rest, prepared, strict=True):
             results[i] = result if isinstance(result, InvalidImage) else pixels_of(result)
         return results
 
-    def outputs(self, results: Sequence[np.ndarray | bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """One request's PIXELS (N, 3, H, W) and JPEG (N, 1) outputs."""
+    def outputs(
+        self, results: Sequence[np.ndarray | Deferred]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One request's PIXELS (N, 3, H, W), JPEG (N, 1) and JPEG_HEADER (N, 3) outputs."""
         pixels = np.zeros((len(results), *self.shape), dtype=np.uint8)
         files = np.full((len(results), 1), b"", dtype=np.object_)
+        headers = np.zeros((len(results), 3), dtype=np.int32)
         for i, result in enumerate(results):
-            if isinstance(result, bytes):
-                files[i, 0] = result
+            if isinstance(result, Deferred):
+                files[i, 0] = result.file
+                header = result.header
+                headers[i] = (header.width, header.height, header.orientation)
             else:
                 pixels[i] = result
-        return pixels, files
+        return pixels, files, headers
 
 
 def pixels_of(features: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -81,6 +99,7 @@ class EncodeStage:
         self.embedder = embedder
         # Its own processor calls (a JPEG decoded here, or PIL's fallback) stop at uint8 too.
         embedder.processor_options = UINT8_PIXELS
+        check_pixels_only(embedder.blank(1))
         self.decoder = decoder
         self.device = embedder.preprocess_device or embedder.device
 
@@ -92,21 +111,18 @@ class EncodeStage:
             p.do_rescale, p.rescale_factor, p.do_normalize, p.image_mean, p.image_std,
         )  # fmt: skip
 
-    def warm_up(self, shape: Sequence[int]) -> None:
-        """A pass at the largest forward batch and one of a single image: the shapes of real
-        executions, so their kernels and buffers are chosen before the first request."""
-        for count in sorted({1, self.embedder.forward_batch_size}):
-            self.embedder.forward(
-                {"pixel_values": self.normalise(torch.zeros((count, *shape), dtype=torch.uint8))}
-            )
-
-    def embed(self, pixels: np.ndarray, files: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
+    def embed(
+        self, pixels: np.ndarray, files: Sequence[bytes], headers: np.ndarray
+    ) -> list[np.ndarray | InvalidImage]:
+        """A dynamic batch's PIXELS, JPEG and JPEG_HEADER rows -> a vector or a reason each."""
         batch = torch.from_numpy(np.array(pixels))  # a copy: Triton's input is read-only
         results: list[Any] = [None] * len(files)
         deferred = [i for i, f in enumerate(files) if f]
         if deferred:
             batch = batch.to(self.device)
-            decoded = self.decode([files[i] for i in deferred], tuple(batch.shape[2:]))
+            decoded = self.decode(
+                [files[i] for i in deferred], [JpegHeader(*map(int, headers[i])) for i in deferred]
+            )
             for i, image in zip(deferred, decoded, strict=True):
                 if isinstance(image, InvalidImage):
                     results[i] = image
@@ -120,21 +136,20 @@ class EncodeStage:
                 results[i] = vector
         return results
 
-    def decode(self, files: Sequence[bytes], size: tuple[int, ...]) -> list[Any]:
+    def decode(self, files: Sequence[bytes], headers: Sequence[JpegHeader]) -> list[Any]:
         """JPEG files -> uint8 (3, H, W) resized on the device, or why not. A file the tensor
         decoder refuses (or that came without one) goes through PIL as in the other layout."""
-        headers = [batchable_jpeg(f, self.embedder.max_image_pixels) for f in files]
         results: list[Any] = [None] * len(files)
         if self.decoder is not None:
-            ready = [i for i, h in enumerate(headers) if h is not None]
-            for group in budget_groups(ready, headers, self.embedder.budget.capacity):
-                with self.embedder.budget.hold(sum(headers[i].pixels for i in group)):  # type: ignore[union-attr]
+            budget = self.embedder.budget
+            for group in budget_groups(range(len(files)), headers, budget.capacity):
+                with budget.hold(sum(headers[i].pixels for i in group)):
                     images = self.decoder.decode(
                         [files[i] for i in group], [headers[i] for i in group]
                     )
                     done = [(i, im) for i, im in zip(group, images, strict=True) if im is not None]
                     if done:
-                        resized = self.resize([im for _, im in done])
+                        resized = self.embedder.process([im for _, im in done])["pixel_values"]
                         for (i, _), image in zip(done, resized, strict=True):
                             results[i] = image
         rest = [i for i, r in enumerate(results) if r is None]
@@ -142,23 +157,16 @@ class EncodeStage:
             results[i] = result if isinstance(result, InvalidImage) else result["pixel_values"]
         return results
 
-    def resize(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Decoded images -> the processor's resize and crop, on the device, uint8."""
-        options: dict[str, Any] = {"return_tensors": "pt", "device": self.device, **UINT8_PIXELS}
-        with torch.inference_mode():
-            pixels: torch.Tensor = self.embedder.processor(images=images, **options)["pixel_values"]
-        return pixels
-
 
 def budget_groups(
-    indices: Sequence[int], headers: Sequence[JpegHeader | None], capacity: int
+    indices: Sequence[int], headers: Sequence[JpegHeader], capacity: int
 ) -> list[list[int]]:
     """Consecutive groups of files whose full-size pixels fit the decode budget together (a file
     over the whole budget alone), so that decoding a batch never holds more than the budget."""
     groups: list[list[int]] = []
     held = capacity + 1
     for i in indices:
-        pixels = headers[i].pixels  # type: ignore[union-attr]
+        pixels = headers[i].pixels
         if held + pixels > capacity:
             groups.append([])
             held = 0

@@ -132,9 +132,13 @@ def split_embed(model_dir, files: list[bytes], decoder: str) -> list:
     try:
         results = preprocess.run(files)
         bad = {i: r for i, r in enumerate(results) if isinstance(r, InvalidImage)}
-        pixels, jpegs = preprocess.outputs([r for r in results if not isinstance(r, InvalidImage)])
+        outputs = preprocess.outputs([r for r in results if not isinstance(r, InvalidImage)])
+        pixels, jpegs, headers = outputs
         assert pixels.dtype == np.uint8
-        vectors = iter(encode_stage.embed(pixels, [bytes(j) for j in jpegs[:, 0]]))
+        deferred = jpegs[:, 0] != b""
+        # A file that crosses carries its header (read once, here); the others carry zeros.
+        assert (headers[deferred, :2] > 0).all() and not headers[~deferred].any()
+        vectors = iter(encode_stage.embed(pixels, [bytes(j) for j in jpegs[:, 0]], headers))
         return [bad[i] if i in bad else next(vectors) for i in range(len(files))]
     finally:
         preprocess.preprocessor.close()
@@ -182,7 +186,9 @@ def test_files_the_tensor_decoder_refuses_go_through_pil_and_fail_alone(vit, sin
     stage.decoder = Refusing()
     good = photos()["chelsea.jpg"]
     try:
-        results = stage.embed(np.zeros((3, 3, 224, 224), np.uint8), [good, b"\xff\xd8 no", good])
+        headers = np.array([[451, 300, 1]] * 3, dtype=np.int32)
+        files = [good, b"\xff\xd8 no", good]
+        results = stage.embed(np.zeros((3, 3, 224, 224), np.uint8), files, headers)
     finally:
         stage.embedder.close()
     assert isinstance(results[1], InvalidImage) and "cannot decode" in str(results[1])

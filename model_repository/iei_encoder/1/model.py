@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (see iei/1/model.py)
 
 from iei_runtime.loading import describe, engine_line, load_encode_stage
-from iei_runtime.stages import JPEG_NAME, PIXELS_NAME
+from iei_runtime.stages import JPEG_HEADER_NAME, JPEG_NAME, PIXELS_NAME
 from iei_runtime.triton import gather_inputs, start_instance, vector_responses
 
 
@@ -31,11 +31,12 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        pixels = np.concatenate(
-            [pb_utils.get_input_tensor_by_name(r, PIXELS_NAME).as_numpy() for r in requests]
+        pixels, headers = (
+            np.concatenate([pb_utils.get_input_tensor_by_name(r, n).as_numpy() for r in requests])
+            for n in (PIXELS_NAME, JPEG_HEADER_NAME)
         )
         files, spans = gather_inputs(requests, JPEG_NAME)
-        results = self.stage.embed(pixels, files)
+        results = self.stage.embed(pixels, files, headers)
         # Errors name IMAGE[i]: the ensemble's input, whose rows these are.
         return vector_responses(requests, spans, results, self.info)
 

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (see iei/1/model.py)
 
 from iei_runtime.loading import load_preprocess_stage
-from iei_runtime.stages import JPEG_NAME, PIXELS_NAME
+from iei_runtime.stages import JPEG_HEADER_NAME, JPEG_NAME, PIXELS_NAME
 from iei_runtime.triton import INPUT_NAME, error_response, gather_inputs, start_instance
 
 
@@ -37,8 +37,12 @@ class TritonPythonModel:
             if failed is not None:
                 responses.append(failed)
                 continue
-            pixels, jpegs = self.stage.outputs(own)  # type: ignore[arg-type]
-            tensors = [pb_utils.Tensor(PIXELS_NAME, pixels), pb_utils.Tensor(JPEG_NAME, jpegs)]
+            outputs = zip(
+                (PIXELS_NAME, JPEG_NAME, JPEG_HEADER_NAME),
+                self.stage.outputs(own),  # type: ignore[arg-type]
+                strict=True,
+            )
+            tensors = [pb_utils.Tensor(name, rows) for name, rows in outputs]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
