@@ -172,6 +172,9 @@ def test_info(vit_stack):
     assert info["architecture"] == "ViTModel"
     assert info["embedding_dimension"] == 32
     assert info["dtype"] == "float32"
+    # IEI_ENGINE=auto in float32 on a CPU: OpenVINO (README, engines); one model, PIL decoding.
+    assert info["engine"] == "openvino"
+    assert (info["layout"], info["jpeg_decoder"]) == ("single", "pil")
     assert info["device"] == "cpu"
     assert info["pooling"] == "mean"
     assert info["max_batch_size"] == 64
