@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import threading
 from contextlib import asynccontextmanager, suppress
 
 import httpx
@@ -319,7 +320,8 @@ async def test_a_compression_bomb_is_refused_without_decoding_it(bomb_server, en
 
 @pytest.fixture(scope="module")
 def remote_server():
-    """A slow server, a failing one, a missing file and a file that is no image."""
+    """A slow server, a failing one, a missing file and a file that is no image; `/slower`
+    sets SLOWER_STARTED when its request has come."""
     import http.server
     import time
 
@@ -327,6 +329,9 @@ def remote_server():
         def do_GET(self) -> None:
             if self.path == "/slow":
                 time.sleep(1.5)
+            elif self.path == "/slower":
+                SLOWER_STARTED.set()
+                time.sleep(3)
             status = {"/fail": 503, "/bad-gateway": 502, "/missing": 404}.get(self.path, 200)
             body = b"not an image" if status == 200 else b""
             self.send_response(status)
@@ -336,6 +341,9 @@ def remote_server():
 
     with local_http_server(Handler) as url:
         yield url
+
+
+SLOWER_STARTED = threading.Event()
 
 
 @asynccontextmanager
@@ -380,10 +388,12 @@ async def test_a_full_connection_pool_is_overloaded_not_a_bad_url(remote_server)
             allow_private=True, timeout=5, max_bytes=1 << 20, max_redirects=2, max_connections=1
         )
         try:
+            SLOWER_STARTED.clear()
             busy = asyncio.create_task(
-                client.post("/embed", json={"inputs": [f"{remote_server}/slow"]})
+                client.post("/embed", json={"inputs": [f"{remote_server}/slower"]})
             )
-            await asyncio.sleep(0.3)  # the one connection is held by the slow fetch
+            # the one connection is held by the slow fetch (3 s; the pool wait is 1 s)
+            assert await asyncio.to_thread(SLOWER_STARTED.wait, 5)
             response = await client.post(
                 "/embed", json={"inputs": [PNG, f"{remote_server}/missing"]}
             )
