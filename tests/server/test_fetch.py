@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import ipaddress
+import threading
+from contextlib import asynccontextmanager, suppress
 
+import httpx
 import pytest
 from iei.server.errors import ApiError
 from iei.server.fetch import UrlFetcher, is_public
 from iei.server.inputs import InvalidInput
-from stack import local_http_server
+from PIL import Image
+from sample_images import encode
+from stack import free_port, local_http_server
+
+try:
+    import brotli
+except ImportError:  # not a dependency of ours
+    brotli = None
 
 pytestmark = pytest.mark.anyio
+
+PNG = base64.b64encode(encode(Image.new("RGB", (2, 2)), "PNG")).decode()
 
 
 @pytest.fixture
@@ -42,6 +56,14 @@ def anyio_backend():
         ("64:ff9b::a9fe:a9fe", False),  # NAT64 to the cloud metadata address
         ("64:ff9b::5db8:d822", True),  # NAT64 to a public address
         ("64:ff9b:1::c0a8:101", False),  # NAT64 (local-use prefix) to 192.168.1.1
+        # The local-use prefix puts the IPv4 address where the operator's prefix length says
+        # (48, 56, 64 or 96 bits): each place counts. Here 10.0.0.1 behind a /48, 8.8.8.8 last.
+        ("64:ff9b:1:a00:0:100:808:808", False),
+        ("64:ff9b:1::808:808", False),  # a /48 translator reads 0.0.0.0 here
+        ("64:ff9b:1:808:808:808:808:808", True),  # 8.8.8.8 at every place
+        ("::ffff:0:7f00:1", False),  # SIIT's IPv4-translated form of 127.0.0.1
+        ("::ffff:0:a9fe:a9fe", False),  # ... of the cloud metadata address
+        ("::ffff:0:5db8:d822", True),  # ... of a public address
         ("2002:c0a8:101::1", False),  # 6to4 of 192.168.1.1
         ("2002:5db8:d822::1", True),  # 6to4 of a public address
         ("2001:0:5db8:d822:0:ffff:80ff:fffe", False),  # Teredo; client 127.0.0.1 (inverted)
@@ -59,10 +81,12 @@ def test_is_public(address, public):
         ("file:///etc/passwd", "scheme 'file' is not allowed"),
         ("http:///nohost", "without a host"),
         ("http://user:secret@example.org/a.jpg", "credentials"),
-        ("http://127.0.0.1:9/a.jpg", "non-public address"),
-        ("http://[::1]:9/a.jpg", "non-public address"),
-        ("http://localhost:9/a.jpg", "non-public address"),
-        ("http://no-such-host.invalid/a.jpg", "cannot resolve"),
+        ("http://127.0.0.1:9/a.jpg", "does not resolve to public addresses only"),
+        ("http://[::1]:9/a.jpg", "does not resolve to public addresses only"),
+        ("http://localhost:9/a.jpg", "does not resolve to public addresses only"),
+        ("http://no-such-host.invalid/a.jpg", "does not resolve to public addresses only"),
+        ("http://[::ffff:0:7f00:1]:9/a.jpg", "does not resolve to public addresses only"),
+        ("http://[64:ff9b:1:a00:0:100:808:808]:9/a.jpg", "does not resolve to public addresses"),
         ("http://example.com:99999/x.jpg", "malformed URL: Port out of range"),
         ("http://example.com:abc/x.jpg", "malformed URL"),
         ("http://[::1/x.jpg", "malformed URL: Invalid IPv6 URL"),
@@ -70,7 +94,7 @@ def test_is_public(address, public):
         ("http://@example.com/x.jpg", "credentials"),
         ("http://example.com:0/x.jpg", "port 0"),
         ("http://exa mple.com/x.jpg", "white space"),
-        ("http://[64:ff9b::7f00:1]:9/x.jpg", "non-public address"),
+        ("http://[64:ff9b::7f00:1]:9/x.jpg", "does not resolve to public addresses only"),
     ],
 )
 async def test_refused_before_connecting(url, message):
@@ -190,3 +214,195 @@ async def test_the_fetches_of_a_worker_share_its_byte_budget(local_server):
         assert await fetcher.fetch(local_server + "/file", fetcher.request_budget(8000))
     finally:
         await fetcher.close()
+
+
+async def test_a_name_that_does_not_resolve_reads_as_one_that_resolves_inside(caplog):
+    """No oracle for the names of the server's own network: the client reads one answer, the
+    log says which it was."""
+    fetcher = UrlFetcher(allow_private=False, timeout=5, max_bytes=1024, max_redirects=2)
+    answers = {}
+    try:
+        with caplog.at_level("INFO", logger="iei"):
+            for host in ("localhost", "no-such-host.invalid"):
+                with pytest.raises(InvalidInput) as refused:
+                    await fetcher.fetch(f"http://{host}/a.jpg")
+                answers[host] = str(refused.value).replace(repr(host), "HOST")
+    finally:
+        await fetcher.close()
+    assert answers["localhost"] == answers["no-such-host.invalid"]
+    logged = caplog.text
+    assert "'localhost' refused: it resolves to 127.0.0.1" in logged
+    assert "'no-such-host.invalid' refused: cannot resolve it" in logged
+
+
+# --- compression bombs ------------------------------------------------------------------------
+
+
+def compression_bomb(encoding: str, size: int) -> bytes:
+    """`size` zero bytes compressed with `encoding`: a few KiB on the wire."""
+    zeros = bytes(1 << 20)
+    if encoding == "br":
+        compressor = brotli.Compressor()
+        parts = [compressor.process(zeros) for _ in range(size >> 20)]
+        return b"".join([*parts, compressor.finish()])
+    import zlib
+
+    wbits = {"gzip": 31, "deflate": 15}[encoding]  # deflate is the zlib format (RFC 9110)
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return b"".join([*(packer.compress(zeros) for _ in range(size >> 20)), packer.flush()])
+
+
+@pytest.fixture(scope="module")
+def bomb_server():
+    """`/<encoding>`: 32 MiB of zeros compressed with it, sent whatever the client accepts
+    (`/identity`: a few bytes as they are); it keeps the Accept-Encoding headers it was sent."""
+    import http.server
+
+    bombs = {e: compression_bomb(e, 32 << 20) for e in ("gzip", "deflate")}
+    bombs["identity"] = b"0" * 100
+    if brotli is not None:  # httpx decodes br when brotli is installed (it is in our venv)
+        bombs["br"] = compression_bomb("br", 32 << 20)
+    accepted: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            accepted.append(self.headers.get("Accept-Encoding"))
+            body = bombs[self.path.removeprefix("/")]
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Encoding", self.path.removeprefix("/"))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with suppress(ConnectionError):  # the fetcher stops reading at the headers
+                self.wfile.write(body)
+
+    with local_http_server(Handler) as url:
+        yield url, bombs, accepted
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_compression_bomb_is_refused_without_decoding_it(bomb_server, encoding):
+    """The fetcher asks for identity; a server that compresses anyway is refused from its
+    headers, and what the fetch allocates stays under the per-URL limit (it grew by the whole
+    32 MiB when httpx decoded a network chunk at once)."""
+    import tracemalloc
+
+    from iei.server.inputs import fetch_urls
+
+    url, bombs, accepted = bomb_server
+    if encoding not in bombs:
+        pytest.skip("brotli is not installed")
+    assert len(bombs[encoding]) < 64 * 1024  # small on the wire
+    limit = 1 << 20
+    fetcher = UrlFetcher(allow_private=True, timeout=5, max_bytes=limit, max_redirects=2)
+    budget = fetcher.request_budget(4 * limit)
+    tracemalloc.start()
+    try:
+        await fetcher.fetch(f"{url}/identity")  # what a first fetch imports is not counted
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(InvalidInput) as refused:
+            await fetch_urls([PNG, f"{url}/{encoding}"], fetcher, budget)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+        budget.release()
+        await fetcher.close()
+    assert accepted[-1] == "identity"
+    assert str(refused.value).startswith(f"inputs[1]: the URL's server sent the file with "
+                                         f"Content-Encoding '{encoding}'")  # fmt: skip
+    assert refused.value.error_type == "Validation"  # a 422
+    assert peak < limit, f"the fetch allocated {peak} bytes (limit {limit})"
+
+
+# --- what the client is told when it is not its fault ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def remote_server():
+    """A slow server, a failing one, a missing file and a file that is no image; `/slower`
+    sets SLOWER_STARTED when its request has come."""
+    import http.server
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/slow":
+                time.sleep(1.5)
+            elif self.path == "/slower":
+                SLOWER_STARTED.set()
+                time.sleep(3)
+            status = {"/fail": 503, "/bad-gateway": 502, "/missing": 404}.get(self.path, 200)
+            body = b"not an image" if status == 200 else b""
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with local_http_server(Handler) as url:
+        yield url
+
+
+SLOWER_STARTED = threading.Event()
+
+
+@asynccontextmanager
+async def embed_client(**settings):
+    """The app (Triton unreachable: URLs are fetched before Triton is asked) and a client."""
+    from iei.server.app import create_app
+    from iei.server.settings import ServerSettings
+
+    options = {"triton_url": "127.0.0.1:1", "allow_private_urls": True, "url_timeout": 0.5}
+    app = create_app(ServerSettings(**{**options, **settings}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://iei") as client:
+            yield app, client
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "error_type", "message"),
+    [
+        ("/slow", 504, "Timeout", "inputs[1]: fetching the URL took longer than 0.5 s"),
+        ("/fail", 502, "Upstream", "inputs[1]: the URL answered HTTP 503"),
+        ("/bad-gateway", 502, "Upstream", "inputs[1]: the URL answered HTTP 502"),
+        ("closed port", 502, "Upstream", "inputs[1]: cannot fetch the URL: ConnectError"),
+        ("/missing", 422, "Validation", "inputs[1]: the URL answered HTTP 404"),
+        ("/image.png", 422, "Validation", "inputs[1]: not an image"),  # the client's URL
+    ],
+)
+async def test_a_failing_remote_is_not_the_clients_fault(
+    remote_server, path, status, error_type, message
+):
+    url = f"http://127.0.0.1:{free_port()}/x.png" if path == "closed port" else remote_server + path
+    async with embed_client() as (_, client):
+        response = await client.post("/embed", json={"inputs": [PNG, url]})
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type
+    assert response.json()["error"].startswith(message)
+
+
+async def test_a_full_connection_pool_is_overloaded_not_a_bad_url(remote_server):
+    async with embed_client(url_timeout=5) as (app, client):
+        app.state.services.fetcher = UrlFetcher(
+            allow_private=True, timeout=5, max_bytes=1 << 20, max_redirects=2, max_connections=1
+        )
+        try:
+            SLOWER_STARTED.clear()
+            busy = asyncio.create_task(
+                client.post("/embed", json={"inputs": [f"{remote_server}/slower"]})
+            )
+            # the one connection is held by the slow fetch (3 s; the pool wait is 1 s)
+            assert await asyncio.to_thread(SLOWER_STARTED.wait, 5)
+            response = await client.post(
+                "/embed", json={"inputs": [PNG, f"{remote_server}/missing"]}
+            )
+            assert response.status_code == 429, response.text
+            assert response.json()["error_type"] == "Overloaded"
+            assert response.json()["error"].startswith(
+                "inputs[1]: too many URL downloads in flight in this worker"
+            )
+            assert response.headers["retry-after"] == "1"
+            assert (await busy).status_code == 422  # the slow one still ends: not an image
+        finally:
+            await app.state.services.fetcher.close()

@@ -107,8 +107,8 @@ async def embed_inputs(
                 if texts:
                     calls[TEXT] = named(services.triton.embed_texts(values), texts)
                 done = dict(zip(calls, await together(list(calls.values())), strict=True))
-            except InvalidInput as exc:
-                raise ApiError(ErrorType.VALIDATION, str(exc)) from None
+            except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
+                raise ApiError(exc.error_type, str(exc), headers=exc.headers) from None
     except TimeoutError:
         raise ApiError(
             ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"

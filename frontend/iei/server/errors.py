@@ -29,6 +29,7 @@ class ErrorType(StrEnum):
     UNAUTHORIZED = "Unauthorized"
     OVERLOADED = "Overloaded"
     BACKEND = "Backend"
+    UPSTREAM = "Upstream"  # the server of a URL input: unreachable, or it failed (its 5xx)
     UNHEALTHY = "Unhealthy"
     TIMEOUT = "Timeout"
     NOT_FOUND = "NotFound"
@@ -41,6 +42,7 @@ STATUS = {
     ErrorType.UNAUTHORIZED: 401,
     ErrorType.OVERLOADED: 429,
     ErrorType.BACKEND: 424,
+    ErrorType.UPSTREAM: 502,
     ErrorType.UNHEALTHY: 503,
     ErrorType.TIMEOUT: 504,
     ErrorType.NOT_FOUND: 404,

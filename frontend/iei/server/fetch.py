@@ -9,39 +9,58 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import sys
 from contextlib import AbstractAsyncContextManager
+from typing import NoReturn
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 from .errors import ApiError, ErrorType
-from .inputs import InvalidInput
+from .inputs import InputFailed, InvalidInput
 from .limits import Capacity
+
+log = logging.getLogger("iei")
 
 ALLOWED_SCHEMES = ("http", "https")
 _REDIRECTS = (301, 302, 303, 307, 308)
+# Connections a worker's fetches hold at once (httpx's default), and the longest a fetch waits
+# for one to come free before it is refused as overloaded (429).
+MAX_CONNECTIONS = 100
+POOL_WAIT = 1.0
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-# NAT64's well-known and local-use prefixes (RFC 6052, 8215): the IPv4 address is the last 32
-# bits. The deprecated IPv4-compatible form (::a.b.c.d) carries one the same way.
-_NAT64 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48"))
+# Prefixes whose last 32 bits are an IPv4 address: NAT64's well-known prefix (RFC 6052, /96
+# only), SIIT's IPv4-translated form ::ffff:0:a.b.c.d (RFC 2765), and the deprecated
+# IPv4-compatible form ::a.b.c.d.
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# NAT64's local-use prefix (RFC 8215): an operator takes a prefix of 48, 56, 64 or 96 bits in it,
+# and RFC 6052 puts the IPv4 address at a different place for each (bits 64-71 are skipped; a
+# translator ignores the suffix). Which one a network uses is unknown here, so every place counts.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_RFC6052_BYTES = ((6, 7, 9, 10), (7, 9, 10, 11), (9, 10, 11, 12), (12, 13, 14, 15))
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address leads to: IPv4-mapped, NAT64, 6to4, Teredo (server and
-    client), IPv4-compatible; empty for a plain IPv6 address."""
+    """The IPv4 addresses an IPv6 address may lead to: IPv4-mapped, IPv4-translated (SIIT),
+    NAT64 (well-known and local-use prefixes), 6to4, Teredo (server and client),
+    IPv4-compatible; empty for a plain IPv6 address."""
     if address.ipv4_mapped:
         return [address.ipv4_mapped]
     if address.sixtofour:
         return [address.sixtofour]
     if address.teredo:
         return list(address.teredo)
+    if address in _NAT64_LOCAL:
+        packed = address.packed
+        return [ipaddress.IPv4Address(bytes(packed[i] for i in at)) for at in _RFC6052_BYTES]
     low_bits = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if any(address in network for network in _NAT64):
+    if address in _NAT64_WELL_KNOWN or address in _IPV4_TRANSLATED:
         return [low_bits]
     if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1, judged as they are
         return [low_bits]
@@ -121,17 +140,29 @@ class UrlFetcher:
         max_bytes: int,
         max_redirects: int,
         worker_max_bytes: int | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.allow_private = allow_private
         self.budget = Capacity(worker_max_bytes or sys.maxsize)  # None: no limit per worker
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.timeout = timeout
+        # The pool wait ends before the fetch's own timeout, so that a full pool reads as such.
+        pool_wait = min(POOL_WAIT, timeout / 2)
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0), pool=pool_wait),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=min(20, max_connections),
+            ),
             follow_redirects=False,  # each hop is checked here
             trust_env=False,  # no proxy from the environment may bypass the address checks
-            headers={"User-Agent": "iei-image-fetcher", "Accept": "image/*"},
+            # identity: a compressed body could decode to far more than IEI_URL_MAX_BYTES.
+            headers={
+                "User-Agent": "iei-image-fetcher",
+                "Accept": "image/*",
+                "Accept-Encoding": "identity",
+            },
         )
 
     async def close(self) -> None:
@@ -142,7 +173,12 @@ class UrlFetcher:
         return RequestBytes(self.budget, limit)
 
     async def fetch(self, url: str, budget: RequestBytes | None = None) -> bytes:
-        """The file at `url`, its bytes taken from `budget` (a budget of its own if None)."""
+        """The file at `url`, its bytes taken from `budget` (a budget of its own if None).
+
+        A bad URL or what it serves (not 200, too large, compressed) is an `InvalidInput` (422);
+        what is nobody's fault in the request is an `InputFailed`: no connection free in this
+        worker (429 Overloaded), the URL's server too slow (504 Timeout), unreachable, broken
+        off or failing with a 5xx (502 Upstream)."""
         own = budget is None
         budget = budget or self.request_budget(self.max_bytes)
         try:
@@ -150,11 +186,24 @@ class UrlFetcher:
                 return await self._fetch(url, budget)
         except (InvalidInput, ApiError):
             raise
-        except TimeoutError:
-            raise InvalidInput(f"fetching the URL took longer than {self.timeout:g} s") from None
+        except httpx.PoolTimeout:
+            raise InputFailed(
+                ErrorType.OVERLOADED,
+                "too many URL downloads in flight in this worker: no connection came free "
+                f"within {self.client.timeout.pool:g} s; retry later",
+                headers={"Retry-After": "1"},
+            ) from None
+        except (TimeoutError, httpx.TimeoutException):
+            raise InputFailed(
+                ErrorType.TIMEOUT,
+                f"fetching the URL took longer than {self.timeout:g} s (IEI_URL_TIMEOUT)",
+            ) from None
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            raise InputFailed(
+                ErrorType.UPSTREAM, f"cannot fetch the URL: {describe(exc)}"
+            ) from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # UnicodeError included
-            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise InvalidInput(f"cannot fetch the URL: {type(exc).__name__} {reason}") from None
+            raise InvalidInput(f"cannot fetch the URL: {describe(exc)}") from None
         finally:
             if own:
                 budget.release()
@@ -171,6 +220,10 @@ class UrlFetcher:
                     except ValueError as exc:  # InvalidInput is one
                         raise InvalidInput(f"the URL redirects to a bad target: {exc}") from None
                     continue
+                if response.status_code >= 500:  # the remote failed, not the request
+                    raise InputFailed(
+                        ErrorType.UPSTREAM, f"the URL answered HTTP {response.status_code}"
+                    )
                 if response.status_code != 200:
                     raise InvalidInput(f"the URL answered HTTP {response.status_code}")
                 return await self._read_capped(response, budget)
@@ -184,17 +237,26 @@ class UrlFetcher:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
             )
-        except (socket.gaierror, UnicodeError):
-            raise InvalidInput(f"cannot resolve host {host!r}") from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        except (socket.gaierror, UnicodeError) as exc:
+            self._refuse_host(host, f"cannot resolve it: {exc}")
         if not addresses:
-            raise InvalidInput(f"cannot resolve host {host!r}")
+            self._refuse_host(host, "it resolves to no address")
         if not self.allow_private and not all(is_public(a) for a in addresses):
-            raise InvalidInput(
-                f"host {host!r} resolves to a non-public address; URLs on loopback, private, "
-                "link-local, multicast or reserved addresses are refused"
-            )
+            self._refuse_host(host, f"it resolves to {', '.join(map(str, addresses))}")
         return str(addresses[0])
+
+    def _refuse_host(self, host: str, detail: str) -> NoReturn:
+        """One answer whether a name does not resolve or resolves to an address refused here,
+        so that the answers tell nothing of the names inside the network; the log says which."""
+        log.info("URL host %r refused: %s", host, detail)
+        if self.allow_private:  # every address is allowed: there is nothing to hide
+            raise InvalidInput(f"cannot resolve host {host!r}")
+        raise InvalidInput(
+            f"host {host!r} does not resolve to public addresses only; names that do not "
+            "resolve and URLs on loopback, private, link-local, multicast or reserved "
+            "addresses are refused"
+        )
 
     def _open(
         self, parts: SplitResult, address: str
@@ -211,14 +273,26 @@ class UrlFetcher:
         )
 
     async def _read_capped(self, response: httpx.Response, budget: RequestBytes) -> bytes:
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):  # a compression bomb would be decoded whole
+            raise InvalidInput(
+                f"the URL's server sent the file with Content-Encoding {encoding[:40]!r}, "
+                "although only identity was accepted: compressed files are not decoded"
+            )
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise InvalidInput(f"the file is larger than {self.max_bytes} bytes")
         chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_raw():  # as sent: httpx decodes nothing
             size += len(chunk)
             if size > self.max_bytes:
                 raise InvalidInput(f"the file is larger than {self.max_bytes} bytes")
             budget.take(len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def describe(error: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    reason = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__} {reason}".strip()

@@ -18,7 +18,7 @@ import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from ..contract import IMAGE_FORMATS
-from .errors import first_error
+from .errors import ErrorType, first_error
 
 _SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.-]*):")  # base64 never contains ':'
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),", re.I)
@@ -27,6 +27,9 @@ _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?
 class InvalidInput(ValueError):
     """One input cannot be embedded: `reason` says why, `index` (once known) is its position
     among the request's inputs, and the message names it (`inputs[3]: reason`)."""
+
+    error_type: ErrorType = ErrorType.VALIDATION  # what the answer says (and so its status)
+    headers: dict[str, str] | None = None
 
     def __init__(self, reason: str, index: int | None = None) -> None:
         super().__init__(reason if index is None else f"inputs[{index}]: {reason}")
@@ -41,6 +44,26 @@ class InvalidInput(ValueError):
         """Found at `index` of a part of the request (its images, its texts) that sits at
         `positions` in the whole request."""
         return self.at(positions[self.index or 0])
+
+
+class InputFailed(InvalidInput):
+    """An input that could not be read, and not for a fault of the client's: the server of its
+    URL was too slow (Timeout) or failed (Upstream), or this worker's connections were all busy
+    (Overloaded). Named like an `InvalidInput`, answered with `error_type`'s status."""
+
+    def __init__(
+        self,
+        error_type: ErrorType,
+        reason: str,
+        index: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(reason, index)
+        self.error_type = error_type
+        self.headers = headers
+
+    def at(self, index: int) -> InputFailed:
+        return InputFailed(self.error_type, self.reason, index, self.headers)
 
 
 @dataclass(frozen=True)
