@@ -145,7 +145,8 @@ _SETTINGS = [
     )),
     ("triton_host", Setting(
         "IEI_TRITON_HOST", "127.0.0.1", "str", (LAUNCHER,),
-        "interface of the Triton that `iei serve` starts; `0.0.0.0` exposes it to other machines",
+        "address the Triton of `iei serve` binds (IPv4 or IPv6, e.g. `::1`; not a name); `0.0.0.0` "
+        "or `::` exposes it to other machines (the frontend then dials loopback)",
     )),
     ("triton_http_port", Setting(
         "IEI_TRITON_HTTP_PORT", 8100, "int", (SERVER, LAUNCHER), "Triton's HTTP port",
