@@ -1,5 +1,14 @@
 # IEI — everything runs from .venv, created from pyproject.toml on first use.
-PYTHON ?= python3
+# .venv needs CPython 3.11 or 3.12: numpy<2, pinned for the Triton wheel (nvidia-pytriton), has no
+# wheel for 3.13 and newer. The first of python3.12, python3.11, python3 that is one, unless
+# PYTHON=... names it.
+PYTHON_VERSION = $(if $(1),$(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null))
+SUPPORTED_PYTHON = $(filter 3.11 3.12,$(call PYTHON_VERSION,$(1)))
+PYTHON ?= $(firstword $(foreach p,python3.12 python3.11 python3,$(if $(call SUPPORTED_PYTHON,$(p)),$(p))))
+NO_PYTHON = IEI needs Python 3.11 or 3.12, and $(or $(PYTHON),python3) is \
+	$(or $(call PYTHON_VERSION,$(or $(PYTHON),python3)),not found) (numpy<2, pinned for the Triton \
+	wheel, has no wheel for 3.13+): install Python 3.12 (e.g. `uv python install 3.12`) and run \
+	make again, or name one: make PYTHON=/path/to/python3.12
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -13,7 +22,7 @@ help: ## list the targets
 setup: $(STAMP) ## create .venv with the service, Triton and the test tools
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "IEI needs Python 3.11 or newer"'
+	$(if $(call SUPPORTED_PYTHON,$(PYTHON)),,$(error $(NO_PYTHON)))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[serve,engines,dev,tools]'

@@ -177,3 +177,51 @@ def test_settings_that_contradict_each_other_stop_start_up_with_one_line(
         table.load(LauncherSettings)
     [line] = caplog.messages
     assert line.startswith("invalid settings: ") and named in line
+
+
+def stray_variables() -> dict[str, str]:
+    """Every name a setting is not documented under: the field's name in both cases, and the
+    documented names in lower case (pydantic-settings took them all)."""
+    stray = {}
+    for name, entry in table.SETTINGS.items():
+        lower = [entry.env.lower(), *(alias.lower() for alias in entry.aliases)]
+        for variable in (name, name.upper(), *lower):
+            stray[variable] = "oops"
+    return stray
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("API_KEY", "oops"), ("ALLOW_PRIVATE_URLS", "true"), ("TRITON_URL", "elsewhere:1"),
+     ("WORKERS", "9"), ("PAYLOAD_LIMIT", "2048"), ("api_key", "oops"), ("iei_api_key", "oops")],
+)  # fmt: skip
+def test_a_variable_without_its_documented_name_is_not_read(monkeypatch, variable, value):
+    defaults = LauncherSettings().model_dump()
+    monkeypatch.setenv(variable, value)
+    assert LauncherSettings().model_dump() == defaults
+    assert ServerSettings().api_key is None
+
+
+def test_only_the_documented_names_and_aliases_are_read_by_the_frontend_and_launcher(monkeypatch):
+    defaults = LauncherSettings().model_dump()
+    for variable, value in stray_variables().items():
+        monkeypatch.setenv(variable, value)
+    assert LauncherSettings().model_dump() == defaults  # "oops" would not even validate
+    assert ServerSettings().model_dump() == ServerSettings.model_validate({}).model_dump()
+    monkeypatch.setenv("IEI_API_KEY", "k")
+    monkeypatch.setenv("IEI_WORKERS", "3")
+    monkeypatch.setenv("IEI_MAX_CONCURRENT_REQUESTS", "99")  # the older name of ..._IMAGES
+    settings = LauncherSettings()
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
+    assert (settings.workers, settings.max_concurrent_images) == (3, 99)
+    assert LauncherSettings(workers=5).workers == 5  # code may still pass the field's name
+
+
+def test_only_the_documented_names_are_read_by_the_model():
+    install()
+    from iei_runtime.settings import read_settings
+
+    defaults = read_settings({}, {})
+    assert read_settings({}, stray_variables()) == defaults
+    documented = read_settings({}, {"IEI_DTYPE": "float32", "IEI_POOLING": "cls"})
+    assert (documented.dtype, documented.pooling) == ("float32", "cls")

@@ -11,11 +11,13 @@ Runs on the Triton image's Python 3.10 (`iei triton` imports it).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 log = logging.getLogger("iei")
 
@@ -143,7 +145,8 @@ _SETTINGS = [
     )),
     ("triton_host", Setting(
         "IEI_TRITON_HOST", "127.0.0.1", "str", (LAUNCHER,),
-        "interface of the Triton that `iei serve` starts; `0.0.0.0` exposes it to other machines",
+        "address the Triton of `iei serve` binds (IPv4 or IPv6, e.g. `::1`; not a name); `0.0.0.0` "
+        "or `::` exposes it to other machines (the frontend then dials loopback)",
     )),
     ("triton_http_port", Setting(
         "IEI_TRITON_HTTP_PORT", 8100, "int", (SERVER, LAUNCHER), "Triton's HTTP port",
@@ -230,22 +233,56 @@ def by_env(variable: str) -> Setting | None:
 
 def setting(name: str, **constraints: Any) -> Any:
     """The pydantic field of `name`, from the table: default, variable (and older names),
-    description; `constraints` (ge, le, min_length...) validate the value."""
+    description; `constraints` (ge, le, min_length...) validate the value. Code may also pass
+    the field's own name (`ServerSettings(api_key=...)`); the environment may not."""
     entry = SETTINGS[name]
     return Field(
         entry.default,
-        validation_alias=AliasChoices(entry.env, *entry.aliases, name),
+        validation_alias=AliasChoices(entry.env, *entry.aliases),
         description=entry.description,
         **constraints,
     )
 
 
+class DocumentedVariables(PydanticBaseSettingsSource):
+    """The environment, read by the table's variables and older names only, spelled exactly.
+
+    pydantic-settings' own source also takes a field's name in any case (`API_KEY`, `workers`)
+    as its variable: a stray `API_KEY` in a container would switch authentication on."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads everything at once
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in self.settings_cls.model_fields:
+            entry = SETTINGS[name]
+            for variable in (entry.env, *entry.aliases):  # the current name wins
+                value = os.environ.get(variable)
+                if value:  # empty means the default
+                    values[entry.env] = value  # the key init arguments are normalised to
+                    break
+        return values
+
+
 class SettingsBase(BaseSettings):
-    """Read from the environment once; an empty variable means the default."""
+    """Read from the environment once (only the documented variables); an empty variable means
+    the default."""
 
     model_config = SettingsConfigDict(
         env_ignore_empty=True, extra="ignore", frozen=True, populate_by_name=True
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, DocumentedVariables(settings_cls)
 
     def shown(self) -> dict[str, Any]:
         """The settings as they may be logged: a secret only says whether it is set."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,6 +24,7 @@ from iei.client import (
     chunks,
     encode_image,
 )
+from iei.client.bulk import embed_paths
 from PIL import Image
 
 DIMENSION = 4
@@ -318,3 +320,76 @@ def test_the_async_client_raises_typed_errors():
 
     with pytest.raises(AuthenticationError):
         asyncio.run(run())
+
+
+# --- bounded memory: inputs are read and encoded a request at a time ---------------------------
+
+
+class ReadsBeforeFirstEmbed(FakeServer):
+    """Counts the files read (Path.read_bytes) and remembers how many had been read when the
+    first /embed arrived."""
+
+    def __init__(self, info: dict) -> None:
+        super().__init__(info=info)
+        self.reads = 0
+        self.reads_at_first_embed: int | None = None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/embed" and self.reads_at_first_embed is None:
+            self.reads_at_first_embed = self.reads
+        return super().__call__(request)
+
+
+@pytest.fixture
+def counted_reads(monkeypatch, tmp_path):
+    """A server that counts file reads, and 10,000 paths of one small image."""
+    server = ReadsBeforeFirstEmbed({"max_client_batch_size": 8, "embedding_dimension": DIMENSION})
+    read_bytes = Path.read_bytes
+
+    def counting(path: Path) -> bytes:
+        server.reads += 1
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    image = tmp_path / "one.png"
+    image.write_bytes(png((1, 2, 3)))
+    return server, [str(image)] * 10_000
+
+
+def test_embed_reads_and_encodes_one_request_s_images_before_sending_it(counted_reads):
+    server, paths = counted_reads
+    client, _ = client_for(server)
+    vectors = client.embed(paths)
+    assert vectors.shape == (10_000, DIMENSION)
+    assert server.reads_at_first_embed == 8  # not 10,000 base64 strings at once
+    assert server.reads == 10_000
+
+
+def test_the_async_client_reads_and_encodes_one_request_s_images_before_sending_it(counted_reads):
+    server, paths = counted_reads
+
+    async def run() -> np.ndarray:
+        async with AsyncIEIClient("http://iei.test", transport=httpx.MockTransport(server)) as c:
+            return await c.embed(iter(paths))  # a generator works too
+
+    assert asyncio.run(run()).shape == (10_000, DIMENSION)
+    assert server.reads_at_first_embed == 8
+
+
+def test_iei_embed_reads_at_most_batch_size_times_concurrency_before_the_first_request(
+    counted_reads,
+):
+    server, paths = counted_reads
+    embedded: list[str] = []
+
+    async def run() -> None:
+        async with AsyncIEIClient("http://iei.test", transport=httpx.MockTransport(server)) as c:
+            await embed_paths(
+                c, paths[:2000], batch_size=4, concurrency=3, normalize=True,
+                on_embedded=lambda batch, _: embedded.extend(batch),
+                on_skipped=lambda path, reason: pytest.fail(reason),
+            )  # fmt: skip
+
+    asyncio.run(run())
+    assert len(embedded) == 2000
+    assert server.reads_at_first_embed is not None and server.reads_at_first_embed <= 4 * 3

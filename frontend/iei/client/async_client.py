@@ -4,7 +4,7 @@ encoding PIL/numpy images runs in a worker thread, off the event loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -58,8 +58,9 @@ class AsyncIEIClient:
         async with self._info_lock:
             return await self._run(self._core.info())
 
-    async def embed(self, images: Sequence[ImageInput], *, normalize: bool = True) -> np.ndarray:
-        """Vectors of `images` (unit length unless normalize=False), float32 (N, D)."""
+    async def embed(self, images: Iterable[ImageInput], *, normalize: bool = True) -> np.ndarray:
+        """Vectors of `images` (unit length unless normalize=False), float32 (N, D). Each
+        request's images are read and encoded just before it is sent (bounded memory)."""
         await self.info()
         return await self._run(self._core.embed(images, normalize))
 

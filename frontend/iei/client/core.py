@@ -7,8 +7,9 @@ images — and are sent back the result. `IEIClient` carries the steps out with 
 from __future__ import annotations
 
 import random
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, TypeAlias, TypeVar
 
 import httpx
@@ -76,6 +77,14 @@ class RetryPolicy:
         return min(wait, self.max_backoff)
 
 
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last may be shorter), taken from the iterable only as
+    each list is asked for."""
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
 def chunks(encoded: Sequence[str], max_items: int, max_chars: int | None) -> Iterator[range]:
     """Index ranges of at most `max_items` inputs and (where possible) `max_chars` characters."""
     start, size = 0, 0
@@ -141,10 +150,18 @@ class ClientCore:
             self.server_info = orjson.loads(response.content)
         return self.server_info
 
-    def embed(self, images: Sequence[ImageInput], normalize: bool) -> Plan[np.ndarray]:
-        """Vectors of `images` as float32 (N, D): requests within the server's limits, in order."""
-        encoded: list[str] = yield Encode(images)
-        return (yield from self.embed_inputs(encoded, {"normalize": normalize}))
+    def embed(self, images: Iterable[ImageInput], normalize: bool) -> Plan[np.ndarray]:
+        """Vectors of `images` as float32 (N, D): requests within the server's limits, in order.
+
+        Each request's inputs are read and encoded just before it is sent, so a client holds
+        one request's worth of base64 however many images it is given (a generator too)."""
+        yield from self.info()
+        per_request, _, dimension = self.limits()
+        parts = []
+        for batch in batches(images, per_request):
+            encoded: list[str] = yield Encode(batch)
+            parts.extend((yield from self.send_inputs(encoded, {"normalize": normalize})))
+        return as_matrix(parts, dimension)
 
     def embed_texts(
         self, texts: Sequence[str], normalize: bool, truncate: bool
@@ -163,13 +180,17 @@ class ClientCore:
     def embed_inputs(self, inputs: list[str], options: dict[str, Any]) -> Plan[np.ndarray]:
         """POST /embed in requests within the server's limits (inputs and payload), in order."""
         yield from self.info()
-        per_request, max_chars, dimension = self.limits()
+        return as_matrix((yield from self.send_inputs(inputs, options)), self.limits()[2])
+
+    def send_inputs(self, inputs: list[str], options: dict[str, Any]) -> Plan[list[np.ndarray]]:
+        """POST /embed of `inputs` in requests within the server's limits; their vectors."""
+        per_request, max_chars, _ = self.limits()
         parts = []
         for span in chunks(inputs, per_request, max_chars):
             body = {"inputs": [inputs[i] for i in span], **options}
             response = yield from self.request("POST", "/embed", body)
             parts.append(vectors_from(response))
-        return as_matrix(parts, dimension)
+        return parts
 
     def request(self, method: str, path: str, body: object = None) -> Plan[httpx.Response]:
         """One call, retried on 429, 503 and lost connections; other errors raise at once."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -55,8 +55,9 @@ class IEIClient:
         """`GET /info`, fetched once and kept."""
         return self._run(self._core.info())
 
-    def embed(self, images: Sequence[ImageInput], *, normalize: bool = True) -> np.ndarray:
-        """Vectors of `images` (unit length unless normalize=False), float32 (N, D)."""
+    def embed(self, images: Iterable[ImageInput], *, normalize: bool = True) -> np.ndarray:
+        """Vectors of `images` (unit length unless normalize=False), float32 (N, D). Each
+        request's images are read and encoded just before it is sent (bounded memory)."""
         return self._run(self._core.embed(images, normalize))
 
     def embed_texts(

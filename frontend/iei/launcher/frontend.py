@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from .addresses import dial_endpoint, local_client
 from .errors import TritonStartupError
 from .processes import die_with_parent, stop_process
 from .settings import LauncherSettings
@@ -43,10 +44,7 @@ class Frontend:
 
     @property
     def local_url(self) -> str:
-        host = self.settings.host
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 (a mapping, not a bind)
-        literal = f"[{host}]" if ":" in host else host
-        return f"http://{literal}:{self.settings.port}"
+        return f"http://{dial_endpoint(self.settings.host, self.settings.port)}"
 
     def start(self) -> None:
         settings = self.settings
@@ -71,7 +69,7 @@ class Frontend:
 
     def wait_healthy(self, timeout: float, should_stop: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=10.0) as client:  # /health may run a probe inference
+        with local_client(10.0) as client:  # /health may run a probe inference
             while time.monotonic() < deadline:
                 if should_stop():
                     raise TritonStartupError("stopped before the frontend was healthy")

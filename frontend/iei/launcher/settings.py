@@ -12,6 +12,7 @@ from pydantic import field_validator, model_validator
 
 from ..server.settings import ServerSettings
 from ..settings import setting
+from .addresses import check_listen_address, dial_endpoint
 from .repository import render_model_repository, shipped_model_repository
 
 
@@ -44,6 +45,11 @@ class LauncherSettings(ServerSettings):
             raise ValueError(f"expected host:port, e.g. 0.0.0.0:8000, got {value!r}")
         return value
 
+    @field_validator("triton_host")
+    @classmethod
+    def _check_triton_host(cls, value: str) -> str:
+        return check_listen_address(value)
+
     @field_validator("forward_batch_size")
     @classmethod
     def _check_forward_batch_size(cls, value: str) -> str:
@@ -68,6 +74,12 @@ class LauncherSettings(ServerSettings):
     @cached_property
     def port(self) -> int:
         return int(self.bind.rpartition(":")[2])
+
+    @cached_property
+    def triton_endpoint(self) -> str:
+        """host:port of Triton's HTTP endpoint: IEI_TRITON_URL, else the Triton that `iei serve`
+        starts, dialled where it is bound (loopback for a wildcard, IPv6 in brackets)."""
+        return self.triton_url or dial_endpoint(self.triton_host, self.triton_http_port)
 
     @cached_property
     def repository(self) -> Path:

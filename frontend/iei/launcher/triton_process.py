@@ -24,6 +24,7 @@ import httpx
 
 from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
+from .addresses import dial_endpoint, local_client, triton_addresses
 from .errors import TritonStartupError
 from .models import layout_models, model_layout, served_models
 from .processes import die_with_parent, stop_process
@@ -52,17 +53,18 @@ def triton_arguments(
     shm_prefix: str | None = None,
 ) -> list[str]:
     """Launch arguments of Triton, shared by `iei serve` and the container command."""
+    address, grpc_address = triton_addresses(host)
     arguments = [
         f"--model-repository={model_repository}",
         # The models are loaded by name: the repository also holds the code they share
         # (iei_runtime/), which is no model, and models that this deployment does not serve.
         "--model-control-mode=explicit",
         *(f"--load-model={name}" for name in models),
-        f"--http-address={host}",
+        f"--http-address={address}",
         f"--http-port={http_port}",
-        f"--grpc-address={host}",
+        f"--grpc-address={grpc_address}",
         f"--grpc-port={grpc_port}",
-        f"--metrics-address={host}",
+        f"--metrics-address={address}",
         f"--metrics-port={metrics_port}",
         "--exit-on-error=true",
         "--exit-timeout-secs=15",
@@ -178,9 +180,8 @@ class TritonServer:
 
     @property
     def url(self) -> str:
-        host = self.settings.triton_host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (a mapping, not a bind)
-        return f"http://{host}:{self.settings.triton_http_port}"
+        """Where this Triton answers HTTP (not IEI_TRITON_URL: `iei triton` runs it anyway)."""
+        return f"http://{dial_endpoint(self.settings.triton_host, self.settings.triton_http_port)}"
 
     def start(self) -> None:
         model_env = model_environment(self.settings)
@@ -274,15 +275,15 @@ class TritonServer:
             "parameters": {"priority": PROBE_PRIORITY},
         }).encode()  # fmt: skip
         try:
-            response = httpx.post(
-                f"{self.url}/v2/models/{MODEL_NAME}/infer",
-                content=header + payload,
-                headers={
-                    "Inference-Header-Content-Length": str(len(header)),
-                    "Content-Type": "application/octet-stream",
-                },
-                timeout=self.PROBE_TIMEOUT,
-            )
+            with local_client(self.PROBE_TIMEOUT) as client:
+                response = client.post(
+                    f"{self.url}/v2/models/{MODEL_NAME}/infer",
+                    content=header + payload,
+                    headers={
+                        "Inference-Header-Content-Length": str(len(header)),
+                        "Content-Type": "application/octet-stream",
+                    },
+                )
         except httpx.TimeoutException:
             return f"no answer within {self.PROBE_TIMEOUT:g} s"
         except httpx.HTTPError as exc:
@@ -295,7 +296,7 @@ class TritonServer:
         """Poll the models' readiness until `timeout`, failing at once if Triton exits."""
         deadline = time.monotonic() + timeout
         waiting = [f"{self.url}/v2/models/{name}/ready" for name in self.models or (MODEL_NAME,)]
-        with httpx.Client(timeout=2.0) as client:
+        with local_client(2.0) as client:
             while time.monotonic() < deadline:
                 if not self.running():
                     raise TritonStartupError(self.failure_reason())

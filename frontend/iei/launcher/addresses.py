@@ -1,0 +1,63 @@
+"""Addresses the launcher binds and dials: IPv4 and IPv6 literals, wildcards, and its own HTTP
+client for them.
+
+Triton binds its HTTP and metrics services through libevhtp, which reads a bare address as IPv4
+(`::1` or `localhost` silently became 255.255.255.255) and wants `ipv6:` before an IPv6 one;
+its gRPC service wants `[::1]`. The launcher then dials what Triton was bound to: loopback of
+the same family for a wildcard, the address itself otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import httpx
+
+# A wildcard is bound on every interface; the launcher reaches it on loopback of its family.
+_LOOPBACK_OF = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 (a mapping, not a bind)
+
+
+def check_listen_address(value: str) -> str:
+    """An IP address Triton can bind (brackets around IPv6 allowed), in its plain form; else a
+    ValueError of one line."""
+    plain = value.strip()
+    if plain.startswith("[") and plain.endswith("]"):
+        plain = plain[1:-1]
+    try:
+        address = ipaddress.ip_address(plain)
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address (Triton binds addresses, not names), e.g. 127.0.0.1, "
+            f"0.0.0.0, ::1 or ::, got {value!r}"
+        ) from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise ValueError(f"an address with a zone (%{address.scope_id}) cannot be bound by Triton")
+    return str(address)
+
+
+def dial_host(bound: str) -> str:
+    """The host to call a service on that is bound to `bound`."""
+    return _LOOPBACK_OF.get(bound, bound or "127.0.0.1")
+
+
+def url_host(host: str) -> str:
+    """`host` as it stands in a URL: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def dial_endpoint(bound: str, port: int) -> str:
+    """`host:port` to call a service bound to `bound` on `port` (tritonclient's endpoint form)."""
+    return f"{url_host(dial_host(bound))}:{port}"
+
+
+def triton_addresses(host: str) -> tuple[str, str]:
+    """(HTTP and metrics address, gRPC address) as Triton's flags take `host`."""
+    if ":" in host:
+        return f"ipv6:{host}", f"[{host}]"
+    return host, host
+
+
+def local_client(timeout: float) -> httpx.Client:
+    """The launcher's client for its own children (Triton, the frontend) on this machine: never
+    through a proxy of the environment (HTTP_PROXY would take loopback calls elsewhere)."""
+    return httpx.Client(timeout=timeout, trust_env=False)
