@@ -1,10 +1,10 @@
 # IEI — everything runs from .venv, created from pyproject.toml on first use.
 # .venv needs CPython 3.11 or 3.12: numpy<2, pinned for the Triton wheel (nvidia-pytriton), has no
-# wheel for 3.13 and newer. The first of python3.12, python3.11, python3 that is one, unless
-# PYTHON=... names it.
+# wheel for 3.13 and newer. The first of python3, python3.12, python3.11 that is one (the
+# machine's own python3 first: the one its users and wheels expect), unless PYTHON=... names it.
 PYTHON_VERSION = $(if $(1),$(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null))
 SUPPORTED_PYTHON = $(filter 3.11 3.12,$(call PYTHON_VERSION,$(1)))
-PYTHON ?= $(firstword $(foreach p,python3.12 python3.11 python3,$(if $(call SUPPORTED_PYTHON,$(p)),$(p))))
+PYTHON ?= $(firstword $(foreach p,python3 python3.12 python3.11,$(if $(call SUPPORTED_PYTHON,$(p)),$(p))))
 NO_PYTHON = IEI needs Python 3.11 or 3.12, and $(or $(PYTHON),python3) is \
 	$(or $(call PYTHON_VERSION,$(or $(PYTHON),python3)),not found) (numpy<2, pinned for the Triton \
 	wheel, has no wheel for 3.13+): install Python 3.12 (e.g. `uv python install 3.12`) and run \

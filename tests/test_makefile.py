@@ -44,7 +44,7 @@ def make_setup(
         ({"python3": "3.13", "python3.13": "3.13", "python3.12": "3.12"}, "python3.12"),
         ({"python3": "3.13", "python3.11": "3.11"}, "python3.11"),
         ({"python3": "3.12"}, "python3"),
-        ({"python3": "3.11", "python3.12": "3.12"}, "python3.12"),
+        ({"python3": "3.11", "python3.12": "3.12"}, "python3"),
     ],
 )
 def test_setup_takes_a_python_the_pinned_wheels_support(tmp_path, pythons, chosen):
