@@ -101,7 +101,8 @@ _SETTINGS = [
     )),
     ("api_key", Setting(
         "IEI_API_KEY", None, "secret", (SERVER,),
-        "Bearer key required by every route but `/health`, `/metrics` and the docs",
+        "Bearer key required by every route except `/health`, `/live`, `/metrics`, the API "
+        "docs (`/docs` and below, `/redoc`, `/openapi.json`) and the demo page (`GET /`)",
     )),
     ("served_model_name", Setting(
         "IEI_SERVED_MODEL_NAME", None, "str", (SERVER,),

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,6 +23,7 @@ from iei.server.errors import ApiError
 from iei.server.inputs import InvalidInput
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
+from iei.settings import SETTINGS
 from PIL import Image
 from pydantic import SecretStr
 from sample_images import encode
@@ -29,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.anyio
 
+ROOT = Path(__file__).resolve().parents[2]
 PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
 
 
@@ -415,6 +419,54 @@ async def test_a_wrong_key_is_refused_before_the_body_is_read():
         assert not body.read
         assert (await client.get("/live")).status_code == 200  # probes need no key
         assert (await client.get("/health")).status_code == 200
+
+
+def documented_exempt_routes() -> list[str]:
+    """The routes IEI_API_KEY's description (the settings table, README's table) names as open."""
+    description = SETTINGS["api_key"].description
+    return re.findall(r"`(?:GET )?(/[a-z./]*)`", description)
+
+
+def served_routes(routes: list) -> list[tuple[str, set[str]]]:
+    """(path, methods but HEAD) of every route, those of included routers too (FastAPI 0.165
+    keeps an included router whole, as `original_router`)."""
+    found = []
+    for route in routes:
+        if hasattr(route, "original_router"):
+            found += served_routes(route.original_router.routes)
+        elif getattr(route, "methods", None):
+            found.append((route.path, set(route.methods) - {"HEAD"}))
+    return found
+
+
+async def test_the_routes_documented_as_open_are_open_and_no_other():
+    exempt = documented_exempt_routes()
+    assert {"/health", "/live", "/metrics", "/docs", "/redoc", "/openapi.json", "/"} == set(exempt)
+
+    def documented(method: str, path: str) -> bool:  # "`/docs` and below"; the demo page is a GET
+        return method == "GET" and (path in exempt or path.startswith("/docs/"))
+
+    settings = ServerSettings(triton_url="127.0.0.1:1", api_key=SecretStr("k"))
+    async with app_client(settings, FakeTriton()) as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+        routes = {(m, path) for path, methods in served_routes(app.routes) for m in methods}
+        assert {("GET", p) for p in exempt} <= routes
+        for method, path in sorted(routes):
+            response = await client.request(method, path)
+            if documented(method, path):
+                assert response.status_code != 401, (method, path)
+            else:
+                assert response.status_code == 401, (method, path, response.text)
+                key = {"Authorization": "Bearer k"}
+                assert (await client.request(method, path, headers=key)).status_code != 401
+    # README's prose says the same wherever it lists them.
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    mentions = [m.start() for m in re.finditer(r"every route (?:but|except)", readme)]
+    assert mentions
+    for start in mentions:
+        for route in ("`/health`", "`/live`", "`/metrics`", "`/redoc`", "`/openapi.json`"):
+            assert route in readme[start : start + 300], readme[start : start + 300]
+        assert "`GET /`" in readme[start : start + 300], readme[start : start + 300]
 
 
 async def test_a_full_worker_refuses_before_the_body_is_read():
