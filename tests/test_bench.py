@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +261,32 @@ def test_report_compares_with_the_original_service(tmp_path, theirs, met):
     del results["vit"]["original"]
     report.write(results, tmp_path)
     assert "--original /path/to/checkout" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_parity_compares_each_file_and_the_report_shows_refusals(tmp_path):
+    """`python -m bench.parity`: cosines per file, a refusal named by its status, and the
+    largest cosine between different photos; the section appears in benchmarks.md."""
+    from bench import parity
+
+    files = parity.inputs()
+    assert {"camera.png", "coffee.jpg, EXIF orientation 6", "coffee.jpg as CMYK JPEG"} <= set(files)
+    a, b = np.array([1.0, 0.0]), np.array([1.0, 1.0])
+    ours = {"coffee.jpg": a, "rocket.jpg": b, "camera.png": np.array([0.0, 1.0])}
+    theirs = {"coffee.jpg": a, "rocket.jpg": a, "camera.png": "HTTP 400"}
+    run = {"model": "vit-tiny", **parity.compare(ours, theirs)}
+    cosines = {r["input"]: r["cosine"] for r in run["rows"]}
+    assert cosines["coffee.jpg"] == pytest.approx(1.0)
+    assert cosines["rocket.jpg"] == pytest.approx(2**-0.5)
+    assert cosines["camera.png"] is None
+    assert run["between_photos_max"] == pytest.approx(2**-0.5)  # over the photos IEI embedded
+    results = known_results(served_rate=9.5)
+    meta = {"command": "python -m bench.parity x", "date": "d"}
+    results["parity"] = {"meta": meta, "runs": [run]}
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## IEI's vectors beside the original's" in text
+    assert "| `camera.png` | - | vector | HTTP 400 |" in text
+    assert "| `rocket.jpg` | 0.707107 | vector | vector |" in text
 
 
 def test_the_hub_cache_resolves_the_original_s_model_id_offline(tmp_path):
