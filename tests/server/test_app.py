@@ -459,14 +459,14 @@ async def test_the_routes_documented_as_open_are_open_and_no_other():
                 assert response.status_code == 401, (method, path, response.text)
                 key = {"Authorization": "Bearer k"}
                 assert (await client.request(method, path, headers=key)).status_code != 401
-    # README's prose says the same wherever it lists them.
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    mentions = [m.start() for m in re.finditer(r"every route (?:but|except)", readme)]
-    assert mentions
-    for start in mentions:
-        for route in ("`/health`", "`/live`", "`/metrics`", "`/redoc`", "`/openapi.json`"):
-            assert route in readme[start : start + 300], readme[start : start + 300]
-        assert "`GET /`" in readme[start : start + 300], readme[start : start + 300]
+    # The prose of README and docs/ says the same wherever it lists them.
+    for document in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        text = " ".join(document.read_text().split())
+        for found in re.finditer(r"every route (?:but|except)", text):
+            listed = text[found.start() : found.start() + 300]
+            for route in ("`/health`", "`/live`", "`/metrics`", "`/redoc`", "`/openapi.json`"):
+                assert route in listed, (document.name, listed)
+            assert "`GET /`" in listed, (document.name, listed)
 
 
 async def test_a_full_worker_refuses_before_the_body_is_read():
