@@ -429,6 +429,25 @@ def test_the_readmes_model_guide_is_the_one_the_last_bench_wrote():
     assert report.model_guide(results) in readme, "regenerate: python -m bench --render-only"
 
 
+def test_the_readme_quotes_the_recorded_parity_run():
+    """README's "The original service's vectors" quotes docs/benchmarks/results.json's `parity`
+    (written by `python -m bench.parity ... --record`), not figures typed from memory."""
+    results = json.loads((ROOT / "docs" / "benchmarks" / "results.json").read_text())
+    runs = {run["model"]: run["rows"] for run in results["parity"]["runs"]}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    quoted = {
+        "vit-base": "{} to {} to the original's vectors on ViT-B/16",
+        "vit-tiny": "{} to {} on the tiny ViT",
+    }
+    for model, words in quoted.items():
+        photos = [r["cosine"] for r in runs[model] if r["input"].endswith(".jpg")]
+        assert words.format(f"{min(photos):.5f}", f"{max(photos):.6f}") in readme, model
+    base = {r["input"]: r["cosine"] for r in runs["vit-base"]}
+    assert f"EXIF-rotated photo {base['coffee.jpg, EXIF orientation 6']:.3f}" in readme
+    assert f"transparent areas {base['chelsea.jpg, right half transparent (PNG)']:.2f}" in readme
+    assert f"CMYK JPEG {base['coffee.jpg as CMYK JPEG']:.2f}" in readme
+
+
 # --- engines -------------------------------------------------------------------------------------
 
 
