@@ -331,7 +331,8 @@ def parity_section(parity: dict[str, Any]) -> str:
     return f"""## IEI's vectors beside the original's
 
 A run of its own: `{meta["command"]}` ({meta["date"]}). Both services run on the same model
-folder in float32, each file in its own request; the original is
+folder in float32 (IEI with `IEI_DTYPE=float32` and its default engine, OpenVINO on a CPU), each
+file in its own request; the original is
 lloydzhou/image-embedding-inference at 107b3f1, `vit-base` the bench's ViT-B/16 (random
 weights), `vit-tiny` its tiny ViT. A photo the two read alike comes out close, not equal: the
 original resized it with PIL's bicubic filter to the processor's size before the processor's
