@@ -154,6 +154,15 @@ async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
     assert vectors.shape == (7, 2)
 
 
+async def test_the_readmes_chunk_example_with_the_default_settings():
+    """README: with the defaults (IEI_CONCURRENCY_LEVEL 32, max_batch_size 64) a request of 64
+    images is two chunks of 32, sent one after the other."""
+    level = ServerSettings(triton_url="127.0.0.1:1").concurrency_level
+    fake = FakeTriton(max_batch_size=64, delay=0.01)
+    await triton_client_with(fake, concurrency=level).embed([bytes([i]) for i in range(64)])
+    assert (level, fake.chunks, fake.peak) == (32, [32, 32], 32)
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [("iei", "IMAGE[1]: cannot decode image: broken"), ("iei_text", "TEXT[1]: empty text")],
