@@ -48,8 +48,8 @@ JPEG (one thread each, in-process: the tiny-model tables below), 8% of it.
   A client that can batch should send up to 64 images per request (the `/embed` large-request
   row matches gRPC); one that cannot but needs the last few percent can call Triton's gRPC
   endpoint directly. The frontend does not serialise requests: one async Triton client per
-  worker with up to 100 keep-alive connections, and a request's chunks go out concurrently up
-  to `IEI_CONCURRENCY_LEVEL` images.
+  worker with up to 100 keep-alive connections; a request's images go out in chunks of
+  `IEI_CONCURRENCY_LEVEL` (at most `max_batch_size`), as many at once as fit in that many images.
 - Left alone after earlier runs of this bench with the setting in its environment (the
   stack inherits it): `IEI_TRITON_INSTANCES=2` was slower on 2 cores (two instances split the
   same cores) and `IEI_WORKERS=1` no better.
@@ -90,9 +90,9 @@ with `python -m bench --queue-delays 0,2000,10000`.
 - **Input work in parallel.** Decoding and the model's processor run in a thread pool, one
   chunk of the batch per thread (PIL and torch release the GIL); instances x threads <= cores.
 - **Transport.** The frontend decodes base64 with `pybase64` and sends raw bytes as Triton
-  binary tensors over one keep-alive async client per worker; a request's chunks go to Triton
-  concurrently up to `IEI_CONCURRENCY_LEVEL` images; many requests are merged by Triton's
-  dynamic batcher.
+  binary tensors over one keep-alive async client per worker; a request's images go to Triton
+  in chunks of `IEI_CONCURRENCY_LEVEL` (at most `max_batch_size`), as many at once as fit in that
+  many images; many requests are merged by Triton's dynamic batcher.
 """,
     "gpu": """
 ## GPU

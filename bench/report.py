@@ -306,6 +306,47 @@ Best of each over the same two loads: ours {ours:.2f} img/s, the original {their
 """
 
 
+def parity_table(run: dict[str, Any]) -> str:
+    """One model of `python -m bench.parity`: IEI's vector against the original's per file."""
+    rows = [
+        (
+            f"`{r['input']}`" if " " not in r["input"] else r["input"],
+            f"{r['cosine']:.6f}" if r["cosine"] is not None else "-",
+            r["ours"],
+            r["theirs"],
+        )
+        for r in run["rows"]
+    ]
+    between = run.get("between_photos_max")
+    note = f"two different photos (IEI's vectors): at most {between:.4f}" if between else ""
+    return f"""**{run["model"]}** ({note})
+
+{table(("input", "cosine, IEI to the original", "IEI", "the original"), rows)}
+"""
+
+
+def parity_section(parity: dict[str, Any]) -> str:
+    meta = parity["meta"]
+    tables = "\n".join(parity_table(r) for r in parity["runs"])
+    return f"""## IEI's vectors beside the original's
+
+A run of its own: `{meta["command"]}` ({meta["date"]}). Both services run on the same model
+folder in float32 (IEI with `IEI_DTYPE=float32` and its default engine, OpenVINO on a CPU), each
+file in its own request; the original is
+lloydzhou/image-embedding-inference at 107b3f1, `vit-base` the bench's ViT-B/16 (random
+weights), `vit-tiny` its tiny ViT. A photo the two read alike comes out close, not equal: the
+original resized it with PIL's bicubic filter to the processor's size before the processor's
+own (bilinear) resize; IEI gives the processor the decoded photo. The original did not apply
+the EXIF orientation (IEI embeds the upright picture), dropped alpha without compositing (IEI:
+over white; the transparent half keeps its colours underneath, so the two see different
+pictures), read CMYK's C, M, Y as R, G, B (IEI converts), and refused a greyscale picture (400,
+"Image must be RGB or RGBA"; IEI converts it to RGB). Read each cosine against the largest one
+between two different photos: random weights put every photo close to every other, so 0.998
+for the rotated photo is a real difference, not rounding.
+
+{tables}"""
+
+
 def families_section(families: dict[str, Any]) -> str:
     from .families import FAMILIES
 
@@ -680,6 +721,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         parts.append(original_section(results["vit"], meta.get("command", "")))
     else:
         parts.append(NOTES["original"])
+    if "parity" in results:
+        parts.append(parity_section(results["parity"]))
     (out / "benchmarks.md").write_text("\n".join(p.rstrip() + "\n" for p in parts))
     plot(results, out / PLOTS)
 

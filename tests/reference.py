@@ -6,6 +6,9 @@ service runs the torchvision one), the full model (the service loads one tower o
 encoder), and its own pooling: `get_image_features` / `get_text_features` for dual encoders,
 `pooler_output` for DINOv2, the mean of the last hidden state for the rest.
 
+`Original` is the original IEI service's pipeline, rebuilt from its source, to measure how far
+IEI's vectors are from the ones it returned.
+
 Texts are tokenized as Hugging Face's own zero-shot pipeline does: SigLIP and SigLIP2 padded to
 `max_length` 64, CLIP padded to the longest text, both truncated to the context; the mask is
 whatever the tokenizer returns (SigLIP's has one, SigLIP2's files say none). SigLIP2's
@@ -112,6 +115,52 @@ class Reference:
         )
         with self.torch.no_grad():
             return unit(self.model.get_text_features(**tokens).pooler_output)
+
+
+class Original:
+    """The original IEI service's own pipeline (lloydzhou/image-embedding-inference, commit
+    107b3f1, `server.py`), rebuilt from its source: what its `/embed` returned for one image.
+
+    `np.array(Image.open(file))`: no EXIF orientation; a picture without three dimensions
+    (greyscale, palette, 16-bit) is refused; a fourth channel is dropped, alpha without
+    compositing (and CMYK's K, its C, M, Y read as R, G, B). Then PIL's `resize` to the
+    processor's `size` (its default filter, bicubic), the processor (`use_fast=True`: the
+    torchvision one), `AutoModel(add_pooling_layer=False)` in float32 and the mean of the last
+    hidden state over dimension 1.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.torch = torch
+        self.processor = AutoImageProcessor.from_pretrained(model_dir, backend="torchvision")
+        self.model = AutoModel.from_pretrained(
+            model_dir, dtype=torch.float32, add_pooling_layer=False
+        ).eval()
+
+    def pixels(self, data: bytes) -> Image.Image:
+        """The picture its processor was given; ValueError where it answered 400."""
+        array = np.array(Image.open(io.BytesIO(data)))
+        if array.ndim != 3:
+            raise ValueError("Image must be RGB or RGBA")  # its message, its 400
+        if array.shape[2] == 4:
+            array = array[:, :, :3]
+        size = self.processor.size
+        return Image.fromarray(array).resize((size["width"], size["height"]))
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Raw vectors (it did not normalise), one per picture, each computed alone."""
+        rows = []
+        with self.torch.no_grad():
+            for image in images:
+                inputs = self.processor(images=image, return_tensors="pt")
+                hidden = self.model(**inputs).last_hidden_state
+                rows.append(hidden.mean(dim=1).numpy()[0])
+        return np.stack(rows)
+
+    def embed(self, files: list[bytes]) -> np.ndarray:
+        return self.embed_images([self.pixels(f) for f in files])
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +263,32 @@ def test_report_compares_with_the_original_service(tmp_path, theirs, met):
     assert "--original /path/to/checkout" in (tmp_path / "benchmarks.md").read_text()
 
 
+def test_parity_compares_each_file_and_the_report_shows_refusals(tmp_path):
+    """`python -m bench.parity`: cosines per file, a refusal named by its status, and the
+    largest cosine between different photos; the section appears in benchmarks.md."""
+    from bench import parity
+
+    files = parity.inputs()
+    assert {"camera.png", "coffee.jpg, EXIF orientation 6", "coffee.jpg as CMYK JPEG"} <= set(files)
+    a, b = np.array([1.0, 0.0]), np.array([1.0, 1.0])
+    ours = {"coffee.jpg": a, "rocket.jpg": b, "camera.png": np.array([0.0, 1.0])}
+    theirs = {"coffee.jpg": a, "rocket.jpg": a, "camera.png": "HTTP 400"}
+    run = {"model": "vit-tiny", **parity.compare(ours, theirs)}
+    cosines = {r["input"]: r["cosine"] for r in run["rows"]}
+    assert cosines["coffee.jpg"] == pytest.approx(1.0)
+    assert cosines["rocket.jpg"] == pytest.approx(2**-0.5)
+    assert cosines["camera.png"] is None
+    assert run["between_photos_max"] == pytest.approx(2**-0.5)  # over the photos IEI embedded
+    results = known_results(served_rate=9.5)
+    meta = {"command": "python -m bench.parity x", "date": "d"}
+    results["parity"] = {"meta": meta, "runs": [run]}
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## IEI's vectors beside the original's" in text
+    assert "| `camera.png` | - | vector | HTTP 400 |" in text
+    assert "| `rocket.jpg` | 0.707107 | vector | vector |" in text
+
+
 def test_the_hub_cache_resolves_the_original_s_model_id_offline(tmp_path):
     from transformers import AutoConfig, ViTConfig
 
@@ -400,6 +427,25 @@ def test_the_readmes_model_guide_is_the_one_the_last_bench_wrote():
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     readme = (ROOT / "README.md").read_text()
     assert report.model_guide(results) in readme, "regenerate: python -m bench --render-only"
+
+
+def test_the_readme_quotes_the_recorded_parity_run():
+    """README's "The original service's vectors" quotes docs/benchmarks/results.json's `parity`
+    (written by `python -m bench.parity ... --record`), not figures typed from memory."""
+    results = json.loads((ROOT / "docs" / "benchmarks" / "results.json").read_text())
+    runs = {run["model"]: run["rows"] for run in results["parity"]["runs"]}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    quoted = {
+        "vit-base": "{} to {} to the original's vectors on ViT-B/16",
+        "vit-tiny": "{} to {} on the tiny ViT",
+    }
+    for model, words in quoted.items():
+        photos = [r["cosine"] for r in runs[model] if r["input"].endswith(".jpg")]
+        assert words.format(f"{min(photos):.5f}", f"{max(photos):.6f}") in readme, model
+    base = {r["input"]: r["cosine"] for r in runs["vit-base"]}
+    assert f"EXIF-rotated photo {base['coffee.jpg, EXIF orientation 6']:.3f}" in readme
+    assert f"transparent areas {base['chelsea.jpg, right half transparent (PNG)']:.2f}" in readme
+    assert f"CMYK JPEG {base['coffee.jpg as CMYK JPEG']:.2f}" in readme
 
 
 # --- engines -------------------------------------------------------------------------------------

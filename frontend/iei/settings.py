@@ -50,7 +50,8 @@ _SETTINGS = [
     )),
     ("concurrency_level", Setting(
         "IEI_CONCURRENCY_LEVEL", 32, "int", (SERVER,),
-        "images of one request in flight to Triton at once",
+        "at most this many images (or texts) of one request in flight to Triton at once; also the "
+        "size of its chunks (capped at the model's `max_batch_size`, 64)",
     )),
     ("dtype", Setting(
         "IEI_DTYPE", "auto", "auto|float32|bfloat16|float16|int8", (LAUNCHER, MODEL),
@@ -103,7 +104,8 @@ _SETTINGS = [
     )),
     ("api_key", Setting(
         "IEI_API_KEY", None, "secret", (SERVER,),
-        "Bearer key required by every route but `/health`, `/metrics` and the docs",
+        "Bearer key required by every route except `/health`, `/live`, `/metrics`, the API "
+        "docs (`/docs` and below, `/redoc`, `/openapi.json`) and the demo page (`GET /`)",
     )),
     ("served_model_name", Setting(
         "IEI_SERVED_MODEL_NAME", None, "str", (SERVER,),
@@ -165,7 +167,8 @@ _SETTINGS = [
     )),
     ("triton_max_queue_size", Setting(
         "IEI_TRITON_MAX_QUEUE_SIZE", 256, "int", (LAUNCHER,),
-        "Triton requests (chunks of up to 64 images) that may wait for a model; more are refused "
+        "Triton requests (up to 64 images each; the frontend's chunks hold at most "
+        "`IEI_CONCURRENCY_LEVEL`) that may wait for a model; more are refused "
         "(503, retry), and one that waited `IEI_REQUEST_TIMEOUT` is dropped, not computed",
     )),
     ("triton_layout", Setting(

@@ -83,3 +83,28 @@ def test_raw_vectors_when_normalize_is_false(family_stack, model_dirs):
     np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit, atol=1e-5)
     dimension = {"convnext": 32, "swin": 64}.get(family, 32)
     assert raw.shape == (2, dimension)
+
+
+def test_a_processor_whose_output_shape_follows_the_image_fails_the_whole_execution(
+    model_dirs, tmp_path
+):
+    """README "Supported models": a processor that keeps the aspect ratio without a crop is not
+    supported. One image alone is served; two shapes in one execution fail it whole (424)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "convnext-aspect"
+    shutil.copytree(model_dirs["convnext"], folder)
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor.update(image_processor_type="BitImageProcessor", do_center_crop=False)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    wide, square = photos()["coffee.jpg"], photos()["astronaut.jpg"]  # 600x400, 512x512
+    stack = Stack(folder, tmp_path / "stack.log", IEI_ENGINE="torch").start()
+    try:
+        assert embed(stack, [wide]).shape == (1, 32)
+        body = {"inputs": [base64.b64encode(f).decode() for f in (wide, square)]}
+        response = httpx.post(f"{stack.url}/embed", json=body, timeout=120)
+        assert response.status_code == 424, response.text
+        assert "stack expects each tensor to be equal size" in response.json()["error"]
+    finally:
+        assert stack.stop() == 0, stack.log()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,6 +23,7 @@ from iei.server.errors import ApiError
 from iei.server.inputs import InvalidInput
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
+from iei.settings import SETTINGS
 from PIL import Image
 from pydantic import SecretStr
 from sample_images import encode
@@ -29,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.anyio
 
+ROOT = Path(__file__).resolve().parents[2]
 PNG = base64.b64encode(encode(Image.new("RGB", (4, 4)), "PNG")).decode()
 
 
@@ -148,6 +152,15 @@ async def test_concurrency_below_the_batch_size_makes_smaller_chunks():
     assert fake.chunks == [3, 3, 1]
     assert fake.peak <= 3
     assert vectors.shape == (7, 2)
+
+
+async def test_the_readmes_chunk_example_with_the_default_settings():
+    """README: with the defaults (IEI_CONCURRENCY_LEVEL 32, max_batch_size 64) a request of 64
+    images is two chunks of 32, sent one after the other."""
+    level = ServerSettings(triton_url="127.0.0.1:1").concurrency_level
+    fake = FakeTriton(max_batch_size=64, delay=0.01)
+    await triton_client_with(fake, concurrency=level).embed([bytes([i]) for i in range(64)])
+    assert (level, fake.chunks, fake.peak) == (32, [32, 32], 32)
 
 
 @pytest.mark.parametrize(
@@ -415,6 +428,54 @@ async def test_a_wrong_key_is_refused_before_the_body_is_read():
         assert not body.read
         assert (await client.get("/live")).status_code == 200  # probes need no key
         assert (await client.get("/health")).status_code == 200
+
+
+def documented_exempt_routes() -> list[str]:
+    """The routes IEI_API_KEY's description (the settings table, README's table) names as open."""
+    description = SETTINGS["api_key"].description
+    return re.findall(r"`(?:GET )?(/[a-z./]*)`", description)
+
+
+def served_routes(routes: list) -> list[tuple[str, set[str]]]:
+    """(path, methods but HEAD) of every route, those of included routers too (FastAPI 0.165
+    keeps an included router whole, as `original_router`)."""
+    found = []
+    for route in routes:
+        if hasattr(route, "original_router"):
+            found += served_routes(route.original_router.routes)
+        elif getattr(route, "methods", None):
+            found.append((route.path, set(route.methods) - {"HEAD"}))
+    return found
+
+
+async def test_the_routes_documented_as_open_are_open_and_no_other():
+    exempt = documented_exempt_routes()
+    assert {"/health", "/live", "/metrics", "/docs", "/redoc", "/openapi.json", "/"} == set(exempt)
+
+    def documented(method: str, path: str) -> bool:  # "`/docs` and below"; the demo page is a GET
+        return method == "GET" and (path in exempt or path.startswith("/docs/"))
+
+    settings = ServerSettings(triton_url="127.0.0.1:1", api_key=SecretStr("k"))
+    async with app_client(settings, FakeTriton()) as client:
+        app = client._transport.app  # type: ignore[attr-defined]
+        routes = {(m, path) for path, methods in served_routes(app.routes) for m in methods}
+        assert {("GET", p) for p in exempt} <= routes
+        for method, path in sorted(routes):
+            response = await client.request(method, path)
+            if documented(method, path):
+                assert response.status_code != 401, (method, path)
+            else:
+                assert response.status_code == 401, (method, path, response.text)
+                key = {"Authorization": "Bearer k"}
+                assert (await client.request(method, path, headers=key)).status_code != 401
+    # The prose of README and docs/ says the same wherever it lists them.
+    for document in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        text = " ".join(document.read_text().split())
+        for found in re.finditer(r"every route (?:but|except)", text):
+            listed = text[found.start() : found.start() + 300]
+            for route in ("`/health`", "`/live`", "`/metrics`", "`/redoc`", "`/openapi.json`"):
+                assert route in listed, (document.name, listed)
+            assert "`GET /`" in listed, (document.name, listed)
 
 
 async def test_a_full_worker_refuses_before_the_body_is_read():
