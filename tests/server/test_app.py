@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -459,3 +460,79 @@ async def test_liveness_does_not_depend_on_triton():
     async with app_client(settings) as client:
         assert (await client.get("/live")).json() == {"status": "alive"}
         assert (await client.get("/health")).status_code == 503
+
+
+# --- access log and metrics ---------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    """The `iei` logger's records, formatted as the frontend writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines():
+    handler = Lines()
+    logger = logging.getLogger("iei")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+async def test_client_strings_cannot_forge_a_log_line(log_lines):
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    forged = "/health%0aINFO GET /embed 200 1.0 ms%0d%1b[2J%e2%80%a8"
+    async with app_client(settings, FakeTriton()) as client:
+        response = await client.get(forged, headers={"x-request-id": "ok\nINFO forged"})
+    assert response.status_code == 404
+    assert response.headers["x-request-id"] != "ok\nINFO forged"  # replaced by a fresh id
+    [line] = [line for line in log_lines if " 404 " in line]
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert line.startswith(
+        "INFO GET /health\\x0aINFO GET /embed 200 1.0 ms\\x0d\\x1b[2J\\x2028 404 "
+    )
+
+
+def requests_counted(route: str, status: int) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"route": route, "status": str(status)}
+    return REGISTRY.get_sample_value("iei_requests_total", labels) or 0.0
+
+
+async def test_answers_given_before_the_route_are_counted_by_route_and_status():
+    settings = ServerSettings(triton_url="127.0.0.1:1", api_key=SecretStr("k"), payload_limit=2048)
+    key = {"authorization": "Bearer k"}
+    # (method, path, headers, body, route label, status)
+    cases = [
+        ("POST", "/embed", {}, b"{}", "/embed", 401),
+        ("POST", "/v1/embeddings", key, b"x" * 4096, "/v1/embeddings", 413),
+        ("POST", "/embed", key, b"{}", "/embed", 429),
+        ("GET", "/no/such/route/1", {}, b"", "unmatched", 401),
+        ("GET", "/no/such/route/2", key, b"", "unmatched", 404),
+        (
+            "POST",
+            "/embed",
+            {**key, "content-type": "application/json"},
+            json.dumps({"inputs": [PNG]}).encode(),
+            "/embed",
+            200,
+        ),
+    ]
+    async with app_client(settings, FakeTriton()) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        for method, path, headers, body, route, status in cases:
+            before = requests_counted(route, status)
+            permits.used = permits.capacity if status == 429 else 0
+            response = await client.request(method, path, headers=headers, content=body)
+            assert response.status_code == status, (path, response.text)
+            assert requests_counted(route, status) == before + 1, (route, status)
+        exposed = (await client.get("/metrics")).text
+    assert "/no/such/route" not in exposed  # clients cannot make label values

@@ -1,5 +1,5 @@
-"""ASGI middleware: admission and the body limit (before anything is read), request ids and
-metrics."""
+"""ASGI middleware: request ids and metrics around everything, then admission and the body limit
+(before anything is read)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import metrics
 from .auth import UNAUTHORIZED, key_accepted
 from .errors import ErrorType, PayloadTooLarge, error_response, overloaded
-from .logs import REQUEST_ID, request_id_from
+from .logs import REQUEST_ID, printable, request_id_from
 
 log = logging.getLogger("iei")
 
@@ -47,7 +47,8 @@ class RequestContext:
         finally:
             log.info(
                 "%s %s %d %.1f ms",
-                scope["method"], scope["path"], status, (time.perf_counter() - start) * 1000,
+                printable(scope["method"]), printable(scope["path"]), status,
+                (time.perf_counter() - start) * 1000,
             )  # fmt: skip
             REQUEST_ID.reset(token)
 
@@ -120,8 +121,24 @@ class BodyLimit:
         await self.app(scope, counting_receive, send)
 
 
+# The route label of every path that no route matches: clients choose paths, and each label
+# value is a time series of its own.
+UNMATCHED = "unmatched"
+
+
+def route_label(scope: Scope) -> str:
+    """The route template of a request (`/embed`, not its raw path), also for an answer given
+    before routing (401, 413, 429): then the route it was meant for; UNMATCHED for none."""
+    route = scope.get("route")
+    if route is None:
+        templates = getattr(scope["app"].state, "routes", ())
+        route = next((r for r in templates if r.path_regex.match(scope["path"])), None)
+    return str(getattr(route, "path", UNMATCHED))
+
+
 class RequestMetrics:
-    """Count and time every request by its route template (not its raw path)."""
+    """Count and time every request by its route template and status, the answers of the
+    admission and the body limit included (this wraps them)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -144,6 +161,6 @@ class RequestMetrics:
             await self.app(scope, receive, remember_status)
         finally:
             metrics.IN_FLIGHT.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_label(scope)
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
