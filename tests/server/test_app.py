@@ -188,20 +188,30 @@ async def test_triton_errors_are_classified_by_status(status, message, probe_fai
     assert message in caught.value.message
 
 
-async def test_the_first_failed_chunk_cancels_the_others():
+async def test_the_first_failed_chunk_cancels_the_unsent_ones_and_outlives_the_sent_ones():
+    """A chunk already in Triton is computed anyway: it runs to its end, counted in the
+    request's work (its permits stay taken); the chunks not yet sent never are."""
+    from iei.server.limits import WORK, Work
+
     class FailsFirst(FakeTriton):
         async def infer(self, name, inputs, outputs=None, priority=0):
             if inputs[0].test_images[0][0] == b"\x00":
                 raise InferenceServerException("IMAGE[0]: bad", status="400")
             return await super().infer(name, inputs, outputs, priority)
 
-    fake = FailsFirst(max_batch_size=1, delay=30)
-    triton = triton_client_with(fake, concurrency=4)
+    fake = FailsFirst(max_batch_size=1, delay=1.0)
+    triton = triton_client_with(fake, concurrency=2)  # two chunks of one in flight at once
+    work = Work()
+    WORK.set(work)
     started = time.monotonic()
     with pytest.raises(InvalidInput, match=r"inputs\[0\]: bad"):
         await triton.embed([bytes([i]) for i in range(4)])
-    assert time.monotonic() - started < 5  # the three 30 s chunks were cancelled, not awaited
-    assert fake.in_flight == 0  # and nothing of the request is left running
+    assert time.monotonic() - started < 0.5  # the request fails at once
+    # chunk 1 (and chunk 2, when it took chunk 0's turn first) runs on, counted in the work
+    assert work.running == fake.in_flight >= 1
+    await asyncio.sleep(1.5)
+    assert (fake.in_flight, work.running) == (0, 0)
+    assert len(fake.chunks) <= 2  # the last chunks were never sent
 
 
 async def test_probes_share_one_inference_at_the_head_of_the_queue():
@@ -254,6 +264,58 @@ async def test_a_slow_triton_ends_in_504():
         response = await client.post("/embed", json={"inputs": [PNG]})
     assert response.status_code == 504
     assert response.json()["error_type"] == "Timeout"
+
+
+async def eventually(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_timed_out_request_keeps_its_permits_until_triton_answers():
+    """The 504 does not stop Triton: the request's inputs stay counted (and refuse others)
+    until its call returns, so IEI_MAX_CONCURRENT_IMAGES bounds what really runs."""
+    settings = ServerSettings(
+        triton_url="127.0.0.1:1",
+        request_timeout=0.2,
+        max_client_batch_size=2,
+        max_concurrent_images=2,
+    )
+    fake = FakeTriton(delay=1.5)
+    async with app_client(settings, fake) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        timed_out = await client.post("/embed", json={"inputs": [PNG, PNG]})
+        assert timed_out.status_code == 504
+        assert (fake.in_flight, permits.used) == (2, 2)  # Triton still computes both
+        refused = await client.post("/embed", json={"inputs": [PNG]})
+        assert refused.status_code == 429
+        await eventually(lambda: fake.in_flight == 0)
+        assert permits.used == 0  # given back when Triton answered
+        fake.delay = 0
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+
+
+async def test_a_timed_out_request_keeps_its_permits_until_its_decoding_thread_ends(monkeypatch):
+    from iei.server import embedding as service
+
+    finished = []
+
+    def slow_prepare(*args):
+        time.sleep(1.0)
+        finished.append(True)
+        return []
+
+    monkeypatch.setattr(service, "prepare_inputs", slow_prepare)
+    monkeypatch.setattr(service, "INLINE_INPUTS", 0)  # every input decoded in a thread
+    settings = ServerSettings(triton_url="127.0.0.1:1", request_timeout=0.2)
+    async with app_client(settings, FakeTriton()) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        response = await client.post("/embed", json={"inputs": [PNG, PNG, PNG]})
+        assert response.status_code == 504
+        assert (finished, permits.used) == ([], 3)  # the thread runs on: its inputs counted
+        await eventually(lambda: bool(finished))
+        await eventually(lambda: permits.used == 0)
 
 
 async def test_normalisation_in_the_frontend():

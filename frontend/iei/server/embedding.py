@@ -15,7 +15,7 @@ from . import metrics
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
-from .limits import Capacity
+from .limits import WORK, Capacity, Work, outliving
 from .settings import ServerSettings
 from .triton_client import TritonClient
 
@@ -91,6 +91,8 @@ async def embed_inputs(
     if not services.permits.try_take(count):
         raise overloaded(settings.max_concurrent_images, count)
     downloads = services.fetcher.request_budget(settings.url_request_max_bytes)
+    work = Work()
+    current = WORK.set(work)
     try:
         async with asyncio.timeout(settings.request_timeout):
             try:
@@ -113,9 +115,16 @@ async def embed_inputs(
         raise ApiError(
             ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
         ) from None
-    finally:  # every part of the work has ended here (task groups): nothing still holds these
-        downloads.release()
-        services.permits.give_back(count)
+    finally:
+        WORK.reset(current)
+
+        def release() -> None:
+            downloads.release()
+            services.permits.give_back(count)
+
+        # The parts that can be stopped were (task groups); a decoding thread or a call already
+        # in Triton runs on after a timeout, and keeps the request's inputs counted until it ends.
+        work.then(release)
     parts = [(images, done.get(IMAGE))]
     if TEXT in done:
         text_vectors, tokens = done[TEXT]
@@ -167,7 +176,7 @@ async def image_files(
         if len(values) <= INLINE_INPUTS and size <= INLINE_INPUT_SIZE:
             images = prepare_inputs(values, max_pixels, fetched)
         else:  # base64 of many megabytes is real CPU work: keep it off the event loop.
-            images = await run_in_threadpool(prepare_inputs, values, max_pixels, fetched)
+            images = await outliving(run_in_threadpool(prepare_inputs, values, max_pixels, fetched))
     except InvalidInput as exc:
         raise exc.among(positions) from None
     return [image.data for image in images]

@@ -32,6 +32,7 @@ from ..contract import (
 from . import metrics
 from .errors import ApiError, ErrorType, first_error
 from .inputs import InvalidInput
+from .limits import WORK, outliving
 
 log = logging.getLogger("iei")
 
@@ -108,6 +109,7 @@ class TritonClient:
         return await asyncio.shield(self._probe)
 
     async def _run_probe(self) -> bool:
+        WORK.set(None)  # shared by every caller: no request's work (this task's own context)
         request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
@@ -201,7 +203,9 @@ class TritonClient:
         explain: bool = True,
     ) -> list[np.ndarray]:
         wanted = [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
-        call = self.server.infer(model, [request], outputs=wanted, priority=priority)
+        # Once sent, Triton computes it whoever waits: it runs to its end, counted in the request's
+        # work (a timeout does not give the request's permits back before Triton does).
+        call = outliving(self.server.infer(model, [request], outputs=wanted, priority=priority))
         with metrics.TRITON_SECONDS.time():
             result = await self._call(call, offset, explain=explain)
         arrays = [result.as_numpy(name) for name in outputs]
