@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class Work:
         self.running = 0
         self._then: Callable[[], None] | None = None
 
-    def track(self, piece: asyncio.Future[object]) -> None:
+    def track(self, piece: asyncio.Future[Any]) -> None:
         self.running += 1
         piece.add_done_callback(self._ended)
 
@@ -48,7 +48,7 @@ class Work:
         self._then = release
         self._settle()
 
-    def _ended(self, piece: asyncio.Future[object]) -> None:
+    def _ended(self, piece: asyncio.Future[Any]) -> None:
         if not piece.cancelled():
             piece.exception()  # retrieved: nobody may be left to await it
         self.running -= 1
