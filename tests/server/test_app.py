@@ -494,6 +494,70 @@ async def test_a_full_worker_refuses_before_the_body_is_read():
         assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
 
 
+class SlowBody:
+    """A body sent in two parts, the second only once `go` is set."""
+
+    def __init__(self, first: bytes, second: bytes = b"") -> None:
+        self.first, self.second = first, second
+        self.go = asyncio.Event()
+
+    async def __aiter__(self):
+        yield self.first
+        await self.go.wait()
+        yield self.second
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_bytes():
+    settings = ServerSettings(triton_url="127.0.0.1:1", body_read_timeout=0.3)
+    async with app_client(settings, FakeTriton()) as client:
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
+        started = time.monotonic()
+        body = SlowBody(b'{"inputs": ["')
+        response = await client.post(
+            "/embed", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 408
+        assert response.json()["error_type"] == "Timeout"
+        assert "IEI_BODY_READ_TIMEOUT" in response.json()["error"]
+        assert time.monotonic() - started < 2
+        assert bodies.used == 0
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+
+
+async def test_the_bodies_a_worker_holds_are_bounded_together():
+    """Bodies count from their Content-Length before anything is read (or as their chunks
+    arrive), until their request ends; beyond IEI_BODY_WORKER_MAX_BYTES a 429 at once."""
+    settings = ServerSettings(
+        triton_url="127.0.0.1:1", payload_limit=6000, body_worker_max_bytes=10000
+    )
+    json_type = {"content-type": "application/json"}
+    async with app_client(settings, FakeTriton()) as client:
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
+        first = b'{"inputs": ["' + PNG.encode() + b'"], "padding": "'
+        slow = SlowBody(first, b"x" * (5000 - len(first)) + b'"}')
+        declared = {**json_type, "content-length": "5000"}
+        holding = asyncio.create_task(client.post("/embed", content=slow, headers=declared))
+        await eventually(lambda: bodies.used == 5000)  # counted before it was read
+        chunked = SlowBody(b"x" * 3000, b"x" * 3000)  # no Content-Length: counted as it comes
+        streaming = asyncio.create_task(client.post("/embed", content=chunked, headers=json_type))
+        await eventually(lambda: bodies.used == 8000)
+        unread = UnreadBody(5400)
+        refused = await client.post(
+            "/v1/embeddings", content=unread, headers={"content-length": "5500"}
+        )
+        assert refused.status_code == 429 and not unread.read
+        assert refused.headers["retry-after"] == "1"
+        assert "IEI_BODY_WORKER_MAX_BYTES" in refused.json()["error"]["message"]
+        chunked.go.set()  # its second part would pass the worker's bound
+        overloaded = await streaming
+        assert overloaded.status_code == 429, overloaded.text
+        assert overloaded.json()["error_type"] == "Overloaded"
+        assert bodies.used == 5000
+        slow.go.set()
+        assert (await holding).status_code == 200
+        assert bodies.used == 0
+
+
 async def test_a_large_json_body_is_parsed_off_the_event_loop(monkeypatch):
     parsed_in_thread = []
     original = routing.run_in_threadpool

@@ -15,7 +15,7 @@ from . import metrics
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
-from .limits import WORK, Capacity, Work, outliving
+from .limits import Capacity, outliving, request_work
 from .settings import ServerSettings
 from .triton_client import TritonClient
 
@@ -75,7 +75,8 @@ async def embed_inputs(
 ) -> Embedded:
     """Validate, fetch and check the inputs, then embed them with Triton (images with `iei`,
     texts with `iei_text`, both at once); raw vectors in input order. A text longer than the
-    model's context is cut to it, or refused when `truncate` is false."""
+    model's context is cut to it, or refused when `truncate` is false: then before anything is
+    embedded (the model counts the tokens of each text first, without its text tower)."""
     settings = services.settings
     count = len(items)
     if count == 0:
@@ -91,46 +92,45 @@ async def embed_inputs(
     if not services.permits.try_take(count):
         raise overloaded(settings.max_concurrent_images, count)
     downloads = services.fetcher.request_budget(settings.url_request_max_bytes)
-    work = Work()
-    current = WORK.set(work)
-    try:
-        async with asyncio.timeout(settings.request_timeout):
-            try:
-                values = [items[i].value for i in texts]
-                for value, position in zip(values, texts, strict=True):
-                    check_text(value, settings.max_text_chars, position)
-                files = await image_files(
-                    [items[i].value for i in images], images, services, downloads
-                )
-                sent = time.perf_counter()
-                calls: dict[str, Awaitable[Any]] = {}
-                if files:
-                    calls[IMAGE] = named(services.triton.embed(files), images)
-                if texts:
-                    calls[TEXT] = named(services.triton.embed_texts(values), texts)
-                done = dict(zip(calls, await together(list(calls.values())), strict=True))
-            except InvalidInput as exc:
-                raise ApiError(ErrorType.VALIDATION, str(exc)) from None
-    except TimeoutError:
-        raise ApiError(
-            ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
-        ) from None
-    finally:
-        WORK.reset(current)
 
-        def release() -> None:
-            downloads.release()
-            services.permits.give_back(count)
+    def release() -> None:
+        downloads.release()
+        services.permits.give_back(count)
 
-        # The parts that can be stopped were (task groups); a decoding thread or a call already
-        # in Triton runs on after a timeout, and keeps the request's inputs counted until it ends.
-        work.then(release)
+    with request_work() as work:
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                try:
+                    values = [items[i].value for i in texts]
+                    for value, position in zip(values, texts, strict=True):
+                        check_text(value, settings.max_text_chars, position)
+                    if values and not truncate:
+                        tokens = await named(services.triton.count_tokens(values), texts)
+                        refuse_overlong(tokens, texts, context)
+                    files = await image_files(
+                        [items[i].value for i in images], images, services, downloads
+                    )
+                    sent = time.perf_counter()
+                    calls: dict[str, Awaitable[Any]] = {}
+                    if files:
+                        calls[IMAGE] = named(services.triton.embed(files), images)
+                    if texts:
+                        calls[TEXT] = named(services.triton.embed_texts(values), texts)
+                    done = dict(zip(calls, await together(list(calls.values())), strict=True))
+                except InvalidInput as exc:
+                    raise ApiError(ErrorType.VALIDATION, str(exc)) from None
+        except TimeoutError:
+            raise ApiError(
+                ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
+            ) from None
+        finally:
+            # What can be stopped was (task groups); a decoding thread or a call already in
+            # Triton runs on after a timeout, and keeps the request's inputs counted until it
+            # has ended.
+            work.then(release)
     parts = [(images, done.get(IMAGE))]
     if TEXT in done:
-        text_vectors, tokens = done[TEXT]
-        if not truncate:
-            refuse_overlong(tokens, texts, context)
-        parts.append((texts, text_vectors))
+        parts.append((texts, done[TEXT][0]))
     vectors = in_order(count, parts)
     metrics.IMAGES.inc(len(images))
     metrics.TEXTS.inc(len(texts))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -38,14 +39,14 @@ class Work:
 
     def __init__(self) -> None:
         self.running = 0
-        self._then: Callable[[], None] | None = None
+        self._waiting: list[Callable[[], None]] = []
 
     def track(self, piece: asyncio.Future[Any]) -> None:
         self.running += 1
         piece.add_done_callback(self._ended)
 
     def then(self, release: Callable[[], None]) -> None:
-        self._then = release
+        self._waiting.append(release)
         self._settle()
 
     def _ended(self, piece: asyncio.Future[Any]) -> None:
@@ -55,13 +56,28 @@ class Work:
         self._settle()
 
     def _settle(self) -> None:
-        if self.running == 0 and self._then is not None:
-            release, self._then = self._then, None
-            release()
+        while self.running == 0 and self._waiting:
+            self._waiting.pop(0)()
 
 
 # The work of the request being answered (set by the embedding pipeline, inherited by its tasks).
 WORK: contextvars.ContextVar[Work | None] = contextvars.ContextVar("iei_work", default=None)
+
+
+@contextmanager
+def request_work() -> Iterator[Work]:
+    """The Work of the request being answered: the one the body limit started for it (which
+    holds the body until the work ends), else a new one for this block."""
+    work = WORK.get()
+    if work is not None:
+        yield work
+        return
+    work = Work()
+    token = WORK.set(work)
+    try:
+        yield work
+    finally:
+        WORK.reset(token)
 
 
 async def outliving(awaitable: Awaitable[T]) -> T:

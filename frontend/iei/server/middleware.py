@@ -3,14 +3,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .auth import UNAUTHORIZED, key_accepted
-from .errors import ErrorType, PayloadTooLarge, error_response, overloaded
+from .errors import (
+    HTTP_ERROR_TYPES,
+    BodiesOverloaded,
+    ErrorType,
+    PayloadTooLarge,
+    SlowBody,
+    error_response,
+    overloaded,
+)
+from .limits import Capacity, request_work
 from .logs import REQUEST_ID, printable, request_id_from
 
 log = logging.getLogger("iei")
@@ -90,35 +101,65 @@ class Admission:
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes: at once from Content-Length, else while it streams."""
+    """The request body, within three bounds: `limit` bytes (413), `bodies`, what all the bodies
+    a worker holds may take together (429 with Retry-After: at once from Content-Length, else
+    as chunks arrive), and `read_timeout` seconds for the whole body to arrive (408). A body
+    stays counted until the request's work has ended (its bytes live on in that work)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, bodies: Capacity, read_timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.bodies = bodies
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = 0
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                response = error_response(
-                    scope["path"], 413, ErrorType.VALIDATION, PayloadTooLarge(self.limit).detail
-                )
-                await response(scope, receive, send)
-                return
-        received = 0
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+        refusal: HTTPException | None = None
+        if declared > self.limit:
+            refusal = PayloadTooLarge(self.limit)
+        elif not self.bodies.try_take(declared):
+            refusal = BodiesOverloaded(self.bodies.capacity)
+        if refusal is not None:
+            error_type = HTTP_ERROR_TYPES.get(refusal.status_code, ErrorType.VALIDATION)
+            await error_response(
+                scope["path"], refusal.status_code, error_type, refusal.detail,
+                dict(refusal.headers or {}),
+            )(scope, receive, send)  # fmt: skip
+            return
+        held, received, complete = declared, 0, False
+        deadline = asyncio.get_running_loop().time() + self.read_timeout
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal held, received, complete
+            if complete:  # after the body: waits for a disconnect, unbounded
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise SlowBody(self.read_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise PayloadTooLarge(self.limit)
+                if received > held:  # no Content-Length (chunked), or more than it said
+                    if not self.bodies.try_take(received - held):
+                        raise BodiesOverloaded(self.bodies.capacity)
+                    held = received
             return message
 
-        await self.app(scope, counting_receive, send)
+        with request_work() as work:
+            try:
+                await self.app(scope, counting_receive, send)
+            finally:
+                work.then(lambda: self.bodies.give_back(held))
 
 
 # The route label of every path that no route matches: clients choose paths, and each label

@@ -161,6 +161,13 @@ class TritonClient:
         vectors = joined([part[0] for part in parts])
         return vectors, joined([part[1] for part in parts]).reshape(-1)
 
+    async def count_tokens(self, texts: list[str]) -> np.ndarray:
+        """Each text's tokens before truncation, from `iei_text` without its text tower (a
+        request for TOKENS alone): what a refusal of an over-long text needs, no inference."""
+        items = [text.encode() for text in texts]
+        parts = await self._chunked(TEXT_MODEL_NAME, TEXT_INPUT_NAME, items, (TOKENS_OUTPUT_NAME,))
+        return joined([part[0] for part in parts]).reshape(-1)
+
     async def _chunked(
         self, model: str, input_name: str, items: list[bytes], outputs: tuple[str, ...]
     ) -> list[list[np.ndarray]]:
@@ -170,8 +177,8 @@ class TritonClient:
         parallel = asyncio.Semaphore(max(1, self.concurrency_level // chunk))
 
         async def run(start: int) -> list[np.ndarray]:
-            request = self._bytes_input(input_name, items[start : start + chunk])
-            async with parallel:
+            async with parallel:  # serialized once its turn comes: a copy only while in flight
+                request = self._bytes_input(input_name, items[start : start + chunk])
                 return await self._infer(model, request, outputs, start)
 
         # The first chunk that fails cancels the others: nothing of the request is left running
