@@ -60,6 +60,7 @@ class FakeTriton:
         self.peak = 0
         self.chunks: list[int] = []
         self.models: list[str] = []
+        self.outputs: list[tuple[str, ...]] = []  # the outputs each call asked for
 
     async def get_model_config(self, name):
         return {"max_batch_size": self.max_batch_size}
@@ -75,6 +76,7 @@ class FakeTriton:
         self.peak = max(self.peak, self.in_flight)
         self.chunks.append(len(items))
         self.models.append(name)
+        self.outputs.append(tuple(output.name() for output in outputs or []))
         try:
             await asyncio.sleep(self.delay)
             if self.fail and (not probe or self.probe_fails):
@@ -408,6 +410,27 @@ async def test_bad_texts_and_items_are_422_naming_the_input(path, body, message)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert message in (error["message"] if isinstance(error, dict) else error)
+
+
+async def test_refusals_of_truncate_false_and_dimensions_come_before_any_embedding():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    fake = FakeTriton(info=WITH_TEXT)
+    async with app_client(settings, fake) as client:
+        assert (await client.get("/info")).json()["embedding_dimension"] == 2  # asked once
+        fake.outputs.clear()
+        too_long = {"inputs": ["a", "a b c d", PNG], "modality": "text", "truncate": False}
+        refused = await client.post("/embed", json=too_long)
+        assert refused.status_code == 422
+        assert "inputs[1]: text of 6 tokens is longer" in refused.json()["error"]
+        assert fake.outputs == [("TOKENS",)]  # tokens counted, nothing embedded
+        wide = {"input": [{"text": "a"}, {"image": PNG}], "dimensions": 3}
+        refused = await client.post("/v1/embeddings", json=wide)
+        assert refused.status_code == 422
+        assert "dimensions 3 > the model's 2 dimensions" in refused.json()["error"]["message"]
+        assert fake.outputs == [("TOKENS",)]  # no call at all
+        fits = {"inputs": ["a b c"], "modality": "text", "truncate": False, "normalize": False}
+        assert (await client.post("/embed", json=fits)).json() == [[5.0, 1.0]]
+        assert fake.outputs[1:] == [("TOKENS",), ("EMBEDDING", "TOKENS")]
 
 
 async def test_an_overlong_text_is_cut_by_default():
