@@ -287,13 +287,15 @@ async def test_a_timed_out_request_keeps_its_permits_until_triton_answers():
     fake = FakeTriton(delay=1.5)
     async with app_client(settings, fake) as client:
         permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
         timed_out = await client.post("/embed", json={"inputs": [PNG, PNG]})
         assert timed_out.status_code == 504
         assert (fake.in_flight, permits.used) == (2, 2)  # Triton still computes both
+        assert bodies.used > 0  # and the body's bytes live on in that work
         refused = await client.post("/embed", json={"inputs": [PNG]})
         assert refused.status_code == 429
         await eventually(lambda: fake.in_flight == 0)
-        assert permits.used == 0  # given back when Triton answered
+        assert (permits.used, bodies.used) == (0, 0)  # given back when Triton answered
         fake.delay = 0
         assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
 
@@ -464,6 +466,8 @@ async def test_info_says_what_a_dual_encoder_serves():
     assert info["text_context_length"] == 5
     assert info["embedding_dimension"] == 2
     assert info["limits"]["max_text_chars"] == 99
+    assert info["limits"]["body_worker_max_bytes"] == 64 * 1024 * 1024
+    assert info["limits"]["body_read_timeout"] == 30
 
 
 def test_images_and_texts_of_different_widths_cannot_share_a_request():
