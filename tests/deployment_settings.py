@@ -29,3 +29,29 @@ def triton_container() -> set[str]:
 def frontend_container() -> set[str]:
     """What the HTTP frontend reads, and its image's command."""
     return {s.env for s in table.read_by(table.SERVER).values()} - FIXED | FRONTEND_PROCESS
+
+
+# The frontend's worst-case memory (docs/reliability.md, "The frontend's memory"): resident bytes
+# per byte of a worker's budgets, as tests/server/test_memory.py measures them (the peak growth of
+# one request: 4.3x a JSON body, plus its raw bytes, which the test's client shares; 3.6-3.8x URL
+# downloads), rounded up, and the processes' own size (about 80 MiB each under load).
+BODY_RESIDENT_FACTOR = 6
+URL_RESIDENT_FACTOR = 4.5
+PROCESS_BASELINE_MIB = 100  # each uvicorn worker, and uvicorn's supervising process
+
+
+def frontend_worst_case_mib(settings: dict[str, str]) -> float:
+    """Resident MiB of a frontend container whose every worker holds all it may (`settings`:
+    the container's variables; an empty one is the default)."""
+
+    def value(variable: str) -> int:
+        entry = table.by_env(variable)
+        assert entry is not None, variable
+        return int(settings.get(variable) or entry.default)
+
+    per_worker = (
+        PROCESS_BASELINE_MIB * 2**20
+        + BODY_RESIDENT_FACTOR * value("IEI_BODY_WORKER_MAX_BYTES")
+        + URL_RESIDENT_FACTOR * value("IEI_URL_WORKER_MAX_BYTES")
+    )
+    return (value("IEI_WORKERS") * per_worker) / 2**20 + PROCESS_BASELINE_MIB

@@ -69,6 +69,29 @@ class Logger:
     log_warn = log_error = log_verbose = log_info
 
 
+class MetricFamily:
+    """Triton's custom metrics: each metric keeps its value (`value()`), as Triton exposes it."""
+
+    COUNTER, GAUGE = "COUNTER", "GAUGE"
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name = name
+
+    def Metric(self, labels: dict[str, str]) -> Metric:  # Triton spells it so
+        return Metric()
+
+
+class Metric:
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def increment(self, value: float) -> None:
+        self.total += value
+
+    def value(self) -> float:
+        return self.total
+
+
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
     return request.tensors.get(name)
 
@@ -77,7 +100,7 @@ def install() -> None:
     """This module as Triton's `triton_python_backend_utils`, and the model repository's shared
     code (`iei_runtime`) importable, as inside Triton."""
     fake = types.ModuleType("triton_python_backend_utils")
-    for name in ("TritonError", "Tensor", "InferenceResponse", "Logger",
+    for name in ("TritonError", "Tensor", "InferenceResponse", "Logger", "MetricFamily",
                  "get_input_tensor_by_name"):  # fmt: skip
         setattr(fake, name, globals()[name])
     sys.modules["triton_python_backend_utils"] = fake

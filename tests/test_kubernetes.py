@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from deployment_settings import frontend_container, triton_container
+from deployment_settings import frontend_container, frontend_worst_case_mib, triton_container
 from iei import settings as table
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_process import triton_command
@@ -297,3 +297,19 @@ def test_the_triton_autoscaler_s_metric_is_defined_for_the_prometheus_adapter():
     [metric] = only("HorizontalPodAutoscaler", "iei-triton")["spec"]["metrics"]
     rule = defined[metric["pods"]["metric"]["name"]]
     assert "nv_inference_queue_duration_us" in rule["metricsQuery"]
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    number, unit = re.fullmatch(r"(\d+)([KMG]i)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+def test_the_frontends_memory_limit_holds_what_its_workers_may_hold():
+    """Every worker at its IEI_BODY_WORKER_MAX_BYTES and IEI_URL_WORKER_MAX_BYTES at once, with
+    the resident bytes each byte costs (measured), stays under the container's limit."""
+    limit = mebibytes(container(FRONTEND)["resources"]["limits"]["memory"])
+    worst = frontend_worst_case_mib(settings_of(FRONTEND))
+    assert worst <= limit, f"{worst:.0f} MiB worst case > the {limit:.0f} MiB limit"
+    body_budget = int(settings_of(FRONTEND)["IEI_BODY_WORKER_MAX_BYTES"])
+    assert body_budget >= int(settings_of(FRONTEND)["IEI_PAYLOAD_LIMIT"])  # one body fits

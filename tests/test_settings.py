@@ -161,6 +161,9 @@ def test_the_api_key_is_never_shown(monkeypatch):
         ({"IEI_MAX_CLIENT_BATCH_SIZE": "100", "IEI_MAX_CONCURRENT_IMAGES": "50"},
          "IEI_MAX_CLIENT_BATCH_SIZE=100 (inputs a request may carry) is more than "
          "IEI_MAX_CONCURRENT_IMAGES=50"),
+        ({"IEI_PAYLOAD_LIMIT": "2000000", "IEI_BODY_WORKER_MAX_BYTES": "1000000"},
+         "IEI_PAYLOAD_LIMIT=2000000 (bytes of one request body) is more than "
+         "IEI_BODY_WORKER_MAX_BYTES=1000000"),
         ({"IEI_URL_MAX_BYTES": "2000000", "IEI_URL_REQUEST_MAX_BYTES": "1000000"},
          "IEI_URL_MAX_BYTES=2000000"),
         ({"IEI_URL_MAX_BYTES": "1000000", "IEI_URL_REQUEST_MAX_BYTES": "9000000",

@@ -21,7 +21,8 @@ STAGE_MODEL_NAMES = ("iei_preprocess", "iei_encoder")
 # Dual encoders (CLIP, SigLIP, SigLIP2) only: texts into the image space.
 TEXT_MODEL_NAME = "iei_text"
 TEXT_INPUT_NAME = "TEXT"  # TYPE_STRING [1]: the text, UTF-8
-# EMBEDDING as above; TOKENS: TYPE_INT32 [1], the text's tokens before truncation.
+# EMBEDDING as above; TOKENS: TYPE_INT32 [1], the text's tokens before truncation. A request for
+# TOKENS alone is answered without running the text tower.
 TOKENS_OUTPUT_NAME = "TOKENS"
 
 # A model fails one request with `IMAGE[i]: reason` or `TEXT[i]: reason`, i the item's position

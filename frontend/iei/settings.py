@@ -96,6 +96,18 @@ _SETTINGS = [
         "IEI_PAYLOAD_LIMIT", 64 * 1024 * 1024, "int", (SERVER,), "largest request body in bytes",
         shown_default="`67108864` (64 MiB)",
     )),
+    ("body_worker_max_bytes", Setting(
+        "IEI_BODY_WORKER_MAX_BYTES", 64 * 1024 * 1024, "int", (SERVER,),
+        "most bytes of request bodies a frontend worker holds at once (being read, or held until "
+        "their request's work ends); beyond it a 429, from `Content-Length` before reading. "
+        "Memory: docs/reliability.md",
+        shown_default="`67108864` (64 MiB)",
+    )),
+    ("body_read_timeout", Setting(
+        "IEI_BODY_READ_TIMEOUT", 30.0, "float", (SERVER,),
+        "seconds a client has to send the whole request body (from the request's start); "
+        "slower is a 408",
+    )),
     ("max_concurrent_images", Setting(
         "IEI_MAX_CONCURRENT_IMAGES", 512, "int", (SERVER,),
         "images in flight per frontend worker before 429 (`IEI_MAX_CONCURRENT_REQUESTS`, its "
@@ -128,9 +140,9 @@ _SETTINGS = [
         shown_default="`67108864` (64 MiB)",
     )),
     ("url_worker_max_bytes", Setting(
-        "IEI_URL_WORKER_MAX_BYTES", 256 * 1024 * 1024, "int", (SERVER,),
+        "IEI_URL_WORKER_MAX_BYTES", 64 * 1024 * 1024, "int", (SERVER,),
         "most bytes of URL downloads a frontend worker holds at once; beyond it a 429",
-        shown_default="`268435456` (256 MiB)",
+        shown_default="`67108864` (64 MiB)",
     )),
     ("url_max_redirects", Setting(
         "IEI_URL_MAX_REDIRECTS", 5, "int", (SERVER,), "redirects followed per URL",

@@ -96,21 +96,30 @@ class TextEmbedder:
     def embed(self, blobs: Sequence[bytes]) -> tuple[list[np.ndarray | InvalidText], list[int]]:
         """Every text of a dynamic batch -> its vector or the reason it has none, and its
         tokens before truncation (0 for a refused text)."""
-        results: list[Any] = []
+        results, tokens = self.count(blobs)
+        ready = [i for i, result in enumerate(results) if isinstance(result, str)]
+        if ready:
+            vectors = self.forward(self.tokenize([results[i] for i in ready]))
+            for i, vector in zip(ready, vectors, strict=True):
+                results[i] = vector
+        return results, tokens
+
+    def count(self, blobs: Sequence[bytes]) -> tuple[list[str | InvalidText], list[int]]:
+        """Every text, as the tower reads it (case folded where it was trained so), or the
+        reason it cannot be embedded, and its tokens before truncation (0 for a refused text):
+        what `embed` does but the text tower."""
+        results: list[str | InvalidText] = []
         for blob in blobs:
             try:
                 text = decode_text(blob, self.max_chars)
                 results.append(text.lower() if self.lower_case else text)
             except InvalidText as exc:
                 results.append(exc)
-        ready = [(i, t) for i, t in enumerate(results) if isinstance(t, str)]
+        ready = {i: text for i, text in enumerate(results) if isinstance(text, str)}
         tokens = [0] * len(results)
-        if ready:
-            texts = [t for _, t in ready]
-            vectors = self.forward(self.tokenize(texts))
-            for (i, _), vector, count in zip(ready, vectors, self.token_counts(texts), strict=True):
-                results[i] = vector
-                tokens[i] = count
+        counts = self.token_counts(list(ready.values())) if ready else []
+        for i, count in zip(ready, counts, strict=True):
+            tokens[i] = count
         return results, tokens
 
     def warm_up(self) -> None:

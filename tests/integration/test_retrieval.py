@@ -4,6 +4,7 @@ independent in-process reference: images and texts through every door, rankings,
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,6 +185,40 @@ def test_an_overlong_text_is_cut_to_the_context_or_refused(family_stack, referen
     assert f"context of {context} tokens" in message
     fits = embed_texts(stack, [TEXTS[0]], truncate=False)
     np.testing.assert_allclose(fits, cut[1:], atol=1e-6)
+
+
+def test_refusals_of_truncate_false_and_dimensions_run_no_text_tower(clip_stack):
+    """Refused before anything is embedded: `truncate: false` asks iei_text for the tokens alone
+    (its text tower runs nothing: Triton's iei_text_tower_texts_total), `dimensions` no call."""
+    triton = triton_http.InferenceServerClient(clip_stack.triton_http)
+    metrics_url = f"http://127.0.0.1:{clip_stack.env['IEI_TRITON_METRICS_PORT']}/metrics"
+
+    def counted() -> tuple[int, float]:
+        stats = triton.get_inference_statistics("iei_text")["model_stats"][0]
+        encoded = re.search(
+            r'^iei_text_tower_texts_total\{model="iei_text"\} (\S+)$',
+            httpx.get(metrics_url).text,
+            re.M,
+        )
+        assert encoded, "the text model exposes no iei_text_tower_texts_total"
+        return int(stats["inference_count"]), float(encoded.group(1))
+
+    long_text = " ".join(["a photo of the cat"] * 40)  # far over 77 tokens
+    before = counted()
+    refused = post(
+        clip_stack,
+        "/embed",
+        {"inputs": ["a cat", long_text], "modality": "text", "truncate": False},
+    )
+    assert refused.status_code == 422 and "inputs[1]: text of" in refused.text, refused.text
+    wide = post(clip_stack, "/v1/embeddings", {"input": ["a cat"], "modality": "text",
+                                               "dimensions": DIMENSION["clip"] + 1})  # fmt: skip
+    assert wide.status_code == 422 and "dimensions 17 > the model's 16" in wide.text, wide.text
+    after = counted()
+    assert after == (before[0] + 2, before[1])  # two texts' tokens counted; none encoded
+    fits = post(clip_stack, "/embed", {"inputs": ["a cat"], "modality": "text", "truncate": False})
+    assert fits.status_code == 200
+    assert counted() == (after[0] + 2, after[1] + 1)  # its tokens, then its vector
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,29 @@ def test_each_bad_text_fails_only_its_own_request(triton_text_model):
     assert "context 77 tokens, padding=longest" in logged
 
 
+def test_a_request_for_tokens_alone_is_not_embedded(triton_text_model, monkeypatch):
+    """The frontend's check of `truncate: false`: tokens counted as for embedding (its
+    lower-casing included), the text tower not run for them, and its metric says so."""
+    forwarded: list[int] = []
+    embedder = triton_text_model.embedder
+    original = embedder.forward
+    monkeypatch.setattr(embedder, "forward", lambda batch: forwarded.append(1) or original(batch))
+    encoded = triton_text_model.encoded.value()
+    tokens_only = text_request(b"a photo of a cat", b"A DOG")
+    tokens_only.outputs = ["TOKENS"]
+    bad = text_request(b"   ")
+    bad.outputs = ["TOKENS"]
+    full = text_request(b"a dog")
+    counted, refused, embedded = triton_text_model.execute([tokens_only, bad, full])
+    assert [t.name() for t in counted.output_tensors] == ["TOKENS"]
+    assert counted.output_tensors[0].as_numpy().tolist() == [[7], [4]]
+    assert refused.error.message() == "TEXT[0]: empty text"
+    assert {t.name() for t in embedded.output_tensors} == {"EMBEDDING", "TOKENS"}
+    assert forwarded == [1]  # the embedded request's forward pass only
+    assert triton_text_model.encoded.value() == encoded + 1
+    assert triton_text_model.execute([tokens_only]) and forwarded == [1]
+
+
 def test_the_text_model_refuses_a_model_without_a_text_tower(model_dirs):
     with pytest.raises(RuntimeError, match=r"IEI cannot load model .*has no text tower"):
         loading.load_text_embedder(settings_for(model_dirs["dinov2"]), CPU)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import time
 from contextlib import asynccontextmanager
@@ -63,6 +64,7 @@ class FakeTriton:
         self.peak = 0
         self.chunks: list[int] = []
         self.models: list[str] = []
+        self.outputs: list[tuple[str, ...]] = []  # the outputs each call asked for
 
     async def get_model_config(self, name):
         return {"max_batch_size": self.max_batch_size}
@@ -78,6 +80,7 @@ class FakeTriton:
         self.peak = max(self.peak, self.in_flight)
         self.chunks.append(len(items))
         self.models.append(name)
+        self.outputs.append(tuple(output.name() for output in outputs or []))
         try:
             await asyncio.sleep(self.delay)
             if self.fail and (not probe or self.probe_fails):
@@ -200,20 +203,30 @@ async def test_triton_errors_are_classified_by_status(status, message, probe_fai
     assert message in caught.value.message
 
 
-async def test_the_first_failed_chunk_cancels_the_others():
+async def test_the_first_failed_chunk_cancels_the_unsent_ones_and_outlives_the_sent_ones():
+    """A chunk already in Triton is computed anyway: it runs to its end, counted in the
+    request's work (its permits stay taken); the chunks not yet sent never are."""
+    from iei.server.limits import WORK, Work
+
     class FailsFirst(FakeTriton):
         async def infer(self, name, inputs, outputs=None, priority=0):
             if inputs[0].test_images[0][0] == b"\x00":
                 raise InferenceServerException("IMAGE[0]: bad", status="400")
             return await super().infer(name, inputs, outputs, priority)
 
-    fake = FailsFirst(max_batch_size=1, delay=30)
-    triton = triton_client_with(fake, concurrency=4)
+    fake = FailsFirst(max_batch_size=1, delay=1.0)
+    triton = triton_client_with(fake, concurrency=2)  # two chunks of one in flight at once
+    work = Work()
+    WORK.set(work)
     started = time.monotonic()
     with pytest.raises(InvalidInput, match=r"inputs\[0\]: bad"):
         await triton.embed([bytes([i]) for i in range(4)])
-    assert time.monotonic() - started < 5  # the three 30 s chunks were cancelled, not awaited
-    assert fake.in_flight == 0  # and nothing of the request is left running
+    assert time.monotonic() - started < 0.5  # the request fails at once
+    # chunk 1 (and chunk 2, when it took chunk 0's turn first) runs on, counted in the work
+    assert work.running == fake.in_flight >= 1
+    await asyncio.sleep(1.5)
+    assert (fake.in_flight, work.running) == (0, 0)
+    assert len(fake.chunks) <= 2  # the last chunks were never sent
 
 
 async def test_probes_share_one_inference_at_the_head_of_the_queue():
@@ -266,6 +279,60 @@ async def test_a_slow_triton_ends_in_504():
         response = await client.post("/embed", json={"inputs": [PNG]})
     assert response.status_code == 504
     assert response.json()["error_type"] == "Timeout"
+
+
+async def eventually(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_timed_out_request_keeps_its_permits_until_triton_answers():
+    """The 504 does not stop Triton: the request's inputs stay counted (and refuse others)
+    until its call returns, so IEI_MAX_CONCURRENT_IMAGES bounds what really runs."""
+    settings = ServerSettings(
+        triton_url="127.0.0.1:1",
+        request_timeout=0.2,
+        max_client_batch_size=2,
+        max_concurrent_images=2,
+    )
+    fake = FakeTriton(delay=1.5)
+    async with app_client(settings, fake) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
+        timed_out = await client.post("/embed", json={"inputs": [PNG, PNG]})
+        assert timed_out.status_code == 504
+        assert (fake.in_flight, permits.used) == (2, 2)  # Triton still computes both
+        assert bodies.used > 0  # and the body's bytes live on in that work
+        refused = await client.post("/embed", json={"inputs": [PNG]})
+        assert refused.status_code == 429
+        await eventually(lambda: fake.in_flight == 0)
+        assert (permits.used, bodies.used) == (0, 0)  # given back when Triton answered
+        fake.delay = 0
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+
+
+async def test_a_timed_out_request_keeps_its_permits_until_its_decoding_thread_ends(monkeypatch):
+    from iei.server import embedding as service
+
+    finished = []
+
+    def slow_prepare(*args):
+        time.sleep(1.0)
+        finished.append(True)
+        return []
+
+    monkeypatch.setattr(service, "prepare_inputs", slow_prepare)
+    monkeypatch.setattr(service, "INLINE_INPUTS", 0)  # every input decoded in a thread
+    settings = ServerSettings(triton_url="127.0.0.1:1", request_timeout=0.2)
+    async with app_client(settings, FakeTriton()) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        response = await client.post("/embed", json={"inputs": [PNG, PNG, PNG]})
+        assert response.status_code == 504
+        assert (finished, permits.used) == ([], 3)  # the thread runs on: its inputs counted
+        await eventually(lambda: bool(finished))
+        await eventually(lambda: permits.used == 0)
 
 
 async def test_normalisation_in_the_frontend():
@@ -360,6 +427,27 @@ async def test_bad_texts_and_items_are_422_naming_the_input(path, body, message)
     assert message in (error["message"] if isinstance(error, dict) else error)
 
 
+async def test_refusals_of_truncate_false_and_dimensions_come_before_any_embedding():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    fake = FakeTriton(info=WITH_TEXT)
+    async with app_client(settings, fake) as client:
+        assert (await client.get("/info")).json()["embedding_dimension"] == 2  # asked once
+        fake.outputs.clear()
+        too_long = {"inputs": ["a", "a b c d", PNG], "modality": "text", "truncate": False}
+        refused = await client.post("/embed", json=too_long)
+        assert refused.status_code == 422
+        assert "inputs[1]: text of 6 tokens is longer" in refused.json()["error"]
+        assert fake.outputs == [("TOKENS",)]  # tokens counted, nothing embedded
+        wide = {"input": [{"text": "a"}, {"image": PNG}], "dimensions": 3}
+        refused = await client.post("/v1/embeddings", json=wide)
+        assert refused.status_code == 422
+        assert "dimensions 3 > the model's 2 dimensions" in refused.json()["error"]["message"]
+        assert fake.outputs == [("TOKENS",)]  # no call at all
+        fits = {"inputs": ["a b c"], "modality": "text", "truncate": False, "normalize": False}
+        assert (await client.post("/embed", json=fits)).json() == [[5.0, 1.0]]
+        assert fake.outputs[1:] == [("TOKENS",), ("EMBEDDING", "TOKENS")]
+
+
 async def test_an_overlong_text_is_cut_by_default():
     settings = ServerSettings(triton_url="127.0.0.1:1")
     async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
@@ -391,6 +479,8 @@ async def test_info_says_what_a_dual_encoder_serves():
     assert info["text_context_length"] == 5
     assert info["embedding_dimension"] == 2
     assert info["limits"]["max_text_chars"] == 99
+    assert info["limits"]["body_worker_max_bytes"] == 64 * 1024 * 1024
+    assert info["limits"]["body_read_timeout"] == 30
 
 
 def test_images_and_texts_of_different_widths_cannot_share_a_request():
@@ -492,6 +582,70 @@ async def test_a_full_worker_refuses_before_the_body_is_read():
         assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
 
 
+class SlowBody:
+    """A body sent in two parts, the second only once `go` is set."""
+
+    def __init__(self, first: bytes, second: bytes = b"") -> None:
+        self.first, self.second = first, second
+        self.go = asyncio.Event()
+
+    async def __aiter__(self):
+        yield self.first
+        await self.go.wait()
+        yield self.second
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_bytes():
+    settings = ServerSettings(triton_url="127.0.0.1:1", body_read_timeout=0.3)
+    async with app_client(settings, FakeTriton()) as client:
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
+        started = time.monotonic()
+        body = SlowBody(b'{"inputs": ["')
+        response = await client.post(
+            "/embed", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 408
+        assert response.json()["error_type"] == "Timeout"
+        assert "IEI_BODY_READ_TIMEOUT" in response.json()["error"]
+        assert time.monotonic() - started < 2
+        assert bodies.used == 0
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+
+
+async def test_the_bodies_a_worker_holds_are_bounded_together():
+    """Bodies count from their Content-Length before anything is read (or as their chunks
+    arrive), until their request ends; beyond IEI_BODY_WORKER_MAX_BYTES a 429 at once."""
+    settings = ServerSettings(
+        triton_url="127.0.0.1:1", payload_limit=6000, body_worker_max_bytes=10000
+    )
+    json_type = {"content-type": "application/json"}
+    async with app_client(settings, FakeTriton()) as client:
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
+        first = b'{"inputs": ["' + PNG.encode() + b'"], "padding": "'
+        slow = SlowBody(first, b"x" * (5000 - len(first)) + b'"}')
+        declared = {**json_type, "content-length": "5000"}
+        holding = asyncio.create_task(client.post("/embed", content=slow, headers=declared))
+        await eventually(lambda: bodies.used == 5000)  # counted before it was read
+        chunked = SlowBody(b"x" * 3000, b"x" * 3000)  # no Content-Length: counted as it comes
+        streaming = asyncio.create_task(client.post("/embed", content=chunked, headers=json_type))
+        await eventually(lambda: bodies.used == 8000)
+        unread = UnreadBody(5400)
+        refused = await client.post(
+            "/v1/embeddings", content=unread, headers={"content-length": "5500"}
+        )
+        assert refused.status_code == 429 and not unread.read
+        assert refused.headers["retry-after"] == "1"
+        assert "IEI_BODY_WORKER_MAX_BYTES" in refused.json()["error"]["message"]
+        chunked.go.set()  # its second part would pass the worker's bound
+        overloaded = await streaming
+        assert overloaded.status_code == 429, overloaded.text
+        assert overloaded.json()["error_type"] == "Overloaded"
+        assert bodies.used == 5000
+        slow.go.set()
+        assert (await holding).status_code == 200
+        assert bodies.used == 0
+
+
 async def test_a_large_json_body_is_parsed_off_the_event_loop(monkeypatch):
     parsed_in_thread = []
     original = routing.run_in_threadpool
@@ -520,3 +674,79 @@ async def test_liveness_does_not_depend_on_triton():
     async with app_client(settings) as client:
         assert (await client.get("/live")).json() == {"status": "alive"}
         assert (await client.get("/health")).status_code == 503
+
+
+# --- access log and metrics ---------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    """The `iei` logger's records, formatted as the frontend writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines():
+    handler = Lines()
+    logger = logging.getLogger("iei")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+async def test_client_strings_cannot_forge_a_log_line(log_lines):
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    forged = "/health%0aINFO GET /embed 200 1.0 ms%0d%1b[2J%e2%80%a8"
+    async with app_client(settings, FakeTriton()) as client:
+        response = await client.get(forged, headers={"x-request-id": "ok\nINFO forged"})
+    assert response.status_code == 404
+    assert response.headers["x-request-id"] != "ok\nINFO forged"  # replaced by a fresh id
+    [line] = [line for line in log_lines if " 404 " in line]
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert line.startswith(
+        "INFO GET /health\\x0aINFO GET /embed 200 1.0 ms\\x0d\\x1b[2J\\x2028 404 "
+    )
+
+
+def requests_counted(route: str, status: int) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"route": route, "status": str(status)}
+    return REGISTRY.get_sample_value("iei_requests_total", labels) or 0.0
+
+
+async def test_answers_given_before_the_route_are_counted_by_route_and_status():
+    settings = ServerSettings(triton_url="127.0.0.1:1", api_key=SecretStr("k"), payload_limit=2048)
+    key = {"authorization": "Bearer k"}
+    # (method, path, headers, body, route label, status)
+    cases = [
+        ("POST", "/embed", {}, b"{}", "/embed", 401),
+        ("POST", "/v1/embeddings", key, b"x" * 4096, "/v1/embeddings", 413),
+        ("POST", "/embed", key, b"{}", "/embed", 429),
+        ("GET", "/no/such/route/1", {}, b"", "unmatched", 401),
+        ("GET", "/no/such/route/2", key, b"", "unmatched", 404),
+        (
+            "POST",
+            "/embed",
+            {**key, "content-type": "application/json"},
+            json.dumps({"inputs": [PNG]}).encode(),
+            "/embed",
+            200,
+        ),
+    ]
+    async with app_client(settings, FakeTriton()) as client:
+        permits = client._transport.app.state.services.permits  # type: ignore[attr-defined]
+        for method, path, headers, body, route, status in cases:
+            before = requests_counted(route, status)
+            permits.used = permits.capacity if status == 429 else 0
+            response = await client.request(method, path, headers=headers, content=body)
+            assert response.status_code == status, (path, response.text)
+            assert requests_counted(route, status) == before + 1, (route, status)
+        exposed = (await client.get("/metrics")).text
+    assert "/no/such/route" not in exposed  # clients cannot make label values

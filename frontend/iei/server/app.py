@@ -62,10 +62,19 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(RequestMetrics)
-    app.add_middleware(BodyLimit, limit=settings.payload_limit)  # before anything is read
+    app.state.bodies = Capacity(settings.body_worker_max_bytes)  # bytes of bodies held
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.payload_limit,
+        bodies=app.state.bodies,
+        read_timeout=settings.body_read_timeout,
+    )  # before anything is read
     app.add_middleware(Admission)  # the key and a full worker, before the body's size
+    app.add_middleware(RequestMetrics)  # every answer counted, the refusals above included
     app.add_middleware(RequestContext)  # outermost: every answer carries the request id
-    for module in (embed, openai, info, health, demo):
+    modules = (embed, openai, info, health, demo)
+    for module in modules:
         app.include_router(module.router)
+    # Our routes with their templates: the metrics label answers given before routing by them.
+    app.state.routes = [route for module in modules for route in module.router.routes]
     return app

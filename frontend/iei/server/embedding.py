@@ -15,7 +15,7 @@ from . import metrics
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
-from .limits import Capacity
+from .limits import Capacity, outliving, request_work
 from .settings import ServerSettings
 from .triton_client import TritonClient
 
@@ -75,7 +75,8 @@ async def embed_inputs(
 ) -> Embedded:
     """Validate, fetch and check the inputs, then embed them with Triton (images with `iei`,
     texts with `iei_text`, both at once); raw vectors in input order. A text longer than the
-    model's context is cut to it, or refused when `truncate` is false."""
+    model's context is cut to it, or refused when `truncate` is false: then before anything is
+    embedded (the model counts the tokens of each text first, without its text tower)."""
     settings = services.settings
     count = len(items)
     if count == 0:
@@ -91,37 +92,45 @@ async def embed_inputs(
     if not services.permits.try_take(count):
         raise overloaded(settings.max_concurrent_images, count)
     downloads = services.fetcher.request_budget(settings.url_request_max_bytes)
-    try:
-        async with asyncio.timeout(settings.request_timeout):
-            try:
-                values = [items[i].value for i in texts]
-                for value, position in zip(values, texts, strict=True):
-                    check_text(value, settings.max_text_chars, position)
-                files = await image_files(
-                    [items[i].value for i in images], images, services, downloads
-                )
-                sent = time.perf_counter()
-                calls: dict[str, Awaitable[Any]] = {}
-                if files:
-                    calls[IMAGE] = named(services.triton.embed(files), images)
-                if texts:
-                    calls[TEXT] = named(services.triton.embed_texts(values), texts)
-                done = dict(zip(calls, await together(list(calls.values())), strict=True))
-            except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
-                raise ApiError(exc.error_type, str(exc), headers=exc.headers) from None
-    except TimeoutError:
-        raise ApiError(
-            ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
-        ) from None
-    finally:  # every part of the work has ended here (task groups): nothing still holds these
+
+    def release() -> None:
         downloads.release()
         services.permits.give_back(count)
+
+    with request_work() as work:
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                try:
+                    values = [items[i].value for i in texts]
+                    for value, position in zip(values, texts, strict=True):
+                        check_text(value, settings.max_text_chars, position)
+                    if values and not truncate:
+                        tokens = await named(services.triton.count_tokens(values), texts)
+                        refuse_overlong(tokens, texts, context)
+                    files = await image_files(
+                        [items[i].value for i in images], images, services, downloads
+                    )
+                    sent = time.perf_counter()
+                    calls: dict[str, Awaitable[Any]] = {}
+                    if files:
+                        calls[IMAGE] = named(services.triton.embed(files), images)
+                    if texts:
+                        calls[TEXT] = named(services.triton.embed_texts(values), texts)
+                    done = dict(zip(calls, await together(list(calls.values())), strict=True))
+                except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
+                    raise ApiError(exc.error_type, str(exc), headers=exc.headers) from None
+        except TimeoutError:
+            raise ApiError(
+                ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
+            ) from None
+        finally:
+            # What can be stopped was (task groups); a decoding thread or a call already in
+            # Triton runs on after a timeout, and keeps the request's inputs counted until it
+            # has ended.
+            work.then(release)
     parts = [(images, done.get(IMAGE))]
     if TEXT in done:
-        text_vectors, tokens = done[TEXT]
-        if not truncate:
-            refuse_overlong(tokens, texts, context)
-        parts.append((texts, text_vectors))
+        parts.append((texts, done[TEXT][0]))
     vectors = in_order(count, parts)
     metrics.IMAGES.inc(len(images))
     metrics.TEXTS.inc(len(texts))
@@ -167,7 +176,7 @@ async def image_files(
         if len(values) <= INLINE_INPUTS and size <= INLINE_INPUT_SIZE:
             images = prepare_inputs(values, max_pixels, fetched)
         else:  # base64 of many megabytes is real CPU work: keep it off the event loop.
-            images = await run_in_threadpool(prepare_inputs, values, max_pixels, fetched)
+            images = await outliving(run_in_threadpool(prepare_inputs, values, max_pixels, fetched))
     except InvalidInput as exc:
         raise exc.among(positions) from None
     return [image.data for image in images]

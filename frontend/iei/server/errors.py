@@ -84,6 +84,31 @@ class PayloadTooLarge(StarletteHTTPException):
         super().__init__(413, f"payload is larger than the limit of {limit} bytes")
 
 
+class BodiesOverloaded(StarletteHTTPException):
+    """The bodies this worker holds would pass IEI_BODY_WORKER_MAX_BYTES: retry later."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            429,
+            f"too many request bodies in flight: this worker holds at most {limit} bytes of "
+            "them (IEI_BODY_WORKER_MAX_BYTES); retry later",
+            headers={"Retry-After": "1"},
+        )
+
+
+class SlowBody(StarletteHTTPException):
+    """The body did not arrive within IEI_BODY_READ_TIMEOUT."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408, f"the request body did not arrive within {seconds:g} s (IEI_BODY_READ_TIMEOUT)"
+        )
+
+
+# The error types of Starlette's and our HTTPExceptions, by status (else Validation).
+HTTP_ERROR_TYPES = {404: ErrorType.NOT_FOUND, 408: ErrorType.TIMEOUT, 429: ErrorType.OVERLOADED}
+
+
 def overloaded(limit: int, count: int | None = None) -> ApiError:
     more = f"{count} more inputs" if count is not None else "more inputs"
     return ApiError(
@@ -142,8 +167,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = ErrorType.NOT_FOUND if exc.status_code == 404 else ErrorType.VALIDATION
-        return error_response(request.url.path, exc.status_code, error_type, str(exc.detail))
+        error_type = HTTP_ERROR_TYPES.get(exc.status_code, ErrorType.VALIDATION)
+        return error_response(
+            request.url.path, exc.status_code, error_type, str(exc.detail), dict(exc.headers or {})
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,17 +1,28 @@
-"""ASGI middleware: admission and the body limit (before anything is read), request ids and
-metrics."""
+"""ASGI middleware: request ids and metrics around everything, then admission and the body limit
+(before anything is read)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .auth import UNAUTHORIZED, key_accepted
-from .errors import ErrorType, PayloadTooLarge, error_response, overloaded
-from .logs import REQUEST_ID, request_id_from
+from .errors import (
+    HTTP_ERROR_TYPES,
+    BodiesOverloaded,
+    ErrorType,
+    PayloadTooLarge,
+    SlowBody,
+    error_response,
+    overloaded,
+)
+from .limits import Capacity, request_work
+from .logs import REQUEST_ID, printable, request_id_from
 
 log = logging.getLogger("iei")
 
@@ -47,7 +58,8 @@ class RequestContext:
         finally:
             log.info(
                 "%s %s %d %.1f ms",
-                scope["method"], scope["path"], status, (time.perf_counter() - start) * 1000,
+                printable(scope["method"]), printable(scope["path"]), status,
+                (time.perf_counter() - start) * 1000,
             )  # fmt: skip
             REQUEST_ID.reset(token)
 
@@ -89,39 +101,85 @@ class Admission:
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes: at once from Content-Length, else while it streams."""
+    """The request body, within three bounds: `limit` bytes (413), `bodies`, what all the bodies
+    a worker holds may take together (429 with Retry-After: at once from Content-Length, else
+    as chunks arrive), and `read_timeout` seconds for the whole body to arrive (408). A body
+    stays counted until the request's work has ended (its bytes live on in that work)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, bodies: Capacity, read_timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.bodies = bodies
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = 0
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                response = error_response(
-                    scope["path"], 413, ErrorType.VALIDATION, PayloadTooLarge(self.limit).detail
-                )
-                await response(scope, receive, send)
-                return
-        received = 0
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+        refusal: HTTPException | None = None
+        if declared > self.limit:
+            refusal = PayloadTooLarge(self.limit)
+        elif not self.bodies.try_take(declared):
+            refusal = BodiesOverloaded(self.bodies.capacity)
+        if refusal is not None:
+            error_type = HTTP_ERROR_TYPES.get(refusal.status_code, ErrorType.VALIDATION)
+            await error_response(
+                scope["path"], refusal.status_code, error_type, refusal.detail,
+                dict(refusal.headers or {}),
+            )(scope, receive, send)  # fmt: skip
+            return
+        held, received, complete = declared, 0, False
+        deadline = asyncio.get_running_loop().time() + self.read_timeout
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal held, received, complete
+            if complete:  # after the body: waits for a disconnect, unbounded
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise SlowBody(self.read_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.limit:
                     raise PayloadTooLarge(self.limit)
+                if received > held:  # no Content-Length (chunked), or more than it said
+                    if not self.bodies.try_take(received - held):
+                        raise BodiesOverloaded(self.bodies.capacity)
+                    held = received
             return message
 
-        await self.app(scope, counting_receive, send)
+        with request_work() as work:
+            try:
+                await self.app(scope, counting_receive, send)
+            finally:
+                work.then(lambda: self.bodies.give_back(held))
+
+
+# The route label of every path that no route matches: clients choose paths, and each label
+# value is a time series of its own.
+UNMATCHED = "unmatched"
+
+
+def route_label(scope: Scope) -> str:
+    """The route template of a request (`/embed`, not its raw path), also for an answer given
+    before routing (401, 413, 429): then the route it was meant for; UNMATCHED for none."""
+    route = scope.get("route")
+    if route is None:
+        templates = getattr(scope["app"].state, "routes", ())
+        route = next((r for r in templates if r.path_regex.match(scope["path"])), None)
+    return str(getattr(route, "path", UNMATCHED))
 
 
 class RequestMetrics:
-    """Count and time every request by its route template (not its raw path)."""
+    """Count and time every request by its route template and status, the answers of the
+    admission and the body limit included (this wraps them)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -144,6 +202,6 @@ class RequestMetrics:
             await self.app(scope, receive, remember_status)
         finally:
             metrics.IN_FLIGHT.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_label(scope)
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)

@@ -138,6 +138,8 @@ class Limits(BaseModel):
     )
     max_image_pixels: int
     payload_limit: int
+    body_worker_max_bytes: int
+    body_read_timeout: float
     request_timeout: float
     url_max_bytes: int
     url_timeout: float

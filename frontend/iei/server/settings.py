@@ -19,6 +19,8 @@ class ServerSettings(SettingsBase):
     max_text_chars: int = setting("max_text_chars", ge=1, le=1_000_000)
     request_timeout: float = setting("request_timeout", gt=0, le=3600)
     payload_limit: int = setting("payload_limit", ge=1024)
+    body_worker_max_bytes: int = setting("body_worker_max_bytes", ge=1024)
+    body_read_timeout: float = setting("body_read_timeout", gt=0, le=3600)
     max_concurrent_images: int = setting("max_concurrent_images", ge=1)
     api_key: SecretStr | None = setting("api_key")
     served_model_name: str | None = setting("served_model_name")
@@ -47,6 +49,8 @@ class ServerSettings(SettingsBase):
         pairs = [
             ("max_client_batch_size", "max_concurrent_images", "inputs a request may carry",
              "images a worker may have in flight"),
+            ("payload_limit", "body_worker_max_bytes", "bytes of one request body",
+             "bytes of request bodies a worker may hold"),
             ("url_max_bytes", "url_request_max_bytes", "bytes of one URL",
              "bytes the URLs of one request may download"),
             ("url_request_max_bytes", "url_worker_max_bytes",

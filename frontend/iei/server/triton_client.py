@@ -32,6 +32,7 @@ from ..contract import (
 from . import metrics
 from .errors import ApiError, ErrorType, first_error
 from .inputs import InvalidInput
+from .limits import WORK, outliving
 
 log = logging.getLogger("iei")
 
@@ -108,6 +109,7 @@ class TritonClient:
         return await asyncio.shield(self._probe)
 
     async def _run_probe(self) -> bool:
+        WORK.set(None)  # shared by every caller: no request's work (this task's own context)
         request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
@@ -159,6 +161,13 @@ class TritonClient:
         vectors = joined([part[0] for part in parts])
         return vectors, joined([part[1] for part in parts]).reshape(-1)
 
+    async def count_tokens(self, texts: list[str]) -> np.ndarray:
+        """Each text's tokens before truncation, from `iei_text` without its text tower (a
+        request for TOKENS alone): what a refusal of an over-long text needs, no inference."""
+        items = [text.encode() for text in texts]
+        parts = await self._chunked(TEXT_MODEL_NAME, TEXT_INPUT_NAME, items, (TOKENS_OUTPUT_NAME,))
+        return joined([part[0] for part in parts]).reshape(-1)
+
     async def _chunked(
         self, model: str, input_name: str, items: list[bytes], outputs: tuple[str, ...]
     ) -> list[list[np.ndarray]]:
@@ -168,8 +177,8 @@ class TritonClient:
         parallel = asyncio.Semaphore(max(1, self.concurrency_level // chunk))
 
         async def run(start: int) -> list[np.ndarray]:
-            request = self._bytes_input(input_name, items[start : start + chunk])
-            async with parallel:
+            async with parallel:  # serialized once its turn comes: a copy only while in flight
+                request = self._bytes_input(input_name, items[start : start + chunk])
                 return await self._infer(model, request, outputs, start)
 
         # The first chunk that fails cancels the others: nothing of the request is left running
@@ -201,7 +210,9 @@ class TritonClient:
         explain: bool = True,
     ) -> list[np.ndarray]:
         wanted = [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
-        call = self.server.infer(model, [request], outputs=wanted, priority=priority)
+        # Once sent, Triton computes it whoever waits: it runs to its end, counted in the request's
+        # work (a timeout does not give the request's permits back before Triton does).
+        call = outliving(self.server.infer(model, [request], outputs=wanted, priority=priority))
         with metrics.TRITON_SECONDS.time():
             result = await self._call(call, offset, explain=explain)
         arrays = [result.as_numpy(name) for name in outputs]

@@ -21,6 +21,7 @@ from iei_runtime.loading import engine_line, load_text_embedder
 from iei_runtime.triton import (
     TEXT_INPUT_NAME,
     TOKENS_OUTPUT_NAME,
+    error_response,
     gather_inputs,
     make_response,
     start_instance,
@@ -37,12 +38,49 @@ class TritonPythonModel:
             f"lower-cased here: {self.embedder.lower_case}"
         )
 
+        # Texts the text tower ran (Triton's metrics): a request for TOKENS alone runs none.
+        # The family must outlive its metric, so it is kept too.
+        self.encoded_family = pb_utils.MetricFamily(
+            name="iei_text_tower_texts_total",
+            description="Texts run through the text tower (requests for TOKENS alone run none)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.encoded = self.encoded_family.Metric(
+            labels={"model": args.get("model_name", "iei_text")}
+        )
+
     def execute(self, requests: list[Any]) -> list[Any]:
+        # A request that asks for TOKENS alone (the frontend's check of `truncate: false`
+        # before anything is embedded) is only tokenized; every other one is embedded too.
+        counting = [set(r.requested_output_names()) == {TOKENS_OUTPUT_NAME} for r in requests]
+        embedded = [r for r, count_only in zip(requests, counting, strict=True) if not count_only]
+        counted = [r for r, count_only in zip(requests, counting, strict=True) if count_only]
+        responses = dict(zip(map(id, embedded), self.embed(embedded), strict=True))
+        responses.update(zip(map(id, counted), self.count(counted), strict=True))
+        return [responses[id(request)] for request in requests]
+
+    def embed(self, requests: list[Any]) -> list[Any]:
+        if not requests:
+            return []
         texts, spans = gather_inputs(requests, TEXT_INPUT_NAME)
         results, tokens = self.embedder.embed(texts)
+        self.encoded.increment(sum(not isinstance(r, ValueError) for r in results))
         responses = []
         for span in spans:
             counts = np.asarray(tokens[span.start : span.stop], dtype=np.int32).reshape(-1, 1)
             own = results[span.start : span.stop]
             responses.append(make_response(own, TEXT_INPUT_NAME, {TOKENS_OUTPUT_NAME: counts}))
+        return responses
+
+    def count(self, requests: list[Any]) -> list[Any]:
+        if not requests:
+            return []
+        texts, spans = gather_inputs(requests, TEXT_INPUT_NAME)
+        results, tokens = self.embedder.count(texts)
+        responses = []
+        for span in spans:
+            failed = error_response(results[span.start : span.stop], TEXT_INPUT_NAME)
+            counts = np.asarray(tokens[span.start : span.stop], dtype=np.int32).reshape(-1, 1)
+            tensor = pb_utils.Tensor(TOKENS_OUTPUT_NAME, counts)
+            responses.append(failed or pb_utils.InferenceResponse(output_tensors=[tensor]))
         return responses

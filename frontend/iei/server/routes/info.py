@@ -47,6 +47,8 @@ async def info(services: ServicesDep) -> Info:
             max_concurrent_requests=settings.max_concurrent_images,
             max_image_pixels=settings.max_image_pixels,
             payload_limit=settings.payload_limit,
+            body_worker_max_bytes=settings.body_worker_max_bytes,
+            body_read_timeout=settings.body_read_timeout,
             request_timeout=settings.request_timeout,
             url_max_bytes=settings.url_max_bytes,
             url_timeout=settings.url_timeout,

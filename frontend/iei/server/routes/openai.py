@@ -39,6 +39,13 @@ def item_of(item: Any, modality: str, index: int) -> Input:
     )
 
 
+def check_dimensions(asked: int, dimension: int) -> None:
+    if asked > dimension:
+        raise ApiError(
+            ErrorType.VALIDATION, f"dimensions {asked} > the model's {dimension} dimensions"
+        )
+
+
 @router.post(
     "/v1/embeddings",
     response_model=OpenAIEmbeddingResponse,
@@ -53,14 +60,14 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep)
             f"model {body.model!r} is not served here; this service serves "
             f"{settings.public_model_name!r}",
         )
-    result = await embed_inputs(openai_items(body), services, time.perf_counter())
+    started = time.perf_counter()
+    if body.dimensions is not None:  # refused before anything is embedded
+        model = await services.triton.model_info()
+        check_dimensions(body.dimensions, int(model["embedding_dimension"]))
+    result = await embed_inputs(openai_items(body), services, started)
     vectors = result.vectors
     if body.dimensions is not None:
-        if body.dimensions > vectors.shape[1]:
-            raise ApiError(
-                ErrorType.VALIDATION,
-                f"dimensions {body.dimensions} > the model's {vectors.shape[1]} dimensions",
-            )
+        check_dimensions(body.dimensions, vectors.shape[1])  # where texts' differ from images'
         vectors = vectors[:, : body.dimensions]
     vectors = normalize_rows(vectors)  # OpenAI's embeddings are unit length
     if body.encoding_format == "base64":
