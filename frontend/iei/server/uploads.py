@@ -168,7 +168,7 @@ class FormReader:
         part, self._part = self._part, _Part()
         if part.is_file:
             self.files.append(b"".join(part.chunks))
-            self.names.append(part.filename or part.name or None)
+            self.names.append(part.filename or None)
             return
         try:
             self.fields.append((part.name, b"".join(part.chunks).decode("utf-8")))
