@@ -713,6 +713,10 @@ def write(results: dict[str, Any], out: Path) -> None:
     if "tiny" in results:
         parts.append(tiny_section(results["tiny"]))
         parts.append(NOTES["overhead"])
+    if "uploads" in results:  # `python -m bench.uploads`
+        from .uploads import section as uploads_section
+
+        parts.append(uploads_section(results["uploads"]))
     if "queue_delay" in results:
         parts.append(queue_section(results["queue_delay"]))
         parts.append(NOTES["queue_delay"])

@@ -509,3 +509,28 @@ def test_the_engines_part_runs_the_services_loading(tmp_path, model_dirs, monkey
     asked = {(r["engine"], r["precision"]) for r in found["inprocess"]}
     assert {("torch", "float32"), ("openvino", "float32"), ("onnxruntime", "int8")} <= asked
     assert all(r["cosine_min"] > 0.99 and r["img_s"] > 0 for r in found["inprocess"])
+
+
+def test_the_uploads_part_renders_its_ratios_and_its_bodies_are_what_embed_takes(tmp_path):
+    from bench import uploads
+
+    rows = [
+        {"kind": kind, "per_request": n, "what": what, "frontend_us": us, "triton_us": 1.0,
+         "model_us": 2.0, "client_us": 3.0, "img_s": 4.0, "frontend_rounds": [round(us)]}
+        for (kind, n, what), us in zip(uploads.LOADS, (3000.0, 1000.0, 4000.0, 1000.0), strict=True)
+    ]  # fmt: skip
+    meta = {"command": "python -m bench.uploads", "date": "d", "load_before": 1.0, "rounds": 1,
+            "requests": 8}  # fmt: skip
+    results = {"uploads": {"meta": meta, "image": "4000x3000", "rows": rows}}
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## Raw uploads" in text and "**3.0x**" in text and "**4.0x**" in text
+
+    from iei.server.uploads import FormReader
+
+    files = [b"\xff\xd8one", b"\xff\xd8two"]
+    [(form, content_type)] = uploads.bodies(files, "form", 2)[:1]
+    reader = FormReader(content_type.split("boundary=")[1].encode(), max_files=2)
+    reader.write(form)
+    assert reader.ended and reader.files == files
+    assert uploads.bodies(files, "raw", 1)[1] == (files[1], "image/jpeg")

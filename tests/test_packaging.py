@@ -15,7 +15,7 @@ from wheels import build_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_ONLY = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "tritonclient",
-               "prometheus_client", "pybase64", "aiohttp"}  # fmt: skip
+               "prometheus_client", "pybase64", "aiohttp", "python_multipart"}  # fmt: skip
 HEAVY = {"torch", "torchvision", "transformers"}
 
 

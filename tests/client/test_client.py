@@ -393,3 +393,85 @@ def test_iei_embed_reads_at_most_batch_size_times_concurrency_before_the_first_r
     asyncio.run(run())
     assert len(embedded) == 2000
     assert server.reads_at_first_embed is not None and server.reads_at_first_embed <= 4 * 3
+
+
+# --- raw uploads -------------------------------------------------------------------------------
+
+
+class FormServer(FakeServer):
+    """A server that takes raw uploads (`/info` says so): answers forms and JSON alike, a file's
+    vector its length; `forms` are what each form carried (files, names, fields)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.info = {**self.info, "raw_uploads": True}
+        self.forms: list[tuple[list[bytes], list[str | None], list[tuple[str, str]]]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        content_type = request.headers.get("content-type", "")
+        if request.url.path != "/embed" or not content_type.startswith("multipart/form-data"):
+            return super().__call__(request)
+        from iei.server.uploads import FormReader
+        from python_multipart.multipart import parse_options_header
+
+        self.requests.append(request)
+        boundary = parse_options_header(content_type)[1][b"boundary"]
+        reader = FormReader(boundary, max_files=64)
+        reader.write(request.content)
+        assert reader.ended
+        self.forms.append((reader.files, reader.names, reader.fields))
+        return httpx.Response(200, json=[[float(len(f))] * DIMENSION for f in reader.files])
+
+
+def test_files_go_as_a_multipart_form_to_a_server_that_takes_uploads(tmp_path):
+    path = tmp_path / "red cat.png"
+    path.write_bytes(png((255, 0, 0)))
+    server = FormServer()
+    images = [path, b"x" * 5, png((0, 0, 0)), Image.new("RGB", (4, 4)), str(path)]
+    client, _ = client_for(server)
+    vectors = client.embed(images, normalize=False)
+    assert [len(files) for files, _, _ in server.forms] == [3, 2]  # the server's batch limit
+    files = [f for form in server.forms for f in form[0]]
+    assert files[:3] == [path.read_bytes(), b"x" * 5, png((0, 0, 0))]  # the bytes, no base64
+    assert Image.open(io.BytesIO(files[3])).size == (4, 4)  # PIL images as PNG files
+    assert [n for form in server.forms for n in form[1]] == ["red cat.png", None, None, None,
+                                                            "red cat.png"]  # fmt: skip
+    assert [form[2] for form in server.forms] == [[("normalize", "false")]] * 2
+    assert vectors[:, 0].tolist() == [len(f) for f in files]
+    embeds = [r for r in server.requests if r.url.path == "/embed"]
+    assert len(embeds) == 2 and all(b"base64" not in r.content for r in embeds)
+
+
+def test_urls_or_an_older_server_get_json():
+    server = FormServer()
+    client, _ = client_for(server)
+    client.embed([b"abc", "https://example.org/a.jpg"])
+    assert server.forms == []
+    [body] = server.embed_bodies
+    assert body["inputs"] == [base64.b64encode(b"abc").decode(), "https://example.org/a.jpg"]
+    client.embed_texts(["a cat"])  # texts: always JSON
+    assert server.forms == []
+    older = FakeServer()  # /info without raw_uploads
+    client, _ = client_for(older)
+    client.embed([b"abc"])
+    assert older.embed_bodies[0]["inputs"] == [base64.b64encode(b"abc").decode()]
+
+
+def test_the_payload_limit_counts_file_bytes():
+    server = FormServer(info={"max_client_batch_size": 64, "limits": {"payload_limit": 100}})
+    client, _ = client_for(server)
+    client.embed([b"x" * 40] * 5)  # 40 bytes each; 90 of 100 allowed -> 2 a request
+    assert [len(files) for files, _, _ in server.forms] == [2, 2, 1]
+
+
+def test_the_async_client_uploads_files_too():
+    server = FormServer()
+
+    async def run() -> np.ndarray:
+        async with AsyncIEIClient("http://iei.test", transport=httpx.MockTransport(server)) as c:
+            return await c.embed([b"a" * n for n in range(1, 5)])
+
+    vectors = asyncio.run(run())
+    assert vectors[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert [len(files) for files, _, _ in server.forms] == [3, 1]
+    assert [form[2] for form in server.forms] == [[("normalize", "true")]] * 2

@@ -6,6 +6,7 @@ images — and are sent back the result. `IEIClient` carries the steps out with 
 
 from __future__ import annotations
 
+import base64
 import random
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,13 +18,13 @@ import numpy as np
 import orjson
 
 from .errors import RETRIED_STATUSES, IEIError, UnavailableError, error_from_response
-from .inputs import ImageInput, encode_image
+from .inputs import ImageFile, ImageInput, encode_image, image_file, multipart_form
 
 T = TypeVar("T")
 
-# Share of the server's payload limit one request may fill (JSON framing is the rest).
+# Share of the server's payload limit one request may fill (JSON or form framing is the rest).
 PAYLOAD_SHARE = 0.9
-JSON_HEADERS = {"Content-Type": "application/json"}
+JSON_TYPE = "application/json"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class Send:
     method: str
     path: str
     body: bytes | None = None
+    content_type: str = JSON_TYPE
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Content-Type": self.content_type} if self.body is not None else None
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,19 @@ class Wait:
 @dataclass(frozen=True)
 class Encode:
     """Turn these inputs into what the server takes (CPU work: the async client runs it in a
-    thread); the plan gets the list of strings."""
+    thread); the plan gets the list: the files themselves (`raw`: a server that takes uploads,
+    and no URL among them), else base64 strings."""
 
     images: Sequence[ImageInput]
+    raw: bool = False
 
-    def run(self) -> list[str]:
-        return [encode_image(image) for image in self.images]
+    def run(self) -> Sequence[str | ImageFile]:
+        if not self.raw:
+            return [encode_image(image) for image in self.images]
+        files = [image_file(image) for image in self.images]
+        if any(isinstance(file, str) for file in files):  # URLs go in JSON, and the files with them
+            return [f if isinstance(f, str) else base64.b64encode(f.data).decode() for f in files]
+        return files
 
 
 Step: TypeAlias = Send | Wait | Encode
@@ -85,7 +98,9 @@ def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def chunks(encoded: Sequence[str], max_items: int, max_chars: int | None) -> Iterator[range]:
+def chunks(
+    encoded: Sequence[str | ImageFile], max_items: int, max_chars: int | None
+) -> Iterator[range]:
     """Index ranges of at most `max_items` inputs and (where possible) `max_chars` characters."""
     start, size = 0, 0
     for index, item in enumerate(encoded):
@@ -97,6 +112,24 @@ def chunks(encoded: Sequence[str], max_items: int, max_chars: int | None) -> Ite
         size += len(item)
     if start < len(encoded):
         yield range(start, len(encoded))
+
+
+@dataclass(frozen=True)
+class Form:
+    """A `multipart/form-data` body, ready to send."""
+
+    content: bytes
+    content_type: str
+
+
+def embed_body(inputs: list[str | ImageFile], options: dict[str, Any]) -> object:
+    """One /embed request: image files as a form (options as its text fields, booleans as
+    `true`/`false`), anything else as TEI's JSON."""
+    if inputs and isinstance(inputs[0], ImageFile):
+        fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
+        files = [item for item in inputs if isinstance(item, ImageFile)]
+        return Form(*multipart_form(files, fields))
+    return {"inputs": inputs, **options}
 
 
 def as_matrix(vectors: list[np.ndarray], dimension: int | None) -> np.ndarray:
@@ -155,11 +188,11 @@ class ClientCore:
 
         Each request's inputs are read and encoded just before it is sent, so a client holds
         one request's worth of base64 however many images it is given (a generator too)."""
-        yield from self.info()
+        info = yield from self.info()
         per_request, _, dimension = self.limits()
         parts = []
         for batch in batches(images, per_request):
-            encoded: list[str] = yield Encode(batch)
+            encoded: list[str | ImageFile] = yield Encode(batch, raw=bool(info.get("raw_uploads")))
             parts.extend((yield from self.send_inputs(encoded, {"normalize": normalize})))
         return as_matrix(parts, dimension)
 
@@ -177,27 +210,37 @@ class ClientCore:
         options = {"modality": "text", "normalize": normalize, "truncate": truncate}
         return (yield from self.embed_inputs(list(texts), options))
 
-    def embed_inputs(self, inputs: list[str], options: dict[str, Any]) -> Plan[np.ndarray]:
+    def embed_inputs(
+        self, inputs: Sequence[str | ImageFile], options: dict[str, Any]
+    ) -> Plan[np.ndarray]:
         """POST /embed in requests within the server's limits (inputs and payload), in order."""
         yield from self.info()
         return as_matrix((yield from self.send_inputs(inputs, options)), self.limits()[2])
 
-    def send_inputs(self, inputs: list[str], options: dict[str, Any]) -> Plan[list[np.ndarray]]:
+    def send_inputs(
+        self, inputs: Sequence[str | ImageFile], options: dict[str, Any]
+    ) -> Plan[list[np.ndarray]]:
         """POST /embed of `inputs` in requests within the server's limits; their vectors."""
         per_request, max_chars, _ = self.limits()
         parts = []
         for span in chunks(inputs, per_request, max_chars):
-            body = {"inputs": [inputs[i] for i in span], **options}
+            body = embed_body([inputs[i] for i in span], options)
             response = yield from self.request("POST", "/embed", body)
             parts.append(vectors_from(response))
         return parts
 
     def request(self, method: str, path: str, body: object = None) -> Plan[httpx.Response]:
-        """One call, retried on 429, 503 and lost connections; other errors raise at once."""
-        content = None if body is None else orjson.dumps(body)
+        """One call (a JSON body, or a `Form`), retried on 429, 503 and lost connections; other
+        errors raise at once."""
+        content: bytes | None = None
+        content_type = JSON_TYPE
+        if isinstance(body, Form):
+            content, content_type = body.content, body.content_type
+        elif body is not None:
+            content = orjson.dumps(body)
         for attempt in range(1, self.retry.attempts + 1):
             error: IEIError
-            outcome = yield Send(method, path, content)
+            outcome = yield Send(method, path, content, content_type)
             if isinstance(outcome, httpx.TransportError):
                 error = UnavailableError(f"cannot reach {self.url}: {outcome!r}")
             elif outcome.is_success:

@@ -10,7 +10,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from .core import JSON_HEADERS, ClientCore, Encode, Plan, RetryPolicy, Send, T
+from .core import ClientCore, Encode, Plan, RetryPolicy, Send, T
 from .inputs import ImageInput
 
 
@@ -78,7 +78,7 @@ class IEIClient:
                 try:
                     result = self._http.request(
                         step.method, step.path, content=step.body,
-                        headers=JSON_HEADERS if step.body is not None else None,
+                        headers=step.headers,
                     )  # fmt: skip
                 except httpx.TransportError as exc:
                     result = exc

@@ -64,10 +64,12 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Input:
-    """One input of a request: an image (base64, data: URI or URL) or a text."""
+    """One input of a request: an image (base64, data: URI or URL; or the file itself, bytes,
+    from a raw upload) or a text. `name` (a form part's filename) joins `inputs[i]` in errors."""
 
     modality: str  # IMAGE or TEXT
-    value: str
+    value: str | bytes
+    name: str | None = None
 
 
 async def embed_inputs(
@@ -101,7 +103,7 @@ async def embed_inputs(
         try:
             async with asyncio.timeout(settings.request_timeout):
                 try:
-                    values = [items[i].value for i in texts]
+                    values = [str(items[i].value) for i in texts]
                     for value, position in zip(values, texts, strict=True):
                         check_text(value, settings.max_text_chars, position)
                     if values and not truncate:
@@ -118,7 +120,9 @@ async def embed_inputs(
                         calls[TEXT] = named(services.triton.embed_texts(values), texts)
                     done = dict(zip(calls, await together(list(calls.values())), strict=True))
                 except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
-                    raise ApiError(exc.error_type, str(exc), headers=exc.headers) from None
+                    raise ApiError(
+                        exc.error_type, named_error(exc, items), headers=exc.headers
+                    ) from None
         except TimeoutError:
             raise ApiError(
                 ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
@@ -151,6 +155,14 @@ async def text_context(services: Services) -> int:
     return int(info.get("text_context_length") or 0)
 
 
+def named_error(error: InvalidInput, items: list[Input]) -> str:
+    """`inputs[i]: reason`, with the input's name when it has one: `inputs[i] (a.jpg): reason`."""
+    index = error.index
+    if index is None or not 0 <= index < len(items) or not items[index].name:
+        return str(error)
+    return f"inputs[{index}] ({items[index].name}): {error.reason}"
+
+
 def check_text(text: str, max_chars: int, position: int) -> None:
     """What the frontend can see of a bad text without a tokenizer: empty, or too long."""
     if not text.strip():
@@ -163,10 +175,11 @@ def check_text(text: str, max_chars: int, position: int) -> None:
 
 
 async def image_files(
-    values: list[str], positions: list[int], services: Services, downloads: RequestBytes
+    values: list[str | bytes], positions: list[int], services: Services, downloads: RequestBytes
 ) -> list[bytes]:
     """The image inputs (at `positions` in the request) fetched (their bytes held by
-    `downloads`), decoded from base64 and header-checked: the files to send to Triton."""
+    `downloads`), decoded from base64 (uploaded files are already bytes) and header-checked:
+    the files to send to Triton."""
     if not values:
         return []
     max_pixels = services.settings.max_image_pixels

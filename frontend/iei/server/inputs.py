@@ -147,29 +147,38 @@ class Fetcher(Protocol):
 
 
 def prepare_inputs(
-    items: list[str], max_pixels: int, fetched: dict[int, bytes] | None = None
+    items: list[str] | list[str | bytes],
+    max_pixels: int,
+    fetched: dict[int, bytes] | None = None,
 ) -> list[ImageInput]:
-    """Every item of a request (URLs already `fetched`, by index), or an `InvalidInput` naming
-    the first bad one by index."""
+    """Every item of a request (URLs already `fetched`, by index; bytes are an uploaded file,
+    taken as it is), or an `InvalidInput` naming the first bad one by index."""
     fetched = fetched or {}
     images = []
     for index, item in enumerate(items):
         try:
-            data = fetched[index] if index in fetched else decode_input(item)
+            if isinstance(item, bytes):
+                data = item
+                if not data:
+                    raise InvalidInput("empty input")
+            else:
+                data = fetched[index] if index in fetched else decode_input(item)
             images.append(inspect_image(data, max_pixels))
         except InvalidInput as exc:
             raise exc.at(index) from None
     return images
 
 
-async def fetch_urls(items: list[str], fetcher: Fetcher, budget: Any) -> dict[int, bytes]:
+async def fetch_urls(
+    items: list[str] | list[str | bytes], fetcher: Fetcher, budget: Any
+) -> dict[int, bytes]:
     """Fetch the URL items concurrently, their bytes taken from `budget`; only http(s) URLs are
     fetched, any other scheme is refused before anything is read. The first failure cancels the
     other fetches: none is left running when this returns or raises."""
     urls = {}
     for index, item in enumerate(items):
-        scheme = url_scheme(item)
-        if scheme is None:
+        scheme = None if isinstance(item, bytes) else url_scheme(item)
+        if scheme is None or isinstance(item, bytes):
             continue
         if scheme not in ("http", "https"):
             raise InvalidInput(f"URL scheme {scheme!r} is not allowed (only http, https)", index)

@@ -51,6 +51,47 @@ class EmbedRequest(BaseModel):
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
 
 
+_FILE = {"type": "string", "format": "binary"}
+_ONE_FILE = "One image: the body is the encoded file (JPEG, PNG, WebP, ...)."
+_RAW_ONLY = " Raw uploads only (a JSON body has its own field)."
+# The raw forms of `POST /embed` (beside TEI's JSON body, which FastAPI documents itself): the body
+# is the image file, or a form whose file parts are the images. Read by `uploads.py`.
+UPLOAD_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "normalize",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": True},
+            "description": "Scale each vector to unit L2 norm: exactly `true` or `false`."
+            + _RAW_ONLY,
+        },
+    ],
+    "requestBody": {
+        "content": {
+            "image/*": {"schema": {**_FILE, "description": _ONE_FILE}},
+            "application/octet-stream": {"schema": {**_FILE, "description": _ONE_FILE}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": _FILE,
+                            "description": "The images, in order: every part with a filename "
+                            "is one, whatever its field name.",
+                        },
+                        "normalize": {"type": "string", "enum": ["true", "false"]},
+                    },
+                    "required": ["file"],
+                },
+                "encoding": {"file": {"contentType": "image/*, application/octet-stream"}},
+            },
+        }
+    },
+}
+
+
 # An item of OpenAI's `input`: a string (an image, or a text with `modality: text`) or an object
 # naming what it is (Jina's shape), so that one request can mix texts and images. Items are
 # checked by the route, which names a bad one by its index.
@@ -173,5 +214,10 @@ class Info(BaseModel):
     max_batch_size: int | None
     max_client_batch_size: int
     limits: Limits
+    raw_uploads: bool = Field(
+        True,
+        description="`/embed` takes the image file as the body (`image/*`, "
+        "`application/octet-stream`) and `multipart/form-data` forms of files.",
+    )
     version: str
     triton: TritonInfo

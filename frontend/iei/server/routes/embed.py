@@ -1,32 +1,66 @@
 """`POST /embed` (and TEI's root route, `POST /`): images or texts in, vectors out
-(text-embeddings-inference's contract)."""
+(text-embeddings-inference's contract). Besides TEI's JSON body, images also come as raw uploads:
+the body is the image file, or a `multipart/form-data` form of several (see `uploads.py`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from ..dependencies import Authorized, ServicesDep
-from ..embedding import TEXT, Input, embed_inputs, normalize_rows
+from ..dependencies import Authorized, ServicesDep, require_api_key
+from ..embedding import IMAGE, TEXT, Input, Services, embed_inputs, normalize_rows
 from ..errors import ApiError, ErrorType
 from ..responses import VectorResponse
 from ..routing import OffLoopJSONRoute
-from ..schemas import EmbedRequest
+from ..schemas import UPLOAD_OPENAPI, EmbedRequest
+from ..uploads import JSON, body_kind, read_upload, unsupported_type, upload_options
 
-router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=OffLoopJSONRoute)
+
+class EmbedRoute(OffLoopJSONRoute):
+    """JSON bodies go to FastAPI's handler (parsed and validated against `EmbedRequest`); raw
+    uploads to `embed_upload`, before FastAPI would try to read them as JSON; any other
+    Content-Type is a 415."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        json_handler = super().get_route_handler()
+
+        async def by_content_type(request: Request) -> Response:
+            content_type = request.headers.get("content-type")
+            kind = body_kind(content_type)
+            if kind == JSON:
+                return await json_handler(request)
+            services: Services = request.app.state.services
+            require_api_key(request, services)  # FastAPI's dependencies run for JSON only
+            if kind is None:
+                raise unsupported_type(content_type)
+            return await embed_upload(request, kind, services)
+
+        return by_content_type
+
+
+router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=EmbedRoute)
 
 
 @router.post(
     "/embed",
     response_class=VectorResponse,
-    responses={200: {"content": {"application/json": {"example": [[0.01, -0.02, 0.03]]}}}},
+    responses={
+        200: {"content": {"application/json": {"example": [[0.01, -0.02, 0.03]]}}},
+        415: {"description": "A Content-Type that /embed does not take"},
+    },
     summary="Embed images or texts (TEI)",
+    openapi_extra=UPLOAD_OPENAPI,
 )
 # TEI answers its root route as /embed; huggingface_hub's InferenceClient(model=URL) posts there.
 @router.post("/", response_class=VectorResponse, include_in_schema=False)
 async def embed(body: EmbedRequest, services: ServicesDep) -> VectorResponse:
-    """One vector per input, in input order."""
+    """One vector per input, in input order. The body is TEI's JSON, or a raw upload: the image
+    file itself (`Content-Type: image/*` or `application/octet-stream`), or a
+    `multipart/form-data` form whose file parts are the images, in order. A raw upload's options
+    are query parameters (`?normalize=false`), in a form also text fields."""
     if body.modality == TEXT and (body.truncation_direction or "right").lower() == "left":
         raise ApiError(
             ErrorType.VALIDATION,
@@ -37,4 +71,21 @@ async def embed(body: EmbedRequest, services: ServicesDep) -> VectorResponse:
         items, services, time.perf_counter(), truncate=body.truncate is not False
     )
     vectors = normalize_rows(result.vectors) if body.normalize else result.vectors
+    return VectorResponse(vectors, headers=result.timing_headers())
+
+
+async def embed_upload(request: Request, kind: str, services: Services) -> VectorResponse:
+    """`embed` for a raw upload: the same answer, the files sent to Triton as they came."""
+    upload = await read_upload(request, kind, services.settings.max_client_batch_size)
+    options = upload_options(upload.fields, EmbedRequest)
+    if options.modality != IMAGE:
+        raise ApiError(
+            ErrorType.VALIDATION,
+            "a raw upload is images: send texts as JSON (`modality: text`)",
+        )
+    items = [
+        Input(IMAGE, data, name) for data, name in zip(upload.files, upload.names, strict=True)
+    ]
+    result = await embed_inputs(items, services, time.perf_counter())
+    vectors = normalize_rows(result.vectors) if options.normalize else result.vectors
     return VectorResponse(vectors, headers=result.timing_headers())
