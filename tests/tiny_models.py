@@ -347,3 +347,21 @@ def build_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     model.eval().save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
+
+
+def build_classification_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny classification checkpoint, as the hub's ViT and DeiT ones are
+    (google/vit-base-patch16-224, IEI's default; facebook/deit-base-distilled-patch16-224): its
+    base model is saved without the pooler."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    classes = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher"}
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture, processor = FAMILIES[family]
+    config = AutoConfig.for_model(family, **architecture, num_labels=3)
+    getattr(transformers, classes[family])(config).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder

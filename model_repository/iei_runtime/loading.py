@@ -19,7 +19,7 @@ import torch
 from . import engines
 from .embedder import Embedder, Preprocessor
 from .encoders import PooledEncoder, TowerEncoder
-from .families import PROJECTED, resolve_pooling, text_context, towers
+from .families import PROJECTED, resolve_pooling, serves_texts, text_context, towers
 from .images import draft_side
 from .jpeg_decoders import choose_jpeg_decoder
 from .settings import (
@@ -88,14 +88,29 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
     if pooling != "pooler" and "add_pooling_layer" in accepted:
         # A classification checkpoint has no pooler weights; don't build a random one.
         kwargs["add_pooling_layer"] = False
-    return AutoModel.from_pretrained(model_id, config=config, dtype=dtype, **kwargs)
+    with quiet_transformers():
+        model, loading = AutoModel.from_pretrained(
+            model_id, config=config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    missing = sorted(loading.get("missing_keys") or [])
+    pooler = [key for key in missing if "pooler" in key]
+    if pooling == "pooler" and pooler:
+        # ViT/DeiT classification checkpoints (the default model among them) drop the pooler:
+        # it would be random, and its vectors differ from one start to the next.
+        raise ValueError(
+            f"IEI_POOLING=pooler: the checkpoint has no weights for the model's pooler (e.g. "
+            f"{pooler[0]}), which would be random; use IEI_POOLING=mean or cls"
+        )
+    if missing:
+        raise ValueError(f"{type(model).__name__} misses {len(missing)} weights, e.g. {missing[0]}")
+    return model
 
 
 def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
     """The MODEL_INFO output: facts a client cannot see from outside, as JSON (`more`: the
     layout's own)."""
     facts = embedder.model_facts
-    context = text_context(facts)
+    context = text_context(facts, embedder.encoder.pooling)  # None: no texts with this pooling
     return json.dumps(
         {
             "model_id": settings.model_id,
@@ -280,6 +295,12 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
             raise ValueError(
                 f"a {facts.get('model_type')} model has no text tower whose vectors share the "
                 "image space (texts need a CLIP, SigLIP or SigLIP2 model)"
+            )
+        if not serves_texts(facts, settings.pooling):
+            raise ValueError(
+                f"IEI_POOLING={settings.pooling}: the image vectors leave the space this "
+                f"{facts.get('model_type')} model's texts share, so it serves no texts "
+                "(IEI_POOLING=auto serves both)"
             )
         tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
         model = load_tower(joint.text, settings.model_id, dtype)
