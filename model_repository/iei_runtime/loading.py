@@ -6,6 +6,7 @@ the image model holds the vision tower with its projection, the text model the t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -61,14 +62,28 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def load_tower(class_name: str, model_id: str, dtype: torch.dtype) -> Any:
-    """One tower of a dual encoder, from the full checkpoint; every weight must be found (a
-    missing one would be random, and its vectors silently wrong)."""
+def tower_config(config: Any, part: str) -> Any:
+    """The config of one tower (`vision_config`, `text_config`) with the checkpoint's real
+    projection size: the top level's `projection_dim`, which the full model builds both
+    projections with. LAION's OpenCLIP conversions keep a default 512 inside the towers (top
+    level 1280 for ViT-bigG; transformers #25622): read from the tower alone, the projection
+    weights would not fit and loading fails."""
+    tower = copy.deepcopy(getattr(config, part))
+    projection = getattr(config, "projection_dim", None)
+    if projection is not None and hasattr(tower, "projection_dim"):
+        tower.projection_dim = projection
+    return tower
+
+
+def load_tower(class_name: str, model_id: str, dtype: torch.dtype, config: Any) -> Any:
+    """One tower of a dual encoder, from the full checkpoint (`config`: the tower's, from
+    `tower_config`); every weight must be found (a missing one would be random, and its vectors
+    silently wrong)."""
     import transformers
 
     with quiet_transformers():
         model, loading = getattr(transformers, class_name).from_pretrained(
-            model_id, dtype=dtype, output_loading_info=True
+            model_id, config=config, dtype=dtype, output_loading_info=True
         )
     missing = loading.get("missing_keys") or []
     if missing:
@@ -82,7 +97,7 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
     joint = towers(config.to_dict())
     if joint is not None:
         return load_tower(joint.vision if pooling == PROJECTED else joint.vision_plain,
-                          model_id, dtype)  # fmt: skip
+                          model_id, dtype, tower_config(config, "vision_config"))  # fmt: skip
     kwargs = {}
     accepted = signature(AutoModel._model_mapping[type(config)]).parameters
     if pooling != "pooler" and "add_pooling_layer" in accepted:
@@ -289,7 +304,8 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
     choice = choose_engine(settings, device)
     dtype = torch_dtype(choice)
     try:
-        facts = AutoConfig.from_pretrained(settings.model_id).to_dict()
+        config = AutoConfig.from_pretrained(settings.model_id)
+        facts = config.to_dict()
         joint = towers(facts)
         if joint is None:
             raise ValueError(
@@ -303,7 +319,8 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
                 "(IEI_POOLING=auto serves both)"
             )
         tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
-        model = load_tower(joint.text, settings.model_id, dtype)
+        text_tower = tower_config(config, "text_config")
+        model = load_tower(joint.text, settings.model_id, dtype, text_tower)
     except Exception as exc:
         raise ModelLoadError(settings.model_id, first_line(exc)) from None
     model.eval().to(device)

@@ -14,7 +14,12 @@ from fake_pb_utils import TEXT_MODEL_PY, InferenceRequest, Tensor, load_model_mo
 from PIL import Image
 from reference import Reference, cosine_rows
 from sample_images import encode, odd_images, photos
-from tiny_models import JOINT_FAMILIES, ORIGINAL_FAMILIES, build_classification_checkpoint
+from tiny_models import (
+    JOINT_FAMILIES,
+    ORIGINAL_FAMILIES,
+    build_classification_checkpoint,
+    build_openclip_style_clip,
+)
 
 text_model = load_model_module(TEXT_MODEL_PY)  # installs the stand-in for Triton's utils first
 
@@ -270,6 +275,30 @@ def test_images_and_texts_match_the_reference(embedders, text_embedders, model_d
     assert cosine_rows(np.stack(vectors), reference.embed_texts(TEXTS)).min() >= 0.9999
     context = text_embedders[family].context
     assert tokens[0] < context < tokens[2]  # the long one was cut to fit
+
+
+def test_a_clip_whose_towers_keep_another_projection_size_loads_both_towers(tmp_path):
+    """LAION's OpenCLIP conversions say projection_dim 1280 at the top level and keep 512 in
+    vision_config/text_config (transformers #25622): each tower loads with the real size."""
+    folder = build_openclip_style_clip(tmp_path / "clip-openclip")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["projection_dim"] == 24
+    towers = (config["vision_config"]["projection_dim"], config["text_config"]["projection_dim"])
+    assert 24 not in towers
+    files = list(photos().values())
+    reference = Reference(folder)
+    images = loading.load_embedder(settings_for(folder), CPU, 1)
+    try:
+        served = np.stack(images.embed(files))
+    finally:
+        images.close()
+    assert served.shape == (len(files), 24)
+    assert cosine_rows(served, reference.embed(files)).min() >= 0.9999
+    vectors, _ = loading.load_text_embedder(settings_for(folder), CPU).embed(
+        [t.encode() for t in TEXTS]
+    )
+    assert np.stack(vectors).shape == (len(TEXTS), 24)
+    assert cosine_rows(np.stack(vectors), reference.embed_texts(TEXTS)).min() >= 0.9999
 
 
 def test_siglip_texts_are_padded_to_the_context(text_embedders, model_dirs):
