@@ -8,7 +8,6 @@ runner) and forward pass; served is `iei serve` with the settings a user would g
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,9 @@ def run_engines(
 ) -> dict[str, Any]:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    # The threads an instance of the served model gets (the process's cores, not the host's).
+    threads = mm.available_cores()
+    torch.set_num_threads(threads)
     native = bool(mm.cpu_has_native_bf16())
     cache = work / "engine-cache"
     rows, reference = [], None
@@ -51,8 +52,7 @@ def run_engines(
         environ = {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_ENGINE": engine,
                    "IEI_DTYPE": precision, "IEI_ENGINE_CACHE": str(cache)}  # fmt: skip
         started = time.perf_counter()
-        embedder = mm.load_embedder(mm.read_settings({}, environ), torch.device("cpu"),
-                                    os.cpu_count() or 1)  # fmt: skip
+        embedder = mm.load_embedder(mm.read_settings({}, environ), torch.device("cpu"), threads)
         load_s = time.perf_counter() - started
         try:
             pixels = mm.stack(embedder.preprocess(embedder.decode_all(files)))

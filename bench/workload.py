@@ -90,7 +90,7 @@ def load_model_module() -> Any:
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils"))
     if str(REPOSITORY) not in sys.path:
         sys.path.insert(0, str(REPOSITORY))
-    from iei_runtime import embedder, images, loading, settings
+    from iei_runtime import embedder, images, loading, resources, settings
 
     return types.SimpleNamespace(
         stack=embedder.stack,
@@ -98,6 +98,7 @@ def load_model_module() -> Any:
         resolve_dtype=settings.resolve_dtype,
         cpu_has_native_bf16=settings.cpu_has_native_bf16,
         load_embedder=loading.load_embedder,
+        available_cores=resources.available_cores,
         decode_image=images.decode_image,
         draft_side=images.draft_side,
     )

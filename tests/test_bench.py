@@ -504,10 +504,14 @@ def test_the_engines_part_runs_the_services_loading(tmp_path, model_dirs, monkey
 
     monkeypatch.setattr(engines, "ServedStack", None)  # in-process only below
     mm = load_model_module()
+    # The bf16 variants run on any CPU (emulated where it has no bf16; OpenVINO then computes
+    # float32), so this test takes the same path whichever CPU runs it.
+    monkeypatch.setattr(mm, "cpu_has_native_bf16", lambda: True)
     files = [(ROOT / "examples" / "images" / "coffee.jpg").read_bytes()] * 2
     found = engines.run_engines(mm, model_dirs["vit"], files, 8, tmp_path, print, served=False)
     asked = {(r["engine"], r["precision"]) for r in found["inprocess"]}
     assert {("torch", "float32"), ("openvino", "float32"), ("onnxruntime", "int8")} <= asked
+    assert {("torch", "bfloat16"), ("openvino", "bfloat16")} <= asked
     assert all(r["cosine_min"] > 0.99 and r["img_s"] > 0 for r in found["inprocess"])
 
 

@@ -347,3 +347,44 @@ def build_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     model.eval().save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder
+
+
+def build_openclip_style_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny CLIP saved as LAION's OpenCLIP conversions are (laion/CLIP-ViT-bigG-14-laion2B-
+    39B-b160k): the projection size (24) only at the top level, the towers' configs keeping
+    transformers' default projection_dim (512), as transformers 5 writes them (#25622)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = clip_tokenizer()
+    config = tf.CLIPConfig(
+        text_config=text_config(len(tokenizer), 77, hidden_act="quick_gelu", bos_token_id=0,
+                                eos_token_id=2, pad_token_id=1),
+        vision_config=dict(TINY, image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=24,
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    write_hub_tokenizer_files("clip", tokenizer, folder)
+    tf.CLIPModel(config).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSORS["clip"], indent=2))
+    return folder
+
+
+def build_classification_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny classification checkpoint, as the hub's ViT and DeiT ones are
+    (google/vit-base-patch16-224, IEI's default; facebook/deit-base-distilled-patch16-224): its
+    base model is saved without the pooler."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    classes = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassificationWithTeacher"}
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture, processor = FAMILIES[family]
+    config = AutoConfig.for_model(family, **architecture, num_labels=3)
+    getattr(transformers, classes[family])(config).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    return folder

@@ -74,7 +74,8 @@ _SETTINGS = [
         "IEI_POOLING", "auto", "auto|mean|cls|pooler", (LAUNCHER, MODEL),
         "`auto`: a dual encoder's projected image embedding (the space its texts share), "
         "DINOv2's `pooler_output`, else the mean of the last hidden state; `mean`, `cls` or "
-        "`pooler` force one (one the model cannot do stops start-up)",
+        "`pooler` force one (one the model cannot do stops start-up; one outside a dual "
+        "encoder's text space serves images only)",
     )),
     ("max_client_batch_size", Setting(
         "IEI_MAX_CLIENT_BATCH_SIZE", 64, "int", (SERVER,), "most inputs in one request",

@@ -29,8 +29,10 @@ class PooledEncoder(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """`inputs`: the processor's other tensors (SigLIP2 NaFlex: pixel_attention_mask and
-        spatial_shapes; without the mask its vectors are silently wrong)."""
-        return pool(self.model(pixel_values=pixel_values, **inputs), self.pooling)
+        spatial_shapes; without the mask its vectors are silently wrong, and `mean` averages
+        only the patches it marks)."""
+        outputs = self.model(pixel_values=pixel_values, **inputs)
+        return pool(outputs, self.pooling, inputs.get("pixel_attention_mask"))
 
 
 class TowerEncoder(PooledEncoder):

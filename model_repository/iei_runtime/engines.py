@@ -184,14 +184,20 @@ class OpenVinoRunner(Exported):
     def __init__(self, path: Path, precision: str, threads: int, names: tuple[str, ...]) -> None:
         import openvino as ov
 
+        hint = "bf16" if precision == "bfloat16" else "f32"
         config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,  # the decode threads share these cores
             # The CPU plugin would pick bf16 on a CPU that has it: float32 must stay exact.
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
-            "CACHE_DIR": str(path.parent / "compiled"),  # a restart skips the plugin's compile
+            "INFERENCE_PRECISION_HINT": hint,
+            # A restart skips the plugin's compile. One folder per precision: the CPU plugin
+            # keys its compiled blobs by the model and the CPU's name only (its
+            # CACHING_PROPERTIES), not by this hint, so a bf16 compile after a float32 one of
+            # the same export loaded the float32 graph and ran it in bf16 (cosine NaN on AMX
+            # in the bench, which runs both in one cache), and float32 could load a bf16 one.
+            "CACHE_DIR": str(path.parent / f"compiled-{hint}"),
         }
         compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.request = compiled.create_infer_request()

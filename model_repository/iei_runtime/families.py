@@ -50,6 +50,12 @@ POOLER_MODELS = ("dinov2", "dinov2_with_registers")
 # IEI_POOLING values; `projected` is what `auto` means for a dual encoder, not a setting.
 POOLINGS = ("auto", "mean", "cls", "pooler")
 PROJECTED = "projected"
+# Models whose tokens are all patches, without a CLS token: `cls` would pool the first patch
+# (Swin; SigLIP and SigLIP2 pool with an attention head). ConvNeXt's map is refused at the
+# first forward pass (pooling.py).
+NO_CLS_TOKEN = (
+    "swin", "swinv2", "siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model",
+)  # fmt: skip
 
 
 # Models whose image processor returns more than pixel_values (SigLIP2 NaFlex: the patches' mask
@@ -84,10 +90,30 @@ def has_text_tower(config: dict[str, Any]) -> bool:
     return towers(config) is not None
 
 
-def text_context(config: dict[str, Any]) -> int | None:
-    """Tokens a text may have (the text tower's positions); None without a text tower."""
+def in_joint_space(config: dict[str, Any], pooling: str) -> bool:
+    """Whether image vectors pooled so (IEI_POOLING, or its resolved value) lie in the space a
+    dual encoder's texts share: its projected embedding, or SigLIP's `pooler_output` (which is
+    that embedding). `mean`, `cls` and CLIP's `pooler` pool the vision tower before its
+    projection: texts would come from another space."""
     joint = towers(config)
     if joint is None:
+        return False
+    if pooling in ("auto", PROJECTED):
+        return True
+    same_model = joint.vision == joint.vision_plain and joint.image_output == "pooler_output"
+    return pooling == "pooler" and same_model
+
+
+def serves_texts(config: dict[str, Any], pooling: str = "auto") -> bool:
+    """Whether the model serves texts too (the text model `iei_text` is loaded): a dual encoder
+    whose image vectors, with this IEI_POOLING, share its text space."""
+    return in_joint_space(config, pooling)
+
+
+def text_context(config: dict[str, Any], pooling: str = "auto") -> int | None:
+    """Tokens a text may have (the text tower's positions); None when no texts are served."""
+    joint = towers(config)
+    if joint is None or not serves_texts(config, pooling):
         return None
     text = sub_config(config, "text_config") or {}
     return int(text.get("max_position_embeddings") or joint.context)
@@ -95,7 +121,13 @@ def text_context(config: dict[str, Any]) -> int | None:
 
 def resolve_pooling(requested: str, config: dict[str, Any]) -> str:
     """`auto`: a dual encoder's projected image embedding, DINOv2's `pooler_output`, else the mean
-    of the last hidden state (the original service's definition). Anything else is kept."""
+    of the last hidden state (the original service's definition). Anything else is kept, except
+    `cls` on a model without a CLS token (a ValueError naming the setting)."""
+    if requested == "cls" and config.get("model_type") in NO_CLS_TOKEN:
+        raise ValueError(
+            f"IEI_POOLING=cls: a {config.get('model_type')} model has no CLS token (its tokens "
+            "are all patches); use IEI_POOLING=mean or auto"
+        )
     if requested != "auto":
         return requested
     if towers(config) is not None:

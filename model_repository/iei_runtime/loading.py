@@ -6,6 +6,7 @@ the image model holds the vision tower with its projection, the text model the t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import torch
 from . import engines
 from .embedder import Embedder, Preprocessor
 from .encoders import PooledEncoder, TowerEncoder
-from .families import PROJECTED, resolve_pooling, text_context, towers
+from .families import PROJECTED, resolve_pooling, serves_texts, text_context, towers
 from .images import draft_side
 from .jpeg_decoders import choose_jpeg_decoder
 from .settings import (
@@ -61,14 +62,28 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def load_tower(class_name: str, model_id: str, dtype: torch.dtype) -> Any:
-    """One tower of a dual encoder, from the full checkpoint; every weight must be found (a
-    missing one would be random, and its vectors silently wrong)."""
+def tower_config(config: Any, part: str) -> Any:
+    """The config of one tower (`vision_config`, `text_config`) with the checkpoint's real
+    projection size: the top level's `projection_dim`, which the full model builds both
+    projections with. LAION's OpenCLIP conversions keep a default 512 inside the towers (top
+    level 1280 for ViT-bigG; transformers #25622): read from the tower alone, the projection
+    weights would not fit and loading fails."""
+    tower = copy.deepcopy(getattr(config, part))
+    projection = getattr(config, "projection_dim", None)
+    if projection is not None and hasattr(tower, "projection_dim"):
+        tower.projection_dim = projection
+    return tower
+
+
+def load_tower(class_name: str, model_id: str, dtype: torch.dtype, config: Any) -> Any:
+    """One tower of a dual encoder, from the full checkpoint (`config`: the tower's, from
+    `tower_config`); every weight must be found (a missing one would be random, and its vectors
+    silently wrong)."""
     import transformers
 
     with quiet_transformers():
         model, loading = getattr(transformers, class_name).from_pretrained(
-            model_id, dtype=dtype, output_loading_info=True
+            model_id, config=config, dtype=dtype, output_loading_info=True
         )
     missing = loading.get("missing_keys") or []
     if missing:
@@ -82,20 +97,35 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
     joint = towers(config.to_dict())
     if joint is not None:
         return load_tower(joint.vision if pooling == PROJECTED else joint.vision_plain,
-                          model_id, dtype)  # fmt: skip
+                          model_id, dtype, tower_config(config, "vision_config"))  # fmt: skip
     kwargs = {}
     accepted = signature(AutoModel._model_mapping[type(config)]).parameters
     if pooling != "pooler" and "add_pooling_layer" in accepted:
         # A classification checkpoint has no pooler weights; don't build a random one.
         kwargs["add_pooling_layer"] = False
-    return AutoModel.from_pretrained(model_id, config=config, dtype=dtype, **kwargs)
+    with quiet_transformers():
+        model, loading = AutoModel.from_pretrained(
+            model_id, config=config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    missing = sorted(loading.get("missing_keys") or [])
+    pooler = [key for key in missing if "pooler" in key]
+    if pooling == "pooler" and pooler:
+        # ViT/DeiT classification checkpoints (the default model among them) drop the pooler:
+        # it would be random, and its vectors differ from one start to the next.
+        raise ValueError(
+            f"IEI_POOLING=pooler: the checkpoint has no weights for the model's pooler (e.g. "
+            f"{pooler[0]}), which would be random; use IEI_POOLING=mean or cls"
+        )
+    if missing:
+        raise ValueError(f"{type(model).__name__} misses {len(missing)} weights, e.g. {missing[0]}")
+    return model
 
 
 def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
     """The MODEL_INFO output: facts a client cannot see from outside, as JSON (`more`: the
     layout's own)."""
     facts = embedder.model_facts
-    context = text_context(facts)
+    context = text_context(facts, embedder.encoder.pooling)  # None: no texts with this pooling
     return json.dumps(
         {
             "model_id": settings.model_id,
@@ -274,15 +304,23 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
     choice = choose_engine(settings, device)
     dtype = torch_dtype(choice)
     try:
-        facts = AutoConfig.from_pretrained(settings.model_id).to_dict()
+        config = AutoConfig.from_pretrained(settings.model_id)
+        facts = config.to_dict()
         joint = towers(facts)
         if joint is None:
             raise ValueError(
                 f"a {facts.get('model_type')} model has no text tower whose vectors share the "
                 "image space (texts need a CLIP, SigLIP or SigLIP2 model)"
             )
+        if not serves_texts(facts, settings.pooling):
+            raise ValueError(
+                f"IEI_POOLING={settings.pooling}: the image vectors leave the space this "
+                f"{facts.get('model_type')} model's texts share, so it serves no texts "
+                "(IEI_POOLING=auto serves both)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(settings.model_id)
-        model = load_tower(joint.text, settings.model_id, dtype)
+        text_tower = tower_config(config, "text_config")
+        model = load_tower(joint.text, settings.model_id, dtype, text_tower)
     except Exception as exc:
         raise ModelLoadError(settings.model_id, first_line(exc)) from None
     model.eval().to(device)

@@ -7,12 +7,13 @@ from typing import Any
 import torch
 
 
-def pool(outputs: Any, pooling: str) -> torch.Tensor:
+def pool(outputs: Any, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Model outputs -> one vector per image.
 
     mean: over tokens of `last_hidden_state` (B, T, C), or over the spatial grid of a
-    convolutional map (B, C, H, W) such as ConvNeXt's. cls: the first token. pooler: the model's
-    own `pooler_output`.
+    convolutional map (B, C, H, W) such as ConvNeXt's; with a `mask` (B, T) (SigLIP2 NaFlex's
+    pixel_attention_mask), over the real tokens only, not the padding. cls: the first token.
+    pooler: the model's own `pooler_output`.
     """
     if pooling == "pooler":
         pooled = getattr(outputs, "pooler_output", None)
@@ -26,4 +27,7 @@ def pool(outputs: Any, pooling: str) -> torch.Tensor:
         return hidden.mean(dim=(2, 3))
     if pooling == "cls":
         return hidden[:, 0]
+    if mask is not None:
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
     return hidden.mean(dim=1)

@@ -314,3 +314,20 @@ def test_the_openai_sdk_sends_texts_with_extra_body(clip_stack):
     )  # the SDK asks for base64 and decodes it
     served = np.asarray([d.embedding for d in texts.data])
     np.testing.assert_allclose(served, embed_texts(clip_stack, TEXTS[:2]), atol=1e-6)
+
+
+def test_a_pooling_outside_clips_joint_space_serves_images_only(model_dirs, tmp_path):
+    """IEI_POOLING=mean pools CLIP's vision tower before its projection: texts (in the projected
+    space) would be silently useless beside those image vectors, so none are served."""
+    stack = Stack(model_dirs["clip"], tmp_path / "clip-mean.log", IEI_POOLING="mean").start()
+    try:
+        info = httpx.get(f"{stack.url}/info", timeout=30).json()
+        assert info["modalities"] == ["image"] and info["embedding_dimension"] == 32
+        response = post(stack, "/embed", {"inputs": ["a cat"], "modality": "text"})
+        assert response.status_code == 422 and "embeds images only" in response.text
+        image = post(stack, "/embed", {"inputs": [b64(next(iter(photos().values())))]})
+        assert image.status_code == 200 and len(image.json()[0]) == 32
+        ready = httpx.get(f"http://{stack.triton_http}/v2/models/iei_text/ready")
+        assert ready.status_code != 200  # not loaded at all
+    finally:
+        assert stack.stop() == 0, stack.log()

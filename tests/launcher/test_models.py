@@ -56,6 +56,44 @@ def test_the_tiny_models_themselves(model_dirs):
     assert models.served_models(str(model_dirs["vit"]), REPOSITORY) == ("iei",)
 
 
+@pytest.mark.parametrize(
+    ("family", "pooling", "expected"),
+    [
+        ("clip", "mean", ("iei",)),  # the vision tower before its projection: another space
+        ("clip", "cls", ("iei",)),
+        ("clip", "pooler", ("iei",)),
+        ("clip", "auto", BOTH),
+        ("siglip", "pooler", BOTH),  # SigLIP's pooler_output is its image embedding
+        ("siglip", "mean", ("iei",)),
+    ],
+)
+def test_no_text_model_when_the_pooling_leaves_the_joint_space(model_dirs, family, pooling,
+                                                                expected):  # fmt: skip
+    assert models.served_models(str(model_dirs[family]), REPOSITORY, pooling) == expected
+
+
+def test_the_launcher_applies_the_rule_with_iei_pooling(model_dirs, monkeypatch, tmp_path):
+    """`iei serve` with IEI_POOLING=mean on CLIP: no iei_text (the rule above, with the setting)."""
+    from iei.launcher import triton_process
+
+    class Chosen(Exception):
+        pass
+
+    def stop_there(*args: object) -> str:
+        raise Chosen
+
+    monkeypatch.setenv("IMAGE_EMBEDDING_MODEL", str(model_dirs["clip"]))
+    monkeypatch.setenv("IEI_POOLING", "mean")
+    asked = []
+    real = triton_process.served_models
+    monkeypatch.setattr(triton_process, "served_models", lambda *a: asked.append(real(*a)))
+    monkeypatch.setattr(triton_process, "find_triton", lambda work_dir: None)
+    monkeypatch.setattr(triton_process, "model_layout", stop_there)  # the step after
+    with pytest.raises(Chosen):
+        triton_process.TritonServer(LauncherSettings(), tmp_path).start()
+    assert asked == [("iei",)]
+
+
 def test_an_unreadable_config_loads_the_image_model_alone(tmp_path, caplog):
     """The image model's own load error then says what is wrong (not the launcher's guess)."""
     assert models.served_models(str(tmp_path / "missing"), REPOSITORY) == ("iei",)

@@ -204,3 +204,19 @@ def test_an_interrupted_export_leaves_no_entry(tmp_path):
     assert list(entry.parent.iterdir()) == [entry.parent / f".{entry.name}.lock"]
     assert engines.cached(entry, lambda folder: None) is True
     assert engines.cached(entry, lambda folder: None) is False
+
+
+def test_each_openvino_precision_compiles_its_own_graph(model_dirs, tmp_path):
+    """float32 and bfloat16 share one export, but not the CPU plugin's compiled graph: its cache
+    is keyed by the model and the CPU's name only, so a bf16 load after a float32 one used to get
+    the float32 graph back (cosine NaN on AMX CPUs in the bench, which runs both in one cache).
+    The hint is forced, so the same path runs on any CPU (one without bf16 computes float32)."""
+    loads = []
+    for precision in ("float32", "bfloat16", "bfloat16", "float32"):
+        settings = settings_for(model_dirs["vit"], tmp_path, "openvino", precision)
+        embedder = loading.load_embedder(settings, CPU, 1)
+        embedder.close()
+        compiled = embedder.run.request.get_compiled_model()  # type: ignore[attr-defined]
+        loads.append((embedder.run.entry, compiled.get_property("LOADED_FROM_CACHE")))  # type: ignore[attr-defined]
+    assert len({entry for entry, _ in loads}) == 1  # one export
+    assert [cached for _, cached in loads] == [False, False, True, True]

@@ -14,7 +14,12 @@ from fake_pb_utils import TEXT_MODEL_PY, InferenceRequest, Tensor, load_model_mo
 from PIL import Image
 from reference import Reference, cosine_rows
 from sample_images import encode, odd_images, photos
-from tiny_models import JOINT_FAMILIES, ORIGINAL_FAMILIES
+from tiny_models import (
+    JOINT_FAMILIES,
+    ORIGINAL_FAMILIES,
+    build_classification_checkpoint,
+    build_openclip_style_clip,
+)
 
 text_model = load_model_module(TEXT_MODEL_PY)  # installs the stand-in for Triton's utils first
 
@@ -92,7 +97,10 @@ def test_the_rule_reads_plain_config_dicts():
     assert families.resolve_pooling("auto", joint) == "projected"
     assert families.resolve_pooling("auto", {"model_type": "dinov2"}) == "pooler"
     assert families.resolve_pooling("auto", {"model_type": "beit"}) == "mean"
-    assert families.resolve_pooling("cls", joint) == "cls"  # forced stays forced
+    assert families.resolve_pooling("mean", joint) == "mean"  # forced stays forced
+    assert families.resolve_pooling("cls", {**joint, "model_type": "clip"}) == "cls"
+    with pytest.raises(ValueError, match="IEI_POOLING=cls: a siglip model has no CLS token"):
+        families.resolve_pooling("cls", joint)  # SigLIP's tokens are all patches
     assert families.text_context(joint) == 64
     assert families.text_context({**joint, "text_config": {"max_position_embeddings": 32}}) == 32
     assert families.text_context({"model_type": "vit"}) is None
@@ -122,6 +130,114 @@ def test_a_pooling_the_model_cannot_do_stops_loading_with_one_line(model_dirs, t
         f'Internal: RuntimeError: {message}\\n\\nAt:\\n  model.py(1): initialize"\n'
     )
     assert server.failure_reason() == message
+
+
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_pooler_on_a_checkpoint_without_pooler_weights_is_refused(tmp_path, family):
+    """A classification checkpoint (the default google/vit-base-patch16-224) has no pooler
+    weights: IEI_POOLING=pooler would serve a random pooler, other vectors at every start."""
+    folder = build_classification_checkpoint(family, tmp_path / family)
+    with pytest.raises(RuntimeError) as refused:
+        loading.load_embedder(settings_for(folder, IEI_POOLING="pooler"), CPU, 1)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"IEI cannot load model {str(folder)!r} (IMAGE_EMBEDDING_MODEL): ")
+    assert "IEI_POOLING=pooler: the checkpoint has no weights for the model's pooler" in message
+    for pooling in ("mean", "cls"):  # what the same checkpoint serves
+        embedder = loading.load_embedder(settings_for(folder, IEI_POOLING=pooling), CPU, 1)
+        embedder.close()
+
+
+def test_pooler_on_a_checkpoint_with_pooler_weights_is_served(model_dirs):
+    """The tiny ViT is saved as ViTModel, pooler included: the same vectors at every start."""
+    from transformers import AutoModel
+
+    starts = []
+    for _ in range(2):
+        settings = settings_for(model_dirs["vit"], IEI_POOLING="pooler")
+        embedder = loading.load_embedder(settings, CPU, 1)
+        try:
+            batch = embedder.blank(2)
+            starts.append(embedder.forward(batch))
+        finally:
+            embedder.close()
+    model = AutoModel.from_pretrained(model_dirs["vit"]).eval()
+    with torch.inference_mode():
+        expected = model(pixel_values=batch["pixel_values"]).pooler_output.numpy()
+    assert np.array_equal(starts[0], starts[1])
+    np.testing.assert_allclose(starts[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["swin", "siglip", "siglip2", "siglip2_naflex"])
+def test_cls_on_a_model_without_a_cls_token_is_refused_with_one_line(model_dirs, family):
+    """Their tokens are all patches: `cls` would pool the first patch of the image."""
+    with pytest.raises(RuntimeError) as refused:
+        loading.load_embedder(settings_for(model_dirs[family], IEI_POOLING="cls"), CPU, 1)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"IEI cannot load model {str(model_dirs[family])!r}")
+    assert "IEI_POOLING=cls: a " in message and "has no CLS token" in message
+
+
+def test_mean_on_naflex_averages_the_real_patches_not_the_padding(model_dirs):
+    """A tall image fills 150 of NaFlex's 256 patches: the other 106 are padding."""
+    from transformers import AutoModel
+
+    embedder = loading.load_embedder(
+        settings_for(model_dirs["siglip2_naflex"], IEI_POOLING="mean"), CPU, 1
+    )
+    try:
+        tall = encode(Image.new("RGB", (20, 3000), (200, 30, 90)), "PNG")
+        [inputs] = embedder.prepare([tall])
+        served = embedder.forward(embedding.stack([inputs]))
+    finally:
+        embedder.close()
+    mask = inputs["pixel_attention_mask"].bool()
+    assert 0 < int(mask.sum()) < 256
+    model = AutoModel.from_pretrained(model_dirs["siglip2_naflex"]).eval()
+    with torch.inference_mode():
+        hidden = model.vision_model(
+            pixel_values=inputs["pixel_values"][None],
+            pixel_attention_mask=inputs["pixel_attention_mask"][None],
+            spatial_shapes=inputs["spatial_shapes"][None],
+        ).last_hidden_state[0]
+    real, everything = hidden[mask].mean(0)[None].numpy(), hidden.mean(0)[None].numpy()
+    assert cosine_rows(served, real)[0] >= 0.9999
+    assert cosine_rows(served, everything)[0] < cosine_rows(served, real)[0]
+    np.testing.assert_allclose(served[0], real[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "pooling", "texts"),
+    [
+        ("clip", "mean", False),
+        ("clip", "cls", False),
+        ("clip", "pooler", False),  # CLIP's pooler_output is before the projection
+        ("clip", "auto", True),
+        ("siglip", "mean", False),
+        ("siglip", "pooler", True),  # SigLIP's pooler_output is its image embedding
+        ("siglip2_naflex", "mean", False),
+        ("siglip2_naflex", "pooler", True),
+    ],
+)
+def test_a_pooling_outside_the_joint_space_serves_no_texts(model_dirs, family, pooling, texts):
+    """Texts in the space of the projected image embedding beside image vectors from another
+    space would be silently useless: /info says images only and the text model refuses."""
+    settings = settings_for(model_dirs[family], IEI_POOLING=pooling)
+    embedder = loading.load_embedder(settings, CPU, 1)
+    try:
+        info = json.loads(loading.describe(embedder, settings))
+    finally:
+        embedder.close()
+    config = json.loads((model_dirs[family] / "config.json").read_text())
+    assert families.serves_texts(config, pooling) is texts
+    assert info["modalities"] == (["image", "text"] if texts else ["image"])
+    assert (info["text_context_length"] is not None) is texts
+    if texts:
+        loading.load_text_embedder(settings, CPU)
+    else:
+        with pytest.raises(RuntimeError, match=f"IEI_POOLING={pooling}: .* serves no texts"):
+            loading.load_text_embedder(settings, CPU)
 
 
 # --- the original families: bit for bit what they were ------------------------------------------
@@ -159,6 +275,30 @@ def test_images_and_texts_match_the_reference(embedders, text_embedders, model_d
     assert cosine_rows(np.stack(vectors), reference.embed_texts(TEXTS)).min() >= 0.9999
     context = text_embedders[family].context
     assert tokens[0] < context < tokens[2]  # the long one was cut to fit
+
+
+def test_a_clip_whose_towers_keep_another_projection_size_loads_both_towers(tmp_path):
+    """LAION's OpenCLIP conversions say projection_dim 1280 at the top level and keep 512 in
+    vision_config/text_config (transformers #25622): each tower loads with the real size."""
+    folder = build_openclip_style_clip(tmp_path / "clip-openclip")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["projection_dim"] == 24
+    towers = (config["vision_config"]["projection_dim"], config["text_config"]["projection_dim"])
+    assert 24 not in towers
+    files = list(photos().values())
+    reference = Reference(folder)
+    images = loading.load_embedder(settings_for(folder), CPU, 1)
+    try:
+        served = np.stack(images.embed(files))
+    finally:
+        images.close()
+    assert served.shape == (len(files), 24)
+    assert cosine_rows(served, reference.embed(files)).min() >= 0.9999
+    vectors, _ = loading.load_text_embedder(settings_for(folder), CPU).embed(
+        [t.encode() for t in TEXTS]
+    )
+    assert np.stack(vectors).shape == (len(TEXTS), 24)
+    assert cosine_rows(np.stack(vectors), reference.embed_texts(TEXTS)).min() >= 0.9999
 
 
 def test_siglip_texts_are_padded_to_the_context(text_embedders, model_dirs):

@@ -58,16 +58,19 @@ def repository_module(path: Path) -> ModuleType | None:
     return module
 
 
-def served_models(model_id: str, repository: Path) -> tuple[str, ...]:
+def served_models(model_id: str, repository: Path, pooling: str = "auto") -> tuple[str, ...]:
     """The Triton models to load: `iei`, and `iei_text` when the repository has it and the model
-    has a text tower whose vectors share the image space (CLIP, SigLIP, SigLIP2)."""
+    has a text tower whose vectors share the image space (CLIP, SigLIP, SigLIP2) as the image
+    vectors pooled by IEI_POOLING do (`mean` on CLIP leaves that space: no texts)."""
     if not (repository / TEXT_MODEL_NAME / "config.pbtxt").is_file():
         return (MODEL_NAME,)
     rules = repository_rules(repository)
     config = read_model_config(model_id) if rules is not None else None
-    if rules is None or config is None or not rules.has_text_tower(config):
+    if rules is None or config is None:
         return (MODEL_NAME,)
-    return (MODEL_NAME, TEXT_MODEL_NAME)
+    # A repository from before IEI_POOLING counted has only the dual-encoder rule.
+    serves_texts = getattr(rules, "serves_texts", lambda config, _: rules.has_text_tower(config))
+    return (MODEL_NAME, TEXT_MODEL_NAME) if serves_texts(config, pooling) else (MODEL_NAME,)
 
 
 def model_layout(requested: str, gpus: int, model_id: str, repository: Path) -> str:

@@ -188,7 +188,7 @@ class TritonServer:
         install = self.install = self.install or find_triton(self.work_dir)
         if not self.models:
             settings, gpus = self.settings, gpu_count()
-            served = served_models(settings.embedding_model, settings.repository)
+            served = served_models(settings.embedding_model, settings.repository, settings.pooling)
             self.layout = model_layout(
                 settings.triton_layout, gpus, settings.embedding_model, settings.repository
             )
