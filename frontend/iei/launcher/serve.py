@@ -56,7 +56,7 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
     code = 1
     try:
         if triton is not None:
-            log.info("loading %s in Triton", settings.embedding_model)
+            log.info("loading %s in Triton", ", ".join(m.model_id for m in settings.served))
             triton.start()
             triton.wait_ready(settings.startup_timeout, stopping.is_set)
             triton.watch_stubs()
@@ -65,7 +65,8 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             frontend.wait_healthy(60.0, stopping.is_set)
         log.info(
             "IEI serving %s%s (Triton HTTP %s, gRPC port %d)",
-            settings.embedding_model, f" on http://{settings.bind}" if frontend else "",
+            ", ".join(m.name for m in settings.served),
+            f" on http://{settings.bind}" if frontend else "",
             settings.triton_endpoint, settings.triton_grpc_port,
         )  # fmt: skip
         supervisor = TritonSupervisor(triton, settings, stopping) if triton else None
