@@ -73,9 +73,7 @@ class ServedModel:
 
     def triton_names(self) -> tuple[str, ...]:
         """Every Triton name it may use (both layouts, texts or not)."""
-        return tuple(
-            self.triton_name(t) for t in (MODEL_NAME, TEXT_MODEL_NAME, *STAGE_MODEL_NAMES)
-        )
+        return tuple(self.triton_name(t) for t in (MODEL_NAME, TEXT_MODEL_NAME, *STAGE_MODEL_NAMES))
 
     def options(self) -> dict[str, object]:
         """Its own settings, as given (None: the global one)."""
@@ -175,9 +173,7 @@ def with_aliases(models: tuple[ServedModel, ...]) -> tuple[ServedModel, ...]:
     """Each model also answers to its id and its id's last part, where no other model's name or
     alias is the same."""
     names = {m.name for m in models}
-    candidates = {
-        m.name: [m.model_id, m.model_id.rstrip("/").rsplit("/", 1)[-1]] for m in models
-    }
+    candidates = {m.name: [m.model_id, m.model_id.rstrip("/").rsplit("/", 1)[-1]] for m in models}
     counts: dict[str, int] = {}
     for aliases in candidates.values():
         for alias in set(aliases):

@@ -1,7 +1,7 @@
 """The model's settings: environment of the Triton process first, then config.pbtxt
 `parameters` (the other way round in a config the launcher rendered for one of several models:
-PARAMETERS_FIRST), then the defaults here (the same as the frontend's table, `iei/settings.py`, which a
-test checks: this folder cannot import the frontend)."""
+PARAMETERS_FIRST), then the defaults here (the same as the frontend's table, `iei/settings.py`,
+which a test checks: this folder cannot import the frontend)."""
 
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ class ModelPlan:
         rest = [t for t in self.templates if t not in STAGE_MODEL_NAMES]
         return tuple(self.model.triton_name(t) for t in (*steps, *rest))
 
+
 # IEI_FORWARD_BATCH_SIZE=auto on a CPU (iei_runtime/settings.py FORWARD_BATCH_AUTO; a test
 # checks that they agree).
 CPU_FORWARD_BATCH = 8
@@ -114,11 +115,11 @@ def render_model_repository(
     render_layout(target, plans[0].layout if plans else layout)
     owners: dict[str, ModelPlan] = {}  # Triton model -> the served model it belongs to
     preprocessors = {STAGE_MODEL_NAMES[0]}
-    for plan in plans:
-        if not plan.model.default:
-            copy_model(source, target, plan)
-        owners.update({name: plan for name in plan.triton_models})
-        preprocessors.add(plan.model.triton_name(STAGE_MODEL_NAMES[0]))
+    for served in plans:
+        if not served.model.default:
+            copy_model(source, target, served)
+        owners.update({name: served for name in served.triton_models})
+        preprocessors.add(served.model.triton_name(STAGE_MODEL_NAMES[0]))
     for config_path in sorted(target.glob("*/config.pbtxt")):
         config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
         plan = owners.get(config.name)

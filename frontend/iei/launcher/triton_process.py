@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 
 from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
+from ..models import ServedModel
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .errors import TritonStartupError
-from ..models import ServedModel
 from .models import model_layout, served_models
 from .processes import die_with_parent, stop_process
 from .repository import ModelPlan, gpu_count

@@ -32,9 +32,11 @@ async def embed(body: EmbedRequest, services: ServicesDep) -> VectorResponse:
             ErrorType.VALIDATION,
             "truncation_direction left is not supported: texts are cut at their end (right)",
         )
+    started = time.perf_counter()
+    model = services.models.resolve(body.model)
     items = [Input(body.modality, value) for value in body.input_list]
     result = await embed_inputs(
-        items, services, time.perf_counter(), truncate=body.truncate is not False
+        items, services, started, truncate=body.truncate is not False, model=model
     )
     vectors = normalize_rows(result.vectors) if body.normalize else result.vectors
     return VectorResponse(vectors, headers=result.timing_headers())
