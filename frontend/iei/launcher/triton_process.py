@@ -164,9 +164,10 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def python_stubs(parent: int) -> list[int]:
-    """Living Python-backend stub processes that `parent` (tritonserver) started."""
-    stubs = []
+def python_stubs(parent: int) -> dict[int, str]:
+    """Living Python-backend stub processes that `parent` (tritonserver) started, each with the
+    Triton model it serves (its model file's folder: `<repository>/<model>/1/model.py`)."""
+    stubs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -181,7 +182,9 @@ def python_stubs(parent: int) -> list[int]:
             and fields[0] != "Z"
             and b"triton_python_backend_stub" in command
         ):
-            stubs.append(int(entry.name))
+            arguments = command.split(b"\0")
+            path = Path(arguments[1].decode(errors="replace")) if len(arguments) > 1 else Path()
+            stubs[int(entry.name)] = path.parent.parent.name
     return stubs
 
 
@@ -209,7 +212,8 @@ class TritonServer:
         self.next_probe = 0.0
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
-        self.stubs: list[int] = []  # the model instances' processes, once the model is ready
+        # The model instances' processes (pid -> Triton model), once the models are ready.
+        self.stubs: dict[int, str] = {}
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
         self.plans: tuple[ModelPlan, ...] = ()  # decided once, from the models' config.json
         self.models: tuple[str, ...] = ()  # the Triton models loaded at start (and restart)
@@ -286,9 +290,14 @@ class TritonServer:
     def watch_stubs(self) -> None:
         """Remember the stubs serving the model (call once it is ready: while it loads, a
         short-lived stub comes and goes, which is no crash)."""
-        self.stubs = python_stubs(self.process.pid) if self.process else []
-        if self.stubs:
-            log.info("watching the model stubs (pids %s)", self.stubs)
+        stubs = python_stubs(self.process.pid) if self.process else {}
+        if stubs and set(stubs) != set(self.stubs):
+            log.info("watching the model stubs (pids %s)", ", ".join(map(str, sorted(stubs))))
+        self.stubs = stubs
+
+    def forget_stubs(self, models: Sequence[str]) -> None:
+        """Stop watching the stubs of `models`: they are being unloaded, so their stubs exit."""
+        self.stubs = {pid: model for pid, model in self.stubs.items() if model not in models}
 
     def problem(self) -> str | None:
         """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops
@@ -299,9 +308,9 @@ class TritonServer:
             return f"Triton exited: {self.failure_reason()}"
         if not self.stubs:  # not seen yet when the model turned ready (it happens): look again
             self.watch_stubs()
-        for pid in self.stubs:
+        for pid, model in self.stubs.items():
             if process_state(pid) in (None, "Z"):
-                return f"the model's Python stub (pid {pid}) died"
+                return f"the Python stub of model {model} (pid {pid}) died"
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
             failure = self.probe()
