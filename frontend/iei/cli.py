@@ -30,6 +30,10 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("IEI_API_KEY"),
         help="Bearer key of the service (default: $IEI_API_KEY)",
     )
+    parser.add_argument(
+        "--model", default=None,
+        help="which served model embeds (GET /v1/models lists them; default: the server's)",
+    )  # fmt: skip
 
 
 def positive(value: str) -> int:
