@@ -156,6 +156,15 @@ def model_plans(settings: LauncherSettings, gpus: int) -> tuple[ModelPlan, ...]:
     return tuple(plans)
 
 
+def startup_models(plans: Sequence[ModelPlan], idle_unload: float | None) -> tuple[str, ...]:
+    """The Triton models loaded at start (and again after a restart): with IEI_MODEL_IDLE_UNLOAD
+    the pinned models' only (the others load on their first request); without it, all."""
+    return tuple(
+        name for plan in plans if plan.model.pinned or idle_unload is None
+        for name in plan.triton_models
+    )  # fmt: skip
+
+
 def process_state(pid: int) -> str | None:
     """The state letter of a process (R, S, Z, ...), None when it is gone."""
     try:
@@ -231,13 +240,7 @@ class TritonServer:
         if not self.plans:
             self.plans = model_plans(self.settings, gpu_count())
             self.layout = self.plans[0].layout
-            lazy = self.settings.model_idle_unload is not None
-            # With IEI_MODEL_IDLE_UNLOAD the models that are not pinned load on their first
-            # request; without it every model loads now and stays.
-            self.models = tuple(
-                name for plan in self.plans if plan.model.pinned or not lazy
-                for name in plan.triton_models
-            )  # fmt: skip
+            self.models = startup_models(self.plans, self.settings.model_idle_unload)
             for plan in self.plans:
                 log.info(
                     "model %r (%s): Triton models %s (%s layout)%s", plan.model.name,
