@@ -83,13 +83,11 @@ class ServedModel:
         }  # fmt: skip
 
 
-def is_local(model_id: str) -> bool:
-    return model_id.startswith((".", "/", "~")) or Path(model_id).expanduser().is_dir()
-
-
 def default_name(model_id: str) -> str:
-    """A model's name when none is given: a local folder's own name, else the hub id."""
-    if is_local(model_id):
+    """A model's name when none is given: a folder's own name for a path (`/`, `.` or `~` first),
+    else the id as written. Decided from the text alone, so that the frontend and Triton's
+    container (where the folder may not exist) name it alike."""
+    if model_id.startswith((".", "/", "~")):
         return Path(model_id).expanduser().resolve().name or model_id
     return model_id
 
