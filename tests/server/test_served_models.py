@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from iei.server.settings import ServerSettings
 from test_app import PNG, FakeTriton, app_client, keep_numpy_inputs  # noqa: F401 (fixture)
+from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.anyio
 
@@ -32,6 +33,13 @@ class LoadingTriton(FakeTriton):
 
     async def get_model_repository_index(self):
         return [{"name": n} for n in ("iei", "iei_text", "iei__dino", "iei__lazy")]
+
+    async def infer(self, name, inputs, outputs=None, priority=0):
+        if name not in self.loaded:  # Triton 2.51's answer for a model it has not loaded
+            raise InferenceServerException(
+                f"Request for unknown model: '{name}' is not found", status="400"
+            )
+        return await super().infer(name, inputs, outputs, priority)
 
     async def load_model(self, name):
         self.loads.append(name)
@@ -86,3 +94,15 @@ async def test_concurrent_requests_for_an_unloaded_model_share_one_load():
     lazy = next(m for m in info["models"] if m["name"] == "lazy")
     assert lazy["loaded"] is True and lazy["pinned"] is False
     assert lazy["triton_models"] == {"image": "iei__lazy", "text": None}
+
+
+async def test_a_model_unloaded_behind_a_workers_back_is_loaded_again_for_the_request():
+    fake = LoadingTriton()
+    settings = ServerSettings(models=MODELS, model_idle_unload=60, triton_url="127.0.0.1:1")
+    body = {"inputs": [PNG], "model": "lazy"}
+    async with app_client(settings, fake) as client:
+        first = await client.post("/embed", json=body)
+        fake.loaded.discard("iei__lazy")  # `iei serve` unloaded it (this worker used it lately)
+        second = await client.post("/embed", json=body)
+    assert (first.status_code, second.status_code) == (200, 200), second.text
+    assert fake.loads == ["iei__lazy", "iei__lazy"]

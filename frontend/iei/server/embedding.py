@@ -123,19 +123,18 @@ async def embed_inputs(
                     [items[i].value for i in images], images, services, downloads
                 )
                 sent = time.perf_counter()
-                calls: dict[str, Awaitable[Any]] = {}
-                if files:
-                    calls[IMAGE] = named(services.triton.embed(files, model.triton_image), images)
-                if texts:
-                    text_call = services.triton.embed_texts(values, model.triton_text)
-                    calls[TEXT] = named(text_call, texts)
-                done = dict(zip(calls, await together(list(calls.values())), strict=True))
+                try:
+                    done = await infer(services, model, files, images, values, texts)
+                except ApiError as exc:
+                    if exc.error_type != ErrorType.UNHEALTHY:
+                        raise
+                    services.models.forget(model)  # unloaded meanwhile? ask Triton again
+                    if not services.models.on_demand(model):
+                        raise
+                    await services.models.ensure_loaded(model)  # once more, loaded
+                    done = await infer(services, model, files, images, values, texts)
             except InvalidInput as exc:
                 raise ApiError(ErrorType.VALIDATION, str(exc)) from None
-            except ApiError as exc:
-                if exc.error_type == ErrorType.UNHEALTHY:  # unloaded meanwhile? ask next time
-                    services.models.forget(model)
-                raise
     except TimeoutError:
         raise ApiError(
             ErrorType.TIMEOUT, f"request took longer than {settings.request_timeout:g} s"
@@ -156,6 +155,23 @@ async def embed_inputs(
     if images:
         metrics.IMAGES_PER_REQUEST.labels(model.name).observe(len(images))
     return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
+
+
+async def infer(
+    services: Services,
+    model: ServedModel,
+    files: list[bytes],
+    images: list[int],
+    texts: list[str],
+    positions: list[int],
+) -> dict[str, Any]:
+    """Images by the model's image model and texts by its text model, at once; by modality."""
+    calls: dict[str, Awaitable[Any]] = {}
+    if files:
+        calls[IMAGE] = named(services.triton.embed(files, model.triton_image), images)
+    if texts:
+        calls[TEXT] = named(services.triton.embed_texts(texts, model.triton_text), positions)
+    return dict(zip(calls, await together(list(calls.values())), strict=True))
 
 
 async def text_context(services: Services, model: ServedModel) -> int:
