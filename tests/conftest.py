@@ -65,3 +65,23 @@ def clip_stack(
     stack = Stack(model_dirs["clip"], log).start()
     yield stack
     assert stack.stop() == 0, stack.log()
+
+
+# The served names of `models_stack`: a dual encoder (the default), an image-only model pinned in
+# memory, and a model loaded on demand and unloaded after MODELS_IDLE_UNLOAD seconds.
+MODELS = {"siglip": "siglip", "dino": "dinov2", "vit": "vit"}
+MODELS_IDLE_UNLOAD = 8
+
+
+@pytest.fixture(scope="session")
+def models_stack(
+    model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One stack serving three models at once (IEI_MODELS), shared by the tests of several
+    models."""
+    log = tmp_path_factory.mktemp("logs") / "models_stack.log"
+    items = {name: str(model_dirs[family]) for name, family in MODELS.items()}
+    items["dino"] += "?pinned=true"
+    stack = Stack(None, log, models=items, IEI_MODEL_IDLE_UNLOAD=str(MODELS_IDLE_UNLOAD)).start()
+    yield stack
+    assert stack.stop() == 0, stack.log()

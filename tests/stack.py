@@ -74,15 +74,17 @@ def alive(pid: int) -> bool:
 
 
 class Stack:
-    """`iei serve` with a model folder, on free loopback ports."""
+    """`iei serve` with a model folder (or several: `models`, IEI_MODELS' `name=folder` items),
+    on free loopback ports."""
 
     def __init__(
         self,
-        model_dir: Path,
+        model_dir: Path | None,
         log_path: Path,
         *,
         iei: Path = IEI,
         cwd: Path | None = None,
+        models: dict[str, str] | None = None,
         **env: str,
     ) -> None:
         self.iei = iei  # the `iei` command: this environment's, or one installed elsewhere
@@ -92,7 +94,8 @@ class Stack:
         self.triton_grpc_port = free_port()
         self.env = {
             **os.environ,
-            "IMAGE_EMBEDDING_MODEL": str(model_dir),
+            "IMAGE_EMBEDDING_MODEL": str(model_dir) if model_dir is not None else "",
+            "IEI_MODELS": ",".join(f"{name}={item}" for name, item in (models or {}).items()),
             "IEI_BIND": f"127.0.0.1:{self.port}",
             "IEI_WORKERS": "1",
             "IEI_DTYPE": "float32",

@@ -30,6 +30,10 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("IEI_API_KEY"),
         help="Bearer key of the service (default: $IEI_API_KEY)",
     )
+    parser.add_argument(
+        "--model", default=None,
+        help="which served model embeds (GET /v1/models lists them; default: the server's)",
+    )  # fmt: skip
 
 
 def positive(value: str) -> int:
@@ -78,8 +82,18 @@ def add_query_arguments(parser: argparse.ArgumentParser, metavar: str, what: str
     add_service_arguments(parser)
 
 
-def launch(command: str) -> int:
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", action="append", metavar="[NAME=]MODEL[?OPTIONS]", dest="models",
+        help="a model to serve (repeatable; the first is the default): the same items as "
+        "IEI_MODELS, which this replaces",
+    )  # fmt: skip
+
+
+def launch(command: str, models: list[str] | None = None) -> int:
     """`iei serve` or `iei triton`, with the settings read and checked first."""
+    if models:  # read as IEI_MODELS, by this process and the ones it starts
+        os.environ["IEI_MODELS"] = ",".join(models)
     try:
         from . import settings as table
         from .launcher.settings import LauncherSettings
@@ -99,19 +113,20 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iei", description="Image Embedding Inference")
     parser.add_argument("--version", action="version", version=f"iei {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
+    add_model_argument(commands.add_parser(
         "serve",
         help="run Triton and the HTTP frontend in the foreground",
         description="Run Triton Inference Server and the HTTP frontend; settings come from "
-        "the environment (IMAGE_EMBEDDING_MODEL, IEI_*), see the README.",
-    )
-    commands.add_parser(
+        "the environment (IMAGE_EMBEDDING_MODEL or IEI_MODELS, IEI_*), see the README.",
+    ))  # fmt: skip
+    triton = commands.add_parser(
         "triton",
         help="run Triton alone in the foreground, supervised (the container command)",
         description="Render the model repository for this machine (CPU instances without a "
         "GPU) and run tritonserver with the launch arguments of `iei serve`, restarting it when "
         "it, its model's stub or its model's answers fail, as `iei serve` does.",
     )
+    add_model_argument(triton)
     add_embed_arguments(
         commands.add_parser(
             "embed",
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s iei: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
     if args.command in ("serve", "triton"):
-        return launch(args.command)
+        return launch(args.command, args.models)
     # The client's dependencies only, imported when a tool runs.
     if args.command == "embed":
         from .client.bulk import run_embed

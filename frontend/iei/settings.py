@@ -42,6 +42,19 @@ _SETTINGS = [
         "IMAGE_EMBEDDING_MODEL", "google/vit-base-patch16-224", "str", (SERVER, LAUNCHER, MODEL),
         "hub id or local folder of the model",
     )),
+    ("models", Setting(
+        "IEI_MODELS", None, "str", (SERVER, LAUNCHER),
+        "several models in one server: `[name=]model[?option=value&...],...` (the first is the "
+        "default; options `pooling`, `dtype`, `engine`, `instances`, `pinned`; README's "
+        "\"Several models\"); not together with `IMAGE_EMBEDDING_MODEL`",
+        shown_default="unset (one model: `IMAGE_EMBEDDING_MODEL`)",
+    )),
+    ("model_idle_unload", Setting(
+        "IEI_MODEL_IDLE_UNLOAD", None, "float", (SERVER, LAUNCHER),
+        "seconds without requests after which a model that is not pinned is unloaded from "
+        "Triton (then loaded again by its next request, which waits for it); unset: every model "
+        "is loaded at start and stays", shown_default="unset (never)",
+    )),
     ("bind", Setting(
         "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,), "`host:port` of the HTTP frontend",
     )),

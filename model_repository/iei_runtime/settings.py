@@ -1,6 +1,7 @@
 """The model's settings: environment of the Triton process first, then config.pbtxt
-`parameters`, then the defaults here (the same as the frontend's table, `iei/settings.py`, which a
-test checks: this folder cannot import the frontend)."""
+`parameters` (the other way round in a config the launcher rendered for one of several models:
+PARAMETERS_FIRST), then the defaults here (the same as the frontend's table, `iei/settings.py`,
+which a test checks: this folder cannot import the frontend)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ SETTINGS = {
     "decode_pixel_budget": ("IEI_DECODE_PIXEL_BUDGET", "100000000"),
     "max_text_chars": ("IEI_MAX_TEXT_CHARS", "4096"),
 }
+# config.pbtxt parameter: "true" when its parameters override the environment (rendered configs).
+PARAMETERS_FIRST = "parameters_first"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISIONS = (*DTYPES, "int8")  # int8: weights, and activations quantized per call (engines.py)
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
@@ -60,9 +63,13 @@ class ModelSettings:
 def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
     """Resolve every setting (environment > config parameter > default) and validate it."""
     params = model_config.get("parameters", {})
+    # A config that `iei serve` rendered for one of several models carries that model's own
+    # settings: they come before the environment, which holds the default model's.
+    params_first = params.get(PARAMETERS_FIRST, {}).get("string_value") == "true"
     raw = {}
     for name, (env_name, default) in SETTINGS.items():
-        value = environ.get(env_name) or params.get(name, {}).get("string_value") or default
+        param, env = params.get(name, {}).get("string_value"), environ.get(env_name)
+        value = (param or env if params_first else env or param) or default
         raw[name] = value.strip()
     if raw["dtype"] not in ("auto", *PRECISIONS):
         raise ValueError(f"IEI_DTYPE={raw['dtype']!r}: expected auto, {', '.join(PRECISIONS)}")

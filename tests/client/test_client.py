@@ -475,3 +475,25 @@ def test_the_async_client_uploads_files_too():
     assert vectors[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
     assert [len(files) for files, _, _ in server.forms] == [3, 1]
     assert [form[2] for form in server.forms] == [[("normalize", "true")]] * 2
+
+
+def test_model_names_the_served_model_in_every_request_of_both_clients():
+    info = {**INFO, "embedding_dimension": 99, "models": [
+        {"name": "default", "model_id": "x/default", "embedding_dimension": 99},
+        {"name": "dino", "model_id": "facebook/dinov2-small", "embedding_dimension": DIMENSION},
+    ]}  # fmt: skip
+    server = FakeServer(info=info)
+    with IEIClient("http://iei", transport=httpx.MockTransport(server), model="dino") as client:
+        assert client.embed_texts([]).shape == (0, DIMENSION)  # the model's dimension, not 99
+        client.embed_texts(["a", "b", "c", "d"])
+
+    async def run() -> None:
+        transport = httpx.MockTransport(server)
+        async with AsyncIEIClient("http://iei", transport=transport, model="dino") as client:
+            await client.embed_texts(["e"])
+
+    asyncio.run(run())
+    assert [body["model"] for body in server.embed_bodies] == ["dino", "dino", "dino"]
+    with IEIClient("http://iei", transport=httpx.MockTransport(server)) as client:
+        client.embed_texts(["f"])
+    assert "model" not in server.embed_bodies[-1]  # the server's default

@@ -142,8 +142,10 @@ def test_openai_model_is_checked_and_errors_use_openais_envelope(vit_stack):
     ok = httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": image, "model": model})
     assert ok.status_code == 200
     wrong = {"input": image, "model": "text-embedding-3-small"}
-    error = openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json=wrong), 422, "not")
+    # An unknown model is OpenAI's 404 model_not_found (it was a 422 before several models).
+    error = openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json=wrong), 404, "not")
     assert error["type"] == "invalid_request_error"
+    assert error["code"] == "model_not_found"
     error = openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": []}), 400)
     assert error["code"] == "Empty"
     bad = {"input": ["###"], "user": "u1"}
@@ -159,7 +161,9 @@ def test_openai_sdk_raises_our_errors(vit_stack):
     result = client.embeddings.create(input=[image], model=vit_stack.env["IMAGE_EMBEDDING_MODEL"])
     assert len(result.data[0].embedding) == 32
     with pytest.raises(openai.UnprocessableEntityError):
-        client.embeddings.create(input=["###"], model="x")
+        client.embeddings.create(input=["###"], model=vit_stack.env["IMAGE_EMBEDDING_MODEL"])
+    with pytest.raises(openai.NotFoundError):  # a model not served here (a 422 before IEI_MODELS)
+        client.embeddings.create(input=[image], model="x")
 
 
 # --- /info, /metrics, timing headers ------------------------------------------------------
@@ -204,8 +208,10 @@ def test_metrics_count_requests_and_images_across_workers(guarded_stack):
         if line and not line.startswith("#")
     }
     assert samples['iei_requests_total{route="/embed",status="200"}'] >= 4
-    assert samples["iei_images_embedded_total"] >= 8
-    assert samples["iei_images_per_request_count"] >= 4
+    # Counted by model (the one model's name: IEI_SERVED_MODEL_NAME here).
+    model = guarded_stack.env["IEI_SERVED_MODEL_NAME"]
+    assert samples[f'iei_images_embedded_total{{model="{model}"}}'] >= 8
+    assert samples[f'iei_images_per_request_count{{model="{model}"}}'] >= 4
     assert samples["iei_triton_round_trip_seconds_count"] >= 4
     assert "iei_request_duration_seconds_bucket" in text
     assert "iei_requests_in_flight" in text

@@ -146,3 +146,25 @@ def test_the_text_box_ranks_the_dropped_images_by_cosine(clip_stack, browser):
     np.testing.assert_allclose([score for _, score in shown], scores[order], atol=2e-4)
     assert f'ranked by "{query}"' in page.text_content("#status")
     page.close()
+
+
+def test_the_page_offers_the_served_models_and_embeds_with_the_chosen_one(models_stack, browser):
+    """Several models (IEI_MODELS): a select of /info's models; the heatmap is the chosen one's."""
+    page = browser.new_page(viewport={"width": 900, "height": 700})  # type: ignore[attr-defined]
+    page.goto(f"{models_stack.url}/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('texts')")
+    offered = page.eval_on_selector_all("#models option", "o => o.map(e => e.value)")
+    assert offered == ["siglip", "dino", "vit"]  # the default (a dual encoder) first
+    page.select_option("#models", "dino")
+    page.wait_for_function("document.getElementById('model').textContent.includes('dino')")
+    assert page.is_hidden("#search")  # DINOv2 has no text tower
+    page.set_input_files("#files", [str(p) for p in PHOTOS])
+    page.wait_for_function("document.querySelectorAll('#heatmap td.cell').length === 9")
+    shown = page.eval_on_selector_all(
+        "#heatmap td.cell", "c => c.map(e => Number(e.dataset.value))"
+    )
+    inputs = [base64.b64encode(p.read_bytes()).decode() for p in PHOTOS]
+    body = {"inputs": inputs, "model": "dino"}
+    dino = np.asarray(httpx.post(f"{models_stack.url}/embed", json=body, timeout=60).json())
+    np.testing.assert_allclose(np.reshape(shown, (3, 3)), dino @ dino.T, atol=2e-4)
+    page.close()

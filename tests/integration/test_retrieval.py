@@ -281,11 +281,12 @@ def test_metrics_count_texts_and_images(family_stack):
 
     def counted() -> dict[str, float]:
         lines = httpx.get(f"{stack.url}/metrics").text.splitlines()
-        return {
+        found = {"iei_texts_embedded_total": 0.0, "iei_images_embedded_total": 0.0}
+        return found | {
             name: float(line.split()[-1])
             for line in lines
             for name in ("iei_texts_embedded_total", "iei_images_embedded_total")
-            if line.startswith(name + " ")
+            if line.startswith(name + "{")  # one model: one `model` label
         }
 
     before = counted()

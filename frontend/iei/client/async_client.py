@@ -26,10 +26,14 @@ class AsyncIEIClient:
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
         batch_size: int | None = None,
+        model: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
-        self._core = ClientCore(url, api_key, timeout, retry or RetryPolicy(), batch_size)
+        # `model`: which served model embeds (GET /v1/models lists them); None: the default.
+        self._core = ClientCore(
+            url, api_key, timeout, retry or RetryPolicy(), batch_size, model=model
+        )
         self._http = httpx.AsyncClient(
             base_url=self._core.url,
             headers=self._core.headers,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .async_client import AsyncIEIClient
-from .core import RetryPolicy
+from .core import RetryPolicy, facts_of
 from .errors import IEIError, ValidationError
 from .index_files import (
     BulkError,
@@ -188,9 +188,9 @@ def run_embed(args: argparse.Namespace) -> int:
     async def embed_all() -> None:
         retry = RetryPolicy(attempts=max(0, args.retries) + 1)
         async with AsyncIEIClient(
-            args.url, args.api_key, batch_size=args.batch_size, retry=retry
+            args.url, args.api_key, batch_size=args.batch_size, retry=retry, model=args.model
         ) as client:
-            dimension = (await client.info()).get("embedding_dimension")
+            dimension = facts_of(await client.info(), args.model).get("embedding_dimension")
             if done and dimension and len(next(iter(done.values()))) != dimension:
                 raise BulkError(f"{out} holds vectors of another model (not {dimension} values)")
             await embed_paths(

@@ -138,6 +138,16 @@ def as_matrix(vectors: list[np.ndarray], dimension: int | None) -> np.ndarray:
     return np.concatenate(vectors, axis=0)
 
 
+def facts_of(info: dict[str, Any], model: str | None) -> dict[str, Any]:
+    """What /info says of `model` (a served name or id; None: the default, /info's own fields)."""
+    if model is None:
+        return info
+    for entry in info.get("models") or []:
+        if model in (entry.get("name"), entry.get("model_id")):
+            return dict(entry)
+    return {}
+
+
 def vectors_from(response: httpx.Response) -> np.ndarray:
     return np.asarray(orjson.loads(response.content), dtype=np.float32)
 
@@ -153,6 +163,7 @@ class ClientCore:
         timeout: float,
         retry: RetryPolicy,
         batch_size: int | None,
+        model: str | None = None,
     ) -> None:
         if retry.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
@@ -161,6 +172,7 @@ class ClientCore:
         self.timeout = timeout
         self.retry = retry
         self.batch_size = batch_size
+        self.model = model  # the served model every call names (None: the server's default)
         self.server_info: dict[str, Any] | None = None
 
     def limits(self) -> tuple[int, int | None, int | None]:
@@ -174,7 +186,7 @@ class ClientCore:
             per_request = max(1, min(per_request, self.batch_size))
         payload = limits.get("payload_limit")
         max_chars = int(payload * PAYLOAD_SHARE) if payload else None
-        return per_request, max_chars, info.get("embedding_dimension")
+        return per_request, max_chars, facts_of(info, self.model).get("embedding_dimension")
 
     def info(self) -> Plan[dict[str, Any]]:
         """`GET /info`, asked once and kept."""
@@ -222,6 +234,8 @@ class ClientCore:
     ) -> Plan[list[np.ndarray]]:
         """POST /embed of `inputs` in requests within the server's limits; their vectors."""
         per_request, max_chars, _ = self.limits()
+        if self.model is not None:
+            options = {**options, "model": self.model}
         parts = []
         for span in chunks(inputs, per_request, max_chars):
             body = embed_body([inputs[i] for i in span], options)

@@ -45,7 +45,7 @@ def rank(args: argparse.Namespace, embed_query: Callable[[IEIClient], np.ndarray
     """Print the `--top` rows of `--index` nearest to the query, best first."""
     try:
         paths, vectors = load_index(args.index)
-        with IEIClient(args.url, args.api_key) as client:
+        with IEIClient(args.url, args.api_key, model=args.model) as client:
             query = embed_query(client)
         found = nearest(query, vectors, args.top)
     except (BulkError, OSError) as exc:

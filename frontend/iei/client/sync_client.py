@@ -25,10 +25,14 @@ class IEIClient:
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
         batch_size: int | None = None,
+        model: str | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._core = ClientCore(url, api_key, timeout, retry or RetryPolicy(), batch_size)
+        # `model`: which served model embeds (GET /v1/models lists them); None: the default.
+        self._core = ClientCore(
+            url, api_key, timeout, retry or RetryPolicy(), batch_size, model=model
+        )
         self._http = httpx.Client(
             base_url=self._core.url,
             headers=self._core.headers,

@@ -5,14 +5,45 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from ..contract import MODEL_NAME, QUEUE_PRIORITY_LEVELS, STAGE_MODEL_NAMES
+from ..models import ServedModel
 from .errors import TritonStartupError
-from .models import repository_module
+from .models import layout_models, repository_module
+
+# A config parameter of the model repository (iei_runtime/settings.py PARAMETERS_FIRST): the
+# rendered parameters of one of several models come before the Triton process's environment.
+PARAMETERS_FIRST = "parameters_first"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One served model in Triton: its layout, its served repository models (`iei`, and
+    `iei_text` for a dual encoder) and its settings as config parameters."""
+
+    model: ServedModel
+    layout: str = "single"
+    served: tuple[str, ...] = (MODEL_NAME,)
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """Its folders of the repository: the served ones, and the ensemble's steps (split)."""
+        return layout_models(self.served, self.layout)
+
+    @property
+    def triton_models(self) -> tuple[str, ...]:
+        """Its Triton models in the order they load: an ensemble's steps before it."""
+        steps = [t for t in self.templates if t in STAGE_MODEL_NAMES]
+        rest = [t for t in self.templates if t not in STAGE_MODEL_NAMES]
+        return tuple(self.model.triton_name(t) for t in (*steps, *rest))
+
 
 # IEI_FORWARD_BATCH_SIZE=auto on a CPU (iei_runtime/settings.py FORWARD_BATCH_AUTO; a test
 # checks that they agree).
@@ -51,8 +82,15 @@ def render_model_repository(
     request_timeout: float | None = None,
     max_queue_size: int | None = None,
     forward_batch_size: int | None = None,
+    models: Sequence[ModelPlan] | None = None,
 ) -> Path:
     """Copy the model repository, with every model's config rendered for this machine.
+
+    - Models: each of `models` (none: the repository's own `iei` alone, in `layout`) gets its
+      own Triton models in its own layout: the default keeps the repository's names (`iei`,
+      `iei_text`), another gets copies named from its served name (`iei__<name>`,
+      `iei__<name>_text`, ...), and each one's settings as config parameters, which the model
+      reads before the environment (PARAMETERS_FIRST).
 
     - Layout: `single` serves `iei` as committed (one Python model does everything); `split`
       makes `iei` the ensemble of `iei/configs/split.pbtxt` over `iei_preprocess` (CPU
@@ -73,18 +111,30 @@ def render_model_repository(
     if not (source / MODEL_NAME / "config.pbtxt").is_file():
         raise TritonStartupError(f"no {MODEL_NAME}/config.pbtxt in model repository {source}")
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-    render_layout(target, layout)
+    plans = list(models or ())
+    render_layout(target, plans[0].layout if plans else layout)
+    owners: dict[str, ModelPlan] = {}  # Triton model -> the served model it belongs to
+    preprocessors = {STAGE_MODEL_NAMES[0]}
+    for served in plans:
+        if not served.model.default:
+            copy_model(source, target, served)
+        owners.update({name: served for name in served.triton_models})
+        preprocessors.add(served.model.triton_name(STAGE_MODEL_NAMES[0]))
     for config_path in sorted(target.glob("*/config.pbtxt")):
         config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
-        if config.name == STAGE_MODEL_NAMES[0]:  # iei_preprocess: CPU processes on any host
+        plan = owners.get(config.name)
+        if plan is not None:
+            render_parameters(config, plan.parameters)
+        own_instances = (plan.model.instances if plan else None) or instances
+        if config.name in preprocessors:  # iei_preprocess: CPU processes on any host
             cores = preprocess_instances or default_preprocess_instances(source, gpus)
             render_instances(config, gpus=0, instances=cores)
         elif config.platform != "ensemble":  # an ensemble has no instances of its own
-            render_instances(config, gpus=gpus, instances=instances)
+            render_instances(config, gpus=gpus, instances=own_instances)
         if config.HasField("dynamic_batching"):
             render_queue(config.dynamic_batching, request_timeout, max_queue_size)
             passes = forward_batch_size or (CPU_FORWARD_BATCH if gpus == 0 else 0)
-            if config.name != STAGE_MODEL_NAMES[0] and 0 < passes < config.max_batch_size:
+            if config.name not in preprocessors and 0 < passes < config.max_batch_size:
                 preferred = range(passes, config.max_batch_size + 1, passes)
                 config.dynamic_batching.preferred_batch_size[:] = preferred
         config_path.write_text(text_format.MessageToString(config))
@@ -125,6 +175,33 @@ def render_layout(repository: Path, layout: str) -> None:
         for name in STAGE_MODEL_NAMES:
             shutil.rmtree(repository / name, ignore_errors=True)
     shutil.rmtree(split.parent, ignore_errors=True)
+
+
+def copy_model(source: Path, target: Path, plan: ModelPlan) -> None:
+    """The repository folders of a model other than the default, under its own Triton names;
+    in the split layout its ensemble's steps are its own copies too."""
+    for template in plan.templates:
+        folder = target / plan.model.triton_name(template)
+        shutil.copytree(
+            source / template, folder, ignore=shutil.ignore_patterns("__pycache__", "configs")
+        )
+        config_path = folder / "config.pbtxt"
+        if template == MODEL_NAME and plan.layout == "split":
+            config_path.write_text((source / MODEL_NAME / "configs" / "split.pbtxt").read_text())
+            (folder / "1" / "model.py").unlink()
+        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        config.name = folder.name
+        for step in config.ensemble_scheduling.step:
+            step.model_name = plan.model.triton_name(step.model_name)
+        config_path.write_text(text_format.MessageToString(config))
+
+
+def render_parameters(config: model_config_pb2.ModelConfig, parameters: Mapping[str, str]) -> None:
+    """A served model's settings into a config of it, ahead of the environment."""
+    if not parameters or config.platform == "ensemble":
+        return
+    for name, value in {**parameters, PARAMETERS_FIRST: "true"}.items():
+        config.parameters[name].string_value = value
 
 
 def render_instances(

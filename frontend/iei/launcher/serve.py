@@ -5,6 +5,7 @@ restarted when it, its model's stub, or its model's answers fail."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -14,6 +15,7 @@ from types import FrameType
 
 from .errors import TritonStartupError
 from .frontend import Frontend
+from .idle import IdleUnloader
 from .settings import LauncherSettings
 from .supervisor import TritonSupervisor
 from .triton_process import TritonServer
@@ -53,10 +55,13 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
     )
     if with_frontend:
         frontend = Frontend(settings, settings.triton_endpoint, work_dir)
+        # This process counts the unloads it decides in the frontend's /metrics (the workers'
+        # multiprocess files): prometheus-client reads this when it is first imported.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(frontend.metrics_dir)
     code = 1
     try:
         if triton is not None:
-            log.info("loading %s in Triton", settings.embedding_model)
+            log.info("loading %s in Triton", ", ".join(m.model_id for m in settings.served))
             triton.start()
             triton.wait_ready(settings.startup_timeout, stopping.is_set)
             triton.watch_stubs()
@@ -65,13 +70,17 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             frontend.wait_healthy(60.0, stopping.is_set)
         log.info(
             "IEI serving %s%s (Triton HTTP %s, gRPC port %d)",
-            settings.embedding_model, f" on http://{settings.bind}" if frontend else "",
+            ", ".join(m.name for m in settings.served),
+            f" on http://{settings.bind}" if frontend else "",
             settings.triton_endpoint, settings.triton_grpc_port,
         )  # fmt: skip
         supervisor = TritonSupervisor(triton, settings, stopping) if triton else None
+        unloader = idle_unloader(triton, settings, frontend)
         while not stopping.wait(0.5):
             if supervisor is not None:
                 supervisor.check()
+            if unloader is not None and not stopping.is_set():
+                unloader.check()
             if frontend is not None and not frontend.running() and not stopping.is_set():
                 log.error("the HTTP frontend exited")
                 return code
@@ -93,3 +102,20 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             log_path.unlink(missing_ok=True)
         elif log_path.exists():
             log.info("Triton's log is kept: %s", log_path)
+
+
+def idle_unloader(
+    triton: TritonServer | None, settings: LauncherSettings, frontend: Frontend | None
+) -> IdleUnloader | None:
+    """The owner of unloading (IEI_MODEL_IDLE_UNLOAD), where this process runs Triton."""
+    if triton is None or settings.model_idle_unload is None:
+        return None
+    counted = None
+    if frontend is not None:
+        frontend.metrics_dir.mkdir(parents=True, exist_ok=True)
+        from ..server import metrics  # the frontend's metrics, in its multiprocess folder
+
+        def counted(name: str) -> None:
+            metrics.MODEL_UNLOADS.labels(name).inc()
+
+    return IdleUnloader(triton, settings.model_idle_unload, counted)

@@ -4,6 +4,7 @@ variable's name, not a Triton failure), and the launcher's own."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,7 @@ from pydantic import field_validator, model_validator
 from ..server.settings import ServerSettings
 from ..settings import setting
 from .addresses import check_listen_address, dial_endpoint
-from .repository import render_model_repository, shipped_model_repository
+from .repository import ModelPlan, render_model_repository, shipped_model_repository
 
 
 class LauncherSettings(ServerSettings):
@@ -86,13 +87,20 @@ class LauncherSettings(ServerSettings):
         """The model repository Triton loads: IEI_MODEL_REPOSITORY, else the one IEI ships."""
         return self.model_repository or shipped_model_repository()
 
-    def render(self, target: Path, gpus: int, layout: str = "single") -> Path:
+    def render(
+        self,
+        target: Path,
+        gpus: int,
+        layout: str = "single",
+        models: Sequence[ModelPlan] | None = None,
+    ) -> Path:
         """The model repository rendered for this machine and these settings, in `target`."""
         return render_model_repository(
             self.repository,
             target,
             gpus=gpus,
             layout=layout,
+            models=models,
             instances=self.triton_instances,
             preprocess_instances=self.preprocess_instances,
             request_timeout=self.request_timeout,

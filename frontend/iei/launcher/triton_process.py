@@ -23,12 +23,13 @@ from pathlib import Path
 import httpx
 
 from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
+from ..models import ServedModel
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .addresses import dial_endpoint, local_client, triton_addresses
 from .errors import TritonStartupError
-from .models import layout_models, model_layout, served_models
+from .models import model_layout, served_models
 from .processes import die_with_parent, stop_process
-from .repository import gpu_count
+from .repository import ModelPlan, gpu_count
 from .settings import LauncherSettings
 from .triton_install import TritonInstall, find_triton
 
@@ -104,20 +105,66 @@ def triton_command(
 
 
 def model_environment(settings: LauncherSettings) -> dict[str, str]:
-    """Every setting the model reads (the table's MODEL readers), as validated here; a local
-    model folder becomes an absolute path (Triton's working directory is not ours)."""
+    """Every setting the model reads (the table's MODEL readers), as validated here, for the
+    default model; a local model folder becomes an absolute path (Triton's working directory is
+    not ours)."""
     environment = {}
     for name, entry in read_by(MODEL).items():
         value = getattr(settings, name)
         if value is not None:
             environment[entry.env] = as_env_value(value)
-    model = settings.embedding_model
+    environment[SETTINGS["embedding_model"].env] = resolved_model_id(
+        settings.default_model.model_id, "IEI_MODELS" if settings.models else None
+    )
+    return environment
+
+
+def resolved_model_id(model: str, variable: str | None = None) -> str:
+    """A local folder as an absolute path, a hub id as it is; a missing folder stops start-up."""
     local = Path(model).expanduser()
     if local.exists():
-        environment[SETTINGS["embedding_model"].env] = str(local.resolve())
-    elif model.startswith((".", "/", "~")):
-        raise TritonStartupError(f"IMAGE_EMBEDDING_MODEL={model}: no such folder")
-    return environment
+        return str(local.resolve())
+    if model.startswith((".", "/", "~")):
+        raise TritonStartupError(
+            f"{variable or SETTINGS['embedding_model'].env}={model}: no such folder"
+        )
+    return model
+
+
+def model_parameters(settings: LauncherSettings, model: ServedModel) -> dict[str, str]:
+    """A served model's settings as config parameters: the global ones (the table's MODEL
+    readers), then its own options (IEI_MODELS)."""
+    parameters = model_environment(settings)
+    parameters[SETTINGS["embedding_model"].env] = resolved_model_id(model.model_id, "IEI_MODELS")
+    own = {"pooling": model.pooling, "dtype": model.dtype, "engine": model.engine}
+    for name, value in own.items():
+        if value is not None:
+            parameters[SETTINGS[name].env] = value
+    # config.pbtxt's parameter names are the model repository's (iei_runtime/settings.py).
+    names = {entry.env: name for name, entry in read_by(MODEL).items()}
+    names[SETTINGS["embedding_model"].env] = "model_id"
+    return {names[env]: value for env, value in parameters.items() if value != ""}
+
+
+def model_plans(settings: LauncherSettings, gpus: int) -> tuple[ModelPlan, ...]:
+    """Each served model's Triton models: its layout and whether it has a text tower, from its
+    config.json; its settings as parameters."""
+    plans = []
+    for model in settings.served:
+        model_id = resolved_model_id(model.model_id, "IEI_MODELS" if settings.models else None)
+        served = served_models(model_id, settings.repository, model.pooling or settings.pooling)
+        layout = model_layout(settings.triton_layout, gpus, model_id, settings.repository)
+        plans.append(ModelPlan(model, layout, served, model_parameters(settings, model)))
+    return tuple(plans)
+
+
+def startup_models(plans: Sequence[ModelPlan], idle_unload: float | None) -> tuple[str, ...]:
+    """The Triton models loaded at start (and again after a restart): with IEI_MODEL_IDLE_UNLOAD
+    the pinned models' only (the others load on their first request); without it, all."""
+    return tuple(
+        name for plan in plans if plan.model.pinned or idle_unload is None
+        for name in plan.triton_models
+    )  # fmt: skip
 
 
 def process_state(pid: int) -> str | None:
@@ -128,9 +175,10 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def python_stubs(parent: int) -> list[int]:
-    """Living Python-backend stub processes that `parent` (tritonserver) started."""
-    stubs = []
+def python_stubs(parent: int) -> dict[int, str]:
+    """Living Python-backend stub processes that `parent` (tritonserver) started, each with the
+    Triton model it serves (its model file's folder: `<repository>/<model>/1/model.py`)."""
+    stubs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -145,7 +193,9 @@ def python_stubs(parent: int) -> list[int]:
             and fields[0] != "Z"
             and b"triton_python_backend_stub" in command
         ):
-            stubs.append(int(entry.name))
+            arguments = command.split(b"\0")
+            path = Path(arguments[1].decode(errors="replace")) if len(arguments) > 1 else Path()
+            stubs[int(entry.name)] = path.parent.parent.name
     return stubs
 
 
@@ -173,10 +223,12 @@ class TritonServer:
         self.next_probe = 0.0
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
-        self.stubs: list[int] = []  # the model instances' processes, once the model is ready
+        # The model instances' processes (pid -> Triton model), once the models are ready.
+        self.stubs: dict[int, str] = {}
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
-        self.models: tuple[str, ...] = ()  # decided once, from the model's config.json
-        self.layout = "single"  # IEI_TRITON_LAYOUT resolved, with the models
+        self.plans: tuple[ModelPlan, ...] = ()  # decided once, from the models' config.json
+        self.models: tuple[str, ...] = ()  # the Triton models loaded at start (and restart)
+        self.layout = "single"  # IEI_TRITON_LAYOUT resolved for the default model
 
     @property
     def url(self) -> str:
@@ -186,17 +238,19 @@ class TritonServer:
     def start(self) -> None:
         model_env = model_environment(self.settings)
         install = self.install = self.install or find_triton(self.work_dir)
-        if not self.models:
-            settings, gpus = self.settings, gpu_count()
-            served = served_models(settings.embedding_model, settings.repository, settings.pooling)
-            self.layout = model_layout(
-                settings.triton_layout, gpus, settings.embedding_model, settings.repository
-            )
-            self.models = layout_models(served, self.layout)
-            log.info("Triton models: %s (%s layout)", ", ".join(self.models), self.layout)
+        if not self.plans:
+            self.plans = model_plans(self.settings, gpu_count())
+            self.layout = self.plans[0].layout
+            self.models = startup_models(self.plans, self.settings.model_idle_unload)
+            for plan in self.plans:
+                log.info(
+                    "model %r (%s): Triton models %s (%s layout)%s", plan.model.name,
+                    plan.model.model_id, ", ".join(plan.triton_models), plan.layout,
+                    "" if set(plan.triton_models) <= set(self.models) else ", loaded on demand",
+                )  # fmt: skip
         repository = self.work_dir / "model_repository"
         if not repository.exists():
-            self.settings.render(repository, gpus=gpu_count(), layout=self.layout)
+            self.settings.render(repository, gpus=gpu_count(), models=self.plans)
         command = triton_command(
             self.settings, repository, models=self.models, binary=str(install.binary),
             shm_prefix=self.shm_prefix,
@@ -240,9 +294,14 @@ class TritonServer:
     def watch_stubs(self) -> None:
         """Remember the stubs serving the model (call once it is ready: while it loads, a
         short-lived stub comes and goes, which is no crash)."""
-        self.stubs = python_stubs(self.process.pid) if self.process else []
-        if self.stubs:
-            log.info("watching the model stubs (pids %s)", self.stubs)
+        stubs = python_stubs(self.process.pid) if self.process else {}
+        if stubs and set(stubs) != set(self.stubs):
+            log.info("watching the model stubs (pids %s)", ", ".join(map(str, sorted(stubs))))
+        self.stubs = stubs
+
+    def forget_stubs(self, models: Sequence[str]) -> None:
+        """Stop watching the stubs of `models`: they are being unloaded, so their stubs exit."""
+        self.stubs = {pid: model for pid, model in self.stubs.items() if model not in models}
 
     def problem(self) -> str | None:
         """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops
@@ -253,9 +312,9 @@ class TritonServer:
             return f"Triton exited: {self.failure_reason()}"
         if not self.stubs:  # not seen yet when the model turned ready (it happens): look again
             self.watch_stubs()
-        for pid in self.stubs:
+        for pid, model in self.stubs.items():
             if process_state(pid) in (None, "Z"):
-                return f"the model's Python stub (pid {pid}) died"
+                return f"the Python stub of model {model} (pid {pid}) died"
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
             failure = self.probe()

@@ -18,6 +18,7 @@ from .limits import Capacity
 from .logs import configure_logging
 from .middleware import Admission, BodyLimit, RequestContext, RequestMetrics
 from .routes import demo, embed, health, info, openai
+from .served import ServedModels
 from .settings import ServerSettings
 from .triton_client import TritonClient
 
@@ -45,8 +46,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             worker_max_bytes=settings.url_worker_max_bytes,
         )
         app.state.services = Services(
-            settings, triton, fetcher, Capacity(settings.max_concurrent_images)
-        )
+            settings, triton, fetcher, Capacity(settings.max_concurrent_images),
+            ServedModels(settings, triton),
+        )  # fmt: skip
         try:
             yield
         finally:

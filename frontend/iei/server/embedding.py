@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from ..models import ServedModel
 from . import metrics
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
 from .limits import Capacity, outliving, request_work
+from .served import ServedModels
 from .settings import ServerSettings
 from .triton_client import TritonClient
 
@@ -37,6 +39,7 @@ class Services:
     triton: TritonClient
     fetcher: UrlFetcher
     permits: Capacity  # inputs in flight in this worker
+    models: ServedModels  # which model a request names; loading on demand
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,22 @@ class Input:
 
 
 async def embed_inputs(
-    items: list[Input], services: Services, started: float, *, truncate: bool = True
+    items: list[Input],
+    services: Services,
+    started: float,
+    *,
+    truncate: bool = True,
+    model: ServedModel | None = None,
 ) -> Embedded:
-    """Validate, fetch and check the inputs, then embed them with Triton (images with `iei`,
-    texts with `iei_text`, both at once); raw vectors in input order. A text longer than the
-    model's context is cut to it, or refused when `truncate` is false: then before anything is
-    embedded (the model counts the tokens of each text first, without its text tower)."""
+    """Validate, fetch and check the inputs, then embed them with Triton (images with the
+    model's image model, `iei` for the default; texts with its text model, `iei_text`; both at
+    once); raw vectors in input order. A model that is not loaded is loaded first, within the
+    request's timeout. A text longer than the model's context is cut to it, or refused when
+    `truncate` is false: then before anything is embedded (the model counts the tokens of each
+    text first, without its text tower)."""
     settings = services.settings
+    model = model or services.models.default
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout
     count = len(items)
     if count == 0:
         raise ApiError(ErrorType.EMPTY, "`inputs` cannot be empty")
@@ -90,7 +102,17 @@ async def embed_inputs(
         )
     images = [i for i, item in enumerate(items) if item.modality == IMAGE]
     texts = [i for i, item in enumerate(items) if item.modality == TEXT]
-    context = await text_context(services) if texts else 0
+    try:
+        async with asyncio.timeout_at(deadline):
+            await services.models.ensure_loaded(model)
+    except TimeoutError:
+        raise ApiError(
+            ErrorType.TIMEOUT,
+            f"model {model.name!r} did not load within {settings.request_timeout:g} s "
+            "(IEI_REQUEST_TIMEOUT); it goes on loading",
+            headers={"Retry-After": "5"},
+        ) from None
+    context = await text_context(services, model) if texts else 0
     if not services.permits.try_take(count):
         raise overloaded(settings.max_concurrent_images, count)
     downloads = services.fetcher.request_budget(settings.url_request_max_bytes)
@@ -101,24 +123,30 @@ async def embed_inputs(
 
     with request_work() as work:
         try:
-            async with asyncio.timeout(settings.request_timeout):
+            async with asyncio.timeout_at(deadline):
                 try:
                     values = [str(items[i].value) for i in texts]
                     for value, position in zip(values, texts, strict=True):
                         check_text(value, settings.max_text_chars, position)
                     if values and not truncate:
-                        tokens = await named(services.triton.count_tokens(values), texts)
+                        tokens = await named(
+                            services.triton.count_tokens(values, model.triton_text), texts
+                        )
                         refuse_overlong(tokens, texts, context)
                     files = await image_files(
                         [items[i].value for i in images], images, services, downloads
                     )
                     sent = time.perf_counter()
-                    calls: dict[str, Awaitable[Any]] = {}
-                    if files:
-                        calls[IMAGE] = named(services.triton.embed(files), images)
-                    if texts:
-                        calls[TEXT] = named(services.triton.embed_texts(values), texts)
-                    done = dict(zip(calls, await together(list(calls.values())), strict=True))
+                    try:
+                        done = await infer(services, model, files, images, values, texts)
+                    except ApiError as exc:
+                        if exc.error_type != ErrorType.UNHEALTHY:
+                            raise
+                        services.models.forget(model)  # unloaded meanwhile? ask Triton again
+                        if not services.models.on_demand(model):
+                            raise
+                        await services.models.ensure_loaded(model)  # once more, loaded
+                        done = await infer(services, model, files, images, values, texts)
                 except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
                     raise ApiError(
                         exc.error_type, named_error(exc, items), headers=exc.headers
@@ -136,20 +164,38 @@ async def embed_inputs(
     if TEXT in done:
         parts.append((texts, done[TEXT][0]))
     vectors = in_order(count, parts)
-    metrics.IMAGES.inc(len(images))
-    metrics.TEXTS.inc(len(texts))
+    services.models.used(model)
+    metrics.IMAGES.labels(model.name).inc(len(images))
+    metrics.TEXTS.labels(model.name).inc(len(texts))
     if images:
-        metrics.IMAGES_PER_REQUEST.observe(len(images))
+        metrics.IMAGES_PER_REQUEST.labels(model.name).observe(len(images))
     return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
 
 
-async def text_context(services: Services) -> int:
+async def infer(
+    services: Services,
+    model: ServedModel,
+    files: list[bytes],
+    images: list[int],
+    texts: list[str],
+    positions: list[int],
+) -> dict[str, Any]:
+    """Images by the model's image model and texts by its text model, at once; by modality."""
+    calls: dict[str, Awaitable[Any]] = {}
+    if files:
+        calls[IMAGE] = named(services.triton.embed(files, model.triton_image), images)
+    if texts:
+        calls[TEXT] = named(services.triton.embed_texts(texts, model.triton_text), positions)
+    return dict(zip(calls, await together(list(calls.values())), strict=True))
+
+
+async def text_context(services: Services, model: ServedModel) -> int:
     """The model's text context in tokens; a 422 when it has no text tower."""
-    info = await services.triton.model_info()
+    info = await services.triton.model_info(model.triton_image)
     if TEXT not in (info.get("modalities") or [IMAGE]):
         raise ApiError(
             ErrorType.VALIDATION,
-            f"the model {services.settings.public_model_name!r} embeds images only: it has no "
+            f"the model {model.name!r} embeds images only: it has no "
             "text tower (`modality: text` needs a CLIP, SigLIP or SigLIP2 model)",
         )
     return int(info.get("text_context_length") or 0)

@@ -21,6 +21,7 @@ from .logs import REQUEST_ID
 log = logging.getLogger("iei")
 
 OPENAI_PATHS = ("/v1/embeddings", "/embeddings")
+OPENAI_PREFIX = "/v1/"  # /v1/models too
 
 
 class ErrorType(StrEnum):
@@ -68,12 +69,14 @@ class ApiError(Exception):
         message: str,
         status: int | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.status = status or STATUS[error_type]
         self.headers = headers
+        self.code = code  # OpenAI's `code`, where it has its own (model_not_found)
 
 
 class PayloadTooLarge(StarletteHTTPException):
@@ -118,11 +121,17 @@ def overloaded(limit: int, count: int | None = None) -> ApiError:
     )
 
 
-def error_body(path: str, status: int, error_type: ErrorType, message: str) -> dict[str, object]:
+def is_openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith(OPENAI_PREFIX)
+
+
+def error_body(
+    path: str, status: int, error_type: ErrorType, message: str, code: str | None = None
+) -> dict[str, object]:
     body: dict[str, object]
-    if path in OPENAI_PATHS:
+    if is_openai_path(path):
         kind = OPENAI_TYPES.get(error_type, "server_error" if status >= 500 else "api_error")
-        body = {"error": {"message": message, "type": kind, "code": str(error_type)}}
+        body = {"error": {"message": message, "type": kind, "code": code or str(error_type)}}
     else:
         body = {"error": message, "error_type": str(error_type)}
     request_id = REQUEST_ID.get()
@@ -137,9 +146,10 @@ def error_response(
     error_type: ErrorType,
     message: str,
     headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(path, status, error_type, message), status_code=status, headers=headers
+        error_body(path, status, error_type, message, code), status_code=status, headers=headers
     )
 
 
@@ -157,7 +167,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(
-            request.url.path, exc.status, exc.error_type, exc.message, exc.headers
+            request.url.path, exc.status, exc.error_type, exc.message, exc.headers, exc.code
         )
 
     @app.exception_handler(RequestValidationError)

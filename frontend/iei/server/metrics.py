@@ -27,12 +27,19 @@ REQUEST_SECONDS = Histogram(
 IN_FLIGHT = Gauge(
     "iei_requests_in_flight", "Requests being answered now.", multiprocess_mode="livesum"
 )
-IMAGES = Counter("iei_images_embedded", "Images turned into embeddings.")
-TEXTS = Counter("iei_texts_embedded", "Texts turned into embeddings (dual encoders).")
+# `model`: the served model's name (IEI_MODELS; the one model's name otherwise).
+IMAGES = Counter("iei_images_embedded", "Images turned into embeddings.", ["model"])
+TEXTS = Counter("iei_texts_embedded", "Texts turned into embeddings (dual encoders).", ["model"])
 IMAGES_PER_REQUEST = Histogram(
-    "iei_images_per_request", "Images in one embedding request.",
+    "iei_images_per_request", "Images in one embedding request.", ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )  # fmt: skip
+# Loading on demand (IEI_MODEL_IDLE_UNLOAD): loads a request waited for, by outcome (loaded,
+# failed); unloads of idle models (counted by `iei serve`, which decides them).
+MODEL_LOADS = Counter(
+    "iei_model_loads", "Models loaded on demand for a request.", ["model", "outcome"]
+)
+MODEL_UNLOADS = Counter("iei_model_unloads", "Idle models unloaded.", ["model"])
 TRITON_SECONDS = Histogram(
     "iei_triton_round_trip_seconds", "Time of one inference call to Triton (a chunk of images).",
     buckets=LATENCY_BUCKETS,

@@ -19,6 +19,10 @@ MODALITY_DESCRIPTION = (
     "SigLIP, SigLIP2; texts and images then share one space)."
 )
 Modality = Literal["image", "text"]
+MODEL_DESCRIPTION = (
+    "Which served model embeds the inputs (`GET /v1/models` lists them); absent: the default. "
+    "An unknown name is a 404."
+)
 
 
 class EmbedRequest(BaseModel):
@@ -45,6 +49,7 @@ class EmbedRequest(BaseModel):
     truncation_direction: Literal["left", "right", "Left", "Right"] | None = Field(
         None, description="Accepted for TEI clients; texts are cut at their end (right)."
     )
+    model: StrictStr | None = Field(None, description=MODEL_DESCRIPTION)
 
     @property
     def input_list(self) -> list[str]:
@@ -133,7 +138,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     modality: Modality = Field(
         "image", description=f"{MODALITY_DESCRIPTION} Plain strings of `input` are these."
     )
-    model: StrictStr | None = Field(None, description="Checked against the served model.")
+    model: StrictStr | None = Field(None, description=MODEL_DESCRIPTION)
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: the little-endian float32 bytes, as OpenAI sends them."
     )
@@ -163,6 +168,42 @@ class OpenAIEmbeddingResponse(BaseModel):
     data: list[OpenAIEmbedding]
     model: str
     usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="When this server started (Unix seconds).")
+    owned_by: str = "iei"
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class TritonModels(BaseModel):
+    image: str = Field(description="Its Triton model for images (inputs IMAGE, output EMBEDDING).")
+    text: str | None = Field(None, description="Its Triton model for texts (dual encoders).")
+
+
+class ModelInfo(BaseModel):
+    """One served model in `GET /info`'s `models`. Facts come from the model once it has been
+    loaded; null before."""
+
+    name: str = Field(description="What a request's `model` says.")
+    model_id: str
+    default: bool
+    pinned: bool = Field(description="Loaded at start and never unloaded.")
+    loaded: bool = Field(description="In Triton now (IEI_MODEL_IDLE_UNLOAD unloads idle ones).")
+    embedding_dimension: int | None
+    modalities: list[str] | None
+    pooling: str | None
+    dtype: str | None
+    engine: str | None
+    device: str | None = None
+    layout: str | None = None
+    triton_models: TritonModels
 
 
 class TritonInfo(BaseModel):
@@ -221,3 +262,6 @@ class Info(BaseModel):
     )
     version: str
     triton: TritonInfo
+    models: list[ModelInfo] = Field(
+        default_factory=list, description="Every served model, the default first."
+    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 
 from pydantic import SecretStr, field_validator, model_validator
 
+from ..models import ModelsError, ServedModel, parse_models, single_model
 from ..settings import SETTINGS, SettingsBase, setting
 
 
@@ -32,6 +34,8 @@ class ServerSettings(SettingsBase):
     url_max_redirects: int = setting("url_max_redirects", ge=0, le=20)
     triton_url: str | None = setting("triton_url")
     triton_http_port: int = setting("triton_http_port", ge=1, le=65535)
+    models: str | None = setting("models")
+    model_idle_unload: float | None = setting("model_idle_unload", gt=0)
 
     @field_validator("triton_url")
     @classmethod
@@ -64,17 +68,47 @@ class ServerSettings(SettingsBase):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_models(self) -> ServerSettings:
+        """IEI_MODELS parses, and is not given beside IMAGE_EMBEDDING_MODEL."""
+        if self.models is None:
+            return self
+        if "embedding_model" in self.model_fields_set:
+            raise ValueError(
+                "IEI_MODELS and IMAGE_EMBEDDING_MODEL are both set: give the models in one of them"
+            )
+        try:
+            parse_models(self.models)
+        except ModelsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @cached_property
+    def served(self) -> tuple[ServedModel, ...]:
+        """The served models, the default first (IEI_MODELS, else IMAGE_EMBEDDING_MODEL)."""
+        if self.models is None:
+            return single_model(self.embedding_model, self.served_model_name)
+        served = parse_models(self.models)
+        if self.served_model_name:  # the default's other name, as in the one-model form
+            first = served[0]
+            aliases = (*first.aliases, self.served_model_name)
+            served = (replace(first, aliases=aliases), *served[1:])
+        return served
+
+    @cached_property
+    def default_model(self) -> ServedModel:
+        return self.served[0]
+
     @cached_property
     def model_names(self) -> frozenset[str]:
         """Names a client may give as `model`: the id, its last part, the served name."""
-        names = {self.embedding_model, self.embedding_model.rstrip("/").rsplit("/", 1)[-1]}
-        if self.served_model_name:
-            names.add(self.served_model_name)
-        return frozenset(names)
+        first = self.default_model
+        return frozenset({first.name, *first.aliases})
 
     @cached_property
     def public_model_name(self) -> str:
-        return self.served_model_name or self.embedding_model
+        """The default model's name (IEI_SERVED_MODEL_NAME or the id in the one-model form)."""
+        return self.default_model.name
 
     @cached_property
     def triton_endpoint(self) -> str:

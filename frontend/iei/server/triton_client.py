@@ -47,6 +47,8 @@ T = TypeVar("T")
 # Triton's HTTP status for an unknown or unloaded model (404) and for a model that cannot take the
 # request now (503: not ready, queue full, queue timeout): the service is unavailable, retry.
 _UNAVAILABLE_STATUSES = ("404", "503")
+# Triton's words for a model it has not loaded (explicit model control: unloaded when idle).
+UNKNOWN_MODEL = "Request for unknown model"
 
 
 def joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -67,9 +69,10 @@ class TritonClient:
         self.timeout = timeout
         self._client: InferenceServerClient | None = None
         self._max_batch_sizes: dict[str, int] = {}
-        self._model_info: dict[str, Any] | None = None
-        self._verified_at = -math.inf  # when an inference last succeeded (monotonic)
-        self._probe: asyncio.Task[bool] | None = None
+        self._model_info: dict[str, dict[str, Any]] = {}  # Triton image model -> its facts
+        # Per Triton model: when an inference last succeeded (monotonic), its running probe.
+        self._verified_at: dict[str, float] = {}
+        self._probes: dict[str, asyncio.Task[bool]] = {}
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -87,36 +90,46 @@ class TritonClient:
             raise RuntimeError("TritonClient.open() was not called")
         return self._client
 
-    async def is_ready(self) -> bool:
-        """True when the model really answers.
+    async def is_ready(self, models: tuple[str, ...] = (MODEL_NAME,)) -> bool:
+        """True when every one of `models` (Triton image models) really answers.
 
         Triton keeps reporting a model ready after its Python stub died (every inference then
         fails), so readiness rests on a real inference: a recent success, or a probe.
         """
-        if time.monotonic() - self._verified_at < VERIFIED_FOR:
-            try:  # Triton itself still there? (metadata: answered at once, never queued)
-                async with asyncio.timeout(PROBE_TIMEOUT):
-                    return bool(await self.server.is_model_ready(MODEL_NAME))
-            except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
-                return False
-        return await self.model_answers()
+        answers = await asyncio.gather(*(self._answers(model) for model in models))
+        return all(answers)
 
-    async def model_answers(self) -> bool:
+    async def _answers(self, model: str) -> bool:
+        if time.monotonic() - self._verified_at.get(model, -math.inf) < VERIFIED_FOR:
+            return await self.is_model_ready(model)
+        return await self.model_answers(model)
+
+    async def is_model_ready(self, model: str) -> bool:
+        """Triton's readiness of `model` (metadata: answered at once, never queued); False when
+        Triton does not answer."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                return bool(await self.server.is_model_ready(model))
+        except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    async def model_answers(self, model: str = MODEL_NAME) -> bool:
         """A real inference of a 1x1 image, at the head of Triton's queue, within PROBE_TIMEOUT.
         Callers at the same moment share one probe."""
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.create_task(self._run_probe())
-        return await asyncio.shield(self._probe)
+        probe = self._probes.get(model)
+        if probe is None or probe.done():
+            probe = self._probes[model] = asyncio.create_task(self._run_probe(model))
+        return await asyncio.shield(probe)
 
-    async def _run_probe(self) -> bool:
+    async def _run_probe(self, model: str) -> bool:
         WORK.set(None)  # shared by every caller: no request's work (this task's own context)
         request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
-                if not await self.server.is_model_ready(MODEL_NAME):
+                if not await self.server.is_model_ready(model):
                     return False
                 await self._infer(
-                    MODEL_NAME, request, (OUTPUT_NAME,), 0, priority=PROBE_PRIORITY, explain=False
+                    model, request, (OUTPUT_NAME,), 0, priority=PROBE_PRIORITY, explain=False
                 )
             return True
         except (ApiError, InvalidInput, InferenceServerException, aiohttp.ClientError, OSError,
@@ -126,46 +139,75 @@ class TritonClient:
     async def max_batch_size(self, model: str = MODEL_NAME) -> int:
         """A model's `max_batch_size`, read from Triton once (it may start after us)."""
         if model not in self._max_batch_sizes:
-            config = await self._call(self.server.get_model_config(model))
+            config = await self._call(self.server.get_model_config(model), model=model)
             self._max_batch_sizes[model] = max(1, int(config.get("max_batch_size", 1)))
         return self._max_batch_sizes[model]
 
-    async def model_info(self) -> dict[str, Any]:
+    def known_info(self, model: str = MODEL_NAME) -> dict[str, Any] | None:
+        """The facts of `model` (a Triton image model) if this worker asked them already."""
+        return self._model_info.get(model)
+
+    async def model_info(self, model: str = MODEL_NAME) -> dict[str, Any]:
         """What the model says about itself (MODEL_INFO) plus the embedding dimension, asked
         once with a probe image."""
-        if self._model_info is None:
+        if model not in self._model_info:
             request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
             outputs = [
                 triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True),
                 triton_http.InferRequestedOutput(INFO_OUTPUT_NAME, binary_data=True),
             ]
-            result = await self._call(self.server.infer(MODEL_NAME, [request], outputs=outputs))
+            call = self.server.infer(model, [request], outputs=outputs)
+            result = await self._call(call, model=model)
             info = json.loads(result.as_numpy(INFO_OUTPUT_NAME).reshape(-1)[0])
             info["embedding_dimension"] = int(result.as_numpy(OUTPUT_NAME).shape[1])
-            self._model_info = info
-        return self._model_info
+            self._model_info[model] = info
+        return self._model_info[model]
 
-    async def embed(self, images: list[bytes]) -> np.ndarray:
-        """Vectors for `images`, in order: chunks of at most max_batch_size, and at most
-        `concurrency_level` images in flight at once."""
-        parts = await self._chunked(MODEL_NAME, INPUT_NAME, images, (OUTPUT_NAME,))
+    async def repository_models(self) -> dict[str, str]:
+        """Triton's repository index: every model folder -> its state (READY, UNAVAILABLE...;
+        empty when never loaded)."""
+        index = await self._call(self.server.get_model_repository_index())
+        return {entry["name"]: entry.get("state", "") for entry in index}
+
+    async def load_model(self, model: str) -> None:
+        """Load `model` (explicit model control); Triton answers once it is ready."""
+        try:
+            await self.server.load_model(model)
+        except InferenceServerException as exc:
+            raise ApiError(
+                ErrorType.UNHEALTHY,
+                f"model {model} failed to load: {exc.message() or exc}",
+                headers={"Retry-After": "1"},
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiError(
+                ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
+            ) from None
+
+    async def embed(self, images: list[bytes], model: str = MODEL_NAME) -> np.ndarray:
+        """Vectors for `images` by `model` (a Triton image model), in order: chunks of at most
+        max_batch_size, and at most `concurrency_level` images in flight at once."""
+        parts = await self._chunked(model, INPUT_NAME, images, (OUTPUT_NAME,))
         return joined([part[0] for part in parts])
 
-    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors for `texts` (by `iei_text`), in order, and each text's tokens before
-        truncation; chunked as images are."""
+    async def embed_texts(
+        self, texts: list[str], model: str = TEXT_MODEL_NAME
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors for `texts` (by `model`, a text model: `iei_text`), in order, and each text's
+        tokens before truncation; chunked as images are."""
         items = [text.encode() for text in texts]
         parts = await self._chunked(
-            TEXT_MODEL_NAME, TEXT_INPUT_NAME, items, (OUTPUT_NAME, TOKENS_OUTPUT_NAME)
+            model, TEXT_INPUT_NAME, items, (OUTPUT_NAME, TOKENS_OUTPUT_NAME)
         )
         vectors = joined([part[0] for part in parts])
         return vectors, joined([part[1] for part in parts]).reshape(-1)
 
-    async def count_tokens(self, texts: list[str]) -> np.ndarray:
-        """Each text's tokens before truncation, from `iei_text` without its text tower (a
-        request for TOKENS alone): what a refusal of an over-long text needs, no inference."""
+    async def count_tokens(self, texts: list[str], model: str = TEXT_MODEL_NAME) -> np.ndarray:
+        """Each text's tokens before truncation, from `model` (a text model: `iei_text`) without
+        its text tower (a request for TOKENS alone): what a refusal of an over-long text needs,
+        no inference."""
         items = [text.encode() for text in texts]
-        parts = await self._chunked(TEXT_MODEL_NAME, TEXT_INPUT_NAME, items, (TOKENS_OUTPUT_NAME,))
+        parts = await self._chunked(model, TEXT_INPUT_NAME, items, (TOKENS_OUTPUT_NAME,))
         return joined([part[0] for part in parts]).reshape(-1)
 
     async def _chunked(
@@ -214,14 +256,16 @@ class TritonClient:
         # work (a timeout does not give the request's permits back before Triton does).
         call = outliving(self.server.infer(model, [request], outputs=wanted, priority=priority))
         with metrics.TRITON_SECONDS.time():
-            result = await self._call(call, offset, explain=explain)
+            result = await self._call(call, offset, explain=explain, model=model)
         arrays = [result.as_numpy(name) for name in outputs]
         count = request.shape()[0]
         if any(array is None or array.shape[0] != count for array in arrays):
             raise ApiError(ErrorType.BACKEND, "Triton returned no embedding for some inputs")
         return arrays
 
-    async def _call(self, call: Awaitable[T], offset: int = 0, *, explain: bool = True) -> T:
+    async def _call(
+        self, call: Awaitable[T], offset: int = 0, *, explain: bool = True, model: str = MODEL_NAME
+    ) -> T:
         """Await a Triton call; its failures become API errors, by Triton's status, and a bad
         input an `InvalidInput`. `offset`: the position of the call's first item among those of
         the embed call. `explain`: on a failure of the model itself (Triton's 500), probe the
@@ -230,13 +274,15 @@ class TritonClient:
             result = await call
         except InferenceServerException as exc:
             status, message = exc.status(), exc.message() or str(exc)
+            if UNKNOWN_MODEL in message:  # not loaded (an unloaded model is unknown to Triton)
+                status = "404"
             if status == "400":  # the model refused the input (INVALID_ARG): the client's fault
                 found = _INVALID_INPUT.search(message)
                 if found:  # name the client's own index
                     raise InvalidInput(found.group(2), offset + int(found.group(1))) from None
                 raise ApiError(ErrorType.VALIDATION, message) from None
-            self._verified_at = -math.inf
-            if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers()):
+            self._verified_at.pop(model, None)
+            if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers(model)):
                 raise ApiError(
                     ErrorType.UNHEALTHY,
                     f"the model is unavailable: {message}",
@@ -244,15 +290,15 @@ class TritonClient:
                 ) from None
             raise ApiError(ErrorType.BACKEND, f"inference failed: {message}") from None
         except TimeoutError:
-            self._verified_at = -math.inf
+            self._verified_at.pop(model, None)
             raise ApiError(
                 ErrorType.TIMEOUT, f"Triton did not answer within {self.timeout:g} s"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
-            self._verified_at = -math.inf
+            self._verified_at.pop(model, None)
             log.warning("Triton unreachable at %s: %s", self.endpoint, exc)
             raise ApiError(
                 ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
             ) from None
-        self._verified_at = time.monotonic()
+        self._verified_at[model] = time.monotonic()
         return result

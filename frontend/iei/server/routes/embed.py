@@ -66,9 +66,11 @@ async def embed(body: EmbedRequest, services: ServicesDep) -> VectorResponse:
             ErrorType.VALIDATION,
             "truncation_direction left is not supported: texts are cut at their end (right)",
         )
+    started = time.perf_counter()
+    model = services.models.resolve(body.model)
     items = [Input(body.modality, value) for value in body.input_list]
     result = await embed_inputs(
-        items, services, time.perf_counter(), truncate=body.truncate is not False
+        items, services, started, truncate=body.truncate is not False, model=model
     )
     vectors = normalize_rows(result.vectors) if body.normalize else result.vectors
     return VectorResponse(vectors, headers=result.timing_headers())
@@ -83,9 +85,11 @@ async def embed_upload(request: Request, kind: str, services: Services) -> Vecto
             ErrorType.VALIDATION,
             "a raw upload is images: send texts as JSON (`modality: text`)",
         )
+    started = time.perf_counter()
+    model = services.models.resolve(options.model)
     items = [
         Input(IMAGE, data, name) for data, name in zip(upload.files, upload.names, strict=True)
     ]
-    result = await embed_inputs(items, services, time.perf_counter())
+    result = await embed_inputs(items, services, started, model=model)
     vectors = normalize_rows(result.vectors) if options.normalize else result.vectors
     return VectorResponse(vectors, headers=result.timing_headers())

@@ -26,8 +26,10 @@ async def live() -> JSONResponse:
 )
 async def health(request: Request, services: ServicesDep) -> JSONResponse:
     """200 when the model answers a real inference (a recent one, or a probe at the head of
-    Triton's queue, shared by concurrent callers and bounded to 2 s)."""
-    if await services.triton.is_ready():
+    Triton's queue, shared by concurrent callers and bounded to 2 s): every pinned model, with
+    several (the ones loaded on demand need not be loaded)."""
+    pinned = tuple(model.triton_image for model in services.models.pinned)
+    if await services.triton.is_ready(pinned):
         return JSONResponse({"status": "ok"})
     return error_response(request.url.path, 503, ErrorType.UNHEALTHY, "the model is not ready")
 

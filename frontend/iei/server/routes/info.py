@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
 from ... import __version__
 from ..dependencies import Authorized, ServicesDep
 from ..errors import ApiError
-from ..schemas import Info, Limits, TritonInfo
+from ..schemas import Info, Limits, ModelInfo, TritonInfo
 
 router = APIRouter(tags=["service"], dependencies=[Authorized])
 
@@ -15,6 +17,7 @@ router = APIRouter(tags=["service"], dependencies=[Authorized])
 @router.get("/info", response_model=Info, summary="The served model and the service's limits")
 async def info(services: ServicesDep) -> Info:
     settings, triton = services.settings, services.triton
+    default = services.models.default
     ready = await triton.is_ready()
     model: dict[str, object] = {}
     max_batch_size = None
@@ -25,7 +28,7 @@ async def info(services: ServicesDep) -> Info:
         except ApiError:
             ready = False
     return Info(
-        model_id=settings.embedding_model,
+        model_id=default.model_id,
         served_model_name=settings.public_model_name,
         model_type=model.get("model_type"),  # type: ignore[arg-type]
         architecture=model.get("architecture"),  # type: ignore[arg-type]
@@ -56,4 +59,10 @@ async def info(services: ServicesDep) -> Info:
         ),
         version=__version__,
         triton=TritonInfo(endpoint=settings.triton_endpoint, ready=ready),
+        models=[
+            ModelInfo.model_validate(entry)
+            for entry in await asyncio.gather(
+                *map(services.models.describe, services.models.models)
+            )
+        ],
     )

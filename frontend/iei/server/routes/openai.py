@@ -14,9 +14,15 @@ from ..embedding import IMAGE, TEXT, Input, embed_inputs, normalize_rows
 from ..errors import ApiError, ErrorType
 from ..responses import VectorResponse
 from ..routing import OffLoopJSONRoute
-from ..schemas import OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
+from ..schemas import (
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    OpenAIModel,
+    OpenAIModelList,
+)
 
 router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=OffLoopJSONRoute)
+STARTED = int(time.time())  # OpenAI's `created` of every model: when this worker started
 
 
 def openai_items(body: OpenAIEmbeddingRequest) -> list[Input]:
@@ -53,18 +59,12 @@ def check_dimensions(asked: int, dimension: int) -> None:
 )
 @router.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
 async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep) -> VectorResponse:
-    settings = services.settings
-    if body.model is not None and body.model not in settings.model_names:
-        raise ApiError(
-            ErrorType.VALIDATION,
-            f"model {body.model!r} is not served here; this service serves "
-            f"{settings.public_model_name!r}",
-        )
     started = time.perf_counter()
+    model = services.models.resolve(body.model)
     if body.dimensions is not None:  # refused before anything is embedded
-        model = await services.triton.model_info()
-        check_dimensions(body.dimensions, int(model["embedding_dimension"]))
-    result = await embed_inputs(openai_items(body), services, started)
+        info = await services.triton.model_info(model.triton_image)
+        check_dimensions(body.dimensions, int(info["embedding_dimension"]))
+    result = await embed_inputs(openai_items(body), services, started, model=model)
     vectors = result.vectors
     if body.dimensions is not None:
         check_dimensions(body.dimensions, vectors.shape[1])  # where texts' differ from images'
@@ -82,7 +82,21 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep)
         "data": [
             {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)
         ],
-        "model": settings.public_model_name,
+        "model": model.name,
         "usage": {"prompt_tokens": 0, "total_tokens": 0},
     }
     return VectorResponse(content, headers=result.timing_headers())
+
+
+@router.get("/v1/models", response_model=OpenAIModelList, summary="The served models (OpenAI)")
+async def list_models(services: ServicesDep) -> OpenAIModelList:
+    """Every served model, the default first; its `id` is what `model` takes."""
+    return OpenAIModelList(
+        data=[OpenAIModel(id=m.name, created=STARTED) for m in services.models.models]
+    )
+
+
+@router.get("/v1/models/{model:path}", response_model=OpenAIModel, summary="One served model")
+async def retrieve_model(model: str, services: ServicesDep) -> OpenAIModel:
+    """A served model by its name (or one of its other names); 404 `model_not_found` else."""
+    return OpenAIModel(id=services.models.resolve(model).name, created=STARTED)

@@ -1,0 +1,99 @@
+"""Unloading idle models (IEI_MODEL_IDLE_UNLOAD): decided here, in `iei serve` / `iei triton`,
+from Triton's own statistics, never by the frontend's workers (each sees only its own requests).
+
+A model that is not pinned and whose Triton models have had no inference for the idle time is
+unloaded; its next request loads it again (server/served.py). The stubs of an unloaded model exit,
+which the stub watch must not take for a crash: they are forgotten first, and the stubs are looked
+at again whenever the set of loaded models changes (a request loaded one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import httpx
+
+from .repository import ModelPlan
+from .triton_process import TritonServer
+
+log = logging.getLogger("iei")
+
+READY = "READY"
+
+
+class IdleUnloader:
+    TIMEOUT = 10.0  # seconds for one call to Triton's API (an unload waits for its requests)
+
+    def __init__(
+        self,
+        triton: TritonServer,
+        idle_seconds: float,
+        counted: Callable[[str], None] | None = None,
+    ) -> None:
+        self.triton = triton
+        self.idle = idle_seconds
+        self.counted = counted  # called with a model's name on each unload (metrics)
+        self.interval = min(5.0, max(0.5, idle_seconds / 4))
+        self.next_check = 0.0
+        self.ready: set[str] = set()  # Triton models READY at the last look
+        self.ready_since: dict[str, float] = {}  # served model -> when it was seen loaded
+
+    def check(self) -> None:
+        """Every `interval`: unload what has been idle for IEI_MODEL_IDLE_UNLOAD; re-watch the
+        stubs when other models are loaded than at the last look. Never raises: Triton being
+        down is the supervisor's business."""
+        if time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + self.interval
+        try:
+            with httpx.Client(base_url=self.triton.url, timeout=self.TIMEOUT) as client:
+                self._check(client)
+        except httpx.HTTPError as exc:
+            log.debug("idle check skipped: %s", exc)
+
+    def _check(self, client: httpx.Client) -> None:
+        index = client.post("/v2/repository/index").raise_for_status().json()
+        ready = {entry["name"] for entry in index if entry.get("state") == READY}
+        if ready != self.ready:
+            self.triton.watch_stubs()
+            self.ready = ready
+        now = time.time()
+        for plan in self.triton.plans:
+            if plan.model.pinned:
+                continue
+            names = [name for name in plan.triton_models if name in ready]
+            if plan.model.triton_image not in ready:
+                self.ready_since.pop(plan.model.name, None)
+                continue
+            since = self.ready_since.setdefault(plan.model.name, now)
+            last = max([since, *(last_inference(client, name) for name in names)])
+            if now - last >= self.idle:
+                self.unload(client, plan, names, now - last)
+
+    def unload(
+        self, client: httpx.Client, plan: ModelPlan, names: list[str], idle_for: float
+    ) -> None:
+        log.info(
+            "unloading model %r (Triton models %s): no request for %.0f s (IEI_MODEL_IDLE_UNLOAD)",
+            plan.model.name, ", ".join(names), idle_for,
+        )  # fmt: skip
+        self.triton.forget_stubs(names)
+        for name in reversed(names):  # the ensemble before its steps
+            response = client.post(f"/v2/repository/models/{name}/unload")
+            if response.status_code != 200:
+                log.warning("unloading %s failed: %s", name, response.text[:200])
+        self.ready_since.pop(plan.model.name, None)
+        self.ready -= set(names)
+        if self.counted is not None:
+            self.counted(plan.model.name)
+
+
+def last_inference(client: httpx.Client, model: str) -> float:
+    """When `model` last ran an inference (Unix seconds; 0 if never), from Triton's statistics."""
+    response = client.get(f"/v2/models/{model}/stats")
+    if response.status_code != 200:
+        return 0.0
+    stats = response.json().get("model_stats") or [{}]
+    return max(float(s.get("last_inference") or 0) for s in stats) / 1000.0
