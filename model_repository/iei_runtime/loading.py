@@ -29,7 +29,7 @@ from .settings import (
     engine_cache,
     resolve_forward_batch_size,
 )
-from .stages import UINT8_PIXELS, EncodeStage, PreprocessStage
+from .stages import UINT8_PIXELS, CountFallback, EncodeStage, PreprocessStage, no_count
 from .texts import TextEmbedder, folds_case
 
 log = logging.getLogger("iei")
@@ -231,8 +231,11 @@ def defers_jpegs(setting: str) -> bool:
     )
 
 
-def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessStage:
-    """The split layout's CPU step: the model's image processor alone (no model weights)."""
+def load_preprocess_stage(
+    settings: ModelSettings, threads: int, count_fallback: CountFallback = no_count
+) -> PreprocessStage:
+    """The split layout's CPU step: the model's image processor alone (no model weights);
+    `count_fallback` counts the images it decodes although the encoder has a tensor decoder."""
     from transformers import AutoImageProcessor
 
     try:
@@ -250,18 +253,28 @@ def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessSt
         processor_options=UINT8_PIXELS,
     )
     try:
-        return PreprocessStage(preprocessor, defer_jpegs=defers_jpegs(settings.jpeg_decoder))
+        return PreprocessStage(
+            preprocessor,
+            defer_jpegs=defers_jpegs(settings.jpeg_decoder),
+            count_fallback=count_fallback,
+        )
     except ValueError as exc:
         preprocessor.close()
         raise ModelLoadError(settings.model_id, str(exc)) from None
 
 
-def load_encode_stage(settings: ModelSettings, device: torch.device, threads: int) -> EncodeStage:
+def load_encode_stage(
+    settings: ModelSettings,
+    device: torch.device,
+    threads: int,
+    count_fallback: CountFallback = no_count,
+) -> EncodeStage:
     """The split layout's device step: the model (warmed up at real shapes by load_embedder)
-    and its JPEG decoder."""
+    and its JPEG decoder (refused here, in one line, when its warm-up decode fails)."""
     embedder = load_embedder(settings, device, threads)
     try:
-        return EncodeStage(embedder, choose_jpeg_decoder(settings.jpeg_decoder, device))
+        decoder = choose_jpeg_decoder(settings.jpeg_decoder, device)
+        return EncodeStage(embedder, decoder, count_fallback=count_fallback)
     except ValueError as exc:
         embedder.close()
         raise ModelLoadError(settings.model_id, str(exc)) from None
