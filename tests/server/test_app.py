@@ -221,6 +221,31 @@ async def test_a_probe_that_cannot_finish_in_time_says_not_ready_in_time(monkeyp
     assert time.monotonic() - started < 1
 
 
+class QueueFull(FakeTriton):
+    """Every request, the probe too, refused (a full queue), while Triton's statistics say that
+    `successes` requests of other clients were completed."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=InferenceServerException("Exceeds maximum queue size", status="503"))
+        self.probe_fails = True
+        self.successes = 100
+
+    async def get_inference_statistics(self, name):
+        count = {"success": {"count": self.successes, "ns": 1}}
+        return {"model_stats": [{"name": name, "inference_stats": count}]}
+
+
+async def test_a_full_queue_that_refuses_the_probe_is_healthy_while_the_model_makes_progress():
+    fake = QueueFull()
+    triton = triton_client_with(fake, concurrency=4)
+    assert not await triton.is_ready()  # nothing completed since: no evidence the model works
+    fake.successes += 3  # others' requests completed meanwhile
+    assert await triton.is_ready()
+    assert not await triton.is_ready()  # and nothing since the last look: a dead model
+    fake.successes += 1
+    assert await triton.is_ready()
+
+
 @asynccontextmanager
 async def app_client(settings: ServerSettings, fake: FakeTriton | None = None):
     """The app with its lifespan run, and Triton replaced by `fake` when given."""
