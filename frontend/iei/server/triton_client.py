@@ -120,13 +120,22 @@ class TritonClient:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(MODEL_NAME):
                     return False
-                await self._infer(
-                    MODEL_NAME, request, (OUTPUT_NAME,), 0, priority=PROBE_PRIORITY, explain=False
+                wanted = [triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+                result = await self.server.infer(
+                    MODEL_NAME, [request], outputs=wanted, priority=PROBE_PRIORITY
                 )
+            if result.as_numpy(OUTPUT_NAME) is None:
+                return False
+            self._verified_at = time.monotonic()
             return True
-        except (ApiError, InvalidInput, InferenceServerException, aiohttp.ClientError, OSError,
-                TimeoutError):  # fmt: skip
+        except TimeoutError:  # held in the queue, or Triton hangs
             return await self._made_progress(started)
+        except InferenceServerException as exc:
+            if exc.status() == "503":  # refused: the queue is full
+                return await self._made_progress(started)
+            return False  # the model failed it (a dead stub): no excuse
+        except (aiohttp.ClientError, OSError):
+            return False
 
     async def _successes(self) -> int | None:
         """How many requests the model has completed successfully (Triton's statistics, for every
@@ -139,11 +148,11 @@ class TritonClient:
             return None
 
     async def _made_progress(self, started: int | None) -> bool:
-        """After a failed probe: whether the model completed other requests since the probe
-        began or the last probe (within VERIFIED_FOR). A full queue refuses or holds a probe even
-        at its priority while the step in front of it runs a long execution (the split layout's
-        preprocessing of 64 large photos takes seconds on one core), yet the model works; a dead
-        stub completes nothing."""
+        """After a probe that a full queue refused or held past PROBE_TIMEOUT (even at its
+        priority it waits for the execution in front of it, and the split layout's preprocessing
+        of 64 large photos takes seconds on one core): whether the model completed others'
+        requests since the probe began or the previous look (within VERIFIED_FOR). A probe that
+        the model failed (a dead stub) never gets here."""
         now, count = time.monotonic(), await self._successes()
         if count is None:
             return False
