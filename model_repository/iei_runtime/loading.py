@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from . import engines
-from .embedder import Embedder, Preprocessor
+from . import cuda_graphs, engines
+from .embedder import Embedder, Preprocessor, to_device
 from .encoders import PooledEncoder, TowerEncoder
 from .families import PROJECTED, resolve_pooling, text_context, towers
 from .images import draft_side
@@ -165,7 +165,8 @@ def engine_line(embedder: Any) -> str:
     """What runs the encoder, for the instance's log line."""
     choice = embedder.choice
     line = f"{choice.engine} {choice.precision}"
-    return f"{line} ({embedder.run.describe()})" if choice.engine != "torch" else line
+    graphs = isinstance(embedder.run, cuda_graphs.GraphedRunner)
+    return f"{line} ({embedder.run.describe()})" if choice.engine != "torch" or graphs else line
 
 
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
@@ -176,6 +177,8 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
 
     choice = choose_engine(settings, device)
     dtype = torch_dtype(choice)
+    if settings.cuda_graphs and device.type != "cuda":
+        raise ModelLoadError(settings.model_id, str(cuda_graphs.refusal(device)))
     try:
         config = AutoConfig.from_pretrained(settings.model_id)
         facts = config.to_dict()
@@ -216,6 +219,11 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     except ModelLoadError:
         embedder.close()
         raise
+    if settings.cuda_graphs:  # IEI_CUDA_GRAPHS: on a GPU, with torch (what runs there)
+        example = {name: to_device(t, device, dtype) for name, t in embedder.blank(1).items()}
+        embedder.run = cuda_graphs.graphed(
+            embedder.run, example, device, embedder.forward_batch_size
+        )
     # The engine's first runs, at the shapes of real executions: a single image and a full
     # forward pass (kernels and buffers chosen before the first request, not during it).
     for count in sorted({1, embedder.forward_batch_size}):
