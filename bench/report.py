@@ -638,7 +638,25 @@ def gpu_path_section(part: dict[str, Any] | None) -> str:
                 ))  # fmt: skip
     headers = ("layout", "JPEG", "load", "img/s", "x limit", "p50 ms", "p99 ms", "CPU %", "GPU %")
     run = f"`{meta['command']}` ({meta['seconds']} s, {meta['date']})"
+    cosine = part.get("decoded_cosine")
+    if cosine:
+        lows = ", ".join(f"{k} {v:.5f}" for k, v in cosine["cosine_min"].items())
+        extra = (
+            f"JPEGs decoded by {cosine['decoder']} on {cosine['device']} give vectors within "
+            f"cosine {lows} (lowest) of the PIL path's.\n"
+        )
+    elif "budget" not in meta:
+        extra = (
+            "This table comes from the bench before its time budget. `make bench-gpu` now keeps to "
+            "8 minutes (each window sized from a probe of its load), measures web photos "
+            "(450-640 px, mixed) and 12 MP ones, appends every row to "
+            "docs/benchmarks/gpu-rows.jsonl as it is measured, and prints `VERDICT` lines; no GPU "
+            "has run it yet: **the GPU figures are still to be measured**.\n"
+        )
+    else:
+        extra = ""
     return f"""{heading}Command: {run}, on {where}.
+{extra}
 ViT-B/16 with random weights; the in-process limit is its forward pass alone in
 {limit["dtype"]} on preprocessed batches of {limit["batch"]}: **{limit["img_s"]:.1f} img/s**.
 `x limit` is each load's rate over that limit. CPU % is the whole machine's busy share (the load

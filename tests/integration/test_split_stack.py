@@ -185,19 +185,20 @@ class QueueFiller:
 
 
 def test_health_stays_true_while_the_ensemble_s_queue_is_full(queue_stack):
+    """Probed every 2 s as Kubernetes and compose do, for longer than a success vouches for the
+    model (VERIFIED_FOR): past that, each probe asks the model itself, behind a full queue."""
     with QueueFiller(queue_stack.triton_grpc) as load:
         deadline = time.monotonic() + 120
         while load.done == 0 and time.monotonic() < deadline and not load.errors:
             time.sleep(0.2)
-        # No success through the frontend for VERIFIED_FOR: /health must ask the model itself.
-        time.sleep(VERIFIED_FOR + 1)
-        assert load.done > 0 and load.refused > 0, (load.done, load.refused, load.errors[:3])
-        for _ in range(3):
+        assert load.done > 0, (load.refused, load.errors[:3])
+        until = time.monotonic() + VERIFIED_FOR + 8
+        while time.monotonic() < until:
             refused = load.refused
             started = time.monotonic()
             response = httpx.get(f"{queue_stack.url}/health", timeout=30)
-            assert response.status_code == 200, (response.text, load.refused)
+            assert response.status_code == 200, (response.text, load.done, load.refused)
             assert time.monotonic() - started < PROBE_TIMEOUT + 1
-            time.sleep(1.0)
+            time.sleep(2.0)
             assert load.refused > refused  # the queue was full all along
     assert not load.errors, load.errors[:3]

@@ -235,15 +235,29 @@ class QueueFull(FakeTriton):
         return {"model_stats": [{"name": name, "inference_stats": count}]}
 
 
-async def test_a_full_queue_that_refuses_the_probe_is_healthy_while_the_model_makes_progress():
+async def test_a_full_queue_that_refuses_the_probe_is_healthy_while_the_model_makes_progress(
+    monkeypatch,
+):
     fake = QueueFull()
     triton = triton_client_with(fake, concurrency=4)
     assert not await triton.is_ready()  # nothing completed since: no evidence the model works
     fake.successes += 3  # others' requests completed meanwhile
     assert await triton.is_ready()
-    assert not await triton.is_ready()  # and nothing since the last look: a dead model
+    assert await triton.is_ready()  # within the horizon of the earlier look
+    monkeypatch.setattr(triton_client, "PROGRESS_HORIZON", 0.0)  # the earlier looks expire
+    assert not await triton.is_ready()  # nothing completed since: as a dead model
     fake.successes += 1
+    monkeypatch.setattr(triton_client, "PROGRESS_HORIZON", 30.0)
     assert await triton.is_ready()
+
+
+async def test_a_probe_that_the_model_fails_is_not_excused_by_earlier_progress():
+    fake = QueueFull()
+    fake.fail = InferenceServerException("Stub process 'iei_0_0' is not healthy.", status="500")
+    triton = triton_client_with(fake, concurrency=4)
+    assert not await triton.is_ready()
+    fake.successes += 5
+    assert not await triton.is_ready()  # a dead stub: the others' past successes do not count
 
 
 @asynccontextmanager

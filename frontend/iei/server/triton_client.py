@@ -42,6 +42,9 @@ _INVALID_INPUT = re.compile(INVALID_INPUT_PATTERN, re.S)
 PROBE_TIMEOUT = 2.0
 # A successful inference vouches for the model this long; after that, /health asks it again.
 VERIFIED_FOR = 10.0
+# How far back a probe held or refused by a full queue looks for requests completed by the model
+# (for any client): several periods of Kubernetes' and compose's probes (10 s).
+PROGRESS_HORIZON = 3 * VERIFIED_FOR
 T = TypeVar("T")
 # Triton's HTTP status for an unknown or unloaded model (404) and for a model that cannot take the
 # request now (503: not ready, queue full, queue timeout): the service is unavailable, retry.
@@ -69,9 +72,9 @@ class TritonClient:
         self._model_info: dict[str, Any] | None = None
         self._verified_at = -math.inf  # when an inference last succeeded (monotonic)
         self._probe: asyncio.Task[bool] | None = None
-        # (when, how many) requests the model had completed successfully, for anyone: see
-        # _made_progress.
-        self._successes_seen: tuple[float, int] | None = None
+        # (when, how many requests the model had completed successfully, for anyone), at each
+        # look within PROGRESS_HORIZON: see _made_progress.
+        self._successes_seen: list[tuple[float, int]] = []
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -96,6 +99,7 @@ class TritonClient:
         fails), so readiness rests on a real inference: a recent success, or a probe.
         """
         if time.monotonic() - self._verified_at < VERIFIED_FOR:
+            self._note(await self._successes())  # the baseline of a later full queue's probe
             try:  # Triton itself still there? (metadata: answered at once, never queued)
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     return bool(await self.server.is_model_ready(MODEL_NAME))
@@ -113,9 +117,7 @@ class TritonClient:
     async def _run_probe(self) -> bool:
         request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
         started = await self._successes()
-        seen = self._successes_seen
-        if started is not None and (seen is None or time.monotonic() - seen[0] >= VERIFIED_FOR):
-            self._successes_seen = (time.monotonic(), started)
+        self._note(started)
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(MODEL_NAME):
@@ -147,21 +149,23 @@ class TritonClient:
         except Exception:  # Triton down, or statistics of another shape: no evidence
             return None
 
+    def _note(self, count: int | None) -> None:
+        """Keep `count` (Triton's successes now) and the looks within PROGRESS_HORIZON."""
+        now = time.monotonic()
+        seen = [(t, c) for t, c in self._successes_seen if now - t <= PROGRESS_HORIZON]
+        self._successes_seen = [*seen, *([(now, count)] if count is not None else [])]
+
     async def _made_progress(self, started: int | None) -> bool:
         """After a probe that a full queue refused or held past PROBE_TIMEOUT (even at its
         priority it waits for the execution in front of it, and the split layout's preprocessing
         of 64 large photos takes seconds on one core): whether the model completed others'
-        requests since the probe began or the previous look (within VERIFIED_FOR). A probe that
-        the model failed (a dead stub) never gets here."""
-        now, count = time.monotonic(), await self._successes()
-        if count is None:
-            return False
-        baselines = [started] if started is not None else []
-        seen = self._successes_seen
-        if seen is not None and now - seen[0] < VERIFIED_FOR:
-            baselines.append(seen[1])
-        self._successes_seen = (now, count)
-        return any(count > baseline for baseline in baselines)
+        requests within PROGRESS_HORIZON (since the earliest look kept, or the probe's start). A
+        probe that the model failed (a dead stub) never gets here."""
+        count = await self._successes()
+        earlier = [c for _, c in self._successes_seen]
+        self._note(count)
+        baselines = [*earlier, *([started] if started is not None else [])]
+        return count is not None and bool(baselines) and count > min(baselines)
 
     async def max_batch_size(self, model: str = MODEL_NAME) -> int:
         """A model's `max_batch_size`, read from Triton once (it may start after us)."""
