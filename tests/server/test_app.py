@@ -17,7 +17,7 @@ import pytest
 from iei.contract import PROBE_IMAGE, PROBE_PRIORITY
 from iei.server import routing, triton_client
 from iei.server.app import create_app
-from iei.server.errors import ApiError
+from iei.server.errors import ApiError, ErrorType
 from iei.server.inputs import InvalidInput
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
@@ -249,6 +249,24 @@ async def test_a_full_queue_that_refuses_the_probe_is_healthy_while_the_model_ma
     fake.successes += 1
     monkeypatch.setattr(triton_client, "PROGRESS_HORIZON", 30.0)
     assert await triton.is_ready()
+
+
+async def test_progress_before_the_model_failed_a_request_does_not_excuse_a_held_probe(
+    monkeypatch,
+):
+    """A dead stub's probe may hang rather than fail: the successes counted before the model
+    failed a request do not vouch for it."""
+    fake = QueueFull()
+    triton = triton_client_with(fake, concurrency=4)
+    assert not await triton.is_ready()  # a first look
+    fake.successes += 3
+    fake.fail = InferenceServerException("Stub process 'iei_0_0' is not healthy.", status="500")
+    monkeypatch.setattr(triton_client, "PROBE_TIMEOUT", 0.3)
+    fake.delay = 1  # every call, the probe's too, hangs past the probe's timeout
+    with pytest.raises(ApiError) as failed:
+        await triton.embed([b"a"])  # the model fails it, and its probe hangs
+    assert failed.value.error_type == ErrorType.UNHEALTHY  # not a 424 for the request
+    assert not await triton.is_ready()
 
 
 async def test_a_probe_that_the_model_fails_is_not_excused_by_earlier_progress():

@@ -75,6 +75,7 @@ class TritonClient:
         # (when, how many requests the model had completed successfully, for anyone), at each
         # look within PROGRESS_HORIZON: see _made_progress.
         self._successes_seen: list[tuple[float, int]] = []
+        self._model_failed_at = -math.inf  # when Triton last failed a request (not refused it)
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -118,6 +119,7 @@ class TritonClient:
         request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
         started = await self._successes()
         self._note(started)
+        started_at = time.monotonic()
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(MODEL_NAME):
@@ -131,10 +133,10 @@ class TritonClient:
             self._verified_at = time.monotonic()
             return True
         except TimeoutError:  # held in the queue, or Triton hangs
-            return await self._made_progress(started)
+            return await self._made_progress(started, started_at)
         except InferenceServerException as exc:
             if exc.status() == "503":  # refused: the queue is full
-                return await self._made_progress(started)
+                return await self._made_progress(started, started_at)
             return False  # the model failed it (a dead stub): no excuse
         except (aiohttp.ClientError, OSError):
             return False
@@ -155,17 +157,21 @@ class TritonClient:
         seen = [(t, c) for t, c in self._successes_seen if now - t <= PROGRESS_HORIZON]
         self._successes_seen = [*seen, *([(now, count)] if count is not None else [])]
 
-    async def _made_progress(self, started: int | None) -> bool:
+    async def _made_progress(self, started: int | None, started_at: float) -> bool:
         """After a probe that a full queue refused or held past PROBE_TIMEOUT (even at its
         priority it waits for the execution in front of it, and the split layout's preprocessing
         of 64 large photos takes seconds on one core): whether the model completed others'
-        requests within PROGRESS_HORIZON (since the earliest look kept, or the probe's start). A
-        probe that the model failed (a dead stub) never gets here."""
+        requests within PROGRESS_HORIZON (since the earliest look kept, or the probe's start),
+        counting only looks taken after the model last failed a request of ours: a dead stub
+        (whose probe may hang rather than fail) completes nothing after its first failure. A
+        probe that the model failed never gets here."""
         count = await self._successes()
-        earlier = [c for _, c in self._successes_seen]
+        failed = self._model_failed_at
+        earlier = [c for t, c in self._successes_seen if t > failed]
         self._note(count)
-        baselines = [*earlier, *([started] if started is not None else [])]
-        return count is not None and bool(baselines) and count > min(baselines)
+        if started is not None and started_at > failed:
+            earlier.append(started)
+        return count is not None and bool(earlier) and count > min(earlier)
 
     async def max_batch_size(self, model: str = MODEL_NAME) -> int:
         """A model's `max_batch_size`, read from Triton once (it may start after us)."""
@@ -271,6 +277,8 @@ class TritonClient:
                     raise InvalidInput(found.group(2), offset + int(found.group(1))) from None
                 raise ApiError(ErrorType.VALIDATION, message) from None
             self._verified_at = -math.inf
+            if status not in _UNAVAILABLE_STATUSES:  # the model failed it: older progress is void
+                self._model_failed_at = time.monotonic()
             if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers()):
                 raise ApiError(
                     ErrorType.UNHEALTHY,
