@@ -14,7 +14,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint audit fuzz load bench bench-gpu format clean browser
+.PHONY: help setup run test lint audit fuzz load bench bench-gpu gpu-bundle format clean browser
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -66,13 +66,18 @@ bench: setup ## measure the model's limit and the served stack; writes docs/benc
 	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-# The GPU path in one run (the CPU where there is no GPU), in its own environment on a GPU host:
-# torch built for the CUDA that the host's NVIDIA driver runs (R580 and newer: CUDA 13, the
-# `serve` and `gpu` extras; R525 to R570: CUDA 12, `serve-cu12`). docs/gpu.md says more.
+# The GPU path in one run of at most 8 minutes (the CPU where there is no GPU). With gpu-bundle/
+# (`make gpu-bundle`, made where the package index answers): offline, with the host's own Python
+# 3.12 and CUDA torch, the bundle installed into .gpu-env/ after fail-fast checks. Otherwise in
+# its own environment: torch built for the CUDA that the host's NVIDIA driver runs (R580 and
+# newer: CUDA 13, the `serve` and `gpu` extras; R525 to R570: CUDA 12, `serve-cu12`).
+# docs/gpu.md says more.
 , := ,  # a comma inside $(if ...)
 GPU_DRIVER = $(shell nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 | cut -d. -f1)
 bench-gpu: ## measure the GPU path (split layout, GPU JPEG decoding); writes docs/benchmarks.md
-ifeq ($(GPU_DRIVER),)
+ifneq ($(wildcard gpu-bundle/MANIFEST.json),)
+	$(PYTHON) -m bench.gpu_bundle run $(BENCH_ARGS)
+else ifeq ($(GPU_DRIVER),)
 	$(MAKE) setup
 	$(BIN)/python -m pip install --quiet -e '.[serve,bench]'
 	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
@@ -83,6 +88,10 @@ else
 		".[$(if $(shell [ $(GPU_DRIVER) -ge 580 ] && echo y),serve$(,)gpu,serve-cu12)$(,)bench]"
 	.venv-gpu/bin/python -m bench.gpu $(BENCH_ARGS)
 endif
+
+# Any Python with pip does (the wheels are fetched for 3.12 whatever runs pip): .venv's if made.
+gpu-bundle: ## stage gpu-bundle/: the wheels and trimmed Triton an offline GPU host lacks (<= 50 MiB)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m bench.gpu_bundle stage
 
 format: setup ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

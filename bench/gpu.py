@@ -1,15 +1,25 @@
-"""`make bench-gpu` (`python -m bench.gpu`): the GPU path in one run of a few minutes.
+"""`make bench-gpu` (`python -m bench.gpu`): the GPU path in one run, within a time budget.
 
-    .venv/bin/python -m bench.gpu                     # every layout this host serves
+    .venv/bin/python -m bench.gpu                     # every layout, at most 8 minutes
     .venv/bin/python -m bench.gpu --layouts split     # one layout
+    .venv/bin/python -m bench.gpu --model vit-tiny --budget 60 --out /tmp/x   # the tool itself
 
 ViT-B/16 (random weights: the real cost) in the precision `IEI_DTYPE=auto` picks (fp16 on a GPU):
-the in-process limit (the forward pass alone on preprocessed batches), then for 500x375 and
-4000x3000 JPEGs `/embed` with single-image and 32-image requests at several concurrencies and
-Triton's gRPC endpoint directly, each with the CPU's and the GPU's utilisation over its window.
-On a GPU host the split layout is measured (what `auto` serves there) and the single one beside
-it; on a CPU host both, the same way. Writes the `gpu` part of docs/benchmarks/results.json and
-re-renders docs/benchmarks.md.
+the in-process limit (the forward pass alone on preprocessed batches); the cosine of vectors from
+JPEGs decoded by the encoder's tensor decoder (nvImageCodec or nvJPEG on a GPU, torchvision's
+libjpeg-turbo standing in on a CPU) to the PIL path's; then, per layout, for web photos
+(450-640 px, several sizes mixed) and 12 MP phone photos, `/embed` with single-image and 32-image
+requests at several concurrencies and Triton's gRPC endpoint directly, with the CPU's and the
+GPU's utilisation over each window.
+
+- The whole run keeps to `--budget` seconds (default 480): each window is sized from a short
+  probe of that very load (its own rate, not the in-process one), and cut down to what the budget
+  leaves for the windows still to come; a load the budget cannot fit is written as skipped.
+- Every row is appended to `<out>/benchmarks/gpu-rows.jsonl` as soon as it is measured (a run
+  cut short keeps what it measured), then the `gpu` part of results.json and benchmarks.md are
+  written at the end.
+- `VERDICT` lines on stdout: img/s through `/embed`, its ratio to the in-process limit of the
+  same run, and the decoded vectors' cosine to the PIL path.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import io
 import json
 import os
 import platform
@@ -24,11 +35,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from . import measure, report
 from .workload import (
+    IEI,
+    MODELS,
+    PHOTOS,
     ROOT,
     ServedStack,
     build_model,
@@ -37,18 +55,95 @@ from .workload import (
     load_model_module,
     make_jpegs,
     preprocessed,
+    start_server,
 )
 
 DOCS = ROOT / "docs"
-SIZES = ((500, 375), (4000, 3000))
+# Web photos: 450-640 px on the long side, in several shapes, mixed in every load; phone photos:
+# 12 MP. The report's headline is the web set.
+PHOTO_SETS: dict[str, tuple[tuple[int, int], ...]] = {
+    "web": ((640, 480), (450, 600), (500, 375), (600, 450), (480, 640), (560, 420)),
+    "12mp": ((4000, 3000),),
+}
 PER_REQUEST = 32  # images per request of the batched loads
-# Concurrencies: (single-image requests, 32-image requests). Fewer on a CPU, where a window of
-# 32-image requests at 4 at once already takes seconds at ViT-B/16's few images per second.
-LEVELS = {"cuda": ((1, 16, 64), (1, 4, 16)), "cpu": ((1, 16), (1, 2))}
+# (path, images per request, concurrencies) by device: fewer on a CPU, where a window of 32-image
+# requests at 4 at once already takes seconds at ViT-B/16's few images per second.
+LOADS = {
+    "cuda": (
+        ("embed", 1, (1, 16, 64)),
+        ("embed", PER_REQUEST, (4, 16)),
+        ("grpc", PER_REQUEST, (16,)),
+    ),
+    # On a CPU an execution of 64 12 MP photos takes the encoder's one process many seconds
+    # (its decode is the GPU's job): 8-image requests there.
+    "cpu": (("embed", 1, (1, 8)), ("embed", 8, (2,)), ("grpc", 8, (2,))),
+}
+MIN_WINDOW = 0.3  # seconds: a load the budget leaves less for is skipped
+# Seconds kept for stopping a stack and writing the report: 20, less in a short budget.
+STOP_RESERVE = 20.0
+COSINE_TARGET = 0.999
+DEFAULT_BUDGET = 480.0
 
 
 def log(message: str) -> None:
     sys.stderr.write(f"[bench-gpu {time.strftime('%H:%M:%S')}] {message}\n")
+
+
+class Budget:
+    """The run's deadline, and each window's share of what is left of it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = time.monotonic()
+        self.deadline = self.started + seconds
+        self.reserve = min(STOP_RESERVE, 0.15 * seconds)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def window(self, wanted: float, windows_left: int, reserve: float) -> float:
+        """Seconds for the next window: `wanted`, or an equal share of what is left after
+        `reserve`, over the `windows_left` windows still to come (this one included)."""
+        share = (self.left() - reserve) / max(1, windows_left)
+        return max(0.0, min(wanted, share))
+
+
+class BudgetedStack(ServedStack):
+    """`iei serve` that must be healthy within `timeout` seconds (what the budget leaves)."""
+
+    def __init__(self, model_dir: Path, log_path: Path, timeout: float, **env: str) -> None:
+        super().__init__(model_dir, log_path, **env)
+        self.timeout = timeout
+
+    def __enter__(self) -> BudgetedStack:
+        command = [str(IEI), "serve"]
+        self.process = start_server(
+            "iei serve", command, self.env, self.log_path, self.url, self.timeout
+        )
+        return self
+
+
+class Rows:
+    """The run's rows, each appended to a JSON-lines file as soon as it is measured."""
+
+    def __init__(self, path: Path, budget: Budget) -> None:
+        self.path = path
+        self.budget = budget
+        self.rows: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def write(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = {**row, "t": round(self.budget.elapsed(), 2)}
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return row
 
 
 class Utilisation:
@@ -97,79 +192,261 @@ class Utilisation:
             self.gpu_percent = sum(self._samples) / len(self._samples) if self._samples else None
 
 
-def inprocess_limit(mm: Any, model_dir: Path, files: list[bytes], seconds: float) -> dict:
+def photo_set(name: str) -> list[bytes]:
+    """The sample photos at every size of the set, interleaved (a load cycles through them)."""
+    per_size = [camera_jpegs(size, seed=k) for k, size in enumerate(PHOTO_SETS[name])]
+    return [f for group in zip(*per_size, strict=True) for f in group]
+
+
+def camera_jpegs(size: tuple[int, int], seed: int) -> list[bytes]:
+    """workload.make_jpegs' photos (resized, sensor-like noise, quality 90), with the noise
+    tiled from one 256x256 block: a 12 MP photo in a fraction of a second instead of seconds,
+    and as hard to compress (each 8x8 block of a JPEG is coded on its own)."""
+    if size[0] * size[1] <= 1_000_000:
+        return make_jpegs(size, seed)
+    rng = np.random.default_rng(seed)
+    block = rng.normal(0, 3, (256, 256, 3)).round().astype(np.int16)
+    files = []
+    for path in sorted(PHOTOS.glob("*.jpg")):
+        image = Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, dtype=np.int16)
+        reps = (-(-size[1] // 256), -(-size[0] // 256), 1)
+        pixels += np.tile(block, reps)[: size[1], : size[0]]
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        files.append(buffer.getvalue())
+    return files
+
+
+def inprocess_limit(mm: Any, model_dir: Path, files: list[bytes], window: float) -> dict:
     """The forward pass alone at the execution's batch (64: config.pbtxt's max_batch_size), in
-    the precision auto picks, on preprocessed images: what the served stack is measured against."""
+    the precision auto picks, on preprocessed images: what the served stack is measured against.
+    The window is sized from a probe of one batch."""
     import torch
 
     embedder = embedder_for(mm, model_dir, "auto")
-    pixels = preprocessed(mm, embedder, files)
-    batch = 64 if device().type == "cuda" else 8
-    rate = measure.forward_limit(embedder, pixels, batch, batch)  # a first guess: sizes the run
-    images = max(batch, int(rate * seconds) // batch * batch)
-    rate = measure.forward_limit(embedder, pixels, batch, images)
-    dtype = str(embedder.dtype).removeprefix("torch.")
-    log(f"in-process {dtype} forward pass, batch {batch}: {rate:.1f} img/s")
-    embedder.close()
+    try:
+        pixels = preprocessed(mm, embedder, files)
+        batch = 64 if device().type == "cuda" else 8
+        rate = measure.forward_limit(embedder, pixels, batch, batch)  # the probe
+        images = max(batch, int(rate * window) // batch * batch)
+        rate = measure.forward_limit(embedder, pixels, batch, images)
+        dtype = str(embedder.dtype).removeprefix("torch.")
+    finally:
+        embedder.close()
     if device().type == "cuda":
         torch.cuda.empty_cache()
-    return {"dtype": dtype, "batch": batch, "img_s": rate}
+    log(f"in-process {dtype} forward pass, batch {batch}: {rate:.1f} img/s")
+    return {"dtype": dtype, "batch": batch, "img_s": rate, "images": images}
 
 
-async def measured(load: Any, utilisation: Utilisation) -> dict:
-    with utilisation:
-        result = await load
-    return {**result.row(), "cpu_percent": utilisation.cpu_percent,
-            "gpu_percent": utilisation.gpu_percent}  # fmt: skip
+def decoded_cosine(model_dir: Path, sets: dict[str, list[bytes]]) -> dict:
+    """Vectors of JPEGs decoded by the split layout's encoder (its tensor decoder: IEI_JPEG_DECODER
+    auto on a GPU, torchvision on a CPU as the stand-in) against the PIL path's, per photo set:
+    the lowest cosine."""
+    load_model_module()  # iei_runtime importable
+    from iei_runtime import loading
+    from iei_runtime.settings import read_settings
+
+    where = device()
+    requested = "auto" if where.type == "cuda" else "torchvision"
+    environ = {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_ENGINE": "torch"}
+    threads = max(1, len(os.sched_getaffinity(0)))
+    pil = loading.load_embedder(read_settings({}, environ), where, threads)
+    split = read_settings({}, {**environ, "IEI_JPEG_DECODER": requested})
+    preprocess = loading.load_preprocess_stage(split, threads)
+    encoder = loading.load_encode_stage(split, where, threads)
+    try:
+        lowest = {}
+        for name, files in sets.items():
+            chosen = files[: 2 * len(PHOTO_SETS[name])]
+            expected = np.stack(pil.embed(chosen))
+            pixels, jpegs, headers = preprocess.outputs(preprocess.run(chosen))  # type: ignore[arg-type]
+            files_ = [bytes(j) for j in jpegs[:, 0]]
+            if not all(files_):
+                raise RuntimeError(f"{name}: some JPEGs were not passed to the tensor decoder")
+            vectors = np.stack(encoder.embed([pixels], files_, headers))
+            lowest[name] = float(measure.cosine(vectors, expected).min())
+        decoder = encoder.decoder.name if encoder.decoder else "pil"
+    finally:
+        pil.close()
+        preprocess.preprocessor.close()
+        encoder.embedder.close()
+    return {"decoder": decoder, "device": where.type, "cosine_min": lowest}
 
 
-async def served(stack: ServedStack, files: list[bytes], rate: float, seconds: float) -> list[dict]:
-    """Every load of one layout and one image size; each window sized to about `seconds`."""
-    single, batched = LEVELS[device().type]
-    rows = []
-    for concurrency in single:
-        requests = max(2 * concurrency, int(rate * seconds))
-        load = measure.http_load(stack.url, files, concurrency=concurrency, requests=requests)
-        rows.append(await measured(load, Utilisation()))
-    for concurrency in batched:
-        requests = max(concurrency, int(rate * seconds / PER_REQUEST))
-        load = measure.http_load(
-            stack.url, files, concurrency=concurrency, requests=requests, per_request=PER_REQUEST
+def load_plan(layouts: list[str], sets: list[str]) -> list[tuple[str, str, str, int, int]]:
+    """Every served load in the order measured: (layout, set, path, per request, concurrency)."""
+    loads = LOADS[device().type]
+    return [
+        (layout, name, path, per_request, concurrency)
+        for layout in layouts
+        for name in sets
+        for path, per_request, concurrencies in loads
+        for concurrency in concurrencies
+    ]
+
+
+def start_load(
+    stack: ServedStack, files: list[bytes], path: str, per_request: int, concurrency: int
+) -> Callable[[int], Awaitable[measure.Load]]:
+    """The load as a function of its number of requests."""
+    if path == "grpc":
+        return lambda n: measure.grpc_load(
+            stack.grpc, files, concurrency=concurrency, requests=n, per_request=per_request
         )
-        rows.append(await measured(load, Utilisation()))
-    concurrency = batched[-1]
-    requests = max(concurrency, int(rate * seconds / PER_REQUEST))
-    load = measure.grpc_load(
-        stack.grpc, files, concurrency=concurrency, requests=requests, per_request=PER_REQUEST
+    return lambda n: measure.http_load(
+        stack.url, files, concurrency=concurrency, requests=n, per_request=per_request
     )
-    rows.append(await measured(load, Utilisation()))
-    for row in rows:
-        log(
-            f"  {row['path']} {row['per_request']} img x c={row['concurrency']}: "
-            f"{row['img_s']:.1f} img/s, CPU {row['cpu_percent']:.0f} %"
-            + (f", GPU {row['gpu_percent']:.0f} %" if row["gpu_percent"] is not None else "")
+
+
+async def measured_load(
+    run: Callable[[int], Awaitable[measure.Load]], concurrency: int, window: float
+) -> dict:
+    """A short probe of the load (two requests per client), then a window of about `window`
+    seconds at the probe's own rate; the probe's row when it already took half the window."""
+    probe = await run(2 * concurrency)
+    requests = int(probe.img_s * window / probe.per_request)
+    if probe.seconds >= window / 2 or requests <= 2 * concurrency:
+        return {**probe.row(), "cpu_percent": None, "gpu_percent": None, "probe_only": True}
+    with Utilisation() as utilisation:
+        result = await run(requests)
+    return {**result.row(), "cpu_percent": utilisation.cpu_percent,
+            "gpu_percent": utilisation.gpu_percent, "probe_only": False}  # fmt: skip
+
+
+def serve_and_measure(
+    model_dir: Path,
+    work: Path,
+    sets: dict[str, list[bytes]],
+    plan: list[tuple[str, str, str, int, int]],
+    seconds: float,
+    budget: Budget,
+    rows: Rows,
+) -> dict[str, dict[str, list[dict]]]:
+    """Each layout in `plan` served in turn, its loads measured within the budget."""
+    served: dict[str, dict[str, list[dict]]] = {}
+    for layout in dict.fromkeys(step[0] for step in plan):
+        steps = [step for step in plan if step[0] == layout]
+        if budget.left() < budget.reserve + 10:
+            for step in steps:
+                skip(rows, step, "the budget ran out before this layout started")
+            continue
+        log(f"{layout} layout: starting ({budget.left():.0f} s of the budget left)")
+        environ = {"IEI_TRITON_LAYOUT": layout, "IEI_ENGINE": "torch"}
+        if device().type != "cuda":
+            environ["IEI_JPEG_DECODER"] = "torchvision"  # the GPU decoder's CPU stand-in
+        started = max(10.0, budget.left() - budget.reserve)
+        try:
+            stack = BudgetedStack(model_dir, work / f"{layout}.log", started, **environ)
+            stack.__enter__()
+        except RuntimeError as exc:  # not healthy within the budget, or it exited
+            tail = (work / f"{layout}.log").read_text(errors="replace")[-3000:]
+            log(f"{layout} layout did not start: {exc}\n{tail}")
+            for step in steps:
+                skip(rows, step, f"the {layout} layout did not start within the budget")
+            continue
+        with stack:
+            served[layout] = {}
+            for k, step in enumerate(steps):
+                _, name, path, per_request, concurrency = step
+                windows_left = len(plan) - plan.index(step)
+                window = budget.window(seconds, windows_left, budget.reserve)
+                if window < MIN_WINDOW:
+                    skip(rows, step, f"the budget left {window:.1f} s for this window")
+                    continue
+                run = start_load(stack, sets[name], path, per_request, concurrency)
+                try:
+                    row = asyncio.run(measured_load(run, concurrency, window))
+                except Exception as exc:  # written down; the other loads still run
+                    rows.write({"kind": "failed", "layout": layout, "set": name, "path": path,
+                                "per_request": per_request, "concurrency": concurrency,
+                                "error": str(exc)[:500]})  # fmt: skip
+                    log(f"  {name} {path} {per_request} img x c={concurrency} failed: {exc}")
+                    continue
+                row = rows.write({"kind": "served", "layout": layout, "set": name, **row})
+                served[layout].setdefault(name, []).append(row)
+                log(
+                    f"  {name} {path} {per_request} img x c={concurrency}: "
+                    f"{row['img_s']:.1f} img/s ({row['seconds']:.1f} s, step {k + 1}/{len(steps)})"
+                )
+    return served
+
+
+def skip(rows: Rows, step: tuple[str, str, str, int, int], why: str) -> None:
+    layout, name, path, per_request, concurrency = step
+    rows.write({"kind": "skipped", "layout": layout, "set": name, "path": path,
+                "per_request": per_request, "concurrency": concurrency, "why": why})  # fmt: skip
+    log(f"  skipped {layout} {name} {path} {per_request} img x c={concurrency}: {why}")
+
+
+def verdicts(part: dict[str, Any]) -> list[str]:
+    """The run's VERDICT lines: the served rate through /embed, its ratio to the in-process
+    limit of the same run, and the decoded vectors' cosine to the PIL path."""
+    meta, limit = part["meta"], part["inprocess"]
+    gpu = meta.get("gpu")
+    where = (
+        gpu or f"no GPU: the CPU ({meta['cores']} cores); the GPU figures are still to be measured"
+    )
+    embed = [
+        (layout, name, x)
+        for layout, by_set in part["served"].items()
+        for name, loads in by_set.items()
+        for x in loads
+        if x["path"] == "embed"
+    ]
+    headline = [e for e in embed if e[0] == "split" and e[1] == "web"] or embed
+    lines = []
+    if headline:
+        layout, name, top = max(headline, key=lambda e: e[2]["img_s"])
+        load = f"{layout} layout, {name} photos, {top['per_request']} img x c={top['concurrency']}"
+        target = f"target >= {report.GPU_TARGET_IMG_S} on one H100 (ViT-B/16)"
+        met = ("yes" if top["img_s"] >= report.GPU_TARGET_IMG_S else "no") if gpu else "n/a"
+        lines.append(f"VERDICT embed_img_s={top['img_s']:.1f} ({load}; {where}) {target}: {met}")
+        share = top["img_s"] / limit["img_s"]
+        met = ("yes" if share >= report.GPU_TARGET_SHARE else "no") if gpu else "n/a"
+        lines.append(
+            f"VERDICT embed_to_inprocess={share:.2f} (in-process {limit['dtype']} "
+            f"{limit['img_s']:.1f} img/s, same run) target >= {report.GPU_TARGET_SHARE}: {met}"
         )
-    return rows
+    else:
+        lines.append(f"VERDICT embed_img_s=not measured (the budget ran out; {where})")
+        lines.append("VERDICT embed_to_inprocess=not measured")
+    cosine = part.get("decoded_cosine")
+    if cosine:
+        low = min(cosine["cosine_min"].values())
+        sets = ", ".join(f"{k} {v:.5f}" for k, v in cosine["cosine_min"].items())
+        lines.append(
+            f"VERDICT decoded_cosine_min={low:.5f} ({cosine['decoder']} on {cosine['device']} vs "
+            f"PIL: {sets}) target >= {COSINE_TARGET}: {'yes' if low >= COSINE_TARGET else 'no'}"
+        )
+    else:
+        lines.append("VERDICT decoded_cosine_min=not measured (the budget ran out)")
+    return lines
 
 
-def run(work: Path, layouts: list[str], seconds: float) -> dict:
+def run(args: argparse.Namespace, work: Path, budget: Budget, rows: Rows) -> dict:
     mm = load_model_module()
-    model_dir = build_model("vit-base", work / "vit-base")
-    files = {size: make_jpegs(size) for size in SIZES}
-    limit = inprocess_limit(mm, model_dir, files[SIZES[0]], seconds)
-    served_rows: dict[str, dict[str, list[dict]]] = {}
-    for layout in layouts:
-        with ServedStack(model_dir, work / f"{layout}.log", IEI_TRITON_LAYOUT=layout) as stack:
-            log(f"{layout} layout served")
-            served_rows[layout] = {}
-            for size, blobs in files.items():
-                log(f" {size[0]}x{size[1]} JPEGs")
-                rows = asyncio.run(served(stack, blobs, limit["img_s"], seconds))
-                served_rows[layout][f"{size[0]}x{size[1]}"] = rows
-    return {"inprocess": limit, "served": served_rows}
+    model_dir = build_model(args.model, work / args.model)
+    sets = {name: photo_set(name) for name in args.sets}
+    log(
+        f"photos made ({budget.elapsed():.0f} s): "
+        + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
+    )
+    plan = load_plan(args.layouts, args.sets)
+    windows = len(plan) + 1  # the served loads and the in-process limit
+    window = budget.window(args.seconds, windows, budget.reserve + 30)
+    limit = inprocess_limit(mm, model_dir, sets[args.sets[0]], max(MIN_WINDOW, window))
+    rows.write({"kind": "inprocess", **limit})
+    cosine = None
+    if budget.left() > budget.reserve + 20:
+        cosine = decoded_cosine(model_dir, sets)
+        rows.write({"kind": "decoded_cosine", **cosine})
+    served = serve_and_measure(model_dir, work, sets, plan, args.seconds, budget, rows)
+    return {"inprocess": limit, "decoded_cosine": cosine, "served": served}
 
 
-def meta(argv: list[str], started: float) -> dict:
+def meta(argv: list[str], budget: Budget) -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -182,7 +459,8 @@ def meta(argv: list[str], started: float) -> dict:
         "cores": len(os.sched_getaffinity(0)),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "seconds": round(time.monotonic() - started),
+        "budget": budget.seconds,
+        "seconds": round(budget.elapsed()),
     }
 
 
@@ -203,17 +481,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layouts", default="split,single", help="IEI_TRITON_LAYOUT values to serve, in turn"
     )
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each window")
+    parser.add_argument("--sets", default="web,12mp", help=f"photo sets: {', '.join(PHOTO_SETS)}")
+    parser.add_argument("--model", default="vit-base", choices=sorted(MODELS))
+    parser.add_argument(
+        "--budget", type=float, default=DEFAULT_BUDGET, help="seconds for the whole run"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="longest measurement window")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for benchmarks.md")
     args = parser.parse_args(argv)
-    started = time.monotonic()
+    args.layouts, args.sets = args.layouts.split(","), args.sets.split(",")
+    unknown = set(args.sets) - set(PHOTO_SETS)
+    if unknown:
+        parser.error(f"--sets: unknown {', '.join(sorted(unknown))}")
+    budget = Budget(args.budget)
+    rows = Rows(args.out / "benchmarks" / "gpu-rows.jsonl", budget)
     with tempfile.TemporaryDirectory(prefix="iei-bench-gpu-") as tmp:
-        part = run(Path(tmp), args.layouts.split(","), args.seconds)
-    part["meta"] = meta(argv, started)
+        part = run(args, Path(tmp), budget, rows)
+    part["meta"] = meta(argv, budget)
+    for line in verdicts(part):
+        print(line, flush=True)  # noqa: T201 (the run's verdict, for whoever reads stdout)
     results_path = args.out / "benchmarks" / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["gpu"] = part
-    results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1))
     report.write(results, args.out)
     log(f"wrote {args.out / 'benchmarks.md'} in {part['meta']['seconds']} s")

@@ -69,27 +69,57 @@ class Logger:
     log_warn = log_error = log_verbose = log_info
 
 
-class MetricFamily:
-    """Triton's custom metrics: each metric keeps its value (`value()`), as Triton exposes it."""
-
-    COUNTER, GAUGE = "COUNTER", "GAUGE"
-
-    def __init__(self, name: str, description: str, kind: str) -> None:
-        self.name = name
-
-    def Metric(self, labels: dict[str, str]) -> Metric:  # Triton spells it so
-        return Metric()
-
-
 class Metric:
-    def __init__(self) -> None:
-        self.total = 0.0
+    def __init__(self, family: MetricFamily, labels: dict[str, str]) -> None:
+        self.family = family
+        self.labels = labels
+        self._value = 0.0
 
     def increment(self, value: float) -> None:
-        self.total += value
+        if self.family.kind == MetricFamily.COUNTER and value < 0:
+            raise ValueError("a counter only goes up")
+        self._value += value
+
+    def set(self, value: float) -> None:
+        if self.family.kind == MetricFamily.COUNTER:
+            raise ValueError("a counter cannot be set")
+        self._value = value
 
     def value(self) -> float:
-        return self.total
+        return self._value
+
+
+class MetricFamily:
+    """Triton's custom metrics (python_backend since 23.05): a family by name, one Metric per set
+    of labels (one family per model instance: in Triton each is a process of its own).
+    `families` keeps every one made, for tests to read through `total`."""
+
+    COUNTER = "COUNTER"
+    GAUGE = "GAUGE"
+    HISTOGRAM = "HISTOGRAM"
+    families: ClassVar[list[MetricFamily]] = []
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        if kind not in (self.COUNTER, self.GAUGE, self.HISTOGRAM):
+            raise ValueError(f"unknown metric kind {kind!r}")
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: list[Metric] = []
+        MetricFamily.families.append(self)
+
+    def Metric(self, labels: dict[str, str] | None = None) -> Metric:  # Triton's name
+        metric = Metric(self, dict(labels or {}))
+        self.metrics.append(metric)
+        return metric
+
+    @classmethod
+    def total(cls, name: str, **labels: str) -> float:
+        """The sum over every family `name`'s metrics whose labels include `labels`; raises
+        KeyError when none was made."""
+        families = [f for f in cls.families if f.name == name]
+        if not families:
+            raise KeyError(name)
+        metrics = [m for f in families for m in f.metrics]
+        return sum(m.value() for m in metrics if labels.items() <= m.labels.items())
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:

@@ -538,3 +538,101 @@ def test_the_uploads_part_renders_its_ratios_and_its_bodies_are_what_embed_takes
     reader.write(form)
     assert reader.ended and reader.files == files
     assert uploads.bodies(files, "raw", 1)[1] == (files[1], "image/jpeg")
+
+
+# --- bench/gpu.py: the budgeted GPU bench ------------------------------------------------------
+
+
+def test_the_gpu_bench_shares_what_the_budget_leaves_between_the_windows_to_come():
+    from bench import gpu
+
+    budget = gpu.Budget(100)
+    assert budget.reserve == 15  # 20 s, less in a short budget
+    assert budget.window(8, windows_left=4, reserve=20) == 8  # (100 - 20) / 4 = 20: wanted
+    assert budget.window(8, windows_left=40, reserve=20) == pytest.approx(2, abs=0.01)
+    budget.deadline = budget.started  # spent
+    assert budget.window(8, windows_left=1, reserve=0) == 0
+
+
+def test_the_gpu_bench_s_verdicts_name_rate_ratio_and_decoding_cosine():
+    from bench import gpu
+
+    part = gpu_part("NVIDIA H100", 7000.0)
+    part["served"] = {"split": {"web": part["served"]["split"]["500x375"]}}
+    part["decoded_cosine"] = {"decoder": "nvimagecodec", "device": "cuda",
+                              "cosine_min": {"web": 0.9995, "12mp": 0.9991}}  # fmt: skip
+    lines = gpu.verdicts(part)
+    assert [line.split("=")[0] for line in lines] == [
+        "VERDICT embed_img_s", "VERDICT embed_to_inprocess", "VERDICT decoded_cosine_min",
+    ]  # fmt: skip
+    assert lines[0].startswith("VERDICT embed_img_s=7000.0 (split layout, web photos")
+    assert lines[0].endswith(": yes") and "embed_to_inprocess=0.70" in lines[1]
+    assert "decoded_cosine_min=0.99910 (nvimagecodec on cuda" in lines[2]
+    assert lines[2].endswith(": yes")
+    on_a_cpu = gpu_part(None, 8.0)
+    on_a_cpu["served"] = {}
+    lines = gpu.verdicts(on_a_cpu)
+    assert "not measured" in lines[0] and "still to be measured" in lines[0]
+
+
+def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
+    """`python -m bench.gpu` with a tiny model: stdout, the rows file's row count each time it
+    was looked at while the run was going, and the run's seconds."""
+    import time
+
+    rows = tmp_path / "benchmarks" / "gpu-rows.jsonl"
+    command = [sys.executable, "-m", "bench.gpu", "--model", "vit-tiny", "--out", str(tmp_path)]
+    started = time.monotonic()
+    with subprocess.Popen(
+        [*command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        seen = []
+        while process.poll() is None and time.monotonic() - started < limit:
+            seen.append(len(rows.read_text().splitlines()) if rows.exists() else 0)
+            time.sleep(0.2)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-3000:]
+    return out, seen, time.monotonic() - started
+
+
+@pytest.mark.integration
+def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_verdicts(tmp_path):
+    out, seen, seconds = run_gpu_bench(tmp_path, "--budget", "20", "--layouts", "split", limit=90)
+    assert seconds < 20 + 15  # the budget, and the interpreter's start and exit around it
+    assert max(seen) >= 1  # a row was in the file while the run was still going
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "benchmarks" / "gpu-rows.jsonl").read_text().split("\n")
+        if x
+    ]
+    assert rows[0]["kind"] == "inprocess" and rows[0]["img_s"] > 0
+    assert {r["kind"] for r in rows[1:]} <= {"decoded_cosine", "skipped"}
+    verdicts = [line for line in out.splitlines() if line.startswith("VERDICT ")]
+    assert len(verdicts) == 3, out
+    assert "still to be measured" in verdicts[0]
+    assert json.loads((tmp_path / "benchmarks" / "results.json").read_text())["gpu"]["meta"]
+
+
+@pytest.mark.integration
+def test_the_gpu_bench_measures_both_photo_sizes_through_the_split_layout(tmp_path):
+    out, seen, seconds = run_gpu_bench(
+        tmp_path, "--budget", "150", "--layouts", "split", "--seconds", "1", limit=240
+    )
+    assert seconds < 150 + 15
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "benchmarks" / "gpu-rows.jsonl").read_text().split("\n")
+        if x
+    ]
+    served = [r for r in rows if r["kind"] == "served"]
+    assert {r["set"] for r in served} == {"web", "12mp"}, rows
+    assert {(r["path"], r["per_request"]) for r in served} >= {("embed", 1), ("embed", 8)}
+    assert not [r for r in rows if r["kind"] == "failed"], rows
+    assert all(r["img_s"] > 0 for r in served)
+    times = [r["t"] for r in rows]
+    assert times == sorted(times) and seen.count(len(rows)) < len(seen)  # written one by one
+    verdicts = dict(line.split(" ", 1)[1].split("=", 1) for line in out.splitlines()
+                    if line.startswith("VERDICT "))  # fmt: skip
+    assert float(verdicts["embed_img_s"].split()[0]) > 0
+    assert float(verdicts["embed_to_inprocess"].split()[0]) > 0
+    assert float(verdicts["decoded_cosine_min"].split()[0]) >= 0.999

@@ -76,6 +76,19 @@ def interpolate(value: str) -> str:
     return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
 
 
+def split_layout_shm_gib(gpus: int) -> float:
+    """/dev/shm the split layout's stubs hold at the defaults when every image is a large photo
+    (iei.launcher.repository.split_layout_shm_bytes: the arithmetic of docs/gpu.md)."""
+    from iei import settings as table
+    from iei.launcher.repository import PREPROCESS_PER_GPU, split_layout_shm_bytes
+
+    in_flight = table.SETTINGS["workers"].default * table.SETTINGS["max_concurrent_images"].default
+    needed = split_layout_shm_bytes(
+        gpus=gpus, preprocess_instances=PREPROCESS_PER_GPU * gpus, images_in_flight=in_flight
+    )
+    return needed / 2**30
+
+
 def gigabytes(size: str) -> float:
     number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", str(size).lower()).groups()
     return float(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit] / 2**30
@@ -172,7 +185,9 @@ def test_triton_reserves_nvidia_gpus(triton):
 
 
 def test_triton_has_shared_memory_for_the_python_backend(triton):
-    assert gigabytes(triton["shm_size"]) >= 1
+    needed = split_layout_shm_gib(gpus=1)
+    assert needed > 8  # 16 preprocessing stubs and the encoder, 64 large photos each
+    assert needed <= gigabytes(triton["shm_size"]) <= needed + 2
 
 
 def test_triton_ports_stay_internal(triton):

@@ -250,6 +250,26 @@ def test_triton_runs_iei_triton_on_one_gpu_with_shared_memory_and_a_model_cache(
     assert "emptyDir" in mounts[dockerfile_env("triton.Dockerfile")["HF_HOME"]]
 
 
+def test_triton_s_shared_memory_fits_the_split_layout_with_large_photos_and_its_memory_limit():
+    from test_deploy import split_layout_shm_gib
+
+    triton = container(TRITON)
+    volumes = {v["name"]: v for v in TRITON["spec"]["template"]["spec"]["volumes"]}
+    [shm] = [volumes[m["name"]] for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    size = gibibytes(shm["emptyDir"]["sizeLimit"])
+    needed = split_layout_shm_gib(gpus=int(triton["resources"]["limits"]["nvidia.com/gpu"]))
+    assert needed <= size <= needed + 2
+    # A memory-backed emptyDir counts against the container's memory limit: room beside it for
+    # the processes (16 preprocessing stubs with torch, the encoder, Triton).
+    assert gibibytes(triton["resources"]["limits"]["memory"]) >= size + 16
+
+
+def gibibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti)?", str(quantity)).groups()
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[unit]
+    return float(number) * scale / 2**30
+
+
 def test_the_frontend_calls_the_triton_service_on_its_http_port():
     url = environment(FRONTEND)["IEI_TRITON_URL"]
     [http] = [p for p in TRITON_SERVICE["spec"]["ports"] if p["targetPort"] == "http"]

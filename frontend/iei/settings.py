@@ -232,6 +232,12 @@ _SETTINGS = [
         "on a GPU, batched; libjpeg-turbo on a CPU), or `pil`; `auto`: nvImageCodec on a GPU "
         "where installed, else torchvision there, PIL on a CPU. Other files always go to PIL",
     )),
+    ("cuda_graphs", Setting(
+        "IEI_CUDA_GRAPHS", False, "bool", (MODEL,),
+        "replay the image encoder's forward pass from CUDA graphs captured at start (batch sizes "
+        "1, 2, 4 ... up to the forward batch size; a batch padded to the next). GPU only: `true` "
+        "on a CPU host stops start-up with one line. Off until `make bench-gpu` shows it pays",
+    )),
 ]  # fmt: skip
 SETTINGS: dict[str, Setting] = dict(_SETTINGS)
 

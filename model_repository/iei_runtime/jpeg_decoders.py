@@ -85,6 +85,7 @@ class TorchvisionDecoder:
 
         self.device = device
         self._decode, self._rgb = decode_jpeg, ImageReadMode.RGB
+        self.last_error: str | None = None  # why the last refused file was refused
 
     def _call(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         with warnings.catch_warnings():  # deprecated in 0.29 for TorchCodec, whose wheel is
@@ -101,7 +102,8 @@ class TorchvisionDecoder:
             for one in data:
                 try:
                     images += self._call([one])
-                except RuntimeError:
+                except RuntimeError as exc:
+                    self.last_error = first_line(exc)
                     images.append(None)
         return [
             None if image is None else UPRIGHT[header.orientation](image)
@@ -136,14 +138,19 @@ class NvImageCodecDecoder:
 def choose_jpeg_decoder(requested: str, device: torch.device) -> JpegDecoder | None:
     """The decoder for IEI_JPEG_DECODER on this device, or None for PIL alone. `auto`: on a GPU
     nvImageCodec where it is installed, else torchvision's nvJPEG; on a CPU PIL (whose draft
-    decoding of large JPEGs measured faster than a full decode)."""
+    decoding of large JPEGs measured faster than a full decode).
+
+    A decoder that is there but cannot decode (nvImageCodec without libnvjpeg returns None for
+    every file) is refused here, by a warm-up decode, in one line naming it and its error: never
+    a silent fallback of every image to PIL in the encoder's one process."""
     if requested == "pil" or (requested == "auto" and device.type != "cuda"):
         return None
+    decoder: JpegDecoder | None = None
     if requested in ("auto", "nvimagecodec"):
         if device.type != "cuda":
             raise ValueError("IEI_JPEG_DECODER=nvimagecodec decodes on a GPU; there is none here")
         try:
-            return NvImageCodecDecoder(device)
+            decoder = NvImageCodecDecoder(device)
         except ImportError:
             if requested == "nvimagecodec":
                 raise ValueError(
@@ -151,6 +158,34 @@ def choose_jpeg_decoder(requested: str, device: torch.device) -> JpegDecoder | N
                     "'iei[gpu]' on CUDA 13 drivers, 'iei[serve-cu12]' on CUDA 12 ones)"
                 ) from None
         except Exception as exc:  # installed, but it cannot start on this GPU
-            if requested == "nvimagecodec":
-                raise ValueError(f"IEI_JPEG_DECODER=nvimagecodec: {exc}") from None
-    return TorchvisionDecoder(device)
+            raise ValueError(
+                f"IEI_JPEG_DECODER={requested}: nvimagecodec cannot start: {first_line(exc)} "
+                "(IEI_JPEG_DECODER=torchvision or pil serve without it)"
+            ) from None
+    decoder = decoder or TorchvisionDecoder(device)
+    warm_up(decoder, requested)
+    return decoder
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def warm_up(decoder: JpegDecoder, requested: str) -> None:
+    """Decode one small JPEG (made here) with `decoder`, or raise the one line why it cannot."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(buffer, "JPEG", quality=90)
+    try:
+        [image] = decoder.decode([buffer.getvalue()], [JpegHeader(64, 48, 1)])
+        refused = getattr(decoder, "last_error", None) or "it refused a plain JPEG"
+        error = refused if image is None else None
+        if image is not None and tuple(image.shape) != (3, 48, 64):
+            error = f"it returned shape {tuple(image.shape)} for a 64x48 JPEG"
+    except Exception as exc:
+        error = first_line(exc)
+    if error is not None:
+        raise ValueError(
+            f"IEI_JPEG_DECODER={requested}: {decoder.name}'s warm-up decode failed: {error} "
+            "(IEI_JPEG_DECODER=pil decodes on the CPU instead)"
+        )

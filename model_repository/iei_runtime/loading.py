@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from . import engines
-from .embedder import Embedder, Preprocessor
+from . import cuda_graphs, engines
+from .embedder import Embedder, Preprocessor, to_device
 from .encoders import PooledEncoder, TowerEncoder
 from .families import PROJECTED, resolve_pooling, serves_texts, text_context, towers
 from .images import draft_side
@@ -30,7 +30,7 @@ from .settings import (
     engine_cache,
     resolve_forward_batch_size,
 )
-from .stages import UINT8_PIXELS, EncodeStage, PreprocessStage
+from .stages import UINT8_PIXELS, CountFallback, EncodeStage, PreprocessStage, no_count
 from .texts import TextEmbedder, folds_case
 
 log = logging.getLogger("iei")
@@ -195,7 +195,8 @@ def engine_line(embedder: Any) -> str:
     """What runs the encoder, for the instance's log line."""
     choice = embedder.choice
     line = f"{choice.engine} {choice.precision}"
-    return f"{line} ({embedder.run.describe()})" if choice.engine != "torch" else line
+    graphs = isinstance(embedder.run, cuda_graphs.GraphedRunner)
+    return f"{line} ({embedder.run.describe()})" if choice.engine != "torch" or graphs else line
 
 
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
@@ -206,6 +207,8 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
 
     choice = choose_engine(settings, device)
     dtype = torch_dtype(choice)
+    if settings.cuda_graphs and device.type != "cuda":
+        raise ModelLoadError(settings.model_id, str(cuda_graphs.refusal(device)))
     try:
         config = AutoConfig.from_pretrained(settings.model_id)
         facts = config.to_dict()
@@ -246,6 +249,11 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     except ModelLoadError:
         embedder.close()
         raise
+    if settings.cuda_graphs:  # IEI_CUDA_GRAPHS: on a GPU, with torch (what runs there)
+        example = {name: to_device(t, device, dtype) for name, t in embedder.blank(1).items()}
+        embedder.run = cuda_graphs.graphed(
+            embedder.run, example, device, embedder.forward_batch_size
+        )
     # The engine's first runs, at the shapes of real executions: a single image and a full
     # forward pass (kernels and buffers chosen before the first request, not during it).
     for count in sorted({1, embedder.forward_batch_size}):
@@ -261,8 +269,11 @@ def defers_jpegs(setting: str) -> bool:
     )
 
 
-def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessStage:
-    """The split layout's CPU step: the model's image processor alone (no model weights)."""
+def load_preprocess_stage(
+    settings: ModelSettings, threads: int, count_fallback: CountFallback = no_count
+) -> PreprocessStage:
+    """The split layout's CPU step: the model's image processor alone (no model weights);
+    `count_fallback` counts the images it decodes although the encoder has a tensor decoder."""
     from transformers import AutoImageProcessor
 
     try:
@@ -280,18 +291,28 @@ def load_preprocess_stage(settings: ModelSettings, threads: int) -> PreprocessSt
         processor_options=UINT8_PIXELS,
     )
     try:
-        return PreprocessStage(preprocessor, defer_jpegs=defers_jpegs(settings.jpeg_decoder))
+        return PreprocessStage(
+            preprocessor,
+            defer_jpegs=defers_jpegs(settings.jpeg_decoder),
+            count_fallback=count_fallback,
+        )
     except ValueError as exc:
         preprocessor.close()
         raise ModelLoadError(settings.model_id, str(exc)) from None
 
 
-def load_encode_stage(settings: ModelSettings, device: torch.device, threads: int) -> EncodeStage:
+def load_encode_stage(
+    settings: ModelSettings,
+    device: torch.device,
+    threads: int,
+    count_fallback: CountFallback = no_count,
+) -> EncodeStage:
     """The split layout's device step: the model (warmed up at real shapes by load_embedder)
-    and its JPEG decoder."""
+    and its JPEG decoder (refused here, in one line, when its warm-up decode fails)."""
     embedder = load_embedder(settings, device, threads)
     try:
-        return EncodeStage(embedder, choose_jpeg_decoder(settings.jpeg_decoder, device))
+        decoder = choose_jpeg_decoder(settings.jpeg_decoder, device)
+        return EncodeStage(embedder, decoder, count_fallback=count_fallback)
     except ValueError as exc:
         embedder.close()
         raise ModelLoadError(settings.model_id, str(exc)) from None

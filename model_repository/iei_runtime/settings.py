@@ -27,6 +27,7 @@ SETTINGS = {
     "jpeg_decoder": ("IEI_JPEG_DECODER", "auto"),
     "decode_pixel_budget": ("IEI_DECODE_PIXEL_BUDGET", "100000000"),
     "max_text_chars": ("IEI_MAX_TEXT_CHARS", "4096"),
+    "cuda_graphs": ("IEI_CUDA_GRAPHS", "false"),
 }
 # config.pbtxt parameter: "true" when its parameters override the environment (rendered configs).
 PARAMETERS_FIRST = "parameters_first"
@@ -58,6 +59,7 @@ class ModelSettings:
     jpeg_decoder: str = "auto"  # jpeg_decoders.py: auto, pil, torchvision, nvimagecodec
     decode_pixel_budget: int = 100_000_000
     max_text_chars: int = 4096
+    cuda_graphs: bool = False  # cuda_graphs.py: the image encoder replayed from CUDA graphs
 
 
 def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
@@ -81,8 +83,9 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         raise ValueError(
             f"IEI_JPEG_DECODER={raw['jpeg_decoder']!r}: expected {', '.join(JPEG_DECODERS)}"
         )
-    if raw["jpeg_draft"].lower() not in BOOLEANS:
-        raise ValueError(f"IEI_JPEG_DRAFT={raw['jpeg_draft']!r}: expected true or false")
+    for name in ("jpeg_draft", "cuda_graphs"):
+        if raw[name].lower() not in BOOLEANS:
+            raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected true or false")
     numbers = {}
     for name in ("max_image_pixels", "forward_batch_size", "decode_pixel_budget",
                  "max_text_chars"):  # fmt: skip
@@ -109,6 +112,7 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         engine_cache=raw["engine_cache"],
         pooling=raw["pooling"],
         jpeg_draft=BOOLEANS[raw["jpeg_draft"].lower()],
+        cuda_graphs=BOOLEANS[raw["cuda_graphs"].lower()],
         jpeg_decoder=raw["jpeg_decoder"],
         **numbers,
     )

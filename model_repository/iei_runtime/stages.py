@@ -10,7 +10,7 @@ as the file itself and is decoded, resized and normalised on the encoder's devic
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,7 +20,10 @@ from .embedder import Embedder, Preprocessor
 from .images import InvalidImage
 from .jpeg_decoders import JpegDecoder, JpegHeader, batchable_jpeg
 
-PIXELS_NAME = "PIXELS"  # uint8 (3, H, W): the processor's resized image (zeros: see JPEG)
+# uint8 (3, H, W): the processor's resized image; a row whose JPEG is set is not read. A request
+# whose every image crosses as a JPEG carries (3, 1, 1) placeholders (3 bytes, not 150 KB of
+# zeros): iei_encoder's PIXELS is a ragged input, so such requests still batch with the others.
+PIXELS_NAME = "PIXELS"
 JPEG_NAME = "JPEG"  # the JPEG file when the encoder decodes it, else empty
 # int32 (3,): that JPEG's width, height and EXIF orientation, read once in the CPU step (zeros
 # without a JPEG), so that the encoder's one process does not parse the header again.
@@ -28,6 +31,17 @@ JPEG_HEADER_NAME = "JPEG_HEADER"
 # The processor's arguments that stop it before rescaling and normalising: its output stays
 # uint8 (a quarter of float32 between the processes), and the encoder finishes it.
 UINT8_PIXELS = {"do_rescale": False, "do_normalize": False}
+# Why an image went to PIL although a tensor decoder is configured (IEI_JPEG_DECODER): counted in
+# Triton's metrics as iei_pil_fallback_total{reason=...} (triton.py).
+OTHER_FORMAT = "other_format"  # PNG, WebP, GIF, BMP, TIFF
+UNSUPPORTED_JPEG = "unsupported_jpeg"  # CMYK, several frames, truncated, over the pixel limit
+DECODER_REFUSED = "decoder_refused"  # a plain JPEG the tensor decoder could not decode
+FALLBACK_REASONS = (OTHER_FORMAT, UNSUPPORTED_JPEG, DECODER_REFUSED)
+CountFallback = Callable[[str, int], None]
+
+
+def no_count(reason: str, count: int) -> None:
+    """The default fallback counter: nothing is counted (outside Triton)."""
 
 
 def check_pixels_only(features: Mapping[str, torch.Tensor]) -> None:
@@ -52,9 +66,16 @@ class PreprocessStage:
     """Files -> uint8 pixels (3, H, W), the file itself for the encoder to decode, or the reason
     an image has neither."""
 
-    def __init__(self, preprocessor: Preprocessor, *, defer_jpegs: bool) -> None:
+    def __init__(
+        self,
+        preprocessor: Preprocessor,
+        *,
+        defer_jpegs: bool,
+        count_fallback: CountFallback = no_count,
+    ) -> None:
         self.preprocessor = preprocessor
         self.defer_jpegs = defer_jpegs
+        self.count_fallback = count_fallback
         blank = preprocessor.blank(1)
         check_pixels_only(blank)
         self.shape = tuple(blank["pixel_values"].shape[1:])
@@ -62,9 +83,16 @@ class PreprocessStage:
     def run(self, files: Sequence[bytes]) -> list[np.ndarray | Deferred | InvalidImage]:
         results: list[Any] = [None] * len(files)
         if self.defer_jpegs:
+            others = 0
             for i, file in enumerate(files):
                 header = batchable_jpeg(file, self.preprocessor.max_image_pixels)
                 results[i] = Deferred(file, header) if header else None
+                others += header is None and not file.startswith(b"\xff\xd8")
+            # Decoded by PIL here although the encoder has a tensor decoder: counted.
+            jpegs = results.count(None) - others
+            for reason, count in ((OTHER_FORMAT, others), (UNSUPPORTED_JPEG, jpegs)):
+                if count:
+                    self.count_fallback(reason, count)
         rest = [i for i, r in enumerate(results) if r is None]
         prepared = self.preprocessor.prepare([files[i] for i in rest])
         for i, result in zip(rest, prepared, strict=True):
@@ -74,16 +102,23 @@ class PreprocessStage:
     def outputs(
         self, results: Sequence[np.ndarray | Deferred]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One request's PIXELS (N, 3, H, W), JPEG (N, 1) and JPEG_HEADER (N, 3) outputs."""
-        pixels = np.zeros((len(results), *self.shape), dtype=np.uint8)
-        files = np.full((len(results), 1), b"", dtype=np.object_)
-        headers = np.zeros((len(results), 3), dtype=np.int32)
+        """One request's PIXELS (N, 3, H, W), JPEG (N, 1) and JPEG_HEADER (N, 3) outputs. Rows
+        of PIXELS whose JPEG is set are never read: left as they are (not zero-filled), and all
+        (3, 1, 1) when every image of the request crosses as a file."""
+        count = len(results)
+        files = np.full((count, 1), b"", dtype=np.object_)
+        headers = np.zeros((count, 3), dtype=np.int32)
+        deferred = [(i, r) for i, r in enumerate(results) if isinstance(r, Deferred)]
+        if not deferred:
+            return np.stack(results), files, headers  # type: ignore[arg-type]
+        for i, result in deferred:
+            files[i, 0] = result.file
+            headers[i] = (result.header.width, result.header.height, result.header.orientation)
+        if len(deferred) == count:
+            return np.zeros((count, 3, 1, 1), dtype=np.uint8), files, headers
+        pixels = np.empty((count, *self.shape), dtype=np.uint8)
         for i, result in enumerate(results):
-            if isinstance(result, Deferred):
-                files[i, 0] = result.file
-                header = result.header
-                headers[i] = (header.width, header.height, header.orientation)
-            else:
+            if not isinstance(result, Deferred):
                 pixels[i] = result
         return pixels, files, headers
 
@@ -93,15 +128,27 @@ def pixels_of(features: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 
 class EncodeStage:
-    """uint8 pixels (and JPEG files) of a dynamic batch -> one vector per image, on the device."""
+    """uint8 pixels (and JPEG files) of a dynamic batch -> one vector per image, on the device.
 
-    def __init__(self, embedder: Embedder, decoder: JpegDecoder | None) -> None:
+    The hot path of a GPU host (one process feeds the GPU): each execution copies the rows it
+    uses once, into a pinned staging buffer uploaded without blocking; JPEGs are decoded,
+    resized and normalised on the device; nothing else is copied."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        decoder: JpegDecoder | None,
+        *,
+        count_fallback: CountFallback = no_count,
+    ) -> None:
         self.embedder = embedder
         # Its own processor calls (a JPEG decoded here, or PIL's fallback) stop at uint8 too.
         embedder.processor_options = UINT8_PIXELS
         check_pixels_only(embedder.blank(1))
         self.decoder = decoder
+        self.count_fallback = count_fallback
         self.device = embedder.preprocess_device or embedder.device
+        self._staging: torch.Tensor | None = None
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> the model's input, exactly as the processor would finish it."""
@@ -111,34 +158,78 @@ class EncodeStage:
             p.do_rescale, p.rescale_factor, p.do_normalize, p.image_mean, p.image_std,
         )  # fmt: skip
 
+    def staging(self, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reused host buffer for `count` rows of `shape`: pinned when the device is a GPU, so
+        that its upload is a DMA that does not block (the execution's result is read back
+        before the next execution writes here again)."""
+        held = self._staging
+        if held is None or len(held) < count or tuple(held.shape[1:]) != shape:
+            rows = max(count, len(held) if held is not None else 0, 64)
+            pin = self.device.type == "cuda"
+            held = self._staging = torch.empty((rows, *shape), dtype=torch.uint8, pin_memory=pin)
+        return held[:count]
+
+    def gather(self, pixels: Sequence[np.ndarray], rows: Sequence[bool]) -> torch.Tensor:
+        """The rows of the requests' PIXELS arrays (in order) where `rows` is true, copied once
+        into the staging buffer, on the device."""
+        masks, start = [], 0
+        for array in pixels:
+            masks.append(rows[start : start + len(array)])
+            start += len(array)
+        shape = next(tuple(a.shape[1:]) for a, m in zip(pixels, masks, strict=True) if any(m))
+        buffer = self.staging(sum(rows), shape)
+        out = buffer.numpy()
+        filled = 0
+        for array, mine in zip(pixels, masks, strict=True):
+            if all(mine):
+                out[filled : filled + len(array)] = array
+                filled += len(array)
+            elif any(mine):
+                chosen = [k for k, own in enumerate(mine) if own]
+                np.take(array, chosen, axis=0, out=out[filled : filled + len(chosen)])
+                filled += len(chosen)
+        if self.device.type == "cuda":
+            return buffer.to(self.device, non_blocking=True)
+        return buffer
+
     def embed(
-        self, pixels: np.ndarray, files: Sequence[bytes], headers: np.ndarray
+        self, pixels: Sequence[np.ndarray], files: Sequence[bytes], headers: np.ndarray
     ) -> list[np.ndarray | InvalidImage]:
-        """A dynamic batch's PIXELS, JPEG and JPEG_HEADER rows -> a vector or a reason each."""
-        batch = torch.from_numpy(np.array(pixels))  # a copy: Triton's input is read-only
+        """A dynamic batch's PIXELS (one array per request, rows in order), JPEG and
+        JPEG_HEADER rows -> a vector or a reason each. A row with a JPEG is decoded here; the
+        others' pixels are used as they came."""
         results: list[Any] = [None] * len(files)
-        deferred = [i for i, f in enumerate(files) if f]
+        own = [not f for f in files]
+        parts, order = [], []
+        if any(own):
+            parts.append(self.gather(pixels, own))
+            order += [i for i, o in enumerate(own) if o]
+        deferred = [i for i, o in enumerate(own) if not o]
         if deferred:
-            batch = batch.to(self.device)
+            rows = headers.tolist()  # one conversion, not one per image
             decoded = self.decode(
-                [files[i] for i in deferred], [JpegHeader(*map(int, headers[i])) for i in deferred]
+                [files[i] for i in deferred], [JpegHeader(*rows[i]) for i in deferred]
             )
+            good = []
             for i, image in zip(deferred, decoded, strict=True):
                 if isinstance(image, InvalidImage):
                     results[i] = image
                 else:
-                    batch[i] = image
-        good = [i for i, r in enumerate(results) if r is None]
-        if good:
-            chosen = batch[good] if len(good) < len(files) else batch
-            vectors = self.embedder.forward({"pixel_values": self.normalise(chosen)})
-            for i, vector in zip(good, vectors, strict=True):
+                    good.append(image)
+                    order.append(i)
+            if good:
+                parts.append(torch.stack(good))
+        if order:
+            batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+            vectors = self.embedder.forward({"pixel_values": self.normalise(batch)})
+            for i, vector in zip(order, vectors, strict=True):
                 results[i] = vector
         return results
 
     def decode(self, files: Sequence[bytes], headers: Sequence[JpegHeader]) -> list[Any]:
         """JPEG files -> uint8 (3, H, W) resized on the device, or why not. A file the tensor
-        decoder refuses (or that came without one) goes through PIL as in the other layout."""
+        decoder refuses (or that came without one) goes through PIL as in the other layout, and
+        is counted (DECODER_REFUSED)."""
         results: list[Any] = [None] * len(files)
         if self.decoder is not None:
             budget = self.embedder.budget
@@ -153,6 +244,8 @@ class EncodeStage:
                         for (i, _), image in zip(done, resized, strict=True):
                             results[i] = image
         rest = [i for i, r in enumerate(results) if r is None]
+        if rest and self.decoder is not None:
+            self.count_fallback(DECODER_REFUSED, len(rest))
         for i, result in zip(rest, self.embedder.prepare([files[i] for i in rest]), strict=True):
             results[i] = result if isinstance(result, InvalidImage) else result["pixel_values"]
         return results

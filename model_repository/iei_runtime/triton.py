@@ -15,12 +15,45 @@ import triton_python_backend_utils as pb_utils
 
 from .resources import available_cores
 from .settings import ModelSettings, read_settings
+from .stages import FALLBACK_REASONS
 
 INPUT_NAME = "IMAGE"  # model `iei`: the encoded image file
 TEXT_INPUT_NAME = "TEXT"  # model `iei_text`: the text, UTF-8
 OUTPUT_NAME = "EMBEDDING"
 INFO_OUTPUT_NAME = "MODEL_INFO"
 TOKENS_OUTPUT_NAME = "TOKENS"  # model `iei_text`: the text's tokens before truncation
+
+
+# Images decoded by PIL although a tensor decoder is configured (IEI_JPEG_DECODER), by reason
+# (stages.FALLBACK_REASONS): on Triton's metrics endpoint, beside its own nv_* metrics.
+FALLBACK_METRIC = "iei_pil_fallback_total"
+
+
+class FallbackCounter:
+    """Counts fallbacks to PIL in a Triton custom metric (a counter labelled by model and reason;
+    the Python backend has them since 23.05). Where Triton runs without metrics, counts nothing."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.metrics: dict[str, Any] = {}
+        try:
+            self.family: Any = pb_utils.MetricFamily(
+                name=FALLBACK_METRIC,
+                description="Images decoded by PIL although IEI_JPEG_DECODER names a tensor "
+                "decoder",
+                kind=pb_utils.MetricFamily.COUNTER,
+            )
+        except Exception as exc:  # metrics disabled (--allow-metrics=false)
+            pb_utils.Logger.log_warn(f"{model}: PIL fallbacks not counted: {exc}")
+            self.family = None
+            return
+        for reason in FALLBACK_REASONS:  # every series from 0, so that a rate can be taken
+            labels = {"model": model, "reason": reason}
+            self.metrics[reason] = self.family.Metric(labels=labels)
+
+    def __call__(self, reason: str, count: int) -> None:
+        if self.family is not None:
+            self.metrics[reason].increment(count)
 
 
 def instance_count(model_config: dict[str, Any]) -> int:

@@ -138,7 +138,7 @@ def split_embed(model_dir, files: list[bytes], decoder: str) -> list:
         deferred = jpegs[:, 0] != b""
         # A file that crosses carries its header (read once, here); the others carry zeros.
         assert (headers[deferred, :2] > 0).all() and not headers[~deferred].any()
-        vectors = iter(encode_stage.embed(pixels, [bytes(j) for j in jpegs[:, 0]], headers))
+        vectors = iter(encode_stage.embed([pixels], [bytes(j) for j in jpegs[:, 0]], headers))
         return [bad[i] if i in bad else next(vectors) for i in range(len(files))]
     finally:
         preprocess.preprocessor.close()
@@ -188,7 +188,7 @@ def test_files_the_tensor_decoder_refuses_go_through_pil_and_fail_alone(vit, sin
     try:
         headers = np.array([[451, 300, 1]] * 3, dtype=np.int32)
         files = [good, b"\xff\xd8 no", good]
-        results = stage.embed(np.zeros((3, 3, 224, 224), np.uint8), files, headers)
+        results = stage.embed([np.zeros((3, 3, 1, 1), np.uint8)], files, headers)
     finally:
         stage.embedder.close()
     assert isinstance(results[1], InvalidImage) and "cannot decode" in str(results[1])
@@ -205,3 +205,91 @@ def test_a_gpu_decoder_on_a_cpu_instance_stops_start_up_with_one_line(vit):
     message = "IEI_JPEG_DECODER=nvimagecodec decodes on a GPU"
     with pytest.raises(loading.ModelLoadError, match=message):
         loading.load_encode_stage(settings(vit, IEI_JPEG_DECODER="nvimagecodec"), CPU, threads=1)
+
+
+# --- the encoder's hot path: what crosses, what is copied, what falls back --------------------
+
+
+def test_pixels_cross_only_where_the_encoder_reads_them(vit):
+    preprocess = loading.load_preprocess_stage(settings(vit, IEI_JPEG_DECODER="torchvision"), 1)
+    try:
+        jpeg, png = photos()["chelsea.jpg"], encode(corner_image(), "PNG")
+        only_jpegs = preprocess.outputs(preprocess.run([jpeg, jpeg]))
+        mixed = preprocess.outputs(preprocess.run([jpeg, png]))
+        no_jpegs = preprocess.outputs(preprocess.run([png]))
+    finally:
+        preprocess.preprocessor.close()
+    # Every image a file: 3-byte placeholders, not 150 KB of zeros each.
+    assert only_jpegs[0].shape == (2, 3, 1, 1)
+    assert mixed[0].shape == (2, 3, 224, 224) and list(mixed[1][:, 0] != b"") == [True, False]
+    assert no_jpegs[0].shape == (1, 3, 224, 224) and no_jpegs[0].any()
+
+
+def test_the_encoder_batches_requests_of_either_shape_and_copies_each_row_once(vit, single):
+    jpeg, png = photos()["chelsea.jpg"], encode(corner_image().resize((300, 200)), "PNG")
+    requests = [[jpeg, jpeg], [png], [jpeg, png, jpeg]]  # all files, all pixels, mixed
+    preprocess = loading.load_preprocess_stage(settings(vit, IEI_JPEG_DECODER="torchvision"), 1)
+    stage = loading.load_encode_stage(settings(vit, IEI_JPEG_DECODER="torchvision"), CPU, 2)
+    try:
+        outputs = [preprocess.outputs(preprocess.run(files)) for files in requests]
+        pixels = [o[0] for o in outputs]
+        files = [bytes(f) for o in outputs for f in o[1][:, 0]]
+        headers = np.concatenate([o[2] for o in outputs])
+        vectors = np.stack(stage.embed(pixels, files, headers))
+        buffer = stage._staging
+        assert buffer is not None and not buffer.is_pinned()  # pinned only for a GPU's upload
+        own = [not f for f in files]
+        gathered = stage.gather(pixels, own)
+        assert gathered.data_ptr() == buffer.data_ptr()  # reused, not reallocated
+        assert torch.equal(gathered[0], torch.from_numpy(pixels[1][0]))
+        assert torch.equal(gathered[1], torch.from_numpy(pixels[2][1]))
+    finally:
+        preprocess.preprocessor.close()
+        stage.embedder.close()
+    expected = np.stack(single.embed([f for r in requests for f in r]))
+    assert cosine_rows(vectors, expected).min() >= 0.999
+
+
+def test_every_fallback_to_pil_is_counted_by_reason(vit):
+    import fake_pb_utils
+    from iei_runtime.triton import FALLBACK_METRIC, FallbackCounter
+
+    fake_pb_utils.MetricFamily.families.clear()
+    environ = settings(vit, IEI_JPEG_DECODER="torchvision")
+    preprocess = loading.load_preprocess_stage(environ, 1, FallbackCounter("iei_preprocess"))
+    stage = loading.load_encode_stage(environ, CPU, 2, FallbackCounter("iei_encoder"))
+    stage.decoder = Refusing()
+    good = photos()["chelsea.jpg"]
+    try:
+        cmyk = encode(corner_image().convert("CMYK"), "JPEG")
+        preprocess.run([good, encode(corner_image(), "PNG"), cmyk, encode(corner_image(), "GIF")])
+        stage.embed([np.zeros((2, 3, 1, 1), np.uint8)], [good, good], np.array([[451, 300, 1]] * 2))
+    finally:
+        preprocess.preprocessor.close()
+        stage.embedder.close()
+    metrics = fake_pb_utils.MetricFamily
+    assert {f.kind for f in metrics.families} == {metrics.COUNTER}
+    assert metrics.total(FALLBACK_METRIC, model="iei_preprocess", reason="other_format") == 2
+    assert metrics.total(FALLBACK_METRIC, model="iei_preprocess", reason="unsupported_jpeg") == 1
+    assert metrics.total(FALLBACK_METRIC, model="iei_encoder", reason="decoder_refused") == 2
+    # Every series exists from 0, so that a rate can be taken.
+    assert metrics.total(FALLBACK_METRIC, model="iei_encoder", reason="other_format") == 0
+    assert len(metrics.families[0].metrics) == 3
+
+
+def test_a_tensor_decoder_that_cannot_decode_is_refused_at_start_in_one_line(vit, monkeypatch):
+    def missing_library(self, data):
+        raise RuntimeError("libnvjpeg.so.13: cannot open shared object file\nmore")
+
+    monkeypatch.setattr(decoders.TorchvisionDecoder, "_call", missing_library)
+    with pytest.raises(loading.ModelLoadError) as refused:
+        loading.load_encode_stage(settings(vit, IEI_JPEG_DECODER="torchvision"), CPU, threads=1)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "IEI_JPEG_DECODER=torchvision: torchvision's warm-up decode failed" in message
+    assert "libnvjpeg.so.13: cannot open shared object file" in message
+
+
+def test_a_decoder_that_returns_nothing_is_refused_too():
+    with pytest.raises(ValueError, match="refusing's warm-up decode failed: it refused"):
+        decoders.warm_up(Refusing(), "nvimagecodec")

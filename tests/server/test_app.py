@@ -20,7 +20,7 @@ import pytest
 from iei.contract import PROBE_IMAGE, PROBE_PRIORITY
 from iei.server import routing, triton_client
 from iei.server.app import create_app
-from iei.server.errors import ApiError
+from iei.server.errors import ApiError, ErrorType
 from iei.server.inputs import InvalidInput
 from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
@@ -245,6 +245,63 @@ async def test_a_probe_that_cannot_finish_in_time_says_not_ready_in_time(monkeyp
     started = time.monotonic()
     assert not await triton.is_ready()
     assert time.monotonic() - started < 1
+
+
+class QueueFull(FakeTriton):
+    """Every request, the probe too, refused (a full queue), while Triton's statistics say that
+    `successes` requests of other clients were completed."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=InferenceServerException("Exceeds maximum queue size", status="503"))
+        self.probe_fails = True
+        self.successes = 100
+
+    async def get_inference_statistics(self, name):
+        count = {"success": {"count": self.successes, "ns": 1}}
+        return {"model_stats": [{"name": name, "inference_stats": count}]}
+
+
+async def test_a_full_queue_that_refuses_the_probe_is_healthy_while_the_model_makes_progress(
+    monkeypatch,
+):
+    fake = QueueFull()
+    triton = triton_client_with(fake, concurrency=4)
+    assert not await triton.is_ready()  # nothing completed since: no evidence the model works
+    fake.successes += 3  # others' requests completed meanwhile
+    assert await triton.is_ready()
+    assert await triton.is_ready()  # within the horizon of the earlier look
+    monkeypatch.setattr(triton_client, "PROGRESS_HORIZON", 0.0)  # the earlier looks expire
+    assert not await triton.is_ready()  # nothing completed since: as a dead model
+    fake.successes += 1
+    monkeypatch.setattr(triton_client, "PROGRESS_HORIZON", 30.0)
+    assert await triton.is_ready()
+
+
+async def test_progress_before_the_model_failed_a_request_does_not_excuse_a_held_probe(
+    monkeypatch,
+):
+    """A dead stub's probe may hang rather than fail: the successes counted before the model
+    failed a request do not vouch for it."""
+    fake = QueueFull()
+    triton = triton_client_with(fake, concurrency=4)
+    assert not await triton.is_ready()  # a first look
+    fake.successes += 3
+    fake.fail = InferenceServerException("Stub process 'iei_0_0' is not healthy.", status="500")
+    monkeypatch.setattr(triton_client, "PROBE_TIMEOUT", 0.3)
+    fake.delay = 1  # every call, the probe's too, hangs past the probe's timeout
+    with pytest.raises(ApiError) as failed:
+        await triton.embed([b"a"])  # the model fails it, and its probe hangs
+    assert failed.value.error_type == ErrorType.UNHEALTHY  # not a 424 for the request
+    assert not await triton.is_ready()
+
+
+async def test_a_probe_that_the_model_fails_is_not_excused_by_earlier_progress():
+    fake = QueueFull()
+    fake.fail = InferenceServerException("Stub process 'iei_0_0' is not healthy.", status="500")
+    triton = triton_client_with(fake, concurrency=4)
+    assert not await triton.is_ready()
+    fake.successes += 5
+    assert not await triton.is_ready()  # a dead stub: the others' past successes do not count
 
 
 @asynccontextmanager

@@ -154,6 +154,40 @@ def default_preprocess_instances(repository: Path, gpus: int) -> int:
     return max(1, min(cores, PREPROCESS_PER_GPU * max(1, gpus)))
 
 
+# /dev/shm for the split layout (docs/gpu.md, "Shared memory"): the Python backend gives every
+# stub (each iei_preprocess and iei_encoder instance) a region in /dev/shm holding the tensors of
+# its current execution; a region grows to its largest execution and never shrinks. A "large
+# photo" is a 12 MP phone JPEG of at most LARGE_PHOTO_BYTES; it crosses between the steps as the
+# file (the GPU decodes it) or as the processor's uint8 (3, H, W) output.
+LARGE_PHOTO_BYTES = 4 * 2**20
+EXECUTION_IMAGES = 64  # max_batch_size of iei_preprocess and iei_encoder
+
+
+def split_layout_shm_bytes(
+    *,
+    gpus: int,
+    preprocess_instances: int,
+    images_in_flight: int,
+    pixels_side: int = 224,
+    photo_bytes: int = LARGE_PHOTO_BYTES,
+) -> int:
+    """Bytes of shared memory that the split layout's stubs hold at once when every image is a
+    large photo.
+
+    - A preprocessing stub executing 64 photos holds them as its input, then as its output (the
+      JPEG files passed on; or the pixels of files PIL decodes: less): 2 x 64 x photo_bytes.
+    - An encoder stub (one per GPU) holds 64 files and 64 x 3 x side x side uint8 pixels.
+    - Only executing requests are in shared memory (queued ones wait in Triton's own memory), and
+      no more photos execute than the frontends let in flight (IEI_WORKERS x
+      IEI_MAX_CONCURRENT_IMAGES): the preprocessing stubs busy at once are the fewer of the two.
+    """
+    pixels = EXECUTION_IMAGES * 3 * pixels_side * pixels_side
+    busy = min(preprocess_instances, max(1, images_in_flight // EXECUTION_IMAGES))
+    preprocess = busy * 2 * EXECUTION_IMAGES * photo_bytes
+    encoders = max(1, gpus) * (EXECUTION_IMAGES * photo_bytes + pixels)
+    return preprocess + encoders
+
+
 def available_cores(repository: Path) -> int:
     """The cores this process may use, counted as the model's instances count them."""
     resources = repository_module(repository / "iei_runtime" / "resources.py")

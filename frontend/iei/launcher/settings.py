@@ -27,6 +27,7 @@ class LauncherSettings(ServerSettings):
     forward_batch_size: str = setting("forward_batch_size")
     jpeg_draft: bool = setting("jpeg_draft")
     jpeg_decoder: Literal["auto", "pil", "torchvision", "nvimagecodec"] = setting("jpeg_decoder")
+    cuda_graphs: bool = setting("cuda_graphs")
     triton_layout: Literal["auto", "single", "split"] = setting("triton_layout")
     preprocess_instances: int | None = setting("preprocess_instances", ge=1, le=256)
     decode_pixel_budget: int = setting("decode_pixel_budget", ge=1)

@@ -43,6 +43,9 @@ _INVALID_INPUT = re.compile(INVALID_INPUT_PATTERN, re.S)
 PROBE_TIMEOUT = 2.0
 # A successful inference vouches for the model this long; after that, /health asks it again.
 VERIFIED_FOR = 10.0
+# How far back a probe held or refused by a full queue looks for requests completed by the model
+# (for any client): several periods of Kubernetes' and compose's probes (10 s).
+PROGRESS_HORIZON = 3 * VERIFIED_FOR
 T = TypeVar("T")
 # Triton's HTTP status for an unknown or unloaded model (404) and for a model that cannot take the
 # request now (503: not ready, queue full, queue timeout): the service is unavailable, retry.
@@ -73,6 +76,11 @@ class TritonClient:
         # Per Triton model: when an inference last succeeded (monotonic), its running probe.
         self._verified_at: dict[str, float] = {}
         self._probes: dict[str, asyncio.Task[bool]] = {}
+        # Per Triton model: (when, how many requests it had completed successfully, for anyone) at
+        # each look within PROGRESS_HORIZON (see _made_progress), and when Triton last failed one
+        # of our requests to it (not refused it).
+        self._successes_seen: dict[str, list[tuple[float, int]]] = {}
+        self._model_failed_at: dict[str, float] = {}
 
     async def open(self) -> None:
         self._client = InferenceServerClient(
@@ -101,6 +109,7 @@ class TritonClient:
 
     async def _answers(self, model: str) -> bool:
         if time.monotonic() - self._verified_at.get(model, -math.inf) < VERIFIED_FOR:
+            self._note(model, await self._successes(model))  # the baseline of a later full queue
             return await self.is_model_ready(model)
         return await self.model_answers(model)
 
@@ -124,17 +133,63 @@ class TritonClient:
     async def _run_probe(self, model: str) -> bool:
         WORK.set(None)  # shared by every caller: no request's work (this task's own context)
         request = self._bytes_input(INPUT_NAME, [PROBE_IMAGE])
+        started = await self._successes(model)
+        self._note(model, started)
+        started_at = time.monotonic()
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(model):
                     return False
-                await self._infer(
-                    model, request, (OUTPUT_NAME,), 0, priority=PROBE_PRIORITY, explain=False
+                wanted = [triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+                result = await self.server.infer(
+                    model, [request], outputs=wanted, priority=PROBE_PRIORITY
                 )
+            if result.as_numpy(OUTPUT_NAME) is None:
+                return False
+            self._verified_at[model] = time.monotonic()
             return True
-        except (ApiError, InvalidInput, InferenceServerException, aiohttp.ClientError, OSError,
-                TimeoutError):  # fmt: skip
+        except TimeoutError:  # held in the queue, or Triton hangs
+            return await self._made_progress(model, started, started_at)
+        except InferenceServerException as exc:
+            if exc.status() == "503":  # refused: the queue is full
+                return await self._made_progress(model, started, started_at)
+            return False  # the model failed it (a dead stub): no excuse
+        except (aiohttp.ClientError, OSError):
             return False
+
+    async def _successes(self, model: str) -> int | None:
+        """How many requests the model has completed successfully (Triton's statistics, for every
+        client), or None when Triton does not say."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                stats = await self.server.get_inference_statistics(model)
+            return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+        except Exception:  # Triton down, or statistics of another shape: no evidence
+            return None
+
+    def _note(self, model: str, count: int | None) -> None:
+        """Keep `count` (`model`'s successes now) and the looks within PROGRESS_HORIZON."""
+        now = time.monotonic()
+        seen = [
+            (t, c) for t, c in self._successes_seen.get(model, []) if now - t <= PROGRESS_HORIZON
+        ]
+        self._successes_seen[model] = [*seen, *([(now, count)] if count is not None else [])]
+
+    async def _made_progress(self, model: str, started: int | None, started_at: float) -> bool:
+        """After a probe that a full queue refused or held past PROBE_TIMEOUT (even at its
+        priority it waits for the execution in front of it, and the split layout's preprocessing
+        of 64 large photos takes seconds on one core): whether the model completed others'
+        requests within PROGRESS_HORIZON (since the earliest look kept, or the probe's start),
+        counting only looks taken after the model last failed a request of ours: a dead stub
+        (whose probe may hang rather than fail) completes nothing after its first failure. A
+        probe that the model failed never gets here."""
+        count = await self._successes(model)
+        failed = self._model_failed_at.get(model, -math.inf)
+        earlier = [c for t, c in self._successes_seen.get(model, []) if t > failed]
+        self._note(model, count)
+        if started is not None and started_at > failed:
+            earlier.append(started)
+        return count is not None and bool(earlier) and count > min(earlier)
 
     async def max_batch_size(self, model: str = MODEL_NAME) -> int:
         """A model's `max_batch_size`, read from Triton once (it may start after us)."""
@@ -282,6 +337,8 @@ class TritonClient:
                     raise InvalidInput(found.group(2), offset + int(found.group(1))) from None
                 raise ApiError(ErrorType.VALIDATION, message) from None
             self._verified_at.pop(model, None)
+            if status not in _UNAVAILABLE_STATUSES:  # the model failed it: older progress is void
+                self._model_failed_at[model] = time.monotonic()
             if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers(model)):
                 raise ApiError(
                     ErrorType.UNHEALTHY,

@@ -15,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (se
 
 from iei_runtime.loading import describe, engine_line, load_encode_stage
 from iei_runtime.stages import JPEG_HEADER_NAME, JPEG_NAME, PIXELS_NAME
-from iei_runtime.triton import gather_inputs, start_instance, vector_responses
+from iei_runtime.triton import FallbackCounter, gather_inputs, start_instance, vector_responses
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         settings, device, threads = start_instance(args)
-        self.stage = load_encode_stage(settings, device, threads)
+        self.stage = load_encode_stage(settings, device, threads, FallbackCounter("iei_encoder"))
         embedder = self.stage.embedder
         decoder = self.stage.decoder.name if self.stage.decoder else "pil"
         self.info = describe(embedder, settings, layout="split", jpeg_decoder=decoder)
@@ -31,9 +31,11 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        pixels, headers = (
-            np.concatenate([pb_utils.get_input_tensor_by_name(r, n).as_numpy() for r in requests])
-            for n in (PIXELS_NAME, JPEG_HEADER_NAME)
+        # PIXELS stays one array per request (a ragged input: (N, 3, 1, 1) placeholders where
+        # every image of a request crosses as a JPEG); the stage copies the rows it reads once.
+        pixels = [pb_utils.get_input_tensor_by_name(r, PIXELS_NAME).as_numpy() for r in requests]
+        headers = np.concatenate(
+            [pb_utils.get_input_tensor_by_name(r, JPEG_HEADER_NAME).as_numpy() for r in requests]
         )
         files, spans = gather_inputs(requests, JPEG_NAME)
         results = self.stage.embed(pixels, files, headers)

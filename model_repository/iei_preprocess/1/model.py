@@ -14,13 +14,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (se
 
 from iei_runtime.loading import load_preprocess_stage
 from iei_runtime.stages import JPEG_HEADER_NAME, JPEG_NAME, PIXELS_NAME
-from iei_runtime.triton import INPUT_NAME, error_response, gather_inputs, start_instance
+from iei_runtime.triton import (
+    INPUT_NAME,
+    FallbackCounter,
+    error_response,
+    gather_inputs,
+    start_instance,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         settings, _, threads = start_instance(args)
-        self.stage = load_preprocess_stage(settings, threads)
+        self.stage = load_preprocess_stage(settings, threads, FallbackCounter("iei_preprocess"))
         pb_utils.Logger.log_info(
             f"iei_preprocess: {settings.model_id}'s processor, {threads} thread(s), pixels "
             f"{self.stage.shape} uint8, plain JPEGs "

@@ -1,0 +1,320 @@
+"""The GPU bench's offline bundle: what a GPU host without a package index lacks, in one folder.
+
+    python3 -m bench.gpu_bundle stage      # `make gpu-bundle`, where the package index answers
+    python3 -m bench.gpu_bundle run ARGS   # `make bench-gpu` on the GPU host: install, check, bench
+
+A lent GPU host has Python 3.12 (with libpython3.12.so), a CUDA torch and torchvision, numpy 2,
+and no package index. `stage` puts into `gpu-bundle/` (git-ignored):
+
+- `wheels.tar.xz`: the wheels IEI's server and the bench need for CPython 3.12 on manylinux
+  x86_64, except torch and torchvision (the host's): numpy 1.26.4 (Triton 2.51's Python stub
+  mis-reads BYTES tensors under numpy 2, python_backend #384), transformers, tokenizers,
+  tritonclient, the frontend's packages, nvidia-nvimgcodec-cu13 with nvJPEG. Tests, type stubs
+  and the other Pythons' binaries are left out of the wheels (their RECORD rewritten); every wheel
+  is stored uncompressed inside the tarball, so that xz compresses across them.
+- `tritonserver.tar.xz`: the Triton server of the nvidia-pytriton wheel, trimmed to the binary,
+  the Python backend, the Python 3.12 stub and the libraries they link, without the bundled
+  libpython (the host's is used), laid out as the wheel installs it (`pytriton/tritonserver`,
+  `nvidia_pytriton.libs`) so that `iei serve` finds it as it finds the wheel's.
+- `MANIFEST.json`: what is in it, and its size with the repository's tracked files.
+
+`run` installs them into `.gpu-env/` (`pip install --no-index --no-deps --target`), then checks
+what fails fast, stopping at the first problem with one line: Python 3.12, the libpython3.12
+shared library the stub links, `ldd` of the stub and of tritonserver, the imports (torch from the
+host, numpy 1.26.4, transformers, tritonclient, nvImageCodec), CUDA available. Then it runs
+`python -m bench.gpu` with that environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "gpu-bundle"
+ENV = ROOT / ".gpu-env"
+PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+LIMIT_MIB = 50  # the bundle and the repository together: what one device call carries easily
+PYTRITON = "nvidia-pytriton==0.7.0"
+# What the server (iei serve: launcher, frontend, Triton's Python models) and the bench import,
+# with their dependencies; torch and torchvision are the host's.
+REQUIREMENTS = (
+    "numpy==1.26.4",
+    "transformers>=4.46",
+    "tokenizers",
+    "safetensors>=0.4",
+    "huggingface-hub>=1.0",
+    "tritonclient[http,grpc]>=2.50,<3",
+    "protobuf>=6.30,<7",
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+    "httptools",
+    "pydantic>=2.7",
+    "pydantic-settings>=2.3",
+    "prometheus-client>=0.20",
+    "pybase64>=1.4",
+    "httpx>=0.27",
+    "orjson>=3.10",
+    "tqdm>=4.66",
+    "aiohttp",
+    "nvidia-ml-py>=13",
+    "nvidia-nvimgcodec-cu13[nvjpeg]==0.9.0.20",
+)
+# Distributions pulled in that nothing imports offline (the hub's transfer client, optional
+# uvicorn speed-ups), or that the host has (pillow: torchvision's).
+LEFT_OUT = {"hf-xet", "uvloop", "watchfiles", "websockets", "pillow"}
+# Files no one runs here, by wheel: the test suites, type stubs, other Pythons' binaries,
+# nvImageCodec's CPU and non-JPEG codecs (PIL does those), headers and tools.
+DROPPED = (
+    "*/tests/*", "*.pyi", "numpy/f2py/*", "numpy/distutils/*", "numpy/doc/*",
+    "nvidia/nvimgcodec/nvimgcodec_impl.cpython-3[!1]*",
+    "nvidia/nvimgcodec/nvimgcodec_impl.cpython-31[!2]*",
+    "nvidia/nvimgcodec/extensions/lib*[!g]_ext.so*", "nvidia/nvimgcodec/include/*",
+    "nvidia/nvimgcodec/tools/*", "nvidia/cu13/include/*",
+)  # fmt: skip
+KEPT = ("nvidia/nvimgcodec/extensions/libnvjpeg_ext.so*",)  # the GPU JPEG decoder itself
+# The nvidia-pytriton wheel's files the server needs (libpython excluded: the host's).
+TRITON_FILES = (
+    "pytriton/tritonserver/bin/tritonserver",
+    "pytriton/tritonserver/backends/python/*",
+    f"pytriton/tritonserver/python_backend_stubs/{PYTHON}/triton_python_backend_stub",
+    "pytriton/tritonserver/caches/*",
+    "nvidia_pytriton.libs/*",
+)
+TRITON_DROPPED = ("nvidia_pytriton.libs/libpython3*",)
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[gpu-bundle] {message}\n")
+
+
+def dropped(name: str) -> bool:
+    if any(fnmatch.fnmatch(name, pattern) for pattern in KEPT):
+        return False
+    return any(fnmatch.fnmatch(name, pattern) for pattern in DROPPED)
+
+
+def distribution(wheel: Path) -> str:
+    return wheel.name.split("-")[0].lower().replace("_", "-")
+
+
+def repack(wheel: Path, target: Path) -> int:
+    """`wheel` without its DROPPED files, stored uncompressed, RECORD rewritten; files left out."""
+    left_out = 0
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+        names = [i.filename for i in source.infolist()]
+        gone = {n for n in names if dropped(n)}
+        for info in source.infolist():
+            if info.filename in gone:
+                left_out += 1
+                continue
+            data = source.read(info)
+            if info.filename.endswith(".dist-info/RECORD") and gone:
+                lines = data.decode().splitlines()
+                data = "\n".join(x for x in lines if x.split(",")[0] not in gone).encode() + b"\n"
+            info.compress_type = zipfile.ZIP_STORED
+            out.writestr(info, data)
+    return left_out
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+
+
+def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def xz_tar(path: Path, files: list[tuple[str, bytes, int]]) -> None:
+    """A tar of `files` (name, bytes, mode), compressed by xz -9 on every core."""
+    with (
+        tempfile.NamedTemporaryFile(suffix=".tar", dir=path.parent, delete=False) as raw,
+        tarfile.open(fileobj=raw, mode="w") as tar,
+    ):
+        for name, data, mode in files:
+            add_to_tar(tar, name, data, mode)
+    subprocess.run(["xz", "-9", "-T0", "-f", raw.name], check=True)
+    os.replace(raw.name + ".xz", path)
+
+
+def stage(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="iei-gpu-bundle-") as tmp:
+        work = Path(tmp)
+        platforms = [f"--platform={p}" for p in PLATFORMS]
+        common = ["download", "--quiet", "--only-binary=:all:", f"--python-version={PYTHON}"]
+        pip(*common, *platforms, "--dest", str(work / "wheels"), *REQUIREMENTS)
+        pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest",
+            str(work / "pytriton"), PYTRITON)  # fmt: skip
+        wheels = []
+        for wheel in sorted((work / "wheels").glob("*.whl")):
+            if distribution(wheel) in LEFT_OUT:
+                continue
+            repacked = work / "stored" / wheel.name
+            repacked.parent.mkdir(exist_ok=True)
+            left = repack(wheel, repacked)
+            wheels.append((wheel.name, repacked.read_bytes(), 0o644))
+            log(f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB ({left} files left out)")
+        xz_tar(out / "wheels.tar.xz", wheels)
+        [pytriton] = (work / "pytriton").glob("*.whl")
+        server = []
+        with zipfile.ZipFile(pytriton) as wheel:
+            for info in wheel.infolist():
+                name = info.filename
+                wanted = any(fnmatch.fnmatch(name, p) for p in TRITON_FILES)
+                if wanted and not any(fnmatch.fnmatch(name, p) for p in TRITON_DROPPED):
+                    mode = (info.external_attr >> 16) & 0o777 or 0o644
+                    server.append((name, wheel.read(info), mode))
+        server.append(("pytriton/__init__.py", b"", 0o644))  # found by find_spec, never run
+        xz_tar(out / "tritonserver.tar.xz", server)
+    manifest = {
+        "python": PYTHON,
+        "wheels": sorted(name for name, _, _ in wheels),
+        "tritonserver": PYTRITON,
+        "files": {p.name: sha256(p) for p in sorted(out.glob("*.tar.xz"))},
+        "bundle_mib": round(folder_bytes(out) / 2**20, 1),
+        "repository_mib": round(repository_bytes() / 2**20, 1),
+    }
+    manifest["total_mib"] = round(manifest["bundle_mib"] + manifest["repository_mib"], 1)
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def repository_bytes() -> int:
+    """The tracked files of the checkout (what travels with the bundle)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    files = [ROOT / name.decode() for name in listed if name]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+# --- on the GPU host -------------------------------------------------------------------------
+
+
+class Missing(RuntimeError):
+    """What the GPU host lacks, in one line."""
+
+
+def install(bundle: Path, env: Path) -> Path:
+    """The bundle installed into `env` (once per bundle); the folder to put on PYTHONPATH."""
+    manifest = json.loads((bundle / "MANIFEST.json").read_text())
+    site = env / "site"
+    stamp = env / "installed.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == manifest["files"]:
+        return site
+    shutil.rmtree(env, ignore_errors=True)
+    wheels = env / "wheels"
+    wheels.mkdir(parents=True)
+    with tarfile.open(bundle / "wheels.tar.xz") as tar:
+        tar.extractall(wheels, filter="data")
+    names = sorted(str(p) for p in wheels.glob("*.whl"))
+    log(f"installing {len(names)} wheels into {site}")
+    pip("install", "--quiet", "--no-index", "--no-deps", "--target", str(site), *names)
+    with tarfile.open(bundle / "tritonserver.tar.xz") as tar:
+        tar.extractall(site, filter="data")
+    shutil.rmtree(wheels)
+    stamp.write_text(json.dumps(manifest["files"]))
+    return site
+
+
+def environment(site: Path) -> dict[str, str]:
+    """The bench's environment: the bundle's packages (numpy 1.26.4 first), IEI's checkout."""
+    paths = [str(site), str(ROOT / "frontend"), str(ROOT)]
+    previous = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*paths, *([previous] if previous else [])]),
+        "PATH": os.pathsep.join([str(site / "bin"), os.environ.get("PATH", "")]),
+    }
+
+
+def check(site: Path) -> None:
+    """What fails fast on a GPU host, in order; raises Missing with one line."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if version != PYTHON:
+        raise Missing(f"Python {PYTHON} is needed (the bundle's wheels and stub), not {version}")
+    libdir = str(sysconfig.get_config_var("LIBDIR"))
+    libpython = Path(libdir) / f"libpython{PYTHON}.so.1.0"
+    if not libpython.exists():
+        raise Missing(f"{libpython} is missing: the Triton stub links the shared libpython{PYTHON}")
+    server = site / "pytriton" / "tritonserver"
+    libs = os.pathsep.join([libdir, str(site / "nvidia_pytriton.libs")])
+    stub = server / "python_backend_stubs" / PYTHON / "triton_python_backend_stub"
+    backend = server / "backends" / "python" / "libtriton_python.so"
+    for binary in (stub, server / "bin" / "tritonserver", backend):
+        env = {**os.environ, "LD_LIBRARY_PATH": libs}
+        result = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env)
+        missing = [x.split()[0] for x in result.stdout.splitlines() if "not found" in x]
+        if result.returncode != 0 or missing:
+            why = ", ".join(missing) or result.stderr.strip().splitlines()[0]
+            raise Missing(f"{binary.name} cannot load: {why} (ldd)")
+    probe = (
+        "import torch, numpy, transformers, tritonclient.grpc, tritonclient.http, PIL, fastapi\n"
+        "assert numpy.__version__ == '1.26.4', f'numpy {numpy.__version__} comes first'\n"
+        "assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA device'\n"
+        "from nvidia import nvimgcodec\n"
+        "import iei.cli\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=environment(site)
+    )
+    if result.returncode != 0:
+        lines = [x for x in result.stderr.strip().splitlines() if x.strip()]
+        raise Missing(f"import check failed: {lines[-1] if lines else result.returncode}")
+
+
+def run(bench_args: list[str], bundle: Path = BUNDLE, env: Path = ENV) -> int:
+    try:
+        if not (bundle / "MANIFEST.json").exists():
+            raise Missing(f"no bundle at {bundle}: run `make gpu-bundle` where the index answers")
+        site = install(bundle, env)
+        check(site)
+    except Missing as exc:
+        print(f"bench-gpu: {exc}", flush=True)  # noqa: T201 (the one line the user reads)
+        return 2
+    log("checks passed: Python, libpython, ldd, imports, CUDA")
+    command = [sys.executable, "-m", "bench.gpu", *bench_args]
+    return subprocess.run(command, cwd=ROOT, env=environment(site), check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_bundle")
+    parser.add_argument("action", choices=("stage", "run"))
+    parser.add_argument("--out", type=Path, default=BUNDLE, help="the bundle's folder")
+    args, rest = parser.parse_known_args(argv)
+    if args.action == "run":
+        return run(rest, args.out)
+    manifest = stage(args.out)
+    total = manifest["total_mib"]
+    log(f"{args.out}: {manifest['bundle_mib']} MiB, with the repository {total} MiB "
+        f"(limit {LIMIT_MIB} MiB)")  # fmt: skip
+    return 0 if total <= LIMIT_MIB else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
