@@ -53,9 +53,10 @@ fuzz: setup ## a longer property-based run against the real stack (IEI_FUZZ_EXAM
 load: setup ## a bounded load test on loopback (LOAD_CLIENTS, LOAD_SECONDS), figures for docs/reliability.md
 	$(BIN)/python -m tests.load --clients $${LOAD_CLIENTS:-16} --seconds $${LOAD_SECONDS:-120}
 
-bench: setup ## measure the model's limit and the served stack; writes docs/benchmarks.md
-	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench]'
+bench: setup ## measure the model's limit, the served stack and Ray jobs; writes docs/benchmarks.md, docs/bulk.md
+	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench,ray]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.ray
 
 # The GPU path in one run (the CPU where there is no GPU), in its own environment on a GPU host:
 # torch built for the CUDA that the host's NVIDIA driver runs (R580 and newer: CUDA 13, the

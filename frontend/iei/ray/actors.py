@@ -224,5 +224,6 @@ class ServiceEmbedder(BatchEmbedder):
         return results
 
     def __del__(self) -> None:
-        self.pool.shutdown(wait=False)
-        self.client.close()
+        if hasattr(self, "pool"):  # not when __init__ failed
+            self.pool.shutdown(wait=False)
+            self.client.close()
