@@ -129,3 +129,27 @@ def test_arguments_refused_before_ray_starts(tmp_path, caplog, arguments, messag
         status = main(["embed", source, "--out", str(tmp_path / "out"), *arguments])
     assert status == 2
     assert message in caplog.text
+
+
+def nodes(*resources: dict[str, float]) -> list[dict]:
+    return [{"Alive": True, "Resources": r} for r in resources]
+
+
+@pytest.mark.parametrize(
+    ("cluster", "model_mode", "actors", "actor_cpus", "expected"),
+    [
+        (nodes({"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2}), True, None, None, (4, 1, 1)),
+        (nodes({"CPU": 8}, {"CPU": 8}), True, None, None, (2, 0, 8)),  # one per node, its cores
+        (nodes({"CPU": 8}), True, 2, None, (2, 0, 4)),  # actors share a node's cores
+        (nodes({"CPU": 8}), True, 3, 2, (3, 0, 2)),
+        (nodes({"CPU": 8}, {"CPU": 4}), False, None, None, (2, 0, 0)),  # a service actor a node
+    ],
+)
+def test_actors_are_sized_from_the_cluster(
+    monkeypatch, cluster, model_mode, actors, actor_cpus, expected
+):
+    ray = pytest.importorskip("ray")
+    from iei.ray.job import layout
+
+    monkeypatch.setattr(ray, "nodes", lambda: cluster)
+    assert layout(model_mode, actors, actor_cpus) == expected
