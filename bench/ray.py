@@ -125,14 +125,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as temp:
         work = Path(temp)
         model = build_model(args.model, work / args.model)
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="warning")
+        # A small object store: the served stack's Python backend needs /dev/shm too.
+        ray.init(num_cpus=cores, object_store_memory=512 * 2**20, include_dashboard=False,
+                 logging_level="warning")  # fmt: skip
         try:
             for actors in (1, 2):
                 log(f"model mode, {actors} actor(s)")
                 row = measure(work, args.images, ["--model", str(model)], actors)
                 rows.append({"mode": "--model", "cpus_each": max(1, cores // actors), **row})
                 log(f"  {row['img_s']:.1f} img/s")
-            with ServedStack(model, work / "serve.log") as stack:
+            try:
+                served = ServedStack(model, work / "serve.log").__enter__()
+            except RuntimeError:
+                log("iei serve did not start; its log ends with:\n" + tail(work / "serve.log"))
+                raise
+            with served as stack:
                 for actors in (1, 2):
                     log(f"url mode, {actors} actor(s)")
                     row = measure(work, args.images, ["--url", stack.url], actors)
@@ -143,6 +150,13 @@ def main() -> int:
     write_docs({"meta": meta, "rows": rows})
     sys.stdout.write(render({"meta": meta, "rows": rows}) + "\n")
     return 0
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def cpu_name() -> str:

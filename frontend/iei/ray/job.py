@@ -35,7 +35,7 @@ log = logging.getLogger("iei")
 
 LIST_TASKS = 8  # folders listed at once
 READ_TASKS = 8  # batches of files read at once
-READ_BATCH = 64  # files per read task's batch
+BLOCK_BYTES = 1 << 20  # ~20 camera JPEGs, ~10k paths
 ROWS_PER_FILE = 10_000  # Parquet files of at least this many rows (the last one of a block less)
 ERRORS_SHOWN = 20
 
@@ -208,19 +208,23 @@ def pipeline(
         return
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = not args.no_progress
+    # An actor takes a block whole: small blocks spread the images of one folder over the
+    # actors (a repartition step would need a CPU of its own, which the actors hold).
+    context.target_max_block_size = min(context.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
     # Listing, reading and writing ask Ray for no CPU of their own: they mostly wait on the
     # store, and the model's actors are sized to the cores; their tasks are bounded instead.
     paths = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).flat_map(
         partial(expand, done=frozenset(done)), num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=LIST_TASKS),
     )  # fmt: skip
-    contents = paths.map_batches(
-        read_batch, batch_size=READ_BATCH, batch_format="pyarrow", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
-    )  # fmt: skip
     model_mode = args.model is not None
     actors, gpus, cpus = layout(model_mode, args.actors, args.actor_cpus)
     per_actor = max(1, math.ceil(args.concurrency / actors))
+    batch = args.batch_size * (1 if model_mode else per_actor)
+    contents = paths.map_batches(
+        read_batch, batch_size=batch, batch_format="pyarrow", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
+    )  # fmt: skip
     log.info(
         "ray: %d %s actor(s)%s", actors, "model" if model_mode else "service",
         f", {gpus:g} GPU and {cpus} CPU each" if model_mode
