@@ -32,6 +32,10 @@ BEGIN, END = "<!-- bench.ray: begin -->", "<!-- bench.ray: end -->"
 FEW = 8  # images of the short job (the actors' start-up)
 
 
+class SkipServed(Exception):
+    """--modes without url: no served stack."""
+
+
 def log(message: str) -> None:
     sys.stderr.write(f"[bench.ray {time.strftime('%H:%M:%S')}] {message}\n")
 
@@ -64,11 +68,17 @@ def job(folder: Path, out: Path, source: list[str], actors: int) -> float:
 
 
 def measure(work: Path, images: int, source: list[str], actors: int) -> dict[str, Any]:
+    warm = work / f"warm{source[0]}"
+    if not warm.exists():  # once per mode: caches (files, the model's first load, the server's)
+        job(image_folder(work, FEW), work / "out", source, 1)
+        warm.touch()
+    load = os.getloadavg()[0]
     few = job(image_folder(work, FEW), work / "out", source, actors)
     many = job(image_folder(work, images), work / "out", source, actors)
     rate = (images - FEW) / (many - few) if many > few else float("nan")
     return {"actors": actors, "images": images, "seconds": many, "startup_s": few,
-            "img_s": rate, "img_s_per_actor": rate / actors}  # fmt: skip
+            "img_s": rate, "img_s_per_actor": rate / actors, "load": load,
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
 
 
 def render(results: dict[str, Any]) -> str:
@@ -79,13 +89,15 @@ def render(results: dict[str, Any]) -> str:
         f"load average {meta['load_before']:.1f} before the run "
         f"({'a shared machine under load: compare the rows with each other, not with other machines' if meta['load_before'] > 1 else 'an idle machine'}).",  # noqa: E501
         "",
-        "| mode | actors | CPUs each | images/s | images/s per actor | actors' start-up |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| mode | actors | CPUs each | images/s | images/s per actor | actors' start-up | "
+        "load average | measured |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results["rows"]:
         lines.append(
             f"| {row['mode']} | {row['actors']} | {row['cpus_each']} | {row['img_s']:.1f} | "
-            f"{row['img_s_per_actor']:.1f} | {row['startup_s']:.0f} s |"
+            f"{row['img_s_per_actor']:.1f} | {row['startup_s']:.0f} s | "
+            f"{row.get('load', float('nan')):.1f} | {row.get('date', meta['date'])} |"
         )
     return "\n".join(lines)
 
@@ -105,6 +117,10 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=96, help="images of the long job")
     parser.add_argument("--model", default="vit-base", help="bench model (vit-base, vit-tiny)")
     parser.add_argument("--render-only", action="store_true", help="rewrite docs from ray.json")
+    parser.add_argument(
+        "--modes", default="model,url",
+        help="model, url or both; rows of a mode not run are kept from ray.json",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.render_only:
         write_docs(json.loads(RESULTS.read_text()))
@@ -129,11 +145,13 @@ def main() -> int:
         ray.init(num_cpus=cores, object_store_memory=512 * 2**20, include_dashboard=False,
                  logging_level="warning")  # fmt: skip
         try:
-            for actors in (1, 2):
+            for actors in (1, 2) if "model" in args.modes else ():
                 log(f"model mode, {actors} actor(s)")
                 row = measure(work, args.images, ["--model", str(model)], actors)
                 rows.append({"mode": "--model", "cpus_each": max(1, cores // actors), **row})
                 log(f"  {row['img_s']:.1f} img/s")
+            if "url" not in args.modes:
+                raise SkipServed
             try:
                 served = ServedStack(model, work / "serve.log").__enter__()
             except RuntimeError:
@@ -142,13 +160,24 @@ def main() -> int:
             with served as stack:
                 for actors in (1, 2):
                     log(f"url mode, {actors} actor(s)")
-                    row = measure(work, args.images, ["--url", stack.url], actors)
+                    # One request of 8 in flight per actor: this one server's queue must not
+                    # hold a request past IEI_REQUEST_TIMEOUT (a fleet takes more).
+                    source = ["--url", stack.url, "--concurrency", str(actors), "--batch-size", "8"]
+                    row = measure(work, args.images, source, actors)
                     rows.append({"mode": "--url", "cpus_each": 0.5, **row})
                     log(f"  {row['img_s']:.1f} img/s")
+        except SkipServed:
+            pass
         finally:
             ray.shutdown()
-    write_docs({"meta": meta, "rows": rows})
-    sys.stdout.write(render({"meta": meta, "rows": rows}) + "\n")
+    if RESULTS.exists():  # the other mode's rows of an earlier run (each row has its date)
+        earlier = json.loads(RESULTS.read_text())
+        run = {row["mode"] for row in rows}
+        rows = [r for r in earlier["rows"] if r["mode"] not in run] + rows
+        rows.sort(key=lambda r: (r["mode"] != "--model", r["actors"]))
+    results = {"meta": meta, "rows": rows}
+    write_docs(results)
+    sys.stdout.write(render(results) + "\n")
     return 0
 
 

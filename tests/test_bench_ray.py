@@ -18,7 +18,8 @@ def results(load: float) -> dict:
             "images": 64}  # fmt: skip
     rows = [
         {"mode": "--model", "actors": 2, "cpus_each": 1, "img_s": 3.0, "img_s_per_actor": 1.5,
-         "startup_s": 40.0, "images": 64, "seconds": 60.0},
+         "startup_s": 40.0, "images": 64, "seconds": 60.0, "load": 7.5,
+         "date": "2026-12-05 08:01 UTC"},
     ]  # fmt: skip
     return {"meta": meta, "rows": rows}
 
@@ -26,7 +27,7 @@ def results(load: float) -> dict:
 def test_the_table_names_the_command_and_says_when_the_machine_was_loaded():
     text = bench_ray.render(results(load=9.0))
     assert "`.venv/bin/python -m bench.ray`" in text and "under load" in text
-    assert "| --model | 2 | 1 | 3.0 | 1.5 | 40 s |" in text
+    assert "| --model | 2 | 1 | 3.0 | 1.5 | 40 s | 7.5 | 2026-12-05 08:01 UTC |" in text
     assert "under load" not in bench_ray.render(results(load=0.2))
 
 

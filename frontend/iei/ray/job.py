@@ -313,8 +313,17 @@ def summarize(out: str, done: set[str], started: float, roots: Iterable[Any]) ->
 
 
 def first_line(exc: BaseException) -> str:
+    """The innermost cause (a task's error reaches the driver wrapped by Ray), in one line."""
+    seen = {id(exc)}
+    while True:
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        exc = inner
+        seen.add(id(exc))
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("ray::", "\x1b"))]
+    return f"{type(exc).__name__}: {lines[-1] if lines else text}"
 
 
 def available_cores() -> int:
