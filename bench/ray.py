@@ -112,6 +112,16 @@ def write_docs(results: dict[str, Any]) -> None:
     bulk.write_text(f"{head}{BEGIN}\n{render(results)}\n{END}{tail}")
 
 
+def save(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """This run's rows, and the rows of modes it did not run from the earlier ray.json."""
+    kept = list(rows)
+    if RESULTS.exists():
+        run = {row["mode"] for row in rows}
+        kept += [r for r in json.loads(RESULTS.read_text())["rows"] if r["mode"] not in run]
+    kept.sort(key=lambda r: (r["mode"] != "--model", r["actors"]))
+    write_docs({"meta": meta, "rows": kept})
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ray", description=__doc__)
     parser.add_argument("--images", type=int, default=96, help="images of the long job")
@@ -137,7 +147,14 @@ def main() -> int:
         "model": "ViT-B/16" if args.model == "vit-base" else args.model,
         "images": args.images,
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        """Into ray.json and docs/bulk.md at once (a later failure loses nothing)."""
+        rows.append(row)
+        save(meta, rows)
+        log(f"  {row['img_s']:.1f} img/s")
+
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as temp:
         work = Path(temp)
         model = build_model(args.model, work / args.model)
@@ -148,8 +165,7 @@ def main() -> int:
             for actors in (1, 2) if "model" in args.modes else ():
                 log(f"model mode, {actors} actor(s)")
                 row = measure(work, args.images, ["--model", str(model)], actors)
-                rows.append({"mode": "--model", "cpus_each": max(1, cores // actors), **row})
-                log(f"  {row['img_s']:.1f} img/s")
+                keep({"mode": "--model", "cpus_each": max(1, cores // actors), **row})
             if "url" not in args.modes:
                 raise SkipServed
             try:
@@ -164,20 +180,12 @@ def main() -> int:
                     # hold a request past IEI_REQUEST_TIMEOUT (a fleet takes more).
                     source = ["--url", stack.url, "--concurrency", str(actors), "--batch-size", "8"]
                     row = measure(work, args.images, source, actors)
-                    rows.append({"mode": "--url", "cpus_each": 0.5, **row})
-                    log(f"  {row['img_s']:.1f} img/s")
+                    keep({"mode": "--url", "cpus_each": 0.5, **row})
         except SkipServed:
             pass
         finally:
             ray.shutdown()
-    if RESULTS.exists():  # the other mode's rows of an earlier run (each row has its date)
-        earlier = json.loads(RESULTS.read_text())
-        run = {row["mode"] for row in rows}
-        rows = [r for r in earlier["rows"] if r["mode"] not in run] + rows
-        rows.sort(key=lambda r: (r["mode"] != "--model", r["actors"]))
-    results = {"meta": meta, "rows": rows}
-    write_docs(results)
-    sys.stdout.write(render(results) + "\n")
+    sys.stdout.write(RESULTS.read_text() + "\n")
     return 0
 
 

@@ -61,8 +61,9 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="images per request (default 16, at most the server's max_client_batch_size)",
     )  # fmt: skip
     parser.add_argument(
-        "--retries", type=int, default=4,
-        help="retries of a request answered 429/503 or not answered, with back-off (default 4)",
+        "--retries", type=int,
+        help="retries of a request answered 429/503 or not answered, with back-off (default 4; "
+        "8 with --ray, about 90 s: a job outlives a server's restart)",
     )  # fmt: skip
     parser.add_argument(
         "--raw", action="store_true", help="keep raw vectors (default: unit length)"
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         from .client.bulk import run_embed
 
         args.url = args.url or DEFAULT_URL
+        args.retries = 4 if args.retries is None else args.retries
         return run_embed(args)
     from .client.similar import run_search, run_similar
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -38,6 +39,8 @@ READ_TASKS = 8  # batches of files read at once
 BLOCK_BYTES = 1 << 20  # ~20 camera JPEGs, ~10k paths
 ROWS_PER_FILE = 10_000  # Parquet files of at least this many rows (the last one of a block less)
 ERRORS_SHOWN = 20
+RAY_RETRIES = 8  # back-off 0.5 s doubling, at most 30 s: about 90 s in all
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout)\w*: ")
 
 
 # --- the output folder -------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def pipeline(
         vectors = embed_dataset(
             contents, url=args.url, actors=actors, batch_size=args.batch_size,
             normalize=not args.raw, api_key=args.api_key, in_flight=per_actor,
-            retries=args.retries,
+            retries=RAY_RETRIES if args.retries is None else args.retries,
         )  # fmt: skip
     filesystem, folder = output_location(out)
     vectors.write_parquet(
@@ -313,17 +316,24 @@ def summarize(out: str, done: set[str], started: float, roots: Iterable[Any]) ->
 
 
 def first_line(exc: BaseException) -> str:
-    """The innermost cause (a task's error reaches the driver wrapped by Ray), in one line."""
-    seen = {id(exc)}
-    while True:
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException) or id(inner) in seen:
-            break
-        exc = inner
-        seen.add(id(exc))
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("ray::", "\x1b"))]
-    return f"{type(exc).__name__}: {lines[-1] if lines else text}"
+    """The task's own error in one line: Ray wraps it (RayTaskError, UserCodeException) with the
+    remote traceback in the text, so the last `SomeError: message` line of the chain is it."""
+    texts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts.append(f"{type(current).__name__}: {current}")
+        inner = getattr(current, "cause", None) or current.__cause__
+        current = inner if isinstance(inner, BaseException) else None
+    errors = [
+        line.strip()
+        for text in texts
+        for line in text.splitlines()
+        if ERROR_LINE.match(line.strip())
+        and "UserCodeException" not in line
+        and not line.strip().startswith(("RayTaskError", "ray::"))
+    ]
+    return errors[-1] if errors else texts[-1].splitlines()[0]
 
 
 def available_cores() -> int:
