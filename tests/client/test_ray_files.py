@@ -153,3 +153,28 @@ def test_actors_are_sized_from_the_cluster(
 
     monkeypatch.setattr(ray, "nodes", lambda: cluster)
     assert layout(model_mode, actors, actor_cpus) == expected
+
+
+def test_a_failed_job_names_the_task_s_own_error():
+    from iei.ray.job import first_line
+
+    class UserCodeException(Exception):  # Ray's wrapper: its text is a hint, the cause is ours
+        pass
+
+    error = "iei.client.errors.UnavailableError: 503 Unhealthy: the inference server is unreachable"
+    remote = f"ray::MapWorker(ServiceEmbedder).submit()\n  File ...\n{error}"
+    try:
+        try:
+            raise RuntimeError(remote)
+        except RuntimeError as exc:
+            raise UserCodeException("To change retry attempts, configure DataContext") from exc
+    except UserCodeException as exc:
+        assert first_line(exc) == error
+    assert first_line(ValueError("plain\nmore")) == "ValueError: plain"
+
+
+def test_retries_default_to_more_with_ray():
+    from iei.cli import parser
+
+    args = parser().parse_args(["embed", "x", "--out", "y", "--ray"])
+    assert args.retries is None and args.ray == "local"  # the job reads None as RAY_RETRIES
