@@ -168,19 +168,23 @@ def main() -> int:
                 keep({"mode": "--model", "cpus_each": max(1, cores // actors), **row})
             if "url" not in args.modes:
                 raise SkipServed
+            served = ServedStack(model, work / "serve.log")
             try:
-                served = ServedStack(model, work / "serve.log").__enter__()
+                served.__enter__()
             except RuntimeError:
                 log("iei serve did not start; its log ends with:\n" + tail(work / "serve.log"))
                 raise
-            with served as stack:
+            try:
                 for actors in (1, 2):
                     log(f"url mode, {actors} actor(s)")
                     # One request of 8 in flight per actor: this one server's queue must not
                     # hold a request past IEI_REQUEST_TIMEOUT (a fleet takes more).
-                    source = ["--url", stack.url, "--concurrency", str(actors), "--batch-size", "8"]
+                    source = ["--url", served.url, "--concurrency", str(actors)]
+                    source += ["--batch-size", "8"]
                     row = measure(work, args.images, source, actors)
                     keep({"mode": "--url", "cpus_each": 0.5, **row})
+            finally:
+                served.__exit__()  # (entered once: `with` would start a second server)
         except SkipServed:
             pass
         finally:
