@@ -83,9 +83,13 @@ def measure(work: Path, images: int, source: list[str], actors: int) -> dict[str
 
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
+    run = dict.fromkeys(r.get("command", meta["command"]) for r in results["rows"]) or {
+        meta["command"]: None
+    }
+    commands = " and ".join(f"`{c}`" for c in run)
     lines = [
         f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), with "
-        f"`{meta['command']}`: {meta['model']}, {meta['images']} JPEGs of 500x375, "
+        f"{commands}: {meta['model']}, {meta['images']} JPEGs of 500x375, "
         f"load average {meta['load_before']:.1f} before the run "
         f"({'a shared machine under load: compare the rows with each other, not with other machines' if meta['load_before'] > 1 else 'an idle machine'}).",  # noqa: E501
         "",
@@ -151,7 +155,7 @@ def main() -> int:
 
     def keep(row: dict[str, Any]) -> None:
         """Into ray.json and docs/bulk.md at once (a later failure loses nothing)."""
-        rows.append(row)
+        rows.append({**row, "command": meta["command"]})
         save(meta, rows)
         log(f"  {row['img_s']:.1f} img/s")
 
