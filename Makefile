@@ -19,13 +19,13 @@ STAMP  := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## create .venv with the service, Triton and the test tools
+setup: $(STAMP) ## create .venv with the service, Triton, Ray Data and the test tools
 
 $(STAMP): pyproject.toml
 	$(if $(call SUPPORTED_PYTHON,$(PYTHON)),,$(error $(NO_PYTHON)))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[serve,engines,dev,tools]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,engines,dev,tools,ray]'
 	@touch $(STAMP)
 
 run: setup ## serve IMAGE_EMBEDDING_MODEL with Triton + the HTTP frontend on IEI_BIND
@@ -62,9 +62,10 @@ fuzz: setup ## a longer property-based run against the real stack (IEI_FUZZ_EXAM
 load: setup ## a bounded load test on loopback (LOAD_CLIENTS, LOAD_SECONDS), figures for docs/reliability.md
 	$(BIN)/python -m tests.load --clients $${LOAD_CLIENTS:-16} --seconds $${LOAD_SECONDS:-120}
 
-bench: setup ## measure the model's limit and the served stack; writes docs/benchmarks.md
-	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench]'
+bench: setup ## measure the model's limit, the served stack and Ray jobs; writes docs/benchmarks.md, docs/bulk.md
+	$(BIN)/python -m pip install --quiet -e '.[serve,engines,bench,ray]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.ray
 
 # The GPU path in one run of at most 8 minutes (the CPU where there is no GPU). With gpu-bundle/
 # (`make gpu-bundle`, made where the package index answers): offline, with the host's own Python

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_ONLY = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "tritonclient",
                "prometheus_client", "pybase64", "aiohttp", "python_multipart"}  # fmt: skip
 HEAVY = {"torch", "torchvision", "transformers"}
+RAY = {"ray", "pyarrow", "pandas", "fsspec"}  # `iei.ray` alone imports these
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def test_the_base_install_is_the_client_and_the_extras_add_the_parts(wheel):
     assert {"iei", "torch", "torchvision"} == by_extra["serve"]
     assert {"iei", "torch", "torchvision", "nvidia-nvimgcodec-cu12"} <= by_extra["serve-cu12"]
     assert not HEAVY & by_extra["server"]
+    # Bulk jobs: Ray Data with the NumPy 1.x that nvidia-pytriton needs (pyarrow < 26).
+    assert {"ray", "pyarrow", "fsspec"} == by_extra["ray"]
 
 
 def test_the_client_and_its_commands_import_nothing_of_the_server():
@@ -66,4 +69,11 @@ def test_the_client_and_its_commands_import_nothing_of_the_server():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     loaded = set(eval(result.stdout))  # noqa: S307 (our own subprocess's list of names)
-    assert not (SERVER_ONLY | HEAVY) & loaded
+    assert not (SERVER_ONLY | HEAVY | RAY) & loaded
+
+
+def test_the_makefile_s_setup_installs_the_ray_extra():
+    makefile = (ROOT / "Makefile").read_text()
+    [line] = [line for line in makefile.splitlines() if "pip install" in line and "dev" in line]
+    extras = line.split("'.[")[1].split("]'")[0].split(",")
+    assert "ray" in extras, line

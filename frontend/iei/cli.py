@@ -44,16 +44,19 @@ def positive(value: str) -> int:
 
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
+    # Strings, not Paths: with --ray they may be URIs (Path would fold s3:// into s3:/).
     parser.add_argument(
-        "paths", nargs="+", type=Path, metavar="PATH", help="image files and folders"
-    )
+        "paths", nargs="+", metavar="PATH",
+        help="image files and folders; with --ray also URIs (s3://bucket/prefix, file:///...)",
+    )  # fmt: skip
     parser.add_argument(
         "--out",
         required=True,
-        type=Path,
-        help="result file: .jsonl, .npy (+ .ids.json) or .parquet",
+        help="result file: .jsonl, .npy (+ .ids.json) or .parquet; with --ray a folder (or URI) "
+        "of Parquet files",
     )
     add_service_arguments(parser)
+    parser.set_defaults(url=None)  # DEFAULT_URL unless --ray --model (main sets it)
     parser.add_argument(
         "--concurrency", type=positive, default=4, help="requests in flight (default 4)"
     )
@@ -62,8 +65,9 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="images per request (default 16, at most the server's max_client_batch_size)",
     )  # fmt: skip
     parser.add_argument(
-        "--retries", type=int, default=4,
-        help="retries of a request answered 429/503 or not answered, with back-off (default 4)",
+        "--retries", type=int,
+        help="retries of a request answered 429/503 or not answered, with back-off (default 4; "
+        "8 with --ray, about 90 s: a job outlives a server's restart)",
     )  # fmt: skip
     parser.add_argument(
         "--raw", action="store_true", help="keep raw vectors (default: unit length)"
@@ -73,6 +77,33 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group(
+        "bulk jobs on Ray Data (the `ray` extra; docs/bulk.md)",
+        "--out is then a folder of Parquet files (path, embedding, sha256, error), written as the "
+        "job goes; the model runs in Ray's actors (--model) or they call a service (--url).",
+    )
+    ray.add_argument(
+        "--ray", nargs="?", const="local", metavar="local|auto|ADDRESS",
+        help="run as a Ray Data job: `local` (the default) starts Ray on this machine's cores, "
+        "`auto` joins the cluster this machine belongs to, ADDRESS joins that one",
+    )  # fmt: skip
+    ray.add_argument(
+        "--model", help="with --ray: this model (hub id or folder) in Ray's actors, no service"
+    )
+    ray.add_argument(
+        "--actors", type=positive,
+        help="with --ray: actors (default: one per GPU, else one per node with its cores; "
+        "with --url one per node, --concurrency requests in flight among them)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--actor-cpus", type=positive,
+        help="with --ray --model on CPUs: cores (torch threads) per actor (default: the node's "
+        "cores shared by its actors)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16", "int8"),
+        help="with --ray --model: IEI_DTYPE in the actors (default: $IEI_DTYPE, else auto)",
+    )  # fmt: skip
 
 
 def add_query_arguments(parser: argparse.ArgumentParser, metavar: str, what: str) -> None:
@@ -167,8 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args.command, args.models)
     # The client's dependencies only, imported when a tool runs.
     if args.command == "embed":
+        if args.ray is not None:
+            try:
+                from .ray.job import run_ray_embed
+            except ImportError as exc:
+                log.error("--ray needs the ray extra (%s is not installed): "
+                          "pip install 'iei[ray]'", exc.name)  # fmt: skip
+                return 2
+            return run_ray_embed(args)
+        if args.model is not None:
+            log.error("--model runs the model in Ray's actors: it needs --ray")
+            return 2
         from .client.bulk import run_embed
 
+        args.url = args.url or DEFAULT_URL
+        args.retries = 4 if args.retries is None else args.retries
         return run_embed(args)
     from .client.similar import run_search, run_similar
 

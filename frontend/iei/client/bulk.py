@@ -156,11 +156,14 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    out: Path = args.out
+    out = Path(args.out)
     started = time.perf_counter()
     try:
+        uris = [p for p in map(str, [*args.paths, args.out]) if "://" in p]
+        if uris:
+            raise BulkError(f"{uris[0]}: URIs need a Ray Data job (--ray, docs/bulk.md)")
         output_format(out)
-        paths = find_images(args.paths)
+        paths = find_images(map(Path, args.paths))
         if not paths:
             raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
         done = prepare(out, args.resume, args.overwrite)

@@ -1,0 +1,345 @@
+"""`iei embed PATH... --out DIR --ray [local|auto|ADDRESS]`: the same command as a Ray Data job.
+
+    list (tasks, one per folder) -> read + SHA-256 (tasks) -> embed (actors) -> write_parquet
+
+The driver lists each root one level deep; the folders below are walked by Ray's tasks, so a
+catalogue spread over folders or prefixes is listed in parallel, and the files are read in
+parallel by other tasks. The vectors go to a folder of Parquet files (`path`, `embedding`,
+`sha256`, `error`) written while the job runs; a file that cannot be read or decoded gets a row
+with its `error` and no `embedding`, and the job goes on. `--resume` keeps the rows written
+(a file cut short by a killed run is dropped), drops the rows with an error, and embeds the
+files that have no vector yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs
+
+from ..client.index_files import BulkError
+from . import embed_dataset
+from .files import list_roots, locate, read_files, walk_folder
+
+log = logging.getLogger("iei")
+
+LIST_TASKS = 8  # folders listed at once
+READ_TASKS = 8  # batches of files read at once
+BLOCK_BYTES = 1 << 20  # ~20 camera JPEGs, ~10k paths
+ROWS_PER_FILE = 10_000  # Parquet files of at least this many rows (the last one of a block less)
+ERRORS_SHOWN = 20
+RAY_RETRIES = 8  # back-off 0.5 s doubling, at most 30 s: about 90 s in all
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout)\w*: ")
+
+
+# --- the output folder -------------------------------------------------------------------------
+
+
+def output_location(out: str) -> tuple[Any, str]:
+    """The output folder's pyarrow filesystem and path there."""
+    location = locate(out)
+    return location.filesystem or fs.LocalFileSystem(), location.path
+
+
+def parquet_files(filesystem: Any, folder: str) -> list[str]:
+    selector = fs.FileSelector(folder, recursive=True, allow_not_found=True)
+    return sorted(
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == fs.FileType.File and info.path.endswith(".parquet")
+    )
+
+
+@dataclass
+class Written:
+    """What an output folder holds: embedded paths, and the rows with an error."""
+
+    embedded: set[str] = field(default_factory=set)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    vectors: int = 0
+
+
+def read_written(filesystem: Any, folder: str, *, repair: bool, paths: bool) -> Written:
+    """The folder's rows. With `repair` (a resume): a file that cannot be read (cut short by a
+    killed run) is deleted, and rows with an error are dropped (their files are tried again).
+    Without `paths`, only counts and the errors (from each file's statistics where it can)."""
+    written = Written()
+    for name in parquet_files(filesystem, folder):
+        try:
+            with filesystem.open_input_file(name) as file:
+                meta = pq.ParquetFile(file).metadata
+                if "error" not in meta.schema.names:
+                    raise BulkError(f"{name}: no `error` column (not written by `iei embed --ray`)")
+                clean = null_count(meta, "error") == meta.num_rows  # no row with an error
+                table = None
+                if paths or not clean:
+                    file.seek(0)
+                    table = pq.read_table(file, columns=["path", "error"])
+        except (OSError, pa.ArrowException) as exc:
+            if not repair:
+                raise BulkError(f"{name}: not a Parquet file ({exc})") from None
+            log.warning("%s: unreadable (cut short by a killed run?), removed: %s", name, exc)
+            filesystem.delete_file(name)
+            continue
+        if table is None:
+            written.vectors += meta.num_rows
+            continue
+        rows = table.to_pylist()
+        failed = [(r["path"], r["error"]) for r in rows if r["error"] is not None]
+        written.vectors += len(rows) - len(failed)
+        if paths:
+            written.embedded.update(r["path"] for r in rows if r["error"] is None)
+        if failed and repair:
+            drop_error_rows(filesystem, name)
+        else:
+            written.errors += failed
+    return written
+
+
+def null_count(meta: Any, column: str) -> int:
+    """Nulls of `column` over the file, from its statistics; -1 where they are missing."""
+    index = meta.schema.names.index(column)
+    total = 0
+    for group in range(meta.num_row_groups):
+        statistics = meta.row_group(group).column(index).statistics
+        if statistics is None or not statistics.has_null_count:
+            return -1
+        total += statistics.null_count
+    return total
+
+
+def drop_error_rows(filesystem: Any, name: str) -> None:
+    """Rewrite a file without its rows that have an error (through a temporary name)."""
+    with filesystem.open_input_file(name) as file:
+        table = pq.read_table(file)
+    kept = table.filter(table.column("error").is_null())
+    if kept.num_rows:
+        partial = name + ".partial"
+        with filesystem.open_output_stream(partial) as out:
+            pq.write_table(kept, out)
+        filesystem.move(partial, name)
+    else:
+        filesystem.delete_file(name)
+
+
+def prepare_output(out: str, resume: bool, overwrite: bool) -> set[str]:
+    """Check --out (a folder), empty it for --overwrite; for --resume, what is embedded."""
+    filesystem, folder = output_location(out)
+    info = filesystem.get_file_info(folder)
+    if info.type == fs.FileType.File:
+        raise BulkError(f"{out} is a file: with --ray, --out is a folder of Parquet files")
+    if info.type != fs.FileType.Directory:
+        return set()
+    if not parquet_files(filesystem, folder):
+        return set()
+    if resume:
+        return read_written(filesystem, folder, repair=True, paths=True).embedded
+    if not overwrite:
+        raise BulkError(f"{out} holds results: continue with --resume, or replace with --overwrite")
+    filesystem.delete_dir_contents(folder)
+    return set()
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+
+def connect(address: str, cores: int) -> bool:
+    """Start a local Ray on this machine's cores, or join a cluster; False when this process
+    already had Ray (then it is left running)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(num_cpus=cores, include_dashboard=False)
+    else:
+        ray.init(address=address)
+    return True
+
+
+def layout(model_mode: bool, actors: int | None, actor_cpus: int | None) -> tuple[int, float, int]:
+    """(actors, GPUs per actor, CPUs per actor) from the cluster: a model actor per GPU where
+    there are GPUs, else one per node using the node's cores; a service actor per node."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = int(sum(n.get("GPU", 0) for n in nodes))
+    node_cpus = min(int(n.get("CPU", 1)) for n in nodes) if nodes else 1
+    if not model_mode:
+        return actors or len(nodes) or 1, 0, 0
+    if gpus:
+        return actors or gpus, 1, actor_cpus or 1
+    count = actors or len(nodes) or 1
+    per_node = math.ceil(count / max(1, len(nodes)))
+    return count, 0, actor_cpus or max(1, node_cpus // per_node)
+
+
+def expand(row: dict[str, Any], done: frozenset[str]) -> list[dict[str, Any]]:
+    """A listing row (a file, or a folder to walk) -> the files still to embed."""
+    names = walk_folder(row["name"]) if row["folder"] else [row["name"]]
+    return [{"path": name} for name in names if name not in done]
+
+
+def read_batch(batch: pa.Table) -> pa.Table:
+    """Paths -> their content, SHA-256, or why they could not be read."""
+    reads = list(read_files(batch.column("path").to_pylist()))
+    return batch.append_column("bytes", pa.array([r.content for r in reads], pa.binary())) \
+        .append_column("sha256", pa.array([r.sha256 for r in reads], pa.string())) \
+        .append_column("error", pa.array([r.error for r in reads], pa.string()))  # fmt: skip
+
+
+def pipeline(
+    files: list[str], folders: list[str], done: set[str], out: str, args: argparse.Namespace
+) -> None:
+    """Build and run the job; returns when every row is written."""
+    import ray.data
+
+    items = [{"name": f, "folder": False} for f in files if f not in done]
+    items += [{"name": d, "folder": True} for d in folders]
+    if not items:
+        return
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = not args.no_progress
+    # An actor takes a block whole: small blocks spread the images of one folder over the
+    # actors (a repartition step would need a CPU of its own, which the actors hold).
+    context.target_max_block_size = min(context.target_max_block_size or BLOCK_BYTES, BLOCK_BYTES)
+    # Listing, reading and writing ask Ray for no CPU of their own: they mostly wait on the
+    # store, and the model's actors are sized to the cores; their tasks are bounded instead.
+    paths = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).flat_map(
+        partial(expand, done=frozenset(done)), num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=LIST_TASKS),
+    )  # fmt: skip
+    model_mode = args.model is not None
+    actors, gpus, cpus = layout(model_mode, args.actors, args.actor_cpus)
+    per_actor = max(1, math.ceil(args.concurrency / actors))
+    batch = args.batch_size * (1 if model_mode else per_actor)
+    contents = paths.map_batches(
+        read_batch, batch_size=batch, batch_format="pyarrow", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
+    )  # fmt: skip
+    log.info(
+        "ray: %d %s actor(s)%s", actors, "model" if model_mode else "service",
+        f", {gpus:g} GPU and {cpus} CPU each" if model_mode
+        else f", {per_actor} request(s) in flight each",
+    )  # fmt: skip
+    if model_mode:
+        vectors = embed_dataset(
+            contents, model=args.model, actors=actors, batch_size=args.batch_size,
+            normalize=not args.raw, num_gpus=gpus, num_cpus=cpus,
+            threads=None if gpus else cpus, dtype=args.dtype,
+        )  # fmt: skip
+    else:
+        vectors = embed_dataset(
+            contents, url=args.url, actors=actors, batch_size=args.batch_size,
+            normalize=not args.raw, api_key=args.api_key, in_flight=per_actor,
+            retries=RAY_RETRIES if args.retries is None else args.retries,
+        )  # fmt: skip
+    filesystem, folder = output_location(out)
+    vectors.write_parquet(
+        folder, filesystem=filesystem, min_rows_per_file=ROWS_PER_FILE,
+        ray_remote_args={"num_cpus": 0},
+    )  # fmt: skip
+
+
+def run_ray_embed(args: argparse.Namespace) -> int:
+    """`iei embed ... --ray`: exit status 0 when the job ran (skipped files are reported), 2 for
+    a bad argument, 1 when the job failed (what was written stays; continue with --resume)."""
+    started = time.perf_counter()
+    out = str(args.out)
+    try:
+        if args.model is None and args.url is None:
+            raise BulkError("--ray needs --model MODEL (the model in Ray's actors) or --url URL")
+        if args.model is not None and args.url is not None:
+            raise BulkError("--model and --url: give one (the model in Ray's actors, or a service)")
+        done = prepare_output(out, args.resume, args.overwrite)
+        # The roots, one level deep, before Ray starts: a wrong path fails at once.
+        files, folders = list_roots(str(p) for p in args.paths)
+    except (BulkError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    cores = available_cores()
+    try:
+        owned = connect(args.ray, cores)
+    except Exception as exc:  # ray.init's many ways to fail: one line
+        log.error("cannot start or join Ray (--ray %s): %s", args.ray, exc)
+        return 2
+    try:
+        pipeline(files, folders, done, out, args)
+    except BulkError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: what was written stays in %s; continue with --resume", out)
+        return 130
+    except Exception as exc:
+        log.error("the job failed: %s (what was written stays in %s; continue with --resume)",
+                  first_line(exc), out)  # fmt: skip
+        return 1
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+    return summarize(out, done, started, args.paths)
+
+
+def summarize(out: str, done: set[str], started: float, roots: Iterable[Any]) -> int:
+    filesystem, folder = output_location(out)
+    written = read_written(filesystem, folder, repair=False, paths=False)
+    for path, reason in written.errors[:ERRORS_SHOWN]:
+        log.warning("skipped %s: %s", path, reason)
+    if len(written.errors) > ERRORS_SHOWN:
+        log.warning("... and %d more skipped (the rows with an `error` in %s)",
+                    len(written.errors) - ERRORS_SHOWN, out)  # fmt: skip
+    if not written.vectors and not written.errors:
+        log.error("no image files in %s", ", ".join(map(str, roots)))
+        return 2
+    embedded = written.vectors - len(done)
+    seconds = time.perf_counter() - started
+    rate = embedded / seconds if seconds > 0 else 0.0
+    sys.stdout.write(
+        f"embedded {embedded} images, skipped {len(written.errors)}, {len(done)} already done, "
+        f"in {seconds:.1f} s ({rate:.1f} images/s) -> {out} ({written.vectors} vectors)\n"
+    )
+    return 0
+
+
+def first_line(exc: BaseException) -> str:
+    """The task's own error in one line: Ray wraps it (RayTaskError, UserCodeException) with the
+    remote traceback in the text, so the last `SomeError: message` line of the chain is it."""
+    texts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts.append(f"{type(current).__name__}: {current}")
+        inner = getattr(current, "cause", None) or current.__cause__
+        current = inner if isinstance(inner, BaseException) else None
+    errors = [
+        line.strip()
+        for text in texts
+        for line in text.splitlines()
+        if ERROR_LINE.match(line.strip())
+        and "UserCodeException" not in line
+        and not line.strip().startswith(("RayTaskError", "ray::"))
+    ]
+    return errors[-1] if errors else texts[-1].splitlines()[0]
+
+
+def available_cores() -> int:
+    """This machine's usable cores (affinity and cgroup quota), by the model repository's rule."""
+    from ..launcher.models import repository_module
+    from .actors import model_repository
+
+    resources = repository_module(model_repository() / "iei_runtime" / "resources.py")
+    return int(resources.available_cores()) if resources is not None else 1

@@ -1,0 +1,180 @@
+"""`iei embed --ray` without Ray: listing and reading local paths and URIs, the output folder's
+resume bookkeeping, and the arguments refused before Ray starts."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from iei.cli import main  # noqa: E402
+from iei.client.bulk import find_images  # noqa: E402
+from iei.client.index_files import BulkError  # noqa: E402
+from iei.ray.files import list_roots, locate, read_file, walk_folder  # noqa: E402
+from iei.ray.job import prepare_output, read_written  # noqa: E402
+from pyarrow.fs import LocalFileSystem  # noqa: E402
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "z").mkdir()
+    for name in ("top.JPG", "a/one.png", "a/deep/two.webp", "z/three.gif", "a/notes.txt"):
+        (root / name).write_bytes(name.encode())
+    (root / "gone.png").symlink_to(root / "nowhere.png")
+    (root / "linked").symlink_to(root / "z")  # a link to a folder is not followed
+    return root
+
+
+def listed(roots: list[str]) -> list[str]:
+    files, folders = list_roots(roots)
+    return sorted([*files, *(f for folder in folders for f in walk_folder(folder))])
+
+
+def test_a_local_folder_lists_the_files_iei_embed_walks(tree):
+    assert listed([str(tree)]) == sorted(find_images([tree]))
+    files, folders = list_roots([str(tree)])
+    assert folders == [str(tree / "a"), str(tree / "z")]  # each walked by a task of its own
+    assert str(tree / "gone.png") in files  # reported as unreadable, as iei embed does
+
+
+def test_a_uri_names_its_files_by_uri(tree):
+    (tree / "linked").unlink()  # links are a local filesystem's (pyarrow's file:// follows them)
+    for scheme in ("file", "local"):  # pyarrow's filesystem, fsspec's
+        names = listed([f"{scheme}://{tree}"])
+        assert names == sorted(f"{scheme}://{p}" for p in find_images([tree]) if "gone" not in p)
+        content = read_file(names[0])
+        assert content.content == Path(names[0].split("://", 1)[1]).read_bytes()
+        assert content.sha256 == hashlib.sha256(content.content).hexdigest()
+
+
+def test_a_relative_path_becomes_absolute_and_a_missing_one_is_refused(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    assert locate("a").path == str(tree / "a")
+    with pytest.raises(BulkError, match="no such file or folder"):
+        list_roots(["missing"])
+    with pytest.raises(BulkError, match="no such file or folder"):
+        list_roots([f"file://{tree}/missing"])
+
+
+def test_an_unreadable_file_is_a_reason_not_an_exception(tree):
+    assert read_file(str(tree / "gone.png")).error == "cannot read: No such file or directory"
+    assert read_file(str(tree / "gone.png")).sha256 is None
+
+
+def part(folder: Path, name: str, rows: list[tuple[str, list[float] | None, str | None]]) -> Path:
+    table = pa.table(
+        {
+            "path": [r[0] for r in rows],
+            "embedding": pa.array([r[1] for r in rows], pa.list_(pa.float32())),
+            "sha256": ["0" * 64] * len(rows),
+            "error": pa.array([r[2] for r in rows], pa.string()),
+        }
+    )
+    folder.mkdir(exist_ok=True)
+    pq.write_table(table, folder / name)
+    return folder / name
+
+
+def test_resume_keeps_vectors_drops_errors_and_files_cut_short(tmp_path, caplog):
+    out = tmp_path / "vectors"
+    part(out, "clean.parquet", [("a", [1.0], None), ("b", [2.0], None)])
+    mixed = part(out, "mixed.parquet", [("c", [3.0], None), ("d", None, "not an image")])
+    errors_only = part(out, "bad.parquet", [("e", None, "cannot read: gone")])
+    (out / "cut.parquet").write_bytes(b"PAR1 and then nothing")
+    with pytest.raises(BulkError, match="--resume"):
+        prepare_output(str(out), resume=False, overwrite=False)
+    with caplog.at_level(logging.WARNING, "iei"):
+        done = prepare_output(str(out), resume=True, overwrite=False)
+    assert done == {"a", "b", "c"}
+    assert "cut.parquet: unreadable" in caplog.text and not (out / "cut.parquet").exists()
+    assert not errors_only.exists()
+    assert pq.read_table(mixed).column("path").to_pylist() == ["c"]
+    assert prepare_output(str(out), resume=False, overwrite=True) == set()
+    assert list(out.iterdir()) == []
+
+
+def test_the_summary_counts_vectors_and_errors_from_the_files(tmp_path):
+    out = tmp_path / "vectors"
+    part(out, "one.parquet", [("a", [1.0], None), ("b", None, "not an image")])
+    part(out, "two.parquet", [("c", [3.0], None)])
+    written = read_written(LocalFileSystem(), str(out), repair=False, paths=False)
+    assert written.vectors == 2 and written.errors == [("b", "not an image")]
+
+
+def test_a_file_for_out_is_refused(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(BulkError, match="is a file"):
+        prepare_output(str(tmp_path / "x.parquet"), resume=False, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--ray"], "--ray needs --model MODEL"),
+        (["--ray", "--model", "m", "--url", "http://x"], "give one"),
+        (["--model", "m"], "it needs --ray"),
+        (["--url", "http://127.0.0.1:9"], "URIs need a Ray Data job"),
+    ],
+)
+def test_arguments_refused_before_ray_starts(tmp_path, caplog, arguments, message):
+    source = "s3://bucket/photos" if "URIs" in message else str(tmp_path)
+    with caplog.at_level(logging.ERROR, "iei"):
+        status = main(["embed", source, "--out", str(tmp_path / "out"), *arguments])
+    assert status == 2
+    assert message in caplog.text
+
+
+def nodes(*resources: dict[str, float]) -> list[dict]:
+    return [{"Alive": True, "Resources": r} for r in resources]
+
+
+@pytest.mark.parametrize(
+    ("cluster", "model_mode", "actors", "actor_cpus", "expected"),
+    [
+        (nodes({"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2}), True, None, None, (4, 1, 1)),
+        (nodes({"CPU": 8}, {"CPU": 8}), True, None, None, (2, 0, 8)),  # one per node, its cores
+        (nodes({"CPU": 8}), True, 2, None, (2, 0, 4)),  # actors share a node's cores
+        (nodes({"CPU": 8}), True, 3, 2, (3, 0, 2)),
+        (nodes({"CPU": 8}, {"CPU": 4}), False, None, None, (2, 0, 0)),  # a service actor a node
+    ],
+)
+def test_actors_are_sized_from_the_cluster(
+    monkeypatch, cluster, model_mode, actors, actor_cpus, expected
+):
+    ray = pytest.importorskip("ray")
+    from iei.ray.job import layout
+
+    monkeypatch.setattr(ray, "nodes", lambda: cluster)
+    assert layout(model_mode, actors, actor_cpus) == expected
+
+
+def test_a_failed_job_names_the_task_s_own_error():
+    from iei.ray.job import first_line
+
+    class UserCodeException(Exception):  # Ray's wrapper: its text is a hint, the cause is ours
+        pass
+
+    error = "iei.client.errors.UnavailableError: 503 Unhealthy: the inference server is unreachable"
+    remote = f"ray::MapWorker(ServiceEmbedder).submit()\n  File ...\n{error}"
+    try:
+        try:
+            raise RuntimeError(remote)
+        except RuntimeError as exc:
+            raise UserCodeException("To change retry attempts, configure DataContext") from exc
+    except UserCodeException as exc:
+        assert first_line(exc) == error
+    assert first_line(ValueError("plain\nmore")) == "ValueError: plain"
+
+
+def test_retries_default_to_more_with_ray():
+    from iei.cli import parser
+
+    args = parser().parse_args(["embed", "x", "--out", "y", "--ray"])
+    assert args.retries is None and args.ray == "local"  # the job reads None as RAY_RETRIES
