@@ -32,7 +32,8 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model", default=None,
-        help="which served model embeds (GET /v1/models lists them; default: the server's)",
+        help="which served model embeds (GET /v1/models lists them; default: the server's); "
+        "`iei embed --ray` without --url: the model (hub id or folder) run in Ray's actors",
     )  # fmt: skip
 
 
@@ -80,16 +81,14 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     ray = parser.add_argument_group(
         "bulk jobs on Ray Data (the `ray` extra; docs/bulk.md)",
         "--out is then a folder of Parquet files (path, embedding, sha256, error), written as the "
-        "job goes; the model runs in Ray's actors (--model) or they call a service (--url).",
+        "job goes; the model runs in Ray's actors (--model MODEL) or they call a service (--url "
+        "URL, and --model picks one of its models).",
     )
     ray.add_argument(
         "--ray", nargs="?", const="local", metavar="local|auto|ADDRESS",
         help="run as a Ray Data job: `local` (the default) starts Ray on this machine's cores, "
         "`auto` joins the cluster this machine belongs to, ADDRESS joins that one",
     )  # fmt: skip
-    ray.add_argument(
-        "--model", help="with --ray: this model (hub id or folder) in Ray's actors, no service"
-    )
     ray.add_argument(
         "--actors", type=positive,
         help="with --ray: actors (default: one per GPU, else one per node with its cores; "
@@ -206,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
                           "pip install 'iei[ray]'", exc.name)  # fmt: skip
                 return 2
             return run_ray_embed(args)
-        if args.model is not None:
-            log.error("--model runs the model in Ray's actors: it needs --ray")
-            return 2
         from .client.bulk import run_embed
 
         args.url = args.url or DEFAULT_URL

@@ -118,8 +118,6 @@ def test_a_file_for_out_is_refused(tmp_path):
     ("arguments", "message"),
     [
         (["--ray"], "--ray needs --model MODEL"),
-        (["--ray", "--model", "m", "--url", "http://x"], "give one"),
-        (["--model", "m"], "it needs --ray"),
         (["--url", "http://127.0.0.1:9"], "URIs need a Ray Data job"),
     ],
 )
@@ -129,6 +127,16 @@ def test_arguments_refused_before_ray_starts(tmp_path, caplog, arguments, messag
         status = main(["embed", source, "--out", str(tmp_path / "out"), *arguments])
     assert status == 2
     assert message in caplog.text
+
+
+def test_with_url_model_names_one_of_the_services_models(tmp_path):
+    """`--ray --url URL --model NAME`: the actors call the service and name its model NAME (as
+    `iei embed --model` does without Ray); without --url, --model is the model in the actors."""
+    from iei.ray.actors import ServiceEmbedder
+
+    embedder = ServiceEmbedder("http://127.0.0.1:9", model="dino")
+    assert embedder.client._core.model == "dino"
+    assert ServiceEmbedder("http://127.0.0.1:9").client._core.model is None
 
 
 def nodes(*resources: dict[str, float]) -> list[dict]:

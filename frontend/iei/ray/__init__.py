@@ -40,13 +40,15 @@ def embed_dataset(
     api_key: str | None = None,
     in_flight: int = 4,
     retries: int = 4,
+    served_model: str | None = None,
 ) -> Any:
     """`ds` (a `ray.data.Dataset` with `bytes` or `path`) with each image's vector.
 
     model mode: `actors` actors, each with the model; `num_gpus` each (default: 1 where the
     cluster has GPUs, else 0) and `num_cpus` each (default: `threads` on a CPU, else 1), `threads`
     torch threads on a CPU (default: `num_cpus`). url mode: `actors` actors with `in_flight`
-    requests each (so `actors * in_flight` at most in all) of `batch_size` images.
+    requests each (so `actors * in_flight` at most in all) of `batch_size` images, to the
+    service's `served_model` (a name of its `GET /v1/models`; None: its default).
     """
     import ray.data
 
@@ -71,7 +73,7 @@ def embed_dataset(
         embedder = ServiceEmbedder
         arguments = {
             "url": url, "api_key": api_key, "normalize": normalize, "batch_size": batch_size,
-            "in_flight": in_flight, "retries": retries,
+            "in_flight": in_flight, "retries": retries, "model": served_model,
         }  # fmt: skip
     return ds.map_batches(
         embedder,

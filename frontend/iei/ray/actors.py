@@ -178,7 +178,8 @@ class ServiceEmbedder(BatchEmbedder):
     """An IEI service (`url`) called by the client: requests of `batch_size` images, at most
     `in_flight` of them at once from this actor, 429/503 and lost connections retried with
     back-off (`retries` times). An image the service refuses (422) is retried alone, so that only
-    the bad file gets an error; any other failure, after the retries, fails the batch."""
+    the bad file gets an error; any other failure, after the retries, fails the batch. `model`:
+    which of the service's models (None: its default)."""
 
     def __init__(
         self,
@@ -190,12 +191,13 @@ class ServiceEmbedder(BatchEmbedder):
         in_flight: int = 4,
         retries: int = 4,
         timeout: float = 120.0,
+        model: str | None = None,
     ) -> None:
         self.remote_normalize = normalize
         self.batch_size = batch_size
         self.client = IEIClient(
             url, api_key, timeout=timeout, batch_size=batch_size,
-            retry=RetryPolicy(attempts=max(0, retries) + 1),
+            retry=RetryPolicy(attempts=max(0, retries) + 1), model=model,
         )  # fmt: skip
         self.pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="iei-request")
 

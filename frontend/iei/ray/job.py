@@ -220,7 +220,7 @@ def pipeline(
         partial(expand, done=frozenset(done)), num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=LIST_TASKS),
     )  # fmt: skip
-    model_mode = args.model is not None
+    model_mode = args.url is None  # else --model names one of the service's models
     actors, gpus, cpus = layout(model_mode, args.actors, args.actor_cpus)
     per_actor = max(1, math.ceil(args.concurrency / actors))
     batch = args.batch_size * (1 if model_mode else per_actor)
@@ -243,7 +243,7 @@ def pipeline(
         vectors = embed_dataset(
             contents, url=args.url, actors=actors, batch_size=args.batch_size,
             normalize=not args.raw, api_key=args.api_key, in_flight=per_actor,
-            retries=RAY_RETRIES if args.retries is None else args.retries,
+            retries=RAY_RETRIES if args.retries is None else args.retries, served_model=args.model,
         )  # fmt: skip
     filesystem, folder = output_location(out)
     vectors.write_parquet(
@@ -260,8 +260,6 @@ def run_ray_embed(args: argparse.Namespace) -> int:
     try:
         if args.model is None and args.url is None:
             raise BulkError("--ray needs --model MODEL (the model in Ray's actors) or --url URL")
-        if args.model is not None and args.url is not None:
-            raise BulkError("--model and --url: give one (the model in Ray's actors, or a service)")
         done = prepare_output(out, args.resume, args.overwrite)
         # The roots, one level deep, before Ray starts: a wrong path fails at once.
         files, folders = list_roots(str(p) for p in args.paths)
