@@ -606,7 +606,8 @@ def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_v
         if x
     ]
     assert rows[0]["kind"] == "inprocess" and rows[0]["img_s"] > 0
-    assert {r["kind"] for r in rows[1:]} <= {"decoded_cosine", "skipped"}
+    # What the budget left time for (a faster CPU measures a served load too).
+    assert {r["kind"] for r in rows[1:]} <= {"decoded_cosine", "skipped", "served"}
     verdicts = [line for line in out.splitlines() if line.startswith("VERDICT ")]
     assert len(verdicts) == 3, out
     assert "still to be measured" in verdicts[0]

@@ -122,7 +122,8 @@ def test_every_fallback_to_pil_is_counted_in_triton_s_metrics(split_stack):
     assert post_embed(split_stack, files).status_code == 200
     after = fallbacks(split_stack)
     grown = {key: after[key] - before.get(key, 0) for key in after}
-    assert grown[("iei_preprocess", "other_format")] == 2
+    # The supervisor's and /health's probes (a 1x1 PNG) count here too, whenever they run.
+    assert grown[("iei_preprocess", "other_format")] >= 2
     assert grown[("iei_preprocess", "unsupported_jpeg")] == 1
     assert grown[("iei_encoder", "decoder_refused")] == 0
 
