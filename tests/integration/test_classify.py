@@ -6,15 +6,18 @@ reference's own image loading and tokenization)."""
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from iei.client import IEIClient
 from reference import Reference, load_rgb
 from sample_images import photos
-from stack import Stack
+from stack import IEI, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +164,31 @@ def test_bad_parameters_are_422s(clip_stack, parameters, message):
     response = classify(clip_stack, body, None)
     assert response.status_code == 422, response.text
     assert message in response.json()["error"]
+
+
+def test_the_client_and_iei_tag_give_the_services_scores(clip_stack, tmp_path):
+    files = list(photos().items())[:3]
+    for name, data in files:
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths = [tmp_path / name for name, _ in files]
+    body = {"inputs": [b64(d) for _, d in files], "parameters": {"candidate_labels": LABELS}}
+    expected = matrix(classify(clip_stack, body, None).json(), LABELS)
+    with IEIClient(clip_stack.url) as client:
+        answer = client.classify(paths, LABELS)  # files: sent as a form
+        assert np.allclose(matrix(answer, LABELS), expected, atol=1e-6)
+    out = tmp_path / "tags.jsonl"
+    result = subprocess.run(
+        [str(IEI), "tag", str(tmp_path), "--labels", ",".join(LABELS), "--top", "2",
+         "--out", str(out), "--url", clip_stack.url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = {
+        Path(j["path"]).name: j["labels"] for j in map(json.loads, out.read_text().splitlines())
+    }
+    assert sorted(lines) == sorted(name for name, _ in files)
+    for (name, _), row in zip(files, expected, strict=True):
+        best = [LABELS[i] for i in np.argsort(-row, kind="stable")[:2]]
+        assert [d["label"] for d in lines[name]] == best
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
