@@ -192,3 +192,15 @@ def test_the_client_and_iei_tag_give_the_services_scores(clip_stack, tmp_path):
         best = [LABELS[i] for i in np.argsort(-row, kind="stable")[:2]]
         assert [d["label"] for d in lines[name]] == best
     assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+
+
+def test_huggingface_hubs_inference_client_classifies(clip_stack):
+    """`InferenceClient(model=URL + "/classify").zero_shot_image_classification` speaks it."""
+    hub = pytest.importorskip("huggingface_hub")
+    client = hub.InferenceClient(model=f"{clip_stack.url}/classify")
+    answer = client.zero_shot_image_classification(PHOTO, candidate_labels=LABELS)
+    body = {"inputs": b64(PHOTO), "parameters": {"candidate_labels": LABELS}}
+    ours = classify(clip_stack, body, None).json()
+    assert [(e.label, round(e.score, 6)) for e in answer] == [
+        (d["label"], round(d["score"], 6)) for d in ours
+    ]
