@@ -9,6 +9,7 @@ import base64
 import httpx
 import numpy as np
 import pytest
+from iei.server.label_vectors import LabelVectors
 from iei.server.settings import ServerSettings
 from PIL import Image
 from sample_images import encode
@@ -240,3 +241,15 @@ async def test_the_route_is_documented_with_its_raw_forms():
     assert {"application/json", "image/*", "multipart/form-data"} <= set(content)
     assert "candidate_labels" in {p["name"] for p in operation["parameters"]}
     assert "ClassifyRequest" in schema["components"]["schemas"]
+
+
+def test_the_label_cache_is_bounded_least_recently_used_out_first():
+    cache = LabelVectors(capacity=2)
+    a, b, c = (("m", "{}", label) for label in "abc")
+    cache.put(a, np.ones(2))
+    cache.put(b, np.ones(2))
+    assert cache.get(a) is not None  # a used: b is now the oldest
+    cache.put(c, np.ones(2))
+    assert cache.get(b) is None
+    assert cache.get(a) is not None and cache.get(c) is not None
+    assert len(cache.entries) == 2
