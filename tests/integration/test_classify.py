@@ -204,3 +204,20 @@ def test_huggingface_hubs_inference_client_classifies(clip_stack):
     assert [(e.label, round(e.score, 6)) for e in answer] == [
         (d["label"], round(d["score"], 6)) for d in ours
     ]
+
+
+def test_schema_driven_fuzz_of_classify_finds_no_server_error(clip_stack):
+    """schemathesis generates /classify requests from our OpenAPI document (JSON, raw bodies,
+    forms, query labels) against a model that classifies: never a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{clip_stack.url}/openapi.json")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=schema["/classify"]["POST"].as_strategy())
+    def call(case) -> None:
+        response = case.call(base_url=clip_stack.url, timeout=30)
+        assert response.status_code < 500, (case.media_type, case.query, response.text)
+
+    call()
