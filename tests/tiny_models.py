@@ -11,6 +11,7 @@ model alone (`spiece.model`, no `tokenizer.json`, as on the hub; needs `sentence
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,13 @@ def build_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
         model, tokenizer = build_retrieval_model(family, folder)
         if tokenizer is not None:
             write_hub_tokenizer_files(family, tokenizer, folder)
+    if hasattr(model, "logit_scale"):  # a dual encoder's zero-shot scalars (/classify)
+        # Not the init values (SigLIP's from_config leaves both 0): a scale or bias read wrong,
+        # or left out, then changes the scores.
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(12.0))
+            if getattr(model, "logit_bias", None) is not None:
+                model.logit_bias.fill_(-1.5)
     model.eval().save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return folder

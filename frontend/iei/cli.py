@@ -1,9 +1,9 @@
 """The `iei` command: arguments here, the work in the part that does it.
 
-`iei serve` and `iei triton` need the `serve` extra (the launcher); `iei embed`, `iei similar`
-and `iei search` need only the base package (the client). Each part is imported when its command
-runs, so a client install never imports the server's dependencies, and `iei triton` runs on the
-Triton image's Python 3.10.
+`iei serve` and `iei triton` need the `serve` extra (the launcher); `iei embed`, `iei similar`,
+`iei search` and `iei tag` need only the base package (the client). Each part is imported when
+its command runs, so a client install never imports the server's dependencies, and `iei triton`
+runs on the Triton image's Python 3.10.
 """
 
 from __future__ import annotations
@@ -186,6 +186,27 @@ def parser() -> argparse.ArgumentParser:
         "TEXT",
         'what to look for, e.g. "a cat on a sofa"',
     )
+    tag = commands.add_parser(
+        "tag",
+        help="label image files with zero-shot classification through a running service",
+        description="Score every image under PATH... against --labels (POST /classify: a model "
+        "with a text tower, CLIP, SigLIP or SigLIP2) and print each file's labels and scores, "
+        "highest first, or write them as JSON lines to --out. A broken file is reported and "
+        "skipped.",
+    )
+    tag.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and folders")
+    tag.add_argument(
+        "--labels", required=True, help='the candidate labels, comma-separated: "cat,dog,car"'
+    )
+    tag.add_argument(
+        "--template", default="This is a photo of {}.",
+        help="the text each label is put into, at {} (default: %(default)r)",
+    )  # fmt: skip
+    tag.add_argument(
+        "--top", type=positive, default=None, help="keep each file's K best labels (default: all)"
+    )
+    tag.add_argument("--out", type=Path, default=None, help="a .jsonl file (default: stdout)")
+    add_service_arguments(tag)
     return parser
 
 
@@ -210,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         args.url = args.url or DEFAULT_URL
         args.retries = 4 if args.retries is None else args.retries
         return run_embed(args)
+    if args.command == "tag":
+        from .client.tag import run_tag
+
+        return run_tag(args)
     from .client.similar import run_search, run_similar
 
     return run_similar(args) if args.command == "similar" else run_search(args)

@@ -220,6 +220,8 @@ class Embedder(Preprocessor):
         self.dtype = dtype
         self.forward_batch_size = forward_batch_size
         self.model_facts = model_facts or {}  # the model's configuration, as a dict
+        # A dual encoder's zero_shot, logit_scale and logit_bias (loading.zero_shot_facts).
+        self.zero_shot: dict[str, Any] = {}
         super().__init__(
             processor,
             device=device,

@@ -22,6 +22,9 @@ class Towers(NamedTuple):
     context: int  # text tokens, when config.json leaves `max_position_embeddings` out
     pad_to_context: bool  # the text tower pools the last position: pad every text to `context`
     lower_case: bool  # trained on lower-cased text (folded here when the tokenizer does not)
+    # How its zero-shot scores are made of `logit_scale · cosine (+ logit_bias)`, as trained:
+    # CLIP a softmax over the labels (contrastive loss), SigLIP a sigmoid per label.
+    zero_shot: str = "sigmoid"
 
 
 # Dual encoders whose text and image embeddings share one space, by `model_type`. Other configs
@@ -31,6 +34,7 @@ JOINT = {
     "clip": Towers(
         "CLIPVisionModelWithProjection", "CLIPVisionModel", "CLIPTextModelWithProjection",
         "image_embeds", "text_embeds", 77, pad_to_context=False, lower_case=False,
+        zero_shot="softmax",
     ),
     # SigLIP and SigLIP2 at a fixed resolution (SigLIP2's fixed-resolution checkpoints are
     # model_type "siglip" with Gemma's tokenizer, which does not lower-case by itself).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,14 @@ import torch
 from . import cuda_graphs, engines
 from .embedder import Embedder, Preprocessor, to_device
 from .encoders import PooledEncoder, TowerEncoder
-from .families import PROJECTED, resolve_pooling, serves_texts, text_context, towers
+from .families import (
+    PROJECTED,
+    Towers,
+    resolve_pooling,
+    serves_texts,
+    text_context,
+    towers,
+)
 from .images import draft_side
 from .jpeg_decoders import choose_jpeg_decoder
 from .settings import (
@@ -121,6 +129,58 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
     return model
 
 
+# The checkpoint's files that may hold the full model's weights, in transformers' order of choice.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+
+
+def zero_shot_facts(model_id: str, joint: Towers) -> dict[str, Any]:
+    """What `/classify` needs beside the two towers' vectors: the full model's `logit_scale`
+    (and SigLIP's `logit_bias`), read alone from the checkpoint (the image model loads only
+    the vision tower). `logit_scale` is reported as the multiplier, exp() of the parameter, as
+    the model's forward pass applies it: logits = logit_scale · cosine + logit_bias."""
+    names = ("logit_scale", "logit_bias") if joint.zero_shot == "sigmoid" else ("logit_scale",)
+    values = checkpoint_scalars(model_id, names)
+    if "logit_scale" not in values:
+        raise ValueError("the checkpoint has no logit_scale (a tower saved alone?)")
+    return {
+        "zero_shot": joint.zero_shot,
+        "logit_scale": math.exp(values["logit_scale"]),
+        "logit_bias": values.get("logit_bias", 0.0),
+    }
+
+
+def checkpoint_scalars(model_id: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The named top-level scalars of a checkpoint (a folder or a hub id), without loading the
+    other weights: safetensors reads one tensor; a pickled checkpoint is memory-mapped."""
+    from transformers.utils import cached_file
+
+    located = (
+        (filename, cached_file(model_id, filename, _raise_exceptions_for_missing_entries=False))
+        for filename in WEIGHT_FILES
+    )
+    filename, path = next(((f, p) for f, p in located if p), ("", None))
+    if path is None:
+        raise ValueError(f"no weights file ({', '.join(WEIGHT_FILES)})")
+    if filename == "pytorch_model.bin":
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {n: float(state[n].reshape(-1)[0]) for n in names if n in state}
+    files = {name: path for name in names}
+    if filename.endswith(".index.json"):  # sharded: the shard that holds each scalar
+        with open(path) as index:
+            weight_map = json.load(index)["weight_map"]
+        files = {n: cached_file(model_id, weight_map[n]) for n in names if n in weight_map}
+    from safetensors import safe_open
+
+    values = {}
+    for name, file in files.items():
+        if file is None:
+            continue
+        with safe_open(file, framework="pt") as weights:
+            if name in weights.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                values[name] = float(weights.get_tensor(name).float().reshape(-1)[0])
+    return values
+
+
 def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
     """The MODEL_INFO output: facts a client cannot see from outside, as JSON (`more`: the
     layout's own)."""
@@ -138,6 +198,7 @@ def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
             "forward_batch_size": embedder.forward_batch_size,
             "modalities": ["image", "text"] if context else ["image"],
             "text_context_length": context,
+            **(embedder.zero_shot if context else {}),
             **more,
         }
     )
@@ -238,6 +299,13 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         preprocess_device=device if device.type == "cuda" else None,
         model_facts=facts,
     )
+    if joint is not None and pooling == PROJECTED:
+        try:
+            embedder.zero_shot = zero_shot_facts(settings.model_id, joint)
+        except Exception as exc:
+            embedder.close()
+            reason = f"zero-shot scores (logit_scale): {first_line(exc)}"
+            raise ModelLoadError(settings.model_id, reason) from None
     try:
         embedder.forward(embedder.blank(1))
     except ValueError as exc:  # pooling.pool: e.g. no CLS token in a convolutional map

@@ -130,7 +130,7 @@ def test_the_text_box_ranks_the_dropped_images_by_cosine(clip_stack, browser):
     page.wait_for_function("document.querySelectorAll('#heatmap td.cell').length === 9")
     query = "a photo of a cat"
     page.fill("#query", query)
-    page.click("#search button")
+    page.click("#search button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#ranking li').length === 3")
     shown = page.eval_on_selector_all(
         "#ranking li", "items => items.map(i => [i.dataset.name, Number(i.dataset.score)])"
@@ -145,6 +145,33 @@ def test_the_text_box_ranks_the_dropped_images_by_cosine(clip_stack, browser):
     assert [name for name, _ in shown] == [PHOTOS[i].name for i in order]
     np.testing.assert_allclose([score for _, score in shown], scores[order], atol=2e-4)
     assert f'ranked by "{query}"' in page.text_content("#status")
+    page.close()
+
+
+def test_the_text_box_tags_the_dropped_images_with_the_models_scores(clip_stack, browser):
+    """Tag: the dropped images classified against comma-separated labels (POST /classify), each
+    image's three best labels with their scores."""
+    page = browser.new_page(viewport={"width": 900, "height": 700})  # type: ignore[attr-defined]
+    page.goto(f"{clip_stack.url}/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('texts')")
+    page.set_input_files("#files", [str(p) for p in PHOTOS])
+    page.wait_for_function("document.querySelectorAll('#heatmap td.cell').length === 9")
+    labels = ["a cat", "a cup of coffee", "a rocket", "a dog"]
+    page.fill("#query", " , ".join(labels))
+    page.click("#tag")
+    page.wait_for_function("document.querySelectorAll('#tags li').length === 3")
+    shown = page.eval_on_selector_all(
+        "#tags li", "items => items.map(i => [i.dataset.name, JSON.parse(i.dataset.labels)])"
+    )
+    inputs = [base64.b64encode(p.read_bytes()).decode() for p in PHOTOS]
+    body = {"inputs": inputs, "parameters": {"candidate_labels": labels}}
+    answer = httpx.post(f"{clip_stack.url}/classify", json=body, timeout=60).json()
+    assert [name for name, _ in shown] == [p.name for p in PHOTOS]
+    for (_, tags), expected in zip(shown, answer, strict=True):
+        assert [t["label"] for t in tags] == [e["label"] for e in expected[:3]]
+        np.testing.assert_allclose([t["score"] for t in tags], [e["score"] for e in expected[:3]])
+    assert "3 image(s) tagged with 4 label(s)" in page.text_content("#status")
+    assert "a cat" in page.text_content("#tags")
     page.close()
 
 

@@ -89,6 +89,15 @@ def test_auto_picks_the_familys_embedding(embedders, family, pooling, architectu
     joint = family in JOINT_FAMILIES
     assert info["modalities"] == (["image", "text"] if joint else ["image"])
     assert info["text_context_length"] == ({"clip": 77}.get(family, 64) if joint else None)
+    # /classify's scalars, read from the full checkpoint (tiny_models sets them): CLIP's softmax
+    # has no bias; logit_scale is the multiplier, exp() of the parameter.
+    if joint:
+        kind = "softmax" if family == "clip" else "sigmoid"
+        assert info["zero_shot"] == kind
+        assert info["logit_scale"] == pytest.approx(12.0, rel=1e-6)
+        assert info["logit_bias"] == pytest.approx(0.0 if family == "clip" else -1.5)
+    else:
+        assert "zero_shot" not in info and "logit_scale" not in info
     assert embedder.forward(embedder.blank(2)).shape == (2, dimension)
 
 

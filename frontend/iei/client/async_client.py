@@ -4,6 +4,7 @@ encoding PIL/numpy images runs in a worker thread, off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -11,7 +12,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from .core import ClientCore, Encode, Plan, RetryPolicy, Send, T
+from .core import DEFAULT_TEMPLATE, ClientCore, Encode, LabelScores, Plan, RetryPolicy, Send, T
 from .inputs import ImageInput
 
 
@@ -67,6 +68,29 @@ class AsyncIEIClient:
         request's images are read and encoded just before it is sent (bounded memory)."""
         await self.info()
         return await self._run(self._core.embed(images, normalize))
+
+    async def classify(
+        self,
+        images: Iterable[ImageInput],
+        labels: Sequence[str],
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        model: str | None = None,
+    ) -> list[LabelScores]:
+        """Zero-shot classification (a dual encoder: CLIP, SigLIP, SigLIP2): per image, in
+        order, `[{"label", "score"}]` highest score first. Scores are the model's own: CLIP's
+        softmax over `labels`, SigLIP's sigmoid per label. `model`: this call's served model
+        (default: the client's)."""
+        await self.info()
+        return await self._run(self._for_model(model).classify(images, labels, template))
+
+    def _for_model(self, model: str | None) -> ClientCore:
+        """The core, or a copy of it naming `model` (the server's facts shared)."""
+        if model is None or model == self._core.model:
+            return self._core
+        core = copy.copy(self._core)
+        core.model = model
+        return core
 
     async def embed_texts(
         self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True

@@ -132,6 +132,32 @@ def embed_body(inputs: list[str | ImageFile], options: dict[str, Any]) -> object
     return {"inputs": inputs, **options}
 
 
+DEFAULT_TEMPLATE = "This is a photo of {}."  # /classify's default, as in Hugging Face's API
+MAX_FORM_FIELD = 1000  # bytes of a form's text field the server takes (1024), with room to spare
+LabelScores: TypeAlias = list[dict[str, Any]]  # [{"label", "score"}], highest score first
+
+
+def classify_body(
+    inputs: list[str | ImageFile], labels: list[str], template: str, model: str | None
+) -> object:
+    """One /classify request: image files as a form (the labels one comma-separated field),
+    anything else as Hugging Face's JSON."""
+    model_field = {"model": model} if model is not None else {}
+    if inputs and isinstance(inputs[0], ImageFile):
+        fields = {"candidate_labels": ",".join(labels), "hypothesis_template": template}
+        files = [item for item in inputs if isinstance(item, ImageFile)]
+        return Form(*multipart_form(files, {**fields, **model_field}))
+    parameters = {"candidate_labels": labels, "hypothesis_template": template}
+    return {"inputs": inputs, "parameters": parameters, **model_field}
+
+
+def form_takes(labels: list[str], template: str) -> bool:
+    """Whether the labels fit a form's fields: no comma in a label, short enough."""
+    joined = ",".join(labels)
+    fits = max(len(joined.encode()), len(template.encode())) <= MAX_FORM_FIELD
+    return fits and not any("," in label for label in labels)
+
+
 def as_matrix(vectors: list[np.ndarray], dimension: int | None) -> np.ndarray:
     if not vectors:
         return np.zeros((0, dimension or 0), dtype=np.float32)
@@ -207,6 +233,29 @@ class ClientCore:
             encoded: list[str | ImageFile] = yield Encode(batch, raw=bool(info.get("raw_uploads")))
             parts.extend((yield from self.send_inputs(encoded, {"normalize": normalize})))
         return as_matrix(parts, dimension)
+
+    def classify(
+        self, images: Iterable[ImageInput], labels: Sequence[str], template: str
+    ) -> Plan[list[LabelScores]]:
+        """Per image, in order, `[{"label", "score"}]` highest first: the model's own zero-shot
+        scores (POST /classify) of each label put into `template` at `{}`."""
+        if isinstance(labels, str):
+            raise TypeError("labels is a list of labels, not one str")
+        labels = list(labels)
+        for label in labels:
+            if not isinstance(label, str):
+                raise TypeError(f"labels must be str, not {type(label).__name__}")
+        info = yield from self.info()
+        per_request, max_chars, _ = self.limits()
+        raw = bool(info.get("raw_uploads")) and form_takes(labels, template)
+        results: list[LabelScores] = []
+        for batch in batches(images, per_request):
+            encoded: list[str | ImageFile] = yield Encode(batch, raw=raw)
+            for span in chunks(encoded, per_request, max_chars):
+                body = classify_body([encoded[i] for i in span], labels, template, self.model)
+                response = yield from self.request("POST", "/classify", body)
+                results.extend(orjson.loads(response.content))
+        return results
 
     def embed_texts(
         self, texts: Sequence[str], normalize: bool, truncate: bool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -10,7 +11,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from .core import ClientCore, Encode, Plan, RetryPolicy, Send, T
+from .core import DEFAULT_TEMPLATE, ClientCore, Encode, LabelScores, Plan, RetryPolicy, Send, T
 from .inputs import ImageInput
 
 
@@ -63,6 +64,28 @@ class IEIClient:
         """Vectors of `images` (unit length unless normalize=False), float32 (N, D). Each
         request's images are read and encoded just before it is sent (bounded memory)."""
         return self._run(self._core.embed(images, normalize))
+
+    def classify(
+        self,
+        images: Iterable[ImageInput],
+        labels: Sequence[str],
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        model: str | None = None,
+    ) -> list[LabelScores]:
+        """Zero-shot classification (a dual encoder: CLIP, SigLIP, SigLIP2): per image, in
+        order, `[{"label", "score"}]` highest score first. Scores are the model's own: CLIP's
+        softmax over `labels`, SigLIP's sigmoid per label. `model`: this call's served model
+        (default: the client's)."""
+        return self._run(self._for_model(model).classify(images, labels, template))
+
+    def _for_model(self, model: str | None) -> ClientCore:
+        """The core, or a copy of it naming `model` (the server's facts shared)."""
+        if model is None or model == self._core.model:
+            return self._core
+        core = copy.copy(self._core)
+        core.model = model
+        return core
 
     def embed_texts(
         self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True

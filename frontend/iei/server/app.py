@@ -17,7 +17,7 @@ from .fetch import UrlFetcher
 from .limits import Capacity
 from .logs import configure_logging
 from .middleware import Admission, BodyLimit, RequestContext, RequestMetrics
-from .routes import demo, embed, health, info, openai
+from .routes import classify, demo, embed, health, info, openai
 from .served import ServedModels
 from .settings import ServerSettings
 from .triton_client import TritonClient
@@ -74,7 +74,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(Admission)  # the key and a full worker, before the body's size
     app.add_middleware(RequestMetrics)  # every answer counted, the refusals above included
     app.add_middleware(RequestContext)  # outermost: every answer carries the request id
-    modules = (embed, openai, info, health, demo)
+    modules = (embed, openai, classify, info, health, demo)
     for module in modules:
         app.include_router(module.router)
     # Our routes with their templates: the metrics label answers given before routing by them.

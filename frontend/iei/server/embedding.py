@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,6 +16,7 @@ from . import metrics
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
+from .label_vectors import LabelVectors
 from .limits import Capacity, outliving, request_work
 from .served import ServedModels
 from .settings import ServerSettings
@@ -40,6 +41,7 @@ class Services:
     fetcher: UrlFetcher
     permits: Capacity  # inputs in flight in this worker
     models: ServedModels  # which model a request names; loading on demand
+    labels: LabelVectors = field(default_factory=LabelVectors)  # /classify's hypotheses
 
 
 @dataclass(frozen=True)
@@ -102,16 +104,7 @@ async def embed_inputs(
         )
     images = [i for i, item in enumerate(items) if item.modality == IMAGE]
     texts = [i for i, item in enumerate(items) if item.modality == TEXT]
-    try:
-        async with asyncio.timeout_at(deadline):
-            await services.models.ensure_loaded(model)
-    except TimeoutError:
-        raise ApiError(
-            ErrorType.TIMEOUT,
-            f"model {model.name!r} did not load within {settings.request_timeout:g} s "
-            "(IEI_REQUEST_TIMEOUT); it goes on loading",
-            headers={"Retry-After": "5"},
-        ) from None
+    await load_within(services, model, deadline)
     context = await text_context(services, model) if texts else 0
     if not services.permits.try_take(count):
         raise overloaded(settings.max_concurrent_images, count)
@@ -170,6 +163,20 @@ async def embed_inputs(
     if images:
         metrics.IMAGES_PER_REQUEST.labels(model.name).observe(len(images))
     return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
+
+
+async def load_within(services: Services, model: ServedModel, deadline: float) -> None:
+    """Return once `model` is in Triton (loaded on demand), or a 504 at `deadline`."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await services.models.ensure_loaded(model)
+    except TimeoutError:
+        raise ApiError(
+            ErrorType.TIMEOUT,
+            f"model {model.name!r} did not load within {services.settings.request_timeout:g} s "
+            "(IEI_REQUEST_TIMEOUT); it goes on loading",
+            headers={"Retry-After": "5"},
+        ) from None
 
 
 async def infer(

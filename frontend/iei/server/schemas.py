@@ -203,6 +203,11 @@ class ModelInfo(BaseModel):
     engine: str | None
     device: str | None = None
     layout: str | None = None
+    zero_shot: Literal["softmax", "sigmoid"] | None = Field(
+        None,
+        description="`POST /classify`'s scores: `softmax` over the labels (CLIP) or `sigmoid` per "
+        "label (SigLIP, SigLIP2); null: the model cannot classify (no text tower).",
+    )
     triton_models: TritonModels
 
 
@@ -252,6 +257,11 @@ class Info(BaseModel):
     text_context_length: int | None = Field(
         description="Tokens of a text the model reads; longer texts are cut (null: no texts)"
     )
+    zero_shot: Literal["softmax", "sigmoid"] | None = Field(
+        None,
+        description="`POST /classify`'s scores: `softmax` over the labels (CLIP) or `sigmoid` per "
+        "label (SigLIP, SigLIP2); null: the model cannot classify (no text tower).",
+    )
     max_batch_size: int | None
     max_client_batch_size: int
     limits: Limits
@@ -265,3 +275,117 @@ class Info(BaseModel):
     models: list[ModelInfo] = Field(
         default_factory=list, description="Every served model, the default first."
     )
+
+
+DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."  # Hugging Face's zero-shot pipeline's
+
+
+class ClassifyParameters(BaseModel):
+    """Hugging Face's `parameters` of zero-shot image classification."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is refused, not ignored
+
+    candidate_labels: list[StrictStr] = Field(
+        description="The labels to score each image against: distinct, not empty, at most "
+        "IEI_MAX_CLIENT_BATCH_SIZE of them, each at most IEI_MAX_TEXT_CHARS characters."
+    )
+    hypothesis_template: StrictStr = Field(
+        DEFAULT_HYPOTHESIS_TEMPLATE,
+        description="The text each label is put into, where `{}` is (the text embedded).",
+    )
+
+
+class ClassifyRequest(BaseModel):
+    """`POST /classify`: Hugging Face's zero-shot-image-classification request."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": EXAMPLE_IMAGE,
+                    "parameters": {"candidate_labels": ["cat", "dog", "car"]},
+                },
+            ]
+        },
+    )
+
+    inputs: StrictStr | list[StrictStr] = Field(
+        description="One image or a list (base64 of the file, a data:image/...;base64, URI, or "
+        "an http(s) URL). One image: one list of labels back; a list: a list of such lists."
+    )
+    parameters: ClassifyParameters
+    model: StrictStr | None = Field(
+        None, description=MODEL_DESCRIPTION + " It needs a text tower (CLIP, SigLIP, SigLIP2)."
+    )
+
+    @property
+    def input_list(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+class ClassifyUploadOptions(BaseModel):
+    """The options of `POST /classify` with a raw upload (query parameters, form fields):
+    `candidate_labels` comma-separated, or the parameter repeated (joined here)."""
+
+    candidate_labels: StrictStr | None = None
+    hypothesis_template: StrictStr = DEFAULT_HYPOTHESIS_TEMPLATE
+    model: StrictStr | None = None
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(
+        description="The model's own probability: CLIP a softmax over the labels of "
+        "logit_scale · cosine, SigLIP a sigmoid of logit_scale · cosine + logit_bias."
+    )
+
+
+_LABELS_PARAMETER = {
+    "name": "candidate_labels",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "array", "items": {"type": "string"}},
+    "style": "form",
+    "explode": True,
+    "description": "Raw uploads: the labels, comma-separated or the parameter repeated "
+    "(`?candidate_labels=cat,dog` or `?candidate_labels=cat&candidate_labels=dog`; a label with "
+    "a comma needs the JSON body).",
+}
+# The raw forms of `POST /classify`: the image file as the body, or a form of image files; the
+# labels and options as query parameters or (in a form) text fields.
+CLASSIFY_UPLOAD_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        _LABELS_PARAMETER,
+        {
+            "name": "hypothesis_template",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "default": DEFAULT_HYPOTHESIS_TEMPLATE},
+            "description": "Raw uploads: the text each label is put into, at `{}`.",
+        },
+    ],
+    "requestBody": {
+        "content": {
+            "image/*": {"schema": {**_FILE, "description": _ONE_FILE}},
+            "application/octet-stream": {"schema": {**_FILE, "description": _ONE_FILE}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": _FILE,
+                            "description": "The images, in order: every part with a filename "
+                            "is one, whatever its field name.",
+                        },
+                        "candidate_labels": {"type": "string"},
+                        "hypothesis_template": {"type": "string"},
+                        "model": {"type": "string"},
+                    },
+                    "required": ["file"],
+                },
+            },
+        }
+    },
+}

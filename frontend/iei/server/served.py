@@ -130,6 +130,7 @@ class ServedModels:
             "engine": facts.get("engine"),
             "device": facts.get("device"),
             "layout": facts.get("layout"),
+            "zero_shot": facts.get("zero_shot"),
             "triton_models": {
                 "image": model.triton_image,
                 "text": model.triton_text if has_text else None,

@@ -5,7 +5,7 @@ the body is the image file, or a `multipart/form-data` form of several (see `upl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -18,30 +18,39 @@ from ..routing import OffLoopJSONRoute
 from ..schemas import UPLOAD_OPENAPI, EmbedRequest
 from ..uploads import JSON, body_kind, read_upload, unsupported_type, upload_options
 
-
-class EmbedRoute(OffLoopJSONRoute):
-    """JSON bodies go to FastAPI's handler (parsed and validated against `EmbedRequest`); raw
-    uploads to `embed_upload`, before FastAPI would try to read them as JSON; any other
-    Content-Type is a 415."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        json_handler = super().get_route_handler()
-
-        async def by_content_type(request: Request) -> Response:
-            content_type = request.headers.get("content-type")
-            kind = body_kind(content_type)
-            if kind == JSON:
-                return await json_handler(request)
-            services: Services = request.app.state.services
-            require_api_key(request, services)  # FastAPI's dependencies run for JSON only
-            if kind is None:
-                raise unsupported_type(content_type)
-            return await embed_upload(request, kind, services)
-
-        return by_content_type
+UploadHandler = Callable[[Request, str, Services], Awaitable[Response]]
 
 
-router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=EmbedRoute)
+def upload_route(upload: UploadHandler) -> type[OffLoopJSONRoute]:
+    """A route class by Content-Type: JSON bodies go to FastAPI's handler (parsed and validated
+    against the route's body model); raw uploads to `upload`, before FastAPI would try to read
+    them as JSON; any other Content-Type is a 415. /embed's and /classify's."""
+
+    class UploadRoute(OffLoopJSONRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            json_handler = super().get_route_handler()
+
+            async def by_content_type(request: Request) -> Response:
+                content_type = request.headers.get("content-type")
+                kind = body_kind(content_type)
+                if kind == JSON:
+                    return await json_handler(request)
+                services: Services = request.app.state.services
+                require_api_key(request, services)  # FastAPI's dependencies run for JSON only
+                if kind is None:
+                    raise unsupported_type(content_type)
+                return await upload(request, kind, services)
+
+            return by_content_type
+
+    return UploadRoute
+
+
+router = APIRouter(
+    tags=["embeddings"],
+    dependencies=[Authorized],
+    route_class=upload_route(lambda *args: embed_upload(*args)),  # defined below
+)
 
 
 @router.post(

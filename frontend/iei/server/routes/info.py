@@ -41,6 +41,7 @@ async def info(services: ServicesDep) -> Info:
         pooling=model.get("pooling"),  # type: ignore[arg-type]
         modalities=model.get("modalities", ["image"] if model else None),  # type: ignore[arg-type]
         text_context_length=model.get("text_context_length"),  # type: ignore[arg-type]
+        zero_shot=model.get("zero_shot"),  # type: ignore[arg-type]
         max_batch_size=max_batch_size,
         max_client_batch_size=settings.max_client_batch_size,
         limits=Limits(

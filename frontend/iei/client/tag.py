@@ -1,0 +1,110 @@
+"""`iei tag PATH... --labels a,b,c`: each image's zero-shot labels and scores (POST /classify),
+a line per file on stdout, or a JSON line per file in `--out`.
+
+A file that cannot be read, or that the service refuses as an image (its 422 naming the input),
+is reported and skipped; a refused batch is retried one file at a time so that only the bad file
+is lost. Any other refusal (the labels, a model without a text tower) stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from .bulk import find_images, read_files, strip_index
+from .core import LabelScores
+from .errors import IEIError, ValidationError
+from .index_files import BulkError
+from .sync_client import IEIClient
+
+log = logging.getLogger("iei")
+
+BATCH = 16  # files per call (the client splits further to the server's limits)
+
+
+def parse_labels(text: str) -> list[str]:
+    """`a, b,c` -> ["a", "b", "c"]; the service refuses empty and repeated ones."""
+    return [label.strip() for label in text.split(",")]
+
+
+def tag_paths(
+    classify: Callable[[Sequence[bytes]], list[LabelScores]],
+    paths: Sequence[str],
+    on_tagged: Callable[[str, LabelScores], None],
+    on_skipped: Callable[[str, str], None],
+) -> None:
+    """Classify `paths` in batches; report each file's labels, or why it was skipped."""
+
+    def run(batch: Sequence[str], contents: Sequence[bytes]) -> None:
+        try:
+            answers = classify(contents)
+        except ValidationError as exc:
+            if not exc.message.startswith("inputs["):  # the labels or the model: every file
+                raise
+            if len(batch) == 1:
+                on_skipped(batch[0], strip_index(exc.message))
+                return
+            for path, content in zip(batch, contents, strict=True):  # find the bad one(s)
+                run([path], [content])
+            return
+        for path, answer in zip(batch, answers, strict=True):
+            on_tagged(path, answer)
+
+    for start in range(0, len(paths), BATCH):
+        batch = paths[start : start + BATCH]
+        readable = []
+        for path, content in zip(batch, read_files(batch), strict=True):
+            if isinstance(content, OSError):
+                on_skipped(path, f"cannot read: {content.strerror or content}")
+            else:
+                readable.append((path, content))
+        if readable:
+            run([p for p, _ in readable], [c for _, c in readable])
+
+
+def run_tag(args: argparse.Namespace) -> int:
+    labels = parse_labels(args.labels)
+    out: TextIO = sys.stdout
+    skipped = 0
+
+    def tagged(path: str, answer: LabelScores) -> None:
+        top = answer[: args.top] if args.top else answer
+        if args.out is not None:
+            line: dict[str, Any] = {"path": path, "labels": top}
+            out.write(orjson.dumps(line).decode() + "\n")
+        else:
+            scores = "\t".join(f"{d['label']}={d['score']:.4f}" for d in top)
+            out.write(f"{path}\t{scores}\n")
+
+    def skip(path: str, reason: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        log.warning("skipped %s: %s", path, reason)
+
+    try:
+        paths = find_images(args.paths)
+        if args.out is not None:
+            out = Path(args.out).open("w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        try:
+            with IEIClient(args.url, args.api_key, model=args.model) as client:
+                tag_paths(
+                    lambda contents: client.classify(contents, labels, template=args.template),
+                    paths, tagged, skip,
+                )  # fmt: skip
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    except (BulkError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    except IEIError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("tagged %d files, skipped %d", len(paths) - skipped, skipped)
+    return 0

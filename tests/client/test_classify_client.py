@@ -1,0 +1,178 @@
+"""`IEIClient.classify`, its async twin and `iei tag` without a server (MockTransport): the
+request's shape (Hugging Face's JSON, or a form of files), chunking, order, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx
+import orjson
+import pytest
+from iei import cli
+from iei.client import AsyncIEIClient, IEIClient, ValidationError
+from PIL import Image
+
+INFO = {"max_client_batch_size": 2, "embedding_dimension": 4, "limits": {}}
+
+
+def png(shade: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, shade, shade)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FakeServer:
+    """/info and /classify: label i of an image scores (i + 1) / 10 + its shade / 1000 (so the
+    answer says which image it is for), in descending order; a 1x1 image is refused."""
+
+    def __init__(self, raw_uploads: bool = False):
+        self.info = {**INFO, "raw_uploads": raw_uploads}
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/info":
+            return httpx.Response(200, json=self.info)
+        content_type = request.headers["content-type"]
+        if content_type.startswith("multipart/"):
+            labels = ["form"]
+            images = request.content.count(b'filename="')
+            shades = [0] * images
+        else:
+            body = orjson.loads(request.content)
+            labels = body["parameters"]["candidate_labels"]
+            files = [base64.b64decode(item) for item in body["inputs"]]
+            shades = []
+            for index, data in enumerate(files):
+                image = Image.open(io.BytesIO(data))
+                if image.size == (1, 1):
+                    message = f"inputs[{index}]: the image is too small"
+                    return httpx.Response(422, json={"error": message, "error_type": "Validation"})
+                shades.append(image.getpixel((0, 0))[0])
+        answer = [
+            sorted(
+                (
+                    {"label": label, "score": (i + 1) / 10 + shade / 1000}
+                    for i, label in enumerate(labels)
+                ),
+                key=lambda d: -d["score"],
+            )
+            for shade in shades
+        ]
+        return httpx.Response(200, json=answer)
+
+    def bodies(self) -> list[dict]:
+        return [orjson.loads(r.content) for r in self.requests if r.url.path == "/classify"]
+
+
+def test_classify_sends_hugging_faces_shape_in_the_servers_chunks_and_keeps_order():
+    server = FakeServer()
+    images = [png(shade) for shade in (10, 20, 30)]
+    with IEIClient("http://iei.test", transport=httpx.MockTransport(server)) as client:
+        answer = client.classify(images, ["cat", "dog"], template="a {}", model="clip")
+    bodies = server.bodies()
+    assert [len(b["inputs"]) for b in bodies] == [2, 1]  # max_client_batch_size 2
+    assert bodies[0]["parameters"] == {
+        "candidate_labels": ["cat", "dog"],
+        "hypothesis_template": "a {}",
+    }
+    assert {b["model"] for b in bodies} == {"clip"}
+    assert [row[0]["label"] for row in answer] == ["dog"] * 3
+    assert [round(row[0]["score"] - 0.2, 3) for row in answer] == [0.01, 0.02, 0.03]
+
+
+def test_the_async_client_answers_the_same():
+    server = FakeServer()
+    images = [png(shade) for shade in (10, 20, 30)]
+
+    async def main():
+        async with AsyncIEIClient("http://iei.test", transport=httpx.MockTransport(server)) as c:
+            return await c.classify(images, ["cat", "dog"])
+
+    with IEIClient("http://iei.test", transport=httpx.MockTransport(FakeServer())) as client:
+        assert asyncio.run(main()) == client.classify(images, ["cat", "dog"])
+    assert server.bodies()[0]["parameters"]["hypothesis_template"] == "This is a photo of {}."
+    assert "model" not in server.bodies()[0]
+
+
+def test_files_go_as_a_form_unless_a_label_has_a_comma(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(png(5))
+    server = FakeServer(raw_uploads=True)
+    with IEIClient("http://iei.test", transport=httpx.MockTransport(server)) as client:
+        form = client.classify([path], ["cat", "dog"])
+        as_json = client.classify([path], ["cat, black", "dog"])
+    sent = [r for r in server.requests if r.url.path == "/classify"]
+    assert sent[0].headers["content-type"].startswith("multipart/form-data")
+    assert b'name="candidate_labels"\r\n\r\ncat,dog\r\n' in sent[0].content
+    assert form[0][0]["label"] == "form"
+    assert sent[1].headers["content-type"] == "application/json"
+    assert as_json[0][0]["label"] == "dog"
+
+
+@pytest.mark.parametrize("labels", ["cat,dog", ["cat", 3]])
+def test_labels_must_be_a_list_of_str(labels):
+    with (
+        IEIClient("http://iei.test", transport=httpx.MockTransport(FakeServer())) as client,
+        pytest.raises(TypeError, match="labels"),
+    ):
+        client.classify([png(1)], labels)
+
+
+def run_tag(monkeypatch, server: FakeServer, argv: list[str]) -> int:
+    real = httpx.Client.__init__
+
+    def with_mock(self, *args, **kwargs):  # the CLI's client talks to `server`
+        kwargs["transport"] = httpx.MockTransport(server)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "__init__", with_mock)
+    return cli.main(["tag", *argv])
+
+
+def test_iei_tag_writes_each_files_labels_and_skips_a_broken_one(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, shade in (("a.png", 10), ("b.png", 20), ("c.png", 30)):
+        (folder / name).write_bytes(png(shade))
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, format="PNG")
+    (folder / "bad.png").write_bytes(tiny.getvalue())
+    out = tmp_path / "tags.jsonl"
+    code = run_tag(monkeypatch, FakeServer(), [str(folder), "--labels", "cat, dog,car",
+                                               "--top", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["path"].rsplit("/", 1)[1] for line in lines] == ["a.png", "b.png", "c.png"]
+    assert [d["label"] for d in lines[0]["labels"]] == ["car", "dog"]
+    assert lines[2]["labels"][0]["score"] == pytest.approx(0.33)
+    assert "bad.png: the image is too small" in caplog.text
+
+
+def test_iei_tag_prints_a_line_per_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.png").write_bytes(png(10))
+    code = run_tag(monkeypatch, FakeServer(), [str(tmp_path / "a.png"), "--labels", "x,y"])
+    assert code == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'a.png'}\ty=0.2100\tx=0.1100\n"
+
+
+def test_iei_tag_stops_on_a_refusal_of_the_labels(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(png(10))
+
+    class Refusing(FakeServer):
+        def __call__(self, request):
+            if request.url.path == "/classify":
+                message = "parameters.candidate_labels[1]: 'x' is given twice (also [0])"
+                return httpx.Response(422, json={"error": message, "error_type": "Validation"})
+            return super().__call__(request)
+
+    assert run_tag(monkeypatch, Refusing(), [str(tmp_path), "--labels", "x,x"]) == 1
+    transport = httpx.MockTransport(Refusing())
+    with (
+        IEIClient("http://iei.test", transport=transport) as client,
+        pytest.raises(ValidationError),
+    ):
+        client.classify([png(1)], ["x", "x"])
