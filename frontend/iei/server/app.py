@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from . import metrics
+from .cache import VectorCache
 from .embedding import Services
 from .errors import install_error_handlers
 from .fetch import UrlFetcher
@@ -47,7 +48,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         )
         app.state.services = Services(
             settings, triton, fetcher, Capacity(settings.max_concurrent_images),
-            ServedModels(settings, triton),
+            ServedModels(settings, triton), VectorCache(settings.cache_mb * 2**20),
         )  # fmt: skip
         try:
             yield

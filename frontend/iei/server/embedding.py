@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..models import ServedModel
 from . import metrics
+from .cache import Key, ModelKey, VectorCache, digest
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
 from .inputs import InvalidInput, fetch_urls, prepare_inputs
@@ -40,6 +41,7 @@ class Services:
     fetcher: UrlFetcher
     permits: Capacity  # inputs in flight in this worker
     models: ServedModels  # which model a request names; loading on demand
+    cache: VectorCache = field(default_factory=lambda: VectorCache(0))  # raw vectors by content
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ async def embed_inputs(
     once); raw vectors in input order. A model that is not loaded is loaded first, within the
     request's timeout. A text longer than the model's context is cut to it, or refused when
     `truncate` is false: then before anything is embedded (the model counts the tokens of each
-    text first, without its text tower)."""
+    text first, without its text tower). With the content cache on (IEI_CACHE_MB), an input
+    whose vector is cached, or that came earlier in the same request, is not sent to Triton."""
     settings = services.settings
     model = model or services.models.default
     deadline = asyncio.get_running_loop().time() + settings.request_timeout
@@ -136,9 +139,18 @@ async def embed_inputs(
                     files = await image_files(
                         [items[i].value for i in images], images, services, downloads
                     )
+                    image_part = await cached_part(services, model, IMAGE, files)
+                    text_part = await cached_part(services, model, TEXT, values)
+                    # Only what is not cached (once each) goes to Triton.
+                    send = (
+                        [files[i] for i in image_part.todo],
+                        [images[i] for i in image_part.todo],
+                        [values[i] for i in text_part.todo],
+                        [texts[i] for i in text_part.todo],
+                    )
                     sent = time.perf_counter()
                     try:
-                        done = await infer(services, model, files, images, values, texts)
+                        done = await infer(services, model, *send)
                     except ApiError as exc:
                         if exc.error_type != ErrorType.UNHEALTHY:
                             raise
@@ -146,7 +158,7 @@ async def embed_inputs(
                         if not services.models.on_demand(model):
                             raise
                         await services.models.ensure_loaded(model)  # once more, loaded
-                        done = await infer(services, model, files, images, values, texts)
+                        done = await infer(services, model, *send)
                 except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
                     raise ApiError(
                         exc.error_type, named_error(exc, items), headers=exc.headers
@@ -160,16 +172,85 @@ async def embed_inputs(
             # Triton runs on after a timeout, and keeps the request's inputs counted until it
             # has ended.
             work.then(release)
-    parts = [(images, done.get(IMAGE))]
-    if TEXT in done:
-        parts.append((texts, done[TEXT][0]))
+    parts = [
+        (images, image_part.complete(done.get(IMAGE), services.cache)),
+        (texts, text_part.complete(done[TEXT][0] if TEXT in done else None, services.cache)),
+    ]
     vectors = in_order(count, parts)
-    services.models.used(model)
+    if image_part.todo or text_part.todo:
+        services.models.used(model)
     metrics.IMAGES.labels(model.name).inc(len(images))
     metrics.TEXTS.labels(model.name).inc(len(texts))
     if images:
         metrics.IMAGES_PER_REQUEST.labels(model.name).observe(len(images))
     return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
+
+
+@dataclass
+class CachedPart:
+    """The inputs of one modality against the content cache: what it had (`cached`, by index
+    among them), and the inputs still to embed (`todo`: the first of each distinct content)."""
+
+    modality: str
+    model: str
+    keys: list[Key] | None  # None: the cache is off
+    cached: dict[int, np.ndarray]
+    todo: list[int]
+
+    def complete(self, computed: np.ndarray | None, cache: VectorCache) -> np.ndarray | None:
+        """Every input's raw vector, the computed ones cached; counts hits and misses."""
+        if self.keys is None:
+            return computed
+        count = len(self.keys)
+        if count == 0:
+            return None
+        metrics.CACHE_HITS.labels(self.model, self.modality).inc(count - len(self.todo))
+        metrics.CACHE_MISSES.labels(self.model, self.modality).inc(len(self.todo))
+        fresh: dict[Key, np.ndarray] = {}
+        if computed is not None:
+            for index, vector in zip(self.todo, computed, strict=True):
+                fresh[self.keys[index]] = vector
+                cache.put(self.keys[index], vector)
+        rows = [self.cached.get(i) for i in range(count)]
+        return np.stack(
+            [row if row is not None else fresh[self.keys[i]] for i, row in enumerate(rows)]
+        ).astype(np.float32, copy=False)
+
+
+async def cached_part(
+    services: Services, model: ServedModel, modality: str, contents: list[bytes] | list[str]
+) -> CachedPart:
+    """Look `contents` (image files, or texts) up in the content cache."""
+    cache = services.cache
+    if not cache.enabled or not contents:
+        return CachedPart(modality, model.name, None, {}, list(range(len(contents))))
+    model_key = await cache_model_key(services, model)
+    if sum(map(len, contents)) <= INLINE_INPUT_SIZE:
+        digests = [digest(content) for content in contents]
+    else:  # megabytes of files: hash them in a thread (hashlib releases the GIL)
+        digests = await run_in_threadpool(lambda: [digest(content) for content in contents])
+    keys: list[Key] = [(model_key, modality, d) for d in digests]
+    cached: dict[int, np.ndarray] = {}
+    first: dict[Key, int] = {}
+    for index, key in enumerate(keys):
+        vector = cache.get(key)
+        if vector is not None:
+            cached[index] = vector
+        elif key not in first:
+            first[key] = index
+    return CachedPart(modality, model.name, keys, cached, list(first.values()))
+
+
+async def cache_model_key(services: Services, model: ServedModel) -> ModelKey:
+    """What decides a model's vectors besides the input: its served name, and the pooling,
+    dtype and engine it reports (asked once per worker)."""
+    info = await services.triton.model_info(model.triton_image)
+    return (
+        model.name,
+        str(info.get("pooling")),
+        str(info.get("dtype")),
+        str(info.get("engine")),
+    )
 
 
 async def infer(
