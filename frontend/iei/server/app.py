@@ -18,7 +18,7 @@ from .fetch import UrlFetcher
 from .limits import Capacity
 from .logs import configure_logging
 from .middleware import Admission, BodyLimit, RequestContext, RequestMetrics
-from .routes import demo, embed, health, info, openai
+from .routes import cohere, demo, embed, health, info, openai
 from .served import ServedModels
 from .settings import ServerSettings
 from .triton_client import TritonClient
@@ -61,7 +61,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         title="IEI — Image Embedding Inference",
         version=__version__,
         description="Image embeddings over HTTP, served by NVIDIA Triton Inference Server. "
-        "TEI-compatible `/embed`, OpenAI-compatible `/v1/embeddings`.",
+        "TEI-compatible `/embed`, OpenAI-compatible `/v1/embeddings`, Cohere-compatible "
+        "`/v2/embed`.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
@@ -75,7 +76,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(Admission)  # the key and a full worker, before the body's size
     app.add_middleware(RequestMetrics)  # every answer counted, the refusals above included
     app.add_middleware(RequestContext)  # outermost: every answer carries the request id
-    modules = (embed, openai, info, health, demo)
+    modules = (embed, openai, cohere, info, health, demo)
     for module in modules:
         app.include_router(module.router)
     # Our routes with their templates: the metrics label answers given before routing by them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,7 +16,7 @@ from . import metrics
 from .cache import Key, ModelKey, VectorCache, digest
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
-from .inputs import InvalidInput, fetch_urls, prepare_inputs
+from .inputs import ImageInput, InvalidInput, fetch_urls, prepare_inputs
 from .limits import Capacity, outliving, request_work
 from .served import ServedModels
 from .settings import ServerSettings
@@ -50,6 +50,7 @@ class Embedded:
     started: float  # perf_counter() when the request arrived
     queue_seconds: float  # arrival -> sent to Triton (inputs fetched, decoded, checked)
     inference_seconds: float  # Triton's round trip
+    images: tuple[ImageInput, ...] = ()  # the image inputs' headers (format, size), in order
 
     def timing_headers(self) -> dict[str, str]:
         """TEI's timing headers, in milliseconds."""
@@ -136,9 +137,10 @@ async def embed_inputs(
                             services.triton.count_tokens(values, model.triton_text), texts
                         )
                         refuse_overlong(tokens, texts, context)
-                    files = await image_files(
+                    checked = await image_files(
                         [items[i].value for i in images], images, services, downloads
                     )
+                    files = [image.data for image in checked]
                     image_part = await cached_part(services, model, IMAGE, files)
                     text_part = await cached_part(services, model, TEXT, values)
                     # Only what is not cached (once each) goes to Triton.
@@ -183,7 +185,8 @@ async def embed_inputs(
     metrics.TEXTS.labels(model.name).inc(len(texts))
     if images:
         metrics.IMAGES_PER_REQUEST.labels(model.name).observe(len(images))
-    return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
+    facts = tuple(replace(image, data=b"") for image in checked)  # not the files themselves
+    return Embedded(vectors, started, sent - started, time.perf_counter() - sent, facts)
 
 
 @dataclass
@@ -303,10 +306,10 @@ def check_text(text: str, max_chars: int, position: int) -> None:
 
 async def image_files(
     values: list[str | bytes], positions: list[int], services: Services, downloads: RequestBytes
-) -> list[bytes]:
+) -> list[ImageInput]:
     """The image inputs (at `positions` in the request) fetched (their bytes held by
     `downloads`), decoded from base64 (uploaded files are already bytes) and header-checked:
-    the files to send to Triton."""
+    the files to send to Triton, with what their headers say."""
     if not values:
         return []
     max_pixels = services.settings.max_image_pixels
@@ -319,7 +322,7 @@ async def image_files(
             images = await outliving(run_in_threadpool(prepare_inputs, values, max_pixels, fetched))
     except InvalidInput as exc:
         raise exc.among(positions) from None
-    return [image.data for image in images]
+    return images
 
 
 async def named(call: Awaitable[T], positions: list[int]) -> T:
