@@ -122,7 +122,7 @@ async def test_texts_and_images_answer_cohere_s_shape():
             },
             422,
             "one part",
-        ),  # fmt: skip
+        ),
     ],
 )
 async def test_errors_are_cohere_s_message_with_the_right_status(body, status, says):
