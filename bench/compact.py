@@ -175,7 +175,8 @@ Hamming distance, ties in input order) against the top {TOP} by the float vector
 puts every photo close to every other, and {results["dimension"]} dimensions give binary as many
 bits: read the binary rows as a floor, not as what a trained 512- to 1152-dimension model
 keeps; int8's rounding error shrinks with more dimensions (its cosine to float is >= 0.99 at
-512, tests/server/test_cohere.py). Exact figures, not timings: the shared machine's load does not change them.
+512, tests/server/test_cohere.py). Exact figures, not timings: the shared machine's load does
+not change them.
 
 {table}
 """
