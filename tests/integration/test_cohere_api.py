@@ -132,3 +132,23 @@ def test_a_repeated_input_and_a_duplicate_never_reach_triton(clip_stack):
     metrics = httpx.get(f"{clip_stack.url}/metrics", timeout=30).text
     assert 'iei_cache_hits_total{modality="image"' in metrics
     assert 'iei_cache_misses_total{modality="text"' in metrics
+
+
+def test_with_iei_cache_mb_0_every_input_reaches_triton(model_dirs, tmp_path):
+    stack = Stack(model_dirs["clip"], tmp_path / "stack.log", IEI_CACHE_MB="0").start()
+    try:
+        triton = triton_http.InferenceServerClient(stack.triton_http)
+
+        def inferences() -> int:
+            stats = triton.get_inference_statistics("iei")["model_stats"][0]
+            return int(stats["inference_count"])
+
+        image = base64.b64encode(noise_png(7)).decode()
+        raw(stack, [image])  # first requests' own calls out of the count
+        before = inferences()
+        raw(stack, [image, image])
+        raw(stack, [image])
+        assert inferences() == before + 3
+        assert "iei_cache_hits_total" not in httpx.get(f"{stack.url}/metrics", timeout=30).text
+    finally:
+        assert stack.stop() == 0, stack.log()
