@@ -152,3 +152,21 @@ def test_with_iei_cache_mb_0_every_input_reaches_triton(model_dirs, tmp_path):
         assert "iei_cache_hits_total" not in httpx.get(f"{stack.url}/metrics", timeout=30).text
     finally:
         assert stack.stop() == 0, stack.log()
+
+
+def test_cohere_s_model_picks_among_several_models(models_stack):
+    """SigLIP through the SDK; an image-only model refuses texts; each model its own vectors
+    (and cache entries) for one image."""
+    co = cohere.ClientV2(api_key="unused", base_url=models_stack.url, timeout=120, max_retries=0)
+    uri = data_uri(noise_png(31), "image/png")
+    kinds = ["float", "int8"]
+    siglip = co.embed(model="siglip", input_type="image", images=[uri], embedding_types=kinds)
+    dino = co.embed(model="dino", input_type="image", images=[uri])
+    assert not np.allclose(siglip.embeddings.float_, dino.embeddings.float_, atol=1e-3)
+    again = co.embed(model="siglip", input_type="image", images=[uri], embedding_types=kinds)
+    assert again.embeddings.int8 == siglip.embeddings.int8
+    texts = co.embed(model="siglip", input_type="search_query", texts=TEXTS)
+    assert len(texts.embeddings.float_) == len(TEXTS)
+    with pytest.raises(cohere.UnprocessableEntityError) as refused:
+        co.embed(model="dino", input_type="search_query", texts=TEXTS)
+    assert "no text tower" in refused.value.body["message"]
