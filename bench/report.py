@@ -738,6 +738,10 @@ def write(results: dict[str, Any], out: Path) -> None:
         from .uploads import section as uploads_section
 
         parts.append(uploads_section(results["uploads"]))
+    if "compact" in results:  # `python -m bench.compact`
+        from .compact import section as compact_section
+
+        parts.append(compact_section(results["compact"]))
     if "queue_delay" in results:
         parts.append(queue_section(results["queue_delay"]))
         parts.append(NOTES["queue_delay"])

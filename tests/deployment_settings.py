@@ -53,5 +53,6 @@ def frontend_worst_case_mib(settings: dict[str, str]) -> float:
         PROCESS_BASELINE_MIB * 2**20
         + BODY_RESIDENT_FACTOR * value("IEI_BODY_WORKER_MAX_BYTES")
         + URL_RESIDENT_FACTOR * value("IEI_URL_WORKER_MAX_BYTES")
+        + value("IEI_CACHE_MB") * 2**20  # the content cache counts its entries' own overhead
     )
     return (value("IEI_WORKERS") * per_worker) / 2**20 + PROCESS_BASELINE_MIB

@@ -637,3 +637,26 @@ def test_the_gpu_bench_measures_both_photo_sizes_through_the_split_layout(tmp_pa
     assert float(verdicts["embed_img_s"].split()[0]) > 0
     assert float(verdicts["embed_to_inprocess"].split()[0]) > 0
     assert float(verdicts["decoded_cosine_min"].split()[0]) >= 0.999
+
+
+def test_the_compact_part_compares_each_type_with_float_and_renders(tmp_path):
+    """bench.compact's comparison on vectors quantised by the server's own module: base64 is the
+    float ranking itself, int8 nearly; its section renders every type."""
+    from iei.server.quantize import encode
+
+    from bench import compact
+
+    rows = np.random.default_rng(0).standard_normal((60, 64)).astype(np.float32)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    found = {kind: np.asarray(encode(unit, kind)).tolist() for kind in ("float", *compact.KINDS)}
+    found["base64"] = encode(unit, "base64")
+    compared = compact.compare(found)
+    assert compared["base64"]["overlap"] == 1.0
+    assert compared["int8"]["overlap"] >= 0.9
+    assert compared["int8"] == compared["uint8"] and compared["binary"] == compared["ubinary"]
+    assert compared["binary"]["bytes"] == 8
+    meta = {"command": "python -m bench.compact", "date": "d"}
+    part = {"meta": meta, "family": "clip", "images": 60, "photos": 3, "dimension": 64,
+            "rows": compared}  # fmt: skip
+    text = compact.section(part)
+    assert all(f"| {kind} |" in text for kind in compact.KINDS)

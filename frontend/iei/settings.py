@@ -158,6 +158,12 @@ _SETTINGS = [
         "most bytes of URL downloads a frontend worker holds at once; beyond it a 429",
         shown_default="`67108864` (64 MiB)",
     )),
+    ("cache_mb", Setting(
+        "IEI_CACHE_MB", 64, "int", (SERVER,),
+        "MiB of raw vectors each frontend worker keeps, by model and SHA-256 of the image bytes or "
+        "text: a repeated input never reaches Triton (least recently used out first); `0` turns "
+        "the cache off (README's \"The content cache\")",
+    )),
     ("url_max_redirects", Setting(
         "IEI_URL_MAX_REDIRECTS", 5, "int", (SERVER,), "redirects followed per URL",
     )),

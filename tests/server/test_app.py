@@ -306,7 +306,11 @@ async def test_a_probe_that_the_model_fails_is_not_excused_by_earlier_progress()
 
 @asynccontextmanager
 async def app_client(settings: ServerSettings, fake: FakeTriton | None = None):
-    """The app with its lifespan run, and Triton replaced by `fake` when given."""
+    """The app with its lifespan run, and Triton replaced by `fake` when given. The content cache
+    is off unless `settings` name `cache_mb`: the fake's vectors tell calls apart (chunk sizes),
+    and these tests count calls; the cache's own tests turn it on."""
+    if "cache_mb" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"cache_mb": 0})
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         if fake is not None:

@@ -11,13 +11,14 @@ from fastapi import FastAPI
 
 from .. import __version__
 from . import metrics
+from .cache import VectorCache
 from .embedding import Services
 from .errors import install_error_handlers
 from .fetch import UrlFetcher
 from .limits import Capacity
 from .logs import configure_logging
 from .middleware import Admission, BodyLimit, RequestContext, RequestMetrics
-from .routes import classify, demo, embed, health, info, openai
+from .routes import classify, cohere, demo, embed, health, info, openai
 from .served import ServedModels
 from .settings import ServerSettings
 from .triton_client import TritonClient
@@ -47,7 +48,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         )
         app.state.services = Services(
             settings, triton, fetcher, Capacity(settings.max_concurrent_images),
-            ServedModels(settings, triton),
+            ServedModels(settings, triton), cache=VectorCache(settings.cache_mb * 2**20),
         )  # fmt: skip
         try:
             yield
@@ -60,7 +61,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         title="IEI — Image Embedding Inference",
         version=__version__,
         description="Image embeddings over HTTP, served by NVIDIA Triton Inference Server. "
-        "TEI-compatible `/embed`, OpenAI-compatible `/v1/embeddings`.",
+        "TEI-compatible `/embed`, OpenAI-compatible `/v1/embeddings`, Cohere-compatible "
+        "`/v2/embed`.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
@@ -74,7 +76,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(Admission)  # the key and a full worker, before the body's size
     app.add_middleware(RequestMetrics)  # every answer counted, the refusals above included
     app.add_middleware(RequestContext)  # outermost: every answer carries the request id
-    modules = (embed, openai, classify, info, health, demo)
+    modules = (embed, openai, cohere, classify, info, health, demo)
     for module in modules:
         app.include_router(module.router)
     # Our routes with their templates: the metrics label answers given before routing by them.

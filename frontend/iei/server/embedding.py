@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ..models import ServedModel
 from . import metrics
+from .cache import Key, ModelKey, VectorCache, digest
 from .errors import ApiError, ErrorType, first_error, overloaded
 from .fetch import RequestBytes, UrlFetcher
-from .inputs import InvalidInput, fetch_urls, prepare_inputs
+from .inputs import ImageInput, InvalidInput, fetch_urls, prepare_inputs
 from .label_vectors import LabelVectors
 from .limits import Capacity, outliving, request_work
 from .served import ServedModels
@@ -42,6 +43,7 @@ class Services:
     permits: Capacity  # inputs in flight in this worker
     models: ServedModels  # which model a request names; loading on demand
     labels: LabelVectors = field(default_factory=LabelVectors)  # /classify's hypotheses
+    cache: VectorCache = field(default_factory=lambda: VectorCache(0))  # raw vectors by content
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Embedded:
     started: float  # perf_counter() when the request arrived
     queue_seconds: float  # arrival -> sent to Triton (inputs fetched, decoded, checked)
     inference_seconds: float  # Triton's round trip
+    images: tuple[ImageInput, ...] = ()  # the image inputs' headers (format, size), in order
 
     def timing_headers(self) -> dict[str, str]:
         """TEI's timing headers, in milliseconds."""
@@ -90,7 +93,8 @@ async def embed_inputs(
     once); raw vectors in input order. A model that is not loaded is loaded first, within the
     request's timeout. A text longer than the model's context is cut to it, or refused when
     `truncate` is false: then before anything is embedded (the model counts the tokens of each
-    text first, without its text tower)."""
+    text first, without its text tower). With the content cache on (IEI_CACHE_MB), an input
+    whose vector is cached, or that came earlier in the same request, is not sent to Triton."""
     settings = services.settings
     model = model or services.models.default
     deadline = asyncio.get_running_loop().time() + settings.request_timeout
@@ -126,12 +130,22 @@ async def embed_inputs(
                             services.triton.count_tokens(values, model.triton_text), texts
                         )
                         refuse_overlong(tokens, texts, context)
-                    files = await image_files(
+                    checked = await image_files(
                         [items[i].value for i in images], images, services, downloads
+                    )
+                    files = [image.data for image in checked]
+                    image_part = await cached_part(services, model, IMAGE, files)
+                    text_part = await cached_part(services, model, TEXT, values)
+                    # Only what is not cached (once each) goes to Triton.
+                    send = (
+                        [files[i] for i in image_part.todo],
+                        [images[i] for i in image_part.todo],
+                        [values[i] for i in text_part.todo],
+                        [texts[i] for i in text_part.todo],
                     )
                     sent = time.perf_counter()
                     try:
-                        done = await infer(services, model, files, images, values, texts)
+                        done = await infer(services, model, *send)
                     except ApiError as exc:
                         if exc.error_type != ErrorType.UNHEALTHY:
                             raise
@@ -139,7 +153,7 @@ async def embed_inputs(
                         if not services.models.on_demand(model):
                             raise
                         await services.models.ensure_loaded(model)  # once more, loaded
-                        done = await infer(services, model, files, images, values, texts)
+                        done = await infer(services, model, *send)
                 except InvalidInput as exc:  # a 422, or what an `InputFailed` says it is
                     raise ApiError(
                         exc.error_type, named_error(exc, items), headers=exc.headers
@@ -153,16 +167,86 @@ async def embed_inputs(
             # Triton runs on after a timeout, and keeps the request's inputs counted until it
             # has ended.
             work.then(release)
-    parts = [(images, done.get(IMAGE))]
-    if TEXT in done:
-        parts.append((texts, done[TEXT][0]))
+    parts = [
+        (images, image_part.complete(done.get(IMAGE), services.cache)),
+        (texts, text_part.complete(done[TEXT][0] if TEXT in done else None, services.cache)),
+    ]
     vectors = in_order(count, parts)
-    services.models.used(model)
+    if image_part.todo or text_part.todo:
+        services.models.used(model)
     metrics.IMAGES.labels(model.name).inc(len(images))
     metrics.TEXTS.labels(model.name).inc(len(texts))
     if images:
         metrics.IMAGES_PER_REQUEST.labels(model.name).observe(len(images))
-    return Embedded(vectors, started, sent - started, time.perf_counter() - sent)
+    facts = tuple(replace(image, data=b"") for image in checked)  # not the files themselves
+    return Embedded(vectors, started, sent - started, time.perf_counter() - sent, facts)
+
+
+@dataclass
+class CachedPart:
+    """The inputs of one modality against the content cache: what it had (`cached`, by index
+    among them), and the inputs still to embed (`todo`: the first of each distinct content)."""
+
+    modality: str
+    model: str
+    keys: list[Key] | None  # None: the cache is off
+    cached: dict[int, np.ndarray]
+    todo: list[int]
+
+    def complete(self, computed: np.ndarray | None, cache: VectorCache) -> np.ndarray | None:
+        """Every input's raw vector, the computed ones cached; counts hits and misses."""
+        if self.keys is None:
+            return computed
+        count = len(self.keys)
+        if count == 0:
+            return None
+        metrics.CACHE_HITS.labels(self.model, self.modality).inc(count - len(self.todo))
+        metrics.CACHE_MISSES.labels(self.model, self.modality).inc(len(self.todo))
+        fresh: dict[Key, np.ndarray] = {}
+        if computed is not None:
+            for index, vector in zip(self.todo, computed, strict=True):
+                fresh[self.keys[index]] = vector
+                cache.put(self.keys[index], vector)
+        rows = [self.cached.get(i) for i in range(count)]
+        return np.stack(
+            [row if row is not None else fresh[self.keys[i]] for i, row in enumerate(rows)]
+        ).astype(np.float32, copy=False)
+
+
+async def cached_part(
+    services: Services, model: ServedModel, modality: str, contents: list[bytes] | list[str]
+) -> CachedPart:
+    """Look `contents` (image files, or texts) up in the content cache."""
+    cache = services.cache
+    if not cache.enabled or not contents:
+        return CachedPart(modality, model.name, None, {}, list(range(len(contents))))
+    model_key = await cache_model_key(services, model)
+    if sum(map(len, contents)) <= INLINE_INPUT_SIZE:
+        digests = [digest(content) for content in contents]
+    else:  # megabytes of files: hash them in a thread (hashlib releases the GIL)
+        digests = await run_in_threadpool(lambda: [digest(content) for content in contents])
+    keys: list[Key] = [(model_key, modality, d) for d in digests]
+    cached: dict[int, np.ndarray] = {}
+    first: dict[Key, int] = {}
+    for index, key in enumerate(keys):
+        vector = cache.get(key)
+        if vector is not None:
+            cached[index] = vector
+        elif key not in first:
+            first[key] = index
+    return CachedPart(modality, model.name, keys, cached, list(first.values()))
+
+
+async def cache_model_key(services: Services, model: ServedModel) -> ModelKey:
+    """What decides a model's vectors besides the input: its served name, and the pooling,
+    dtype and engine it reports (asked once per worker)."""
+    info = await services.triton.model_info(model.triton_image)
+    return (
+        model.name,
+        str(info.get("pooling")),
+        str(info.get("dtype")),
+        str(info.get("engine")),
+    )
 
 
 async def load_within(services: Services, model: ServedModel, deadline: float) -> None:
@@ -229,10 +313,10 @@ def check_text(text: str, max_chars: int, position: int) -> None:
 
 async def image_files(
     values: list[str | bytes], positions: list[int], services: Services, downloads: RequestBytes
-) -> list[bytes]:
+) -> list[ImageInput]:
     """The image inputs (at `positions` in the request) fetched (their bytes held by
     `downloads`), decoded from base64 (uploaded files are already bytes) and header-checked:
-    the files to send to Triton."""
+    the files to send to Triton, with what their headers say."""
     if not values:
         return []
     max_pixels = services.settings.max_image_pixels
@@ -245,7 +329,7 @@ async def image_files(
             images = await outliving(run_in_threadpool(prepare_inputs, values, max_pixels, fetched))
     except InvalidInput as exc:
         raise exc.among(positions) from None
-    return [image.data for image in images]
+    return images
 
 
 async def named(call: Awaitable[T], positions: list[int]) -> T:

@@ -1,7 +1,8 @@
 """One error table from error type to HTTP status, as TEI has it, and two envelopes.
 
 TEI's routes answer `{"error": "...", "error_type": "..."}`; the OpenAI-compatible routes answer
-OpenAI's `{"error": {"message", "type", "code"}}` so that OpenAI SDKs raise proper errors. The
+OpenAI's `{"error": {"message", "type", "code"}}` so that OpenAI SDKs raise proper errors, and the
+Cohere-compatible route Cohere's `{"message": "..."}` (its SDKs raise it as their error's body). The
 status codes are the same. Every error goes through here: our own, FastAPI's validation errors,
 Starlette's 404/405, the body limit, and anything unexpected (without its stack trace).
 """
@@ -22,6 +23,7 @@ log = logging.getLogger("iei")
 
 OPENAI_PATHS = ("/v1/embeddings", "/embeddings")
 OPENAI_PREFIX = "/v1/"  # /v1/models too
+COHERE_PATHS = ("/v2/embed",)
 
 
 class ErrorType(StrEnum):
@@ -129,7 +131,9 @@ def error_body(
     path: str, status: int, error_type: ErrorType, message: str, code: str | None = None
 ) -> dict[str, object]:
     body: dict[str, object]
-    if is_openai_path(path):
+    if path in COHERE_PATHS:
+        body = {"message": message}
+    elif is_openai_path(path):
         kind = OPENAI_TYPES.get(error_type, "server_error" if status >= 500 else "api_error")
         body = {"error": {"message": message, "type": kind, "code": code or str(error_type)}}
     else:

@@ -72,6 +72,15 @@ class ImageInput:
     format: str
     width: int
     height: int
+    mode: str = ""  # PIL's mode from the header (RGB, L, I;16...): its bit depth for Cohere
+
+
+# Bits per channel of PIL's modes (Cohere's `bit_depth`); any other mode is 8.
+MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+
+
+def bit_depth(mode: str) -> int:
+    return MODE_BITS.get(mode, 8)
 
 
 def url_scheme(item: str) -> str | None:
@@ -124,6 +133,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 width, height, fmt = image.width, image.height, image.format or "?"
+                mode = image.mode
     except Image.DecompressionBombError:
         raise InvalidInput(f"image is larger than the limit of {max_pixels} pixels") from None
     except UnidentifiedImageError:
@@ -139,7 +149,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
         )
     if width == 0 or height == 0:
         raise InvalidInput("image has no pixels")
-    return ImageInput(data, fmt, width, height)
+    return ImageInput(data, fmt, width, height, mode)
 
 
 class Fetcher(Protocol):

@@ -34,6 +34,14 @@ IMAGES_PER_REQUEST = Histogram(
     "iei_images_per_request", "Images in one embedding request.", ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )  # fmt: skip
+# The content cache (IEI_CACHE_MB): inputs answered from it (a repeat within one request too), and
+# inputs sent to Triton, by model and modality (image, text). Nothing counted with the cache off.
+CACHE_HITS = Counter(
+    "iei_cache_hits", "Inputs whose vector came from the content cache.", ["model", "modality"]
+)
+CACHE_MISSES = Counter(
+    "iei_cache_misses", "Inputs not in the content cache, sent to Triton.", ["model", "modality"]
+)
 # Loading on demand (IEI_MODEL_IDLE_UNLOAD): loads a request waited for, by outcome (loaded,
 # failed); unloads of idle models (counted by `iei serve`, which decides them).
 MODEL_LOADS = Counter(

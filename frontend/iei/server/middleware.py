@@ -67,7 +67,9 @@ class RequestContext:
 # Open without the API key, as in TEI: probes, metrics, the API docs and the demo page (GET /).
 OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/openapi.json", "/docs", "/redoc"})
 # Routes that hold images in flight: refused at once while the worker is full.
-EMBEDDING_PATHS = frozenset({"/", "/embed", "/v1/embeddings", "/embeddings", "/classify"})
+EMBEDDING_PATHS = frozenset(
+    {"/", "/embed", "/v1/embeddings", "/embeddings", "/v2/embed", "/classify"}
+)
 
 
 class Admission:

@@ -389,3 +389,87 @@ CLASSIFY_UPLOAD_OPENAPI: dict[str, Any] = {
         }
     },
 }
+
+
+# Cohere's v2 embed API (`POST /v2/embed`), for Cohere's SDKs (`cohere.ClientV2(base_url=...)`).
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+CohereInputType = Literal[
+    "search_document", "search_query", "classification", "clustering", "image"
+]
+
+
+class CohereImageUrl(BaseModel):
+    url: StrictStr = Field(description="A data:image/...;base64, URI (an http(s) URL works too).")
+
+
+class CohereContent(BaseModel):
+    """One part of an input: `{"type": "text", "text": ...}` or
+    `{"type": "image_url", "image_url": {"url": ...}}`."""
+
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+    image_url: CohereImageUrl | StrictStr | None = None
+
+
+class CohereInput(BaseModel):
+    content: list[CohereContent] = Field(
+        description="Exactly one part here: a dual encoder embeds a text and an image apart, "
+        "into one space, and does not fuse them into one vector."
+    )
+
+
+class CohereEmbedRequest(BaseModel):
+    """`POST /v2/embed`, Cohere's shape; exactly one of `texts`, `images`, `inputs`."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "iei",
+                    "input_type": "image",
+                    "images": [f"data:image/png;base64,{EXAMPLE_IMAGE}"],
+                    "embedding_types": ["float", "int8"],
+                }
+            ]
+        },
+    )
+
+    model: StrictStr = Field(description=MODEL_DESCRIPTION.replace(" absent: the default.", ""))
+    input_type: CohereInputType | None = Field(
+        None,
+        description="Accepted, and changes no vector: these models embed queries, documents "
+        "and labels alike (no instruction prefix). `image` with `texts` is a 422.",
+    )
+    texts: list[StrictStr] | None = Field(None, description="Texts (models with a text tower).")
+    images: list[StrictStr] | None = Field(None, description="Images as data URIs.")
+    inputs: list[CohereInput] | None = Field(None, description="Content lists of one part each.")
+    max_tokens: StrictInt | None = Field(None, description="Not supported: a 422 when set.")
+    output_dimension: StrictInt | None = Field(
+        None, ge=1, description="Keep the first N components and re-normalise."
+    )
+    embedding_types: list[EmbeddingType] | None = Field(
+        None, min_length=1, description="The types to answer (absent: float)."
+    )
+    truncate: Literal["NONE", "START", "END"] | None = Field(
+        None,
+        description="END (the default) cuts a text at the model's context; NONE refuses it "
+        "(422); START is refused (422).",
+    )
+    priority: StrictInt | None = Field(None, description="Ignored.")
+
+
+class CohereImage(BaseModel):
+    width: int
+    height: int
+    format: str
+    bit_depth: int
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: dict[str, list[list[float]] | list[list[int]] | list[str]]
+    texts: list[str] | None = None
+    images: list[CohereImage] | None = None
+    meta: dict[str, Any] | None = None
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"

@@ -32,6 +32,7 @@ class ServerSettings(SettingsBase):
     url_request_max_bytes: int = setting("url_request_max_bytes", ge=1024)
     url_worker_max_bytes: int = setting("url_worker_max_bytes", ge=1024)
     url_max_redirects: int = setting("url_max_redirects", ge=0, le=20)
+    cache_mb: int = setting("cache_mb", ge=0, le=1_000_000)
     triton_url: str | None = setting("triton_url")
     triton_http_port: int = setting("triton_http_port", ge=1, le=65535)
     models: str | None = setting("models")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter
 
 from ..dependencies import Authorized, ServicesDep
 from ..embedding import IMAGE, TEXT, Input, embed_inputs, normalize_rows
 from ..errors import ApiError, ErrorType
+from ..quantize import as_base64
 from ..responses import VectorResponse
 from ..routing import OffLoopJSONRoute
 from ..schemas import (
@@ -70,13 +69,7 @@ async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep)
         check_dimensions(body.dimensions, vectors.shape[1])  # where texts' differ from images'
         vectors = vectors[:, : body.dimensions]
     vectors = normalize_rows(vectors)  # OpenAI's embeddings are unit length
-    if body.encoding_format == "base64":
-        little_endian = vectors.astype("<f4", copy=False)
-        encoded: list[str] | np.ndarray = [
-            base64.b64encode(row.tobytes()).decode() for row in little_endian
-        ]
-    else:
-        encoded = vectors
+    encoded = as_base64(vectors) if body.encoding_format == "base64" else vectors
     content = {
         "object": "list",
         "data": [
