@@ -59,20 +59,14 @@ class EmbedRequest(BaseModel):
 _FILE = {"type": "string", "format": "binary"}
 _ONE_FILE = "One image: the body is the encoded file (JPEG, PNG, WebP, ...)."
 _RAW_ONLY = " Raw uploads only (a JSON body has its own field)."
+
+
 # The raw forms of `POST /embed` (beside TEI's JSON body, which FastAPI documents itself): the body
 # is the image file, or a form whose file parts are the images. Read by `uploads.py`.
-UPLOAD_OPENAPI: dict[str, Any] = {
-    "parameters": [
-        {
-            "name": "normalize",
-            "in": "query",
-            "required": False,
-            "schema": {"type": "boolean", "default": True},
-            "description": "Scale each vector to unit L2 norm: exactly `true` or `false`."
-            + _RAW_ONLY,
-        },
-    ],
-    "requestBody": {
+def upload_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI's request bodies of a raw upload: one image file, or a form of several with
+    `fields` as its text fields."""
+    return {
         "content": {
             "image/*": {"schema": {**_FILE, "description": _ONE_FILE}},
             "application/octet-stream": {"schema": {**_FILE, "description": _ONE_FILE}},
@@ -86,14 +80,33 @@ UPLOAD_OPENAPI: dict[str, Any] = {
                             "description": "The images, in order: every part with a filename "
                             "is one, whatever its field name.",
                         },
-                        "normalize": {"type": "string", "enum": ["true", "false"]},
+                        **fields,
                     },
                     "required": ["file"],
                 },
                 "encoding": {"file": {"contentType": "image/*, application/octet-stream"}},
             },
         }
-    },
+    }
+
+
+UPLOAD_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "normalize",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": True},
+            "description": "Scale each vector to unit L2 norm: exactly `true` or `false`."
+            + _RAW_ONLY,
+        },
+    ],
+    "requestBody": upload_body(
+        {
+            "normalize": {"type": "string", "enum": ["true", "false"]},
+            "model": {"type": "string"},
+        }
+    ),
 }
 
 
@@ -365,29 +378,13 @@ CLASSIFY_UPLOAD_OPENAPI: dict[str, Any] = {
             "description": "Raw uploads: the text each label is put into, at `{}`.",
         },
     ],
-    "requestBody": {
-        "content": {
-            "image/*": {"schema": {**_FILE, "description": _ONE_FILE}},
-            "application/octet-stream": {"schema": {**_FILE, "description": _ONE_FILE}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {
-                            "type": "array",
-                            "items": _FILE,
-                            "description": "The images, in order: every part with a filename "
-                            "is one, whatever its field name.",
-                        },
-                        "candidate_labels": {"type": "string"},
-                        "hypothesis_template": {"type": "string"},
-                        "model": {"type": "string"},
-                    },
-                    "required": ["file"],
-                },
-            },
+    "requestBody": upload_body(
+        {
+            "candidate_labels": {"type": "string"},
+            "hypothesis_template": {"type": "string"},
+            "model": {"type": "string"},
         }
-    },
+    ),
 }
 
 
