@@ -195,8 +195,9 @@ def test_timing_headers(vit_stack):
 
 
 def test_metrics_count_requests_and_images_across_workers(guarded_stack):
-    image = b64(photos()["coffee.jpg"])
-    for _ in range(4):  # two workers: requests land on both
+    # Four different photos: the content cache would answer a repeated one without Triton.
+    for name in ("coffee.jpg", "chelsea.jpg", "rocket.jpg", "astronaut.jpg"):
+        image = b64(photos()[name])  # two workers: requests land on both
         response = httpx.post(
             f"{guarded_stack.url}/embed", json={"inputs": [image, image]}, headers=auth()
         )

@@ -118,6 +118,7 @@ def fault_stack(model_dirs, tmp_path):
         model_dirs["vit"],
         tmp_path / "serve.log",
         IEI_REQUEST_TIMEOUT=str(REQUEST_TIMEOUT),
+        IEI_CACHE_MB="0",  # the load repeats its images: every request must reach Triton
     ).start()
     yield stack
     assert stack.stop() == 0, stack.log()
@@ -184,6 +185,7 @@ def fault_model_stack(tmp_path: Path, behaviour: str, **env: str) -> Stack:
         tmp_path / "serve.log",
         IEI_MODEL_REPOSITORY=str(FAULT_MODEL),
         IEI_TEST_BEHAVIOUR=behaviour,
+        IEI_CACHE_MB="0",  # repeated inputs must reach the faulty model, not the cache
         **env,
     )
 
