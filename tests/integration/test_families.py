@@ -99,7 +99,8 @@ def test_a_processor_whose_output_shape_follows_the_image_fails_the_whole_execut
     processor.update(image_processor_type="BitImageProcessor", do_center_crop=False)
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
     wide, square = photos()["coffee.jpg"], photos()["astronaut.jpg"]  # 600x400, 512x512
-    stack = Stack(folder, tmp_path / "stack.log", IEI_ENGINE="torch").start()
+    # Without the content cache: the second request's wide photo must reach the model again.
+    stack = Stack(folder, tmp_path / "stack.log", IEI_ENGINE="torch", IEI_CACHE_MB="0").start()
     try:
         assert embed(stack, [wide]).shape == (1, 32)
         body = {"inputs": [base64.b64encode(f).decode() for f in (wide, square)]}
