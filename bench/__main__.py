@@ -247,13 +247,56 @@ def run_vit(
 
 # --- tiny model: the stack's own cost --------------------------------------------------------
 
+# The photos of issue 19's goal: web JPEGs and 12 MP phone photos.
+PHOTO_SETS = {"web": SMALL, "phone": SIZES[-1]}
+# Its loads (each in the bodies a client may send) and the stack's cost it allows, as a multiple
+# of the floor: 16 concurrent single-image requests, and requests of 64 images one at a time.
+GOAL_LOADS = (
+    ("single", 16, 1, ("json", "raw"), 1.6),
+    ("large", 1, 64, ("json", "form"), 1.25),
+)
+# Room for 64 phone photos in one request (base64 JSON: about 140 MB); nothing else changes.
+LARGE_BODIES = {"IEI_PAYLOAD_LIMIT": str(256 << 20), "IEI_BODY_WORKER_MAX_BYTES": str(512 << 20)}
+
+
+def floor_us(mm: Any, embedder: Any, files: list[bytes], reps: int) -> dict[str, float]:
+    """The work a server cannot avoid per image, as CPU time of one thread: PIL decoding with
+    the server's draft, the model's own processor on batches of 32 (and the fused path that
+    stands in for it, fused.py), and the tiny model's forward pass."""
+    import torch
+
+    batch = (files * 32)[:32]
+    side = embedder.draft_side
+    decoded = [mm.decode_image(f, 10**9, side) for f in batch]
+    pixels = mm.stack(embedder.preprocess(decoded))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per = {
+            "decode_us": measure.thread_cpu_per_call(
+                lambda: [mm.decode_image(f, 10**9, side) for f in batch], reps
+            ),
+            "processor_us": measure.thread_cpu_per_call(
+                lambda: embedder.processor(images=decoded, return_tensors="pt"), reps
+            ),
+            "forward_us": measure.thread_cpu_per_call(lambda: embedder.forward(pixels), reps),
+        }
+        if embedder.fused is not None:
+            per["fused_us"] = measure.thread_cpu_per_call(lambda: embedder.fused(decoded), reps)
+    finally:
+        torch.set_num_threads(threads)
+    floor = {k: v / len(batch) * 1e6 for k, v in per.items()}
+    floor["decoded"] = "x".join(map(str, decoded[0].size))
+    return floor
+
 
 def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
     import torch
 
     mm = load_model_module()
     model_dir = build_model("vit-tiny", work / "vit-tiny")
-    files = make_jpegs(SMALL)
+    photos = {name: make_jpegs(size) for name, size in PHOTO_SETS.items()}
+    files = photos["web"]
     torch.set_num_threads(os.cpu_count() or 1)
     embedder = embedder_for(mm, model_dir, "auto")
     batch = (files * 32)[:32]
@@ -269,31 +312,55 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
     }
     inproc = {k: v / len(batch) * 1e6 for k, v in inproc.items()}
     log(f"tiny in-process (us/image): {inproc}")
+    floors = {name: floor_us(mm, embedder, blobs, reps) for name, blobs in photos.items()}
+    log(f"tiny floors (CPU us/image, one thread): {floors}")
     embedder.close()
+
+    async def measured(stack: ServedStack, load: Any, url: str, blobs: list[bytes], **shape: Any):
+        assert stack.process is not None
+        before = measure.cpu_by_role(stack.process.pid)
+        done = await load(url, blobs, **shape)
+        after = measure.cpu_by_role(stack.process.pid)
+        return {**done.row(), "cpu_us": measure.cpu_per_image(before, after, done.images)}
 
     async def served(stack: ServedStack) -> list[dict]:
         """Each load with the CPU time that every part of the stack spent on it per image."""
-        assert stack.process is not None
         rows = []
         # Enough images per load that /proc's 10 ms CPU ticks resolve well under 1 ms per image.
         shapes = [(c, max(4 * n, 4 * c), 1) for c in levels] + [(1, 8, 64)]
         for concurrency, requests, per_request in shapes:
             for load in (measure.http_load, measure.grpc_load):
                 url = stack.url if load is measure.http_load else stack.grpc
-                before = measure.cpu_by_role(stack.process.pid)
-                done = await load(
-                    url, files, concurrency=concurrency, requests=requests, per_request=per_request
-                )
-                after = measure.cpu_by_role(stack.process.pid)
-                cpu = measure.cpu_per_image(before, after, done.images)
-                rows.append({**done.row(), "cpu_us": cpu})
-                log(f"tiny {done.path} c={concurrency} x{per_request}: {done.img_s:.0f} img/s, "
-                    f"CPU us/image { {k: round(v) for k, v in cpu.items()} }")  # fmt: skip
+                shape = dict(concurrency=concurrency, requests=requests, per_request=per_request)
+                rows.append(await measured(stack, load, url, files, **shape))
+                cpu = rows[-1]["cpu_us"]
+                log(f"tiny {rows[-1]['path']} c={concurrency} x{per_request}: "
+                    f"{rows[-1]['img_s']:.0f} img/s, CPU us/image "
+                    f"{ {k: round(v) for k, v in cpu.items()} }")  # fmt: skip
         return rows
 
-    with ServedStack(model_dir, work / "vit-tiny.log") as stack:
+    async def goal(stack: ServedStack) -> list[dict]:
+        """Issue 19's loads on both photo sets, in every body a client may send."""
+        rows = []
+        for photo_set, blobs in photos.items():
+            for mode, concurrency, per_request, bodies, target in GOAL_LOADS:
+                requests = 4 * n if per_request == 1 else max(1, n // 8)
+                for body in bodies:
+                    row = await measured(
+                        stack, measure.http_load, stack.url, blobs, concurrency=concurrency,
+                        requests=requests, per_request=per_request, body=body,
+                    )  # fmt: skip
+                    row.update(photos=photo_set, target=target)
+                    rows.append(row)
+                    stack_us = sum(row["cpu_us"].get(r, 0.0) for r in report.STACK_ROLES)
+                    log(f"goal {photo_set} {mode} {body}: {stack_us:.0f} us/image "
+                        f"(floor {report.floor_total(floors[photo_set]):.0f})")  # fmt: skip
+        return rows
+
+    with ServedStack(model_dir, work / "vit-tiny.log", **LARGE_BODIES) as stack:
         loads = asyncio.run(served(stack))
-    return {"inprocess_us": inproc, "loads": loads}
+        goal_loads = asyncio.run(goal(stack))
+    return {"inprocess_us": inproc, "loads": loads, "floors": floors, "goal": goal_loads}
 
 
 # --- dynamic batcher: queue delay -----------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import resource
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ class Load:
     images: int
     seconds: float
     latencies_ms: list[float]
+    body: str = "json"  # /embed's request body: json (base64), raw (the file), form (multipart)
 
     @property
     def img_s(self) -> float:
@@ -44,6 +46,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return (a * b).sum(axis=1)
+
+
+def thread_cpu_per_call(fn: Callable[[], object], repeat: int) -> float:
+    """CPU seconds of this thread per call of `fn`, after one call to warm it up (run it with
+    torch on one thread: other threads' work is not counted)."""
+    fn()
+    start = time.thread_time()
+    for _ in range(repeat):
+        fn()
+    return (time.thread_time() - start) / repeat
 
 
 def per_call(fn: Callable[[], object], repeat: int) -> float:
@@ -103,34 +115,62 @@ async def _drive(
     return time.perf_counter() - start, latencies
 
 
-def embed_bodies(files: Sequence[bytes], per_request: int) -> list[bytes]:
-    """Ready /embed request bodies (base64 done before the clock starts)."""
+BODIES = ("json", "raw", "form")
+
+
+def request_bodies(
+    files: Sequence[bytes], per_request: int, kind: str = "json"
+) -> list[tuple[bytes, str]]:
+    """Ready /embed request bodies and their Content-Type, encoding done before the clock
+    starts: base64 in JSON, the file itself (one image), or a multipart form."""
     import orjson
 
-    encoded = [base64.b64encode(f).decode("ascii") for f in files]
-    bodies = []
+    ready = []
     for start in range(len(files)):
-        chosen = [encoded[(start + k) % len(encoded)] for k in range(per_request)]
-        bodies.append(orjson.dumps({"inputs": chosen}))
-    return bodies
+        chosen = [files[(start + k) % len(files)] for k in range(per_request)]
+        if kind == "json":
+            inputs = [base64.b64encode(f).decode("ascii") for f in chosen]
+            ready.append((orjson.dumps({"inputs": inputs}), "application/json"))
+        elif kind == "raw":
+            if per_request != 1:
+                raise ValueError("a raw body is one image")
+            ready.append((chosen[0], "image/jpeg"))
+        else:
+            boundary = secrets.token_hex(16)
+            parts = []
+            for i, data in enumerate(chosen):
+                head = (
+                    f"--{boundary}\r\nContent-Disposition: form-data; name=file; "
+                    f'filename="{i}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+                )
+                parts += [head.encode(), data, b"\r\n"]
+            parts.append(f"--{boundary}--\r\n".encode())
+            ready.append((b"".join(parts), f"multipart/form-data; boundary={boundary}"))
+    return ready
 
 
 async def http_load(
-    url: str, files: Sequence[bytes], *, concurrency: int, requests: int, per_request: int = 1
+    url: str,
+    files: Sequence[bytes],
+    *,
+    concurrency: int,
+    requests: int,
+    per_request: int = 1,
+    body: str = "json",
 ) -> Load:
-    """POST /embed: `requests` requests of `per_request` images, `concurrency` at a time."""
+    """POST /embed: `requests` requests of `per_request` images, `concurrency` at a time, the
+    images in a body of kind `body` (BODIES)."""
     import aiohttp
 
-    bodies = embed_bodies(files, per_request)
-    headers = {"Content-Type": "application/json"}
+    bodies = request_bodies(files, per_request, body)
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def call(i: int) -> None:
-            async with session.post(
-                f"{url}/embed", data=bodies[i % len(bodies)], headers=headers
-            ) as response:
+            data, content_type = bodies[i % len(bodies)]
+            headers = {"Content-Type": content_type}
+            async with session.post(f"{url}/embed", data=data, headers=headers) as response:
                 text = await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"/embed answered {response.status}: {text[:300]!r}")
@@ -138,7 +178,8 @@ async def http_load(
         await call(0)  # connection and first-request costs stay out of the clock
         seconds, latencies = await _drive(call, requests, concurrency)
     mode = "single" if per_request == 1 else "large"
-    return Load("embed", mode, concurrency, per_request, requests * per_request, seconds, latencies)
+    images = requests * per_request
+    return Load("embed", mode, concurrency, per_request, images, seconds, latencies, body)
 
 
 async def grpc_load(

@@ -19,8 +19,13 @@ def verdict(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+BODY_NAMES = {"raw": "the file as the body", "form": "a multipart form"}
+
+
 def label(load: dict[str, Any]) -> str:
     where = "`/embed`" if load["path"] == "embed" else "Triton gRPC"
+    if load.get("body", "json") in BODY_NAMES:
+        where = f"{where} ({BODY_NAMES[load['body']]})"
     if load["mode"] == "large":
         count = load["images"] // load["per_request"]
         requests = "1 request" if count == 1 else f"{count} requests"
@@ -147,6 +152,7 @@ def summary(results: dict[str, Any]) -> str:
                 "see below",
             )
         )
+        rows += goal_rows(tiny)
     return table(("target", "measured", "met"), rows)
 
 
@@ -544,10 +550,98 @@ frontend and Triton all run on them, as they would on a small host):
 {breakdown}
 
 {served}
-{cpu_section(loads)}"""
+{cpu_section(loads)}{goal_section(tiny) if "goal" in tiny else ""}"""
 
 
 STACK_ROLES = ("frontend", "triton", "model")  # `iei serve` itself idles: left out
+# The body a client of IEI sends (IEIClient, `iei embed`): the file itself, or a form of files.
+CLIENT_BODY = {"single": "raw", "large": "form"}
+
+
+def floor_total(floor: dict[str, Any], fused: bool = False) -> float:
+    """CPU microseconds per image that serving cannot avoid: decoding, the processor (or the
+    fused path standing in for it) and the forward pass."""
+    step = floor.get("fused_us", floor["processor_us"]) if fused else floor["processor_us"]
+    return float(floor["decode_us"] + step + floor["forward_us"])
+
+
+def stack_us(load: dict[str, Any]) -> float:
+    return sum(load["cpu_us"].get(role, 0.0) for role in STACK_ROLES)
+
+
+def goal_rows(tiny: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The summary's lines for issue 19's goal 2: the stack's CPU per image over the floor, for
+    the body IEI's own client sends."""
+    rows = []
+    for load in tiny.get("goal", []):
+        if load["body"] != CLIENT_BODY[load["mode"]]:
+            continue
+        floor = floor_total(tiny["floors"][load["photos"]])
+        ratio = stack_us(load) / floor
+        shape = (
+            "64-image requests" if load["mode"] == "large"
+            else f"single-image requests, concurrency {load['concurrency']}"
+        )  # fmt: skip
+        rows.append((
+            f"stack's CPU per image <= {load['target']} x the floor, {load['photos']} photos, "
+            f"{shape} ({BODY_NAMES[load['body']]})",
+            f"{stack_us(load):.0f} / {floor:.0f} us = **{ratio:.2f}x**",
+            verdict(ratio <= load["target"]),
+        ))  # fmt: skip
+    return rows
+
+
+def goal_section(tiny: dict[str, Any]) -> str:
+    """The floor per photo set and the stack's CPU per image against it, per process."""
+    floors = tiny["floors"]
+    floor_rows = [
+        (
+            name, f["decoded"], f"{f['decode_us']:.0f}", f"{f['processor_us']:.0f}",
+            f"{f['fused_us']:.0f}" if "fused_us" in f else "-", f"{f['forward_us']:.0f}",
+            f"{floor_total(f):.0f}", f"{floor_total(f, fused=True):.0f}",
+        )
+        for name, f in floors.items()
+    ]  # fmt: skip
+    load_rows = []
+    for load in tiny["goal"]:
+        floor = floors[load["photos"]]
+        shape = f"{load['per_request']} per request, concurrency {load['concurrency']}"
+        load_rows.append((
+            load["photos"], shape, BODY_NAMES.get(load["body"], "base64 in JSON"),
+            *(f"{load['cpu_us'].get(role, 0.0):.0f}" for role in STACK_ROLES),
+            f"{stack_us(load):.0f}", f"**{stack_us(load) / floor_total(floor):.2f}**",
+            f"{stack_us(load) / floor_total(floor, fused=True):.2f}", f"{load['target']}",
+            f"{load['img_s']:.0f}",
+        ))  # fmt: skip
+    floors_table = table(
+        ("photos", "decoded at", "decode", "the model's processor (batch of 32)",
+         "fused path (IEI_FUSED_PREPROCESS)", "forward pass", "floor", "floor, fused"),
+        floor_rows,
+    )  # fmt: skip
+    loads_table = table(
+        ("photos", "requests", "body", "frontend workers", "tritonserver", "model (Python stub)",
+         "the stack in all", "/ floor", "/ floor, fused", "target", "img/s"),
+        load_rows,
+    )  # fmt: skip
+    return f"""
+### Against the floor: what serving cannot avoid (web JPEGs and 12 MP phone photos)
+
+The floor is the CPU time one thread spends per image on the work itself, in-process: PIL
+decoding with the server's draft, the model's published image processor on batches of 32, and
+the tiny model's forward pass (microseconds per image; web: 500x375 JPEGs, phone: 4000x3000
+JPEGs, quality 90). The fused path is what the server runs in the processor's place
+(`IEI_FUSED_PREPROCESS`, the same pixels to float rounding): "floor, fused" is the floor with it.
+
+{floors_table}
+
+The stack's CPU time per image (every process, utime + stime from `/proc`) under each load, over
+the floor. The targets apply to the body IEI's client sends (the file itself for one image, a
+multipart form for several); base64 JSON is shown beside it:
+
+{loads_table}
+"""
+
+
 CPU_ROLES = (
     ("frontend", "frontend workers"),
     ("triton", "tritonserver"),

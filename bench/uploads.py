@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import datetime
 import json
 import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -44,30 +42,6 @@ def log(message: str) -> None:
     sys.stderr.write(f"[bench.uploads {time.strftime('%H:%M:%S')}] {message}\n")
 
 
-def bodies(files: list[bytes], kind: str, per_request: int) -> list[tuple[bytes, str]]:
-    """Ready request bodies and their Content-Type (encoding done before the clock starts)."""
-    ready = []
-    for start in range(len(files)):
-        chosen = [files[(start + k) % len(files)] for k in range(per_request)]
-        if kind == "json":
-            inputs = [base64.b64encode(f).decode("ascii") for f in chosen]
-            ready.append((json.dumps({"inputs": inputs}).encode(), "application/json"))
-        elif kind == "raw":
-            ready.append((chosen[0], "image/jpeg"))
-        else:
-            boundary = secrets.token_hex(16)
-            parts = []
-            for i, data in enumerate(chosen):
-                head = (
-                    f"--{boundary}\r\nContent-Disposition: form-data; name=file; "
-                    f'filename="{i}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-                )
-                parts += [head.encode(), data, b"\r\n"]
-            parts.append(f"--{boundary}--\r\n".encode())
-            ready.append((b"".join(parts), f"multipart/form-data; boundary={boundary}"))
-    return ready
-
-
 async def load(url: str, ready: list[tuple[bytes, str]], requests: int) -> float:
     """`requests` POST /embed, CONCURRENCY at a time; wall seconds."""
     import aiohttp
@@ -91,7 +65,7 @@ async def load(url: str, ready: list[tuple[bytes, str]], requests: int) -> float
 def run(work: Path, rounds: int, requests: int) -> dict[str, Any]:
     files = make_jpegs(SIZE)
     model_dir = build_model("vit-tiny", work / "vit-tiny")
-    ready = {(kind, n): bodies(files, kind, n) for kind, n, _ in LOADS}
+    ready = {(kind, n): measure.request_bodies(files, n, kind) for kind, n, _ in LOADS}
     samples: dict[tuple[str, int], list[dict[str, float]]] = {key: [] for key in ready}
     with ServedStack(model_dir, work / "vit-tiny.log") as stack:
         assert stack.process is not None

@@ -94,6 +94,28 @@ def known_results(served_rate: float) -> dict:
                 "execute_us": 2500.0,
             },
             "loads": tiny_loads,
+            "floors": {
+                name: {
+                    "decoded": "500x375",
+                    "decode_us": d,
+                    "processor_us": 1000.0,
+                    "fused_us": 400.0,
+                    "forward_us": 100.0,
+                }
+                for name, d in (("web", 900.0), ("phone", 19000.0))
+            },
+            "goal": [
+                {
+                    **load("embed", mode, c, 100.0, per_request=k),
+                    "body": body,
+                    "photos": photos,
+                    "target": target,
+                    "cpu_us": {"frontend": 500.0, "triton": 100.0, "model": cpu},
+                }
+                for photos, cpu in (("web", 2400.0), ("phone", 30000.0))
+                for mode, c, k, target in (("single", 16, 1, 1.6), ("large", 1, 64, 1.25))
+                for body in (("json", "raw") if mode == "single" else ("json", "form"))
+            ],
         },
     }
 
@@ -109,6 +131,14 @@ def test_report_judges_the_targets_from_the_numbers(tmp_path, served_rate, met):
         assert headline.endswith(f"| {met} |")
     assert "No GPU was available" in text
     assert "CPU time per image by process" in text
+    # Issue 19's goal 2, judged for the bodies IEI's client sends: web 3000 / 2000 us = 1.50x
+    # (under 1.6 for single images, over 1.25 for 64), phone 30600 / 20100 us = 1.52x.
+    goal = [line for line in text.splitlines() if "x the floor" in line]
+    assert len(goal) == 4
+    assert goal[0].endswith("**1.50x** | yes |") and "web photos, single-image" in goal[0]
+    assert goal[1].endswith("**1.50x** | **no** |") and "64-image requests" in goal[1]
+    assert goal[3].endswith("**1.52x** | **no** |") and "phone photos" in goal[3]
+    assert "| web | 500x375 | 900 | 1000 | 400 | 100 | 2000 | 1400 |" in text
     cpu_row = "| `/embed`, 1 image per request, concurrency 1 | 1500 | 200 | 3000 | 300 | 4700 |"
     assert cpu_row in text.splitlines()  # the stack in all: not the load generator or launcher
     for plot in ("throughput", "latency", "image_size"):
@@ -239,6 +269,18 @@ def test_a_tiny_run_end_to_end(tmp_path):
     assert large["embed"]["frontend"] > 0 and large["embed"]["model"] > 0
     assert large["grpc"]["model"] > 0
     assert "The stack's own cost" in (tmp_path / "benchmarks.md").read_text()
+    # Issue 19's loads: both photo sets, every body, each with its CPU per process.
+    goal = {(x["photos"], x["mode"], x["body"]) for x in results["tiny"]["goal"]}
+    assert goal == {
+        (photos, mode, body)
+        for photos in ("web", "phone")
+        for mode, bodies in (("single", ("json", "raw")), ("large", ("json", "form")))
+        for body in bodies
+    }
+    assert all(x["cpu_us"]["model"] > 0 for x in results["tiny"]["goal"] if x["mode"] == "large")
+    floors = results["tiny"]["floors"]
+    assert floors["phone"]["decode_us"] > floors["web"]["decode_us"] > 0
+    assert floors["web"]["fused_us"] < floors["web"]["processor_us"]
 
 
 @pytest.mark.parametrize(("theirs", "met"), [(4.0, "yes"), (6.0, "**no**")])
@@ -533,11 +575,11 @@ def test_the_uploads_part_renders_its_ratios_and_its_bodies_are_what_embed_takes
     from iei.server.uploads import FormReader
 
     files = [b"\xff\xd8one", b"\xff\xd8two"]
-    [(form, content_type)] = uploads.bodies(files, "form", 2)[:1]
+    [(form, content_type)] = measure.request_bodies(files, 2, "form")[:1]
     reader = FormReader(content_type.split("boundary=")[1].encode(), max_files=2)
     reader.write(form)
     assert reader.ended and reader.files == files
-    assert uploads.bodies(files, "raw", 1)[1] == (files[1], "image/jpeg")
+    assert measure.request_bodies(files, 1, "raw")[1] == (files[1], "image/jpeg")
 
 
 # --- bench/gpu.py: the budgeted GPU bench ------------------------------------------------------

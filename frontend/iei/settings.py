@@ -232,6 +232,13 @@ _SETTINGS = [
         "decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 "
         "scale (never below 2x the input side); `false` always decodes in full",
     )),
+    ("fused_preprocess", Setting(
+        "IEI_FUSED_PREPROCESS", True, "bool", (LAUNCHER, MODEL),
+        "run the model's image processor one image at a time on its uint8 pixels right after "
+        "decoding (its own resize and crop, then normalised in one pass), where that agrees "
+        "with the processor's batch call to two pixel levels on probe images at start; `false` "
+        "always calls the processor",
+    )),
     ("jpeg_decoder", Setting(
         "IEI_JPEG_DECODER", "auto", "auto|pil|torchvision|nvimagecodec", (LAUNCHER, MODEL),
         "who decodes plain JPEGs in the split layout: `nvimagecodec` or `torchvision` (nvJPEG "

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .engines import Choice
+from .fused import FusedProcessor, fused_processor
 from .images import InvalidImage, PixelBudget, decode_image
 
 # The tensors a processor or tokenizer returns, by name: batched (N, ...) for a batch, unbatched
@@ -84,7 +85,14 @@ class Preprocessor:
         pixel_budget: int | None = None,
         preprocess_device: torch.device | None = None,
         processor_options: dict[str, Any] | None = None,
+        fuse: bool = False,
     ) -> None:
+        # IEI_FUSED_PREPROCESS: the processor's steps per image on its uint8 pixels (fused.py),
+        # where they agree with the processor's own call; on the CPU only (a GPU instance
+        # resizes on the GPU).
+        self.fuse = fuse and preprocess_device is None
+        self.fused: FusedProcessor | None = None
+        self.fused_reason = "off"
         self.processor = processor
         self.device = device
         self.max_image_pixels = max_image_pixels
@@ -123,6 +131,35 @@ class Preprocessor:
             self.pool.submit(ready.wait)
         ready.wait()
         torch.set_num_threads(compute_threads)
+
+    @property
+    def processor(self) -> Callable[..., Any]:
+        return self._processor
+
+    @processor.setter
+    def processor(self, processor: Callable[..., Any]) -> None:
+        self._processor = processor
+        self._check_fused()
+
+    @property
+    def processor_options(self) -> dict[str, Any]:
+        return self._processor_options
+
+    @processor_options.setter
+    def processor_options(self, options: dict[str, Any]) -> None:
+        self._processor_options = options
+        self._check_fused()
+
+    def _check_fused(self) -> None:
+        """A new processor or new options: whether the fused path stands in for them."""
+        if self.fuse and hasattr(self, "_processor") and hasattr(self, "_processor_options"):
+            self.fused, self.fused_reason = fused_processor(self.processor, self.processor_options)
+
+    def preprocessing_line(self) -> str:
+        """How images become model input, for the instance's log line."""
+        if self.fused is not None:
+            return "the processor's steps fused per image (IEI_FUSED_PREPROCESS)"
+        return f"the processor's own call ({self.fused_reason})"
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -167,6 +204,9 @@ class Preprocessor:
     def process(self, images: list[Any]) -> Inputs:
         """The processor's call on decoded images (PIL images, or (3, H, W) uint8 tensors on the
         device), with this instance's options and device."""
+        fusable = self.fused is not None and self.preprocess_device is None
+        if fusable and all(isinstance(i, Image.Image) for i in images):
+            return self.fused(images)
         options: dict[str, Any] = {"return_tensors": "pt", **self.processor_options}
         if self.preprocess_device is not None:
             options["device"] = self.preprocess_device
@@ -213,6 +253,7 @@ class Embedder(Preprocessor):
         pixel_budget: int | None = None,
         preprocess_device: torch.device | None = None,
         model_facts: dict[str, Any] | None = None,
+        fuse: bool = False,
     ) -> None:
         self.encoder = encoder  # processor tensors -> (N, D), pooling included (encoders.py)
         self.run: Callable[..., torch.Tensor] = encoder  # or its engine's runner (engines.py)
@@ -231,6 +272,7 @@ class Embedder(Preprocessor):
             jpeg_draft=jpeg_draft,
             pixel_budget=pixel_budget,
             preprocess_device=preprocess_device,
+            fuse=fuse,
         )
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> np.ndarray:

@@ -298,6 +298,7 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         pixel_budget=settings.decode_pixel_budget,
         preprocess_device=device if device.type == "cuda" else None,
         model_facts=facts,
+        fuse=settings.fused_preprocess,
     )
     if joint is not None and pooling == PROJECTED:
         try:
@@ -357,6 +358,7 @@ def load_preprocess_stage(
         jpeg_draft=settings.jpeg_draft,
         pixel_budget=settings.decode_pixel_budget,
         processor_options=UINT8_PIXELS,
+        fuse=settings.fused_preprocess,
     )
     try:
         return PreprocessStage(

@@ -24,6 +24,7 @@ SETTINGS = {
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
     "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
+    "fused_preprocess": ("IEI_FUSED_PREPROCESS", "true"),
     "jpeg_decoder": ("IEI_JPEG_DECODER", "auto"),
     "decode_pixel_budget": ("IEI_DECODE_PIXEL_BUDGET", "100000000"),
     "max_text_chars": ("IEI_MAX_TEXT_CHARS", "4096"),
@@ -56,6 +57,7 @@ class ModelSettings:
     engine: str = "auto"
     engine_cache: str = ""  # "": $HF_HOME/iei-engines, else ~/.cache/iei/engines
     jpeg_draft: bool = True
+    fused_preprocess: bool = True  # fused.py: the processor's steps per image, uint8 resize
     jpeg_decoder: str = "auto"  # jpeg_decoders.py: auto, pil, torchvision, nvimagecodec
     decode_pixel_budget: int = 100_000_000
     max_text_chars: int = 4096
@@ -83,7 +85,7 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         raise ValueError(
             f"IEI_JPEG_DECODER={raw['jpeg_decoder']!r}: expected {', '.join(JPEG_DECODERS)}"
         )
-    for name in ("jpeg_draft", "cuda_graphs"):
+    for name in ("jpeg_draft", "fused_preprocess", "cuda_graphs"):
         if raw[name].lower() not in BOOLEANS:
             raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected true or false")
     numbers = {}
@@ -112,6 +114,7 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         engine_cache=raw["engine_cache"],
         pooling=raw["pooling"],
         jpeg_draft=BOOLEANS[raw["jpeg_draft"].lower()],
+        fused_preprocess=BOOLEANS[raw["fused_preprocess"].lower()],
         cuda_graphs=BOOLEANS[raw["cuda_graphs"].lower()],
         jpeg_decoder=raw["jpeg_decoder"],
         **numbers,

@@ -140,3 +140,16 @@ def test_failure_reason_without_a_model_failure_is_triton_s_last_real_error(tmp_
         "Error: Failed to initialize NVML\n"
     )
     assert server.failure_reason().endswith(": failed to bind port 8100")
+
+
+def test_tritons_environment_carries_the_openmp_defaults_unless_the_user_set_them():
+    from iei.launcher.triton_process import triton_environment
+
+    env = triton_environment({"PATH": "/usr/bin"}, {"IEI_DTYPE": "auto"}, ["/triton/lib"])
+    assert env["GOMP_SPINCOUNT"] == "30000"
+    assert env["IEI_DTYPE"] == "auto"
+    assert env["PATH"] == f"{os.path.dirname(sys.executable)}{os.pathsep}/usr/bin"
+    assert env["LD_LIBRARY_PATH"] == "/triton/lib"
+    mine = triton_environment({"GOMP_SPINCOUNT": "300000", "LD_LIBRARY_PATH": "/x"}, {})
+    assert mine["GOMP_SPINCOUNT"] == "300000"
+    assert mine["LD_LIBRARY_PATH"] == "/x"

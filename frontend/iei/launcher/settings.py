@@ -26,6 +26,7 @@ class LauncherSettings(ServerSettings):
     pooling: Literal["auto", "mean", "cls", "pooler"] = setting("pooling")
     forward_batch_size: str = setting("forward_batch_size")
     jpeg_draft: bool = setting("jpeg_draft")
+    fused_preprocess: bool = setting("fused_preprocess")
     jpeg_decoder: Literal["auto", "pil", "torchvision", "nvimagecodec"] = setting("jpeg_decoder")
     cuda_graphs: bool = setting("cuda_graphs")
     triton_layout: Literal["auto", "single", "split"] = setting("triton_layout")

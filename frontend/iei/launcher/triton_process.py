@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -102,6 +102,29 @@ def triton_command(
             shm_prefix=shm_prefix,
         ),
     ]
+
+
+# GNU OpenMP (torch's CPU threads): how long a thread of the forward pass spins waiting for more
+# work before it sleeps. libgomp's 300,000 kept the team spinning after each forward pass, on
+# the cores the decode threads needed next: the tiny model's CPU per image fell 13-25% with
+# 30,000 and ViT-B/16's forward pass was no slower (docs/benchmarks.md). A value set by the
+# user wins.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "30000"}
+
+
+def triton_environment(
+    environ: Mapping[str, str], model_env: Mapping[str, str], library_path: Sequence[str] = ()
+) -> dict[str, str]:
+    """tritonserver's environment (its stubs inherit it): this one, the model's settings, the
+    OpenMP defaults, this Python's bin first on PATH (the stub imports its packages) and the
+    Triton install's libraries."""
+    env = {**OPENMP_DEFAULTS, **environ, **model_env}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if library_path:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [*library_path, env.get("LD_LIBRARY_PATH", "")]
+        ).rstrip(os.pathsep)
+    return env
 
 
 def model_environment(settings: LauncherSettings) -> dict[str, str]:
@@ -257,13 +280,7 @@ class TritonServer:
         )  # fmt: skip
         if install.backend_directory:
             command.append(f"--backend-directory={install.backend_directory}")
-        env = {**os.environ, **model_env}
-        # The stub imports this environment's packages when its bin comes first on PATH.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        if install.library_path:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                [*install.library_path, env.get("LD_LIBRARY_PATH", "")]
-            ).rstrip(os.pathsep)
+        env = triton_environment(os.environ, model_env, install.library_path)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)
                 command,

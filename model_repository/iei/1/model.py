@@ -34,6 +34,7 @@ class TritonPythonModel:
             f"{threads} threads, "
             f"images shrunk to >= {self.embedder.draft_side} px after decoding (0: not), "
             f"JPEG draft decoding {'on' if self.embedder.jpeg_draft else 'off'}, "
+            f"preprocessing by {self.embedder.preprocessing_line()}, "
             f"{self.embedder.budget.capacity} pixels decoded at once at most"
         )
 

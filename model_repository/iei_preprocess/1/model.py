@@ -30,7 +30,8 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"iei_preprocess: {settings.model_id}'s processor, {threads} thread(s), pixels "
             f"{self.stage.shape} uint8, plain JPEGs "
-            f"{'to the encoder' if self.stage.defer_jpegs else 'decoded here'}"
+            f"{'to the encoder' if self.stage.defer_jpegs else 'decoded here'}, preprocessing by "
+            f"{self.stage.preprocessor.preprocessing_line()}"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
