@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ import sysconfig
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +76,24 @@ REQUIREMENTS = (
     "nvidia-nvimgcodec-cu13[nvjpeg]==0.9.0.20",
 )
 # Distributions pulled in that nothing imports offline (the hub's transfer client, optional
-# uvicorn speed-ups), or that the host has (pillow: torchvision's).
-LEFT_OUT = {"hf-xet", "uvloop", "watchfiles", "websockets", "pillow"}
+# uvicorn speed-ups, transformers' optional hub kernels and its command line), or that the host
+# has (pillow: torchvision's).
+LEFT_OUT = {
+    "hf-xet", "uvloop", "watchfiles", "websockets", "pillow",
+    "kernels", "tomlkit", "typer", "rich", "pygments", "shellingham",
+}  # fmt: skip
+# transformers' models/ folders kept: IEI's families (the seed's classifiers and the retrieval
+# models, SigLIP2's Gemma tokenizer), the auto classes, and every folder their code imports
+# (`transformers_models`): about 1.6 of the wheel's 44 MiB of models. The other folders keep
+# their __init__.py alone.
+TRANSFORMERS_MODELS = (
+    "auto", "vit", "deit", "beit", "convnext", "swin", "clip", "siglip", "siglip2", "dinov2",
+    "dinov2_with_registers", "bit", "gemma",
+)  # fmt: skip
+# A model folder's code naming another (`from ..clip.modeling_clip import`, ...).
+MODEL_IMPORT = re.compile(
+    r"from \.\.(\w+)[. ]|from \.\.\.models\.(\w+)|transformers\.models\.(\w+)"
+)
 # Files no one runs here, by wheel: the test suites, type stubs, other Pythons' binaries,
 # nvImageCodec's CPU and non-JPEG codecs (PIL does those), headers and tools.
 DROPPED = (
@@ -101,10 +119,35 @@ def log(message: str) -> None:
     sys.stderr.write(f"[gpu-bundle] {message}\n")
 
 
-def dropped(name: str) -> bool:
+def dropped(name: str, models: frozenset[str] | None = None) -> bool:
+    """Whether a wheel's file stays out; `models`: transformers' model folders kept."""
     if any(fnmatch.fnmatch(name, pattern) for pattern in KEPT):
         return False
+    parts = name.split("/")
+    if models is not None and parts[:2] == ["transformers", "models"] and len(parts) > 3:
+        # Every folder's __init__ stays: the auto classes import a folder to look for a class
+        # by name (CLIPTokenizer in aimv2's first) and go on when it is not there.
+        return parts[2] not in models and parts[3:] != ["__init__.py"]
     return any(fnmatch.fnmatch(name, pattern) for pattern in DROPPED)
+
+
+def transformers_models(files: dict[str, str], wanted: Sequence[str]) -> frozenset[str]:
+    """The model folders of transformers' `files` (path -> source, as in the wheel or the
+    installed package) that `wanted` needs: those, and every folder their code imports."""
+    folders = {p.split("/")[2] for p in files if p.startswith("transformers/models/")}
+    kept: set[str] = set()
+    todo = [m for m in wanted if m in folders]
+    while todo:
+        folder = todo.pop()
+        if folder in kept:
+            continue
+        kept.add(folder)
+        prefix = f"transformers/models/{folder}/"
+        for path, source in files.items():
+            if path.startswith(prefix) and path.endswith(".py"):
+                named = {a or b or c for a, b, c in MODEL_IMPORT.findall(source)}
+                todo += sorted((named & folders) - kept)
+    return frozenset(kept)
 
 
 def distribution(wheel: Path) -> str:
@@ -112,11 +155,17 @@ def distribution(wheel: Path) -> str:
 
 
 def repack(wheel: Path, target: Path) -> int:
-    """`wheel` without its DROPPED files, stored uncompressed, RECORD rewritten; files left out."""
+    """`wheel` without its DROPPED files (and transformers' without the model folders IEI does
+    not use), stored uncompressed, RECORD rewritten; files left out."""
     left_out = 0
     with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
         names = [i.filename for i in source.infolist()]
-        gone = {n for n in names if dropped(n)}
+        models = None
+        if distribution(wheel) == "transformers":
+            sources = {n: source.read(n).decode("utf-8", "replace") for n in names
+                       if n.startswith("transformers/models/") and n.endswith(".py")}  # fmt: skip
+            models = transformers_models(sources, TRANSFORMERS_MODELS)
+        gone = {n for n in names if dropped(n, models)}
         for info in source.infolist():
             if info.filename in gone:
                 left_out += 1

@@ -18,20 +18,30 @@ random weights, the processor settings of `google/vit-base-patch16-224`: the rea
 and a tiny ViT, both built locally (there is no model hub here).
 """,
     "cpu": """
-This CPU has AMX (`amx_bf16` in `/proc/cpuinfo`): ViT-B/16 with bf16 weights runs at about 35
-img/s on its 2 cores in passes of 8 images, 4 to 5x its float32 rate, but only about 25 img/s in
-passes of 32 (the activations of a larger pass outgrow the caches): `IEI_FORWARD_BATCH_SIZE=auto`
-cuts an execution into passes of 8 on a CPU for that reason. A forward pass of under 30 ms per
-image leaves little room: decoding and the image processor alone take about 2.4 ms per 500x375
-JPEG (one thread each, in-process: the tiny-model tables below), 8% of it.
+On a CPU with native bf16 (AMX or AVX-512 BF16: `IEI_DTYPE=auto` reads `/proc/cpuinfo`)
+ViT-B/16 runs with bf16 weights; on AMX its forward pass takes under 30 ms per image in passes of
+8, so decoding and the processor (about 1.3 ms per 500x375 JPEG on one core with the fused path,
+the tiny-model tables below) weigh more there than in float32. `IEI_FORWARD_BATCH_SIZE=auto`
+cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% slower per image
+(their activations outgrow the caches).
 """,
     "overhead": """
 ### Reading the numbers, and what was attacked
 
-- **The largest item per image is the model's own input work**: PIL decode about 1 ms and
-  the published image processor 1 to 1.3 ms per 500x375 JPEG (the tiny model's in-process
-  row), then the frontend on single-image requests (CPU table: about 1.5 ms per request, 0.3 ms
-  per image in 64-image requests); Triton's own share is a few hundred microseconds.
+- **The largest item per image is the model's own input work**: PIL decode about 0.9 ms per
+  500x375 JPEG and 19 ms per 12 MP photo (drafted to 1000x750), the published image processor
+  1.2 and 3.2 ms, the fused path standing in for it 0.4 and 0.9 ms (the floor table); then the
+  frontend on single-image requests (about 1 ms per request with the file as the body, 1.5 ms
+  with base64 JSON); Triton's own share is a few hundred microseconds for web photos and about
+  2-3 ms for a 1.6 MB phone photo (it receives the file over HTTP and copies it to the model's
+  shared memory).
+- **Goal 2 of issue 19 (the stack within 1.25x / 1.6x of the floor)**: the floor table's ratios.
+  Of what is left over the floor, measured: the frontend builds each request to Triton with
+  tritonclient, which joins the files twice (its BYTES serialisation, then the body): 1.9 ms of
+  CPU per 1.6 MB photo in 32-image chunks (copies into fresh 50 MB buffers, page faults
+  included); a body written to the socket part by part would save most of it.
+  The model's Python stub spends 2-5 ms per phone photo above the floor in 64-image requests
+  (the BYTES tensor copied out of shared memory, decoded images of 2 MB each allocated fresh).
 - **Attacked in the model**: decoding and the processor now run together in the thread pool,
   one contiguous chunk of the batch per thread (the processor's per-image resize used to run on
   one core after all decoding); the forward pass runs in passes of 8 on a CPU (above); with
@@ -89,6 +99,17 @@ with `python -m bench --queue-delays 0,2000,10000`.
   0.9999). `IEI_JPEG_DRAFT=false` turns it off.
 - **Input work in parallel.** Decoding and the model's processor run in a thread pool, one
   chunk of the batch per thread (PIL and torch release the GIL); instances x threads <= cores.
+- **The processor's steps, fused per image.** Each decoded image goes through the processor's
+  own `resize` and `center_crop` as the (H, W, 3) view of its 8-bit pixels (torch's vectorised
+  channels-last resize, no copy), then is converted and normalised in one pass into the batch:
+  the same pixels as the processor's call on the batch to float rounding (a test compares every
+  family), at about a third of its CPU time (the floor table below). `IEI_FUSED_PREPROCESS=false`
+  calls the processor itself.
+- **OpenMP threads that sleep soon.** `iei serve` starts Triton with `GOMP_SPINCOUNT=30000`
+  (libgomp's default is 300,000): after a forward pass torch's threads spun on the cores the
+  decode threads needed next. The tiny model's CPU per image fell 13-25% with it, and ViT-B/16's
+  forward pass (8.5-8.9 img/s before, 9.3-9.5 after, batch 8, bf16, this 2-core machine) did not
+  slow down.
 - **Transport.** The frontend decodes base64 with `pybase64` and sends raw bytes as Triton
   binary tensors over one keep-alive async client per worker; a request's images go to Triton
   in chunks of `IEI_CONCURRENCY_LEVEL` (at most `max_batch_size`), as many at once as fit in that

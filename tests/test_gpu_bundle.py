@@ -5,6 +5,7 @@ nvidia-pytriton wheel installed in it, as if it were the bundle's)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -106,3 +107,82 @@ def test_another_python_is_refused_first(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_bundle, "PYTHON", "3.99")
     with pytest.raises(gpu_bundle.Missing, match=f"Python 3.99 is needed .*, not {VERSION}$"):
         gpu_bundle.check(tmp_path)
+
+
+def test_transformers_keeps_the_wanted_model_folders_and_those_their_code_imports():
+    files = {
+        "transformers/models/auto/modeling_auto.py": "MAPPING = {'vit': 'ViTModel'}\n",
+        "transformers/models/vit/modeling_vit.py": "from ..deit.configuration_deit import X\n",
+        "transformers/models/deit/configuration_deit.py": "from ...models.bert import Y\n",
+        "transformers/models/bert/__init__.py": "import transformers.models.roberta.tokenizer\n",
+        "transformers/models/roberta/tokenizer.py": "",
+        "transformers/models/llama/modeling_llama.py": "from ..gemma import Z\n",
+        "transformers/models/gemma/modeling_gemma.py": "",
+    }
+    kept = gpu_bundle.transformers_models(files, ["auto", "vit", "nonexistent"])
+    assert kept == {"auto", "vit", "deit", "bert", "roberta"}
+    assert gpu_bundle.dropped("transformers/models/llama/modeling_llama.py", kept)
+    assert not gpu_bundle.dropped("transformers/models/vit/modeling_vit.py", kept)
+    assert not gpu_bundle.dropped("transformers/models/__init__.py", kept)  # the package itself
+    assert not gpu_bundle.dropped("transformers/models/llama/__init__.py", kept)
+
+
+TRIMMED_LOAD = """
+import sys, torch
+sys.path[:0] = [{repository!r}]
+import transformers
+assert transformers.__file__.startswith({trimmed!r}), transformers.__file__
+from iei_runtime import loading, settings
+for family, folder in {folders!r}.items():
+    config = settings.read_settings({{}}, {{"IMAGE_EMBEDDING_MODEL": folder, "IEI_DTYPE": "float32",
+                                       "IEI_ENGINE": "torch"}})
+    embedder = loading.load_embedder(config, torch.device("cpu"), 1)
+    embedder.close()
+    if embedder.zero_shot:
+        loading.load_text_embedder(config, torch.device("cpu"))
+    print("loaded", family)
+"""
+
+
+@pytest.mark.integration
+def test_every_family_loads_with_the_bundles_trimmed_transformers(tmp_path):
+    """The installed transformers without the model folders the bundle leaves out serves every
+    family IEI supports, images and texts (the rule applied to the installed package)."""
+    import shutil
+    import subprocess
+
+    import transformers
+    from tiny_models import FAMILIES, PREPROCESSORS, build_tiny_model
+
+    installed = Path(transformers.__file__).parent
+    sources = {
+        f"transformers/{p.relative_to(installed)}": p.read_text(errors="replace")
+        for p in (installed / "models").rglob("*.py")
+    }
+    kept = gpu_bundle.transformers_models(sources, gpu_bundle.TRANSFORMERS_MODELS)
+    trimmed = tmp_path / "site"
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        inside = Path(folder).relative_to(installed.parent)
+        return {
+            n for n in names
+            if n == "__pycache__" or gpu_bundle.dropped(f"{inside.as_posix()}/{n}", kept)
+        }  # fmt: skip
+
+    shutil.copytree(installed, trimmed / "transformers", ignore=ignore)
+    models = trimmed / "transformers" / "models"
+    left = {p.parent.name for p in models.glob("*/*.py") if p.name != "__init__.py"}
+    assert left == set(kept) and len(left) < 40
+    folders = {
+        family: str(build_tiny_model(family, tmp_path / family))
+        for family in sorted(set(FAMILIES) | set(PREPROCESSORS))
+    }
+    script = TRIMMED_LOAD.format(
+        repository=str(ROOT / "model_repository"), trimmed=str(trimmed), folders=folders
+    )
+    env = {**os.environ, "PYTHONPATH": str(trimmed), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("loaded ") == len(folders)
