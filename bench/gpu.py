@@ -337,16 +337,16 @@ def serve_and_measure(
         if device().type != "cuda":
             environ["IEI_JPEG_DECODER"] = "torchvision"  # the GPU decoder's CPU stand-in
         started = max(10.0, budget.left() - budget.reserve)
+        stack = BudgetedStack(model_dir, work / f"{layout}.log", started, **environ)
         try:
-            stack = BudgetedStack(model_dir, work / f"{layout}.log", started, **environ)
-            stack.__enter__()
+            stack.__enter__()  # started once here; `with stack` below would start it again
         except RuntimeError as exc:  # not healthy within the budget, or it exited
             tail = (work / f"{layout}.log").read_text(errors="replace")[-3000:]
             log(f"{layout} layout did not start: {exc}\n{tail}")
             for step in steps:
                 skip(rows, step, f"the {layout} layout did not start within the budget")
             continue
-        with stack:
+        try:
             served[layout] = {}
             for k, step in enumerate(steps):
                 _, name, path, per_request, concurrency = step
@@ -370,6 +370,8 @@ def serve_and_measure(
                     f"  {name} {path} {per_request} img x c={concurrency}: "
                     f"{row['img_s']:.1f} img/s ({row['seconds']:.1f} s, step {k + 1}/{len(steps)})"
                 )
+        finally:
+            stack.__exit__(None, None, None)
     return served
 
 

@@ -609,7 +609,8 @@ def goal_section(tiny: dict[str, Any]) -> str:
         load_rows.append((
             load["photos"], shape, BODY_NAMES.get(load["body"], "base64 in JSON"),
             *(f"{load['cpu_us'].get(role, 0.0):.0f}" for role in STACK_ROLES),
-            f"{stack_us(load):.0f}", f"**{stack_us(load) / floor_total(floor):.2f}**",
+            f"{stack_us(load):.0f}", ", ".join(map(str, load.get("rounds_us", []))),
+            f"**{stack_us(load) / floor_total(floor):.2f}**",
             f"{stack_us(load) / floor_total(floor, fused=True):.2f}", f"{load['target']}",
             f"{load['img_s']:.0f}",
         ))  # fmt: skip
@@ -620,7 +621,7 @@ def goal_section(tiny: dict[str, Any]) -> str:
     )  # fmt: skip
     loads_table = table(
         ("photos", "requests", "body", "frontend workers", "tritonserver", "model (Python stub)",
-         "the stack in all", "/ floor", "/ floor, fused", "target", "img/s"),
+         "the stack in all", "rounds", "/ floor", "/ floor, fused", "target", "img/s"),
         load_rows,
     )  # fmt: skip
     return f"""
@@ -635,8 +636,9 @@ JPEGs, quality 90). The fused path is what the server runs in the processor's pl
 {floors_table}
 
 The stack's CPU time per image (every process, utime + stime from `/proc`) under each load, over
-the floor. The targets apply to the body IEI's client sends (the file itself for one image, a
-multipart form for several); base64 JSON is shown beside it:
+the floor: the loads ran in alternating rounds and the median round counts (every round's stack
+figure is listed). The targets apply to the body IEI's client sends (the file itself for one
+image, a multipart form for several); base64 JSON is shown beside it:
 
 {loads_table}
 """

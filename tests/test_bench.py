@@ -637,10 +637,24 @@ def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[i
     return out, seen, time.monotonic() - started
 
 
+def servers() -> set[int]:
+    """The pids of every `iei serve` running now."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"iei\x00serve" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 @pytest.mark.integration
 def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_verdicts(tmp_path):
+    before = servers()
     out, seen, seconds = run_gpu_bench(tmp_path, "--budget", "20", "--layouts", "split", limit=90)
     assert seconds < 20 + 15  # the budget, and the interpreter's start and exit around it
+    assert servers() <= before  # its stack is stopped, and started only once
     assert max(seen) >= 1  # a row was in the file while the run was still going
     rows = [
         json.loads(x)
