@@ -121,16 +121,15 @@ def anyio_backend():
 
 @pytest.fixture(autouse=True)
 def keep_numpy_inputs(monkeypatch):
-    """Let the fake read the images back: tritonclient serialises them otherwise."""
-    import tritonclient.http as triton_http
+    """Let the fake read the items back as tritonclient's numpy input would hold them."""
+    from iei.server.triton_http import FilesInput
 
-    original = triton_http.InferInput.set_data_from_numpy
+    def test_images(self: FilesInput) -> np.ndarray:
+        array = np.empty((len(self.items), 1), dtype=np.object_)
+        array[:, 0] = self.items
+        return array
 
-    def remember(self, array, binary_data=True):
-        self.test_images = array
-        return original(self, array, binary_data=binary_data)
-
-    monkeypatch.setattr(triton_http.InferInput, "set_data_from_numpy", remember)
+    monkeypatch.setattr(FilesInput, "test_images", property(test_images), raising=False)
 
 
 def triton_client_with(fake: FakeTriton, concurrency: int) -> TritonClient:

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import aiohttp
 import numpy as np
 import tritonclient.http as triton_http
-from tritonclient.http.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from ..contract import (
@@ -33,6 +32,7 @@ from . import metrics
 from .errors import ApiError, ErrorType, first_error
 from .inputs import InvalidInput
 from .limits import WORK, outliving
+from .triton_http import FilesInput, TritonHttpClient
 
 log = logging.getLogger("iei")
 
@@ -70,7 +70,7 @@ class TritonClient:
         self.endpoint = endpoint
         self.concurrency_level = concurrency_level
         self.timeout = timeout
-        self._client: InferenceServerClient | None = None
+        self._client: TritonHttpClient | None = None
         self._max_batch_sizes: dict[str, int] = {}
         self._model_info: dict[str, dict[str, Any]] = {}  # Triton image model -> its facts
         # Per Triton model: when an inference last succeeded (monotonic), its running probe.
@@ -83,7 +83,7 @@ class TritonClient:
         self._model_failed_at: dict[str, float] = {}
 
     async def open(self) -> None:
-        self._client = InferenceServerClient(
+        self._client = TritonHttpClient(
             self.endpoint, conn_limit=max(100, self.concurrency_level), conn_timeout=self.timeout
         )
 
@@ -93,7 +93,7 @@ class TritonClient:
             self._client = None
 
     @property
-    def server(self) -> InferenceServerClient:
+    def server(self) -> TritonHttpClient:
         if self._client is None:
             raise RuntimeError("TritonClient.open() was not called")
         return self._client
@@ -289,12 +289,9 @@ class TritonClient:
         return [task.result() for task in tasks]
 
     @staticmethod
-    def _bytes_input(name: str, items: list[bytes]) -> triton_http.InferInput:
-        tensor = np.empty((len(items), 1), dtype=np.object_)
-        tensor[:, 0] = items
-        request = triton_http.InferInput(name, list(tensor.shape), "BYTES")
-        request.set_data_from_numpy(tensor, binary_data=True)  # raw bytes, not JSON
-        return request
+    def _bytes_input(name: str, items: list[bytes]) -> FilesInput:
+        """The items as a BYTES input, written to Triton one by one (triton_http.py)."""
+        return FilesInput(name, items)
 
     async def _infer(
         self,
