@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                     results["families"] = run_families(load_model_module(), files, args.images, log)
                 if args.only in (None, "tiny"):
                     results["tiny"] = run_tiny(work, args.images, levels)
+                for part in report.BENCH_PARTS:  # each part keeps the record of its own run
+                    if args.only in (None, part):
+                        results[part]["meta"] = meta
             meta["load_after"] = os.getloadavg()[0]
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))

@@ -36,12 +36,18 @@ cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% 
   2-3 ms for a 1.6 MB phone photo (it receives the file over HTTP and copies it to the model's
   shared memory).
 - **Goal 2 of issue 19 (the stack within 1.25x / 1.6x of the floor)**: the floor table's ratios.
-  Of what is left over the floor, measured: the frontend builds each request to Triton with
-  tritonclient, which joins the files twice (its BYTES serialisation, then the body): 1.9 ms of
-  CPU per 1.6 MB photo in 32-image chunks (copies into fresh 50 MB buffers, page faults
-  included); a body written to the socket part by part would save most of it.
-  The model's Python stub spends 2-5 ms per phone photo above the floor in 64-image requests
-  (the BYTES tensor copied out of shared memory, decoded images of 2 MB each allocated fresh).
+  Attacked: the processor's steps fused per image (`IEI_FUSED_PREPROCESS`, a third of the
+  processor's CPU); `GOMP_SPINCOUNT=30000` (the forward pass's OpenMP threads no longer spin on
+  the decode threads' cores: the model's CPU per web image 3.6 -> 2.7 ms at 16 single-image
+  requests); the frontend writes each request to Triton part by part instead of joining every
+  file twice (tritonclient's BYTES serialisation, then the body): its CPU per 12 MP photo fell
+  from 6.7 to 3.2 ms in 64-image forms and from 5.4 to 3.3 ms as single raw uploads. Left over
+  the floor: for phone photos in 64-image requests the model's stub spends 92% of its CPU in
+  libjpeg, about 6 ms per photo more than the same decodes in-process on a quiet core (its two
+  decode threads share the 2 cores and their caches with the load generator and the frontend
+  moving 100 MB bodies); Triton's own 3.3 ms per 1.6 MB photo (it receives the file over HTTP and
+  copies it to the stub's shared memory); and for single web images the Python backend's cost
+  per request (about 1 ms of the stub's 2.7-3.1 ms) and the frontend's (about 1 ms per request).
 - **Attacked in the model**: decoding and the processor now run together in the thread pool,
   one contiguous chunk of the batch per thread (the processor's per-image resize used to run on
   one core after all decoding); the forward pass runs in passes of 8 on a CPU (above); with

@@ -468,7 +468,7 @@ def model_guide(results: dict[str, Any]) -> str:
     from .families import FAMILIES
 
     measured = {r["key"]: r for r in results.get("families", {}).get("rows", [])}
-    meta = results.get("meta", {})
+    meta = part_meta(results, "families")
     pending = "measured by `make bench`"
     rows = []
     for family in FAMILIES:
@@ -803,20 +803,43 @@ generator included), GPU % the share of time a kernel ran (NVML).
 """
 
 
+# The parts of `python -m bench` (each may be run alone: `--only`), in the order of the page.
+BENCH_PARTS = ("vit", "engines", "families", "tiny")
+
+
+def part_meta(results: dict[str, Any], part: str) -> dict[str, Any]:
+    """The run that measured `part` (its own record; the last run's for results older than
+    per-part records)."""
+    return results.get(part, {}).get("meta") or results.get("meta", {})
+
+
+def runs_line(results: dict[str, Any]) -> str:
+    """When each part of the page was measured, where parts come from different runs."""
+    dates = {p: part_meta(results, p).get("date") for p in BENCH_PARTS if p in results}
+    if len(set(dates.values())) <= 1:
+        return ""
+    listed = ", ".join(
+        f"{part} {date} (`{part_meta(results, part).get('command')}`)"
+        for part, date in dates.items()
+    )
+    return f"- the parts come from different runs: {listed}\n"
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     from .notes import NOTES
 
     meta = results.get("meta", {})
     parts = [
         "# Benchmarks\n",
-        "Written by `make bench` (`bench/`): the numbers below come from one run on one "
-        "machine, side by side; the queue-delay sweep is a separate run with its own command.\n",
-        f"- command: `{meta.get('command')}`\n- date: {meta.get('date')}\n"
+        "Written by `make bench` (`bench/`): each part's numbers below come from one run on one "
+        "machine, side by side (the dates of the parts are listed when they differ); the "
+        "queue-delay sweep is a separate run with its own command.\n",
+        f"- last run: `{meta.get('command')}`\n- date: {meta.get('date')}\n"
         f"- machine: {meta.get('cpu')}, {meta.get('cores')} cores, "
         f"GPU: {meta.get('gpu') or 'none available'}; torch {meta.get('torch')}, "
         f"Python {meta.get('python')}\n"
         f"- load average (1 min) at the start: {meta.get('load_before', 0):.1f}, "
-        f"at the end: {meta.get('load_after', 0):.1f}\n",
+        f"at the end: {meta.get('load_after', 0):.1f}\n" + runs_line(results),
         NOTES["caveat"],
         "" if meta.get("gpu") else NOTES["cpu"],
         "## Summary\n\n" + summary(results) + "\n",

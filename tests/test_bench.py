@@ -716,3 +716,26 @@ def test_the_compact_part_compares_each_type_with_float_and_renders(tmp_path):
             "rows": compared}  # fmt: skip
     text = compact.section(part)
     assert all(f"| {kind} |" in text for kind in compact.KINDS)
+
+
+def test_parts_from_different_runs_say_when_each_was_measured(tmp_path):
+    """`--only tiny` after a full run: the page lists each part's run, and the README's model
+    guide keeps the date of the run that measured the families."""
+    results = known_results(served_rate=9.5)
+    full = {**results["meta"], "date": "2026-11-28 23:37 UTC", "command": "python -m bench"}
+    later = {
+        **results["meta"],
+        "date": "2026-12-05 13:53 UTC",
+        "command": "python -m bench --only tiny",
+    }
+    results["vit"]["meta"], results["tiny"]["meta"], results["meta"] = full, later, later
+    results["families"] = {"meta": full, "rows": []}
+    assert report.part_meta(results, "families")["date"] == "2026-11-28 23:37 UTC"
+    report.write(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert ("- the parts come from different runs: vit 2026-11-28 23:37 UTC (`python -m bench`), "
+            "families 2026-11-28 23:37 UTC (`python -m bench`), tiny 2026-12-05 13:53 UTC "
+            "(`python -m bench --only tiny`)") in text  # fmt: skip
+    results["tiny"]["meta"] = full
+    report.write(results, tmp_path)
+    assert "different runs" not in (tmp_path / "benchmarks.md").read_text()
