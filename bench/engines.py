@@ -55,7 +55,7 @@ def run_engines(
         embedder = mm.load_embedder(mm.read_settings({}, environ), torch.device("cpu"), threads)
         load_s = time.perf_counter() - started
         try:
-            pixels = mm.stack(embedder.preprocess(embedder.decode_all(files)))
+            pixels = mm.stack(embedder.prepare(files))
             vectors = embedder.forward(pixels)
             reference = vectors if reference is None else reference
             rate = measure.forward_limit(embedder, pixels, BATCH, n)

@@ -188,7 +188,7 @@ def measure_family(mm: Any, family: Family, files: list[bytes], n: int) -> dict[
         decode_threads=threads,
     )
     try:
-        inputs = mm.stack(embedder.preprocess(embedder.decode_all(files)))
+        inputs = mm.stack(embedder.prepare(files))
         dimension = int(embedder.forward(inputs).shape[1])
         row = {
             "key": family.key,

@@ -120,7 +120,7 @@ def embedder_for(mm: Any, model_dir: Path, dtype: str) -> Any:
 
 def preprocessed(mm: Any, embedder: Any, files: list[bytes]) -> Any:
     """The processor's tensors for `files`, batched (what one execution's forward pass gets)."""
-    return mm.stack(embedder.preprocess(embedder.decode_all(files)))
+    return mm.stack(embedder.prepare(files))
 
 
 def free_port() -> int:

@@ -164,11 +164,9 @@ class Preprocessor:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def decode_all(self, blobs: Sequence[bytes]) -> list[Image.Image | InvalidImage]:
-        """Decode in parallel (PIL releases the GIL); a failure is returned, not raised."""
-        return list(self.pool.map(self._decode, blobs))
-
-    def _decode(self, blob: bytes) -> Image.Image | InvalidImage:
+    def decode(self, blob: bytes) -> Image.Image | InvalidImage:
+        """One file as `prepare` decodes it (this instance's draft side and pixel budget); a
+        failure is returned, not raised."""
         try:
             return decode_image(
                 blob, self.max_image_pixels, self.draft_side, self.budget,
@@ -228,7 +226,7 @@ class Preprocessor:
         return [r for part in self.pool.map(self._prepare_chunk, chunks) for r in part]
 
     def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[Inputs | InvalidImage]:
-        results: list[Any] = [self._decode(blob) for blob in blobs]
+        results: list[Any] = [self.decode(blob) for blob in blobs]
         good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
         for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
             results[i] = tensor

@@ -296,10 +296,10 @@ def test_draft_decoding_stays_close_to_the_full_decode(triton_model):
     other = photos()["chelsea.jpg"]
     try:
         drafted = embedder.embed([big, other])
-        pixels_drafted = embedder.preprocess(embedder.decode_all([big, other]))
+        pixels_drafted = embedder.preprocess([embedder.decode(b) for b in [big, other]])
         embedder.draft_side = 0
         full = embedder.embed([big, other])
-        pixels_full = embedder.preprocess(embedder.decode_all([big, other]))
+        pixels_full = embedder.preprocess([embedder.decode(b) for b in [big, other]])
     finally:
         embedder.draft_side = 448
     drafted_pixels = pixels_drafted[0]["pixel_values"].numpy()
@@ -350,7 +350,7 @@ def test_prepare_in_threads_matches_decode_then_processor_with_failures_in_place
     good = list(photos().values())
     blobs = [good[0], b"broken", good[1], good[2], b"", good[3], good[4]]
     prepared = embedder.prepare(blobs)
-    decoded = embedder.decode_all(blobs)
+    decoded = [embedder.decode(b) for b in blobs]
     assert [type(r).__name__ for r in prepared] == [
         "InvalidImage" if isinstance(d, images.InvalidImage) else "dict" for d in decoded
     ]
@@ -388,7 +388,7 @@ def test_a_device_failure_is_a_server_error_not_a_bad_image(embedder):
 
 def test_the_processor_gets_the_instance_device_only_on_a_gpu_instance(embedder):
     """The GPU path passes the instance's device to the processor; on the CPU it must agree."""
-    images = embedder.decode_all(list(photos().values()))
+    images = [embedder.decode(b) for b in photos().values()]
     embedder.processor = spy = SpyProcessor(embedder.processor)
     plain = embedder.preprocess(images)
     assert spy.calls == [{"return_tensors": "pt"}]  # a CPU instance: no device argument

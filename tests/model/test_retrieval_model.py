@@ -261,7 +261,7 @@ def test_the_original_families_give_the_vectors_of_before_bit_for_bit(embedders,
 
     embedder = embedders[family]
     assert embedder.encoder.pooling == "mean"
-    batch = embedding.stack(embedder.preprocess(embedder.decode_all(list(photos().values()))))
+    batch = embedding.stack(embedder.prepare(list(photos().values())))
     assert batch.keys() == {"pixel_values"}
     options = {} if family == "convnext" else {"add_pooling_layer": False}  # ConvNeXt has none
     before = AutoModel.from_pretrained(model_dirs[family], dtype=torch.float32, **options).eval()
