@@ -114,8 +114,9 @@ with `python -m bench --queue-delays 0,2000,10000`.
 - **OpenMP threads that sleep soon.** `iei serve` starts Triton with `GOMP_SPINCOUNT=30000`
   (libgomp's default is 300,000): after a forward pass torch's threads spun on the cores the
   decode threads needed next. The tiny model's CPU per image fell 13-25% with it, and ViT-B/16's
-  forward pass (8.5-8.9 img/s before, 9.3-9.5 after, batch 8, bf16, this 2-core machine) did not
-  slow down.
+  forward pass did not slow down (8.5-8.9 img/s before, 9.3-9.5 after, batch 8, bf16, this 2-core
+  machine, 2026-12-05: a side script timing `Embedder.forward` in-process, best of 3 rounds of
+  32 images, twice each way; not a figure of `make bench`).
 - **Transport.** The frontend decodes base64 with `pybase64` and sends raw bytes as Triton
   binary tensors over one keep-alive async client per worker; a request's images go to Triton
   in chunks of `IEI_CONCURRENCY_LEVEL` (at most `max_batch_size`), as many at once as fit in that

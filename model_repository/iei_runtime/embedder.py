@@ -93,15 +93,16 @@ class Preprocessor:
         self.fuse = fuse and preprocess_device is None
         self.fused: FusedProcessor | None = None
         self.fused_reason = "off"
-        self.processor = processor
+        self._processor = processor
+        # Passed to every processor call (the split layout's CPU stage: do_normalize=False...)
+        self._processor_options = processor_options or {}
+        self._check_fused()
         self.device = device
         self.max_image_pixels = max_image_pixels
         self.draft_side = draft_side  # images shrink to no less than this (0: not at all)
         self.jpeg_draft = jpeg_draft
         self.budget = PixelBudget(pixel_budget or max_image_pixels)
         self.preprocess_device = preprocess_device
-        # Passed to every processor call (the split layout's CPU stage: do_normalize=False...)
-        self.processor_options = processor_options or {}
         self.threads = decode_threads
         self.pool = ThreadPoolExecutor(
             max_workers=decode_threads,
@@ -152,7 +153,7 @@ class Preprocessor:
 
     def _check_fused(self) -> None:
         """A new processor or new options: whether the fused path stands in for them."""
-        if self.fuse and hasattr(self, "_processor") and hasattr(self, "_processor_options"):
+        if self.fuse:
             self.fused, self.fused_reason = fused_processor(self.processor, self.processor_options)
 
     def preprocessing_line(self) -> str:

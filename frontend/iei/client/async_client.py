@@ -4,7 +4,6 @@ encoding PIL/numpy images runs in a worker thread, off the event loop."""
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -82,15 +81,7 @@ class AsyncIEIClient:
         softmax over `labels`, SigLIP's sigmoid per label. `model`: this call's served model
         (default: the client's)."""
         await self.info()
-        return await self._run(self._for_model(model).classify(images, labels, template))
-
-    def _for_model(self, model: str | None) -> ClientCore:
-        """The core, or a copy of it naming `model` (the server's facts shared)."""
-        if model is None or model == self._core.model:
-            return self._core
-        core = copy.copy(self._core)
-        core.model = model
-        return core
+        return await self._run(self._core.for_model(model).classify(images, labels, template))
 
     async def embed_texts(
         self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True

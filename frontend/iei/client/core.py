@@ -7,6 +7,7 @@ images — and are sent back the result. `IEIClient` carries the steps out with 
 from __future__ import annotations
 
 import base64
+import copy
 import random
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,14 @@ class ClientCore:
         self.batch_size = batch_size
         self.model = model  # the served model every call names (None: the server's default)
         self.server_info: dict[str, Any] | None = None
+
+    def for_model(self, model: str | None) -> ClientCore:
+        """This core, or a copy of it naming `model` (the server's facts shared)."""
+        if model is None or model == self.model:
+            return self
+        core = copy.copy(self)
+        core.model = model
+        return core
 
     def limits(self) -> tuple[int, int | None, int | None]:
         """(images per request, characters per request, embedding dimension) from /info."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -77,15 +76,7 @@ class IEIClient:
         order, `[{"label", "score"}]` highest score first. Scores are the model's own: CLIP's
         softmax over `labels`, SigLIP's sigmoid per label. `model`: this call's served model
         (default: the client's)."""
-        return self._run(self._for_model(model).classify(images, labels, template))
-
-    def _for_model(self, model: str | None) -> ClientCore:
-        """The core, or a copy of it naming `model` (the server's facts shared)."""
-        if model is None or model == self._core.model:
-            return self._core
-        core = copy.copy(self._core)
-        core.model = model
-        return core
+        return self._run(self._core.for_model(model).classify(images, labels, template))
 
     def embed_texts(
         self, texts: Sequence[str], *, normalize: bool = True, truncate: bool = True
