@@ -10,12 +10,18 @@ and no package index. `stage` puts into `gpu-bundle/` (git-ignored):
   x86_64, except torch and torchvision (the host's): numpy 1.26.4 (Triton 2.51's Python stub
   mis-reads BYTES tensors under numpy 2, python_backend #384), transformers, tokenizers,
   tritonclient, the frontend's packages, nvidia-nvimgcodec-cu13 with nvJPEG. Tests, type stubs
-  and the other Pythons' binaries are left out of the wheels (their RECORD rewritten); every wheel
-  is stored uncompressed inside the tarball, so that xz compresses across them.
+  and the other Pythons' binaries are left out of the wheels, and their binaries' symbol tables
+  and debug sections (`strip --strip-unneeded`: ml_dtypes alone ships 24 MB of debug data); each
+  RECORD is rewritten to match. Every wheel is stored uncompressed inside the tarball, so that xz
+  compresses across them.
 - `tritonserver.tar.xz`: the Triton server of the nvidia-pytriton wheel, trimmed to the binary,
-  the Python backend, the Python 3.12 stub and the libraries they link, without the bundled
-  libpython (the host's is used), laid out as the wheel installs it (`pytriton/tritonserver`,
-  `nvidia_pytriton.libs`) so that `iei serve` finds it as it finds the wheel's.
+  the Python backend, the Python 3.12 stub and the libraries they link, stripped, without the
+  bundled libpython (the host's is used), laid out as the wheel installs it
+  (`pytriton/tritonserver`, `nvidia_pytriton.libs`) so that `iei serve` finds it as it finds the
+  wheel's. ICU's data library (29 MB) is replaced by an empty ICU data package of the same name:
+  ICU reaches Triton only through libxml2's character-set conversions (libarchive's and the
+  cloud storage's XML), never for a model repository on disk, so the libraries load and nothing
+  asks for the data (ICU's own build makes the same stub, `stubdata`, for data loaded elsewhere).
 - `MANIFEST.json`: what is in it, and its size with the repository's tracked files.
 
 `run` installs them into `.gpu-env/` (`pip install --no-index --no-deps --target`), then checks
@@ -28,6 +34,7 @@ host, numpy 1.26.4, transformers, tritonclient, nvImageCodec), CUDA available. T
 from __future__ import annotations
 
 import argparse
+import base64
 import fnmatch
 import hashlib
 import io
@@ -113,6 +120,25 @@ TRITON_FILES = (
     "nvidia_pytriton.libs/*",
 )
 TRITON_DROPPED = ("nvidia_pytriton.libs/libpython3*",)
+ICU_DATA = re.compile(r"nvidia_pytriton\.libs/libicudata-[0-9a-f]+\.so\.(\d+)\.\d+$")
+# An ICU common-data package with no items, exported as the symbol libicuuc links
+# (icudt<major>_dat): its header (size, magic 0xda27, UDataInfo: little-endian, ASCII, 2-byte
+# UChar, format "CmnD" 1.0), padded to 32 bytes, then a table of no entries.
+ICU_STUB_C = """
+struct icu_empty_package {
+    unsigned short header_size;
+    unsigned char magic1, magic2;
+    unsigned short info_size, reserved_word;
+    unsigned char big_endian, charset_family, sizeof_uchar, reserved_byte;
+    unsigned char data_format[4], format_version[4], data_version[4];
+    unsigned char padding[8];
+    unsigned int count, reserved;
+};
+__attribute__((visibility("default"))) const struct icu_empty_package icudt%(major)s_dat = {
+    32, 0xda, 0x27, 20, 0, 0, 0, 2, 0, {'C', 'm', 'n', 'D'}, {1, 0, 0, 0}, {0, 0, 0, 0},
+    {0}, 0, 0
+};
+"""
 
 
 def log(message: str) -> None:
@@ -150,33 +176,71 @@ def transformers_models(files: dict[str, str], wanted: Sequence[str]) -> frozens
     return frozenset(kept)
 
 
+def stripped(data: bytes) -> bytes:
+    """An ELF file without its symbol table and debug sections (`strip --strip-unneeded`: the
+    dynamic symbols stay, so it links and loads as before); anything else, or no strip, as is."""
+    if not data.startswith(b"\x7fELF") or shutil.which("strip") is None:
+        return data
+    with tempfile.TemporaryDirectory(prefix="iei-strip-") as tmp:
+        path = Path(tmp) / "elf"
+        path.write_bytes(data)
+        done = subprocess.run(["strip", "--strip-unneeded", str(path)], capture_output=True)
+        return path.read_bytes() if done.returncode == 0 else data
+
+
+def icu_data_stub(name: str) -> bytes | None:
+    """An empty ICU data library standing in for Triton's `name` (same file name, soname and
+    symbol), built by the C compiler; None where `name` is not ICU's data or none compiles."""
+    matched = ICU_DATA.fullmatch(name)
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if matched is None or compiler is None:
+        return None
+    soname = name.rsplit("/", 1)[1]
+    with tempfile.TemporaryDirectory(prefix="iei-icu-") as tmp:
+        source, library = Path(tmp) / "icudata.c", Path(tmp) / soname
+        source.write_text(ICU_STUB_C % {"major": matched.group(1)})
+        command = [compiler, "-shared", "-fPIC", "-O2", "-s", f"-Wl,-soname,{soname}",
+                   "-o", str(library), str(source)]  # fmt: skip
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            return None
+        return library.read_bytes()
+
+
+def record_line(name: str, data: bytes) -> str:
+    """A wheel RECORD's line for `name` holding `data` (PEP 376: urlsafe base64 sha256)."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
 def distribution(wheel: Path) -> str:
     return wheel.name.split("-")[0].lower().replace("_", "-")
 
 
 def repack(wheel: Path, target: Path) -> int:
     """`wheel` without its DROPPED files (and transformers' without the model folders IEI does
-    not use), stored uncompressed, RECORD rewritten; files left out."""
-    left_out = 0
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
-        names = [i.filename for i in source.infolist()]
+    not use), its binaries stripped, stored uncompressed, RECORD rewritten; files left out."""
+    with zipfile.ZipFile(wheel) as source:
+        infos = source.infolist()
         models = None
         if distribution(wheel) == "transformers":
-            sources = {n: source.read(n).decode("utf-8", "replace") for n in names
-                       if n.startswith("transformers/models/") and n.endswith(".py")}  # fmt: skip
+            sources = {i.filename: source.read(i).decode("utf-8", "replace") for i in infos
+                       if i.filename.startswith("transformers/models/")
+                       and i.filename.endswith(".py")}  # fmt: skip
             models = transformers_models(sources, TRANSFORMERS_MODELS)
-        gone = {n for n in names if dropped(n, models)}
-        for info in source.infolist():
-            if info.filename in gone:
-                left_out += 1
-                continue
-            data = source.read(info)
-            if info.filename.endswith(".dist-info/RECORD") and gone:
-                lines = data.decode().splitlines()
-                data = "\n".join(x for x in lines if x.split(",")[0] not in gone).encode() + b"\n"
+        kept = [i for i in infos if not dropped(i.filename, models)]
+        files = {i.filename: stripped(source.read(i)) for i in kept}
+    records = {n: record_line(n, d) for n, d in files.items() if not n.endswith("/RECORD")}
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+        for info in kept:
+            data = files[info.filename]
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = [x.split(",")[0] for x in data.decode().splitlines() if x.strip()]
+                data = "".join(
+                    f"{records.get(x, x + ',,')}\n" for x in lines if x in files
+                ).encode()
             info.compress_type = zipfile.ZIP_STORED
             out.writestr(info, data)
-    return left_out
+    return len(infos) - len(kept)
 
 
 def pip(*args: str) -> None:
@@ -221,15 +285,7 @@ def stage(out: Path) -> dict:
             log(f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB ({left} files left out)")
         xz_tar(out / "wheels.tar.xz", wheels)
         [pytriton] = (work / "pytriton").glob("*.whl")
-        server = []
-        with zipfile.ZipFile(pytriton) as wheel:
-            for info in wheel.infolist():
-                name = info.filename
-                wanted = any(fnmatch.fnmatch(name, p) for p in TRITON_FILES)
-                if wanted and not any(fnmatch.fnmatch(name, p) for p in TRITON_DROPPED):
-                    mode = (info.external_attr >> 16) & 0o777 or 0o644
-                    server.append((name, wheel.read(info), mode))
-        server.append(("pytriton/__init__.py", b"", 0o644))  # found by find_spec, never run
+        server = triton_files(pytriton)
         xz_tar(out / "tritonserver.tar.xz", server)
     manifest = {
         "python": PYTHON,
@@ -242,6 +298,28 @@ def stage(out: Path) -> dict:
     manifest["total_mib"] = round(manifest["bundle_mib"] + manifest["repository_mib"], 1)
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def triton_files(pytriton: Path) -> list[tuple[str, bytes, int]]:
+    """The wheel's TRITON_FILES (name, bytes, mode), stripped, ICU's data library emptied."""
+    server = []
+    with zipfile.ZipFile(pytriton) as wheel:
+        for info in wheel.infolist():
+            name = info.filename
+            wanted = any(fnmatch.fnmatch(name, p) for p in TRITON_FILES)
+            # Folders are made by their files: a folder's zip entry would go into the tar as a
+            # regular file of that name, and tarfile's extraction would then fail on its files.
+            if info.is_dir() or not wanted or any(fnmatch.fnmatch(name, p) for p in TRITON_DROPPED):
+                continue
+            mode = (info.external_attr >> 16) & 0o777 or 0o644
+            data = icu_data_stub(name) if ICU_DATA.fullmatch(name) else None
+            if data is None:
+                data = stripped(wheel.read(info))
+            else:
+                log(f"{name}: an empty ICU data package ({len(data)} bytes) in its place")
+            server.append((name, data, mode))
+    server.append(("pytriton/__init__.py", b"", 0o644))  # found by find_spec, never run
+    return server
 
 
 def sha256(path: Path) -> str:

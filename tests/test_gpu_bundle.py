@@ -5,6 +5,7 @@ nvidia-pytriton wheel installed in it, as if it were the bundle's)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import zipfile
@@ -186,3 +187,204 @@ def test_every_family_loads_with_the_bundles_trimmed_transformers(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("loaded ") == len(folders)
+
+
+def test_a_repacked_wheels_binaries_are_stripped_still_load_and_the_record_says_so(tmp_path):
+    """An extension module with its symbol table and debug data (gevent's, a dependency of the
+    frontend's tritonclient): smaller after repack, the RECORD's hash and size its own, and
+    Python still imports it from the repacked file."""
+    import base64
+    import hashlib
+    import importlib.machinery
+    import shutil
+
+    if shutil.which("strip") is None:
+        pytest.skip("no strip (binutils) on this machine")
+    gevent = importlib.util.find_spec("gevent._gevent_c_ident")
+    assert gevent is not None and gevent.origin is not None
+    name = f"gevent/{Path(gevent.origin).name}"
+    original = Path(gevent.origin).read_bytes()
+    source, target = tmp_path / "gevent-1.0-py3-none-any.whl", tmp_path / "out.whl"
+    with zipfile.ZipFile(source, "w") as wheel:
+        wheel.writestr(name, original)
+        wheel.writestr(
+            "gevent-1.0.dist-info/RECORD", f"{name},sha256=x,1\ngevent-1.0.dist-info/RECORD,,\n"
+        )
+    assert gpu_bundle.repack(source, target) == 0
+    with zipfile.ZipFile(target) as wheel:
+        binary = wheel.read(name)
+        record = dict(
+            line.split(",", 1)
+            for line in wheel.read("gevent-1.0.dist-info/RECORD").decode().split()
+        )
+    assert len(binary) < 0.9 * len(original)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(binary).digest()).rstrip(b"=").decode()
+    assert record == {name: f"sha256={digest},{len(binary)}", "gevent-1.0.dist-info/RECORD": ","}
+    path = tmp_path / Path(gevent.origin).name
+    path.write_bytes(binary)
+    loader = importlib.machinery.ExtensionFileLoader("gevent._gevent_c_ident", str(path))
+    spec = importlib.util.spec_from_file_location("gevent._gevent_c_ident", path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    assert module.__file__ == str(path) and hasattr(module, "IdentRegistry")
+    assert gpu_bundle.stripped(b"not an ELF file") == b"not an ELF file"
+
+
+@pytest.fixture
+def icu_stub():
+    """(name, bytes) of the empty ICU data library standing in for this wheel's."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("nvidia-pytriton is not installed")
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "nvidia_pytriton.libs"
+    [real] = libs.glob("libicudata-*.so.*")
+    data = gpu_bundle.icu_data_stub(f"nvidia_pytriton.libs/{real.name}")
+    if data is None:
+        pytest.skip("no C compiler to build the empty ICU data library")
+    return real, data
+
+
+def test_the_icu_data_stub_is_an_empty_icu_package_under_the_real_librarys_name(icu_stub, tmp_path):
+    import ctypes
+    import shutil
+    import subprocess
+
+    real, data = icu_stub
+    assert len(data) < 20_000 < real.stat().st_size
+    path = tmp_path / real.name
+    path.write_bytes(data)
+    objdump = shutil.which("objdump")
+    assert objdump is not None  # binutils: icu_data_stub's compiler links with them
+    soname = subprocess.run([objdump, "-p", str(path)], capture_output=True, text=True).stdout
+    assert f"SONAME               {real.name}" in soname
+    major = real.name.rsplit(".so.", 1)[1].split(".")[0]
+    header = (ctypes.c_ubyte * 40).in_dll(ctypes.CDLL(str(path)), f"icudt{major}_dat")
+    raw = bytes(header)
+    assert raw[:4] == bytes([32, 0, 0xDA, 0x27])  # header size 32, ICU's magic
+    assert raw[12:16] == b"CmnD" and raw[16:20] == bytes([1, 0, 0, 0])  # common data, format 1
+    assert raw[32:36] == bytes(4)  # no items
+    assert gpu_bundle.icu_data_stub("nvidia_pytriton.libs/libicuuc-4683f362.so.70.1") is None
+
+
+@pytest.mark.integration
+def test_triton_stripped_with_the_empty_icu_data_serves_the_same_vectors(
+    icu_stub, tmp_path, model_dirs
+):
+    """The bundle's Triton as the bundle trims it (tritonserver, libtritonserver, the Python
+    backend and its stub stripped, ICU's data library the empty one), laid out as the bundle
+    installs it, serves an image through `iei serve` with the in-process reference's vector."""
+    import base64
+
+    import httpx
+    import numpy as np
+    from reference import Reference, cosine_rows
+    from sample_images import photos
+    from stack import Stack, descendants
+
+    real, stub = icu_stub
+    wheel = real.parent.parent
+    site = tmp_path / "site"
+    libs = site / "nvidia_pytriton.libs"
+    libs.mkdir(parents=True)
+    for library in real.parent.iterdir():
+        if library.name == real.name:
+            (libs / library.name).write_bytes(stub)
+        elif library.name.startswith("libtritonserver-"):
+            (libs / library.name).write_bytes(gpu_bundle.stripped(library.read_bytes()))
+        else:
+            (libs / library.name).symlink_to(library)
+    server = site / "pytriton" / "tritonserver"
+    binary = server / "bin" / "tritonserver"  # a copy: its RPATH ($ORIGIN/../../..) finds libs
+    binary.parent.mkdir(parents=True)
+    binary.write_bytes(
+        gpu_bundle.stripped((wheel / "pytriton/tritonserver/bin/tritonserver").read_bytes())
+    )
+    binary.chmod(0o755)
+    assert binary.stat().st_size < (wheel / "pytriton/tritonserver/bin/tritonserver").stat().st_size
+    real_server = wheel / "pytriton" / "tritonserver"
+    for part in ("backends/python/libtriton_python.so",
+                 f"python_backend_stubs/{VERSION}/triton_python_backend_stub"):  # fmt: skip
+        (server / part).parent.mkdir(parents=True)
+        (server / part).write_bytes(gpu_bundle.stripped((real_server / part).read_bytes()))
+        (server / part).chmod(0o755)
+    for other in (real_server / "backends" / "python").iterdir():
+        if not (server / "backends" / "python" / other.name).exists():
+            (server / "backends" / "python" / other.name).symlink_to(other)
+    (site / "pytriton" / "__init__.py").write_text("")
+    paths = [str(site), str(ROOT / "frontend"), os.environ.get("PYTHONPATH", "")]
+    stack = Stack(model_dirs["vit"], tmp_path / "stack.log", PYTHONPATH=os.pathsep.join(paths))
+    stack.start()
+    try:
+        assert stack.process is not None
+        tritons = [pid for pid in descendants(stack.process.pid) if _exe(pid) == binary]
+        assert tritons, "iei serve did not start the bundle's tritonserver"
+        maps = Path(f"/proc/{tritons[0]}/maps").read_text()
+        assert str(libs / real.name) in maps, "tritonserver did not load the empty ICU data"
+        image = photos()["astronaut.jpg"]
+        body = {"inputs": base64.b64encode(image).decode()}
+        answer = httpx.post(f"{stack.url}/embed", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        served = np.asarray(answer.json(), dtype=np.float32)
+        expected = Reference(model_dirs["vit"]).embed([image])
+        assert cosine_rows(served, expected).min() > 0.999
+    finally:
+        assert stack.stop() == 0, stack.log()
+
+
+def _exe(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
+
+
+def test_a_staged_bundle_installs_its_wheels_and_the_triton_server_laid_out_as_the_wheels(
+    tmp_path,
+):
+    """stage's two tarballs (from a stand-in of the nvidia-pytriton wheel with its folders'
+    entries, as the real one has) install: the server's files where `iei serve` looks."""
+    pytriton = tmp_path / "nvidia_pytriton-0.7.0-py3-none-any.whl"
+    with zipfile.ZipFile(pytriton, "w") as wheel:
+        wheel.writestr("pytriton/tritonserver/backends/python/", b"")  # a folder's entry
+        wheel.writestr("pytriton/tritonserver/backends/python/libtriton_python.so", b"backend")
+        wheel.writestr("pytriton/tritonserver/bin/tritonserver", b"server")
+        wheel.writestr(f"pytriton/tritonserver/python_backend_stubs/{gpu_bundle.PYTHON}/"
+                       "triton_python_backend_stub", b"stub")  # fmt: skip
+        wheel.writestr("pytriton/tritonserver/python_backend_stubs/3.10/", b"")
+        wheel.writestr("pytriton/models/model.py", b"not the server's")
+        wheel.writestr("nvidia_pytriton.libs/libpython3.12.so.1.0", b"the host's")
+        wheel.writestr("nvidia_pytriton.libs/libxml2-4b4b5b24.so.2.9.13", b"xml")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    gpu_bundle.xz_tar(bundle / "tritonserver.tar.xz", gpu_bundle.triton_files(pytriton))
+    package = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(package, "w") as wheel:
+        wheel.writestr("pkg/__init__.py", b"x = 1\n")
+        wheel.writestr(
+            "pkg-1.0.dist-info/METADATA", b"Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\n"
+        )
+        wheel.writestr(
+            "pkg-1.0.dist-info/WHEEL",
+            b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        wheel.writestr(
+            "pkg-1.0.dist-info/RECORD", b"pkg/__init__.py,,\npkg-1.0.dist-info/RECORD,,\n"
+        )
+    repacked = tmp_path / "stored" / package.name
+    repacked.parent.mkdir()
+    gpu_bundle.repack(package, repacked)
+    gpu_bundle.xz_tar(bundle / "wheels.tar.xz", [(package.name, repacked.read_bytes(), 0o644)])
+    files = {p.name: gpu_bundle.sha256(p) for p in bundle.glob("*.tar.xz")}
+    (bundle / "MANIFEST.json").write_text(json.dumps({"files": files}))
+    site = gpu_bundle.install(bundle, tmp_path / "env")
+    installed = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
+    assert [p for p in installed if not p.startswith("pkg")] == [
+        "nvidia_pytriton.libs/libxml2-4b4b5b24.so.2.9.13",
+        "pytriton/__init__.py",
+        "pytriton/tritonserver/backends/python/libtriton_python.so",
+        "pytriton/tritonserver/bin/tritonserver",
+        f"pytriton/tritonserver/python_backend_stubs/{gpu_bundle.PYTHON}/triton_python_backend_stub",
+    ]
+    assert (site / "pytriton/tritonserver/bin/tritonserver").read_bytes() == b"server"
+    assert (site / "pkg" / "__init__.py").read_text() == "x = 1\n"
