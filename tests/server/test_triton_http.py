@@ -83,3 +83,41 @@ async def test_a_request_goes_out_in_parts_and_its_answer_and_errors_read_back()
     finally:
         await client.close()
         await runner.cleanup()
+
+
+async def test_triton_is_asked_for_uncompressed_answers_unless_the_caller_asks_otherwise():
+    """aiohttp's default Accept-Encoding (gzip, deflate, br) made Triton gzip every answer."""
+    asked: list[tuple[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        asked.append((request.path, request.headers.get("Accept-Encoding", "")))
+        return web.json_response({"outputs": []})
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_get("/v2/health/ready", record)
+    app.router.add_post("/v2/models/{model}/infer", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = TritonHttpClient(f"127.0.0.1:{port}")
+    wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
+    try:
+        assert await client.is_server_ready()
+        await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
+        text = triton_http.InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"a cat"]], dtype=np.object_))
+        await client.infer("iei_text", [text], outputs=wanted)
+        await client.infer(
+            "iei_text", [text], outputs=wanted, response_compression_algorithm="gzip"
+        )
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert asked == [
+        ("/v2/health/ready", "identity"),
+        ("/v2/models/iei/infer", "identity"),
+        ("/v2/models/iei_text/infer", "identity"),
+        ("/v2/models/iei_text/infer", "gzip"),
+    ]

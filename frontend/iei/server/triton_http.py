@@ -90,7 +90,16 @@ def request_parts(
 
 class TritonHttpClient(InferenceServerClient):
     """tritonclient's async HTTP client; an inference of FilesInput inputs whose outputs are
-    all binary goes out part by part."""
+    all binary goes out part by part, and Triton's answers come back uncompressed."""
+
+    def _fix_header(self, headers: dict[str, Any] | None) -> dict[str, str]:
+        # aiohttp asks for gzip, deflate and br unless told otherwise, and Triton then gzips
+        # every answer: CPU in Triton and in the frontend for float vectors that barely shrink
+        # on loopback. A caller's own Accept-Encoding (tritonclient's response compression) wins.
+        fixed: dict[str, str] = super()._fix_header(headers)
+        if not any(name.lower() == "accept-encoding" for name in fixed):
+            fixed["Accept-Encoding"] = "identity"
+        return fixed
 
     async def infer(  # type: ignore[override]
         self,
