@@ -60,9 +60,10 @@ def clip_stack(
     model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """One stack with the tiny CLIP (images and texts), shared by the retrieval tests, the demo
-    page and the text-search example."""
+    page and the text-search example. Its files go to Triton in the HTTP body (no shared memory
+    region): the path of a Triton in another container, tested against the real one."""
     log = tmp_path_factory.mktemp("logs") / "clip_stack.log"
-    stack = Stack(model_dirs["clip"], log).start()
+    stack = Stack(model_dirs["clip"], log, IEI_TRITON_SHM_MB="0").start()
     yield stack
     assert stack.stop() == 0, stack.log()
 

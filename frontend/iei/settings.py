@@ -172,6 +172,13 @@ _SETTINGS = [
         "`host:port` of a Triton HTTP endpoint that something else runs (compose, Kubernetes); "
         "when set, `iei serve` starts only the frontend",
     )),
+    ("triton_shm_mb", Setting(
+        "IEI_TRITON_SHM_MB", 128, "int", (SERVER,),
+        "MiB of /dev/shm each frontend worker hands image files to Triton through (system shared "
+        "memory), reserved once Triton shows it sees the same /dev/shm (`iei serve` on one host; "
+        "never across containers); the files go in the HTTP body when it is full or refused; `0` "
+        "turns it off",
+    )),
     ("decode_pixel_budget", Setting(
         "IEI_DECODE_PIXEL_BUDGET", 100_000_000, "int", (LAUNCHER, MODEL),
         "pixels of full-size decoded images a model instance holds at once (each image is shrunk "

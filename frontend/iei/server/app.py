@@ -33,6 +33,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         settings.triton_endpoint,
         concurrency_level=settings.concurrency_level,
         timeout=settings.request_timeout,
+        shm_bytes=settings.triton_shm_mb * 2**20,
     )
 
     @asynccontextmanager

@@ -48,6 +48,11 @@ MODEL_LOADS = Counter(
     "iei_model_loads", "Models loaded on demand for a request.", ["model", "outcome"]
 )
 MODEL_UNLOADS = Counter("iei_model_unloads", "Idle models unloaded.", ["model"])
+# Inference calls to Triton that carry files (images, texts), by how the files went: `body` (the
+# HTTP request) or `shared_memory` (the worker's region, IEI_TRITON_SHM_MB, when Triton sees it).
+TRITON_FILE_CALLS = Counter(
+    "iei_triton_file_calls", "Inference calls to Triton by how their files went.", ["transport"]
+)
 TRITON_SECONDS = Histogram(
     "iei_triton_round_trip_seconds", "Time of one inference call to Triton (a chunk of images).",
     buckets=LATENCY_BUCKETS,

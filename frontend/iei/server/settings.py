@@ -35,6 +35,7 @@ class ServerSettings(SettingsBase):
     cache_mb: int = setting("cache_mb", ge=0, le=1_000_000)
     triton_url: str | None = setting("triton_url")
     triton_http_port: int = setting("triton_http_port", ge=1, le=65535)
+    triton_shm_mb: int = setting("triton_shm_mb", ge=0, le=1_000_000)
     models: str | None = setting("models")
     model_idle_unload: float | None = setting("model_idle_unload", gt=0)
 

@@ -33,6 +33,7 @@ from .errors import ApiError, ErrorType, first_error
 from .inputs import InvalidInput
 from .limits import WORK, outliving
 from .triton_http import FilesInput, TritonHttpClient
+from .triton_shm import SHM_DIR, SharedMemoryRegion, remove_stale_regions
 
 log = logging.getLogger("iei")
 
@@ -66,10 +67,13 @@ class TritonClient:
     inside the running event loop, hence `open()` in the app's lifespan.
     """
 
-    def __init__(self, endpoint: str, *, concurrency_level: int, timeout: float) -> None:
+    def __init__(
+        self, endpoint: str, *, concurrency_level: int, timeout: float, shm_bytes: int = 0
+    ) -> None:
         self.endpoint = endpoint
         self.concurrency_level = concurrency_level
         self.timeout = timeout
+        self.shm_bytes = shm_bytes  # the worker's shared memory region for Triton (0: none)
         self._client: TritonHttpClient | None = None
         self._max_batch_sizes: dict[str, int] = {}
         self._model_info: dict[str, dict[str, Any]] = {}  # Triton image model -> its facts
@@ -83,12 +87,21 @@ class TritonClient:
         self._model_failed_at: dict[str, float] = {}
 
     async def open(self) -> None:
+        region = None
+        if self.shm_bytes > 0 and SHM_DIR.is_dir():
+            remove_stale_regions()
+            region = SharedMemoryRegion(self.shm_bytes)
         self._client = TritonHttpClient(
-            self.endpoint, conn_limit=max(100, self.concurrency_level), conn_timeout=self.timeout
+            self.endpoint,
+            shared_memory=region,
+            conn_limit=max(100, self.concurrency_level),
+            conn_timeout=self.timeout,
         )
 
     async def close(self) -> None:
         if self._client is not None:
+            if self._client.shared_memory is not None:
+                await self._client.shared_memory.close(self._client)
             await self._client.close()
             self._client = None
 

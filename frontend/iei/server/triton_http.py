@@ -16,11 +16,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 from tritonclient.http.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
+
+from . import metrics
+from .triton_shm import SharedMemoryRegion
 
 LENGTH = struct.Struct("<I")  # each BYTES element's length, little-endian
 
@@ -71,20 +75,34 @@ class PartsPayload(Payload):
 
 
 def request_parts(
-    inputs: Sequence[FilesInput], outputs: Sequence[InferRequestedOutput], priority: int
+    inputs: Sequence[FilesInput],
+    outputs: Sequence[InferRequestedOutput],
+    priority: int,
+    shared: tuple[str, int] | None = None,
 ) -> tuple[list[bytes], int]:
-    """The parts of a binary inference request and the length of its JSON header."""
+    """The parts of a binary inference request and the length of its JSON header. `shared`:
+    the (region, offset) of a system shared memory region that holds the one input's bytes,
+    which the request then only names."""
+    described = []
+    for i in inputs:
+        size = i._parameters["binary_data_size"]
+        where = (
+            {"binary_data_size": size} if shared is None
+            else {"shared_memory_region": shared[0], "shared_memory_byte_size": size,
+                  "shared_memory_offset": shared[1]}
+        )  # fmt: skip
+        described.append(
+            {"name": i.name(), "shape": i.shape(), "datatype": i.datatype(), "parameters": where}
+        )
     request: dict[str, Any] = {
-        "inputs": [
-            {"name": i.name(), "shape": i.shape(), "datatype": i.datatype(),
-             "parameters": {"binary_data_size": i._parameters["binary_data_size"]}}
-            for i in inputs
-        ],
+        "inputs": described,
         "outputs": [{"name": o.name(), "parameters": {"binary_data": True}} for o in outputs],
-    }  # fmt: skip
+    }
     if priority:
         request["parameters"] = {"priority": priority}
-    header = json.dumps(request, separators=(",", ":")).encode()
+    header = orjson.dumps(request)  # compact, as tritonclient's; a tenth of json.dumps' time
+    if shared is not None:
+        return [header], len(header)
     return [header, *(part for i in inputs for part in i.parts())], len(header)
 
 
@@ -101,6 +119,15 @@ class TritonHttpClient(InferenceServerClient):
             fixed["Accept-Encoding"] = "identity"
         return fixed
 
+    def __init__(
+        self, url: str, *, shared_memory: SharedMemoryRegion | None = None, **options: Any
+    ) -> None:
+        super().__init__(url, **options)
+        self.shared_memory = shared_memory
+        # How long a block stays taken after a call that ended without Triton's answer (a
+        # timeout, a dropped connection): Triton may still be reading it.
+        self.release_after = float(options.get("conn_timeout", 60.0))
+
     async def infer(  # type: ignore[override]
         self,
         model_name: str,
@@ -113,7 +140,39 @@ class TritonHttpClient(InferenceServerClient):
             return await super().infer(
                 model_name, inputs, outputs=outputs, priority=priority, **options
             )
-        parts, header_length = request_parts(inputs, outputs, priority)  # type: ignore[arg-type]
+        files: Sequence[FilesInput] = inputs  # type: ignore[assignment]
+        region = self.shared_memory
+        if region is not None and len(files) == 1 and await region.ready(self):
+            offset = region.write(list(files[0].parts()))
+            if offset is not None:
+                try:
+                    result = await self._files_call(
+                        model_name, files, outputs, priority, (region.name, offset)
+                    )
+                except InferenceServerException as exc:
+                    region.release(offset)  # Triton answered: done with the block
+                    if region.name not in (exc.message() or ""):
+                        raise
+                    region.forget()  # Triton restarted without it: this call goes in the body
+                except BaseException:
+                    region.release(offset, later=self.release_after)
+                    raise
+                else:
+                    region.release(offset)
+                    metrics.TRITON_FILE_CALLS.labels("shared_memory").inc()
+                    return result
+        metrics.TRITON_FILE_CALLS.labels("body").inc()
+        return await self._files_call(model_name, files, outputs, priority, None)
+
+    async def _files_call(
+        self,
+        model_name: str,
+        files: Sequence[FilesInput],
+        outputs: Sequence[InferRequestedOutput],
+        priority: int,
+        shared: tuple[str, int] | None,
+    ) -> InferResult:
+        parts, header_length = request_parts(files, outputs, priority, shared)
         headers = {"Inference-Header-Content-Length": str(header_length)}
         uri = f"v2/models/{quote(model_name)}/infer"
         response = await self._post(uri, PartsPayload(parts), headers, None)
