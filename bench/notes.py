@@ -111,14 +111,15 @@ with `python -m bench --queue-delays 0,2000,10000`.
   the same pixels as the processor's call on the batch to float rounding (a test compares every
   family), at about a third of its CPU time (the floor table below). `IEI_FUSED_PREPROCESS=false`
   calls the processor itself.
-- **Files through shared memory, answers uncompressed (2026-12-05, side script, tiny ViT, 3 alternating rounds,
-  median stack CPU per image).** With `IEI_TRITON_SHM_MB=128` against `0`: phone photos in 64-image
-  forms 41250 -> 36875 us (51 -> 60 img/s), single phone uploads 27187 -> 25000 us, web 64-image
-  forms 2656 -> 2552 us, single web uploads 4219 -> 3625 us. Triton alone, 64 phone photos sent to it
-  directly: 2604 us per photo over HTTP, 104 us through the region. Triton also gzipped every
-  answer (aiohttp asked for it); the frontend now asks for none. `GOMP_SPINCOUNT=0` lowered single web
-  uploads' CPU further (4125 -> 3469 us) but cost ViT-B/16 served single-image rate about 8% (9.57/8.40
-  -> 8.84/7.61 img/s in two rounds), so 30000 stays. These figures are not yet in the table above.
+- **Files through shared memory, answers uncompressed (2026-12-05, side script, tiny ViT, 3
+  alternating rounds, median stack CPU per image).** With `IEI_TRITON_SHM_MB=128` against `0`:
+  phone photos in 64-image forms 41250 -> 36875 us (51 -> 60 img/s), single phone uploads 27187 ->
+  25000 us, web 64-image forms 2656 -> 2552 us, single web uploads 4219 -> 3625 us. Triton alone,
+  64 phone photos sent to it directly: 2604 us per photo over HTTP, 104 us through the region.
+  Triton also gzipped every answer (aiohttp asked for it); the frontend now asks for none.
+  `GOMP_SPINCOUNT=0` lowered single web uploads' CPU further (4125 -> 3469 us) but cost ViT-B/16
+  served single-image rate about 8% (9.57/8.40 -> 8.84/7.61 img/s in two rounds), so 30000 stays.
+  These figures are not yet in the table above.
 - **OpenMP threads that sleep soon.** `iei serve` starts Triton with `GOMP_SPINCOUNT=30000`
   (libgomp's default is 300,000): after a forward pass torch's threads spun on the cores the
   decode threads needed next. The tiny model's CPU per image fell 13-25% with it, and ViT-B/16's
