@@ -10,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
+from aiohttp import web
 
 IEI = Path(sys.executable).parent / "iei"
 
@@ -32,6 +33,21 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+@asynccontextmanager
+async def aiohttp_stand_in(app: web.Application) -> AsyncIterator[str]:
+    """`app` (a stand-in of Triton's HTTP API) served on a free loopback port; its `host:port`,
+    as tritonclient takes it."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import pytest
 import tritonclient.http as triton_http
 from aiohttp import web
 from iei.server.triton_http import FilesInput, TritonHttpClient, request_parts
+from stack import aiohttp_stand_in
 from tritonclient.http._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
@@ -64,25 +65,20 @@ async def test_a_request_goes_out_in_parts_and_its_answer_and_errors_read_back()
 
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v2/models/{model}/infer", infer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = TritonHttpClient(f"127.0.0.1:{port}")
-    wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
-    try:
-        result = await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
-        np.testing.assert_array_equal(result.as_numpy("EMBEDDING"), vectors)
-        body, header = tritonclients_body(FILES, 0)
-        assert seen[-1] == (body, str(header))
-        with pytest.raises(InferenceServerException) as caught:
-            await client.infer("broken", [FilesInput("IMAGE", FILES)], outputs=wanted)
-        assert caught.value.status() == "400"
-        assert caught.value.message() == "IMAGE[1]: cannot decode image"
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with aiohttp_stand_in(app) as triton:
+        client = TritonHttpClient(triton)
+        wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
+        try:
+            result = await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
+            np.testing.assert_array_equal(result.as_numpy("EMBEDDING"), vectors)
+            body, header = tritonclients_body(FILES, 0)
+            assert seen[-1] == (body, str(header))
+            with pytest.raises(InferenceServerException) as caught:
+                await client.infer("broken", [FilesInput("IMAGE", FILES)], outputs=wanted)
+            assert caught.value.status() == "400"
+            assert caught.value.message() == "IMAGE[1]: cannot decode image"
+        finally:
+            await client.close()
 
 
 async def test_triton_is_asked_for_uncompressed_answers_unless_the_caller_asks_otherwise():
@@ -96,25 +92,20 @@ async def test_triton_is_asked_for_uncompressed_answers_unless_the_caller_asks_o
     app = web.Application(client_max_size=64 << 20)
     app.router.add_get("/v2/health/ready", record)
     app.router.add_post("/v2/models/{model}/infer", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = TritonHttpClient(f"127.0.0.1:{port}")
-    wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
-    try:
-        assert await client.is_server_ready()
-        await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
-        text = triton_http.InferInput("TEXT", [1, 1], "BYTES")
-        text.set_data_from_numpy(np.array([[b"a cat"]], dtype=np.object_))
-        await client.infer("iei_text", [text], outputs=wanted)
-        await client.infer(
-            "iei_text", [text], outputs=wanted, response_compression_algorithm="gzip"
-        )
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with aiohttp_stand_in(app) as triton:
+        client = TritonHttpClient(triton)
+        wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
+        try:
+            assert await client.is_server_ready()
+            await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
+            text = triton_http.InferInput("TEXT", [1, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[b"a cat"]], dtype=np.object_))
+            await client.infer("iei_text", [text], outputs=wanted)
+            await client.infer(
+                "iei_text", [text], outputs=wanted, response_compression_algorithm="gzip"
+            )
+        finally:
+            await client.close()
     assert asked == [
         ("/v2/health/ready", "identity"),
         ("/v2/models/iei/infer", "identity"),

@@ -19,6 +19,7 @@ from aiohttp import web
 from iei.server import metrics, triton_shm
 from iei.server.triton_http import FilesInput, TritonHttpClient
 from iei.server.triton_shm import SharedMemoryRegion, remove_stale_regions
+from stack import aiohttp_stand_in
 
 pytestmark = pytest.mark.anyio
 FILES = [b"\xff\xd8first", b"", b"third file" * 1000]
@@ -164,29 +165,24 @@ async def test_a_call_names_its_block_and_a_restarted_triton_gets_the_files_in_t
     app.router.add_post("/v2/systemsharedmemory/region/{name}/register", register)
     app.router.add_post("/v2/systemsharedmemory/region/{name}/unregister", unregister)
     app.router.add_post("/v2/models/{model}/infer", infer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    region = SharedMemoryRegion(1 * MIB)
-    client = TritonHttpClient(f"127.0.0.1:{port}", shared_memory=region)
-    wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
-    shared = metrics.TRITON_FILE_CALLS.labels("shared_memory")
-    before = shared._value.get()
-    try:
-        for _ in range(2):
+    async with aiohttp_stand_in(app) as triton:
+        region = SharedMemoryRegion(1 * MIB)
+        client = TritonHttpClient(triton, shared_memory=region)
+        wanted = [triton_http.InferRequestedOutput("EMBEDDING", binary_data=True)]
+        shared = metrics.TRITON_FILE_CALLS.labels("shared_memory")
+        before = shared._value.get()
+        try:
+            for _ in range(2):
+                result = await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
+                np.testing.assert_array_equal(result.as_numpy("EMBEDDING"), vectors)
+            known.clear()  # Triton restarted
             result = await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
             np.testing.assert_array_equal(result.as_numpy("EMBEDDING"), vectors)
-        known.clear()  # Triton restarted
-        result = await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
-        np.testing.assert_array_equal(result.as_numpy("EMBEDDING"), vectors)
-        await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
-        assert region.blocks_in_use == 0
-    finally:
-        await region.close(client)
-        await client.close()
-        await runner.cleanup()
+            await client.infer("iei", [FilesInput("IMAGE", FILES)], outputs=wanted)
+            assert region.blocks_in_use == 0
+        finally:
+            await region.close(client)
+            await client.close()
     assert seen == [
         {"shared": True, "data": True},
         {"shared": True, "data": True},

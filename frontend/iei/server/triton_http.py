@@ -6,6 +6,8 @@ request (50 MB for 32 phone photos, fresh memory each time). Here the same reque
 binary tensor extension: the JSON header, then each input's bytes) goes out as a payload of parts
 that aiohttp writes in turn; the response is read by tritonclient as before. 1.9 ms of the
 frontend's CPU per 1.6 MB photo in 32-image chunks went to those joins (docs/benchmarks.md).
+Where Triton takes the worker's shared memory region (triton_shm.py), the files are copied there
+instead and the request only names their block.
 """
 
 from __future__ import annotations
@@ -110,15 +112,6 @@ class TritonHttpClient(InferenceServerClient):
     """tritonclient's async HTTP client; an inference of FilesInput inputs whose outputs are
     all binary goes out part by part, and Triton's answers come back uncompressed."""
 
-    def _fix_header(self, headers: dict[str, Any] | None) -> dict[str, str]:
-        # aiohttp asks for gzip, deflate and br unless told otherwise, and Triton then gzips
-        # every answer: CPU in Triton and in the frontend for float vectors that barely shrink
-        # on loopback. A caller's own Accept-Encoding (tritonclient's response compression) wins.
-        fixed: dict[str, str] = super()._fix_header(headers)
-        if not any(name.lower() == "accept-encoding" for name in fixed):
-            fixed["Accept-Encoding"] = "identity"
-        return fixed
-
     def __init__(
         self, url: str, *, shared_memory: SharedMemoryRegion | None = None, **options: Any
     ) -> None:
@@ -127,6 +120,15 @@ class TritonHttpClient(InferenceServerClient):
         # How long a block stays taken after a call that ended without Triton's answer (a
         # timeout, a dropped connection): Triton may still be reading it.
         self.release_after = float(options.get("conn_timeout", 60.0))
+
+    def _fix_header(self, headers: dict[str, Any] | None) -> dict[str, str]:
+        # aiohttp asks for gzip, deflate and br unless told otherwise, and Triton then gzips
+        # every answer: CPU in Triton and in the frontend for float vectors that barely shrink
+        # on loopback. A caller's own Accept-Encoding (tritonclient's response compression) wins.
+        fixed: dict[str, str] = super()._fix_header(headers)
+        if not any(name.lower() == "accept-encoding" for name in fixed):
+            fixed["Accept-Encoding"] = "identity"
+        return fixed
 
     async def infer(  # type: ignore[override]
         self,
