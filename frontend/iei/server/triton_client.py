@@ -85,23 +85,24 @@ class TritonClient:
         # of our requests to it (not refused it).
         self._successes_seen: dict[str, list[tuple[float, int]]] = {}
         self._model_failed_at: dict[str, float] = {}
+        self._region: SharedMemoryRegion | None = None  # the worker's, when IEI_TRITON_SHM_MB > 0
 
     async def open(self) -> None:
-        region = None
         if self.shm_bytes > 0 and SHM_DIR.is_dir():
             remove_stale_regions()
-            region = SharedMemoryRegion(self.shm_bytes)
+            self._region = SharedMemoryRegion(self.shm_bytes)
         self._client = TritonHttpClient(
             self.endpoint,
-            shared_memory=region,
+            shared_memory=self._region,
             conn_limit=max(100, self.concurrency_level),
             conn_timeout=self.timeout,
         )
 
     async def close(self) -> None:
         if self._client is not None:
-            if self._client.shared_memory is not None:
-                await self._client.shared_memory.close(self._client)
+            if self._region is not None:
+                await self._region.close(self._client)
+                self._region = None
             await self._client.close()
             self._client = None
 
