@@ -142,5 +142,5 @@ def test_a_model_stuck_in_errors_is_restarted_within_a_minute(tmp_path):
         assert httpx.get(f"{url}/health", timeout=5).status_code == 503
         wait_for(lambda: embed(url).status_code == 200, 60, output.read_text())
         log = output.read_text()
-        assert "probes in a row" in log and "illegal memory access" in log
+        assert "probes in a row" in log and "illegal memory access" in log, log
         print(f"sticky model errors: served again {time.monotonic() - broke:.1f} s later")  # noqa: T201
