@@ -11,7 +11,12 @@ from iei.launcher.errors import TritonStartupError
 from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_install import find_triton
-from iei.launcher.triton_process import TritonServer, model_environment, triton_arguments
+from iei.launcher.triton_process import (
+    TritonServer,
+    instance_stub_model,
+    model_environment,
+    triton_arguments,
+)
 from tritonclient.grpc import model_config_pb2
 
 DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
@@ -153,3 +158,25 @@ def test_tritons_environment_carries_the_openmp_defaults_unless_the_user_set_the
     mine = triton_environment({"GOMP_SPINCOUNT": "300000", "LD_LIBRARY_PATH": "/x"}, {})
     assert mine["GOMP_SPINCOUNT"] == "300000"
     assert mine["LD_LIBRARY_PATH"] == "/x"
+
+
+def stub_argv(model: str, name: str, stub: str = "/b/python/triton_python_backend_stub") -> list:
+    """A stub's command line as Triton 2.51 starts it (see instance_stub_model)."""
+    arguments = [stub, f"/r/{model}/1/model.py", "iei-1-region", "16777216", "16777216", "7",
+                 "/b/python", "336", name, "DEFAULT", ""]  # fmt: skip
+    return [a.encode() for a in arguments]
+
+
+@pytest.mark.parametrize(
+    ("argv", "model"),
+    [
+        (stub_argv("iei", "iei_0_0"), "iei"),  # an instance's stub
+        (stub_argv("iei_text", "iei_text_0_1"), "iei_text"),
+        (stub_argv("iei", "iei"), None),  # the auto-complete stub: it exits once it has answered
+        ([b"bash", b"-c", b" exec /b/python/triton_python_backend_stub /r/iei/1/model.py"], None),
+        ([b"/usr/bin/python3", b"/r/iei/1/model.py"], None),
+        ([], None),
+    ],
+)
+def test_only_the_stubs_of_model_instances_are_watched(argv, model):
+    assert instance_stub_model(argv) == model

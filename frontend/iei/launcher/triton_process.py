@@ -199,8 +199,8 @@ def process_state(pid: int) -> str | None:
 
 
 def python_stubs(parent: int) -> dict[int, str]:
-    """Living Python-backend stub processes that `parent` (tritonserver) started, each with the
-    Triton model it serves (its model file's folder: `<repository>/<model>/1/model.py`)."""
+    """Living Python-backend stub processes of model instances that `parent` (tritonserver)
+    started, each with the Triton model it serves."""
     stubs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -211,15 +211,26 @@ def python_stubs(parent: int) -> dict[int, str]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if (
-            int(fields[1]) == parent
-            and fields[0] != "Z"
-            and b"triton_python_backend_stub" in command
-        ):
-            arguments = command.split(b"\0")
-            path = Path(arguments[1].decode(errors="replace")) if len(arguments) > 1 else Path()
-            stubs[int(entry.name)] = path.parent.parent.name
+        if int(fields[1]) == parent and fields[0] != "Z":
+            model = instance_stub_model(command.split(b"\0"))
+            if model is not None:
+                stubs[int(entry.name)] = model
     return stubs
+
+
+def instance_stub_model(argv: Sequence[bytes]) -> str | None:
+    """The Triton model whose instance a stub's command line serves, or None for any other
+    process, the short-lived stub that reads the model's auto-completed config included.
+
+    The stub's arguments (Triton 2.51): the model file `<repository>/<model>/1/model.py`, its
+    region, two sizes, the parent's pid, the backend folder, an IPC handle, then the instance's
+    name (`<model>_<group>_<index>`), where the auto-complete stub has the model's own name; that
+    stub can outlive the model's turn to ready by a moment on a loaded host, and watching it
+    would read its exit as a crash."""
+    if len(argv) < 9 or b"triton_python_backend_stub" not in argv[0]:
+        return None
+    model = Path(argv[1].decode(errors="replace")).parent.parent.name
+    return None if argv[8].decode(errors="replace") == model else model
 
 
 class TritonServer:
