@@ -119,7 +119,10 @@ with `python -m bench --queue-delays 0,2000,10000`.
   Triton also gzipped every answer (aiohttp asked for it); the frontend now asks for none.
   `GOMP_SPINCOUNT=0` lowered single web uploads' CPU further (4125 -> 3469 us) but cost ViT-B/16
   served single-image rate about 8% (9.57/8.40 -> 8.84/7.61 img/s in two rounds), so 30000 stays.
-  These figures are not yet in the table above.
+  The bench's own run of 2026-12-06 (the floor table above) does not show these gains:
+  tritonserver's CPU per phone photo fell 3320 -> 195 us, but the frontend's and the stub's rose
+  more (phone 64-image forms 33711 -> 37344 us in all); shm on and off are yet to be compared
+  within one bench run.
 - **OpenMP threads that sleep soon.** `iei serve` starts Triton with `GOMP_SPINCOUNT=30000`
   (libgomp's default is 300,000): after a forward pass torch's threads spun on the cores the
   decode threads needed next. The tiny model's CPU per image fell 13-25% with it, and ViT-B/16's

@@ -160,10 +160,11 @@ def test_tritons_environment_carries_the_openmp_defaults_unless_the_user_set_the
     assert mine["LD_LIBRARY_PATH"] == "/x"
 
 
-def stub_argv(model: str, name: str, stub: str = "/b/python/triton_python_backend_stub") -> list:
+def stub_argv(model: str, name: str) -> list:
     """A stub's command line as Triton 2.51 starts it (see instance_stub_model)."""
-    arguments = [stub, f"/r/{model}/1/model.py", "iei-1-region", "16777216", "16777216", "7",
-                 "/b/python", "336", name, "DEFAULT", ""]  # fmt: skip
+    arguments = ["/b/python/triton_python_backend_stub", f"/r/{model}/1/model.py",
+                 "iei-1-region", "16777216", "16777216", "7", "/b/python", "336", name, "DEFAULT",
+                 ""]  # fmt: skip
     return [a.encode() for a in arguments]
 
 
