@@ -162,11 +162,14 @@ class Stack:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"iei serve exited during start-up:\n{self.log()}")
+                # Started when the launcher says so: the frontend answers /health a moment
+                # before the launcher's own poll sees it and logs what it serves.
                 try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return self
+                    healthy = client.get(f"{self.url}/health").status_code == 200
                 except httpx.HTTPError:
-                    pass
+                    healthy = False
+                if healthy and "IEI serving" in self.log():
+                    return self
                 time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"iei serve not healthy after {timeout} s:\n{self.log()}")
