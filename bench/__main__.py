@@ -323,7 +323,7 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
         before = measure.cpu_by_role(stack.process.pid)
         done = await load(url, blobs, **shape)
         after = measure.cpu_by_role(stack.process.pid)
-        return {**done.row(), "cpu_us": measure.cpu_per_image(before, after, done.images)}
+        return {**done.row(), "cpu_us": measure.cpu_per_image(before, after, done.sent)}
 
     async def served(stack: ServedStack) -> list[dict]:
         """Each load with the CPU time that every part of the stack spent on it per image."""
@@ -349,7 +349,9 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
         for _ in range(GOAL_ROUNDS):
             for photo_set, blobs in photos.items():
                 for mode, concurrency, per_request, bodies, target in GOAL_LOADS:
-                    requests = 4 * n if per_request == 1 else max(1, n // 8)
+                    # Windows of seconds: a load's fixed costs (its connection, its first
+                    # request's cold paths) are then a few per cent of its CPU, not a quarter.
+                    requests = 16 * n if per_request == 1 else max(2, n // 2)
                     for body in bodies:
                         row = await measured(
                             stack, measure.http_load, stack.url, blobs, concurrency=concurrency,

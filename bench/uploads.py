@@ -75,7 +75,8 @@ def run(work: Path, rounds: int, requests: int) -> dict[str, Any]:
                 before = measure.cpu_by_role(stack.process.pid)
                 seconds = asyncio.run(load(stack.url, ready[(kind, n)], count))
                 after = measure.cpu_by_role(stack.process.pid)
-                per_image = measure.cpu_per_image(before, after, count * n)
+                # The warm-up request's images were sent inside the CPU window too.
+                per_image = measure.cpu_per_image(before, after, (count + 1) * n)
                 per_image["img_s"] = count * n / seconds
                 samples[(kind, n)].append(per_image)
                 frontend, rate = per_image.get("frontend", 0.0), per_image["img_s"]

@@ -278,6 +278,9 @@ def test_a_tiny_run_end_to_end(tmp_path):
         for body in bodies
     }
     assert all(x["cpu_us"]["model"] > 0 for x in results["tiny"]["goal"] if x["mode"] == "large")
+    # CPU per image counts the warm-up request's images too: they were sent inside its window.
+    for x in results["tiny"]["loads"] + results["tiny"]["goal"]:
+        assert x["sent"] == x["images"] + x["per_request"], x
     floors = results["tiny"]["floors"]
     assert floors["phone"]["decode_us"] > floors["web"]["decode_us"] > 0
     assert floors["web"]["fused_us"] < floors["web"]["processor_us"]
