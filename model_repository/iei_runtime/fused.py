@@ -78,12 +78,24 @@ class FusedProcessor:
         first = self.resized(images[0])
         batch = torch.empty((len(images), *first.shape), dtype=self.dtype)
         for i, image in enumerate(images):
-            pixels = first if i == 0 else self.resized(image)
-            if self.dtype == torch.uint8:
-                batch[i].copy_(pixels)
-            else:
-                torch.addcmul(self.offset, pixels, self.scale, out=batch[i])
+            self.write(first if i == 0 else self.resized(image), batch[i])
         return {"pixel_values": batch}
+
+    def write(self, pixels: torch.Tensor, row: torch.Tensor) -> None:
+        """Resized uint8 pixels, converted and normalised into `row` (3, H, W). A float row of
+        another dtype (the model's bf16) gets the float32 result rounded once, as `.to` would."""
+        if self.dtype == torch.uint8:
+            row.copy_(pixels)
+        else:
+            torch.addcmul(self.offset, pixels, self.scale, out=row)
+
+    def fixed_shape(self) -> tuple[int, ...] | None:
+        """The (3, H, W) of every output when the processor gives one size whatever the image
+        (a crop, or height and width), else None."""
+        shapes = {
+            tuple(self.resized(Image.new("RGB", size)).shape) for size in ((64, 48), (33, 90))
+        }
+        return shapes.pop() if len(shapes) == 1 else None
 
 
 def eligible(processor: Any, options: dict[str, Any]) -> str:

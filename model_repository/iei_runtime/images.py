@@ -124,6 +124,8 @@ def decode_image(
         raise
     except Image.DecompressionBombError as exc:
         raise InvalidImage(f"image is over the pixel limit: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:  # its text names a BytesIO's address
+        raise InvalidImage("cannot decode image: not a format the server reads") from exc
     except Exception as exc:  # PIL raises many types on hostile input; none may escape
         raise InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 

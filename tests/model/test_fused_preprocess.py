@@ -130,3 +130,32 @@ def test_a_gpu_instance_never_fuses(tmp_path):
         assert stage.fused is None
     finally:
         stage.close()
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "clip"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_batch_written_in_place_gives_the_per_image_paths_vectors(model_dirs, family, dtype):
+    """Embedder.embed writes each image's row of one batch in the model's dtype where the fused
+    path gives one shape: the vectors are those of per-image tensors stacked and cast, bit for
+    bit, and a file that fails keeps its place."""
+    from iei_runtime import loading
+    from iei_runtime.settings import read_settings
+
+    environ = {"IMAGE_EMBEDDING_MODEL": str(model_dirs[family]), "IEI_DTYPE": dtype,
+               "IEI_ENGINE": "torch"}  # fmt: skip
+    embedder = loading.load_embedder(read_settings({}, environ), torch.device("cpu"), 2)
+    try:
+        assert embedder.fused_shape == tuple(embedder.blank(1)["pixel_values"].shape[1:])
+        blobs = list(photos().values())
+        blobs.insert(1, b"not an image")
+        in_place = embedder.embed(blobs)
+        embedder.fused_shape = None  # the per-image path: tensors stacked, then cast
+        per_image = embedder.embed(blobs)
+    finally:
+        embedder.close()
+    assert str(in_place[1]) == str(per_image[1]) == (
+        "cannot decode image: not a format the server reads"
+    )
+    del in_place[1], per_image[1]
+    for mine, theirs in zip(in_place, per_image, strict=True):
+        assert np.array_equal(mine, theirs)
