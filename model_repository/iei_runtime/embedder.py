@@ -287,7 +287,7 @@ class Embedder(Preprocessor):
     def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:
         """Every image of a whole dynamic batch -> its vector, or the reason it has none."""
         if self.fused_shape is not None and self.fused is not None:
-            return self._embed_in_place(blobs, self.fused_shape)
+            return self._embed_in_place(blobs, self.fused, self.fused_shape)
         results: list[Any] = self.prepare(blobs)
         ready = [(i, t) for i, t in enumerate(results) if isinstance(t, dict)]
         if ready:
@@ -297,15 +297,13 @@ class Embedder(Preprocessor):
         return results
 
     def _embed_in_place(
-        self, blobs: Sequence[bytes], shape: tuple[int, ...]
+        self, blobs: Sequence[bytes], fused: FusedProcessor, shape: tuple[int, ...]
     ) -> list[np.ndarray | InvalidImage]:
         """`embed` where the fused path gives every image one shape: each decode thread writes
         its images' rows of one batch, already in the forward pass's dtype. No per-image tensors
         stacked afterwards and no cast of the whole batch: two copies of every image fewer."""
-        assert self.fused is not None
-        dtype = self.dtype if self.fused.dtype.is_floating_point else self.fused.dtype
+        dtype = self.dtype if fused.dtype.is_floating_point else fused.dtype
         batch = torch.empty((len(blobs), *shape), dtype=dtype)
-        fused = self.fused
 
         def write_chunk(start: int) -> list[InvalidImage | None]:
             failures: list[InvalidImage | None] = []

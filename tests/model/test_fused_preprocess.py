@@ -153,8 +153,10 @@ def test_a_batch_written_in_place_gives_the_per_image_paths_vectors(model_dirs, 
         per_image = embedder.embed(blobs)
     finally:
         embedder.close()
-    assert str(in_place[1]) == str(per_image[1]) == (
-        "cannot decode image: not a format the server reads"
+    assert (
+        str(in_place[1])
+        == str(per_image[1])
+        == ("cannot decode image: not a format the server reads")
     )
     del in_place[1], per_image[1]
     for mine, theirs in zip(in_place, per_image, strict=True):
