@@ -341,11 +341,13 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
                     f"{ {k: round(v) for k, v in cpu.items()} }")  # fmt: skip
         return rows
 
-    async def goal(stack: ServedStack) -> list[dict]:
+    async def goal(stack: ServedStack, over_http: ServedStack) -> tuple[list[dict], list[dict]]:
         """Issue 19's loads on both photo sets, in every body a client may send, in GOAL_ROUNDS
         alternating rounds (the first warms each shape up); per load the round whose stack CPU
-        per image is the median counts, and every round's figure is kept."""
-        rounds: dict[tuple[str, str, str], list[dict]] = {}
+        per image is the median counts, and every round's figure is kept. The client's bodies
+        also go to `over_http` (IEI_TRITON_SHM_MB=0: files to Triton in the HTTP body), right
+        after the same load on `stack`: the shared memory transport against none, in one run."""
+        rounds: dict[tuple[str, str, str, str], list[dict]] = {}
         for _ in range(GOAL_ROUNDS):
             for photo_set, blobs in photos.items():
                 for mode, concurrency, per_request, bodies, target in GOAL_LOADS:
@@ -353,24 +355,39 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
                     # request's cold paths) are then a few per cent of its CPU, not a quarter.
                     requests = 16 * n if per_request == 1 else max(2, n // 2)
                     for body in bodies:
-                        row = await measured(
-                            stack, measure.http_load, stack.url, blobs, concurrency=concurrency,
-                            requests=requests, per_request=per_request, body=body,
-                        )  # fmt: skip
-                        row.update(photos=photo_set, target=target)
-                        rounds.setdefault((photo_set, mode, body), []).append(row)
-                        log(f"goal {photo_set} {mode} {body}: {report.stack_us(row):.0f} us/image "
-                            f"(floor {report.floor_total(floors[photo_set]):.0f})")  # fmt: skip
+                        served = [("shared memory", stack)]
+                        if body == report.CLIENT_BODY[mode]:
+                            served.append(("HTTP body", over_http))
+                        for transport, where in served:
+                            row = await measured(
+                                where, measure.http_load, where.url, blobs,
+                                concurrency=concurrency, requests=requests,
+                                per_request=per_request, body=body,
+                            )  # fmt: skip
+                            row.update(photos=photo_set, target=target, transport=transport)
+                            rounds.setdefault((photo_set, mode, body, transport), []).append(row)
+                            log(f"goal {photo_set} {mode} {body} ({transport}): "
+                                f"{report.stack_us(row):.0f} us/image "
+                                f"(floor {report.floor_total(floors[photo_set]):.0f})")  # fmt: skip
         rows = []
         for done in rounds.values():
             middle = sorted(done, key=report.stack_us)[len(done) // 2]
             rows.append({**middle, "rounds_us": [round(report.stack_us(r)) for r in done]})
-        return rows
+        by_transport = [r for r in rows if r["transport"] == "HTTP body"]
+        return [r for r in rows if r["transport"] != "HTTP body"], by_transport
 
-    with ServedStack(model_dir, work / "vit-tiny.log", **LARGE_BODIES) as stack:
+    with (
+        ServedStack(model_dir, work / "vit-tiny.log", **LARGE_BODIES) as stack,
+        ServedStack(
+            model_dir, work / "vit-tiny-http.log", IEI_TRITON_SHM_MB="0", **LARGE_BODIES
+        ) as over_http,
+    ):
         loads = asyncio.run(served(stack))
-        goal_loads = asyncio.run(goal(stack))
-    return {"inprocess_us": inproc, "loads": loads, "floors": floors, "goal": goal_loads}
+        goal_loads, over_http_loads = asyncio.run(goal(stack, over_http))
+    return {
+        "inprocess_us": inproc, "loads": loads, "floors": floors, "goal": goal_loads,
+        "over_http": over_http_loads,
+    }  # fmt: skip
 
 
 # --- dynamic batcher: queue delay -----------------------------------------------------------

@@ -550,7 +550,7 @@ frontend and Triton all run on them, as they would on a small host):
 {breakdown}
 
 {served}
-{cpu_section(loads)}{goal_section(tiny) if "goal" in tiny else ""}"""
+{cpu_section(loads)}{goal_section(tiny) if "goal" in tiny else ""}{transport_section(tiny)}"""
 
 
 STACK_ROLES = ("frontend", "triton", "model")  # `iei serve` itself idles: left out
@@ -641,6 +641,40 @@ figure is listed). The targets apply to the body IEI's client sends (the file it
 image, a multipart form for several); base64 JSON is shown beside it:
 
 {loads_table}
+"""
+
+
+def transport_section(tiny: dict[str, Any]) -> str:
+    """The client's bodies with the files handed to Triton through shared memory (the default)
+    and in the HTTP body (IEI_TRITON_SHM_MB=0), from the same run's alternating rounds."""
+    if not tiny.get("over_http"):
+        return ""
+    shared = {(x["photos"], x["mode"], x["body"]): x for x in tiny["goal"]}
+    rows = []
+    for load in tiny["over_http"]:
+        mine = shared.get((load["photos"], load["mode"], load["body"]))
+        if mine is None:
+            continue
+        shape = f"{load['per_request']} per request, concurrency {load['concurrency']}"
+        rows.append((
+            load["photos"], shape, BODY_NAMES[load["body"]],
+            f"{load['cpu_us'].get('triton', 0.0):.0f} -> {mine['cpu_us'].get('triton', 0.0):.0f}",
+            f"{stack_us(load):.0f} -> {stack_us(mine):.0f}",
+            f"{stack_us(mine) / stack_us(load):.2f}",
+            f"{load['img_s']:.0f} -> {mine['img_s']:.0f}",
+        ))  # fmt: skip
+    compared = table(
+        ("photos", "requests", "body", "tritonserver", "the stack in all", "ratio", "img/s"),
+        rows,
+    )  # fmt: skip
+    return f"""
+### Files to Triton through shared memory or in the HTTP body
+
+The same loads on a second stack with `IEI_TRITON_SHM_MB=0` (each file crosses the loopback
+socket to Triton in the request body), run right after each load above in every round: CPU
+microseconds per image, median round, HTTP body -> shared memory (the default).
+
+{compared}
 """
 
 

@@ -281,6 +281,15 @@ def test_a_tiny_run_end_to_end(tmp_path):
     # CPU per image counts the warm-up request's images too: they were sent inside its window.
     for x in results["tiny"]["loads"] + results["tiny"]["goal"]:
         assert x["sent"] == x["images"] + x["per_request"], x
+    # The client's bodies again with the files in the HTTP body: Triton then receives them.
+    over_http = {(x["photos"], x["mode"], x["body"]): x for x in results["tiny"]["over_http"]}
+    assert set(over_http) == {
+        (photos, mode, body)
+        for photos in ("web", "phone")
+        for mode, body in (("single", "raw"), ("large", "form"))
+    }
+    assert over_http["phone", "large", "form"]["cpu_us"]["triton"] > 0
+    assert "through shared memory or in the HTTP body" in (tmp_path / "benchmarks.md").read_text()
     floors = results["tiny"]["floors"]
     assert floors["phone"]["decode_us"] > floors["web"]["decode_us"] > 0
     assert floors["web"]["fused_us"] < floors["web"]["processor_us"]
