@@ -41,13 +41,21 @@ cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% 
   the decode threads' cores: the model's CPU per web image 3.6 -> 2.7 ms at 16 single-image
   requests); the frontend writes each request to Triton part by part instead of joining every
   file twice (tritonclient's BYTES serialisation, then the body): its CPU per 12 MP photo fell
-  from 6.7 to 3.2 ms in 64-image forms and from 5.4 to 3.3 ms as single raw uploads. Left over
-  the floor: for phone photos in 64-image requests the model's stub spends 92% of its CPU in
-  libjpeg, about 6 ms per photo more than the same decodes in-process on a quiet core (its two
-  decode threads share the 2 cores and their caches with the load generator and the frontend
-  moving 100 MB bodies); Triton's own 3.3 ms per 1.6 MB photo (it receives the file over HTTP and
-  copies it to the stub's shared memory); and for single web images the Python backend's cost
-  per request (about 1 ms of the stub's 2.7-3.1 ms) and the frontend's (about 1 ms per request).
+  from 6.7 to 3.2 ms in 64-image forms and from 5.4 to 3.3 ms as single raw uploads; files reach
+  Triton through a shared memory region (`IEI_TRITON_SHM_MB`: Triton's CPU per phone photo about
+  2.4-2.8 ms -> 0.2-0.3 ms, the transport table below); each decode thread writes its images'
+  rows of one batch in the model's dtype (no per-image tensors stacked, no cast of the batch: a
+  side script alternating both paths in-process on 64 web images, 2026-12-06, 6 rounds each,
+  tiny model: 2.3-2.6 ms of CPU per image against 2.9-3.5; alike on batches of 8). Left
+  over the floor for single web images (the one load still over its target): the frontend's
+  cost per request (about 1.2 ms: uvicorn, FastAPI's and our ASGI layers, the header check, the
+  aiohttp call to Triton, no single part over a fifth of it in py-spy) and the model's per
+  execution: the tiny model's forward pass costs 3-4 ms per pass whatever its size up to 8
+  (Python in the Hugging Face modules), and 16 clients sending one image each make small batches.
+- **Earlier tables read high.** Until 2026-12-06 the CPU per image was divided by the images
+  timed, not those sent: each load's untimed warm-up request was in the CPU window, and the
+  64-image loads ran 4 requests (a quarter too high, plus a load's fixed costs over 0.4 s). The
+  goal loads now run 512 single-image or 16 64-image requests and count the warm-up's images.
 - **Attacked in the model**: decoding and the processor now run together in the thread pool,
   one contiguous chunk of the batch per thread (the processor's per-image resize used to run on
   one core after all decoding); the forward pass runs in passes of 8 on a CPU (above); with
@@ -111,18 +119,18 @@ with `python -m bench --queue-delays 0,2000,10000`.
   the same pixels as the processor's call on the batch to float rounding (a test compares every
   family), at about a third of its CPU time (the floor table below). `IEI_FUSED_PREPROCESS=false`
   calls the processor itself.
-- **Files through shared memory, answers uncompressed (2026-12-05, side script, tiny ViT, 3
-  alternating rounds, median stack CPU per image).** With `IEI_TRITON_SHM_MB=128` against `0`:
-  phone photos in 64-image forms 41250 -> 36875 us (51 -> 60 img/s), single phone uploads 27187 ->
-  25000 us, web 64-image forms 2656 -> 2552 us, single web uploads 4219 -> 3625 us. Triton alone,
-  64 phone photos sent to it directly: 2604 us per photo over HTTP, 104 us through the region.
-  Triton also gzipped every answer (aiohttp asked for it); the frontend now asks for none.
-  `GOMP_SPINCOUNT=0` lowered single web uploads' CPU further (4125 -> 3469 us) but cost ViT-B/16
-  served single-image rate about 8% (9.57/8.40 -> 8.84/7.61 img/s in two rounds), so 30000 stays.
-  The bench's own run of 2026-12-06 (the floor table above) does not show these gains:
-  tritonserver's CPU per phone photo fell 3320 -> 195 us, but the frontend's and the stub's rose
-  more (phone 64-image forms 33711 -> 37344 us in all); shm on and off are yet to be compared
-  within one bench run.
+- **Files through shared memory, answers uncompressed.** Each frontend worker copies a call's
+  files into its region in `/dev/shm` (`IEI_TRITON_SHM_MB`, default 128), registered with
+  Triton, and the request only names them: in the transport table above (the same run, a second
+  stack with the setting at 0, alternating) the stack's CPU per phone photo fell 12-14% and
+  Triton's share about tenfold. Triton also gzipped every answer (aiohttp asked for it); the
+  frontend now asks for none. `GOMP_SPINCOUNT=0` lowered single web uploads' CPU further (a side
+  script, 2026-12-05: 4125 -> 3469 us) but cost ViT-B/16 served single-image rate about 8%
+  (9.57/8.40 -> 8.84/7.61 img/s in two rounds), so 30000 stays.
+- **A batch written in place.** Where the fused path gives every image one shape, each decode
+  thread writes its images' rows of one preallocated batch, already in the forward pass's dtype
+  (bf16 here): the vectors are those of per-image tensors stacked and cast, bit for bit (a test
+  compares them), with two copies of every image fewer.
 - **OpenMP threads that sleep soon.** `iei serve` starts Triton with `GOMP_SPINCOUNT=30000`
   (libgomp's default is 300,000): after a forward pass torch's threads spun on the cores the
   decode threads needed next. The tiny model's CPU per image fell 13-25% with it, and ViT-B/16's

@@ -281,6 +281,11 @@ def test_a_tiny_run_end_to_end(tmp_path):
     # CPU per image counts the warm-up request's images too: they were sent inside its window.
     for x in results["tiny"]["loads"] + results["tiny"]["goal"]:
         assert x["sent"] == x["images"] + x["per_request"], x
+    # Each goal load is judged by the floor measured in its own round, and the ratio says so.
+    for x in results["tiny"]["goal"]:
+        assert x["floor"]["decode_us"] > 0 and len(x["rounds_ratio"]) == 3, x
+        ratio = report.stack_us(x) / report.floor_total(x["floor"])
+        assert ratio == pytest.approx(sorted(x["rounds_ratio"])[1], abs=0.006)
     # The client's bodies again with the files in the HTTP body: Triton then receives them.
     over_http = {(x["photos"], x["mode"], x["body"]): x for x in results["tiny"]["over_http"]}
     assert set(over_http) == {
