@@ -32,9 +32,9 @@ cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% 
   500x375 JPEG and 19 ms per 12 MP photo (drafted to 1000x750), the published image processor
   1.2 and 3.2 ms, the fused path standing in for it 0.4 and 0.9 ms (the floor table); then the
   frontend on single-image requests (about 1 ms per request with the file as the body, 1.5 ms
-  with base64 JSON); Triton's own share is a few hundred microseconds for web photos and about
-  2-3 ms for a 1.6 MB phone photo (it receives the file over HTTP and copies it to the model's
-  shared memory).
+  with base64 JSON); Triton's own share is a few hundred microseconds per image, phone photos
+  included now that the files reach it through shared memory (2-3 ms per 1.6 MB photo when it
+  receives them in the HTTP body, the transport table).
 - **Goal 2 of issue 19 (the stack within 1.25x / 1.6x of the floor)**: the floor table's ratios.
   Attacked: the processor's steps fused per image (`IEI_FUSED_PREPROCESS`, a third of the
   processor's CPU); `GOMP_SPINCOUNT=30000` (the forward pass's OpenMP threads no longer spin on
@@ -47,11 +47,15 @@ cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% 
   rows of one batch in the model's dtype (no per-image tensors stacked, no cast of the batch: a
   side script alternating both paths in-process on 64 web images, 2026-12-06, 6 rounds each,
   tiny model: 2.3-2.6 ms of CPU per image against 2.9-3.5; alike on batches of 8). Left
-  over the floor for single web images (the one load still over its target): the frontend's
+  over the floor for single web images (the one load still over its target: 1.64x, 2.37x and
+  the figure above in three runs of 2026-12-06 between 04:00 and 04:25 UTC): the frontend's
   cost per request (about 1.2 ms: uvicorn, FastAPI's and our ASGI layers, the header check, the
   aiohttp call to Triton, no single part over a fifth of it in py-spy) and the model's per
   execution: the tiny model's forward pass costs 3-4 ms per pass whatever its size up to 8
-  (Python in the Hugging Face modules), and 16 clients sending one image each make small batches.
+  (Python in the Hugging Face modules), and 16 clients sending one image each make batches of
+  7.8 requests (Triton's metrics), each with the Python backend's cost per request. The next
+  lever for it, not built nor measured: the frontend gathering concurrent single images into one
+  Triton call (fewer requests through the stub, fewer calls from the frontend).
 - **Earlier tables read high.** Until 2026-12-06 the CPU per image was divided by the images
   timed, not those sent: each load's untimed warm-up request was in the CPU window, and the
   64-image loads ran 4 requests (a quarter too high, plus a load's fixed costs over 0.4 s). The
@@ -122,11 +126,13 @@ with `python -m bench --queue-delays 0,2000,10000`.
 - **Files through shared memory, answers uncompressed.** Each frontend worker copies a call's
   files into its region in `/dev/shm` (`IEI_TRITON_SHM_MB`, default 128), registered with
   Triton, and the request only names them: in the transport table above (the same run, a second
-  stack with the setting at 0, alternating) the stack's CPU per phone photo fell 12-14% and
-  Triton's share about tenfold. Triton also gzipped every answer (aiohttp asked for it); the
-  frontend now asks for none. `GOMP_SPINCOUNT=0` lowered single web uploads' CPU further (a side
-  script, 2026-12-05: 4125 -> 3469 us) but cost ViT-B/16 served single-image rate about 8%
-  (9.57/8.40 -> 8.84/7.61 img/s in two rounds), so 30000 stays.
+  stack with the setting at 0, alternating) the stack's CPU per phone photo fell 7-11% (3-14%
+  over three runs of this bench on 2026-12-06) and Triton's share about tenfold; for 500x375 web
+  photos the two transports are alike within this machine's noise (0.94-1.14 over those runs).
+  Triton also gzipped every answer (aiohttp asked for it); the frontend now asks for none.
+  `GOMP_SPINCOUNT=0` lowered single web uploads' CPU further (a side script, 2026-12-05: 4125 ->
+  3469 us) but cost ViT-B/16 served single-image rate about 8% (9.57/8.40 -> 8.84/7.61 img/s in
+  two rounds), so 30000 stays.
 - **A batch written in place.** Where the fused path gives every image one shape, each decode
   thread writes its images' rows of one preallocated batch, already in the forward pass's dtype
   (bf16 here): the vectors are those of per-image tensors stacked and cast, bit for bit (a test
