@@ -161,3 +161,12 @@ def test_a_batch_written_in_place_gives_the_per_image_paths_vectors(model_dirs, 
     del in_place[1], per_image[1]
     for mine, theirs in zip(in_place, per_image, strict=True):
         assert np.array_equal(mine, theirs)
+
+
+def test_only_a_processor_of_one_output_size_writes_batches_in_place(tmp_path):
+    """A centre crop gives every image one shape (rows written in place); a shortest edge
+    without a crop keeps each image's aspect, so each image keeps its own tensor."""
+    cropped = processor("dinov2", tmp_path / "cropped")
+    assert fused.FusedProcessor(cropped, {}).fixed_shape() == (3, 224, 224)
+    options = {"do_center_crop": False}
+    assert fused.FusedProcessor(cropped, options).fixed_shape() is None
