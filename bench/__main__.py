@@ -348,9 +348,9 @@ def run_tiny(work: Path, n: int, levels: list[int]) -> dict:
         """Issue 19's loads on both photo sets, in every body a client may send, in GOAL_ROUNDS
         alternating rounds (the first warms each shape up), each photo set's floor measured
         again before its loads; per load the round whose ratio to its floor is the median
-        counts, and every round's figures are kept. The client's bodies
-        also go to `over_http` (IEI_TRITON_SHM_MB=0: files to Triton in the HTTP body), right
-        after the same load on `stack`: the shared memory transport against none, in one run."""
+        counts, and every round's figures are kept. The client's bodies also go to `over_http`
+        (IEI_TRITON_SHM_MB=0: files to Triton in the HTTP body), right after the same load on
+        `stack`: the shared memory transport against none, in one run."""
         rounds: dict[tuple[str, str, str, str], list[dict]] = {}
         for _ in range(GOAL_ROUNDS):
             # The floor again in every round, just before its loads: this machine's speed

@@ -575,9 +575,9 @@ def load_floor(load: dict[str, Any], floors: dict[str, Any]) -> dict[str, Any]:
     return load.get("floor") or floors[load["photos"]]
 
 
-def over_floor(load: dict[str, Any], fused: bool = False) -> float:
+def over_floor(load: dict[str, Any]) -> float:
     """A goal load's stack CPU per image over its own round's floor."""
-    return stack_us(load) / floor_total(load["floor"], fused)
+    return stack_us(load) / floor_total(load["floor"])
 
 
 def goal_rows(tiny: dict[str, Any]) -> list[tuple[str, str, str]]:
