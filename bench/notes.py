@@ -136,7 +136,12 @@ with `python -m bench --queue-delays 0,2000,10000`.
 - **A batch written in place.** Where the fused path gives every image one shape, each decode
   thread writes its images' rows of one preallocated batch, already in the forward pass's dtype
   (bf16 here): the vectors are those of per-image tensors stacked and cast, bit for bit (a test
-  compares them), with two copies of every image fewer.
+  compares them), with two copies of every image fewer. Served, before and after, in one run (a
+  side script, 2026-12-06, two stacks alternating, 3 rounds, medians): tiny model, 16 single
+  web uploads 5267 -> 4873 us of stack CPU per image (every round lower), 64-image forms 2725 ->
+  2969 (two rounds of three higher: noise or a cost, unresolved); ViT-B/16 bf16, /embed over
+  its forward-pass limit, 8 single uploads 0.97 -> 0.98 and 2 x 16-image forms 1.11 -> 1.02
+  (rounds spread 0.74-1.13: no change this machine can resolve, the forward pass is nearly all).
 - **OpenMP threads that sleep soon.** `iei serve` starts Triton with `GOMP_SPINCOUNT=30000`
   (libgomp's default is 300,000): after a forward pass torch's threads spun on the cores the
   decode threads needed next. The tiny model's CPU per image fell 13-25% with it, and ViT-B/16's
