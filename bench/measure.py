@@ -76,15 +76,16 @@ def per_call(fn: Callable[[], object], repeat: int) -> float:
 def forward_limit(embedder: Any, inputs: Mapping[str, Any], batch: int, images: int) -> float:
     """Inputs per second of the service's own forward pass (and pooling) on preprocessed
     batches of `batch` (`inputs`: the processor's or tokenizer's tensors by name), each one pass
-    (not cut into the service's sub-batches), nothing else: the ceiling of what serving can
-    reach."""
+    (not cut into the service's sub-batches nor split by its pass plan), nothing else: the
+    ceiling of what serving can reach."""
     import torch
 
     count = len(next(iter(inputs.values())))
     index = torch.arange(batch) % count
     rows = {name: tensor[index] for name, tensor in inputs.items()}
     sub_batch = getattr(embedder, "forward_batch_size", None)
-    embedder.forward_batch_size = batch
+    plan = getattr(embedder, "pass_plan", None)  # the service's cuts of a pass (pass_plan.py)
+    embedder.forward_batch_size, embedder.pass_plan = batch, {}
     try:
         # warm-up (a batch of 32 would cost seconds)
         embedder.forward({name: tensor[: min(batch, 8)] for name, tensor in rows.items()})
@@ -94,7 +95,7 @@ def forward_limit(embedder: Any, inputs: Mapping[str, Any], batch: int, images: 
             embedder.forward(rows)
         return batch * rounds / (time.perf_counter() - start)
     finally:
-        embedder.forward_batch_size = sub_batch
+        embedder.forward_batch_size, embedder.pass_plan = sub_batch, plan
 
 
 # --- served --------------------------------------------------------------------------------

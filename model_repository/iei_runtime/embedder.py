@@ -15,6 +15,7 @@ from PIL import Image
 from .engines import Choice
 from .fused import FusedProcessor, fused_processor
 from .images import InvalidImage, PixelBudget, decode_image
+from .pass_plan import Plan, pass_sizes
 
 # The tensors a processor or tokenizer returns, by name: batched (N, ...) for a batch, unbatched
 # for one input. Every one goes to the model (SigLIP2 NaFlex: pixel_values, pixel_attention_mask,
@@ -49,16 +50,20 @@ def run_encoder(
     device: torch.device,
     dtype: torch.dtype,
     forward_batch_size: int,
+    plan: Mapping[int, tuple[int, ...]] | None = None,
 ) -> np.ndarray:
-    """(N, ...) tensors -> (N, D) float32, in sub-batches of `forward_batch_size`."""
+    """(N, ...) tensors -> (N, D) float32, in sub-batches of `forward_batch_size`, each cut
+    as `plan` says (pass_plan.py)."""
     count = len(next(iter(batch.values())))
     chunks = []
-    for start in range(0, count, forward_batch_size):
+    start = 0
+    for size in pass_sizes(count, forward_batch_size, plan or {}):
         part = {
-            name: to_device(tensor[start : start + forward_batch_size], device, dtype)
+            name: to_device(tensor[start : start + size], device, dtype)
             for name, tensor in batch.items()
         }
         chunks.append(encoder(**part).float())
+        start += size
     return torch.cat(chunks).cpu().numpy()
 
 
@@ -261,6 +266,10 @@ class Embedder(Preprocessor):
         self.choice = Choice("torch", str(dtype).removeprefix("torch."))
         self.dtype = dtype
         self.forward_batch_size = forward_batch_size
+        # Sizes of pass better run as several smaller ones on this CPU (loading.py measures it)
+        # and the plan in words, for the instance's log line.
+        self.pass_plan: Plan = {}
+        self.pass_note = ""
         self.model_facts = model_facts or {}  # the model's configuration, as a dict
         # A dual encoder's zero_shot, logit_scale and logit_bias (loading.zero_shot_facts).
         self.zero_shot: dict[str, Any] = {}
@@ -278,10 +287,10 @@ class Embedder(Preprocessor):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
         """The processor's tensors, (N, ...) each -> (N, D) float32, in sub-batches of
-        `forward_batch_size`."""
+        `forward_batch_size` (cut as `pass_plan` says)."""
         return run_encoder(
-            self.run, batch,
-            device=self.device, dtype=self.dtype, forward_batch_size=self.forward_batch_size,
+            self.run, batch, device=self.device, dtype=self.dtype,
+            forward_batch_size=self.forward_batch_size, plan=self.pass_plan,
         )  # fmt: skip
 
     def embed(self, blobs: Sequence[bytes]) -> list[np.ndarray | InvalidImage]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import cuda_graphs, engines
-from .embedder import Embedder, Preprocessor, to_device
+from .embedder import Embedder, Preprocessor, run_encoder, to_device
 from .encoders import PooledEncoder, TowerEncoder
 from .families import (
     PROJECTED,
@@ -31,6 +31,7 @@ from .families import (
 )
 from .images import draft_side
 from .jpeg_decoders import choose_jpeg_decoder
+from .pass_plan import Plan, measured_plan
 from .settings import (
     DTYPES,
     ModelSettings,
@@ -196,6 +197,8 @@ def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
             "device": str(embedder.device),
             "pooling": embedder.encoder.pooling,
             "forward_batch_size": embedder.forward_batch_size,
+            # Pass sizes this CPU runs faster as several smaller passes (pass_plan.py).
+            "forward_splits": {str(n): list(parts) for n, parts in embedder.pass_plan.items()},
             "modalities": ["image", "text"] if context else ["image"],
             "text_context_length": context,
             **(embedder.zero_shot if context else {}),
@@ -257,7 +260,10 @@ def engine_line(embedder: Any) -> str:
     choice = embedder.choice
     line = f"{choice.engine} {choice.precision}"
     graphs = isinstance(embedder.run, cuda_graphs.GraphedRunner)
-    return f"{line} ({embedder.run.describe()})" if choice.engine != "torch" or graphs else line
+    if choice.engine != "torch" or graphs:
+        line = f"{line} ({embedder.run.describe()})"
+    note = getattr(embedder, "pass_note", "")  # image models: how passes are cut (pass_plan.py)
+    return f"{line}, {note}" if note else line
 
 
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
@@ -327,7 +333,24 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     # forward pass (kernels and buffers chosen before the first request, not during it).
     for count in sorted({1, embedder.forward_batch_size}):
         embedder.forward(embedder.blank(count))
+    if device.type == "cpu" and settings.forward_batch_size == 0:  # auto: sizes by measurement
+        embedder.pass_plan, embedder.pass_note = plan_passes(embedder)
     return embedder
+
+
+def plan_passes(embedder: Embedder) -> tuple[Plan, str]:
+    """Time the encoder's passes of each size up to forward_batch_size on grey images, through
+    whatever runs it (torch or an engine): the sizes this CPU runs faster split (pass_plan.py)."""
+    full = embedder.blank(embedder.forward_batch_size)
+
+    def run_pass(size: int) -> object:
+        part = {name: tensor[:size] for name, tensor in full.items()}
+        return run_encoder(
+            embedder.run, part, device=embedder.device, dtype=embedder.dtype,
+            forward_batch_size=size,
+        )  # fmt: skip
+
+    return measured_plan(run_pass, embedder.forward_batch_size)
 
 
 def defers_jpegs(setting: str) -> bool:

@@ -1,0 +1,93 @@
+"""Forward passes cut to the sizes this CPU runs fastest.
+
+A CPU's matrix kernels are not equally fast at every batch size. On an Intel Xeon with AMX
+(oneDNN's bf16 brgemm, 2 cores), ViT-B/16 runs passes of 4 to 6 images about 30% slower per
+image than passes of 2, 3 or 8: its linear layers fall off a cliff for 768 to 1,400 rows. The
+dynamic batcher forms executions of about 4 images under 8 concurrent single-image requests, so
+served single images ran at 0.6 to 0.8 of the forward pass's limit. Timing a pass of every
+size up to `IEI_FORWARD_BATCH_SIZE` once, at load, and splitting a remainder only where the
+parts are clearly faster removes that cost wherever it exists and changes nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+# A split is taken only when its parts are measured this much faster than the whole pass: timing
+# noise must not cut passes that are as fast whole (each pass has a fixed cost of its own).
+SPLIT_MARGIN = 0.9
+# The longest a model's load may spend timing passes; a model slower than that keeps whole passes
+# (ViT-B/16 bf16 on a 2-core AMX Xeon takes about 5 s; its float32 on a 2-core EPYC would take
+# about 25 s, and its passes measured alike at every size there).
+MEASURE_BUDGET_S = 15.0
+TIMING_ROUNDS = 3
+
+Plan = dict[int, tuple[int, ...]]  # images in a pass -> the passes it runs as (only splits)
+
+
+def pass_sizes(count: int, largest: int, plan: Mapping[int, tuple[int, ...]]) -> list[int]:
+    """The passes `count` rows run as: passes of `largest`, then the remainder, each as `plan`
+    splits it (whole where it has no entry)."""
+    sizes = list(plan.get(largest, (largest,))) * (count // largest)
+    rest = count % largest
+    if rest:
+        sizes.extend(plan.get(rest, (rest,)))
+    return sizes
+
+
+def fastest_splits(seconds: Mapping[int, float], margin: float = SPLIT_MARGIN) -> Plan:
+    """From the measured seconds of one pass of each size 1..n, the sizes better run as several
+    smaller passes, and those passes (largest first). A split counts only when it is faster
+    than `margin` times the whole pass."""
+    best: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for size in sorted(seconds):
+        whole = (seconds[size], (size,))
+        parts = [
+            (best[first][0] + best[size - first][0], best[first][1] + best[size - first][1])
+            for first in range(1, size)
+            if first in best and size - first in best
+        ]
+        split = min(parts, default=None)
+        best[size] = split if split is not None and split[0] < margin * whole[0] else whole
+    return {size: tuple(sorted(parts, reverse=True)) for size, (_, parts) in best.items()
+            if len(parts) > 1}  # fmt: skip
+
+
+def time_passes(run_pass: Callable[[int], object], largest: int, rounds: int) -> dict[int, float]:
+    """Seconds of one pass of each size 1..`largest`: the least of `rounds` timings, taken in
+    turns over the sizes (a moment of other work on the machine then slows one timing of
+    several sizes, not every timing of one), after one untimed pass of each (the first pass of
+    a size also builds its kernels)."""
+    for size in range(1, largest + 1):
+        run_pass(size)
+    seconds: dict[int, float] = {}
+    for _ in range(rounds):
+        for size in range(1, largest + 1):
+            start = time.perf_counter()
+            run_pass(size)
+            elapsed = time.perf_counter() - start
+            seconds[size] = min(seconds.get(size, elapsed), elapsed)
+    return seconds
+
+
+def measured_plan(
+    run_pass: Callable[[int], object],
+    largest: int,
+    budget: float = MEASURE_BUDGET_S,
+    rounds: int = TIMING_ROUNDS,
+) -> tuple[Plan, str]:
+    """Time passes of every size up to `largest`: the splits worth taking, and a line for the
+    model's log. None when one full pass shows that timing them all would take longer than
+    `budget` seconds."""
+    start = time.perf_counter()
+    run_pass(largest)
+    # Every size once untimed and `rounds` times timed: (rounds + 1) x (1 + ... + largest) images.
+    estimate = (time.perf_counter() - start) * (rounds + 1) * (largest + 1) / 2
+    if estimate > budget:
+        return {}, f"forward passes whole (timing each size would take {estimate:.0f} s)"
+    seconds = time_passes(run_pass, largest, rounds)
+    plan = fastest_splits(seconds)
+    rates = " ".join(f"{size}:{size / s:.1f}" for size, s in seconds.items())
+    splits = ", ".join(f"{size} as {'+'.join(map(str, parts))}" for size, parts in plan.items())
+    return plan, f"forward passes {'run ' + splits if plan else 'whole'} (img/s by pass: {rates})"
