@@ -102,7 +102,7 @@ def inprocess(mm: Any, model_dir: Path, files: dict[tuple[int, int], list[bytes]
         embedder = embedders[dtype] = embedder_for(mm, model_dir, dtype)
         pixels = preprocessed(mm, embedder, files[SMALL])
         vectors[dtype] = embedder.forward(pixels)
-        for batch in (1, 8, 32, 64) if device().type == "cuda" else (1, 8, 32):
+        for batch in (1, 8, 32, 64) if device().type == "cuda" else (1, 4, 8, 32):
             images = {1: n // 4, 8: n // 2}.get(batch, n)
             rate = measure.forward_limit(embedder, pixels, batch, images)
             rows.append({"dtype": dtype, "batch": batch, "img_s": rate})
@@ -202,6 +202,11 @@ async def paired(
             await measure.http_load(stack.url, files, concurrency=1, requests=1, per_request=n)
         ).img_s,
         "grpc_c16": (await measure.grpc_load(stack.grpc, files, concurrency=16, requests=n)).img_s,
+        # Issue 19's loads on fast CPUs: 8 single-image requests at once, 3 of 32 images.
+        "embed_c8": (await measure.http_load(stack.url, files, concurrency=8, requests=n)).img_s,
+        "embed_3x32": (
+            await measure.http_load(stack.url, files, concurrency=3, requests=3, per_request=32)
+        ).img_s,
     }
     log(f"paired round: { {k: round(v, 2) for k, v in row.items()} }")
     return row
