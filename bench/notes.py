@@ -19,11 +19,15 @@ and a tiny ViT, both built locally (there is no model hub here).
 """,
     "cpu": """
 On a CPU with native bf16 (AMX or AVX-512 BF16: `IEI_DTYPE=auto` reads `/proc/cpuinfo`)
-ViT-B/16 runs with bf16 weights; on AMX its forward pass takes under 30 ms per image in passes of
+ViT-B/16 runs with bf16 weights; on AMX its forward pass takes about 30 ms per image in passes of
 8, so decoding and the processor (about 1.3 ms per 500x375 JPEG on one core with the fused path,
 the tiny-model tables below) weigh more there than in float32. `IEI_FORWARD_BATCH_SIZE=auto`
-cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% slower per image
-(their activations outgrow the caches).
+cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% slower per image.
+On a 2-core AMX Xeon passes of 4 to 6 images also run 30-40% slower per image than passes of 2,
+3 or 8 (oneDNN's bf16 matmul takes about twice as long per row for 768 to 1,400 rows, a
+microbenchmark of `torch.nn.functional.linear` shows it), so the model times a pass of each
+size up to 8 at load and runs such sizes as smaller passes (`pass_plan.py`, the fast-CPU notes
+below).
 """,
     "overhead": """
 ### Reading the numbers, and what was attacked
@@ -56,6 +60,37 @@ cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% 
   7.8 requests (Triton's metrics), each with the Python backend's cost per request. The next
   lever for it, not built nor measured: the frontend gathering concurrent single images into one
   Triton call (fewer requests through the stub, fewer calls from the frontend).
+- **Goal 1 of issue 19 (fast CPUs: served >= 0.9x the forward pass alone, 8 single-image
+  requests at once and 32-image requests)**, measured for the first time on a 2-core Intel Xeon
+  with AMX (the paired rounds above, 2026-12-06): 3 concurrent 32-image requests reach the
+  target (median 0.90, rounds 0.79-0.95) and one 32-image request 0.90; single-image requests
+  do not: 0.59 at 8 at once, 0.63 at 16. What was found, with side scripts that read Triton's
+  metrics beside each load (not part of `make bench`):
+  - **The batches the dynamic batcher forms.** 8 clients sending one image each get
+    executions of 3.8-4.4 images on average (`nv_inference_count` / `nv_inference_exec_count`),
+    16 clients 7.6-8.1. Once the clients fall into two groups, one group's requests wait while
+    the other's execute and start the moment it ends, before the first group's next requests
+    are back: the groups never merge again. A `max_queue_delay_microseconds` of 10 ms (not 2)
+    merged them in some rounds (batches 6.6-7.2, up to 0.99 of the limit) and not in others
+    (3.8-4.3), and made every lone request 8-10 ms slower (70 -> 81 ms at concurrency 1;
+    20 ms: 89 ms). Not adopted: a fixed delay buys an unreliable gain with a certain latency.
+  - **Passes of 4 to 6 on AMX** run 30-40% slower per image than passes of 8 (the in-process
+    table above), exactly the executions 8 clients produce. Fixed by cause: the measured pass
+    plan (`pass_plan.py`) runs them as 2+2, 3+2 and 3+3. In-process, 4 JPEGs per execution went
+    from 18.0-19.1 to 20.0-21.3 img/s (3 rounds, `Embedder.embed`, plan off and on alternately);
+    served at 8 clients, two stacks alternating (the model repository before and after), the plan
+    was faster in 4 rounds of 4 in one run (18.1-20.4 against 15.8-19.7 img/s) and alike in
+    another (17.4-18.8 against 17.2-21.8): a gain this machine's noise only partly resolves.
+  - **Two model instances of one thread each** (`IEI_TRITON_INSTANCES=2`): one thread runs a
+    pass of 4 at 14.7-16.6 img/s, so two instances together match one instance's passes of 8
+    on two threads (27-31). Served at 8 single-image clients: 22.7-26.3 img/s (0.80-0.99 of the
+    limit) against 18.6-21.9 with one instance, but 3 x 32-image requests 19.8-21.2 against
+    23.8-25.2, and a lone request 103 ms against 72. A deployment that serves many concurrent
+    single images on an AMX host can choose it; the default stays one instance.
+  - **What remains at 16 clients** (batches of 8, passes whole): the model process spends
+    73-77 ms of CPU per image served against 66 for the forward pass alone on both cores; its
+    two OpenMP threads share the 2 cores with the decode threads, the frontend, Triton and the
+    load generator, and a parallel region waits for its slowest thread.
 - **Earlier tables read high.** Until 2026-12-06 the CPU per image was divided by the images
   timed, not those sent: each load's untimed warm-up request was in the CPU window, and the
   64-image loads ran 4 requests (a quarter too high, plus a load's fixed costs over 0.4 s). The
@@ -79,8 +114,8 @@ cuts an execution into passes of 8 on a CPU: on AMX, passes of 32 ran about 30% 
   worker with up to 100 keep-alive connections; a request's images go out in chunks of
   `IEI_CONCURRENCY_LEVEL` (at most `max_batch_size`), as many at once as fit in that many images.
 - Left alone after earlier runs of this bench with the setting in its environment (the
-  stack inherits it): `IEI_TRITON_INSTANCES=2` was slower on 2 cores (two instances split the
-  same cores) and `IEI_WORKERS=1` no better.
+  stack inherits it): `IEI_TRITON_INSTANCES=2` was slower on 2 cores without AMX (two
+  instances split the same cores; on AMX see goal 1 above) and `IEI_WORKERS=1` no better.
 
 **Target status on this run**: see the summary. The ratios depend on the forward pass's cost:
 with bf16 on AMX a forward pass is under 30 ms per image, so the fixed input work weighs 4 to 5
@@ -95,9 +130,12 @@ included: the differences are the other work on the 2 cores, not the delay (10 m
 batch takes tens to hundreds of milliseconds, so under load batches fill from the queue while
 the instance is busy, and the delay only matters when the instance is idle, where a lone request
 waits up to the delay for company. 2 ms is 3% of a single image's forward pass here, and on a GPU
-(forward passes of a few milliseconds) it lets concurrent requests meet. `preferred_batch_size`
-is not set, as Triton's documentation advises for most models. Re-measure on a quiet machine
-with `python -m bench --queue-delays 0,2000,10000`.
+(forward passes of a few milliseconds) it lets concurrent requests meet. On a CPU the launcher
+sets `preferred_batch_size` to the multiples of the forward pass (8, 16, ... 64), so a full pass
+goes at once. On a 2-core AMX Xeon (2026-12-06, side scripts) 10 ms merged 8 single-image
+clients into larger executions in some rounds but not in others, at 8-10 ms more for every lone
+request: the fast-CPU notes above. Re-measure on a quiet machine with
+`python -m bench --queue-delays 0,2000,10000`.
 """,
     "fast": """
 ## What makes it fast
@@ -108,6 +146,12 @@ with `python -m bench --queue-delays 0,2000,10000`.
 - **Forward passes of the right size.** One Triton execution (up to 64 images from the dynamic
   batcher) runs under `torch.inference_mode` in passes of `IEI_FORWARD_BATCH_SIZE`: `auto` is
   8 on a CPU (the fastest pass size in the in-process table) and 64, the whole batch, on a GPU.
+- **Pass sizes measured on the machine.** On a CPU with `IEI_FORWARD_BATCH_SIZE=auto` each
+  image model times a pass of every size up to 8 on grey images at load (three rounds taken in
+  turns, the least of each; about 5 s for ViT-B/16 bf16 on a 2-core AMX Xeon, skipped where it
+  would take over 15 s) and runs a size that is over 10% slower than smaller passes as those:
+  on that Xeon 4 as 2+2, 5 as 3+2 and 6 as 3+3; elsewhere, as on the EPYC, nothing changes. The
+  plan is in the instance's log line and in MODEL_INFO (`forward_splits`).
 - **Reduced-scale JPEG decoding.** `model.py` reads the processor's target size in
   `initialize` and decodes a JPEG that is at least twice as large on both sides at 1/2, 1/4 or
   1/8 scale (libjpeg's DCT scaling), never below 2x the processor's input side (448 px for a

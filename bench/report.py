@@ -886,8 +886,13 @@ def runs_line(results: dict[str, Any]) -> str:
     dates = {p: part_meta(results, p).get("date") for p in BENCH_PARTS if p in results}
     if len(set(dates.values())) <= 1:
         return ""
+    cpus = {part_meta(results, p).get("cpu") for p in dates}
+
+    def where(part: str) -> str:  # the machine too, where the parts ran on different CPUs
+        return f" on {part_meta(results, part).get('cpu')}" if len(cpus) > 1 else ""
+
     listed = ", ".join(
-        f"{part} {date} (`{part_meta(results, part).get('command')}`)"
+        f"{part} {date}{where(part)} (`{part_meta(results, part).get('command')}`)"
         for part, date in dates.items()
     )
     return f"- the parts come from different runs: {listed}\n"

@@ -771,6 +771,11 @@ def test_parts_from_different_runs_say_when_each_was_measured(tmp_path):
     assert ("- the parts come from different runs: vit 2026-11-28 23:37 UTC (`python -m bench`), "
             "families 2026-11-28 23:37 UTC (`python -m bench`), tiny 2026-12-05 13:53 UTC "
             "(`python -m bench --only tiny`)") in text  # fmt: skip
+    results["tiny"]["meta"] = {**later, "cpu": "AMD EPYC"}  # another machine: named per part
+    report.write(results, tmp_path)
+    assert (f"vit 2026-11-28 23:37 UTC on {full['cpu']} (`python -m bench`)"
+            in (tmp_path / "benchmarks.md").read_text())  # fmt: skip
+    assert "tiny 2026-12-05 13:53 UTC on AMD EPYC (" in (tmp_path / "benchmarks.md").read_text()
     results["tiny"]["meta"] = full
     report.write(results, tmp_path)
     assert "different runs" not in (tmp_path / "benchmarks.md").read_text()
