@@ -4,9 +4,9 @@ A CPU's matrix kernels are not equally fast at every batch size. On an Intel Xeo
 (oneDNN's bf16 brgemm, 2 cores), ViT-B/16 runs passes of 4 to 6 images about 30% slower per
 image than passes of 2, 3 or 8: its linear layers fall off a cliff for 768 to 1,400 rows. The
 dynamic batcher forms executions of about 4 images under 8 concurrent single-image requests, so
-served single images ran at 0.6 to 0.8 of the forward pass's limit. Timing a pass of every
-size up to `IEI_FORWARD_BATCH_SIZE` once, at load, and splitting a remainder only where the
-parts are clearly faster removes that cost wherever it exists and changes nothing elsewhere.
+served single images ran at 0.6 to 0.8 of the forward pass's limit. Timing passes of every
+size up to `IEI_FORWARD_BATCH_SIZE` at load, and splitting a size only where its parts are
+clearly faster, removes that cost wherever it exists and changes nothing elsewhere.
 """
 
 from __future__ import annotations
