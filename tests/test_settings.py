@@ -135,6 +135,7 @@ def test_empty_variables_mean_default(monkeypatch):
         ("IEI_REQUEST_TIMEOUT", "0"),
         ("IEI_MAX_IMAGE_PIXELS", "0"),
         ("IEI_FORWARD_BATCH_SIZE", "0"),
+        ("IEI_FORWARD_THREADS", "-2"),
         ("IEI_JPEG_DRAFT", "maybe"),
     ],
 )

@@ -235,6 +235,12 @@ _SETTINGS = [
         "where an image model times each pass size at load and runs a size slower than smaller "
         "ones as those (4 as 2+2), 64 on a GPU",
     )),
+    ("forward_threads", Setting(
+        "IEI_FORWARD_THREADS", "auto", "str", (LAUNCHER, MODEL),
+        "CPU threads of an image model's forward pass, per instance; `auto`: the instance's "
+        "share of the cores, fewer where timing a pass at load shows the extra threads add "
+        "little (parallel efficiency below 0.75: a small model)",
+    )),
     ("jpeg_draft", Setting(
         "IEI_JPEG_DRAFT", True, "bool", (LAUNCHER, MODEL),
         "decode a JPEG at least twice the model's input size on both sides at 1/2, 1/4 or 1/8 "

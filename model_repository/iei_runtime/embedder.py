@@ -270,6 +270,9 @@ class Embedder(Preprocessor):
         # and the plan in words, for the instance's log line.
         self.pass_plan: Plan = {}
         self.pass_note = ""
+        # CPU threads of a pass (0 on a GPU) and, where measured at load, why that many.
+        self.forward_threads = 0
+        self.thread_note = ""
         self.model_facts = model_facts or {}  # the model's configuration, as a dict
         # A dual encoder's zero_shot, logit_scale and logit_bias (loading.zero_shot_facts).
         self.zero_shot: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from .families import (
 )
 from .images import draft_side
 from .jpeg_decoders import choose_jpeg_decoder
-from .pass_plan import Plan, measured_plan
+from .pass_plan import Plan, measured_plan, measured_threads
 from .settings import (
     DTYPES,
     ModelSettings,
@@ -197,6 +197,7 @@ def describe(embedder: Embedder, settings: ModelSettings, **more: Any) -> str:
             "device": str(embedder.device),
             "pooling": embedder.encoder.pooling,
             "forward_batch_size": embedder.forward_batch_size,
+            "forward_threads": embedder.forward_threads,  # CPU threads of a pass
             # Pass sizes this CPU runs faster as several smaller passes (pass_plan.py).
             "forward_splits": {str(n): list(parts) for n, parts in embedder.pass_plan.items()},
             "modalities": ["image", "text"] if context else ["image"],
@@ -262,8 +263,9 @@ def engine_line(embedder: Any) -> str:
     graphs = isinstance(embedder.run, cuda_graphs.GraphedRunner)
     if choice.engine != "torch" or graphs:
         line = f"{line} ({embedder.run.describe()})"
-    note = getattr(embedder, "pass_note", "")  # image models: how passes are cut (pass_plan.py)
-    return f"{line}, {note}" if note else line
+    # Image models on a CPU: the threads of a pass and how passes are cut (pass_plan.py).
+    notes = [getattr(embedder, "thread_note", ""), getattr(embedder, "pass_note", "")]
+    return ", ".join([line, *filter(None, notes)])
 
 
 def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -> Embedder:
@@ -319,6 +321,11 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         embedder.close()
         reason = f"IEI_POOLING={settings.pooling}: {first_line(exc)}"
         raise ModelLoadError(settings.model_id, reason) from None
+    if device.type == "cpu" and settings.forward_threads:  # IEI_FORWARD_THREADS=N
+        threads = settings.forward_threads
+        torch.set_num_threads(threads)  # the decode threads keep their own one each
+        embedder.thread_note = f"{threads} threads per pass (IEI_FORWARD_THREADS)"
+    embedder.forward_threads = threads if device.type == "cpu" else 0
     try:
         with_engine(embedder, choice, settings, "image", embedder.blank(2), {}, threads)
     except ModelLoadError:
@@ -333,9 +340,19 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     # forward pass (kernels and buffers chosen before the first request, not during it).
     for count in sorted({1, embedder.forward_batch_size}):
         embedder.forward(embedder.blank(count))
+    if device.type == "cpu" and not settings.forward_threads and choice.engine == "torch":
+        # auto: as many as pay (an engine has its own threads, set when it was built)
+        embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
     if device.type == "cpu" and settings.forward_batch_size == 0:  # auto: sizes by measurement
         embedder.pass_plan, embedder.pass_note = plan_passes(embedder)
     return embedder
+
+
+def measure_threads(embedder: Embedder, most: int) -> tuple[int, str]:
+    """Time a full pass on grey images on `most` threads and fewer: the most threads whose
+    parallel efficiency pays (pass_plan.py), set as torch's for the forward passes."""
+    full = embedder.blank(embedder.forward_batch_size)
+    return measured_threads(lambda: embedder.forward(full), torch.set_num_threads, most)
 
 
 def plan_passes(embedder: Embedder) -> tuple[Plan, str]:

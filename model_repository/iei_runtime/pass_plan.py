@@ -1,4 +1,4 @@
-"""Forward passes cut to the sizes this CPU runs fastest.
+"""Forward passes cut to the sizes this CPU runs fastest, on the threads that pay.
 
 A CPU's matrix kernels are not equally fast at every batch size. On an Intel Xeon with AMX
 (oneDNN's bf16 brgemm, 2 cores), ViT-B/16 runs passes of 4 to 6 images about 30% slower per
@@ -7,6 +7,9 @@ dynamic batcher forms executions of about 4 images under 8 concurrent single-ima
 served single images ran at 0.6 to 0.8 of the forward pass's limit. Timing passes of every
 size up to `IEI_FORWARD_BATCH_SIZE` at load, and splitting a size only where its parts are
 clearly faster, removes that cost wherever it exists and changes nothing elsewhere.
+
+The threads of a pass are measured the same way (`IEI_FORWARD_THREADS=auto`): a small model's
+pass gains little from a second thread and pays for it in CPU time the rest of the server needs.
 """
 
 from __future__ import annotations
@@ -91,3 +94,65 @@ def measured_plan(
     rates = " ".join(f"{size}:{size / s:.1f}" for size, s in seconds.items())
     splits = ", ".join(f"{size} as {'+'.join(map(str, parts))}" for size, parts in plan.items())
     return plan, f"forward passes {'run ' + splits if plan else 'whole'} (img/s by pass: {rates})"
+
+
+# --- threads per pass ---------------------------------------------------------------------------
+
+# A pass runs on fewer threads where the others are measured to add little: below this parallel
+# efficiency (one thread's time over k x the time on k threads) the extra threads mostly spin and
+# wait, CPU time that the decode threads, Triton and the frontend need when the server is busy.
+# On a 2-core AMD EPYC: the tiny test ViT at 8 images 0.53 (2 threads cost 1.9x the CPU for 1.05x
+# the speed), ViT-B/16 bf16 0.92.
+THREAD_EFFICIENCY = 0.75
+
+
+def thread_counts(most: int) -> list[int]:
+    """The thread counts tried: `most`, then halving down to 1 (16: 16, 8, 4, 2, 1)."""
+    counts = [most]
+    while counts[-1] > 1:
+        counts.append(counts[-1] // 2)
+    return counts
+
+
+def efficient_threads(seconds: Mapping[int, float], least: float = THREAD_EFFICIENCY) -> int:
+    """From the measured seconds of one pass on each thread count (1 among them), the most
+    threads whose parallel efficiency is at least `least`."""
+    alone = seconds[1]
+    return max(k for k, s in seconds.items() if k == 1 or alone / (k * s) >= least)
+
+
+def measured_threads(
+    run_pass: Callable[[], object],
+    set_threads: Callable[[int], None],
+    most: int,
+    budget: float = MEASURE_BUDGET_S,
+    rounds: int = TIMING_ROUNDS,
+) -> tuple[int, str]:
+    """Time one pass on `most` threads and on fewer (thread_counts): the count it runs on from
+    now on (set), and a line for the model's log. `most` when one pass shows that timing them
+    would take longer than `budget` seconds."""
+    if most <= 1:
+        return most, ""
+    counts = thread_counts(most)
+    set_threads(most)
+    start = time.perf_counter()
+    run_pass()
+    # A pass on k threads takes at most `most / k` times one on all of them (no speed-up at all).
+    estimate = (time.perf_counter() - start) * (rounds + 1) * sum(most / k for k in counts)
+    if estimate > budget:
+        return most, f"{most} threads per pass (timing fewer would take {estimate:.0f} s)"
+    seconds: dict[int, float] = {}
+    for k in counts:  # each count's first pass untimed
+        set_threads(k)
+        run_pass()
+    for _ in range(rounds):  # in turns, as time_passes
+        for k in counts:
+            set_threads(k)
+            start = time.perf_counter()
+            run_pass()
+            elapsed = time.perf_counter() - start
+            seconds[k] = min(seconds.get(k, elapsed), elapsed)
+    chosen = efficient_threads(seconds)
+    set_threads(chosen)
+    efficiency = " ".join(f"{k}:{seconds[1] / (k * s):.2f}" for k, s in seconds.items())
+    return chosen, f"{chosen} of {most} threads per pass (parallel efficiency: {efficiency})"

@@ -23,6 +23,7 @@ SETTINGS = {
     "pooling": ("IEI_POOLING", "auto"),
     "max_image_pixels": ("IEI_MAX_IMAGE_PIXELS", "50000000"),
     "forward_batch_size": ("IEI_FORWARD_BATCH_SIZE", "auto"),
+    "forward_threads": ("IEI_FORWARD_THREADS", "auto"),
     "jpeg_draft": ("IEI_JPEG_DRAFT", "true"),
     "fused_preprocess": ("IEI_FUSED_PREPROCESS", "true"),
     "jpeg_decoder": ("IEI_JPEG_DECODER", "auto"),
@@ -54,6 +55,7 @@ class ModelSettings:
     pooling: str
     max_image_pixels: int
     forward_batch_size: int  # 0: auto, by device (resolve_forward_batch_size)
+    forward_threads: int = 0  # CPU threads of a forward pass; 0: auto, measured at load
     engine: str = "auto"
     engine_cache: str = ""  # "": $HF_HOME/iei-engines, else ~/.cache/iei/engines
     jpeg_draft: bool = True
@@ -89,10 +91,10 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         if raw[name].lower() not in BOOLEANS:
             raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected true or false")
     numbers = {}
-    for name in ("max_image_pixels", "forward_batch_size", "decode_pixel_budget",
-                 "max_text_chars"):  # fmt: skip
-        is_batch = name == "forward_batch_size"
-        if is_batch and raw[name].lower() == "auto":
+    for name in ("max_image_pixels", "forward_batch_size", "forward_threads",
+                 "decode_pixel_budget", "max_text_chars"):  # fmt: skip
+        may_be_auto = name in ("forward_batch_size", "forward_threads")
+        if may_be_auto and raw[name].lower() == "auto":
             numbers[name] = 0
             continue
         try:
@@ -100,7 +102,7 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         except ValueError:
             numbers[name] = 0
         if numbers[name] < 1:
-            expected = "auto or a positive integer" if is_batch else "a positive integer"
+            expected = "auto or a positive integer" if may_be_auto else "a positive integer"
             raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected {expected}")
     if numbers["decode_pixel_budget"] < numbers["max_image_pixels"]:
         raise ValueError(

@@ -43,11 +43,19 @@ def test_settings_environment_beats_config_beats_defaults():
         ({"IEI_POOLING": "max"}, "IEI_POOLING"),
         ({"IEI_MAX_IMAGE_PIXELS": "lots"}, "IEI_MAX_IMAGE_PIXELS"),
         ({"IEI_FORWARD_BATCH_SIZE": "0"}, "IEI_FORWARD_BATCH_SIZE"),
+        ({"IEI_FORWARD_THREADS": "0"}, "IEI_FORWARD_THREADS"),
+        ({"IEI_FORWARD_THREADS": "all"}, "IEI_FORWARD_THREADS"),
     ],
 )
 def test_bad_settings_are_refused_by_name(environ, message):
     with pytest.raises(ValueError, match=message):
         model_settings.read_settings({}, environ)
+
+
+def test_forward_threads_are_auto_or_a_count():
+    assert model_settings.read_settings({}, {}).forward_threads == 0  # auto: measured at load
+    assert model_settings.read_settings({}, {"IEI_FORWARD_THREADS": "Auto"}).forward_threads == 0
+    assert model_settings.read_settings({}, {"IEI_FORWARD_THREADS": "3"}).forward_threads == 3
 
 
 def test_dtype_auto_follows_the_device():

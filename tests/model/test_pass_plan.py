@@ -145,3 +145,103 @@ def test_a_forward_batch_size_the_user_chose_is_kept_as_it_is(model_dirs, monkey
         assert "forward passes" not in loading.engine_line(embedder)
     finally:
         embedder.close()
+
+
+# --- threads per pass ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("most", "counts"), [(16, [16, 8, 4, 2, 1]), (6, [6, 3, 1]), (2, [2, 1]), (1, [1])]
+)
+def test_thread_counts_tried_halve_down_to_one(most, counts):
+    assert pass_plan.thread_counts(most) == counts
+
+
+@pytest.mark.parametrize(
+    ("seconds", "chosen"),
+    [
+        # Measured on a 2-core AMD EPYC (2026-12-06), a pass of 8: the tiny test ViT gains 6%
+        # from a second thread, ViT-B/16 bf16 84%.
+        ({1: 8 * 323e-6, 2: 8 * 305e-6}, 1),
+        ({1: 8 * 0.2217, 2: 8 * 0.1203}, 2),
+        # More cores than pay: 16 threads at 0.53, 8 at 0.71, 4 at 0.85.
+        ({16: 0.2, 8: 0.3, 4: 0.5, 2: 0.9, 1: 1.7}, 4),
+        ({1: 1.0}, 1),
+    ],
+)
+def test_the_most_threads_that_pay_for_themselves_are_chosen(seconds, chosen):
+    assert pass_plan.efficient_threads(seconds) == chosen
+
+
+class StandInThreads(StandInClock):
+    """A pass whose cost depends on the threads last set."""
+
+    def __init__(self, cost, monkeypatch):
+        super().__init__(lambda _size, _run: cost(self.threads), monkeypatch)
+        self.threads, self.settings = 0, []
+
+    def set_threads(self, count: int) -> None:
+        self.threads = count
+        self.settings.append(count)
+
+    def run_full_pass(self) -> None:
+        self.run_pass(self.threads)  # the runs record the threads each pass ran on
+
+
+def test_threads_are_timed_in_turns_and_the_chosen_count_is_set(monkeypatch):
+    # 4 cores: 4 threads are only 1.25x faster than 2, whose efficiency is 0.9.
+    clock = StandInThreads(lambda threads: {4: 0.040, 2: 0.050, 1: 0.090}[threads], monkeypatch)
+    chosen, note = pass_plan.measured_threads(clock.run_full_pass, clock.set_threads, 4)
+    assert clock.runs == [4] + [4, 2, 1] * 4  # the estimate, then untimed and 3 rounds in turn
+    assert chosen == 2 and clock.settings[-1] == 2
+    assert note == "2 of 4 threads per pass (parallel efficiency: 4:0.56 2:0.90 1:1.00)"
+
+
+def test_one_thread_or_a_model_too_slow_to_time_keeps_all_threads(monkeypatch):
+    clock = StandInThreads(lambda threads: 4.0 / threads, monkeypatch)  # 2 s on 2 threads
+    assert pass_plan.measured_threads(clock.run_full_pass, clock.set_threads, 1) == (1, "")
+    assert clock.runs == []
+    chosen, note = pass_plan.measured_threads(clock.run_full_pass, clock.set_threads, 2)
+    assert (chosen, clock.runs, clock.threads) == (2, [2], 2)  # one pass to estimate, no more
+    assert note == "2 threads per pass (timing fewer would take 24 s)"
+
+
+@pytest.fixture
+def torch_threads():
+    """The test process's torch threads, as they were before the test."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_auto_threads_on_a_cpu_are_measured_at_load_and_named(model_dirs, monkeypatch,
+                                                             torch_threads):  # fmt: skip
+    measured = []
+
+    def stand_in(run_pass, set_threads, most):
+        vectors = run_pass()
+        measured.append((len(vectors), most))
+        set_threads(1)
+        return 1, "1 of 2 threads per pass (stand-in)"
+
+    monkeypatch.setattr(loading, "measured_threads", stand_in)
+    settings = read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(model_dirs["vit"])})
+    embedder = loading.load_embedder(settings, torch.device("cpu"), 2)
+    try:
+        assert measured == [(8, 2)]  # a full pass, up to the instance's cores
+        assert embedder.forward_threads == 1 and torch.get_num_threads() == 1
+        assert ", 1 of 2 threads per pass (stand-in)" in loading.engine_line(embedder)
+        assert '"forward_threads": 1' in loading.describe(embedder, settings)
+    finally:
+        embedder.close()
+
+
+def test_threads_the_user_chose_are_set_without_measuring(model_dirs, monkeypatch, torch_threads):
+    monkeypatch.setattr(loading, "measured_threads", lambda *_: pytest.fail("measured"))
+    environ = {"IMAGE_EMBEDDING_MODEL": str(model_dirs["vit"]), "IEI_FORWARD_THREADS": "1"}
+    embedder = loading.load_embedder(read_settings({}, environ), torch.device("cpu"), 2)
+    try:
+        assert embedder.forward_threads == 1 and torch.get_num_threads() == 1
+        assert "1 threads per pass (IEI_FORWARD_THREADS)" in loading.engine_line(embedder)
+    finally:
+        embedder.close()

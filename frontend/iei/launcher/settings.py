@@ -25,6 +25,7 @@ class LauncherSettings(ServerSettings):
     engine_cache: Path | None = setting("engine_cache")
     pooling: Literal["auto", "mean", "cls", "pooler"] = setting("pooling")
     forward_batch_size: str = setting("forward_batch_size")
+    forward_threads: str = setting("forward_threads")
     jpeg_draft: bool = setting("jpeg_draft")
     fused_preprocess: bool = setting("fused_preprocess")
     jpeg_decoder: Literal["auto", "pil", "torchvision", "nvimagecodec"] = setting("jpeg_decoder")
@@ -53,9 +54,9 @@ class LauncherSettings(ServerSettings):
     def _check_triton_host(cls, value: str) -> str:
         return check_listen_address(value)
 
-    @field_validator("forward_batch_size")
+    @field_validator("forward_batch_size", "forward_threads")
     @classmethod
-    def _check_forward_batch_size(cls, value: str) -> str:
+    def _check_auto_or_count(cls, value: str) -> str:
         value = value.strip().lower()
         if value != "auto" and not (value.isdigit() and int(value) >= 1):
             raise ValueError(f"expected auto or a positive integer, got {value!r}")

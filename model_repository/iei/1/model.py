@@ -31,7 +31,7 @@ class TritonPythonModel:
         self.logger.log_info(
             f"iei: {settings.model_id} on {device}, {engine_line(self.embedder)}, "
             f"pooling={self.embedder.encoder.pooling} (IEI_POOLING={settings.pooling}), "
-            f"{threads} threads, "
+            f"{threads} decode threads, "
             f"images shrunk to >= {self.embedder.draft_side} px after decoding (0: not), "
             f"JPEG draft decoding {'on' if self.embedder.jpeg_draft else 'off'}, "
             f"preprocessing by {self.embedder.preprocessing_line()}, "
