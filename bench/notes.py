@@ -50,16 +50,24 @@ below).
   2.4-2.8 ms -> 0.2-0.3 ms, the transport table below); each decode thread writes its images'
   rows of one batch in the model's dtype (no per-image tensors stacked, no cast of the batch: a
   side script alternating both paths in-process on 64 web images, 2026-12-06, 6 rounds each,
-  tiny model: 2.3-2.6 ms of CPU per image against 2.9-3.5; alike on batches of 8). Left
-  over the floor for single web images (the one load still over its target: 1.64x, 2.37x and
-  the figure above in three runs of 2026-12-06 between 04:00 and 04:25 UTC): the frontend's
-  cost per request (about 1.2 ms: uvicorn, FastAPI's and our ASGI layers, the header check, the
-  aiohttp call to Triton, no single part over a fifth of it in py-spy) and the model's per
-  execution: the tiny model's forward pass costs 3-4 ms per pass whatever its size up to 8
-  (Python in the Hugging Face modules), and 16 clients sending one image each make batches of
-  7.8 requests (Triton's metrics), each with the Python backend's cost per request. The next
-  lever for it, not built nor measured: the frontend gathering concurrent single images into one
-  Triton call (fewer requests through the stub, fewer calls from the frontend).
+  tiny model: 2.3-2.6 ms of CPU per image against 2.9-3.5; alike on batches of 8); and **the
+  forward pass on the threads that pay** (`IEI_FORWARD_THREADS=auto`, `pass_plan.py`): at load
+  the model times a full pass on the instance's threads and on fewer, and keeps the most whose
+  parallel efficiency is at least 0.75. The tiny model's pass of 8 on this 2-core EPYC ran 305 us
+  per image on 2 threads against 323 on one, for 604 us of CPU against 323: its second thread
+  mostly spun and waited, on the core the decode threads and the frontend needed (ViT-B/16 bf16:
+  0.86-0.92, so it keeps both). Served single web uploads (a side script, 16 clients, two stacks
+  alternating, 3 rounds, 2026-12-06): the model's CPU per image 3314 -> 2359 us, the stack's
+  4737 -> 3840. Single web images were the one load over its target before it (1.64x, 2.37x and
+  2.21x in three runs of 2026-12-06 between 04:00 and 04:25 UTC); this run's rounds gave 1.50,
+  1.60 and 1.56. What is left over the floor there: the frontend's cost per request (about
+  1.1-1.3 ms: uvicorn, FastAPI's and our ASGI layers, the header check, the aiohttp call to
+  Triton, the answer's send; no single part over a fifth of it in py-spy, a fifth of it the two
+  loopback sends) and the Python backend's cost per request (16 clients sending one image each
+  make batches of 7.8 requests). The next lever, not built: the frontend gathering concurrent
+  single images into one Triton call (fewer requests through the stub, fewer calls from the
+  frontend; on the split layout it would also put fewer, larger requests on the single-threaded
+  preprocessing instances, so it needs its own measure there).
 - **Goal 1 of issue 19 (fast CPUs: served >= 0.9x the forward pass alone, 8 single-image
   requests at once and 32-image requests)**, measured for the first time on a 2-core Intel Xeon
   with AMX (the paired rounds above, 2026-12-06): 3 concurrent 32-image requests reach the
