@@ -237,9 +237,9 @@ _SETTINGS = [
     )),
     ("forward_threads", Setting(
         "IEI_FORWARD_THREADS", "auto", "str", (LAUNCHER, MODEL),
-        "CPU threads of an image model's forward pass, per instance; `auto`: the instance's "
-        "share of the cores, fewer where timing a pass at load shows the extra threads add "
-        "little (parallel efficiency below 0.75: a small model)",
+        "CPU threads of a forward pass (images or texts), per instance; `auto`: the "
+        "instance's share of the cores, fewer where timing a pass at load shows the extra "
+        "threads add little (parallel efficiency below 0.75: a small model)",
     )),
     ("jpeg_draft", Setting(
         "IEI_JPEG_DRAFT", True, "bool", (LAUNCHER, MODEL),

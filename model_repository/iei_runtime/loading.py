@@ -131,6 +131,9 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
 
 
 # The checkpoint's files that may hold the full model's weights, in transformers' order of choice.
+# What a text model's threads are timed on (measure_threads): a caption's length, as search
+# queries and labels are.
+THREADS_PROBE_TEXT = "a photo of a dog playing with a ball on the grass"
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
 
 
@@ -321,11 +324,9 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         embedder.close()
         reason = f"IEI_POOLING={settings.pooling}: {first_line(exc)}"
         raise ModelLoadError(settings.model_id, reason) from None
-    if device.type == "cpu" and settings.forward_threads:  # IEI_FORWARD_THREADS=N
-        threads = settings.forward_threads
-        torch.set_num_threads(threads)  # the decode threads keep their own one each
-        embedder.thread_note = f"{threads} threads per pass (IEI_FORWARD_THREADS)"
-    embedder.forward_threads = threads if device.type == "cpu" else 0
+    if device.type == "cpu":
+        threads, embedder.thread_note = chosen_threads(settings, threads)
+        embedder.forward_threads = threads
     try:
         with_engine(embedder, choice, settings, "image", embedder.blank(2), {}, threads)
     except ModelLoadError:
@@ -340,7 +341,7 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     # forward pass (kernels and buffers chosen before the first request, not during it).
     for count in sorted({1, embedder.forward_batch_size}):
         embedder.forward(embedder.blank(count))
-    if device.type == "cpu" and not settings.forward_threads and choice.engine == "torch":
+    if device.type == "cpu" and not settings.forward_threads and embedder.choice.engine == "torch":
         # auto: as many as pay (an engine has its own threads, set when it was built)
         embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
     if device.type == "cpu" and settings.forward_batch_size == 0:  # auto: sizes by measurement
@@ -348,10 +349,26 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     return embedder
 
 
-def measure_threads(embedder: Embedder, most: int) -> tuple[int, str]:
-    """Time a full pass on grey images on `most` threads and fewer: the most threads whose
-    parallel efficiency pays (pass_plan.py), set as torch's for the forward passes."""
-    full = embedder.blank(embedder.forward_batch_size)
+def chosen_threads(settings: ModelSettings, threads: int) -> tuple[int, str]:
+    """The CPU threads of a forward pass before any is measured: IEI_FORWARD_THREADS when it
+    is a count (set as torch's, and a line for the log), else the instance's `threads`. Only
+    torch's global setting changes: a decode thread keeps its own one thread."""
+    if not settings.forward_threads:
+        return threads, ""
+    torch.set_num_threads(settings.forward_threads)
+    return (
+        settings.forward_threads,
+        f"threads per pass: {settings.forward_threads} (IEI_FORWARD_THREADS)",
+    )
+
+
+def measure_threads(embedder: Embedder | TextEmbedder, most: int) -> tuple[int, str]:
+    """Time a full pass (grey images, or short texts) on `most` threads and fewer: the most
+    threads whose parallel efficiency pays (pass_plan.py), set as torch's for the passes."""
+    if isinstance(embedder, TextEmbedder):
+        full = embedder.tokenize([THREADS_PROBE_TEXT] * embedder.forward_batch_size)
+    else:
+        full = embedder.blank(embedder.forward_batch_size)
     return measured_threads(lambda: embedder.forward(full), torch.set_num_threads, most)
 
 
@@ -469,6 +486,12 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
     example = embedder.tokenize(["a photo of a cat", "two dogs"])
     # Padded to the longest text, the length varies from one batch to the next.
     varying = {} if joint.pad_to_context else {name: {1: "length"} for name in example}
-    with_engine(embedder, choice, settings, "text", example, varying, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        threads, embedder.thread_note = chosen_threads(settings, threads)
+        embedder.forward_threads = threads
+    with_engine(embedder, choice, settings, "text", example, varying, threads)
     embedder.warm_up()
+    if device.type == "cpu" and not settings.forward_threads and embedder.choice.engine == "torch":
+        embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
     return embedder

@@ -68,6 +68,9 @@ class TextEmbedder:
         self.lower_case = lower_case  # fold case here: trained lower-cased, tokenizer does not
         self.max_chars = max_chars
         self.forward_batch_size = forward_batch_size
+        # CPU threads of a pass (0 on a GPU) and, where chosen at load, why that many.
+        self.forward_threads = 0
+        self.thread_note = ""
         # The tokenizer's own names (SigLIP2's has no attention mask: it was trained without one).
         self.input_names = tuple(getattr(tokenizer, "model_input_names", ("input_ids",)))
 

@@ -242,6 +242,30 @@ def test_threads_the_user_chose_are_set_without_measuring(model_dirs, monkeypatc
     embedder = loading.load_embedder(read_settings({}, environ), torch.device("cpu"), 2)
     try:
         assert embedder.forward_threads == 1 and torch.get_num_threads() == 1
-        assert "1 threads per pass (IEI_FORWARD_THREADS)" in loading.engine_line(embedder)
+        assert "threads per pass: 1 (IEI_FORWARD_THREADS)" in loading.engine_line(embedder)
     finally:
         embedder.close()
+
+
+def test_a_text_models_threads_are_measured_on_a_full_pass_of_captions(
+    model_dirs, monkeypatch, torch_threads
+):
+    measured = []
+
+    def stand_in(run_pass, set_threads, most):
+        measured.append((len(run_pass()), most))
+        return most, f"{most} of {most} threads per pass (stand-in)"
+
+    monkeypatch.setattr(loading, "measured_threads", stand_in)
+    torch.set_num_threads(2)
+    settings = read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(model_dirs["clip"])})
+    embedder = loading.load_text_embedder(settings, torch.device("cpu"))
+    assert measured == [(8, 2)]  # forward_batch_size texts, up to the process's threads
+    assert (embedder.forward_threads, torch.get_num_threads()) == (2, 2)
+    assert loading.engine_line(embedder).endswith(", 2 of 2 threads per pass (stand-in)")
+    chosen = read_settings({}, {"IMAGE_EMBEDDING_MODEL": str(model_dirs["clip"]),
+                                "IEI_FORWARD_THREADS": "1"})  # fmt: skip
+    embedder = loading.load_text_embedder(chosen, torch.device("cpu"))
+    assert measured == [(8, 2)]  # not measured again: the count is the user's
+    assert (embedder.forward_threads, torch.get_num_threads()) == (1, 1)
+    assert loading.engine_line(embedder).endswith(", threads per pass: 1 (IEI_FORWARD_THREADS)")
