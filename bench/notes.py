@@ -59,15 +59,27 @@ below).
   0.86-0.92, so it keeps both). Served single web uploads (a side script, 16 clients, two stacks
   alternating, 3 rounds, 2026-12-06): the model's CPU per image 3314 -> 2359 us, the stack's
   4737 -> 3840. Single web images were the one load over its target before it (1.64x, 2.37x and
-  2.21x in three runs of 2026-12-06 between 04:00 and 04:25 UTC); this run's rounds gave 1.50,
-  1.60 and 1.56. What is left over the floor there: the frontend's cost per request (about
-  1.1-1.3 ms: uvicorn, FastAPI's and our ASGI layers, the header check, the aiohttp call to
-  Triton, the answer's send; no single part over a fifth of it in py-spy, a fifth of it the two
-  loopback sends) and the Python backend's cost per request (16 clients sending one image each
-  make batches of 7.8 requests). The next lever, not built: the frontend gathering concurrent
-  single images into one Triton call (fewer requests through the stub, fewer calls from the
-  frontend; on the split layout it would also put fewer, larger requests on the single-threaded
-  preprocessing instances, so it needs its own measure there).
+  2.21x in three runs of 2026-12-06 between 04:00 and 04:25 UTC); with it, two runs of this
+  bench 15 minutes apart (2026-12-06 19:50 and 20:05 UTC) gave medians of 1.56x (rounds 1.50,
+  1.60, 1.56) and 1.63x (2.05, 1.63, 1.34, the table above): at the target, within this
+  machine's noise (the floor itself moved from 2337 to 3287 us between rounds of one run). What
+  is left over the floor there: the frontend's cost per request (about 1.1-1.4 ms: uvicorn,
+  FastAPI's and our ASGI layers, the header check, the aiohttp call to Triton, the answer's
+  send; no single part over a fifth of it in py-spy, a fifth of it the two loopback sends) and
+  the Python backend's cost per request (16 clients sending one image each make batches of 7.8
+  requests).
+- **Tried and not adopted: the frontend gathering concurrent single images into one Triton
+  call** (a side script, 2026-12-06, the same stack with it on and off alternating, 3 rounds).
+  Each worker kept at most N calls of small requests per model in flight and sent the requests
+  that arrived meanwhile together as its next call. N = 2: 2.3 images per Triton request, the
+  stack's CPU per image alike (4327 against 4172 us, medians). N = 1: 3.4 images per request,
+  the frontend's CPU per image 1.03-1.40 -> 0.82-1.05 ms, the stack's 4211 -> 3821 us (medians;
+  one round of three the other way). Under this load the 2 cores are saturated and most requests
+  wait inside the frontend's own HTTP work, not for the model: with fewer, larger calls Triton's
+  executions shrank from 7.8 to 4.8-5.0 images, and the model's cost per image rose by about what
+  the frontend saved. A gain of a tenth that the noise does not resolve, for a second batching
+  stage in front of Triton's (and one that would starve the split layout's single-threaded
+  preprocessing instances), was not worth landing.
 - **Goal 1 of issue 19 (fast CPUs: served >= 0.9x the forward pass alone, 8 single-image
   requests at once and 32-image requests)**, measured for the first time on a 2-core Intel Xeon
   with AMX (the paired rounds above, 2026-12-06): 3 concurrent 32-image requests reach the
