@@ -269,3 +269,16 @@ def test_a_text_models_threads_are_measured_on_a_full_pass_of_captions(
     assert measured == [(8, 2)]  # not measured again: the count is the user's
     assert (embedder.forward_threads, torch.get_num_threads()) == (1, 1)
     assert loading.engine_line(embedder).endswith(", threads per pass: 1 (IEI_FORWARD_THREADS)")
+
+
+def test_a_ray_actor_runs_its_passes_on_all_its_threads(model_dirs, monkeypatch, torch_threads):
+    # An actor decodes, then runs the pass: a thread the pass left out would idle.
+    from iei.ray.actors import ModelEmbedder
+
+    monkeypatch.delenv("IEI_FORWARD_THREADS", raising=False)
+    monkeypatch.setattr(loading, "measured_threads", lambda *_: pytest.fail("measured"))
+    actor = ModelEmbedder(str(model_dirs["vit"]), threads=2)
+    try:
+        assert actor.embedder.forward_threads == 2 and torch.get_num_threads() == 2
+    finally:
+        actor.embedder.close()

@@ -136,8 +136,11 @@ class ModelEmbedder(BatchEmbedder):
     """The model, loaded once per actor as a Triton instance loads it (`load_embedder`: the
     model's processor, the pooling of IEI_POOLING, the dtype of IEI_DTYPE, a warm-up).
 
-    `threads`: the torch and decode threads of a CPU actor (default: this machine's cores);
-    on a GPU (Ray's `num_gpus=1` makes it this process's `cuda:0`) decoding uses every core.
+    `threads`: the torch and decode threads of a CPU actor (default: this machine's cores), the
+    forward pass on all of them unless IEI_FORWARD_THREADS says otherwise: an actor decodes and
+    then runs the pass, so a thread the pass leaves out would idle (a server's fewer, `auto`,
+    leave a core to its other processes); on a GPU (Ray's `num_gpus=1` makes it this process's
+    `cuda:0`) decoding uses every core.
     `dtype`, `pooling`: IEI_DTYPE and IEI_POOLING (default: the environment's, else auto).
     """
 
@@ -155,7 +158,6 @@ class ModelEmbedder(BatchEmbedder):
         runtime = model_runtime()
         environ = {**os.environ, "IMAGE_EMBEDDING_MODEL": model}
         environ.update({k: v for k, v in (("IEI_DTYPE", dtype), ("IEI_POOLING", pooling)) if v})
-        settings = runtime.read_settings({}, environ)
         if torch.cuda.is_available():
             device = torch.device("cuda", 0)
             torch.cuda.set_device(device)  # as a Triton GPU instance does
@@ -164,7 +166,9 @@ class ModelEmbedder(BatchEmbedder):
             device = torch.device("cpu")
             threads = threads or runtime.available_cores()
             torch.set_num_threads(threads)
+            environ.setdefault("IEI_FORWARD_THREADS", str(threads))
         self.normalize = normalize
+        settings = runtime.read_settings({}, environ)
         self.embedder = runtime.load_embedder(settings, device, threads)
 
     def embed(self, blobs: Sequence[bytes]) -> list[Result]:
