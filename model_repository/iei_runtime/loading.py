@@ -131,10 +131,10 @@ def load_image_model(model_id: str, config: Any, pooling: str, dtype: torch.dtyp
 
 
 # The checkpoint's files that may hold the full model's weights, in transformers' order of choice.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
 # What a text model's threads are timed on (measure_threads): a caption's length, as search
 # queries and labels are.
 THREADS_PROBE_TEXT = "a photo of a dog playing with a ball on the grass"
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
 
 
 def zero_shot_facts(model_id: str, joint: Towers) -> dict[str, Any]:

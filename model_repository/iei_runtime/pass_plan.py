@@ -137,7 +137,7 @@ def measured_threads(
     set_threads(most)
     start = time.perf_counter()
     run_pass()
-    # A pass on k threads takes at most `most / k` times one on all of them (no speed-up at all).
+    # A pass on k threads takes at most `most / k` times one on all of them (perfect scaling).
     estimate = (time.perf_counter() - start) * (rounds + 1) * sum(most / k for k in counts)
     if estimate > budget:
         return most, f"{most} threads per pass (timing fewer would take {estimate:.0f} s)"
