@@ -67,7 +67,11 @@ below).
   FastAPI's and our ASGI layers, the header check, the aiohttp call to Triton, the answer's
   send; no single part over a fifth of it in py-spy, a fifth of it the two loopback sends) and
   the Python backend's cost per request (16 clients sending one image each make batches of 7.8
-  requests).
+  requests). Per thread (/proc, a side script, the same day): the stub's main thread spends
+  0.55-0.65 ms per single image against 0.40 on 64-image forms, about 0.3 of it the forward pass
+  and most of the rest the backend's own C++ work per request (py-spy sees no Python frame
+  there); its two decode threads 1.7-1.8 ms, against a one-thread floor of 1.35-1.5 ms for
+  decoding and the fused path.
 - **Tried and not adopted: the frontend gathering concurrent single images into one Triton
   call** (a side script, 2026-12-06, the same stack with it on and off alternating, 3 rounds).
   Each worker kept at most N calls of small requests per model in flight and sent the requests
