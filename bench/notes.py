@@ -59,10 +59,11 @@ below).
   0.86-0.92, so it keeps both). Served single web uploads (a side script, 16 clients, two stacks
   alternating, 3 rounds, 2026-12-06): the model's CPU per image 3314 -> 2359 us, the stack's
   4737 -> 3840. Single web images were the one load over its target before it (1.64x, 2.37x and
-  2.21x in three runs of 2026-12-06 between 04:00 and 04:25 UTC); with it, two runs of this
-  bench 15 minutes apart (2026-12-06 19:50 and 20:05 UTC) gave medians of 1.56x (rounds 1.50,
-  1.60, 1.56) and 1.63x (2.05, 1.63, 1.34, the table above): at the target, within this
-  machine's noise (the floor itself moved from 2337 to 3287 us between rounds of one run). What
+  2.21x in three runs of 2026-12-06 between 04:00 and 04:25 UTC); with it, three runs of this
+  bench (2026-12-06 19:50, 20:05 and 20:57 UTC) gave medians of 1.56x (rounds 1.50, 1.60,
+  1.56), 1.63x (2.05, 1.63, 1.34) and 1.45x (1.45, 1.84, 1.23, the table above): about the
+  target, within this machine's noise (the floor itself moved from 2610 to 3744 us between the
+  rounds of the last run, and the 64-image forms read 0.68x the floor there). What
   is left over the floor there: the frontend's cost per request (about 1.1-1.4 ms: uvicorn,
   FastAPI's and our ASGI layers, the header check, the aiohttp call to Triton, the answer's
   send; no single part over a fifth of it in py-spy, a fifth of it the two loopback sends) and
