@@ -63,7 +63,7 @@ below).
   bench (2026-12-06 19:50, 20:05 and 20:57 UTC) gave medians of 1.56x (rounds 1.50, 1.60,
   1.56), 1.63x (2.05, 1.63, 1.34) and 1.45x (1.45, 1.84, 1.23, the table above): about the
   target, within this machine's noise (the floor itself moved from 2610 to 3744 us between the
-  rounds of the last run, and the 64-image forms read 0.68x the floor there). What
+  rounds of the last run, and its 64-image forms read 0.68 times their floor). What
   is left over the floor there: the frontend's cost per request (about 1.1-1.4 ms: uvicorn,
   FastAPI's and our ASGI layers, the header check, the aiohttp call to Triton, the answer's
   send; no single part over a fifth of it in py-spy, a fifth of it the two loopback sends) and
