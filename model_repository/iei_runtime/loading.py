@@ -31,7 +31,7 @@ from .families import (
 )
 from .images import draft_side
 from .jpeg_decoders import choose_jpeg_decoder
-from .pass_plan import Plan, measured_plan, measured_threads
+from .pass_plan import Plan, measured_plan, measured_threads, timing_alone
 from .settings import (
     DTYPES,
     ModelSettings,
@@ -341,11 +341,14 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     # forward pass (kernels and buffers chosen before the first request, not during it).
     for count in sorted({1, embedder.forward_batch_size}):
         embedder.forward(embedder.blank(count))
-    if device.type == "cpu" and not settings.forward_threads and embedder.choice.engine == "torch":
-        # auto: as many as pay (an engine has its own threads, set when it was built)
-        embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
-    if device.type == "cpu" and settings.forward_batch_size == 0:  # auto: sizes by measurement
-        embedder.pass_plan, embedder.pass_note = plan_passes(embedder)
+    if device.type == "cpu":
+        with timing_alone():
+            if not settings.forward_threads and embedder.choice.engine == "torch":
+                # auto: as many as pay (an engine has its own threads, set when it was built)
+                embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
+                embedder.forward(embedder.blank(1))  # a single image's kernels, on those threads
+            if settings.forward_batch_size == 0:  # auto: sizes by measurement
+                embedder.pass_plan, embedder.pass_note = plan_passes(embedder)
     return embedder
 
 
@@ -493,5 +496,7 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
     with_engine(embedder, choice, settings, "text", example, varying, threads)
     embedder.warm_up()
     if device.type == "cpu" and not settings.forward_threads and embedder.choice.engine == "torch":
-        embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
+        with timing_alone():
+            embedder.forward_threads, embedder.thread_note = measure_threads(embedder, threads)
+        embedder.warm_up()  # on the threads chosen
     return embedder

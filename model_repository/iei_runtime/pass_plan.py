@@ -14,8 +14,12 @@ pass gains little from a second thread and pays for it in CPU time the rest of t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 # A split is taken only when its parts are measured this much faster than the whole pass: timing
 # noise must not cut passes that are as fast whole (each pass has a fixed cost of its own).
@@ -27,6 +31,38 @@ MEASURE_BUDGET_S = 15.0
 TIMING_ROUNDS = 3
 
 Plan = dict[int, tuple[int, ...]]  # images in a pass -> the passes it runs as (only splits)
+# Models that load at once (Triton loads `iei` and `iei_text` in parallel, each instance with all
+# its cores) time their passes one after the other: timings taken side by side would share the
+# cores and read every thread count too slow. A load waits at most this long for the others.
+TIMING_LOCK = Path(tempfile.gettempdir()) / "iei-pass-timing.lock"
+TIMING_LOCK_WAIT_S = 2 * MEASURE_BUDGET_S + 30.0
+
+
+@contextlib.contextmanager
+def timing_alone(path: Path = TIMING_LOCK, wait: float = TIMING_LOCK_WAIT_S) -> Iterator[bool]:
+    """Hold the machine's timing lock (an flock, released when the process ends) for the block;
+    True if it was had within `wait` seconds, else the block runs without it."""
+    try:
+        handle = open(path, "a+b")  # noqa: SIM115 (held for the block)
+    except OSError:
+        yield False
+        return
+    with handle:
+        deadline = time.monotonic() + wait
+        held = False
+        while not held:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except OSError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def pass_sizes(count: int, largest: int, plan: Mapping[int, tuple[int, ...]]) -> list[int]:

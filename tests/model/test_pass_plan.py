@@ -206,16 +206,7 @@ def test_one_thread_or_a_model_too_slow_to_time_keeps_all_threads(monkeypatch):
     assert note == "2 threads per pass (timing fewer would take 24 s)"
 
 
-@pytest.fixture
-def torch_threads():
-    """The test process's torch threads, as they were before the test."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def test_auto_threads_on_a_cpu_are_measured_at_load_and_named(model_dirs, monkeypatch,
-                                                             torch_threads):  # fmt: skip
+def test_auto_threads_on_a_cpu_are_measured_at_load_and_named(model_dirs, monkeypatch):
     measured = []
 
     def stand_in(run_pass, set_threads, most):
@@ -236,7 +227,7 @@ def test_auto_threads_on_a_cpu_are_measured_at_load_and_named(model_dirs, monkey
         embedder.close()
 
 
-def test_threads_the_user_chose_are_set_without_measuring(model_dirs, monkeypatch, torch_threads):
+def test_threads_the_user_chose_are_set_without_measuring(model_dirs, monkeypatch):
     monkeypatch.setattr(loading, "measured_threads", lambda *_: pytest.fail("measured"))
     environ = {"IMAGE_EMBEDDING_MODEL": str(model_dirs["vit"]), "IEI_FORWARD_THREADS": "1"}
     embedder = loading.load_embedder(read_settings({}, environ), torch.device("cpu"), 2)
@@ -247,9 +238,7 @@ def test_threads_the_user_chose_are_set_without_measuring(model_dirs, monkeypatc
         embedder.close()
 
 
-def test_a_text_models_threads_are_measured_on_a_full_pass_of_captions(
-    model_dirs, monkeypatch, torch_threads
-):
+def test_a_text_models_threads_are_measured_on_a_full_pass_of_captions(model_dirs, monkeypatch):
     measured = []
 
     def stand_in(run_pass, set_threads, most):
@@ -271,14 +260,30 @@ def test_a_text_models_threads_are_measured_on_a_full_pass_of_captions(
     assert loading.engine_line(embedder).endswith(", threads per pass: 1 (IEI_FORWARD_THREADS)")
 
 
-def test_a_ray_actor_runs_its_passes_on_all_its_threads(model_dirs, monkeypatch, torch_threads):
+@pytest.mark.parametrize("environ", [None, ""])  # unset, or set empty
+def test_a_ray_actor_runs_its_passes_on_all_its_threads(model_dirs, monkeypatch, environ):
     # An actor decodes, then runs the pass: a thread the pass left out would idle.
+    pytest.importorskip("pyarrow")  # iei.ray's
     from iei.ray.actors import ModelEmbedder
 
-    monkeypatch.delenv("IEI_FORWARD_THREADS", raising=False)
+    if environ is None:
+        monkeypatch.delenv("IEI_FORWARD_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("IEI_FORWARD_THREADS", environ)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU actor
     monkeypatch.setattr(loading, "measured_threads", lambda *_: pytest.fail("measured"))
     actor = ModelEmbedder(str(model_dirs["vit"]), threads=2)
     try:
         assert actor.embedder.forward_threads == 2 and torch.get_num_threads() == 2
     finally:
         actor.embedder.close()
+
+
+def test_loads_time_their_passes_one_after_the_other(tmp_path):
+    lock = tmp_path / "timing.lock"
+    with pass_plan.timing_alone(lock) as first:
+        assert first
+        with pass_plan.timing_alone(lock, wait=0.2) as second:
+            assert not second  # another load is timing: after the wait, on without it
+    with pass_plan.timing_alone(lock, wait=0.2) as third:
+        assert third

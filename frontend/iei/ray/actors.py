@@ -166,7 +166,8 @@ class ModelEmbedder(BatchEmbedder):
             device = torch.device("cpu")
             threads = threads or runtime.available_cores()
             torch.set_num_threads(threads)
-            environ.setdefault("IEI_FORWARD_THREADS", str(threads))
+            if not environ.get("IEI_FORWARD_THREADS"):  # unset or empty: all of them
+                environ["IEI_FORWARD_THREADS"] = str(threads)
         self.normalize = normalize
         settings = runtime.read_settings({}, environ)
         self.embedder = runtime.load_embedder(settings, device, threads)
