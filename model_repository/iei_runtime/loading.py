@@ -325,8 +325,7 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         reason = f"IEI_POOLING={settings.pooling}: {first_line(exc)}"
         raise ModelLoadError(settings.model_id, reason) from None
     if device.type == "cpu":
-        threads, embedder.thread_note = chosen_threads(settings, threads)
-        embedder.forward_threads = threads
+        threads = chosen_threads(embedder, settings, threads)
     try:
         with_engine(embedder, choice, settings, "image", embedder.blank(2), {}, threads)
     except ModelLoadError:
@@ -352,17 +351,16 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
     return embedder
 
 
-def chosen_threads(settings: ModelSettings, threads: int) -> tuple[int, str]:
-    """The CPU threads of a forward pass before any is measured: IEI_FORWARD_THREADS when it
-    is a count (set as torch's, and a line for the log), else the instance's `threads`. Only
-    torch's global setting changes: a decode thread keeps its own one thread."""
-    if not settings.forward_threads:
-        return threads, ""
-    torch.set_num_threads(settings.forward_threads)
-    return (
-        settings.forward_threads,
-        f"threads per pass: {settings.forward_threads} (IEI_FORWARD_THREADS)",
-    )
+def chosen_threads(embedder: Embedder | TextEmbedder, settings: ModelSettings, threads: int) -> int:
+    """The CPU threads of `embedder`'s passes before any is measured, kept on it: IEI_FORWARD_
+    THREADS when it is a count (set as torch's, with a line for the log), else the instance's
+    `threads`. Only torch's global setting changes: a decode thread keeps its own one thread."""
+    if settings.forward_threads:
+        threads = settings.forward_threads
+        torch.set_num_threads(threads)
+        embedder.thread_note = f"threads per pass: {threads} (IEI_FORWARD_THREADS)"
+    embedder.forward_threads = threads
+    return threads
 
 
 def measure_threads(embedder: Embedder | TextEmbedder, most: int) -> tuple[int, str]:
@@ -491,8 +489,7 @@ def load_text_embedder(settings: ModelSettings, device: torch.device) -> TextEmb
     varying = {} if joint.pad_to_context else {name: {1: "length"} for name in example}
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        threads, embedder.thread_note = chosen_threads(settings, threads)
-        embedder.forward_threads = threads
+        threads = chosen_threads(embedder, settings, threads)
     with_engine(embedder, choice, settings, "text", example, varying, threads)
     embedder.warm_up()
     if device.type == "cpu" and not settings.forward_threads and embedder.choice.engine == "torch":

@@ -18,7 +18,7 @@ import contextlib
 import fcntl
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 # A split is taken only when its parts are measured this much faster than the whole pass: timing
@@ -93,20 +93,28 @@ def fastest_splits(seconds: Mapping[int, float], margin: float = SPLIT_MARGIN) -
             if len(parts) > 1}  # fmt: skip
 
 
-def time_passes(run_pass: Callable[[int], object], largest: int, rounds: int) -> dict[int, float]:
-    """Seconds of one pass of each size 1..`largest`: the least of `rounds` timings, taken in
-    turns over the sizes (a moment of other work on the machine then slows one timing of
-    several sizes, not every timing of one), after one untimed pass of each (the first pass of
-    a size also builds its kernels)."""
-    for size in range(1, largest + 1):
-        run_pass(size)
+def time_passes(
+    run_pass: Callable[[int], object],
+    keys: Sequence[int],
+    rounds: int,
+    prepare: Callable[[int], object] = lambda _key: None,
+) -> dict[int, float]:
+    """Seconds of `run_pass(key)` for each key (a pass size, or a thread count that `prepare`
+    sets before each pass, untimed): the least of `rounds` timings, taken in turns over the keys
+    (a moment of other work on the machine then slows one timing of several keys, not every
+    timing of one), after one untimed pass of each (the first pass of a size also builds its
+    kernels)."""
+    for key in keys:
+        prepare(key)
+        run_pass(key)
     seconds: dict[int, float] = {}
     for _ in range(rounds):
-        for size in range(1, largest + 1):
+        for key in keys:
+            prepare(key)
             start = time.perf_counter()
-            run_pass(size)
+            run_pass(key)
             elapsed = time.perf_counter() - start
-            seconds[size] = min(seconds.get(size, elapsed), elapsed)
+            seconds[key] = min(seconds.get(key, elapsed), elapsed)
     return seconds
 
 
@@ -125,7 +133,7 @@ def measured_plan(
     estimate = (time.perf_counter() - start) * (rounds + 1) * (largest + 1) / 2
     if estimate > budget:
         return {}, f"forward passes whole (timing each size would take {estimate:.0f} s)"
-    seconds = time_passes(run_pass, largest, rounds)
+    seconds = time_passes(run_pass, range(1, largest + 1), rounds)
     plan = fastest_splits(seconds)
     rates = " ".join(f"{size}:{size / s:.1f}" for size, s in seconds.items())
     splits = ", ".join(f"{size} as {'+'.join(map(str, parts))}" for size, parts in plan.items())
@@ -177,17 +185,7 @@ def measured_threads(
     estimate = (time.perf_counter() - start) * (rounds + 1) * sum(most / k for k in counts)
     if estimate > budget:
         return most, f"{most} threads per pass (timing fewer would take {estimate:.0f} s)"
-    seconds: dict[int, float] = {}
-    for k in counts:  # each count's first pass untimed
-        set_threads(k)
-        run_pass()
-    for _ in range(rounds):  # in turns, as time_passes
-        for k in counts:
-            set_threads(k)
-            start = time.perf_counter()
-            run_pass()
-            elapsed = time.perf_counter() - start
-            seconds[k] = min(seconds.get(k, elapsed), elapsed)
+    seconds = time_passes(lambda _threads: run_pass(), counts, rounds, prepare=set_threads)
     chosen = efficient_threads(seconds)
     set_threads(chosen)
     efficiency = " ".join(f"{k}:{seconds[1] / (k * s):.2f}" for k, s in seconds.items())
