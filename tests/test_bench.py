@@ -688,7 +688,11 @@ def servers() -> set[int]:
 def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_verdicts(tmp_path):
     before = servers()
     out, seen, seconds = run_gpu_bench(tmp_path, "--budget", "20", "--layouts", "split", limit=90)
-    assert seconds < 20 + 15  # the budget, and the interpreter's start and exit around it
+    # The budget on the bench's own clock (its stack stopped), and the interpreter's start, the
+    # imports and the exit around it on the wall's.
+    results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert results["gpu"]["meta"]["seconds"] <= 20 + 8
+    assert seconds < 20 + 25
     assert servers() <= before  # its stack is stopped, and started only once
     assert max(seen) >= 1  # a row was in the file while the run was still going
     rows = [
@@ -702,7 +706,6 @@ def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_v
     verdicts = [line for line in out.splitlines() if line.startswith("VERDICT ")]
     assert len(verdicts) == 3, out
     assert "still to be measured" in verdicts[0]
-    assert json.loads((tmp_path / "benchmarks" / "results.json").read_text())["gpu"]["meta"]
 
 
 @pytest.mark.integration
@@ -710,7 +713,9 @@ def test_the_gpu_bench_measures_both_photo_sizes_through_the_split_layout(tmp_pa
     out, seen, seconds = run_gpu_bench(
         tmp_path, "--budget", "150", "--layouts", "split", "--seconds", "1", limit=240
     )
-    assert seconds < 150 + 15
+    results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
+    assert results["gpu"]["meta"]["seconds"] <= 150 + 8  # the budget, on the bench's own clock
+    assert seconds < 150 + 25
     rows = [
         json.loads(x)
         for x in (tmp_path / "benchmarks" / "gpu-rows.jsonl").read_text().split("\n")

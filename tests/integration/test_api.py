@@ -127,7 +127,7 @@ def test_huge_dimensions_are_refused_from_the_header_quickly(vit_stack):
     elapsed = time.monotonic() - start
     assert response.status_code == 422, response.text
     assert "inputs[0]" in response.json()["error"]
-    assert elapsed < 2.0
+    assert elapsed < 5.0  # refused from its header, never decoded
 
 
 def test_image_over_the_pixel_limit_is_422(vit_stack):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.server
 from collections.abc import Iterator
 
@@ -13,6 +14,10 @@ import numpy as np
 import pytest
 from sample_images import photos
 from stack import Stack, local_http_server
+
+# httpx's 5 s default timeout is short for real embeddings on a loaded 2-core CI machine.
+http_post = functools.partial(httpx.post, timeout=60)
+http_get = functools.partial(httpx.get, timeout=60)
 
 pytestmark = pytest.mark.integration
 
@@ -98,9 +103,9 @@ def openai_error(response: httpx.Response, status: int, fragment: str = "") -> d
 
 def test_openai_shape_and_same_vectors_as_embed(vit_stack):
     files = list(photos().values())[:3]
-    tei = httpx.post(f"{vit_stack.url}/embed", json={"inputs": [b64(f) for f in files]}).json()
+    tei = http_post(f"{vit_stack.url}/embed", json={"inputs": [b64(f) for f in files]}).json()
     for path in ("/v1/embeddings", "/embeddings"):
-        response = httpx.post(f"{vit_stack.url}{path}", json={"input": [b64(f) for f in files]})
+        response = http_post(f"{vit_stack.url}{path}", json={"input": [b64(f) for f in files]})
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["object"] == "list"
@@ -113,8 +118,8 @@ def test_openai_shape_and_same_vectors_as_embed(vit_stack):
 
 def test_openai_base64_is_little_endian_float32(vit_stack):
     image = b64(photos()["coffee.jpg"])
-    floats = httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": image}).json()
-    packed = httpx.post(
+    floats = http_post(f"{vit_stack.url}/v1/embeddings", json={"input": image}).json()
+    packed = http_post(
         f"{vit_stack.url}/v1/embeddings", json={"input": image, "encoding_format": "base64"}
     ).json()
     decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
@@ -123,34 +128,34 @@ def test_openai_base64_is_little_endian_float32(vit_stack):
 
 def test_openai_dimensions_truncate_and_renormalise(vit_stack):
     image = b64(photos()["coffee.jpg"])
-    full = httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": image}).json()
-    cut = httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": image, "dimensions": 8})
+    full = http_post(f"{vit_stack.url}/v1/embeddings", json={"input": image}).json()
+    cut = http_post(f"{vit_stack.url}/v1/embeddings", json={"input": image, "dimensions": 8})
     vector = np.array(cut.json()["data"][0]["embedding"])
     assert vector.shape == (8,)
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     head = np.array(full["data"][0]["embedding"][:8])
     np.testing.assert_allclose(vector, head / np.linalg.norm(head), rtol=1e-5)
     too_many = {"input": image, "dimensions": 33}
-    openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json=too_many), 422, "33")
+    openai_error(http_post(f"{vit_stack.url}/v1/embeddings", json=too_many), 422, "33")
     zero = {"input": image, "dimensions": 0}
-    openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json=zero), 422, "dimensions")
+    openai_error(http_post(f"{vit_stack.url}/v1/embeddings", json=zero), 422, "dimensions")
 
 
 def test_openai_model_is_checked_and_errors_use_openais_envelope(vit_stack):
     image = b64(photos()["coffee.jpg"])
     model = vit_stack.env["IMAGE_EMBEDDING_MODEL"]
-    ok = httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": image, "model": model})
+    ok = http_post(f"{vit_stack.url}/v1/embeddings", json={"input": image, "model": model})
     assert ok.status_code == 200
     wrong = {"input": image, "model": "text-embedding-3-small"}
     # An unknown model is OpenAI's 404 model_not_found (it was a 422 before several models).
-    error = openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json=wrong), 404, "not")
+    error = openai_error(http_post(f"{vit_stack.url}/v1/embeddings", json=wrong), 404, "not")
     assert error["type"] == "invalid_request_error"
     assert error["code"] == "model_not_found"
-    error = openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": []}), 400)
+    error = openai_error(http_post(f"{vit_stack.url}/v1/embeddings", json={"input": []}), 400)
     assert error["code"] == "Empty"
     bad = {"input": ["###"], "user": "u1"}
-    openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json=bad), 422, "inputs[0]")
-    openai_error(httpx.post(f"{vit_stack.url}/v1/embeddings", json={"input": 5}), 422, "input")
+    openai_error(http_post(f"{vit_stack.url}/v1/embeddings", json=bad), 422, "inputs[0]")
+    openai_error(http_post(f"{vit_stack.url}/v1/embeddings", json={"input": 5}), 422, "input")
 
 
 def test_openai_sdk_raises_our_errors(vit_stack):
@@ -170,7 +175,7 @@ def test_openai_sdk_raises_our_errors(vit_stack):
 
 
 def test_info(vit_stack):
-    info = httpx.get(f"{vit_stack.url}/info").json()
+    info = http_get(f"{vit_stack.url}/info").json()
     assert info["model_id"] == vit_stack.env["IMAGE_EMBEDDING_MODEL"]
     assert info["model_type"] == "vit"
     assert info["architecture"] == "ViTModel"
@@ -188,7 +193,7 @@ def test_info(vit_stack):
 
 
 def test_timing_headers(vit_stack):
-    response = httpx.post(f"{vit_stack.url}/embed", json={"inputs": b64(photos()["coffee.jpg"])})
+    response = http_post(f"{vit_stack.url}/embed", json={"inputs": b64(photos()["coffee.jpg"])})
     for header in ("x-total-time", "x-queue-time", "x-inference-time"):
         assert response.headers[header].isdigit()
     assert int(response.headers["x-total-time"]) >= int(response.headers["x-inference-time"])
@@ -198,11 +203,11 @@ def test_metrics_count_requests_and_images_across_workers(guarded_stack):
     # Four different photos: the content cache would answer a repeated one without Triton.
     for name in ("coffee.jpg", "chelsea.jpg", "rocket.jpg", "astronaut.jpg"):
         image = b64(photos()[name])  # two workers: requests land on both
-        response = httpx.post(
+        response = http_post(
             f"{guarded_stack.url}/embed", json={"inputs": [image, image]}, headers=auth()
         )
         assert response.status_code == 200
-    text = httpx.get(f"{guarded_stack.url}/metrics").text  # open without the key
+    text = http_get(f"{guarded_stack.url}/metrics").text  # open without the key
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -223,20 +228,20 @@ def test_metrics_count_requests_and_images_across_workers(guarded_stack):
 
 def test_api_key(guarded_stack):
     body = {"inputs": b64(photos()["coffee.jpg"])}
-    tei_error(httpx.post(f"{guarded_stack.url}/embed", json=body), 401, "Unauthorized")
-    wrong = httpx.post(f"{guarded_stack.url}/embed", json=body, headers=auth("nope"))
+    tei_error(http_post(f"{guarded_stack.url}/embed", json=body), 401, "Unauthorized")
+    wrong = http_post(f"{guarded_stack.url}/embed", json=body, headers=auth("nope"))
     tei_error(wrong, 401, "Unauthorized")
     assert wrong.headers["www-authenticate"] == "Bearer"
-    assert httpx.post(f"{guarded_stack.url}/embed", json=body, headers=auth()).status_code == 200
-    openai_error(httpx.post(f"{guarded_stack.url}/v1/embeddings", json={"input": "x"}), 401)
-    assert httpx.get(f"{guarded_stack.url}/info").status_code == 401
-    assert httpx.get(f"{guarded_stack.url}/health").status_code == 200
-    assert httpx.get(f"{guarded_stack.url}/metrics").status_code == 200
+    assert http_post(f"{guarded_stack.url}/embed", json=body, headers=auth()).status_code == 200
+    openai_error(http_post(f"{guarded_stack.url}/v1/embeddings", json={"input": "x"}), 401)
+    assert http_get(f"{guarded_stack.url}/info").status_code == 401
+    assert http_get(f"{guarded_stack.url}/health").status_code == 200
+    assert http_get(f"{guarded_stack.url}/metrics").status_code == 200
 
 
 def test_served_model_name(guarded_stack):
     body = {"input": b64(photos()["coffee.jpg"]), "model": "my-vit"}
-    response = httpx.post(f"{guarded_stack.url}/v1/embeddings", json=body, headers=auth())
+    response = http_post(f"{guarded_stack.url}/v1/embeddings", json=body, headers=auth())
     assert response.status_code == 200
     assert response.json()["model"] == "my-vit"
 
@@ -246,7 +251,7 @@ def test_served_model_name(guarded_stack):
 
 def test_payload_limit_is_413_before_the_body_is_read(guarded_stack):
     big = {"inputs": ["A" * (3 * 1024 * 1024)]}
-    response = httpx.post(f"{guarded_stack.url}/embed", json=big, headers=auth())
+    response = http_post(f"{guarded_stack.url}/embed", json=big, headers=auth())
     tei_error(response, 413, "Validation", "2097152 bytes")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it streams
@@ -255,13 +260,13 @@ def test_payload_limit_is_413_before_the_body_is_read(guarded_stack):
             yield b"A" * 65536
         yield b'"]}'
 
-    response = httpx.post(
+    response = http_post(
         f"{guarded_stack.url}/embed",
         content=chunks(),
         headers={**auth(), "content-type": "application/json"},
     )
     tei_error(response, 413, "Validation", "2097152 bytes")
-    openai = httpx.post(f"{guarded_stack.url}/v1/embeddings", json=big, headers=auth())
+    openai = http_post(f"{guarded_stack.url}/v1/embeddings", json=big, headers=auth())
     openai_error(openai, 413, "2097152 bytes")
 
 
@@ -269,13 +274,13 @@ def test_more_images_in_flight_than_allowed_is_429_at_once(guarded_stack):
     """8 images may be in flight per worker (and so at most 8 in one request): under a burst of
     concurrent requests some are refused at once while the others succeed."""
     image = b64(photos()["coffee.jpg"])
-    response = httpx.post(
-        f"{guarded_stack.url}/embed", json={"inputs": [image] * 9}, headers=auth()
-    )
+    response = http_post(f"{guarded_stack.url}/embed", json={"inputs": [image] * 9}, headers=auth())
     tei_error(response, 422, "Validation", "batch size 9 > maximum allowed batch size 8")
 
     async def burst() -> list[int]:
-        async with httpx.AsyncClient(base_url=guarded_stack.url, headers=auth()) as client:
+        async with httpx.AsyncClient(
+            base_url=guarded_stack.url, headers=auth(), timeout=60
+        ) as client:
             body = {"inputs": [image] * 6}
             answers = await asyncio.gather(*(client.post("/embed", json=body) for _ in range(12)))
         return [a.status_code for a in answers]
@@ -301,18 +306,18 @@ async def refused_answer(url: str, body: dict) -> httpx.Response:
 def test_url_inputs_equal_base64(guarded_stack, image_server):
     files = photos()
     body = {"inputs": [f"{image_server}/chelsea.jpg", b64(files["coffee.jpg"])]}
-    by_url = httpx.post(f"{guarded_stack.url}/embed", json=body, headers=auth()).json()
+    by_url = http_post(f"{guarded_stack.url}/embed", json=body, headers=auth()).json()
     body = {"inputs": [b64(files["chelsea.jpg"]), b64(files["coffee.jpg"])]}
-    by_value = httpx.post(f"{guarded_stack.url}/embed", json=body, headers=auth()).json()
+    by_value = http_post(f"{guarded_stack.url}/embed", json=body, headers=auth()).json()
     np.testing.assert_allclose(by_url, by_value, rtol=1e-6)
     redirected = {"inputs": f"{image_server}/redirect/chelsea.jpg"}
-    response = httpx.post(f"{guarded_stack.url}/embed", json=redirected, headers=auth())
+    response = http_post(f"{guarded_stack.url}/embed", json=redirected, headers=auth())
     np.testing.assert_allclose(response.json()[0], by_value[0], rtol=1e-6)
 
 
 def test_url_errors(guarded_stack, image_server):
     def post(url: str) -> httpx.Response:
-        return httpx.post(f"{guarded_stack.url}/embed", json={"inputs": [url]}, headers=auth())
+        return http_post(f"{guarded_stack.url}/embed", json={"inputs": [url]}, headers=auth())
 
     tei_error(post(f"{image_server}/missing.jpg"), 422, "Validation", "HTTP 404")
     tei_error(post(f"{image_server}/big.jpg"), 422, "Validation", "larger than 2097152 bytes")
@@ -321,7 +326,7 @@ def test_url_errors(guarded_stack, image_server):
 
 def test_private_urls_are_refused_by_default(vit_stack, image_server):
     def post(url: str) -> httpx.Response:
-        return httpx.post(f"{vit_stack.url}/embed", json={"inputs": [b64(b"x"), url]})
+        return http_post(f"{vit_stack.url}/embed", json={"inputs": [b64(b"x"), url]})
 
     tei_error(post(f"{image_server}/chelsea.jpg"), 422, "Validation", "not resolve to public")
     tei_error(post("http://[::1]:9/x.jpg"), 422, "Validation", "not resolve to public")
@@ -335,7 +340,7 @@ def test_private_urls_are_refused_by_default(vit_stack, image_server):
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x.jpg", "gopher://x/"])
 def test_other_schemes_are_refused_without_reading(vit_stack, url):
-    response = httpx.post(f"{vit_stack.url}/embed", json={"inputs": [url]})
+    response = http_post(f"{vit_stack.url}/embed", json={"inputs": [url]})
     tei_error(response, 422, "Validation", "is not allowed")
     assert "root:" not in response.text
 
@@ -345,7 +350,7 @@ def test_other_schemes_are_refused_without_reading(vit_stack, url):
 
 def test_truncate_options_are_accepted(vit_stack):
     body = {"inputs": b64(photos()["coffee.jpg"]), "truncate": True, "truncation_direction": "Left"}
-    assert httpx.post(f"{vit_stack.url}/embed", json=body).status_code == 200
+    assert http_post(f"{vit_stack.url}/embed", json=body).status_code == 200
 
 
 # --- fuzz ---------------------------------------------------------------------------------
@@ -368,8 +373,8 @@ def test_schema_driven_fuzz_finds_no_server_error(vit_stack):
 
 
 def test_docs_are_served(vit_stack):
-    assert httpx.get(f"{vit_stack.url}/docs").status_code == 200
-    paths = httpx.get(f"{vit_stack.url}/openapi.json").json()["paths"]
+    assert http_get(f"{vit_stack.url}/docs").status_code == 200
+    paths = http_get(f"{vit_stack.url}/openapi.json").json()["paths"]
     assert {"/embed", "/v1/embeddings", "/info", "/health", "/metrics"} <= set(paths)
 
 

@@ -39,12 +39,13 @@ def keyed_stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
 
 
 def test_the_page_is_open_and_its_api_calls_are_not(keyed_stack):
-    page = httpx.get(f"{keyed_stack.url}/")
+    page = httpx.get(f"{keyed_stack.url}/", timeout=60)
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert 'id="key"' in page.text and 'fetch("embed"' in page.text
-    assert httpx.get(f"{keyed_stack.url}/info").status_code == 401
-    assert "/" not in httpx.get(f"{keyed_stack.url}/openapi.json", headers=auth()).json()["paths"]
+    assert httpx.get(f"{keyed_stack.url}/info", timeout=60).status_code == 401
+    api = httpx.get(f"{keyed_stack.url}/openapi.json", headers=auth(), timeout=60).json()
+    assert "/" not in api["paths"]
 
 
 def auth() -> dict[str, str]:
@@ -136,9 +137,11 @@ def test_the_text_box_ranks_the_dropped_images_by_cosine(clip_stack, browser):
         "#ranking li", "items => items.map(i => [i.dataset.name, Number(i.dataset.score)])"
     )
     inputs = [base64.b64encode(p.read_bytes()).decode() for p in PHOTOS]
-    images = np.asarray(httpx.post(f"{clip_stack.url}/embed", json={"inputs": inputs}).json())
+    images = np.asarray(
+        httpx.post(f"{clip_stack.url}/embed", json={"inputs": inputs}, timeout=60).json()
+    )
     text = httpx.post(
-        f"{clip_stack.url}/embed", json={"inputs": [query], "modality": "text"}
+        f"{clip_stack.url}/embed", json={"inputs": [query], "modality": "text"}, timeout=60
     ).json()[0]
     scores = images @ np.asarray(text)
     order = np.argsort(-scores)

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -190,6 +191,31 @@ def fault_model_stack(tmp_path: Path, behaviour: str, **env: str) -> Stack:
     )
 
 
+def in_flight(stack: Stack) -> float:
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines()
+        if line.startswith("iei_requests_in_flight")
+    )  # fmt: skip
+
+
+def refuses_connections(stack: Stack) -> bool:
+    host, port = stack.url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def until(condition, what: str, seconds: float = 20.0) -> None:
+    """Poll `condition` (blocking calls, in a thread: the test's requests run on this loop)."""
+    deadline = time.monotonic() + seconds
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, f"not in {seconds} s: {what}"
+        await asyncio.sleep(0.05)
+
+
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
     stack = fault_model_stack(tmp_path, "sleep:2").start(timeout=120)
 
@@ -198,9 +224,10 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
             accepted = [
                 asyncio.create_task(client.post("/embed", json={"inputs": IMAGE})) for _ in range(6)
             ]
-            await asyncio.sleep(0.5)  # all six are in the model's 2 s sleep now
+            # All six in the model's 2 s sleep (the scrape counts itself too), then the signal.
+            await until(lambda: in_flight(stack) >= 7, "the six requests in flight")
             stack.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(1.0)
+            await until(lambda: refuses_connections(stack), "the port closed")
             late = []
             try:
                 response = await client.post("/embed", json={"inputs": IMAGE})
@@ -223,7 +250,7 @@ def test_a_slow_model_ends_in_504_at_the_request_timeout(tmp_path):
         elapsed = time.monotonic() - started
         assert response.status_code == 504
         assert response.json()["error_type"] == "Timeout"
-        assert elapsed < 3
+        assert elapsed < 5  # at the 1 s timeout, not after the model's 6 s
     finally:
         assert stack.stop() == 0
 

@@ -178,11 +178,14 @@ def test_the_frontend_without_triton_answers_503_json(tmp_path):
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
+        deadline = time.monotonic() + 60  # its imports and start-up, on a loaded machine
+        while True:
+            assert process.poll() is None, "the frontend exited"
             try:
-                health = httpx.get(f"{url}/health")
+                health = httpx.get(f"{url}/health", timeout=10)
                 break
             except httpx.ConnectError:
+                assert time.monotonic() < deadline, "the frontend never listened"
                 time.sleep(0.1)
         assert health.status_code == 503
         assert health.json()["error_type"] == "Unhealthy"

@@ -54,25 +54,30 @@ def test_raw_bodies_and_forms_equal_json_and_the_reference(vit_stack, model_dirs
 
     # options as a query parameter and as a form field: raw vectors
     raw = vectors(
-        httpx.post(f"{url}?normalize=false", content=jpeg, headers={"content-type": "image/jpeg"})
+        httpx.post(
+            f"{url}?normalize=false",
+            content=jpeg,
+            headers={"content-type": "image/jpeg"},
+            timeout=60,
+        )
     )
     form_raw = vectors(httpx.post(url, files=form[:1], data={"normalize": "false"}, timeout=60))
     assert abs(np.linalg.norm(raw) - 1) > 1e-3  # not unit length: the option was applied
     np.testing.assert_allclose(raw / np.linalg.norm(raw), raw_jpeg, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(form_raw, vectors(httpx.post(
-        url, json={"inputs": [base64.b64encode(three[0]).decode()], "normalize": False}
+        url, json={"inputs": [base64.b64encode(three[0]).decode()], "normalize": False}, timeout=60
     )), rtol=1e-6, atol=1e-7)  # fmt: skip
 
 
 def test_a_bad_upload_is_a_clear_4xx(vit_stack):
     url = f"{vit_stack.url}/embed"
-    response = httpx.post(url, files=[("file", ("a.jpg", photos()["chelsea.jpg"])),
-                                      ("file", ("notes.txt", b"not an image"))])  # fmt: skip
+    files = [("file", ("a.jpg", photos()["chelsea.jpg"])), ("file", ("notes.txt", b"not an image"))]
+    response = httpx.post(url, files=files, timeout=60)
     assert response.status_code == 422
     assert response.json()["error"].startswith("inputs[1] (notes.txt): not an image")
-    response = httpx.post(url, content=b"", headers={"content-type": "image/jpeg"})
+    response = httpx.post(url, content=b"", headers={"content-type": "image/jpeg"}, timeout=60)
     assert (response.status_code, response.json()["error_type"]) == (400, "Empty")
-    response = httpx.post(url, content=b"x", headers={"content-type": "text/plain"})
+    response = httpx.post(url, content=b"x", headers={"content-type": "text/plain"}, timeout=60)
     assert response.status_code == 415 and "not supported" in response.json()["error"]
 
 

@@ -220,11 +220,10 @@ async def test_the_first_failed_chunk_cancels_the_unsent_ones_and_outlives_the_s
     started = time.monotonic()
     with pytest.raises(InvalidInput, match=r"inputs\[0\]: bad"):
         await triton.embed([bytes([i]) for i in range(4)])
-    assert time.monotonic() - started < 0.5  # the request fails at once
+    assert time.monotonic() - started < 1.0  # the request fails at once, before a chunk's 1 s
     # chunk 1 (and chunk 2, when it took chunk 0's turn first) runs on, counted in the work
     assert work.running == fake.in_flight >= 1
-    await asyncio.sleep(1.5)
-    assert (fake.in_flight, work.running) == (0, 0)
+    await eventually(lambda: (fake.in_flight, work.running) == (0, 0))
     assert len(fake.chunks) <= 2  # the last chunks were never sent
 
 
@@ -243,7 +242,7 @@ async def test_a_probe_that_cannot_finish_in_time_says_not_ready_in_time(monkeyp
     triton = triton_client_with(FakeTriton(delay=30), concurrency=4)
     started = time.monotonic()
     assert not await triton.is_ready()
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # at its timeout, not the fake's 30 s
 
 
 class QueueFull(FakeTriton):
@@ -668,7 +667,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_bytes(
         assert response.status_code == 408
         assert response.json()["error_type"] == "Timeout"
         assert "IEI_BODY_READ_TIMEOUT" in response.json()["error"]
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5  # at its 0.3 s timeout, not never
         assert bodies.used == 0
         assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
 
