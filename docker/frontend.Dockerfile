@@ -4,7 +4,6 @@ FROM python:3.11.13-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    IEI_WORKERS=2 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/iei-metrics
 
 WORKDIR /tmp/iei-src
@@ -20,5 +19,6 @@ USER 10001
 EXPOSE 8000
 # Workers are processes: their Prometheus metrics meet in PROMETHEUS_MULTIPROC_DIR, created
 # fresh at each start (on /tmp, so the root filesystem can stay read-only). The flags are those
-# that `iei serve` gives uvicorn (frontend/iei/launcher/frontend.py, uvicorn_arguments).
-CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"${IEI_WORKERS:-2}\" --timeout-graceful-shutdown 30 --no-access-log"]
+# that `iei serve` gives uvicorn (frontend/iei/launcher/frontend.py, uvicorn_arguments), and
+# IEI_WORKERS=auto (or unset) is its count for a host without a GPU, as this container is.
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && case \"${IEI_WORKERS:-auto}\" in [Aa][Uu][Tt][Oo]) IEI_WORKERS=2 ;; esac && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$IEI_WORKERS\" --timeout-graceful-shutdown 30 --no-access-log"]

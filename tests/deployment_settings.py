@@ -5,6 +5,7 @@ few the deployment itself fixes."""
 from __future__ import annotations
 
 from iei import settings as table
+from iei.launcher.frontend import auto_workers
 
 # Fixed by the deployment, not the operator's to set: where Triton listens and where the frontend
 # finds it, and the model repository baked into the Triton image.
@@ -47,7 +48,9 @@ def frontend_worst_case_mib(settings: dict[str, str]) -> float:
     def value(variable: str) -> int:
         entry = table.by_env(variable)
         assert entry is not None, variable
-        return int(settings.get(variable) or entry.default)
+        given = settings.get(variable) or entry.default
+        # The frontend image sees no GPU: its command counts IEI_WORKERS=auto as iei serve would.
+        return auto_workers(cores=1, gpus=0) if given == "auto" else int(given)
 
     per_worker = (
         PROCESS_BASELINE_MIB * 2**20

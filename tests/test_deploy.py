@@ -23,6 +23,7 @@ import yaml
 from deployment_settings import frontend_container, triton_container
 from google.protobuf import text_format
 from iei import settings as table
+from iei.launcher.frontend import CPU_HOST_WORKERS, auto_workers
 from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_process import triton_command
@@ -82,7 +83,9 @@ def split_layout_shm_gib(gpus: int) -> float:
     from iei import settings as table
     from iei.launcher.repository import PREPROCESS_PER_GPU, split_layout_shm_bytes
 
-    in_flight = table.SETTINGS["workers"].default * table.SETTINGS["max_concurrent_images"].default
+    assert table.SETTINGS["workers"].default == "auto"  # 2 in the frontend's container: no GPU
+    workers = auto_workers(cores=1, gpus=0)
+    in_flight = workers * table.SETTINGS["max_concurrent_images"].default
     needed = split_layout_shm_bytes(
         gpus=gpus, preprocess_instances=PREPROCESS_PER_GPU * gpus, images_in_flight=in_flight
     )
@@ -255,7 +258,38 @@ def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
     assert command[command.index("--port") + 1] == container_port
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert "iei.server.app:create_app" in command and "--factory" in command
-    assert command[command.index("--workers") + 1] == "${IEI_WORKERS:-2}"  # empty: the default
+    assert command[command.index("--workers") + 1] == "$IEI_WORKERS"
+
+
+@pytest.mark.parametrize(
+    ("value", "workers"),
+    [
+        (None, CPU_HOST_WORKERS),
+        ("", CPU_HOST_WORKERS),
+        ("auto", CPU_HOST_WORKERS),
+        ("AUTO", 2),
+        ("3", 3),
+    ],
+)
+def test_the_frontend_images_command_counts_workers_as_iei_serve_does(tmp_path, value, workers):
+    """The image's shell command, run with a stand-in uvicorn: IEI_WORKERS=auto (or unset, or
+    empty as compose passes it) is `iei serve`'s count for a host without a GPU."""
+    (tmp_path / "bin").mkdir()
+    uvicorn = tmp_path / "bin" / "uvicorn"
+    uvicorn.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    uvicorn.chmod(0o755)
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "m"),
+    }
+    if value is not None:
+        env["IEI_WORKERS"] = value
+    out = subprocess.run(cmd_of("frontend.Dockerfile"), env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    arguments = out.stdout.split("\n")
+    assert arguments[arguments.index("--workers") + 1] == str(workers)
+    assert auto_workers(cores=64, gpus=0) == CPU_HOST_WORKERS
+    assert (tmp_path / "m").is_dir()
 
 
 def test_the_cpu_variant_has_no_gpu_and_renders_cpu_instances(triton, monkeypatch, tmp_path):

@@ -98,7 +98,7 @@ def test_environment(monkeypatch):
     settings = LauncherSettings()
     assert settings.embedding_model == "/models/vit"
     assert (settings.host, settings.port) == ("::", 9000)
-    assert settings.workers == 4
+    assert settings.workers == "4"
     assert settings.concurrency_level == 8
     assert settings.triton_endpoint == "triton:8000"
     assert settings.dtype == "bfloat16"
@@ -116,7 +116,7 @@ def test_a_limit_that_counts_images_is_named_for_images_and_its_old_name_still_w
 
 def test_empty_variables_mean_default(monkeypatch):
     monkeypatch.setenv("IEI_WORKERS", "")
-    assert LauncherSettings().workers == 2
+    assert LauncherSettings().workers == "auto"
 
 
 @pytest.mark.parametrize(
@@ -217,8 +217,8 @@ def test_only_the_documented_names_and_aliases_are_read_by_the_frontend_and_laun
     monkeypatch.setenv("IEI_MAX_CONCURRENT_REQUESTS", "99")  # the older name of ..._IMAGES
     settings = LauncherSettings()
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
-    assert (settings.workers, settings.max_concurrent_images) == (3, 99)
-    assert LauncherSettings(workers=5).workers == 5  # code may still pass the field's name
+    assert (settings.workers, settings.max_concurrent_images) == ("3", 99)
+    assert LauncherSettings(workers="5").workers == "5"  # code may still pass the field's name
 
 
 def test_only_the_documented_names_are_read_by_the_model():

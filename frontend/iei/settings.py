@@ -59,7 +59,9 @@ _SETTINGS = [
         "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,), "`host:port` of the HTTP frontend",
     )),
     ("workers", Setting(
-        "IEI_WORKERS", 2, "int", (LAUNCHER,), "uvicorn worker processes of the frontend",
+        "IEI_WORKERS", "auto", "str", (LAUNCHER,),
+        "uvicorn worker processes of the frontend; `auto`: 2, or on a GPU host one per 2 cores "
+        "(2 to 16: there the frontend's CPU, not the model, bounds single-image requests)",
     )),
     ("concurrency_level", Setting(
         "IEI_CONCURRENCY_LEVEL", 32, "int", (SERVER,),

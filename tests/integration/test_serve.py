@@ -94,8 +94,12 @@ def test_invalid_settings_are_named():
 
 
 def test_sigint_stops_triton_and_the_frontend(model_dirs, tmp_path):
-    stack = Stack(model_dirs["vit"], tmp_path / "serve.log").start()
+    stack = Stack(model_dirs["vit"], tmp_path / "serve.log", IEI_WORKERS="auto").start()
     assert httpx.get(f"{stack.url}/health").status_code == 200
+    # the workers counted from the host, and said: 2 where no GPU is visible
+    assert re.search(
+        r"frontend: (2 worker\(s\) \(auto: no GPU|\d+ worker\(s\) \(auto: \d+ GPU)", stack.log()
+    )
     assert stack.stop(signal.SIGINT) == 0  # raises if any process is left behind
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{stack.url}/health")

@@ -15,12 +15,40 @@ import httpx
 from .addresses import dial_endpoint, local_client
 from .errors import TritonStartupError
 from .processes import die_with_parent, stop_process
+from .repository import available_cores, gpu_count
 from .settings import LauncherSettings
 
 # Seconds uvicorn gives requests in flight to finish after SIGTERM.
 GRACEFUL_SHUTDOWN = 30
 # The ASGI application every worker builds (docker/frontend.Dockerfile runs the same).
 APP_FACTORY = "iei.server.app:create_app"
+
+
+# IEI_WORKERS=auto. A worker is one event loop, and it spends 1.1-1.4 ms of CPU on a single-image
+# request (bench/notes.py: 16 concurrent uploads, 2-core EPYC), so it answers at most about 800 of
+# them a second. Where the CPU runs the model, the forward pass is the bound long before that, and
+# every worker keeps a content cache and limits of its own: 2 workers. Where a GPU runs it, the
+# frontend's CPU sets the rate (5,000 single images a second need 6 to 7 workers): a worker per 2
+# cores, the other half left to Triton, the preprocessing stubs and the encoders' own CPU work.
+CPU_HOST_WORKERS = 2
+GPU_HOST_CORES_PER_WORKER = 2
+MAX_AUTO_WORKERS = 16
+
+
+def auto_workers(cores: int, gpus: int) -> int:
+    """The frontend's worker processes for IEI_WORKERS=auto on a host with `cores` and `gpus`."""
+    if gpus == 0:
+        return CPU_HOST_WORKERS
+    return max(CPU_HOST_WORKERS, min(MAX_AUTO_WORKERS, cores // GPU_HOST_CORES_PER_WORKER))
+
+
+def frontend_workers(settings: LauncherSettings) -> tuple[int, str]:
+    """IEI_WORKERS as a count, and how it was chosen (for the log)."""
+    if settings.workers != "auto":
+        return int(settings.workers), "IEI_WORKERS"
+    cores, gpus = available_cores(settings.repository), gpu_count()
+    where = f"{gpus} GPU(s), {cores} cores" if gpus else "no GPU"
+    return auto_workers(cores, gpus), f"auto: {where}"
 
 
 def uvicorn_arguments(host: str, port: int, workers: int | str) -> list[str]:
@@ -41,6 +69,7 @@ class Frontend:
         self.metrics_dir = work_dir / "metrics"
         self.process: subprocess.Popen[bytes] | None = None
         self.stop_requested = False
+        self.workers, self.workers_chosen_by = frontend_workers(settings)
 
     @property
     def local_url(self) -> str:
@@ -50,7 +79,7 @@ class Frontend:
         settings = self.settings
         command = [
             sys.executable, "-m", "uvicorn",
-            *uvicorn_arguments(settings.host, settings.port, settings.workers),
+            *uvicorn_arguments(settings.host, settings.port, self.workers),
         ]  # fmt: skip
         # Workers are processes: their metrics meet in files that /metrics adds up.
         self.metrics_dir.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
     )
     if with_frontend:
         frontend = Frontend(settings, settings.triton_endpoint, work_dir)
+        log.info("frontend: %d worker(s) (%s)", frontend.workers, frontend.workers_chosen_by)
         # This process counts the unloads it decides in the frontend's /metrics (the workers'
         # multiprocess files): prometheus-client reads this when it is first imported.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(frontend.metrics_dir)

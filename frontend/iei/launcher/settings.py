@@ -16,10 +16,13 @@ from ..settings import setting
 from .addresses import check_listen_address, dial_endpoint
 from .repository import ModelPlan, render_model_repository, shipped_model_repository
 
+# uvicorn worker processes at most (IEI_WORKERS).
+MAX_WORKERS = 64
+
 
 class LauncherSettings(ServerSettings):
     bind: str = setting("bind")
-    workers: int = setting("workers", ge=1, le=64)
+    workers: str = setting("workers")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = setting("dtype")
     engine: Literal["auto", "torch", "onnxruntime", "openvino"] = setting("engine")
     engine_cache: Path | None = setting("engine_cache")
@@ -60,6 +63,14 @@ class LauncherSettings(ServerSettings):
         value = value.strip().lower()
         if value != "auto" and not (value.isdigit() and int(value) >= 1):
             raise ValueError(f"expected auto or a positive integer, got {value!r}")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value.isdigit() and 1 <= int(value) <= MAX_WORKERS):
+            raise ValueError(f"expected auto or a count from 1 to {MAX_WORKERS}, got {value!r}")
         return value
 
     @model_validator(mode="after")
