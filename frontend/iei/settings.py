@@ -203,7 +203,9 @@ _SETTINGS = [
     )),
     ("triton_instances", Setting(
         "IEI_TRITON_INSTANCES", None, "int", (LAUNCHER,),
-        "model instances per GPU, or on the CPU (CPU threads are shared between them)",
+        "model instances per GPU, or on the CPU (CPU threads are shared between them); by "
+        "default 1, and 2 per GPU for the split layout's encoder (one's CPU work overlaps the "
+        "other's forward pass)",
         shown_default="`1`",
     )),
     ("triton_max_queue_size", Setting(

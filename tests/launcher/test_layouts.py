@@ -11,7 +11,11 @@ from google.protobuf import text_format
 from iei.contract import MODEL_NAME, STAGE_MODEL_NAMES, TEXT_MODEL_NAME
 from iei.launcher import models
 from iei.launcher.errors import TritonStartupError
-from iei.launcher.repository import render_model_repository, shipped_model_repository
+from iei.launcher.repository import (
+    ENCODERS_PER_GPU,
+    render_model_repository,
+    shipped_model_repository,
+)
 from iei.launcher.settings import LauncherSettings
 from tritonclient.grpc import model_config_pb2
 
@@ -68,7 +72,9 @@ def test_the_split_render_makes_iei_the_ensemble_of_its_steps(tmp_path):
 
     preprocess, encoder = (read(repository / m / "config.pbtxt") for m in STAGE_MODEL_NAMES)
     assert [(g.kind, g.count) for g in preprocess.instance_group] == [(KIND.KIND_CPU, 5)]
-    assert [g.kind for g in encoder.instance_group] == [KIND.KIND_GPU]
+    # two encoders per GPU: one's CPU work overlaps the other's forward pass
+    assert [(g.kind, g.count) for g in encoder.instance_group] == [(KIND.KIND_GPU, 2)]
+    assert ENCODERS_PER_GPU == encoder.instance_group[0].count  # as the shm arithmetic counts
     # Both steps queue with priorities (probes first) and drop what waited too long.
     for step in (preprocess, encoder):
         assert step.max_batch_size >= ensemble.max_batch_size
@@ -80,6 +86,16 @@ def test_the_split_render_makes_iei_the_ensemble_of_its_steps(tmp_path):
     consumed = {i.name: (i.data_type, list(i.dims)) for i in encoder.input}
     assert set(first.output_map) == set(produced) and set(second.input_map) == set(consumed)
     assert produced == consumed
+
+
+def test_iei_triton_instances_sets_the_encoders_per_gpu_and_the_single_layout_keeps_one(tmp_path):
+    one = LauncherSettings(triton_layout="split", triton_instances=1)
+    repository = one.render(tmp_path / "one", gpus=1, layout="split")
+    encoder = read(repository / STAGE_MODEL_NAMES[1] / "config.pbtxt")
+    assert [(g.kind, g.count) for g in encoder.instance_group] == [(KIND.KIND_GPU, 1)]
+    single = render_model_repository(SHIPPED, tmp_path / "single", gpus=1, instances=None)
+    model = read(single / MODEL_NAME / "config.pbtxt")
+    assert [(g.kind, g.count) for g in model.instance_group] == [(KIND.KIND_GPU, 1)]
 
 
 def test_the_split_render_on_a_cpu_host_counts_preprocessing_from_the_cores(tmp_path):

@@ -161,6 +161,8 @@ def default_preprocess_instances(repository: Path, gpus: int) -> int:
 # file (the GPU decodes it) or as the processor's uint8 (3, H, W) output.
 LARGE_PHOTO_BYTES = 4 * 2**20
 EXECUTION_IMAGES = 64  # max_batch_size of iei_preprocess and iei_encoder
+# iei_encoder's instances per GPU in the shipped config (a test checks that they agree).
+ENCODERS_PER_GPU = 2
 
 
 def split_layout_shm_bytes(
@@ -176,7 +178,8 @@ def split_layout_shm_bytes(
 
     - A preprocessing stub executing 64 photos holds them as its input, then as its output (the
       JPEG files passed on; or the pixels of files PIL decodes: less): 2 x 64 x photo_bytes.
-    - An encoder stub (one per GPU) holds 64 files and 64 x 3 x side x side uint8 pixels.
+    - An encoder stub (ENCODERS_PER_GPU per GPU) holds 64 files and 64 x 3 x side x side uint8
+      pixels.
     - Only executing requests are in shared memory (queued ones wait in Triton's own memory), and
       no more photos execute than the frontends let in flight (IEI_WORKERS x
       IEI_MAX_CONCURRENT_IMAGES): the preprocessing stubs busy at once are the fewer of the two.
@@ -184,7 +187,7 @@ def split_layout_shm_bytes(
     pixels = EXECUTION_IMAGES * 3 * pixels_side * pixels_side
     busy = min(preprocess_instances, max(1, images_in_flight // EXECUTION_IMAGES))
     preprocess = busy * 2 * EXECUTION_IMAGES * photo_bytes
-    encoders = max(1, gpus) * (EXECUTION_IMAGES * photo_bytes + pixels)
+    encoders = ENCODERS_PER_GPU * max(1, gpus) * (EXECUTION_IMAGES * photo_bytes + pixels)
     return preprocess + encoders
 
 
