@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.gpu                     # every layout, at most 8 minutes
     .venv/bin/python -m bench.gpu --layouts split     # one layout
+    .venv/bin/python -m bench.gpu --layouts split,split/1   # two encoders per GPU against one
     .venv/bin/python -m bench.gpu --model vit-tiny --budget 60 --out /tmp/x   # the tool itself
 
 ViT-B/16 (random weights: the real cost) in the precision `IEI_DTYPE=auto` picks (fp16 on a GPU):
@@ -276,15 +277,30 @@ def decoded_cosine(model_dir: Path, sets: dict[str, list[bytes]]) -> dict:
 
 
 def load_plan(layouts: list[str], sets: list[str]) -> list[tuple[str, str, str, int, int]]:
-    """Every served load in the order measured: (layout, set, path, per request, concurrency)."""
-    loads = LOADS[device().type]
+    """Every served load in the order measured: (layout, set, path, per request, concurrency).
+    A layout with an instance count (`split/1`) is a comparison with the default's: the first
+    photo set's `/embed` loads only, and only on a GPU (a CPU host runs one encoder anyway)."""
+    kind = device().type
+    loads = LOADS[kind]
     return [
         (layout, name, path, per_request, concurrency)
         for layout in layouts
-        for name in sets
+        if kind == "cuda" or "/" not in layout
+        for name in (sets[:1] if "/" in layout else sets)
         for path, per_request, concurrencies in loads
+        if path == "embed" or "/" not in layout
         for concurrency in concurrencies
     ]
+
+
+def layout_environ(layout: str) -> dict[str, str]:
+    """The stack's settings for a `--layouts` entry: `split`, or `split/1` (IEI_TRITON_INSTANCES
+    too: the split layout's encoders per GPU)."""
+    name, _, instances = layout.partition("/")
+    environ = {"IEI_TRITON_LAYOUT": name, "IEI_ENGINE": "torch"}
+    if instances:
+        environ["IEI_TRITON_INSTANCES"] = instances
+    return environ
 
 
 def start_load(
@@ -333,15 +349,16 @@ def serve_and_measure(
                 skip(rows, step, "the budget ran out before this layout started")
             continue
         log(f"{layout} layout: starting ({budget.left():.0f} s of the budget left)")
-        environ = {"IEI_TRITON_LAYOUT": layout, "IEI_ENGINE": "torch"}
+        environ = layout_environ(layout)
         if device().type != "cuda":
             environ["IEI_JPEG_DECODER"] = "torchvision"  # the GPU decoder's CPU stand-in
         started = max(10.0, budget.left() - budget.reserve)
-        stack = BudgetedStack(model_dir, work / f"{layout}.log", started, **environ)
+        log_path = work / f"{layout.replace('/', '-')}.log"
+        stack = BudgetedStack(model_dir, log_path, started, **environ)
         try:
             stack.__enter__()  # started once here; `with stack` below would start it again
         except RuntimeError as exc:  # not healthy within the budget, or it exited
-            tail = (work / f"{layout}.log").read_text(errors="replace")[-3000:]
+            tail = log_path.read_text(errors="replace")[-3000:]
             log(f"{layout} layout did not start: {exc}\n{tail}")
             for step in steps:
                 skip(rows, step, f"the {layout} layout did not start within the budget")
@@ -424,7 +441,25 @@ def verdicts(part: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("VERDICT decoded_cosine_min=not measured (the budget ran out)")
+    lines.append(encoders_verdict(embed))
     return lines
+
+
+def encoders_verdict(embed: list[tuple[str, str, dict]]) -> str:
+    """Two encoders per GPU (the split layout's default) against one (`split/1`): the best
+    `/embed` rate of each on the photo set both measured."""
+    best: dict[tuple[str, str], float] = {}
+    for layout, name, x in embed:
+        best[layout, name] = max(best.get((layout, name), 0.0), x["img_s"])
+    shared = [name for (layout, name) in best if layout == "split/1" and ("split", name) in best]
+    if not shared:
+        return "VERDICT encoders_per_gpu=not measured (run with --layouts split,split/1)"
+    name = shared[0]
+    two, one = best["split", name], best["split/1", name]
+    return (
+        f"VERDICT encoders_per_gpu={2 if two >= one else 1} (split layout, {name} photos, best "
+        f"/embed: 2 per GPU {two:.1f} img/s, 1 per GPU {one:.1f} img/s): the default is 2"
+    )
 
 
 def run(args: argparse.Namespace, work: Path, budget: Budget, rows: Rows) -> dict:
@@ -481,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--layouts", default="split,single", help="IEI_TRITON_LAYOUT values to serve, in turn"
+        "--layouts",
+        default="split,single,split/1",
+        help="IEI_TRITON_LAYOUT values to serve, in turn (split/1: with IEI_TRITON_INSTANCES=1)",
     )
     parser.add_argument("--sets", default="web,12mp", help=f"photo sets: {', '.join(PHOTO_SETS)}")
     parser.add_argument("--model", default="vit-base", choices=sorted(MODELS))

@@ -641,7 +641,9 @@ def test_the_gpu_bench_s_verdicts_name_rate_ratio_and_decoding_cosine():
     lines = gpu.verdicts(part)
     assert [line.split("=")[0] for line in lines] == [
         "VERDICT embed_img_s", "VERDICT embed_to_inprocess", "VERDICT decoded_cosine_min",
+        "VERDICT encoders_per_gpu",
     ]  # fmt: skip
+    assert "not measured" in lines[3]  # no split/1 in this run
     assert lines[0].startswith("VERDICT embed_img_s=7000.0 (split layout, web photos")
     assert lines[0].endswith(": yes") and "embed_to_inprocess=0.70" in lines[1]
     assert "decoded_cosine_min=0.99910 (nvimagecodec on cuda" in lines[2]
@@ -650,6 +652,40 @@ def test_the_gpu_bench_s_verdicts_name_rate_ratio_and_decoding_cosine():
     on_a_cpu["served"] = {}
     lines = gpu.verdicts(on_a_cpu)
     assert "not measured" in lines[0] and "still to be measured" in lines[0]
+
+
+def test_the_gpu_bench_compares_two_encoders_per_gpu_with_one_on_a_gpu_only(monkeypatch):
+    """`split/1`: the split layout with IEI_TRITON_INSTANCES=1, on the first photo set's /embed
+    loads, against the default's two encoders; its verdict names the faster."""
+    import torch
+
+    from bench import gpu
+
+    monkeypatch.setattr(gpu, "device", lambda: torch.device("cuda"))
+    plan = gpu.load_plan(["split", "split/1"], ["web", "12mp"])
+    compared = [step for step in plan if step[0] == "split/1"]
+    assert compared and {(s[1], s[2]) for s in compared} == {("web", "embed")}
+    assert {s[1] for s in plan if s[0] == "split"} == {"web", "12mp"}
+    assert gpu.layout_environ("split/1") == {
+        "IEI_TRITON_LAYOUT": "split", "IEI_ENGINE": "torch", "IEI_TRITON_INSTANCES": "1",
+    }  # fmt: skip
+    assert "IEI_TRITON_INSTANCES" not in gpu.layout_environ("split")
+    monkeypatch.setattr(gpu, "device", lambda: torch.device("cpu"))
+    assert {s[0] for s in gpu.load_plan(["split", "split/1"], ["web"])} == {"split"}
+
+    part = gpu_part("NVIDIA H100", 7000.0)
+    slower = gpu_part("NVIDIA H100", 5000.0)["served"]["split"]["500x375"]
+    part["served"] = {
+        "split": {"web": part["served"]["split"]["500x375"]},
+        "split/1": {"web": slower},
+    }
+    verdict = gpu.verdicts(part)[-1]
+    assert verdict.startswith("VERDICT encoders_per_gpu=2 (split layout, web photos")
+    assert "2 per GPU 7000.0 img/s, 1 per GPU 5000.0 img/s" in verdict
+    part["served"]["split/1"] = {
+        "web": gpu_part("NVIDIA H100", 9000.0)["served"]["split"]["500x375"]
+    }
+    assert gpu.verdicts(part)[-1].startswith("VERDICT encoders_per_gpu=1 ")
 
 
 def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
@@ -704,7 +740,7 @@ def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_v
     # What the budget left time for (a faster CPU measures a served load too).
     assert {r["kind"] for r in rows[1:]} <= {"decoded_cosine", "skipped", "served"}
     verdicts = [line for line in out.splitlines() if line.startswith("VERDICT ")]
-    assert len(verdicts) == 3, out
+    assert len(verdicts) == 4, out
     assert "still to be measured" in verdicts[0]
 
 

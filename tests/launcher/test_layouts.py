@@ -74,7 +74,7 @@ def test_the_split_render_makes_iei_the_ensemble_of_its_steps(tmp_path):
     assert [(g.kind, g.count) for g in preprocess.instance_group] == [(KIND.KIND_CPU, 5)]
     # two encoders per GPU: one's CPU work overlaps the other's forward pass
     assert [(g.kind, g.count) for g in encoder.instance_group] == [(KIND.KIND_GPU, 2)]
-    assert ENCODERS_PER_GPU == encoder.instance_group[0].count  # as the shm arithmetic counts
+    assert encoder.instance_group[0].count == ENCODERS_PER_GPU  # as the shm arithmetic counts
     # Both steps queue with priorities (probes first) and drop what waited too long.
     for step in (preprocess, encoder):
         assert step.max_batch_size >= ensemble.max_batch_size
