@@ -20,5 +20,6 @@ EXPOSE 8000
 # Workers are processes: their Prometheus metrics meet in PROMETHEUS_MULTIPROC_DIR, created
 # fresh at each start (on /tmp, so the root filesystem can stay read-only). The flags are those
 # that `iei serve` gives uvicorn (frontend/iei/launcher/frontend.py, uvicorn_arguments), and
-# IEI_WORKERS=auto (or unset) is its count for a host without a GPU, as this container is.
-CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && case \"${IEI_WORKERS:-auto}\" in [Aa][Uu][Tt][Oo]) IEI_WORKERS=2 ;; esac && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$IEI_WORKERS\" --timeout-graceful-shutdown 30 --no-access-log"]
+# IEI_WORKERS=auto (or unset), read as iei serve reads it, is its count for a host without a GPU,
+# as this container is.
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && workers=$(printf %s \"${IEI_WORKERS:-auto}\" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]') && case \"$workers\" in auto|'') workers=2 ;; esac && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$workers\" --timeout-graceful-shutdown 30 --no-access-log"]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -25,6 +25,16 @@ IEI = Path(sys.executable).parent / "iei"
 # may count one of those too, but not in every window. Such a test runs its window up to this many
 # times for the exact count; a real miscount shows in all of them.
 COUNTING_WINDOWS = 3
+
+
+def count_reaching(count: Callable[[], int], least: int, seconds: float = 5.0) -> int:
+    """`count()` once it is at least `least`, or its value after `seconds`: Triton updates its
+    statistics just after it answers, so a count read at once may lag the last response."""
+    deadline = time.monotonic() + seconds
+    while (value := count()) < least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
 
 _HANDED_OUT: set[int] = set()
 

@@ -681,7 +681,10 @@ def test_the_gpu_bench_compares_two_encoders_per_gpu_with_one_on_a_gpu_only(monk
     }
     verdict = gpu.verdicts(part)[-1]
     assert verdict.startswith("VERDICT encoders_per_gpu=2 (split layout, web photos")
-    assert "2 per GPU 7000.0 img/s, 1 per GPU 5000.0 img/s" in verdict
+    assert "2 per GPU 7000.0 img/s, 1 per GPU 5000.0 img/s, 1.40x" in verdict
+    alike = gpu_part("NVIDIA H100", 6800.0)["served"]["split"]["500x375"]
+    part["served"]["split/1"] = {"web": alike}
+    assert gpu.verdicts(part)[-1].startswith("VERDICT encoders_per_gpu=either ")  # within 5%
     part["served"]["split/1"] = {
         "web": gpu_part("NVIDIA H100", 9000.0)["served"]["split"]["500x375"]
     }

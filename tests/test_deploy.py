@@ -258,7 +258,7 @@ def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
     assert command[command.index("--port") + 1] == container_port
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert "iei.server.app:create_app" in command and "--factory" in command
-    assert command[command.index("--workers") + 1] == "$IEI_WORKERS"
+    assert command[command.index("--workers") + 1] == "$workers"
 
 
 @pytest.mark.parametrize(
@@ -267,13 +267,15 @@ def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
         (None, CPU_HOST_WORKERS),
         ("", CPU_HOST_WORKERS),
         ("auto", CPU_HOST_WORKERS),
-        ("AUTO", 2),
+        (" AUTO ", CPU_HOST_WORKERS),
         ("3", 3),
+        (" 3 ", 3),
     ],
 )
 def test_the_frontend_images_command_counts_workers_as_iei_serve_does(tmp_path, value, workers):
     """The image's shell command, run with a stand-in uvicorn: IEI_WORKERS=auto (or unset, or
-    empty as compose passes it) is `iei serve`'s count for a host without a GPU."""
+    empty as compose passes it; spaces and case as `iei serve` reads them) is `iei serve`'s
+    count for a host without a GPU."""
     (tmp_path / "bin").mkdir()
     uvicorn = tmp_path / "bin" / "uvicorn"
     uvicorn.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
@@ -288,7 +290,6 @@ def test_the_frontend_images_command_counts_workers_as_iei_serve_does(tmp_path, 
     assert out.returncode == 0, out.stderr
     arguments = out.stdout.split("\n")
     assert arguments[arguments.index("--workers") + 1] == str(workers)
-    assert auto_workers(cores=64, gpus=0) == CPU_HOST_WORKERS
     assert (tmp_path / "m").is_dir()
 
 

@@ -218,7 +218,7 @@ def test_only_the_documented_names_and_aliases_are_read_by_the_frontend_and_laun
     settings = LauncherSettings()
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
     assert (settings.workers, settings.max_concurrent_images) == ("3", 99)
-    assert LauncherSettings(workers="5").workers == "5"  # code may still pass the field's name
+    assert LauncherSettings(workers=5).workers == "5"  # code may still pass the field's name
 
 
 def test_only_the_documented_names_are_read_by_the_model():

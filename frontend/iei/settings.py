@@ -206,7 +206,7 @@ _SETTINGS = [
         "model instances per GPU, or on the CPU (CPU threads are shared between them); by "
         "default 1, and 2 per GPU for the split layout's encoder (one's CPU work overlaps the "
         "other's forward pass)",
-        shown_default="`1`",
+        shown_default="`1` (split encoder: `2`)",
     )),
     ("triton_max_queue_size", Setting(
         "IEI_TRITON_MAX_QUEUE_SIZE", 256, "int", (LAUNCHER,),
@@ -223,7 +223,7 @@ _SETTINGS = [
     ("preprocess_instances", Setting(
         "IEI_PREPROCESS_INSTANCES", None, "int", (LAUNCHER,),
         "CPU processes of `iei_preprocess` in the split layout, one thread each",
-        shown_default="the cores less one per GPU, at most 16 per GPU",
+        shown_default="the cores less the encoders (2 per GPU), at most 16 per GPU",
     )),
     ("model_repository", Setting(
         "IEI_MODEL_REPOSITORY", None, "path", (LAUNCHER,),

@@ -142,7 +142,7 @@ def choose_jpeg_decoder(requested: str, device: torch.device) -> JpegDecoder | N
 
     A decoder that is there but cannot decode (nvImageCodec without libnvjpeg returns None for
     every file) is refused here, by a warm-up decode, in one line naming it and its error: never
-    a silent fallback of every image to PIL in the encoder's one process."""
+    a silent fallback of every image to PIL in the encoders' processes."""
     if requested == "pil" or (requested == "auto" and device.type != "cuda"):
         return None
     decoder: JpegDecoder | None = None

@@ -26,7 +26,7 @@ from .jpeg_decoders import JpegDecoder, JpegHeader, batchable_jpeg
 PIXELS_NAME = "PIXELS"
 JPEG_NAME = "JPEG"  # the JPEG file when the encoder decodes it, else empty
 # int32 (3,): that JPEG's width, height and EXIF orientation, read once in the CPU step (zeros
-# without a JPEG), so that the encoder's one process does not parse the header again.
+# without a JPEG), so that the encoders' processes do not parse the header again.
 JPEG_HEADER_NAME = "JPEG_HEADER"
 # The processor's arguments that stop it before rescaling and normalising: its output stays
 # uint8 (a quarter of float32 between the processes), and the encoder finishes it.

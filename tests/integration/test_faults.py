@@ -205,6 +205,8 @@ def refuses_connections(stack: Stack) -> bool:
         socket.create_connection((host, int(port)), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except OSError:  # a timeout while the listener closes: ask again
+        return False
     return False
 
 

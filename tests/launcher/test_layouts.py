@@ -157,6 +157,6 @@ def test_preprocessing_defaults_to_a_process_per_core_within_a_cap_per_gpu(monke
     assert repository.default_preprocess_instances(SHIPPED, gpus=4) == 64
     assert repository.default_preprocess_instances(SHIPPED, gpus=0) == 16
     monkeypatch.setattr(repository, "available_cores", lambda _: 8)
-    assert repository.default_preprocess_instances(SHIPPED, gpus=1) == 7
+    assert repository.default_preprocess_instances(SHIPPED, gpus=1) == 6  # less its 2 encoders
     monkeypatch.setattr(repository, "available_cores", lambda _: 1)
     assert repository.default_preprocess_instances(SHIPPED, gpus=1) == 1

@@ -23,7 +23,7 @@ def test_auto_is_two_without_a_gpu_and_a_worker_per_two_cores_with_one(cores, gp
 
 def test_the_launcher_counts_the_host_it_runs_on(monkeypatch, tmp_path):
     monkeypatch.setattr(frontend_module, "gpu_count", lambda: 1)
-    monkeypatch.setattr(frontend_module, "available_cores", lambda _: 16)
+    monkeypatch.setattr(frontend_module, "available_cores", lambda _: 16)  # any repository
     assert frontend_workers(LauncherSettings()) == (8, "auto: 1 GPU(s), 16 cores")
     assert frontend_workers(LauncherSettings(workers="3")) == (3, "IEI_WORKERS")
     monkeypatch.setattr(frontend_module, "gpu_count", lambda: 0)
@@ -35,19 +35,18 @@ def test_the_launcher_counts_the_host_it_runs_on(monkeypatch, tmp_path):
     assert uvicorn_arguments("::", 8000, chosen.workers)[6:8] == ["--workers", "8"]
 
 
-@pytest.mark.parametrize("value", ["0", "65", "-1", "two", "2.5", ""])
-def test_a_worker_count_that_is_not_one_is_refused_by_name(monkeypatch, value):
-    if value == "":  # empty means the default, as for every setting
-        monkeypatch.setenv("IEI_WORKERS", value)
-        assert LauncherSettings().workers == "auto"
-        return
+@pytest.mark.parametrize("value", ["0", "65", "-1", "two", "2.5", "auto2"])
+def test_a_worker_count_out_of_range_or_not_a_count_is_refused_by_name(monkeypatch, value):
     monkeypatch.setenv("IEI_WORKERS", value)
     with pytest.raises(ValidationError, match="IEI_WORKERS"):
         LauncherSettings()
 
 
-def test_auto_and_a_count_are_read_in_any_case_and_spacing(monkeypatch):
+def test_auto_and_a_count_are_read_in_any_case_and_spacing_and_empty_is_auto(monkeypatch):
     monkeypatch.setenv("IEI_WORKERS", " AUTO ")
     assert LauncherSettings().workers == "auto"
-    monkeypatch.setenv("IEI_WORKERS", "64")
+    monkeypatch.setenv("IEI_WORKERS", " 64 ")
     assert LauncherSettings().workers == "64"
+    monkeypatch.setenv("IEI_WORKERS", "")  # empty means the default, as for every setting
+    assert LauncherSettings().workers == "auto"
+    assert LauncherSettings(workers=4).workers == "4"  # code may pass a number

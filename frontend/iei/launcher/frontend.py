@@ -15,7 +15,7 @@ import httpx
 from .addresses import dial_endpoint, local_client
 from .errors import TritonStartupError
 from .processes import die_with_parent, stop_process
-from .repository import available_cores, gpu_count
+from .repository import available_cores, gpu_count, shipped_model_repository
 from .settings import LauncherSettings
 
 # Seconds uvicorn gives requests in flight to finish after SIGTERM.
@@ -46,7 +46,9 @@ def frontend_workers(settings: LauncherSettings) -> tuple[int, str]:
     """IEI_WORKERS as a count, and how it was chosen (for the log)."""
     if settings.workers != "auto":
         return int(settings.workers), "IEI_WORKERS"
-    cores, gpus = available_cores(settings.repository), gpu_count()
+    # Counted by the shipped repository's rule (affinity and cgroup quota) whatever
+    # IEI_MODEL_REPOSITORY holds: the workers are this package's processes.
+    cores, gpus = available_cores(shipped_model_repository()), gpu_count()
     where = f"{gpus} GPU(s), {cores} cores" if gpus else "no GPU"
     return auto_workers(cores, gpus), f"auto: {where}"
 

@@ -145,12 +145,15 @@ def render_model_repository(
 # hundred MB), and at about 1 ms per 500x375 JPEG per core, 16 decode ~10,000 images/s, what one
 # H100 encodes with ViT-B/16 in fp16 (docs/gpu.md).
 PREPROCESS_PER_GPU = 16
+# iei_encoder's instances per GPU in the shipped config (a test checks that they agree).
+ENCODERS_PER_GPU = 2
 
 
 def default_preprocess_instances(repository: Path, gpus: int) -> int:
-    """IEI_PREPROCESS_INSTANCES unset: a process per core, less one per GPU (its encoder's
-    feeding thread), at most PREPROCESS_PER_GPU per GPU."""
-    cores = available_cores(repository) - gpus
+    """IEI_PREPROCESS_INSTANCES unset: a process per core, less the encoders' (ENCODERS_PER_GPU
+    per GPU), at most PREPROCESS_PER_GPU per GPU. The frontend's workers and Triton share the
+    same cores: each stage is busy only part of the time (the GPU decodes plain JPEGs)."""
+    cores = available_cores(repository) - ENCODERS_PER_GPU * gpus
     return max(1, min(cores, PREPROCESS_PER_GPU * max(1, gpus)))
 
 
@@ -161,8 +164,6 @@ def default_preprocess_instances(repository: Path, gpus: int) -> int:
 # file (the GPU decodes it) or as the processor's uint8 (3, H, W) output.
 LARGE_PHOTO_BYTES = 4 * 2**20
 EXECUTION_IMAGES = 64  # max_batch_size of iei_preprocess and iei_encoder
-# iei_encoder's instances per GPU in the shipped config (a test checks that they agree).
-ENCODERS_PER_GPU = 2
 
 
 def split_layout_shm_bytes(
@@ -170,6 +171,7 @@ def split_layout_shm_bytes(
     gpus: int,
     preprocess_instances: int,
     images_in_flight: int,
+    encoders_per_gpu: int = ENCODERS_PER_GPU,
     pixels_side: int = 224,
     photo_bytes: int = LARGE_PHOTO_BYTES,
 ) -> int:
@@ -178,8 +180,8 @@ def split_layout_shm_bytes(
 
     - A preprocessing stub executing 64 photos holds them as its input, then as its output (the
       JPEG files passed on; or the pixels of files PIL decodes: less): 2 x 64 x photo_bytes.
-    - An encoder stub (ENCODERS_PER_GPU per GPU) holds 64 files and 64 x 3 x side x side uint8
-      pixels.
+    - An encoder stub (`encoders_per_gpu`: IEI_TRITON_INSTANCES, else ENCODERS_PER_GPU) holds 64
+      files and 64 x 3 x side x side uint8 pixels.
     - Only executing requests are in shared memory (queued ones wait in Triton's own memory), and
       no more photos execute than the frontends let in flight (IEI_WORKERS x
       IEI_MAX_CONCURRENT_IMAGES): the preprocessing stubs busy at once are the fewer of the two.
@@ -187,7 +189,7 @@ def split_layout_shm_bytes(
     pixels = EXECUTION_IMAGES * 3 * pixels_side * pixels_side
     busy = min(preprocess_instances, max(1, images_in_flight // EXECUTION_IMAGES))
     preprocess = busy * 2 * EXECUTION_IMAGES * photo_bytes
-    encoders = ENCODERS_PER_GPU * max(1, gpus) * (EXECUTION_IMAGES * photo_bytes + pixels)
+    encoders = encoders_per_gpu * max(1, gpus) * (EXECUTION_IMAGES * photo_bytes + pixels)
     return preprocess + encoders
 
 

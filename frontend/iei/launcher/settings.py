@@ -57,6 +57,13 @@ class LauncherSettings(ServerSettings):
     def _check_triton_host(cls, value: str) -> str:
         return check_listen_address(value)
 
+    @field_validator("workers", "forward_batch_size", "forward_threads", mode="before")
+    @classmethod
+    def _count_as_text(cls, value: object) -> object:
+        """Code may pass a count as a number (`LauncherSettings(workers=4)`); these fields hold
+        `auto` or a count as text."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @field_validator("forward_batch_size", "forward_threads")
     @classmethod
     def _check_auto_or_count(cls, value: str) -> str:
