@@ -29,7 +29,8 @@ APP_FACTORY = "iei.server.app:create_app"
 # them a second. Where the CPU runs the model, the forward pass is the bound long before that, and
 # every worker keeps a content cache and limits of its own: 2 workers. Where a GPU runs it, the
 # frontend's CPU sets the rate (5,000 single images a second need 6 to 7 workers): a worker per 2
-# cores, the other half left to Triton, the preprocessing stubs and the encoders' own CPU work.
+# cores. The cores are shared with Triton's preprocessing and encoders; each is busy part of the
+# time (the GPU decodes plain JPEGs), and an idle worker costs only its memory.
 CPU_HOST_WORKERS = 2
 GPU_HOST_CORES_PER_WORKER = 2
 MAX_AUTO_WORKERS = 16
