@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import queue
-import time
 
 import httpx
 import numpy as np
@@ -13,7 +12,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from reference import cosine_rows
 from sample_images import photos
-from stack import COUNTING_WINDOWS
+from stack import COUNTING_WINDOWS, count_reaching
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.integration
@@ -59,8 +58,12 @@ def test_a_dynamic_batch_mixing_good_and_corrupt_images(vit_stack):
     expected = dict(zip(good, served_by_frontend(vit_stack, good), strict=True))
 
     client = triton_grpc.InferenceServerClient(vit_stack.triton_grpc)
+
+    def stats():
+        return client.get_inference_statistics("iei").model_stats[0]
+
     for _ in range(COUNTING_WINDOWS):
-        before = client.get_inference_statistics("iei").model_stats[0]
+        before = stats()
         answers: queue.Queue = queue.Queue()
         for index, (_, data) in enumerate(requests):
             tensor = images_tensor([data])
@@ -76,13 +79,8 @@ def test_a_dynamic_batch_mixing_good_and_corrupt_images(vit_stack):
             index, result, error = answers.get(timeout=60)
             results[index] = (result, error)
         # Triton updates its statistics just after sending the responses: wait for the last ones.
-        deadline = time.monotonic() + 10
-        while True:
-            after = client.get_inference_statistics("iei").model_stats[0]
-            done = after.inference_count - before.inference_count >= len(requests)
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        count_reaching(lambda: stats().inference_count, before.inference_count + len(requests), 10)
+        after = stats()
         executions = after.execution_count - before.execution_count
         inferences = after.inference_count - before.inference_count
         if inferences == len(requests):

@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from ..server.settings import ServerSettings
 from ..settings import setting
@@ -64,21 +64,16 @@ class LauncherSettings(ServerSettings):
         `auto` or a count as text."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
-    @field_validator("forward_batch_size", "forward_threads")
+    @field_validator("workers", "forward_batch_size", "forward_threads")
     @classmethod
-    def _check_auto_or_count(cls, value: str) -> str:
+    def _check_auto_or_count(cls, value: str, info: ValidationInfo) -> str:
         value = value.strip().lower()
-        if value != "auto" and not (value.isdigit() and int(value) >= 1):
-            raise ValueError(f"expected auto or a positive integer, got {value!r}")
-        return value
-
-    @field_validator("workers")
-    @classmethod
-    def _check_workers(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value != "auto" and not (value.isdigit() and 1 <= int(value) <= MAX_WORKERS):
-            raise ValueError(f"expected auto or a count from 1 to {MAX_WORKERS}, got {value!r}")
-        return value
+        most = MAX_WORKERS if info.field_name == "workers" else None
+        count = int(value) if value.isdigit() else 0
+        if value == "auto" or (count >= 1 and (most is None or count <= most)):
+            return value
+        counts = f"a count from 1 to {most}" if most else "a positive integer"
+        raise ValueError(f"expected auto or {counts}, got {value!r}")
 
     @model_validator(mode="after")
     def _check_budget_holds_an_image(self) -> LauncherSettings:
