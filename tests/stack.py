@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import http.server
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -27,28 +28,37 @@ IEI = Path(sys.executable).parent / "iei"
 COUNTING_WINDOWS = 3
 
 
-def count_reaching(count: Callable[[], int], least: int, seconds: float = 5.0) -> int:
-    """`count()` once it is at least `least`, or its value after `seconds`: Triton updates its
-    statistics just after it answers, so a count read at once may lag the last response."""
-    deadline = time.monotonic() + seconds
-    while (value := count()) < least and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
-
-
 _HANDED_OUT: set[int] = set()
+_PORTS = random.SystemRandom()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for a connection's own end (outgoing or bind to 0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """A free loopback port, never one this process handed out before (the kernel may offer a
-    port again once its socket is closed: a stack's HTTP and metrics ports once collided)."""
-    while True:
+    """A free loopback port for a server a test starts, never one this process handed out
+    before (a stack's HTTP and metrics ports once collided), and below the kernel's ephemeral
+    range: between this check and the server's bind, no client connection (the suite makes
+    thousands) can take it as its own end, as it could a port that bind(0) picked."""
+    low = _ephemeral_low()
+    candidates = range(20000, low) if low > 21000 else range(0)
+    for _ in range(1000):
+        port = _PORTS.choice(candidates) if candidates else 0
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
             port = int(s.getsockname()[1])
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+    raise RuntimeError("no free loopback port")
 
 
 @asynccontextmanager

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from polling import wait_for
 from sample_images import encode, photos
 
 pytestmark = pytest.mark.integration
@@ -156,9 +157,8 @@ def test_request_ids_in_headers_error_bodies_and_logs_but_no_payloads(vit_stack,
     assert fresh.status_code == 200
     generated = fresh.headers["x-request-id"]
     assert len(generated) == 32 and generated != "bad id!"
-    deadline = time.monotonic() + 5  # the worker writes its log line after the answer
-    while generated not in vit_stack.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # The worker writes its log line after the answer.
+    wait_for(lambda: generated in vit_stack.log(), "the access log line written", 5)
     log = vit_stack.log()
     assert "abc-42 POST /embed 422" in log
     assert f"{generated} POST /embed 200" in log

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 from PIL import Image
+from polling import count_reaching
 from sample_images import photos
-from stack import COUNTING_WINDOWS, Stack, count_reaching
+from stack import COUNTING_WINDOWS, Stack
 
 pytestmark = pytest.mark.integration
 TEXTS = ["a photo of a cat", "a red car at night"]

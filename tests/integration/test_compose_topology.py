@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from polling import wait_for
 from sample_images import photos
 from stack import IEI, descendants, free_port
 
@@ -70,10 +71,10 @@ def containers(tmp_path: Path, model: Path, **env: str) -> Iterator[tuple[str, P
     url = f"http://127.0.0.1:{frontend_port}"
     tree = descendants(triton.pid)
     try:
-        wait_for(lambda: healthy(url), 180, f"not healthy:\n{output.read_text()}")
+        wait_for(lambda: healthy(url), "healthy", 180, every=0.5, log=output.read_text)
         # The frontend may see the model ready a moment before `iei triton` does and starts
         # watching it: the faults below are for a supervised Triton.
-        wait_for(lambda: "IEI serving" in output.read_text(), 30, output.read_text())
+        wait_for(lambda: "IEI serving" in output.read_text(), "serving", 30, log=output.read_text)
         tree = descendants(triton.pid)
         yield url, output, triton.pid
     finally:
@@ -91,17 +92,12 @@ def healthy(url: str) -> bool:
         return False
 
 
-def wait_for(condition, seconds: float, message: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(message)
-
-
 def embed(url: str, image: str = IMAGE) -> httpx.Response:
     return httpx.post(f"{url}/embed", json={"inputs": [image]}, timeout=30)
+
+
+def serves(url: str) -> bool:
+    return embed(url).status_code == 200
 
 
 def stub_of(iei_triton: int) -> int:
@@ -119,9 +115,12 @@ def test_iei_triton_restarts_triton_when_the_model_stub_dies(model_dirs, tmp_pat
         killed = time.monotonic()
         down = embed(url)
         assert down.status_code == 503 and down.json()["error_type"] == "Unhealthy"
-        wait_for(lambda: embed(url).status_code == 200, 60, output.read_text())
+        wait_for(lambda: serves(url), "served", 60, every=0.5, log=output.read_text)
         back = time.monotonic() - killed
-        wait_for(lambda: "Triton is serving again" in output.read_text(), 10, output.read_text())
+        wait_for(
+            lambda: "Triton is serving again" in output.read_text(), "serving again", 10,
+            log=output.read_text,
+        )  # fmt: skip
         log = output.read_text()
         restart = [line for line in log.splitlines() if "restarting Triton" in line]
         assert restart and "Python stub" in restart[0], log
@@ -140,7 +139,7 @@ def test_a_model_stuck_in_errors_is_restarted_within_a_minute(tmp_path):
         broken = embed(url)
         assert broken.status_code == 503, broken.text  # the model fails its probe too
         assert httpx.get(f"{url}/health", timeout=5).status_code == 503
-        wait_for(lambda: embed(url).status_code == 200, 60, output.read_text())
+        wait_for(lambda: serves(url), "served", 60, every=0.5, log=output.read_text)
         log = output.read_text()
         assert "probes in a row" in log and "illegal memory access" in log, log
         print(f"sticky model errors: served again {time.monotonic() - broke:.1f} s later")  # noqa: T201

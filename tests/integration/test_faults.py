@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from polling import eventually
 from sample_images import photos
 from stack import Stack, descendants
 
@@ -210,14 +212,6 @@ def refuses_connections(stack: Stack) -> bool:
     return False
 
 
-async def until(condition, what: str, seconds: float = 20.0) -> None:
-    """Poll `condition` (blocking calls, in a thread: the test's requests run on this loop)."""
-    deadline = time.monotonic() + seconds
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, f"not in {seconds} s: {what}"
-        await asyncio.sleep(0.05)
-
-
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
     stack = fault_model_stack(tmp_path, "sleep:2").start(timeout=120)
 
@@ -227,9 +221,12 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
                 asyncio.create_task(client.post("/embed", json={"inputs": IMAGE})) for _ in range(6)
             ]
             # All six in the model's 2 s sleep (the scrape counts itself too), then the signal.
-            await until(lambda: in_flight(stack) >= 7, "the six requests in flight")
+            await eventually(
+                lambda: in_flight(stack) >= 7, "the six requests in flight", 20, blocking=True
+            )
             stack.process.send_signal(signal.SIGTERM)
-            await until(lambda: refuses_connections(stack), "the port closed")
+            closed = functools.partial(refuses_connections, stack)
+            await eventually(closed, "the port closed", 20, blocking=True)
             late = []
             try:
                 response = await client.post("/embed", json={"inputs": IMAGE})

@@ -9,12 +9,12 @@ import concurrent.futures
 import os
 import re
 import subprocess
-import time
 
 import httpx
 import numpy as np
 import pytest
 from conftest import MODELS, MODELS_IDLE_UNLOAD
+from polling import wait_for
 from reference import Reference, cosine_rows
 from sample_images import photos
 from stack import IEI, Stack
@@ -51,13 +51,6 @@ def info(stack: Stack) -> dict:
 
 def entry(stack: Stack, name: str) -> dict:
     return next(m for m in info(stack)["models"] if m["name"] == name)
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
-        time.sleep(0.5)
 
 
 def metric(stack: Stack, prefix: str) -> float:
@@ -172,11 +165,11 @@ def test_an_idle_model_unloads_and_its_next_requests_share_one_load(models_stack
     files, encoded = images()
     rows(post(models_stack, "/embed", {"inputs": encoded[:1], "model": "vit"}))
     assert entry(models_stack, "vit")["loaded"] is True
-    wait_for(lambda: not entry(models_stack, "vit")["loaded"], 6 * MODELS_IDLE_UNLOAD, "unloaded")
+    wait_for(lambda: not entry(models_stack, "vit")["loaded"], "unloaded", 6 * MODELS_IDLE_UNLOAD)
     assert "unloading model 'vit'" in models_stack.log()
     # counted once Triton's unload call returned, which may come after /info says unloaded
     unloads = 'iei_model_unloads_total{model="vit"}'
-    wait_for(lambda: metric(models_stack, unloads) >= 1, 10, "the unload counted")
+    wait_for(lambda: metric(models_stack, unloads) >= 1, "the unload counted", 10)
     # pinned models stay, and the stub watch took no unloaded stub for a crash
     assert entry(models_stack, "dino")["loaded"] is True
     assert "restarting Triton" not in models_stack.log()

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from polling import count_reaching
 from reference import cosine_rows
 from sample_images import photos
-from stack import COUNTING_WINDOWS, count_reaching
+from stack import COUNTING_WINDOWS
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.integration

@@ -26,6 +26,7 @@ from iei.server.settings import ServerSettings
 from iei.server.triton_client import TritonClient
 from iei.settings import SETTINGS
 from PIL import Image
+from polling import eventually
 from pydantic import SecretStr
 from sample_images import encode
 from stack import free_port
@@ -223,7 +224,7 @@ async def test_the_first_failed_chunk_cancels_the_unsent_ones_and_outlives_the_s
     assert time.monotonic() - started < 1.0  # the request fails at once, before a chunk's 1 s
     # chunk 1 (and chunk 2, when it took chunk 0's turn first) runs on, counted in the work
     assert work.running == fake.in_flight >= 1
-    await eventually(lambda: (fake.in_flight, work.running) == (0, 0))
+    await eventually(lambda: (fake.in_flight, work.running) == (0, 0), "the work done")
     assert len(fake.chunks) <= 2  # the last chunks were never sent
 
 
@@ -340,13 +341,6 @@ async def test_a_slow_triton_ends_in_504():
     assert response.json()["error_type"] == "Timeout"
 
 
-async def eventually(condition, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_timed_out_request_keeps_its_permits_until_triton_answers():
     """The 504 does not stop Triton: the request's inputs stay counted (and refuse others)
     until its call returns, so IEI_MAX_CONCURRENT_IMAGES bounds what really runs."""
@@ -368,7 +362,9 @@ async def test_a_timed_out_request_keeps_its_permits_until_triton_answers():
         assert refused.status_code == 429
         # Given back when Triton answered: the call's done-callback runs a loop turn after the
         # fake's last line, so the poll waits for all three rather than reading the permits at once.
-        await eventually(lambda: (fake.in_flight, permits.used, bodies.used) == (0, 0, 0))
+        await eventually(
+            lambda: (fake.in_flight, permits.used, bodies.used) == (0, 0, 0), "all given back"
+        )
         fake.delay = 0
         assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
 
@@ -391,8 +387,8 @@ async def test_a_timed_out_request_keeps_its_permits_until_its_decoding_thread_e
         response = await client.post("/embed", json={"inputs": [PNG, PNG, PNG]})
         assert response.status_code == 504
         assert (finished, permits.used) == ([], 3)  # the thread runs on: its inputs counted
-        await eventually(lambda: bool(finished))
-        await eventually(lambda: permits.used == 0)
+        await eventually(lambda: bool(finished), "the request finished")
+        await eventually(lambda: permits.used == 0, "the permits given back")
 
 
 async def test_normalisation_in_the_frontend():
@@ -685,10 +681,11 @@ async def test_the_bodies_a_worker_holds_are_bounded_together():
         slow = SlowBody(first, b"x" * (5000 - len(first)) + b'"}')
         declared = {**json_type, "content-length": "5000"}
         holding = asyncio.create_task(client.post("/embed", content=slow, headers=declared))
-        await eventually(lambda: bodies.used == 5000)  # counted before it was read
+        # Counted before it was read.
+        await eventually(lambda: bodies.used == 5000, "5000 bytes counted")
         chunked = SlowBody(b"x" * 3000, b"x" * 3000)  # no Content-Length: counted as it comes
         streaming = asyncio.create_task(client.post("/embed", content=chunked, headers=json_type))
-        await eventually(lambda: bodies.used == 8000)
+        await eventually(lambda: bodies.used == 8000, "8000 bytes counted")
         unread = UnreadBody(5400)
         refused = await client.post(
             "/v1/embeddings", content=unread, headers={"content-length": "5500"}
