@@ -114,9 +114,9 @@ _SETTINGS = [
     )),
     ("body_worker_max_bytes", Setting(
         "IEI_BODY_WORKER_MAX_BYTES", 64 * 1024 * 1024, "int", (SERVER,),
-        "most bytes of request bodies a frontend worker holds at once (being read, or held until "
-        "their request's work ends); beyond it a 429, from `Content-Length` before reading. "
-        "Memory: docs/reliability.md",
+        "most bytes of request bodies a frontend worker holds at once (counted as they arrive, "
+        "held until their request's work ends); beyond it a 429, at once where `Content-Length` "
+        "says the body cannot fit. Memory: docs/reliability.md",
         shown_default="`67108864` (64 MiB)",
     )),
     ("body_read_timeout", Setting(

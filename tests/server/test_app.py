@@ -669,23 +669,23 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_its_bytes(
 
 
 async def test_the_bodies_a_worker_holds_are_bounded_together():
-    """Bodies count from their Content-Length before anything is read (or as their chunks
-    arrive), until their request ends; beyond IEI_BODY_WORKER_MAX_BYTES a 429 at once."""
+    """Bodies count as their bytes arrive, until their request ends; a Content-Length that could
+    not fit beside them is a 429 at once, and a body that grows past IEI_BODY_WORKER_MAX_BYTES a
+    429 when it does."""
     settings = ServerSettings(
         triton_url="127.0.0.1:1", payload_limit=6000, body_worker_max_bytes=10000
     )
     json_type = {"content-type": "application/json"}
     async with app_client(settings, FakeTriton()) as client:
         bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
-        first = b'{"inputs": ["' + PNG.encode() + b'"], "padding": "'
-        slow = SlowBody(first, b"x" * (5000 - len(first)) + b'"}')
+        first = b'{"inputs": ["' + PNG.encode() + b'"], "padding": "' + b"x" * 4000
+        slow = SlowBody(first, b"x" * (5000 - len(first) - 2) + b'"}')
         declared = {**json_type, "content-length": "5000"}
         holding = asyncio.create_task(client.post("/embed", content=slow, headers=declared))
-        # Counted before it was read.
-        await eventually(lambda: bodies.used == 5000, "5000 bytes counted")
-        chunked = SlowBody(b"x" * 3000, b"x" * 3000)  # no Content-Length: counted as it comes
+        await eventually(lambda: bodies.used == len(first), "its first part counted")
+        chunked = SlowBody(b"x" * 3000, b"x" * 3000)  # no Content-Length
         streaming = asyncio.create_task(client.post("/embed", content=chunked, headers=json_type))
-        await eventually(lambda: bodies.used == 8000, "8000 bytes counted")
+        await eventually(lambda: bodies.used == len(first) + 3000, "3000 bytes more counted")
         unread = UnreadBody(5400)
         refused = await client.post(
             "/v1/embeddings", content=unread, headers={"content-length": "5500"}
@@ -697,10 +697,32 @@ async def test_the_bodies_a_worker_holds_are_bounded_together():
         overloaded = await streaming
         assert overloaded.status_code == 429, overloaded.text
         assert overloaded.json()["error_type"] == "Overloaded"
-        assert bodies.used == 5000
+        assert bodies.used == len(first)
         slow.go.set()
         assert (await holding).status_code == 200
         assert bodies.used == 0
+
+
+async def test_a_body_declared_but_not_sent_holds_nothing():
+    """Two clients that declare the largest body and send none of it do not shut the worker to
+    others until their 408."""
+    settings = ServerSettings(
+        triton_url="127.0.0.1:1", payload_limit=6000, body_worker_max_bytes=10000
+    )
+    async with app_client(settings, FakeTriton()) as client:
+        bodies = client._transport.app.state.bodies  # type: ignore[attr-defined]
+        idle = [SlowBody(b"") for _ in range(2)]
+        headers = {"content-type": "application/json", "content-length": "6000"}
+        waiting = [
+            asyncio.create_task(client.post("/embed", content=body, headers=headers))
+            for body in idle
+        ]
+        await asyncio.sleep(0.1)  # both admitted and waiting for their bodies
+        assert not any(task.done() for task in waiting)
+        assert bodies.used == 0
+        assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
+        for task in waiting:
+            task.cancel()
 
 
 async def test_a_large_json_body_is_parsed_off_the_event_loop(monkeypatch):

@@ -22,8 +22,11 @@ class Capacity:
     def full(self) -> bool:
         return self.used >= self.capacity
 
+    def could_take(self, count: int) -> bool:
+        return self.used + count <= self.capacity
+
     def try_take(self, count: int) -> bool:
-        if self.used + count > self.capacity:
+        if not self.could_take(count):
             return False
         self.used += count
         return True

@@ -104,9 +104,11 @@ class Admission:
 
 class BodyLimit:
     """The request body, within three bounds: `limit` bytes (413), `bodies`, what all the bodies
-    a worker holds may take together (429 with Retry-After: at once from Content-Length, else
-    as chunks arrive), and `read_timeout` seconds for the whole body to arrive (408). A body
-    stays counted until the request's work has ended (its bytes live on in that work)."""
+    a worker holds may take together (429 with Retry-After), and `read_timeout` seconds for the
+    whole body to arrive (408). A body counts as its bytes arrive (a Content-Length that could
+    not fit beside the others is refused at once, before anything is read, but reserves nothing:
+    a client that declares 64 MiB and sends nothing holds nothing), and stays counted until the
+    request's work has ended (its bytes live on in that work)."""
 
     def __init__(self, app: ASGIApp, limit: int, bodies: Capacity, read_timeout: float) -> None:
         self.app = app
@@ -125,7 +127,7 @@ class BodyLimit:
         refusal: HTTPException | None = None
         if declared > self.limit:
             refusal = PayloadTooLarge(self.limit)
-        elif not self.bodies.try_take(declared):
+        elif not self.bodies.could_take(declared):
             refusal = BodiesOverloaded(self.bodies.capacity)
         if refusal is not None:
             error_type = HTTP_ERROR_TYPES.get(refusal.status_code, ErrorType.VALIDATION)
@@ -134,11 +136,11 @@ class BodyLimit:
                 dict(refusal.headers or {}),
             )(scope, receive, send)  # fmt: skip
             return
-        held, received, complete = declared, 0, False
+        received, complete = 0, False  # bytes arrived, and held in `bodies`
         deadline = asyncio.get_running_loop().time() + self.read_timeout
 
         async def counting_receive() -> Message:
-            nonlocal held, received, complete
+            nonlocal received, complete
             if complete:  # after the body: waits for a disconnect, unbounded
                 return await receive()
             try:
@@ -147,21 +149,20 @@ class BodyLimit:
             except TimeoutError:
                 raise SlowBody(self.read_timeout) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-                if received > self.limit:
+                if received + size > self.limit:
                     raise PayloadTooLarge(self.limit)
-                if received > held:  # no Content-Length (chunked), or more than it said
-                    if not self.bodies.try_take(received - held):
-                        raise BodiesOverloaded(self.bodies.capacity)
-                    held = received
+                if not self.bodies.try_take(size):
+                    raise BodiesOverloaded(self.bodies.capacity)
+                received += size
             return message
 
         with request_work() as work:
             try:
                 await self.app(scope, counting_receive, send)
             finally:
-                work.then(lambda: self.bodies.give_back(held))
+                work.then(lambda: self.bodies.give_back(received))
 
 
 # The route label of every path that no route matches: clients choose paths, and each label
