@@ -72,3 +72,12 @@ def odd_images() -> dict[str, bytes]:
 # Odd files whose careful decoding differs visibly from a naive convert("RGB"): the tests
 # check that the service matches the careful reference and that the naive one would fail.
 HANDLING_MATTERS = ("rgba_alpha.png", "grey_16bit.png", "exif_rotated.jpg", "grey_alpha_LA.png")
+
+
+def scan_bomb(scans: int, side: int = 64) -> bytes:
+    """A progressive JPEG whose last scan (a refinement pass, a few bytes) is repeated until the
+    file has `scans` scans: each one a pass over the whole image when it is decoded."""
+    data = encode(Image.new("RGB", (side, side), (90, 100, 110)), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")  # PIL's file: no thumbnail, every SOS marker a scan
+    extra = scans - data.count(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra + b"\xff\xd9"

@@ -20,6 +20,15 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 DRAFT_FACTOR = 2
 
 
+# Most scans a progressive JPEG may have. Each scan is a pass over the whole image's coefficients,
+# so a small file that repeats a refinement scan thousands of times takes minutes of CPU for one
+# image (a 580 KB file of 7000x7000 px and 2000 scans: 75 s): libjpeg-turbo's advice for untrusted
+# files is such a limit (`djpeg -maxscans`, TJPARAM_SCANLIMIT). Encoders write about 10 scans
+# (libjpeg's progression for colour) and never near 100.
+MAX_JPEG_SCANS = 100
+_PROGRESSIVE_FRAMES = frozenset((0xC2, 0xC6, 0xCA, 0xCE))  # SOF2/6/10/14: Huffman, arithmetic
+
+
 class InvalidImage(ValueError):
     """The bytes of one image cannot be turned into model input. Fails only its own request."""
 
@@ -79,6 +88,30 @@ UPRIGHT = {
 }
 
 
+def progressive_scans(data: bytes) -> int:
+    """The scans of a progressive JPEG, 0 for any other file (a baseline JPEG's components allow
+    at most 4). The header's segments are walked to the first scan; from there on a 0xFF byte in
+    the coded data is always followed by 0x00 or a marker, so the scans are counted as their SOS
+    markers at C speed (a hostile table holding those two bytes can only count too many)."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    at, progressive = 2, False
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return 0  # no marker where one must be: PIL says what is wrong
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            at += 1
+        elif marker == 0xDA:  # the first scan
+            return data.count(b"\xff\xda", at) if progressive else 0
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            at += 2
+        else:
+            progressive = progressive or marker in _PROGRESSIVE_FRAMES
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return 0
+
+
 def decode_image(
     data: bytes,
     max_pixels: int,
@@ -107,6 +140,14 @@ def decode_image(
                 )
             if pixels == 0:
                 raise InvalidImage("image has no pixels")
+            if (
+                image.format in ("JPEG", "MPO")
+                and (scans := progressive_scans(data)) > MAX_JPEG_SCANS
+            ):
+                raise InvalidImage(
+                    f"progressive JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS} "
+                    "scans (each one a pass over the whole image)"
+                )
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
             if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.

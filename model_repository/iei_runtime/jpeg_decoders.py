@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from .images import MAX_JPEG_SCANS, progressive_scans
+
 JPEG_DECODERS = ("auto", "pil", "torchvision", "nvimagecodec")
 _EOI = b"\xff\xd9"  # JPEG's end-of-image marker: a truncated file lacks it
 
@@ -31,8 +33,11 @@ class JpegHeader:
 
 def batchable_jpeg(data: bytes, max_pixels: int) -> JpegHeader | None:
     """The header of a JPEG that a tensor decoder may take (one frame, 8-bit RGB or grey,
-    complete, within the pixel limit), read without decoding; None sends the file to PIL."""
+    complete, within the pixel limit and the scan limit), read without decoding; None sends the
+    file to PIL (which refuses one of too many scans)."""
     if not data.startswith(b"\xff\xd8") or _EOI not in data[-64:]:
+        return None
+    if progressive_scans(data) > MAX_JPEG_SCANS:
         return None
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:

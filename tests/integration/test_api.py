@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from polling import wait_for
-from sample_images import encode, photos
+from sample_images import encode, photos, scan_bomb
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +117,17 @@ def test_truncated_image_is_422_from_the_model_with_the_clients_index(vit_stack,
     items[37] = b64(photo[: len(photo) // 2])
     response = post(vit_stack, {"inputs": items})
     assert_error(response, 422, "Validation", "inputs[37]", "truncated")
+
+
+def test_a_jpeg_of_too_many_scans_is_422_from_the_model_quickly(vit_stack, photo):
+    """A 580 KB file of 2000 scans once held the model for 75 s (and the launcher restarted
+    Triton under it): refused before it is decoded, its neighbours embedded."""
+    bomb = scan_bomb(2000, side=4000)
+    started = time.monotonic()
+    response = post(vit_stack, {"inputs": [b64(photo), b64(bomb)]})
+    assert_error(response, 422, "Validation", "inputs[1]", "2000 scans is over the limit")
+    assert time.monotonic() - started < 10  # the full decode: minutes
+    assert post(vit_stack, {"inputs": [b64(photo)]}).status_code == 200
 
 
 def test_huge_dimensions_are_refused_from_the_header_quickly(vit_stack):

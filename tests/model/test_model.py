@@ -11,7 +11,7 @@ import pytest
 import torch
 from fake_pb_utils import InferenceRequest, Tensor, load_model_module
 from PIL import Image
-from sample_images import encode, odd_images, photos
+from sample_images import encode, odd_images, photos, scan_bomb
 
 model = load_model_module()  # installs the stand-in for Triton's utils first
 
@@ -143,6 +143,23 @@ def test_undecodable_files_raise_invalid_image(data, message):
 def test_pixel_limit():
     with pytest.raises(images.InvalidImage, match="over the limit of 99 pixels"):
         images.decode_image(encode(Image.new("RGB", (10, 10)), "PNG"), 99)
+
+
+def test_the_scans_of_a_progressive_jpeg_are_counted():
+    picture = Image.open(io.BytesIO(photos()["coffee.jpg"])).convert("RGB")
+    assert images.progressive_scans(photos()["coffee.jpg"]) == 0  # baseline
+    assert 5 <= images.progressive_scans(encode(picture, "JPEG", progressive=True)) <= 12
+    assert images.progressive_scans(encode(picture.convert("L"), "JPEG", progressive=True)) >= 2
+    assert images.progressive_scans(scan_bomb(500)) == 500
+    assert images.progressive_scans(encode(picture, "PNG")) == 0
+    assert images.progressive_scans(b"\xff\xd8\xff") == 0  # cut short: PIL says why
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_it_is_decoded():
+    limit = images.MAX_JPEG_SCANS
+    assert images.decode_image(scan_bomb(limit), 50_000_000).size == (64, 64)
+    with pytest.raises(images.InvalidImage, match=f"{limit + 1} scans is over the limit"):
+        images.decode_image(scan_bomb(limit + 1), 50_000_000)
 
 
 # --- reduced-scale JPEG decoding (draft) -------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from fake_pb_utils import load_model_module
 from PIL import Image
 from reference import cosine_rows
-from sample_images import encode, photos
+from sample_images import encode, photos, scan_bomb
 
 load_model_module()  # the stand-in for Triton's utils, and iei_runtime on sys.path
 
@@ -77,6 +77,7 @@ def test_the_tensor_orientation_table_covers_pil_s():
         ("cmyk jpeg", lambda img: encode(img.convert("CMYK"), "JPEG")),
         ("over the pixel limit", lambda img: encode(img.resize((200, 200)), "JPEG")),
         ("not an image", lambda img: b"\xff\xd8 hello \xff\xd9"),
+        ("too many scans", lambda img: scan_bomb(101)),  # PIL refuses it
     ],
 )
 def test_only_plain_complete_jpegs_within_the_limit_go_to_the_tensor_decoder(name, make):
