@@ -193,6 +193,21 @@ def fault_model_stack(tmp_path: Path, behaviour: str, **env: str) -> Stack:
     )
 
 
+def test_a_long_execution_that_computes_is_not_taken_for_a_hung_model(tmp_path):
+    """One execution that computes for 35 s holds the launcher's probes (10 s each, 3 failures
+    in a row restart Triton): they wait behind a model at work, not a hung one, and its answer
+    comes back from the same Triton."""
+    stack = fault_model_stack(tmp_path, "spin:35", IEI_REQUEST_TIMEOUT="120").start(timeout=120)
+    try:
+        response = httpx.post(f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=150)
+        assert response.status_code == 200, response.text
+        log = stack.log()
+        assert "restarting Triton" not in log, log
+        assert "the model is busy" in log, log
+    finally:
+        assert stack.stop() == 0
+
+
 def in_flight(stack: Stack) -> float:
     text = httpx.get(f"{stack.url}/metrics", timeout=10).text
     return sum(

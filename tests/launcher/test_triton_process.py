@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 from google.protobuf import text_format
@@ -181,3 +182,52 @@ def stub_argv(model: str, name: str) -> list:
 )
 def test_only_the_stubs_of_model_instances_are_watched(argv, model):
     assert instance_stub_model(argv) == model
+
+
+class ProbedServer(TritonServer):
+    """A TritonServer whose probe fails as told after `wait` seconds, the model's processes using
+    `share` of a core meanwhile."""
+
+    PROBE_TIMEOUT = 0.01
+
+    def __init__(self, tmp_path, failure: str | None, share: float, wait: float = 0.01) -> None:
+        super().__init__(LauncherSettings(), tmp_path)
+        self.failure, self.share, self.wait, self.cpu = failure, share, wait, 0.0
+        self.stubs = {os.getpid(): "iei"}  # alive
+        self.running = lambda: True  # type: ignore[method-assign]
+
+    def probe(self) -> str | None:
+        started = time.monotonic()
+        time.sleep(self.wait)
+        self.cpu += self.share * (time.monotonic() - started)
+        return self.failure
+
+    def stubs_cpu_seconds(self) -> float:
+        return self.cpu
+
+    def problems(self, probes: int) -> list[str | None]:
+        found = []
+        for _ in range(probes):
+            self.next_probe = 0.0
+            found.append(self.problem())
+        return found
+
+
+def test_a_probe_held_behind_an_execution_that_computes_is_no_failure(tmp_path):
+    """64 images of 50 MP take tens of seconds: the model is busy, not broken, for 3 minutes."""
+    server = ProbedServer(tmp_path, "no answer within 10 s", share=0.9)
+    found = server.problems(server.BUSY_PROBES + server.PROBE_FAILURES - 1)
+    assert found[:-1] == [None] * (len(found) - 1)
+    assert "computing for 200 s without answering" in (found[-1] or "")
+
+
+def test_a_probe_held_while_nothing_computes_is_a_failure(tmp_path):
+    """A hung stub (a deadlock) uses no CPU: three held probes and Triton is restarted."""
+    server = ProbedServer(tmp_path, "no answer within 10 s", share=0.01)
+    assert server.problems(3) == [None, None, "the model failed 3 probes in a row (no answer "
+                                  "within 10 s)"]  # fmt: skip
+
+
+def test_a_probe_the_model_fails_at_once_is_a_failure_however_busy(tmp_path):
+    server = ProbedServer(tmp_path, "HTTP 500: CUDA error", share=0.9, wait=0.0)
+    assert server.problems(3)[-1] == "the model failed 3 probes in a row (HTTP 500: CUDA error)"

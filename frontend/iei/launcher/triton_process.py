@@ -198,6 +198,15 @@ def process_state(pid: int) -> str | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) a process has used, 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def python_stubs(parent: int) -> dict[int, str]:
     """Living Python-backend stub processes of model instances that `parent` (tritonserver)
     started, each with the Triton model it serves."""
@@ -240,6 +249,13 @@ class TritonServer:
     PROBE_INTERVAL = 10.0  # seconds between real inferences that check the model answers
     PROBE_TIMEOUT = 10.0
     PROBE_FAILURES = 3  # failed probes in a row that make the model broken (within a minute)
+    # A probe held past PROBE_TIMEOUT while the model's processes computed (BUSY_CPU of a core,
+    # at least) waited behind a long execution, which is load, not a broken model: 64 images of
+    # 50 MP take tens of seconds on 2 cores. A hung stub (a deadlock) computes nothing, and a
+    # sticky CUDA error fails the probe at once; one execution that computes for BUSY_PROBES
+    # probes in a row (3 minutes) counts as broken after all.
+    BUSY_CPU = 0.2
+    BUSY_PROBES = 18
 
     def __init__(
         self,
@@ -254,6 +270,7 @@ class TritonServer:
         self.log_path = log_path or work_dir / "triton.log"
         self.echo = echo  # Triton's output to our stdout too (a container's log)
         self.failed_probes = 0
+        self.busy_probes = 0  # probes in a row held behind an execution that computes
         self.next_probe = 0.0
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
@@ -345,11 +362,41 @@ class TritonServer:
                 return f"the Python stub of model {model} (pid {pid}) died"
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
-            failure = self.probe()
+            failure = self.busy_or(self.timed_probe())
             self.failed_probes = self.failed_probes + 1 if failure else 0
             if failure and self.failed_probes >= self.PROBE_FAILURES:
                 return f"the model failed {self.failed_probes} probes in a row ({failure})"
         return None
+
+    def timed_probe(self) -> tuple[str | None, float]:
+        """`probe()`, and the share of a core the model's processes used while it waited, if it
+        waited its whole timeout (else 0)."""
+        before, started = self.stubs_cpu_seconds(), time.monotonic()
+        failure = self.probe()
+        waited = time.monotonic() - started
+        if failure is None or waited < self.PROBE_TIMEOUT:
+            return failure, 0.0
+        return failure, (self.stubs_cpu_seconds() - before) / waited
+
+    def busy_or(self, probed: tuple[str | None, float]) -> str | None:
+        """The probe's failure, unless it was held behind an execution that computes."""
+        failure, computed = probed
+        if failure is None or computed < self.BUSY_CPU:
+            self.busy_probes = 0
+            return failure
+        self.busy_probes += 1
+        held = self.busy_probes * self.PROBE_INTERVAL
+        if self.busy_probes >= self.BUSY_PROBES:
+            return f"{failure}; computing for {held:g} s without answering"
+        log.info(
+            "the model is busy: a probe waited %g s behind an execution that computes (%.0f%% "
+            "of a core); not counted as a failure",
+            self.PROBE_TIMEOUT, 100 * computed,
+        )  # fmt: skip
+        return None
+
+    def stubs_cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.stubs)
 
     def probe(self) -> str | None:
         """One inference of a 1x1 PNG at the head of the queue: None, or why it failed. A full

@@ -1,4 +1,5 @@
-"""Fault-test model: `sleep:<seconds>` answers late, `fail` fails every request, `sticky`
+"""Fault-test model: `sleep:<seconds>` answers late, `spin:<seconds>` computes that long before
+it answers (a long execution, as of 64 huge photos), `fail` fails every request, `sticky`
 fails every request, the health probe's included, once it has seen the image b"BREAK" (as a GPU
 whose CUDA context is lost does, until the process is restarted).
 
@@ -32,6 +33,10 @@ class TritonPythonModel:
         probe_only = all(len(bytes(b)) < 100 for batch in images for b in batch.reshape(-1))
         if self.behaviour.startswith("sleep:") and not probe_only:
             time.sleep(float(self.behaviour.split(":", 1)[1]))
+        if self.behaviour.startswith("spin:") and not probe_only:
+            until = time.monotonic() + float(self.behaviour.split(":", 1)[1])
+            while time.monotonic() < until:
+                sum(range(10_000))
         responses = []
         for request in requests:
             count = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().shape[0]
