@@ -725,6 +725,31 @@ async def test_a_body_declared_but_not_sent_holds_nothing():
             task.cancel()
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/embed", b'{"inputs": [' + b'"a",' * 200_000 + b'"a"]}'),
+        ("/v1/embeddings", b'{"input": [' + b"{}," * 200_000 + b"{}]}"),
+        ("/v2/embed", b'{"model": "m", "inputs": [' + b'{"content": []},' * 200_000 + b"{}]}"),
+    ],
+)
+async def test_a_json_body_of_too_many_values_is_refused_before_it_is_parsed(path, body):
+    """Millions of tiny values in a body within IEI_PAYLOAD_LIMIT once took a worker's memory
+    to gigabytes and its loop for half a minute (uvicorn killed it as hung)."""
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    async with app_client(settings, FakeTriton(info=WITH_TEXT)) as client:
+        started = time.monotonic()
+        response = await client.post(
+            path, content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        assert "the JSON body holds more than 100000 values" in response.text
+        assert time.monotonic() - started < 5  # validating them all: tens of seconds
+        # Commas in texts are no values: 64 texts of 4000 each are a request like any other.
+        texts = {"inputs": ["," * 4000] * 64, "modality": "text"}
+        assert (await client.post("/embed", json=texts)).status_code == 200
+
+
 async def test_a_large_json_body_is_parsed_off_the_event_loop(monkeypatch):
     parsed_in_thread = []
     original = routing.run_in_threadpool

@@ -101,6 +101,13 @@ class BodiesOverloaded(StarletteHTTPException):
         )
 
 
+class TooManyJsonValues(StarletteHTTPException):
+    """A JSON body of more values than any request needs (routing.MAX_JSON_VALUES)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(422, f"the JSON body holds more than {limit} values")
+
+
 class SlowBody(StarletteHTTPException):
     """The body did not arrive within IEI_BODY_READ_TIMEOUT."""
 
