@@ -235,6 +235,28 @@ async def test_a_name_that_does_not_resolve_reads_as_one_that_resolves_inside(ca
     assert "'no-such-host.invalid' refused: cannot resolve it" in logged
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://" + "a." * 500_000 + "com/x.png",  # no DNS name is over 253 characters
+        "x" * 1_000_000 + "://example.com/x.png",
+        "http://example.com:" + "9" * 1_000_000 + "/x.png",
+    ],
+    ids=["host", "scheme", "port"],
+)
+async def test_a_huge_url_part_is_neither_logged_nor_answered_in_full(url, caplog):
+    """One request of eight such URLs once wrote 9 MB to the log and answered 1 MB."""
+    fetcher = UrlFetcher(allow_private=False, timeout=5, max_bytes=1024, max_redirects=2)
+    try:
+        with caplog.at_level("INFO", logger="iei"), pytest.raises(InvalidInput) as refused:
+            await fetcher.fetch(url)
+    finally:
+        await fetcher.close()
+    assert "malformed URL" in str(refused.value) or "not allowed" in str(refused.value)
+    assert len(str(refused.value)) < 1000
+    assert len(caplog.text) < 2000
+
+
 # --- compression bombs ------------------------------------------------------------------------
 
 

@@ -21,10 +21,13 @@ import httpx
 from .errors import ApiError, ErrorType
 from .inputs import InputFailed, InvalidInput
 from .limits import Capacity
+from .logs import printable
 
 log = logging.getLogger("iei")
 
 ALLOWED_SCHEMES = ("http", "https")
+# The longest a DNS name can be.
+MAX_HOST_CHARS = 253
 _REDIRECTS = (301, 302, 303, 307, 308)
 # Connections a worker's fetches hold at once (httpx's default), and the longest a fetch waits
 # for one to come free before it is refused as overloaded (429).
@@ -83,11 +86,15 @@ def parse_url(url: str) -> SplitResult:
         port = parts.port  # raises on a port that is not a number in 0..65535
         host = parts.hostname
     except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
-        raise InvalidInput(f"malformed URL: {exc}") from None
+        raise InvalidInput(f"malformed URL: {printable(str(exc))}") from None
     if parts.scheme.lower() not in ALLOWED_SCHEMES:
-        raise InvalidInput(f"URL scheme {parts.scheme!r} is not allowed (only http, https)")
+        raise InvalidInput(
+            f"URL scheme '{printable(parts.scheme)}' is not allowed (only http, https)"
+        )
     if not host:
         raise InvalidInput("URL without a host")
+    if len(host) > MAX_HOST_CHARS:  # not a name: neither logged nor answered in full
+        raise InvalidInput(f"malformed URL: a host name of over {MAX_HOST_CHARS} characters")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidInput("URLs with credentials are not fetched")
     if port == 0:
