@@ -230,6 +230,24 @@ def test_iei_embed_refuses_a_folder_without_images(tmp_path):
     assert not (tmp_path / "x.npy").exists()
 
 
+def test_iei_embed_to_parquet_without_pyarrow_says_so_before_any_work(tmp_path):
+    """The client alone (`pip install iei`) has no pyarrow: one line at once, not a traceback
+    after every image was embedded."""
+    hidden = tmp_path / "hidden" / "pyarrow"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('no pyarrow in this install')\n")
+    out = tmp_path / "x.parquet"
+    result = subprocess.run(
+        [str(IEI), "embed", str(PHOTOS[0]), "--out", str(out), "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(hidden.parent)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert ".parquet needs pyarrow: pip install 'iei[tools]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "hidden"]  # no journal, no output
+
+
 # --- texts: the client and `iei search` (a dual encoder) ------------------------------------------
 
 

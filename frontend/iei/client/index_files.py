@@ -33,9 +33,12 @@ class BulkError(Exception):
 
 
 def output_format(out: Path) -> str:
+    """`out`'s format, refused before any work when this install cannot write it."""
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
         raise BulkError(f"--out must end in {', '.join(FORMATS)}, not {out.name!r}")
+    if suffix == ".parquet":
+        import_parquet()
     return suffix
 
 
@@ -109,7 +112,8 @@ def write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
         os.replace(partial(ids_path(out)), ids_path(out))
         os.replace(partial(out), out)
     elif kind == ".parquet":
-        pa, pq = import_arrow(), import_parquet()
+        pq = import_parquet()
+        import pyarrow as pa  # there once pyarrow.parquet is
         dimension = vectors.shape[1]
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimension)
         table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding})
@@ -134,12 +138,6 @@ def import_parquet() -> Any:
     except ImportError:
         raise BulkError(".parquet needs pyarrow: pip install 'iei[tools]'") from None
     return pq
-
-
-def import_arrow() -> Any:
-    import pyarrow as pa
-
-    return pa
 
 
 class Journal:
