@@ -778,6 +778,9 @@ async def test_liveness_does_not_depend_on_triton():
     async with app_client(settings) as client:
         assert (await client.get("/live")).json() == {"status": "alive"}
         assert (await client.get("/health")).status_code == 503
+        # A load balancer's check may send HEAD: the same status, no body.
+        assert (await client.head("/live")).status_code == 200
+        assert (await client.head("/health")).status_code == 503
 
 
 # --- access log and metrics ---------------------------------------------------------------------
@@ -835,6 +838,8 @@ async def test_answers_given_before_the_route_are_counted_by_route_and_status():
         ("POST", "/embed", key, b"{}", "/embed", 429),
         ("GET", "/no/such/route/1", {}, b"", "unmatched", 401),
         ("GET", "/no/such/route/2", key, b"", "unmatched", 404),
+        ("GET", "/openapi.json", {}, b"", "/openapi.json", 200),  # FastAPI's own routes too
+        ("GET", "/docs", {}, b"", "/docs", 200),
         (
             "POST",
             "/embed",

@@ -114,6 +114,7 @@ def write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
     elif kind == ".parquet":
         pq = import_parquet()
         import pyarrow as pa  # there once pyarrow.parquet is
+
         dimension = vectors.shape[1]
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dimension)
         table = pa.table({"path": pa.array(paths, pa.string()), "embedding": embedding})

@@ -80,6 +80,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     modules = (embed, openai, cohere, classify, info, health, demo)
     for module in modules:
         app.include_router(module.router)
-    # Our routes with their templates: the metrics label answers given before routing by them.
-    app.state.routes = [route for module in modules for route in module.router.routes]
+    # Every route with its template: ours, and FastAPI's own (/docs, /openapi.json; the app
+    # keeps ours inside the routers it includes): the metrics label answers by them, those given
+    # before routing included.
+    own = [route for route in app.routes if hasattr(route, "path_regex")]
+    app.state.routes = [*own, *(route for module in modules for route in module.router.routes)]
     return app

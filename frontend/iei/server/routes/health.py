@@ -12,15 +12,22 @@ from ..errors import ErrorType, error_response
 router = APIRouter(tags=["service"])
 
 
-@router.get("/live", summary="Is the frontend process alive? (liveness)")
+# The probes answer HEAD as GET (a load balancer's health check may send HEAD).
+PROBE_METHODS = ["GET", "HEAD"]
+
+
+@router.api_route(
+    "/live", methods=PROBE_METHODS, summary="Is the frontend process alive? (liveness)"
+)
 async def live() -> JSONResponse:
     """200 while this worker's event loop runs, whatever Triton does: a liveness probe that
     restarts the frontend only when the frontend itself is stuck."""
     return JSONResponse({"status": "alive"})
 
 
-@router.get(
+@router.api_route(
     "/health",
+    methods=PROBE_METHODS,
     summary="Does the model answer? (readiness)",
     responses={503: {"description": "Triton is down or the model does not answer"}},
 )
