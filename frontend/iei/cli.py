@@ -21,7 +21,11 @@ log = logging.getLogger("iei")
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+def add_service_arguments(
+    parser: argparse.ArgumentParser,
+    model_help: str = "which served model embeds (GET /v1/models lists them; default: the "
+    "server's)",
+) -> None:
     parser.add_argument(
         "--url", default=DEFAULT_URL, help=f"the IEI service (default {DEFAULT_URL})"
     )
@@ -30,11 +34,7 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("IEI_API_KEY"),
         help="Bearer key of the service (default: $IEI_API_KEY)",
     )
-    parser.add_argument(
-        "--model", default=None,
-        help="which served model embeds (GET /v1/models lists them; default: the server's); "
-        "`iei embed --ray` without --url: the model (hub id or folder) run in Ray's actors",
-    )  # fmt: skip
+    parser.add_argument("--model", default=None, help=model_help)
 
 
 def positive(value: str) -> int:
@@ -56,7 +56,11 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="result file: .jsonl, .npy (+ .ids.json) or .parquet; with --ray a folder (or URI) "
         "of Parquet files",
     )
-    add_service_arguments(parser)
+    add_service_arguments(
+        parser,
+        "which served model embeds (GET /v1/models lists them; default: the server's); with "
+        "--ray and without --url: the model (hub id or folder) run in Ray's actors",
+    )
     parser.set_defaults(url=None)  # DEFAULT_URL unless --ray --model (main sets it)
     parser.add_argument(
         "--concurrency", type=positive, default=4, help="requests in flight (default 4)"
@@ -206,7 +210,9 @@ def parser() -> argparse.ArgumentParser:
         "--top", type=positive, default=None, help="keep each file's K best labels (default: all)"
     )
     tag.add_argument("--out", type=Path, default=None, help="a .jsonl file (default: stdout)")
-    add_service_arguments(tag)
+    add_service_arguments(
+        tag, "which served model classifies (GET /v1/models lists them; default: the server's)"
+    )
     return parser
 
 

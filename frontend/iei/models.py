@@ -128,7 +128,10 @@ def parse_item(item: str, position: int) -> ServedModel:
             options[key] = int(value)
         elif key == "pinned":
             if value.lower() not in BOOLEANS:
-                raise ModelsError(f"{where}: pinned={value!r}: expected true or false")
+                raise ModelsError(
+                    f"{where}: pinned={value!r}: expected true or false (or 1/0, yes/no, "
+                    "on/off, as the boolean settings)"
+                )
             options[key] = BOOLEANS[value.lower()]
         else:
             known = ", ".join([*OPTIONS, "instances", "pinned"])

@@ -137,7 +137,8 @@ _SETTINGS = [
     )),
     ("served_model_name", Setting(
         "IEI_SERVED_MODEL_NAME", None, "str", (SERVER,),
-        "name the OpenAI route reports and accepts as `model`",
+        "name the answers report and requests may send as `model` (with `IEI_MODELS`: one more "
+        "name the default model answers to; answers report its own name)",
     )),
     ("allow_private_urls", Setting(
         "IEI_ALLOW_PRIVATE_URLS", False, "bool", (SERVER,),
