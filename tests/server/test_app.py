@@ -773,6 +773,22 @@ async def test_a_large_json_body_is_parsed_off_the_event_loop(monkeypatch):
         assert response.status_code == 422  # bad JSON parsed in the thread is still a 422
 
 
+async def test_a_body_without_content_type_is_json_and_a_json_route_refuses_others():
+    settings = ServerSettings(triton_url="127.0.0.1:1")
+    body = json.dumps({"inputs": [PNG]}).encode()
+    async with app_client(settings, FakeTriton()) as client:
+        untyped = await client.post("/embed", content=body)  # curl --data-binary without -H
+        assert untyped.status_code == 200, untyped.text
+        openai = await client.post("/v1/embeddings", content=json.dumps({"input": PNG}))
+        assert openai.status_code == 200, openai.text
+        for path in ("/v1/embeddings", "/v2/embed"):
+            refused = await client.post(
+                path, content=b"\xff\xd8", headers={"content-type": "image/jpeg"}
+            )
+            assert refused.status_code == 415, refused.text
+            assert "'image/jpeg' is not supported: send `application/json`" in refused.text
+
+
 async def test_liveness_does_not_depend_on_triton():
     settings = ServerSettings(triton_url=f"127.0.0.1:{free_port()}")
     async with app_client(settings) as client:
