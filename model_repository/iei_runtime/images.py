@@ -26,6 +26,9 @@ DRAFT_FACTOR = 2
 # files is such a limit (`djpeg -maxscans`, TJPARAM_SCANLIMIT). Encoders write about 10 scans
 # (libjpeg's progression for colour) and never near 100.
 MAX_JPEG_SCANS = 100
+# Most segments a JPEG's header may have before its first scan (real files: tens, an ICC profile
+# split in 64 KB chunks included). A file of millions of empty segments costs seconds to walk.
+MAX_JPEG_HEADER_SEGMENTS = 4096
 _PROGRESSIVE_FRAMES = frozenset((0xC2, 0xC6, 0xCA, 0xCE))  # SOF2/6/10/14: Huffman, arithmetic
 
 
@@ -92,11 +95,14 @@ def progressive_scans(data: bytes) -> int:
     """The scans of a progressive JPEG, 0 for any other file (a baseline JPEG's components allow
     at most 4). The header's segments are walked to the first scan; from there on a 0xFF byte in
     the coded data is always followed by 0x00 or a marker, so the scans are counted as their SOS
-    markers at C speed (a hostile table holding those two bytes can only count too many)."""
+    markers at C speed (a hostile table holding those two bytes can only count too many). An
+    `InvalidImage` for a header of over MAX_JPEG_HEADER_SEGMENTS segments."""
     if not data.startswith(b"\xff\xd8"):
         return 0
     at, progressive = 2, False
-    while at + 4 <= len(data):
+    for _ in range(MAX_JPEG_HEADER_SEGMENTS):
+        if at + 4 > len(data):
+            return 0
         if data[at] != 0xFF:
             return 0  # no marker where one must be: PIL says what is wrong
         marker = data[at + 1]
@@ -109,7 +115,7 @@ def progressive_scans(data: bytes) -> int:
         else:
             progressive = progressive or marker in _PROGRESSIVE_FRAMES
             at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-    return 0
+    raise InvalidImage(f"JPEG of over {MAX_JPEG_HEADER_SEGMENTS} segments before its first scan")
 
 
 def decode_image(
@@ -130,6 +136,11 @@ def decode_image(
     """
     if not data:
         raise InvalidImage("empty image file")
+    if (scans := progressive_scans(data)) > MAX_JPEG_SCANS:  # before PIL reads anything
+        raise InvalidImage(
+            f"progressive JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS} scans "
+            "(each one a pass over the whole image)"
+        )
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             pixels = image.width * image.height
@@ -140,14 +151,6 @@ def decode_image(
                 )
             if pixels == 0:
                 raise InvalidImage("image has no pixels")
-            if (
-                image.format in ("JPEG", "MPO")
-                and (scans := progressive_scans(data)) > MAX_JPEG_SCANS
-            ):
-                raise InvalidImage(
-                    f"progressive JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS} "
-                    "scans (each one a pass over the whole image)"
-                )
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
             if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.

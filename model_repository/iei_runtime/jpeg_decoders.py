@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from .images import MAX_JPEG_SCANS, progressive_scans
+from .images import MAX_JPEG_SCANS, InvalidImage, progressive_scans
 
 JPEG_DECODERS = ("auto", "pil", "torchvision", "nvimagecodec")
 _EOI = b"\xff\xd9"  # JPEG's end-of-image marker: a truncated file lacks it
@@ -37,7 +37,10 @@ def batchable_jpeg(data: bytes, max_pixels: int) -> JpegHeader | None:
     file to PIL (which refuses one of too many scans)."""
     if not data.startswith(b"\xff\xd8") or _EOI not in data[-64:]:
         return None
-    if progressive_scans(data) > MAX_JPEG_SCANS:
+    try:
+        if progressive_scans(data) > MAX_JPEG_SCANS:
+            return None
+    except InvalidImage:
         return None
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:

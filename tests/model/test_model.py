@@ -155,6 +155,16 @@ def test_the_scans_of_a_progressive_jpeg_are_counted():
     assert images.progressive_scans(b"\xff\xd8\xff") == 0  # cut short: PIL says why
 
 
+def test_a_jpeg_of_too_many_header_segments_is_refused_before_pil_reads_it():
+    """Millions of empty segments took PIL seconds to walk; real headers have tens."""
+    data = encode(Image.new("RGB", (8, 8)), "JPEG")
+    padded = data[:2] + b"\xff\xfe\x00\x02" * images.MAX_JPEG_HEADER_SEGMENTS + data[2:]
+    with pytest.raises(images.InvalidImage, match="over 4096 segments before its first scan"):
+        images.decode_image(padded, 50_000_000)
+    fewer = data[:2] + b"\xff\xfe\x00\x02" * 1000 + data[2:]  # empty comments, but a JPEG
+    assert images.decode_image(fewer, 50_000_000).size == (8, 8)
+
+
 def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_it_is_decoded():
     limit = images.MAX_JPEG_SCANS
     assert images.decode_image(scan_bomb(limit), 50_000_000).size == (64, 64)

@@ -78,6 +78,10 @@ def test_the_tensor_orientation_table_covers_pil_s():
         ("over the pixel limit", lambda img: encode(img.resize((200, 200)), "JPEG")),
         ("not an image", lambda img: b"\xff\xd8 hello \xff\xd9"),
         ("too many scans", lambda img: scan_bomb(101)),  # PIL refuses it
+        (
+            "too many segments",
+            lambda img: b"\xff\xd8" + b"\xff\xfe\x00\x02" * 5000 + encode(img, "JPEG")[2:],
+        ),
     ],
 )
 def test_only_plain_complete_jpegs_within_the_limit_go_to_the_tensor_decoder(name, make):

@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from iei.server.inputs import (
+    MAX_JPEG_HEADER_SEGMENTS,
     InvalidInput,
     decode_input,
     fetch_urls,
     inspect_image,
+    jpeg_header_segments,
     prepare_inputs,
 )
 from PIL import Image
@@ -72,6 +74,20 @@ def test_header_limit_and_unknown_formats():
         inspect_image(b"%!PS-Adobe-3.0 EPSF-3.0\n", 100)
     with pytest.raises(InvalidInput, match="not an image"):
         inspect_image(encode(Image.new("RGB", (3, 2)), "PPM"), 100)
+
+
+def test_a_jpeg_header_of_too_many_segments_is_refused_before_pil_walks_it():
+    """A file of millions of empty segments took PIL seconds to read; real headers have tens."""
+    data = encode(Image.new("RGB", (3, 2)), "JPEG")
+
+    def padded(segments: int) -> bytes:
+        return data[:2] + b"\xff\xfe\x00\x02" * segments + data[2:]  # empty comments
+
+    assert jpeg_header_segments(padded(1000)) - jpeg_header_segments(data) == 1000
+    assert inspect_image(padded(1000), 100).width == 3
+    with pytest.raises(InvalidInput, match="JPEG of over 4096 segments before its first scan"):
+        inspect_image(padded(MAX_JPEG_HEADER_SEGMENTS), 100)
+    assert jpeg_header_segments(PNG) == 0
 
 
 def test_prepare_names_the_bad_index():

@@ -126,8 +126,38 @@ def _b64decode(text: str) -> bytes:
     return pybase64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
+# Most segments a JPEG's header may have before its first scan, as the model counts them
+# (iei_runtime/images.py, which cannot import this package): real files have tens, and PIL
+# takes seconds to walk millions of empty ones.
+MAX_JPEG_HEADER_SEGMENTS = 4096
+
+
+def jpeg_header_segments(data: bytes) -> int:
+    """The segments before a JPEG's first scan (a fill byte counts as one), walked no further
+    than MAX_JPEG_HEADER_SEGMENTS + 1; 0 for a file that is no JPEG."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    at, count = 2, 0
+    while count <= MAX_JPEG_HEADER_SEGMENTS and at + 4 <= len(data) and data[at] == 0xFF:
+        count += 1
+        marker = data[at + 1]
+        if marker == 0xDA:  # the first scan
+            break
+        if marker == 0xFF:  # a fill byte before a marker
+            at += 1
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return count
+
+
 def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
     """Format and size from the header; refuse what the model would refuse, before it runs."""
+    if jpeg_header_segments(data) > MAX_JPEG_HEADER_SEGMENTS:
+        raise InvalidInput(
+            f"JPEG of over {MAX_JPEG_HEADER_SEGMENTS} segments before its first scan"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
