@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -26,10 +27,15 @@ DRAFT_FACTOR = 2
 # files is such a limit (`djpeg -maxscans`, TJPARAM_SCANLIMIT). Encoders write about 10 scans
 # (libjpeg's progression for colour) and never near 100.
 MAX_JPEG_SCANS = 100
-# Most segments a JPEG's header may have before its first scan (real files: tens, an ICC profile
-# split in 64 KB chunks included). A file of millions of empty segments costs seconds to walk.
-MAX_JPEG_HEADER_SEGMENTS = 4096
+# Most segments (tables, comments, metadata, scans) a JPEG's frame may have: real files have tens,
+# an ICC profile split in 64 KB chunks included; a file of millions of empty segments costs
+# seconds to walk.
+MAX_JPEG_SEGMENTS = 4096
 _PROGRESSIVE_FRAMES = frozenset((0xC2, 0xC6, 0xCA, 0xCE))  # SOF2/6/10/14: Huffman, arithmetic
+# A marker as libjpeg's next_marker finds one: 0xFF followed by neither 0x00 (a 0xFF of coded
+# data) nor a restart marker (inside coded data); a second 0xFF is a fill byte. (No `\xff+`:
+# it makes the search 14 times slower, 18 ms for a 12 MP photo.)
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7])")
 
 
 class InvalidImage(ValueError):
@@ -92,30 +98,34 @@ UPRIGHT = {
 
 
 def progressive_scans(data: bytes) -> int:
-    """The scans of a progressive JPEG, 0 for any other file (a baseline JPEG's components allow
-    at most 4). The header's segments are walked to the first scan; from there on a 0xFF byte in
-    the coded data is always followed by 0x00 or a marker, so the scans are counted as their SOS
-    markers at C speed (a hostile table holding those two bytes can only count too many). An
-    `InvalidImage` for a header of over MAX_JPEG_HEADER_SEGMENTS segments."""
+    """The scans of a progressive JPEG's first frame (counted up to MAX_JPEG_SCANS + 1), 0 for
+    any other file (a baseline JPEG's components allow at most 4). Markers are found as libjpeg
+    finds them: junk before one is skipped, and so is a segment's payload (by its length) and a
+    scan's coded data (at C speed: there a 0xFF is followed by 0x00 or a restart marker), up to
+    the end of the image (an MPO's next frame or a trailer are not its scans). An
+    `InvalidImage` for a frame of over MAX_JPEG_SEGMENTS segments."""
     if not data.startswith(b"\xff\xd8"):
         return 0
-    at, progressive = 2, False
-    for _ in range(MAX_JPEG_HEADER_SEGMENTS):
-        if at + 4 > len(data):
-            return 0
-        if data[at] != 0xFF:
-            return 0  # no marker where one must be: PIL says what is wrong
-        marker = data[at + 1]
-        if marker == 0xFF:  # a fill byte before a marker
-            at += 1
-        elif marker == 0xDA:  # the first scan
-            return data.count(b"\xff\xda", at) if progressive else 0
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
-            at += 2
-        else:
-            progressive = progressive or marker in _PROGRESSIVE_FRAMES
-            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-    raise InvalidImage(f"JPEG of over {MAX_JPEG_HEADER_SEGMENTS} segments before its first scan")
+    at, scans, segments, progressive = 2, 0, 0, False
+    while scans <= MAX_JPEG_SCANS and (found := _JPEG_MARKER.search(data, at)):
+        marker, at = found[1][0], found.end()
+        if marker == 0xD9:  # the end of the image
+            break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InvalidImage(f"JPEG of over {MAX_JPEG_SEGMENTS} segments")
+        if marker == 0xFF:  # a fill byte: the marker is the next one
+            at -= 1
+            continue
+        if marker in (0x01, 0xD8):  # markers without a length
+            continue
+        at += int.from_bytes(data[at : at + 2], "big")
+        if marker == 0xDA:
+            if not progressive:
+                return 0
+            scans += 1
+        progressive = progressive or marker in _PROGRESSIVE_FRAMES
+    return scans
 
 
 def decode_image(

@@ -150,16 +150,46 @@ def test_the_scans_of_a_progressive_jpeg_are_counted():
     assert images.progressive_scans(photos()["coffee.jpg"]) == 0  # baseline
     assert 5 <= images.progressive_scans(encode(picture, "JPEG", progressive=True)) <= 12
     assert images.progressive_scans(encode(picture.convert("L"), "JPEG", progressive=True)) >= 2
-    assert images.progressive_scans(scan_bomb(500)) == 500
+    assert images.progressive_scans(scan_bomb(60)) == 60
+    assert images.progressive_scans(scan_bomb(500)) == images.MAX_JPEG_SCANS + 1  # enough said
     assert images.progressive_scans(encode(picture, "PNG")) == 0
     assert images.progressive_scans(b"\xff\xd8\xff") == 0  # cut short: PIL says why
+
+
+def test_junk_between_a_jpeg_s_segments_hides_none_of_its_scans():
+    """libjpeg skips bytes before a marker, so the count must too: one byte once hid 3000."""
+    bomb = scan_bomb(300)
+    first_scan, frame = bomb.index(b"\xff\xda"), bomb.index(b"\xff\xc2")
+    for hostile in (
+        bomb[:first_scan] + b"\x00" + bomb[first_scan:],
+        bomb[:frame] + b"\xff\x00" + bomb[frame:],
+    ):
+        assert images.progressive_scans(hostile) > images.MAX_JPEG_SCANS
+        with pytest.raises(images.InvalidImage, match="scans is over the limit"):
+            images.decode_image(hostile, 50_000_000)
+
+
+def test_what_follows_a_jpeg_s_end_is_none_of_its_scans():
+    """A motion photo's video or any trailer after the end of the image, or an MPO's next frame,
+    are not the first frame's scans (random bytes hold 0xFFDA about every 64 KB)."""
+    picture = Image.open(io.BytesIO(photos()["coffee.jpg"])).convert("RGB")
+    progressive = encode(picture, "JPEG", progressive=True)
+    scans = images.progressive_scans(progressive)
+    trailer = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    assert b"\xff\xda" in trailer
+    assert images.progressive_scans(progressive + trailer) == scans
+    assert images.progressive_scans(progressive + progressive) == scans
+    tables = progressive.index(b"\xff\xc4")
+    filled = progressive[:tables] + b"\xff\xff\xff" + progressive[tables:]  # fill bytes
+    assert images.progressive_scans(filled) == scans
+    assert images.decode_image(progressive + trailer, 50_000_000).size == picture.size
 
 
 def test_a_jpeg_of_too_many_header_segments_is_refused_before_pil_reads_it():
     """Millions of empty segments took PIL seconds to walk; real headers have tens."""
     data = encode(Image.new("RGB", (8, 8)), "JPEG")
-    padded = data[:2] + b"\xff\xfe\x00\x02" * images.MAX_JPEG_HEADER_SEGMENTS + data[2:]
-    with pytest.raises(images.InvalidImage, match="over 4096 segments before its first scan"):
+    padded = data[:2] + b"\xff\xfe\x00\x02" * images.MAX_JPEG_SEGMENTS + data[2:]
+    with pytest.raises(images.InvalidImage, match="JPEG of over 4096 segments"):
         images.decode_image(padded, 50_000_000)
     fewer = data[:2] + b"\xff\xfe\x00\x02" * 1000 + data[2:]  # empty comments, but a JPEG
     assert images.decode_image(fewer, 50_000_000).size == (8, 8)

@@ -87,6 +87,8 @@ def test_a_jpeg_header_of_too_many_segments_is_refused_before_pil_walks_it():
     assert inspect_image(padded(1000), 100).width == 3
     with pytest.raises(InvalidInput, match="JPEG of over 4096 segments before its first scan"):
         inspect_image(padded(MAX_JPEG_HEADER_SEGMENTS), 100)
+    hidden = data[:2] + b"\x00" + padded(MAX_JPEG_HEADER_SEGMENTS)[2:]  # junk PIL skips
+    assert jpeg_header_segments(hidden) > MAX_JPEG_HEADER_SEGMENTS
     assert jpeg_header_segments(PNG) == 0
 
 

@@ -130,25 +130,26 @@ def _b64decode(text: str) -> bytes:
 # (iei_runtime/images.py, which cannot import this package): real files have tens, and PIL
 # takes seconds to walk millions of empty ones.
 MAX_JPEG_HEADER_SEGMENTS = 4096
+# A marker: 0xFF followed by neither 0x00 nor a restart marker (a second 0xFF: a fill byte).
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7])")
 
 
 def jpeg_header_segments(data: bytes) -> int:
-    """The segments before a JPEG's first scan (a fill byte counts as one), walked no further
-    than MAX_JPEG_HEADER_SEGMENTS + 1; 0 for a file that is no JPEG."""
+    """The segments before a JPEG's first scan, counted up to MAX_JPEG_HEADER_SEGMENTS + 1; 0 for
+    a file that is no JPEG. Markers are found as libjpeg (and PIL) find them: junk before one is
+    skipped, and so is a segment's payload, by its length."""
     if not data.startswith(b"\xff\xd8"):
         return 0
     at, count = 2, 0
-    while count <= MAX_JPEG_HEADER_SEGMENTS and at + 4 <= len(data) and data[at] == 0xFF:
+    while count <= MAX_JPEG_HEADER_SEGMENTS and (found := _JPEG_MARKER.search(data, at)):
         count += 1
-        marker = data[at + 1]
-        if marker == 0xDA:  # the first scan
+        marker, at = found[1][0], found.end()
+        if marker in (0xDA, 0xD9):  # the first scan, or the end of the image
             break
-        if marker == 0xFF:  # a fill byte before a marker
-            at += 1
-        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
-            at += 2
-        else:
-            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xFF:  # a fill byte: the marker is the next one
+            at -= 1
+        elif marker not in (0x01, 0xD8):  # markers without a length
+            at += int.from_bytes(data[at : at + 2], "big")
     return count
 
 
