@@ -231,3 +231,13 @@ def test_a_probe_held_while_nothing_computes_is_a_failure(tmp_path):
 def test_a_probe_the_model_fails_at_once_is_a_failure_however_busy(tmp_path):
     server = ProbedServer(tmp_path, "HTTP 500: CUDA error", share=0.9, wait=0.0)
     assert server.problems(3)[-1] == "the model failed 3 probes in a row (HTTP 500: CUDA error)"
+
+
+def test_only_the_probed_model_s_processes_count_as_its_work(tmp_path):
+    """Another model computing says nothing of `iei`, which the probe asks."""
+    server = TritonServer(LauncherSettings(), tmp_path)
+    server.stubs = {os.getpid(): "iei__dino"}  # this process stands in for a stub
+    assert server.stubs_cpu_seconds() == 0.0
+    for model in ("iei", "iei_preprocess", "iei_encoder"):
+        server.stubs = {os.getpid(): model}
+        assert server.stubs_cpu_seconds() > 0.0

@@ -786,7 +786,7 @@ async def test_a_body_without_content_type_is_json_and_a_json_route_refuses_othe
     settings = ServerSettings(triton_url="127.0.0.1:1")
     body = json.dumps({"inputs": [PNG]}).encode()
     async with app_client(settings, FakeTriton()) as client:
-        untyped = await client.post("/embed", content=body)  # curl --data-binary without -H
+        untyped = await client.post("/embed", content=body)  # no Content-Type at all
         assert untyped.status_code == 200, untyped.text
         openai = await client.post("/v1/embeddings", content=json.dumps({"input": PNG}))
         assert openai.status_code == 200, openai.text

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import httpx
 
-from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAME, PROBE_IMAGE, PROBE_PRIORITY
+from ..contract import (
+    INPUT_NAME,
+    MODEL_NAME,
+    OUTPUT_NAME,
+    PROBE_IMAGE,
+    PROBE_PRIORITY,
+    STAGE_MODEL_NAMES,
+)
 from ..models import ServedModel
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .addresses import dial_endpoint, local_client, triton_addresses
@@ -253,7 +260,8 @@ class TritonServer:
     # at least) waited behind a long execution, which is load, not a broken model: 64 images of
     # 50 MP take tens of seconds on 2 cores. A hung stub (a deadlock) computes nothing, and a
     # sticky CUDA error fails the probe at once; one execution that computes for BUSY_PROBES
-    # probes in a row (3 minutes) counts as broken after all.
+    # probes in a row (3 minutes, then PROBE_FAILURES more: about 200 s) counts as broken after
+    # all, which also bounds a stub that spins on a hung GPU kernel.
     BUSY_CPU = 0.2
     BUSY_PROBES = 18
 
@@ -321,7 +329,8 @@ class TritonServer:
             )
         if self.echo:
             threading.Thread(target=self._tee, args=(self.process,), daemon=True).start()
-        self.failed_probes, self.next_probe = 0, time.monotonic() + self.PROBE_INTERVAL
+        self.failed_probes, self.busy_probes = 0, 0
+        self.next_probe = time.monotonic() + self.PROBE_INTERVAL
         log.info("started Triton (pid %d), log: %s", self.process.pid, self.log_path)
 
     def _tee(self, process: subprocess.Popen[bytes]) -> None:
@@ -396,7 +405,10 @@ class TritonServer:
         return None
 
     def stubs_cpu_seconds(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.stubs)
+        """The CPU time of the probed model's processes (`iei`, or its stages in the split
+        layout): another model's work says nothing of this one."""
+        probed = (MODEL_NAME, *STAGE_MODEL_NAMES)
+        return sum(cpu_seconds(pid) for pid, model in self.stubs.items() if model in probed)
 
     def probe(self) -> str | None:
         """One inference of a 1x1 PNG at the head of the queue: None, or why it failed. A full

@@ -43,7 +43,7 @@ def parse_json(body: bytes) -> Any:
 
 def is_json(content_type: str | None) -> bool:
     """A JSON body by its Content-Type: `application/json`, `application/*+json`, or none at all
-    (curl's `--data-binary` without `-H`: read as JSON, never as bytes)."""
+    (a client that sends none, or an empty `Content-Type:`: read as JSON, never as bytes)."""
     if not content_type:
         return True
     mime = content_type.split(";", 1)[0].strip().lower()
