@@ -574,6 +574,7 @@ async def test_a_wrong_key_is_refused_before_the_body_is_read():
         assert not body.read
         assert (await client.get("/live")).status_code == 200  # probes need no key
         assert (await client.get("/health")).status_code == 200
+        assert (await client.head("/health")).status_code == 200
 
 
 def documented_exempt_routes() -> list[str]:

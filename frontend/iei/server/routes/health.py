@@ -12,22 +12,15 @@ from ..errors import ErrorType, error_response
 router = APIRouter(tags=["service"])
 
 
-# The probes answer HEAD as GET (a load balancer's health check may send HEAD).
-PROBE_METHODS = ["GET", "HEAD"]
-
-
-@router.api_route(
-    "/live", methods=PROBE_METHODS, summary="Is the frontend process alive? (liveness)"
-)
+@router.get("/live", summary="Is the frontend process alive? (liveness)")
 async def live() -> JSONResponse:
     """200 while this worker's event loop runs, whatever Triton does: a liveness probe that
     restarts the frontend only when the frontend itself is stuck."""
     return JSONResponse({"status": "alive"})
 
 
-@router.api_route(
+@router.get(
     "/health",
-    methods=PROBE_METHODS,
     summary="Does the model answer? (readiness)",
     responses={503: {"description": "Triton is down or the model does not answer"}},
 )
@@ -39,6 +32,12 @@ async def health(request: Request, services: ServicesDep) -> JSONResponse:
     if await services.triton.is_ready(pinned):
         return JSONResponse({"status": "ok"})
     return error_response(request.url.path, 503, ErrorType.UNHEALTHY, "the model is not ready")
+
+
+# The probes answer HEAD as GET (a load balancer's health check may send it); not in the OpenAPI
+# schema, where one operation would have two ids.
+for path, probe in (("/live", live), ("/health", health)):
+    router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", summary="Prometheus metrics of the frontend", response_class=Response)
