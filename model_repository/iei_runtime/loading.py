@@ -24,6 +24,7 @@ from .encoders import PooledEncoder, TowerEncoder
 from .families import (
     PROJECTED,
     Towers,
+    in_joint_space,
     resolve_pooling,
     serves_texts,
     text_context,
@@ -311,7 +312,7 @@ def load_embedder(settings: ModelSettings, device: torch.device, threads: int) -
         model_facts=facts,
         fuse=settings.fused_preprocess,
     )
-    if joint is not None and pooling == PROJECTED:
+    if joint is not None and in_joint_space(facts, pooling):  # SigLIP's pooler output too
         try:
             embedder.zero_shot = zero_shot_facts(settings.model_id, joint)
         except Exception as exc:

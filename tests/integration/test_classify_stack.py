@@ -148,7 +148,7 @@ def test_a_model_without_a_text_tower_is_a_422(models_stack):
     body = {"inputs": b64(PHOTO), "parameters": {"candidate_labels": ["a"]}}
     response = classify(models_stack, body, "dino")
     assert response.status_code == 422, response.text
-    assert "model 'dino' cannot classify: it has no text tower" in response.json()["error"]
+    assert "model 'dino' cannot classify: it serves no texts" in response.json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -242,6 +242,7 @@ def test_a_pooling_outside_the_joint_space_serves_no_texts(model_dirs, family, p
     assert families.serves_texts(config, pooling) is texts
     assert info["modalities"] == (["image", "text"] if texts else ["image"])
     assert (info["text_context_length"] is not None) is texts
+    assert ("zero_shot" in info) is texts  # /classify scores where the texts share the space
     if texts:
         loading.load_text_embedder(settings, CPU)
     else:

@@ -159,18 +159,9 @@ async def test_a_model_without_a_text_tower_is_a_422_naming_it():
         body = {"inputs": b64(PNG), "parameters": {"candidate_labels": ["a"]}}
         response = await client.post("/classify", json=body)
         info = (await client.get("/info")).json()
-    tei_error(response, 422, "model 'google/vit-base-patch16-224' cannot classify: it has no text")
+    tei_error(response, 422, "model 'google/vit-base-patch16-224' cannot classify: it serves no")
     assert "iei_text" not in fake.models
     assert info["zero_shot"] is None and info["models"][0]["zero_shot"] is None
-
-
-async def test_a_dual_encoder_pooled_off_its_projection_is_a_422_saying_so():
-    """A text tower, but vectors outside its space (IEI_POOLING=pooler): no zero-shot scores."""
-    pooled = {**CLIP, "zero_shot": None, "logit_scale": None, "pooling": "pooler"}
-    async with app_client(SETTINGS, FakeTriton(info=pooled)) as client:
-        body = {"inputs": b64(PNG), "parameters": {"candidate_labels": ["a"]}}
-        response = await client.post("/classify", json=body)
-    tei_error(response, 422, "cannot classify: it is served with pooling 'pooler'")
 
 
 async def test_info_says_how_a_dual_encoder_classifies():

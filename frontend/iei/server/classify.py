@@ -57,18 +57,12 @@ class ZeroShot:
 def zero_shot_of(info: dict[str, Any], model: ServedModel) -> ZeroShot:
     """The model's zero-shot head from its facts; a 422 naming it when it has none."""
     kind = info.get("zero_shot")
-    if "text" not in (info.get("modalities") or [IMAGE]):
+    if "text" not in (info.get("modalities") or [IMAGE]) or kind not in (SOFTMAX, SIGMOID):
         raise ApiError(
             ErrorType.VALIDATION,
-            f"the model {model.name!r} cannot classify: it has no text tower (zero-shot "
-            "classification needs a CLIP, SigLIP or SigLIP2 model served with IEI_POOLING=auto)",
-        )
-    if kind not in (SOFTMAX, SIGMOID):
-        raise ApiError(
-            ErrorType.VALIDATION,
-            f"the model {model.name!r} cannot classify: it is served with pooling "
-            f"{info.get('pooling')!r}, and zero-shot scores need the projected embeddings "
-            "(IEI_POOLING=auto, or pooling=auto in IEI_MODELS)",
+            f"the model {model.name!r} cannot classify: it serves no texts (it has no text "
+            "tower, or is pooled out of its text space: zero-shot classification needs a CLIP, "
+            "SigLIP or SigLIP2 model served with IEI_POOLING=auto)",
         )
     return ZeroShot(str(kind), float(info["logit_scale"]), float(info.get("logit_bias") or 0.0))
 
