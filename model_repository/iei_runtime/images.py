@@ -146,10 +146,10 @@ def decode_image(
     """
     if not data:
         raise InvalidImage("empty image file")
-    if (scans := progressive_scans(data)) > MAX_JPEG_SCANS:  # before PIL reads anything
+    if progressive_scans(data) > MAX_JPEG_SCANS:  # before PIL reads anything
         raise InvalidImage(
-            f"progressive JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS} scans "
-            "(each one a pass over the whole image)"
+            f"progressive JPEG of over {MAX_JPEG_SCANS} scans, the limit (each one a pass over "
+            "the whole image)"
         )
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
