@@ -30,15 +30,21 @@ _JSON_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)|[,\[{]', re.DO
 
 def parse_json(body: bytes) -> Any:
     """`body` parsed (a json.JSONDecodeError: FastAPI's 422 for bad JSON), once it is known to
-    hold at most MAX_JSON_VALUES values (a 422 otherwise). Commas are counted first, at C speed:
-    a body of fewer holds fewer values, whatever is in its strings (a base64 image has none);
-    past that its tokens are counted, up to three a value, so that the count stops early however
-    the body is made (tens of millions of empty strings once took seconds to read through)."""
-    if body.count(b",") > MAX_JSON_VALUES:
+    hold at most MAX_JSON_VALUES values (a 422 otherwise). A body parsed on the loop is too
+    small to hold enough to matter and is not counted. Commas are counted first, at C speed: a
+    body of fewer holds fewer values, whatever is in its strings (a base64 image has none); past
+    that its tokens are counted, up to three a value, so that the count stops early however the
+    body is made (tens of millions of empty strings once took seconds to read through)."""
+    if len(body) > INLINE_JSON_BYTES and body.count(b",") > MAX_JSON_VALUES:
         for tokens, _ in enumerate(_JSON_TOKEN.finditer(body)):
             if tokens >= 3 * MAX_JSON_VALUES:
                 raise TooManyJsonValues(MAX_JSON_VALUES)
     return orjson.loads(body)
+
+
+def mime_type(content_type: str) -> str:
+    """`image/JPEG; q=1` -> `image/jpeg`."""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def is_json(content_type: str | None) -> bool:
@@ -46,7 +52,7 @@ def is_json(content_type: str | None) -> bool:
     (a client that sends none, or an empty `Content-Type:`: read as JSON, never as bytes)."""
     if not content_type:
         return True
-    mime = content_type.split(";", 1)[0].strip().lower()
+    mime = mime_type(content_type)
     return mime == "application/json" or (
         mime.startswith("application/") and mime.endswith("+json")
     )

@@ -20,7 +20,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import ApiError, ErrorType
-from .routing import is_json
+from .routing import is_json, mime_type
 
 JSON, RAW, MULTIPART = "json", "raw", "multipart"  # what a body is, from its Content-Type
 RAW_TYPES = "`image/*`, `application/octet-stream`"
@@ -37,9 +37,9 @@ M = TypeVar("M", bound=BaseModel)
 def body_kind(content_type: str | None) -> str | None:
     """JSON (also without a Content-Type), RAW, MULTIPART, or None for a type that /embed does
     not take."""
-    if is_json(content_type):
+    if content_type is None or is_json(content_type):
         return JSON
-    mime = str(content_type).split(";", 1)[0].strip().lower()
+    mime = mime_type(content_type)
     if mime.startswith("image/") or mime == "application/octet-stream":
         return RAW
     if mime == "multipart/form-data":
