@@ -645,8 +645,10 @@ class SlowBody:
     def __init__(self, first: bytes, second: bytes = b"") -> None:
         self.first, self.second = first, second
         self.go = asyncio.Event()
+        self.read = False  # the server asked for it
 
     async def __aiter__(self):
+        self.read = True
         yield self.first
         await self.go.wait()
         yield self.second
@@ -718,7 +720,7 @@ async def test_a_body_declared_but_not_sent_holds_nothing():
             asyncio.create_task(client.post("/embed", content=body, headers=headers))
             for body in idle
         ]
-        await asyncio.sleep(0.1)  # both admitted and waiting for their bodies
+        await eventually(lambda: all(body.read for body in idle), "both bodies being read")
         assert not any(task.done() for task in waiting)
         assert bodies.used == 0
         assert (await client.post("/embed", json={"inputs": [PNG]})).status_code == 200
