@@ -22,6 +22,7 @@ class TritonError:
     def __init__(self, message: str, code: str = "INTERNAL") -> None:
         self._message = message
         self.code = code
+        self.responded = False  # given to a response (see InferenceResponse)
 
     def message(self) -> str:
         return self._message
@@ -43,6 +44,13 @@ class InferenceResponse:
     def __init__(
         self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None
     ) -> None:
+        # One error object backs one response: with one TritonError shared by several
+        # responses, Triton 2.51's Python backend sent garbage as their messages and then
+        # segfaulted (the sticky fault model did so, in CI and in 1 of 2 runs under load here).
+        if error is not None:
+            if error.responded:
+                raise AssertionError("one TritonError given to two responses")
+            error.responded = True
         self.output_tensors = output_tensors or []
         self.error = error
 

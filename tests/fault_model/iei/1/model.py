@@ -28,8 +28,12 @@ class TritonPythonModel:
         if self.behaviour == "sticky" and any(b"BREAK" in blob for blob in blobs):
             self.broken = True
         if self.broken:
-            error = pb_utils.TritonError("CUDA error: an illegal memory access was encountered")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+            # One error object per response: a shared one made Triton 2.51's Python backend
+            # send garbage as the messages and then segfault (tests/fake_pb_utils.py checks it).
+            message = "CUDA error: an illegal memory access was encountered"
+            return [
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests
+            ]
         probe_only = all(len(bytes(b)) < 100 for batch in images for b in batch.reshape(-1))
         if self.behaviour.startswith("sleep:") and not probe_only:
             time.sleep(float(self.behaviour.split(":", 1)[1]))
