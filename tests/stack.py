@@ -174,6 +174,14 @@ class Stack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metric(self, prefix: str) -> float:
+        """The sum of the frontend's /metrics samples whose line starts with `prefix` (a name,
+        with labels or not); 0 when there is none."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+        )
+
     def start(self, timeout: float = 180.0) -> Stack:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

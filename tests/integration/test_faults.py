@@ -135,8 +135,18 @@ def assert_clean_failures(load: Load) -> None:
     assert not slow, slow[:5]
 
 
+def restarts(stack: Stack, reason: str) -> float:
+    return stack.metric(f'iei_triton_restarts_total{{reason="{reason}"}}')
+
+
 def test_a_dead_model_stub_is_noticed_and_service_restored(fault_stack):
     health = f"{fault_stack.url}/health"
+    # every reason shows from the start, at 0 (a dashboard's rate() needs the series)
+    assert [restarts(fault_stack, r) for r in ("exited", "stub_died", "probes_failed")] == [0] * 3
+    assert (
+        'iei_triton_restarts_total{reason="probes_failed"}'
+        in httpx.get(f"{fault_stack.url}/metrics").text
+    )
     with Load(fault_stack.url) as load:
         time.sleep(1.5)
         [stub] = stub_pids(fault_stack)
@@ -156,11 +166,13 @@ def test_a_dead_model_stub_is_noticed_and_service_restored(fault_stack):
     assert "restarting Triton" in fault_stack.log()
     assert "stub" in fault_stack.log()
     assert httpx.get(health).status_code == 200
+    assert restarts(fault_stack, "stub_died") == 1
     print(f"stub killed: service back {recovered - killed:.1f} s later")  # noqa: T201
 
 
 def test_a_dead_triton_is_restarted_without_restarting_the_frontend(fault_stack):
     frontend = process_running(fault_stack, b"-m\0uvicorn")
+    exits = restarts(fault_stack, "exited")
     with Load(fault_stack.url) as load:
         time.sleep(1.5)
         triton = process_running(fault_stack, b"bin/tritonserver")
@@ -177,6 +189,7 @@ def test_a_dead_triton_is_restarted_without_restarting_the_frontend(fault_stack)
     assert process_running(fault_stack, b"-m\0uvicorn") == frontend
     assert "Triton exited" in fault_stack.log()
     assert "Triton is serving again" in fault_stack.log()
+    assert restarts(fault_stack, "exited") == exits + 1
     print(f"tritonserver killed: service back {recovered - killed:.1f} s later")  # noqa: T201
 
 
@@ -208,14 +221,6 @@ def test_a_long_execution_that_computes_is_not_taken_for_a_hung_model(tmp_path):
         assert stack.stop() == 0
 
 
-def in_flight(stack: Stack) -> float:
-    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
-    return sum(
-        float(line.split()[-1]) for line in text.splitlines()
-        if line.startswith("iei_requests_in_flight")
-    )  # fmt: skip
-
-
 def refuses_connections(stack: Stack) -> bool:
     host, port = stack.url.removeprefix("http://").rsplit(":", 1)
     try:
@@ -237,8 +242,9 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
             ]
             # All six in the model's 2 s sleep (the scrape counts itself too), then the signal.
             await eventually(
-                lambda: in_flight(stack) >= 7, "the six requests in flight", 20, blocking=True
-            )
+                lambda: stack.metric("iei_requests_in_flight") >= 7,
+                "the six requests in flight", 20, blocking=True,
+            )  # fmt: skip
             stack.process.send_signal(signal.SIGTERM)
             closed = functools.partial(refuses_connections, stack)
             await eventually(closed, "the port closed", 20, blocking=True)

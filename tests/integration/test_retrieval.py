@@ -280,14 +280,8 @@ def test_metrics_count_texts_and_images(family_stack):
     _, stack = family_stack
 
     def counted() -> dict[str, float]:
-        lines = httpx.get(f"{stack.url}/metrics").text.splitlines()
-        found = {"iei_texts_embedded_total": 0.0, "iei_images_embedded_total": 0.0}
-        return found | {
-            name: float(line.split()[-1])
-            for line in lines
-            for name in ("iei_texts_embedded_total", "iei_images_embedded_total")
-            if line.startswith(name + "{")  # one model: one `model` label
-        }
+        names = ("iei_texts_embedded_total", "iei_images_embedded_total")
+        return {name: stack.metric(name + "{") for name in names}  # one model: one label
 
     before = counted()
     photo = b64(photos()["coffee.jpg"])

@@ -53,13 +53,6 @@ def entry(stack: Stack, name: str) -> dict:
     return next(m for m in info(stack)["models"] if m["name"] == name)
 
 
-def metric(stack: Stack, prefix: str) -> float:
-    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
-    )
-
-
 def test_the_lazy_model_is_not_loaded_at_start_and_the_others_are(models_stack):
     models = {m["name"]: m for m in info(models_stack)["models"]}
     assert list(models) == list(MODELS)  # the default first
@@ -156,9 +149,9 @@ def test_texts_to_a_model_without_a_text_tower_are_a_422(models_stack):
 
 def test_metrics_count_by_model(models_stack):
     _, encoded = images()
-    before = metric(models_stack, 'iei_images_embedded_total{model="dino"}')
+    before = models_stack.metric('iei_images_embedded_total{model="dino"}')
     rows(post(models_stack, "/embed", {"inputs": encoded[:2], "model": "dino"}))
-    assert metric(models_stack, 'iei_images_embedded_total{model="dino"}') - before == 2
+    assert models_stack.metric('iei_images_embedded_total{model="dino"}') - before == 2
 
 
 def test_an_idle_model_unloads_and_its_next_requests_share_one_load(models_stack, model_dirs):
@@ -169,19 +162,19 @@ def test_an_idle_model_unloads_and_its_next_requests_share_one_load(models_stack
     assert "unloading model 'vit'" in models_stack.log()
     # counted once Triton's unload call returned, which may come after /info says unloaded
     unloads = 'iei_model_unloads_total{model="vit"}'
-    wait_for(lambda: metric(models_stack, unloads) >= 1, "the unload counted", 10)
+    wait_for(lambda: models_stack.metric(unloads) >= 1, "the unload counted", 10)
     # pinned models stay, and the stub watch took no unloaded stub for a crash
     assert entry(models_stack, "dino")["loaded"] is True
     assert "restarting Triton" not in models_stack.log()
 
-    loads = metric(models_stack, 'iei_model_loads_total{model="vit",outcome="loaded"}')
+    loads = models_stack.metric('iei_model_loads_total{model="vit",outcome="loaded"}')
     body = {"inputs": encoded, "model": "vit"}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: post(models_stack, "/embed", body), range(4)))
     expected = Reference(model_dirs["vit"]).embed(files)
     for answer in answers:
         assert cosine_rows(rows(answer), expected).min() > TOLERANCE
-    assert metric(models_stack, 'iei_model_loads_total{model="vit",outcome="loaded"}') == loads + 1
+    assert models_stack.metric('iei_model_loads_total{model="vit",outcome="loaded"}') == loads + 1
     assert entry(models_stack, "vit")["loaded"] is True
     assert httpx.get(f"{models_stack.url}/health").status_code == 200
 

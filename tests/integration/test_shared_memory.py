@@ -26,11 +26,7 @@ def fresh_photos(seed: int, count: int = 4) -> dict[str, bytes]:
 
 
 def file_calls(stack, transport: str) -> float:
-    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith(f'iei_triton_file_calls_total{{transport="{transport}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return stack.metric(f'iei_triton_file_calls_total{{transport="{transport}"}}')
 
 
 def regions(stack) -> list[str]:

@@ -101,7 +101,8 @@ def test_the_stubs_of_an_unloaded_model_are_no_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(server, "running", lambda: True)
     server.next_probe = float("inf")
     server.stubs = {2**22 + 1: "iei__dino", 1: "iei"}  # the first pid does not exist
-    assert "iei__dino" in (server.problem() or "")
+    problem = server.problem()
+    assert problem is not None and problem.reason == "stub_died" and "iei__dino" in str(problem)
     server.forget_stubs(["iei__dino"])
     assert server.problem() is None
 

@@ -8,18 +8,21 @@ import threading
 from iei.launcher.errors import TritonStartupError
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.supervisor import TritonSupervisor
+from iei.launcher.triton_process import Problem
+
+EXITED = Problem("exited", "Triton exited: code -9")
 
 
 class FakeTriton:
     """Records the supervisor's calls; `on_stop` runs inside stop() (e.g. a SIGTERM arriving)."""
 
-    def __init__(self, problem: str | None = "Triton exited", fail_starts: int = 0) -> None:
+    def __init__(self, problem: Problem | None = EXITED, fail_starts: int = 0) -> None:
         self.calls: list[str] = []
         self._problem = problem
         self.fail_starts = fail_starts
         self.on_stop = lambda: None
 
-    def problem(self) -> str | None:
+    def problem(self) -> Problem | None:
         return self._problem
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -40,8 +43,11 @@ class FakeTriton:
         self.calls.append("watch_stubs")
 
 
-def supervisor(triton: FakeTriton, stopping: threading.Event) -> TritonSupervisor:
-    return TritonSupervisor(triton, LauncherSettings(), stopping)  # type: ignore[arg-type]
+def supervisor(
+    triton: FakeTriton, stopping: threading.Event, counted: list[str] | None = None
+) -> TritonSupervisor:
+    count = counted.append if counted is not None else None
+    return TritonSupervisor(triton, LauncherSettings(), stopping, count)  # type: ignore[arg-type]
 
 
 def test_a_healthy_triton_is_left_alone():
@@ -54,6 +60,17 @@ def test_a_problem_restarts_triton_and_watches_the_new_stubs():
     triton = FakeTriton()
     supervisor(triton, threading.Event()).check()
     assert triton.calls == ["stop", "start", "wait_ready", "watch_stubs"]
+
+
+def test_each_restart_is_counted_once_by_its_reason_however_many_starts_it_takes(monkeypatch):
+    stopping = threading.Event()
+    monkeypatch.setattr(stopping, "wait", lambda delay: False)
+    counted: list[str] = []
+    triton = FakeTriton(Problem("stub_died", "the Python stub of model iei died"), fail_starts=2)
+    supervisor(triton, stopping, counted).check()
+    assert counted == ["stub_died"]
+    supervisor(FakeTriton(problem=None), stopping, counted).check()
+    assert counted == ["stub_died"]
 
 
 def test_a_failed_restart_is_retried_after_a_back_off(monkeypatch):

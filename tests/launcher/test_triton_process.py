@@ -209,7 +209,8 @@ class ProbedServer(TritonServer):
         found = []
         for _ in range(probes):
             self.next_probe = 0.0
-            found.append(self.problem())
+            problem = self.problem()
+            found.append(None if problem is None else str(problem))
         return found
 
 

@@ -10,15 +10,16 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 
 from .errors import TritonStartupError
 from .frontend import Frontend
 from .idle import IdleUnloader
 from .settings import LauncherSettings
 from .supervisor import TritonSupervisor
-from .triton_process import TritonServer
+from .triton_process import RESTART_REASONS, TritonServer
 
 log = logging.getLogger("iei")
 
@@ -75,8 +76,13 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             f" on http://{settings.bind}" if frontend else "",
             settings.triton_endpoint, settings.triton_grpc_port,
         )  # fmt: skip
-        supervisor = TritonSupervisor(triton, settings, stopping) if triton else None
-        unloader = idle_unloader(triton, settings, frontend)
+        metrics = frontend_metrics(frontend)
+        supervisor = (
+            TritonSupervisor(triton, settings, stopping, restart_counter(metrics))
+            if triton
+            else None
+        )
+        unloader = idle_unloader(triton, settings, metrics)
         while not stopping.wait(0.5):
             if supervisor is not None:
                 supervisor.check()
@@ -105,16 +111,35 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             log.info("Triton's log is kept: %s", log_path)
 
 
+def frontend_metrics(frontend: Frontend | None) -> ModuleType | None:
+    """The frontend's metrics, written from this process into its workers' multiprocess folder:
+    what this process decides (restarts, unloads) shows in the frontend's /metrics. None without
+    a frontend (`iei triton`: its log says it all)."""
+    if frontend is None:
+        return None
+    frontend.metrics_dir.mkdir(parents=True, exist_ok=True)
+    from ..server import metrics
+
+    return metrics
+
+
+def restart_counter(metrics: ModuleType | None) -> Callable[[str], None] | None:
+    """What counts the supervisor's restarts by reason; each reason shows from the start, at 0."""
+    if metrics is None:
+        return None
+    for reason in RESTART_REASONS:
+        metrics.TRITON_RESTARTS.labels(reason)
+    return lambda reason: metrics.TRITON_RESTARTS.labels(reason).inc()
+
+
 def idle_unloader(
-    triton: TritonServer | None, settings: LauncherSettings, frontend: Frontend | None
+    triton: TritonServer | None, settings: LauncherSettings, metrics: ModuleType | None
 ) -> IdleUnloader | None:
     """The owner of unloading (IEI_MODEL_IDLE_UNLOAD), where this process runs Triton."""
     if triton is None or settings.model_idle_unload is None:
         return None
     counted = None
-    if frontend is not None:
-        frontend.metrics_dir.mkdir(parents=True, exist_ok=True)
-        from ..server import metrics  # the frontend's metrics, in its multiprocess folder
+    if metrics is not None:
 
         def counted(name: str) -> None:
             metrics.MODEL_UNLOADS.labels(name).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from .errors import TritonStartupError
 from .settings import LauncherSettings
@@ -21,11 +22,16 @@ class TritonSupervisor:
     MAX_DELAY = 30.0
 
     def __init__(
-        self, triton: TritonServer, settings: LauncherSettings, stopping: threading.Event
+        self,
+        triton: TritonServer,
+        settings: LauncherSettings,
+        stopping: threading.Event,
+        counted: Callable[[str], None] | None = None,
     ) -> None:
         self.triton = triton
         self.settings = settings
         self.stopping = stopping
+        self.counted = counted  # called with the problem's reason on each restart (metrics)
         self.delay = 0.0
         self.up_since = time.monotonic()
 
@@ -37,6 +43,8 @@ class TritonSupervisor:
             return
         down_since = time.monotonic()
         log.error("%s; restarting Triton", problem)
+        if self.counted is not None:
+            self.counted(problem.reason)
         while not self.stopping.is_set():
             if self.delay:
                 log.info("next Triton start in %.0f s", self.delay)

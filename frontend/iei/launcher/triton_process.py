@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -249,6 +250,21 @@ def instance_stub_model(argv: Sequence[bytes]) -> str | None:
     return None if argv[8].decode(errors="replace") == model else model
 
 
+RESTART_REASONS = ("exited", "stub_died", "probes_failed")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why Triton cannot serve: `reason` (one of RESTART_REASONS) labels the restarts in
+    /metrics, `message` is what the log says."""
+
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class TritonServer:
     """One `tritonserver` process with the `iei` model (and `iei_text` for a dual encoder), its
     log in `log_path` (a restart appends)."""
@@ -357,24 +373,25 @@ class TritonServer:
         """Stop watching the stubs of `models`: they are being unloaded, so their stubs exit."""
         self.stubs = {pid: model for pid, model in self.stubs.items() if model not in models}
 
-    def problem(self) -> str | None:
+    def problem(self) -> Problem | None:
         """Why Triton cannot serve, or None. Triton 2.51 neither restarts a dead stub nor stops
         reporting the model ready, so a dead stub (gone, or a zombie) is looked for here; and
         every PROBE_INTERVAL a real inference (at the head of the queue) must succeed: a model
         stuck in an error (a sticky CUDA error) fails PROBE_FAILURES of them in a row."""
         if not self.running():
-            return f"Triton exited: {self.failure_reason()}"
+            return Problem("exited", f"Triton exited: {self.failure_reason()}")
         if not self.stubs:  # not seen yet when the model turned ready (it happens): look again
             self.watch_stubs()
         for pid, model in self.stubs.items():
             if process_state(pid) in (None, "Z"):
-                return f"the Python stub of model {model} (pid {pid}) died"
+                return Problem("stub_died", f"the Python stub of model {model} (pid {pid}) died")
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
             failure = self.busy_or(self.timed_probe())
             self.failed_probes = self.failed_probes + 1 if failure else 0
             if failure and self.failed_probes >= self.PROBE_FAILURES:
-                return f"the model failed {self.failed_probes} probes in a row ({failure})"
+                message = f"the model failed {self.failed_probes} probes in a row ({failure})"
+                return Problem("probes_failed", message)
         return None
 
     def timed_probe(self) -> tuple[str | None, float]:

@@ -48,6 +48,9 @@ MODEL_LOADS = Counter(
     "iei_model_loads", "Models loaded on demand for a request.", ["model", "outcome"]
 )
 MODEL_UNLOADS = Counter("iei_model_unloads", "Idle models unloaded.", ["model"])
+# Restarts of Triton by `iei serve`'s supervisor, by why: `exited` (Triton died), `stub_died` (a
+# model's Python stub died), `probes_failed` (the model failed its probes: stuck in errors, hung).
+TRITON_RESTARTS = Counter("iei_triton_restarts", "Triton restarts by iei serve.", ["reason"])
 # Inference calls to Triton that carry files (images, texts), by how the files went: `body` (the
 # HTTP request) or `shared_memory` (the worker's region, IEI_TRITON_SHM_MB, when Triton sees it).
 TRITON_FILE_CALLS = Counter(
