@@ -237,13 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         args.url = args.url or DEFAULT_URL
         args.retries = 4 if args.retries is None else args.retries
         return run_embed(args)
-    if args.command == "tag":
-        from .client.tag import run_tag
+    try:
+        if args.command == "tag":
+            from .client.tag import run_tag
 
-        return run_tag(args)
-    from .client.similar import run_search, run_similar
+            return run_tag(args)
+        from .client.similar import run_search, run_similar
 
-    return run_similar(args) if args.command == "similar" else run_search(args)
+        return run_similar(args) if args.command == "similar" else run_search(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as `iei embed` says it (which keeps a journal)
+        log.error("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

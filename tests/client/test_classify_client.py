@@ -176,3 +176,56 @@ def test_iei_tag_stops_on_a_refusal_of_the_labels(tmp_path, monkeypatch):
         pytest.raises(ValidationError),
     ):
         client.classify([png(1)], ["x", "x"])
+
+
+def test_iei_tag_skips_a_file_over_the_payload_limit_and_tags_the_others(
+    tmp_path, monkeypatch, caplog
+):
+    """A 413 is that file's, as a 422 naming it is: the run goes on (it stopped there)."""
+    for name, shade in (("a.png", 10), ("huge.png", 20), ("c.png", 30)):
+        (tmp_path / name).write_bytes(png(shade) + (b"\0" * 5000 if name == "huge.png" else b""))
+
+    class Limited(FakeServer):
+        def __call__(self, request):
+            if request.url.path == "/classify" and len(request.content) > 4000:
+                message = "payload is larger than the limit of 4000 bytes (IEI_PAYLOAD_LIMIT)"
+                return httpx.Response(413, json={"error": message, "error_type": "Validation"})
+            return super().__call__(request)
+
+    out = tmp_path / "tags.jsonl"
+    assert (
+        run_tag(monkeypatch, Limited(), [str(tmp_path), "--labels", "x,y", "--out", str(out)]) == 0
+    )
+    tagged = [json.loads(line)["path"].rsplit("/", 1)[1] for line in out.read_text().splitlines()]
+    assert tagged == ["a.png", "c.png"]
+    assert "skipped " + str(tmp_path / "huge.png") + ": payload is larger" in caplog.text
+
+
+def test_a_failed_iei_tag_run_leaves_an_earlier_out_file_as_it_was(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(png(10))
+    out = tmp_path / "tags.jsonl"
+    out.write_text('{"path": "earlier"}\n')
+
+    class Down(FakeServer):
+        def __call__(self, request):
+            return httpx.Response(401, json={"error": "wrong key", "error_type": "Unauthorized"})
+
+    assert (
+        run_tag(monkeypatch, Down(), [str(tmp_path / "a.png"), "--labels", "x", "--out", str(out)])
+        == 1
+    )
+    assert out.read_text() == '{"path": "earlier"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "tags.jsonl"]  # no partial
+
+
+def test_ctrl_c_in_the_client_commands_is_one_line(tmp_path, monkeypatch, capsys):
+    from iei.client import similar, tag
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tag, "run_tag", interrupted)
+    monkeypatch.setattr(similar, "run_similar", interrupted)
+    assert cli.main(["tag", str(tmp_path), "--labels", "x"]) == 130
+    assert cli.main(["similar", str(tmp_path / "q.jpg"), "--index", str(tmp_path / "i.npy")]) == 130
+    assert "Traceback" not in capsys.readouterr().err

@@ -202,9 +202,41 @@ def test_429_and_503_are_retried_honouring_retry_after():
     server = FakeServer([error(429, "Overloaded", **{"Retry-After": "2"}), error(503, "Unhealthy")])
     client, slept = client_for(server, retry=RetryPolicy(attempts=3, backoff=0.1))
     assert client.embed([b"x"]).shape == (1, DIMENSION)
-    assert slept[0] == 2.0  # the server's Retry-After
+    assert 2.0 <= slept[0] <= 2.5  # the server's Retry-After (over the back-off), +25 % at most
     assert 0.15 <= slept[1] <= 0.25  # the second retry, no hint: backoff * 2**1, ±25 % jitter
     assert len(server.embed_bodies) == 3
+
+
+def test_retry_after_is_a_floor_so_the_waits_still_grow_past_a_restart():
+    """The server says `Retry-After: 1` for every 503: taken as the whole wait, 8 retries gave
+    up after 8 s, inside a Triton restart (--ray's claim was about 90 s)."""
+    server = FakeServer([error(503, "Unhealthy", **{"Retry-After": "1"})] * 8)
+    client, slept = client_for(server, retry=RetryPolicy(attempts=9))
+    assert client.embed([b"x"]).shape == (1, DIMENSION)
+    assert all(wait >= 1.0 for wait in slept)
+    assert 0.75 * 60 <= sum(slept) <= 1.25 * 92  # 1, 1, 2, 4, 8, 16, 30, 30 (±25 %, capped)
+    assert slept[-1] == 30.0
+
+
+def test_a_504_is_retried_only_when_it_says_when():
+    loading = error(504, "Timeout", "model 'vit' did not load within 60 s", **{"Retry-After": "5"})
+    server = FakeServer([loading])
+    client, slept = client_for(server, retry=RetryPolicy(attempts=2))
+    assert client.embed([b"x"]).shape == (1, DIMENSION)
+    assert 5.0 <= slept[0] <= 6.25
+    server = FakeServer([error(504, "Timeout", "the inference took too long")])
+    client, slept = client_for(server, retry=RetryPolicy(attempts=5))
+    with pytest.raises(BackendError):
+        client.embed([b"x"])
+    assert slept == [] and len(server.embed_bodies) == 1  # a timed-out inference is not resent
+
+
+def test_an_answer_that_is_not_json_is_an_iei_error():
+    """`--url` naming another web server that answers 200 with a page."""
+    page = httpx.Response(200, text="<html>hello</html>", headers={"content-type": "text/html"})
+    client = IEIClient("http://iei.test", transport=httpx.MockTransport(lambda _: page))
+    with pytest.raises(IEIError, match=r"http://iei.test/info answered 200 .*text/html.*IEI"):
+        client.embed([b"x"])
 
 
 def test_back_off_grows_exponentially_and_is_capped():
@@ -224,7 +256,7 @@ def test_retries_are_bounded_then_the_typed_error_is_raised():
     assert raised.value.error_type == "Overloaded"
     assert raised.value.message == "too busy"
     assert raised.value.retry_after == 1.0
-    assert slept == [1.0, 1.0]
+    assert len(slept) == 2 and all(1.0 <= wait <= 1.25 for wait in slept)
     assert len(server.embed_bodies) == 3
 
 
@@ -306,7 +338,7 @@ def test_the_async_client_matches_the_blocking_one():
     vectors = asyncio.run(run())
     assert vectors.shape == (6, DIMENSION) and vectors.dtype == np.float32
     assert vectors[:5, 0].tolist() == [len(base64.b64encode(b"a" * n)) for n in range(1, 6)]
-    assert slept == [0.0]
+    assert len(slept) == 1 and 0.375 <= slept[0] <= 0.625  # Retry-After: 0, under the back-off
     assert sum(r.url.path == "/info" for r in server.requests) == 1
     assert {r.headers["authorization"] for r in server.requests} == {"Bearer k"}
 

@@ -230,6 +230,40 @@ def test_iei_embed_refuses_a_folder_without_images(tmp_path):
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".npy", ".parquet"])
+def test_a_run_where_every_file_is_skipped_writes_no_index(vit_stack, tmp_path, suffix):
+    """An index of nothing was written (a (0, 0) `.npy` that `iei similar` could not read, a
+    Parquet write that failed in a traceback)."""
+    (tmp_path / "broken.jpg").write_bytes(b"this is not a JPEG")
+    out = tmp_path / f"x{suffix}"
+    result = iei("embed", tmp_path, "--out", out, "--url", vit_stack.url, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "nothing embedded: all 1 files were skipped" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jpg"]  # no journal either
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path):
+    result = iei("embed", PHOTOS[0], "--out", tmp_path / "no" / "x.jsonl", check=False)
+    assert result.returncode == 2 and "No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_overwrite_keeps_the_old_index_until_the_new_one_is_written(vit_stack, tmp_path):
+    out = tmp_path / "index.npy"
+    iei("embed", PHOTOS[0], "--out", out, "--url", vit_stack.url)
+    old = out.read_bytes()
+    from stack import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"
+    failed = iei("embed", PHOTOS[1], "--out", out, "--url", down, "--overwrite", "--retries", "0",
+                 check=False)  # fmt: skip
+    assert failed.returncode == 1 and "cannot reach" in failed.stderr
+    assert out.read_bytes() == old and load_index(out)[0] == [str(PHOTOS[0])]
+    iei("embed", PHOTOS[1], "--out", out, "--url", vit_stack.url, "--resume")
+    assert load_index(out)[0] == [str(PHOTOS[1])]  # the new run's journal, not the old file
+
+
 def test_iei_embed_to_parquet_without_pyarrow_says_so_before_any_work(tmp_path):
     """The client alone (`pip install iei`) has no pyarrow: one line at once, not a traceback
     after every image was embedded."""

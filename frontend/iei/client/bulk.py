@@ -139,14 +139,15 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
         if existing and not overwrite:
             names = ", ".join(str(f) for f in existing)
             raise BulkError(f"{names} exists: continue with --resume, or replace with --overwrite")
-        for file in existing:
-            file.unlink()
+        # Only the journal goes now (a `.jsonl` is its own): a finished `.npy` / `.parquet` is
+        # replaced when the new one is written, so a run that fails leaves it as it was.
+        journal_path(out).unlink(missing_ok=True)
         return {}
     journal = journal_path(out)
     if journal.exists():
         return read_journal(journal, repair=True)
     if out.exists():  # a finished .npy/.parquet: continue from it (new files in the folders)
-        paths, vectors = load_index(out)
+        paths, vectors = load_index(out, "--out")
         done = dict(zip(paths, vectors, strict=True))
         seed = Journal(journal)
         seed.append(paths, vectors)
@@ -167,12 +168,12 @@ def run_embed(args: argparse.Namespace) -> int:
         if not paths:
             raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
         done = prepare(out, args.resume, args.overwrite)
+        journal = Journal(journal_path(out))
     except (BulkError, OSError) as exc:
         log.error("%s", exc)
         return 2
     todo = [p for p in paths if p not in done]
     tally = Tally()
-    journal = Journal(journal_path(out))
     progress = tqdm(
         total=len(todo), unit="img", desc="embedding", disable=args.no_progress, file=sys.stderr
     )
@@ -209,10 +210,19 @@ def run_embed(args: argparse.Namespace) -> int:
     finally:
         journal.close()
 
+    if not done:  # every file skipped: no index of nothing (`iei similar` could not read it)
+        journal_path(out).unlink(missing_ok=True)
+        log.error("nothing embedded: all %d files were skipped (the warnings say why)", len(paths))
+        return 1
     if output_format(out) != ".jsonl":
         order = {path: index for index, path in enumerate(paths)}
         final = sorted(done, key=lambda p: order.get(p, len(order)))  # earlier runs' extras last
-        write_index(out, final, stack([done[p] for p in final]))
+        try:
+            write_index(out, final, stack([done[p] for p in final]))
+        except OSError as exc:
+            log.error("cannot write %s: %s (the vectors are kept in %s: continue with --resume)",
+                      out, exc, journal_path(out))  # fmt: skip
+            return 1
         journal_path(out).unlink()
     seconds = time.perf_counter() - started
     rate = tally.embedded / seconds if seconds > 0 else 0.0

@@ -73,11 +73,14 @@ Plan: TypeAlias = Generator[Step, Any, T]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long to wait before retrying 429, 503 and lost connections.
+    """How often and how long to wait before retrying 429, 503, a 504 that carries
+    `Retry-After` (a model still loading) and lost connections.
 
-    The wait before retry n (1, 2, …) is the server's `Retry-After` when it sends one, else
-    `backoff * 2**(n-1)` with ±25 % jitter (so that many clients do not retry in step); never
-    more than `max_backoff`. `attempts` counts every try, the first included.
+    The wait before retry n (1, 2, …) is `backoff * 2**(n-1)` with ±25 % jitter (so that many
+    clients do not retry in step), never less than the server's `Retry-After` (plus up to 25 %):
+    the server's hint is a floor, not the whole wait, so that the retries still span a Triton
+    restart when every answer says "1 s". Never more than `max_backoff`. `attempts` counts every
+    try, the first included.
     """
 
     attempts: int = 5
@@ -85,10 +88,18 @@ class RetryPolicy:
     max_backoff: float = 30.0
 
     def delay(self, retry: int, retry_after: float | None) -> float:
+        jitter = random.uniform(0.75, 1.25)  # noqa: S311 (back-off jitter)
+        wait = self.backoff * 2 ** (retry - 1) * jitter
         if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        wait = self.backoff * 2 ** (retry - 1) * random.uniform(0.75, 1.25)  # noqa: S311 (back-off jitter)
+            wait = max(wait, retry_after * max(1.0, jitter))
         return min(wait, self.max_backoff)
+
+
+def retried(status: int, retry_after: float | None) -> bool:
+    """Whether an answer is worth another try: 429 and 503, and a 504 that says when (a model
+    loading on demand past the request's timeout goes on loading); another 504 is an inference
+    that ran out of time, which a retry would only repeat."""
+    return status in RETRIED_STATUSES or (status == 504 and retry_after is not None)
 
 
 def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -175,8 +186,23 @@ def facts_of(info: dict[str, Any], model: str | None) -> dict[str, Any]:
     return {}
 
 
+def json_of(response: httpx.Response) -> Any:
+    """A successful answer's JSON; an IEIError when it is none (`--url` names another server)."""
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        try:
+            where = str(response.request.url)
+        except RuntimeError:  # a response built without its request
+            where = "the service"
+        raise IEIError(
+            f"{where} answered {response.status_code} with something that is not JSON "
+            f"({response.headers.get('content-type', 'no content type')}): is it IEI?"
+        ) from None
+
+
 def vectors_from(response: httpx.Response) -> np.ndarray:
-    return np.asarray(orjson.loads(response.content), dtype=np.float32)
+    return np.asarray(json_of(response), dtype=np.float32)
 
 
 class ClientCore:
@@ -227,7 +253,7 @@ class ClientCore:
         """`GET /info`, asked once and kept."""
         if self.server_info is None:
             response = yield from self.request("GET", "/info")
-            self.server_info = orjson.loads(response.content)
+            self.server_info = json_of(response)
         return self.server_info
 
     def embed(self, images: Iterable[ImageInput], normalize: bool) -> Plan[np.ndarray]:
@@ -263,7 +289,7 @@ class ClientCore:
             for span in chunks(encoded, per_request, max_chars):
                 body = classify_body([encoded[i] for i in span], labels, template, self.model)
                 response = yield from self.request("POST", "/classify", body)
-                results.extend(orjson.loads(response.content))
+                results.extend(json_of(response))
         return results
 
     def embed_texts(
@@ -302,8 +328,8 @@ class ClientCore:
         return parts
 
     def request(self, method: str, path: str, body: object = None) -> Plan[httpx.Response]:
-        """One call (a JSON body, or a `Form`), retried on 429, 503 and lost connections; other
-        errors raise at once."""
+        """One call (a JSON body, or a `Form`), retried on 429, 503, a 504 with `Retry-After`
+        and lost connections; other errors raise at once."""
         content: bytes | None = None
         content_type = JSON_TYPE
         if isinstance(body, Form):
@@ -319,7 +345,7 @@ class ClientCore:
                 return outcome
             else:
                 error = error_from_response(outcome)
-                if outcome.status_code not in RETRIED_STATUSES:
+                if not retried(outcome.status_code, error.retry_after):
                     raise error
             if attempt == self.retry.attempts:
                 raise error

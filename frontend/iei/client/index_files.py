@@ -32,11 +32,12 @@ class BulkError(Exception):
 # --- output files ------------------------------------------------------------------------------
 
 
-def output_format(out: Path) -> str:
-    """`out`'s format, refused before any work when this install cannot write it."""
+def output_format(out: Path, option: str = "--out") -> str:
+    """`out`'s format, refused before any work when this install cannot write it (`option`
+    names the argument in the refusal)."""
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
-        raise BulkError(f"--out must end in {', '.join(FORMATS)}, not {out.name!r}")
+        raise BulkError(f"{option} must end in {', '.join(FORMATS)}, not {out.name!r}")
     if suffix == ".parquet":
         import_parquet()
     return suffix
@@ -81,11 +82,11 @@ def read_journal(path: Path, repair: bool = False) -> dict[str, np.ndarray]:
     return done
 
 
-def load_index(path: Path) -> tuple[list[str], np.ndarray]:
+def load_index(path: Path, option: str = "--index") -> tuple[list[str], np.ndarray]:
     """(paths, float32 vectors (N, D)) from a file that `iei embed` wrote."""
+    kind = output_format(path, option)
     if not path.exists():
         raise BulkError(f"no such index: {path}")
-    kind = output_format(path)
     if kind == ".jsonl":
         done = read_journal(path)
         return list(done), stack(list(done.values()))
@@ -94,16 +95,35 @@ def load_index(path: Path) -> tuple[list[str], np.ndarray]:
         paths = orjson.loads(ids_path(path).read_bytes())
     else:
         pq = import_parquet()
+        import pyarrow as pa  # there once pyarrow.parquet is
+
         table = pq.read_table(path, columns=["path", "embedding"])
         paths = table.column("path").to_pylist()
-        vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        column = table.column("embedding").combine_chunks()
+        if pa.types.is_fixed_size_list(column.type):  # what `iei embed` writes: no Python floats
+            values = column.flatten().to_numpy(zero_copy_only=False)  # a null row has none
+            vectors = values.astype(np.float32, copy=False).reshape(-1, column.type.list_size)
+        else:  # lists of any length, from another writer
+            vectors = np.asarray(column.to_pylist(), dtype=np.float32)
     if len(paths) != len(vectors):
         raise BulkError(f"{path}: {len(vectors)} vectors but {len(paths)} paths")
+    if not paths:
+        raise BulkError(f"{path} holds no vectors")
     return [str(p) for p in paths], vectors.reshape(len(paths), -1)
 
 
 def write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
-    """Write `.npy` + ids or `.parquet`, each file through a temporary name and a rename."""
+    """Write `.npy` + ids or `.parquet`, each file through a temporary name and a rename; a
+    failed write (a full disk) leaves no temporary file behind."""
+    try:
+        _write_index(out, paths, vectors)
+    except OSError:
+        for file in files_of(out):
+            partial(file).unlink(missing_ok=True)
+        raise
+
+
+def _write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
     kind = output_format(out)
     if kind == ".npy":
         with open(partial(out), "wb") as file:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import orjson
 from .bulk import find_images, read_files, strip_index
 from .core import LabelScores
 from .errors import IEIError, ValidationError
-from .index_files import BulkError
+from .index_files import BulkError, partial
 from .sync_client import IEIClient
 
 log = logging.getLogger("iei")
@@ -45,7 +46,9 @@ def tag_paths(
         try:
             answers = classify(contents)
         except ValidationError as exc:
-            if not exc.message.startswith("inputs["):  # the labels or the model: every file
+            # A 422 naming an input, or a 413 (a file over the payload limit), is a file's; any
+            # other refusal (the labels, the model) is every file's.
+            if not (exc.message.startswith("inputs[") or exc.status == 413):
                 raise
             if len(batch) == 1:
                 on_skipped(batch[0], strip_index(exc.message))
@@ -87,10 +90,13 @@ def run_tag(args: argparse.Namespace) -> int:
         skipped += 1
         log.warning("skipped %s: %s", path, reason)
 
+    # `--out` is written under a temporary name and replaces the file only once every file is
+    # tagged: a run that fails (the service down, Ctrl-C) leaves an earlier file as it was.
+    written = partial(Path(args.out)) if args.out is not None else None
     try:
         paths = find_images(args.paths)
-        if args.out is not None:
-            out = Path(args.out).open("w", encoding="utf-8")  # noqa: SIM115 (closed below)
+        if written is not None:
+            out = written.open("w", encoding="utf-8")  # closed below
         try:
             with IEIClient(args.url, args.api_key, model=args.model) as client:
                 tag_paths(
@@ -100,11 +106,16 @@ def run_tag(args: argparse.Namespace) -> int:
         finally:
             if out is not sys.stdout:
                 out.close()
+        if written is not None:
+            os.replace(written, args.out)
     except (BulkError, OSError) as exc:
         log.error("%s", exc)
         return 2
     except IEIError as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        if written is not None:
+            written.unlink(missing_ok=True)  # what a failed run wrote (gone once replaced)
     log.info("tagged %d files, skipped %d", len(paths) - skipped, skipped)
     return 0

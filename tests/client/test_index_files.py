@@ -1,0 +1,58 @@
+"""The files `iei embed` writes and `iei similar` reads (`index_files.py`), without a server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from iei.client import index_files
+from iei.client.index_files import BulkError, load_index, write_index
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+def test_an_index_reads_back_as_written(tmp_path, suffix):
+    out = tmp_path / f"index{suffix}"
+    vectors = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    write_index(out, [f"p{i}" for i in range(5)], vectors)
+    paths, read = load_index(out)
+    assert paths == [f"p{i}" for i in range(5)]
+    assert read.dtype == np.float32 and np.array_equal(read, vectors)
+
+
+def test_a_parquet_of_variable_lists_from_another_writer_reads_too(tmp_path):
+    out = tmp_path / "other.parquet"
+    table = pa.table({"path": ["a", "b"], "embedding": pa.array([[1.0, 2.0], [3.0, 4.0]])})
+    pq.write_table(table, out)
+    paths, vectors = load_index(out)
+    assert paths == ["a", "b"] and vectors.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_an_index_of_nothing_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "empty.parquet"
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), 4)
+    pq.write_table(pa.table({"path": pa.array([], pa.string()), "embedding": embedding}), out)
+    with pytest.raises(BulkError, match="holds no vectors"):
+        load_index(out)
+
+
+def test_a_wrong_suffix_names_the_argument_it_came_from(tmp_path):
+    with pytest.raises(BulkError, match=r"^--index must end in"):
+        load_index(tmp_path / "vectors.txt")
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_the_old_index(tmp_path, monkeypatch):
+    out = tmp_path / "index.npy"
+    write_index(out, ["old"], np.ones((1, 3), np.float32))
+
+    def disk_full(file, array):
+        file.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_files.np, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_index(out, ["new"], np.zeros((1, 3), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.ids.json", "index.npy"]
+    monkeypatch.undo()
+    assert load_index(out)[0] == ["old"]
