@@ -67,7 +67,7 @@ def test_the_cluster_runs_the_pinned_ray_in_the_image_docker_ray_dockerfile_buil
     assert images == {"iei-ray"}
 
 
-def test_gpu_workers_have_one_gpu_per_model_actor_and_the_head_runs_no_task():
+def test_gpu_workers_have_one_gpu_per_model_actor_and_the_head_runs_no_actor():
     assert CLUSTER["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     for group in CLUSTER["workerGroupSpecs"]:
         [container] = group["template"]["spec"]["containers"]

@@ -63,6 +63,24 @@ def test_a_relative_path_becomes_absolute_and_a_missing_one_is_refused(tree, mon
         list_roots([f"file://{tree}/missing"])
 
 
+def test_overlapping_roots_list_each_file_once(tree):
+    """`photos photos/a`: a.png was listed as a file of one root and walked in the other's
+    folder, so it was embedded and written twice."""
+    (tree / "a" / "named.txt").write_bytes(b"named, whatever its suffix")
+    names = listed([str(tree), str(tree / "a"), str(tree / "a" / "one.png"),
+                    str(tree / "a" / "named.txt")])  # fmt: skip
+    assert len(names) == len(set(names))
+    assert names == sorted([*find_images([tree]), str(tree / "a" / "named.txt")])
+
+
+@pytest.mark.parametrize(
+    "uri", ["hdfs://namenode:8020/photos", "abfs://c@a.dfs.core.windows.net/x"]
+)
+def test_schemes_whose_rows_would_lose_their_host_are_refused(uri):
+    with pytest.raises(BulkError, match="not supported by --ray"):
+        list_roots([uri])
+
+
 def test_an_unreadable_file_is_a_reason_not_an_exception(tree):
     assert read_file(str(tree / "gone.png")).error == "cannot read: No such file or directory"
     assert read_file(str(tree / "gone.png")).sha256 is None
@@ -98,6 +116,61 @@ def test_resume_keeps_vectors_drops_errors_and_files_cut_short(tmp_path, caplog)
     assert pq.read_table(mixed).column("path").to_pylist() == ["c"]
     assert prepare_output(str(out), resume=False, overwrite=True) == set()
     assert list(out.iterdir()) == []
+
+
+def test_overwrite_removes_the_results_only(tmp_path):
+    """It emptied the whole folder (photos, notes, folders) once it held one Parquet file."""
+    out = tmp_path / "data"
+    part(out, "old.parquet", [("a", [1.0], None)])
+    (out / "sub").mkdir()
+    part(out / "sub", "nested.parquet", [("b", [2.0], None)])
+    (out / "old.parquet.partial").write_bytes(b"a killed rewrite")
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "photo.jpg").write_bytes(b"mine too")
+    assert prepare_output(str(out), resume=False, overwrite=True) == set()
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == ["notes.txt", "sub", "sub/photo.jpg"]
+
+
+def test_a_wrong_input_path_removes_nothing_with_overwrite(tmp_path, caplog):
+    out = tmp_path / "vectors"
+    old = part(out, "old.parquet", [("a", [1.0], None)])
+    with caplog.at_level(logging.ERROR, "iei"):
+        status = main(["embed", str(tmp_path / "typo"), "--out", str(out), "--ray",
+                       "--model", "x", "--overwrite"])  # fmt: skip
+    assert status == 2 and "no such file or folder" in caplog.text
+    assert old.exists()
+
+
+def test_resume_removes_a_killed_rewrite_and_keeps_files_the_store_would_not_read(tmp_path):
+    out = tmp_path / "vectors"
+    good = part(out, "good.parquet", [("a", [1.0], None)])
+    (out / "good.parquet.partial").write_bytes(b"a rewrite cut short")
+    assert prepare_output(str(out), resume=True, overwrite=False) == {"a"}
+    assert not (out / "good.parquet.partial").exists()
+
+    class Throttled:  # the store refuses the reads (a throttled S3: its OSError)
+        def __init__(self) -> None:
+            self.local = LocalFileSystem()
+
+        def __getattr__(self, name: str):
+            return getattr(self.local, name)
+
+        def open_input_file(self, path: str):
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: reduce your rate")
+
+    with pytest.raises(BulkError, match=r"SLOW_DOWN.*nothing was removed"):
+        read_written(Throttled(), str(out), repair=True, paths=True)
+    assert good.exists()
+
+
+def test_a_parquet_file_of_another_writer_is_not_deleted_by_resume(tmp_path):
+    out = tmp_path / "vectors"
+    out.mkdir()
+    pq.write_table(pa.table({"id": [1], "error": pa.array([None], pa.string())}), out / "x.parquet")
+    with pytest.raises(BulkError, match="not written by `iei embed --ray`"):
+        prepare_output(str(out), resume=True, overwrite=False)
+    assert (out / "x.parquet").exists()
 
 
 def test_the_summary_counts_vectors_and_errors_from_the_files(tmp_path):
@@ -151,6 +224,9 @@ def nodes(*resources: dict[str, float]) -> list[dict]:
         (nodes({"CPU": 8}), True, 2, None, (2, 0, 4)),  # actors share a node's cores
         (nodes({"CPU": 8}), True, 3, 2, (3, 0, 2)),
         (nodes({"CPU": 8}, {"CPU": 4}), False, None, None, (2, 0, 0)),  # a service actor a node
+        # KubeRay's head started with num-cpus 0 runs no model actor: 2 actors of 16 threads
+        (nodes({"memory": 8e9}, {"CPU": 16}, {"CPU": 16}), True, None, None, (2, 0, 16)),
+        (nodes({"CPU": 0}, {"CPU": 16}, {"CPU": 16}), True, None, None, (2, 0, 16)),
     ],
 )
 def test_actors_are_sized_from_the_cluster(
@@ -161,6 +237,20 @@ def test_actors_are_sized_from_the_cluster(
 
     monkeypatch.setattr(ray, "nodes", lambda: cluster)
     assert layout(model_mode, actors, actor_cpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("actors", "concurrency", "expected"),
+    [(3, 4, (3, 1)), (8, 4, (4, 1)), (5, 32, (5, 6)), (1, 32, (1, 32)), (2, 1, (1, 1))],
+)
+def test_service_actors_never_have_more_than_concurrency_requests_in_flight(
+    actors, concurrency, expected
+):
+    from iei.ray.job import requests_in_flight
+
+    assert requests_in_flight(actors, concurrency) == expected
+    shown, each = expected
+    assert shown * each <= concurrency
 
 
 def test_a_failed_job_names_the_task_s_own_error():

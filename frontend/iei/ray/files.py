@@ -24,8 +24,13 @@ from ..client.bulk import IMAGE_SUFFIXES, find_images
 from ..client.index_files import BulkError
 
 URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
-# pyarrow.fs.FileSystem.from_uri's schemes; the others go through fsspec.
-ARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"})
+# pyarrow.fs.FileSystem.from_uri's schemes whose path is the URI after the scheme (a bucket,
+# then the key); the others go through fsspec.
+ARROW_SCHEMES = frozenset({"file", "s3", "gs", "gcs"})
+# pyarrow's schemes whose authority is not in the path (`hdfs://namenode:8020/photos` is `/photos`
+# there, `abfs://container@account.dfs.core.windows.net/x` is `container/x`): rows named from the
+# path would lose the host or the account, so they are refused rather than half supported.
+UNSUPPORTED_SCHEMES = frozenset({"hdfs", "viewfs", "abfs", "abfss"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,11 @@ def locate(text: str) -> Location:
     if match is None:
         return Location(None, os.path.abspath(text))
     scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme in UNSUPPORTED_SCHEMES:
+        raise BulkError(
+            f"{scheme}:// is not supported by --ray (its paths leave out the host or account "
+            "that rows would need): copy to s3:// or gs://, or use a mounted folder"
+        )
     if scheme in ("file", "local"):
         return Location(_filesystem(scheme, ""), "/" + rest.lstrip("/"), scheme)
     return Location(_filesystem(scheme, rest.split("/", 1)[0]), rest.rstrip("/"), scheme)
@@ -126,7 +136,26 @@ def list_roots(roots: Iterable[str]) -> tuple[list[str], list[str]]:
                     files[location.name(entry.path)] = None
         else:
             raise BulkError(f"no such file or folder: {root}")
-    return list(files), list(folders)
+    return without_overlaps(list(files), list(folders))
+
+
+def without_overlaps(files: list[str], folders: list[str]) -> tuple[list[str], list[str]]:
+    """Roots that overlap (`photos photos/sub`) list a file or folder twice: a folder inside
+    another one of the list is walked with it, and an image file inside one is found by its
+    walk (a file named whatever its suffix is kept: the walk skips it)."""
+
+    listed = {d.rstrip("/") for d in folders}
+
+    def in_a_listed_folder(name: str) -> bool:  # by its parents: a set lookup each
+        parent = name.rstrip("/").rpartition("/")[0]
+        while parent and not parent.endswith(":/"):
+            if parent in listed:
+                return True
+            parent = parent.rpartition("/")[0]
+        return False
+
+    kept = [d for d in folders if not in_a_listed_folder(d)]
+    return [f for f in files if not (is_image_name(f) and in_a_listed_folder(f))], kept
 
 
 def walk_folder(folder: str) -> list[str]:

@@ -52,12 +52,14 @@ def output_location(out: str) -> tuple[Any, str]:
     return location.filesystem or fs.LocalFileSystem(), location.path
 
 
-def parquet_files(filesystem: Any, folder: str) -> list[str]:
+def parquet_files(filesystem: Any, folder: str, suffix: str = ".parquet") -> list[str]:
+    """The folder's files whose name ends in `suffix` (the results; `.parquet.partial`: the
+    temporary files of a rewrite that a killed run left)."""
     selector = fs.FileSelector(folder, recursive=True, allow_not_found=True)
     return sorted(
         info.path
         for info in filesystem.get_file_info(selector)
-        if info.type == fs.FileType.File and info.path.endswith(".parquet")
+        if info.type == fs.FileType.File and info.path.endswith(suffix)
     )
 
 
@@ -71,27 +73,38 @@ class Written:
 
 
 def read_written(filesystem: Any, folder: str, *, repair: bool, paths: bool) -> Written:
-    """The folder's rows. With `repair` (a resume): a file that cannot be read (cut short by a
-    killed run) is deleted, and rows with an error are dropped (their files are tried again).
-    Without `paths`, only counts and the errors (from each file's statistics where it can)."""
+    """The folder's rows. With `repair` (a resume): a file that is not Parquet (cut short by a
+    killed run) is deleted, as are a killed rewrite's temporary files, and rows with an error
+    are dropped (their files are tried again). A file that could not be read (the store's
+    error: throttled, no permission) stops the resume and nothing is deleted. Without `paths`,
+    only counts and the errors (from each file's statistics where it can)."""
     written = Written()
+    if repair:
+        for name in parquet_files(filesystem, folder, ".parquet.partial"):
+            log.warning("%s: a rewrite cut short by a killed run, removed", name)
+            filesystem.delete_file(name)
     for name in parquet_files(filesystem, folder):
         try:
             with filesystem.open_input_file(name) as file:
                 meta = pq.ParquetFile(file).metadata
-                if "error" not in meta.schema.names:
-                    raise BulkError(f"{name}: no `error` column (not written by `iei embed --ray`)")
+                if not {"path", "error"} <= set(meta.schema.names):
+                    raise BulkError(
+                        f"{name}: no `path` and `error` columns (not written by `iei embed "
+                        "--ray`): --out names a folder of its results only"
+                    )
                 clean = null_count(meta, "error") == meta.num_rows  # no row with an error
                 table = None
                 if paths or not clean:
                     file.seek(0)
                     table = pq.read_table(file, columns=["path", "error"])
-        except (OSError, pa.ArrowException) as exc:
+        except pa.ArrowInvalid as exc:  # read, and not Parquet: a file a killed run cut short
             if not repair:
                 raise BulkError(f"{name}: not a Parquet file ({exc})") from None
             log.warning("%s: unreadable (cut short by a killed run?), removed: %s", name, exc)
             filesystem.delete_file(name)
             continue
+        except (OSError, pa.ArrowException) as exc:  # not read at all: the store's error
+            raise BulkError(f"cannot read {name}: {exc} (nothing was removed)") from None
         if table is None:
             written.vectors += meta.num_rows
             continue
@@ -134,20 +147,24 @@ def drop_error_rows(filesystem: Any, name: str) -> None:
 
 
 def prepare_output(out: str, resume: bool, overwrite: bool) -> set[str]:
-    """Check --out (a folder), empty it for --overwrite; for --resume, what is embedded."""
+    """Check --out (a folder); for --overwrite, delete its results (its Parquet files, never
+    anything else); for --resume, what is embedded."""
     filesystem, folder = output_location(out)
     info = filesystem.get_file_info(folder)
     if info.type == fs.FileType.File:
         raise BulkError(f"{out} is a file: with --ray, --out is a folder of Parquet files")
     if info.type != fs.FileType.Directory:
         return set()
-    if not parquet_files(filesystem, folder):
+    results = parquet_files(filesystem, folder)
+    if not results:
         return set()
     if resume:
         return read_written(filesystem, folder, repair=True, paths=True).embedded
     if not overwrite:
         raise BulkError(f"{out} holds results: continue with --resume, or replace with --overwrite")
-    filesystem.delete_dir_contents(folder)
+    for name in [*results, *parquet_files(filesystem, folder, ".parquet.partial")]:
+        filesystem.delete_file(name)
+    log.info("--overwrite: removed the %d result files in %s", len(results), out)
     return set()
 
 
@@ -175,14 +192,23 @@ def layout(model_mode: bool, actors: int | None, actor_cpus: int | None) -> tupl
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpus = int(sum(n.get("GPU", 0) for n in nodes))
-    node_cpus = min(int(n.get("CPU", 1)) for n in nodes) if nodes else 1
     if not model_mode:
         return actors or len(nodes) or 1, 0, 0
     if gpus:
         return actors or gpus, 1, actor_cpus or 1
-    count = actors or len(nodes) or 1
-    per_node = math.ceil(count / max(1, len(nodes)))
+    # The nodes that run tasks: a head started with no CPU (the manifest's) runs no actor.
+    workers = [n for n in nodes if n.get("CPU", 0) >= 1] or nodes
+    node_cpus = min(int(n.get("CPU", 1)) for n in workers) if workers else 1
+    count = actors or len(workers) or 1
+    per_node = math.ceil(count / max(1, len(workers)))
     return count, 0, actor_cpus or max(1, node_cpus // per_node)
+
+
+def requests_in_flight(actors: int, concurrency: int) -> tuple[int, int]:
+    """(service actors, requests in flight each): never more than `concurrency` in all (one
+    actor per request at most; the rest of the division is left unused)."""
+    actors = max(1, min(actors, concurrency))
+    return actors, max(1, concurrency // actors)
 
 
 def expand(row: dict[str, Any], done: frozenset[str]) -> list[dict[str, Any]]:
@@ -222,7 +248,9 @@ def pipeline(
     )  # fmt: skip
     model_mode = args.url is None  # else --model names one of the service's models
     actors, gpus, cpus = layout(model_mode, args.actors, args.actor_cpus)
-    per_actor = max(1, math.ceil(args.concurrency / actors))
+    per_actor = 1
+    if not model_mode:
+        actors, per_actor = requests_in_flight(actors, args.concurrency)
     batch = args.batch_size * (1 if model_mode else per_actor)
     contents = paths.map_batches(
         read_batch, batch_size=batch, batch_format="pyarrow", num_cpus=0,
@@ -254,16 +282,26 @@ def pipeline(
 
 def run_ray_embed(args: argparse.Namespace) -> int:
     """`iei embed ... --ray`: exit status 0 when the job ran (skipped files are reported), 2 for
-    a bad argument, 1 when the job failed (what was written stays; continue with --resume)."""
+    a bad argument, 1 when the job failed (what was written stays; continue with --resume), 130
+    for Ctrl-C, whenever it comes."""
+    try:
+        return run_job(args)
+    except KeyboardInterrupt:
+        log.error("interrupted: what was written stays in %s; continue with --resume", args.out)
+        return 130
+
+
+def run_job(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = str(args.out)
     try:
         if args.model is None and args.url is None:
             raise BulkError("--ray needs --model MODEL (the model in Ray's actors) or --url URL")
-        done = prepare_output(out, args.resume, args.overwrite)
-        # The roots, one level deep, before Ray starts: a wrong path fails at once.
+        # The roots, one level deep, before Ray starts: a wrong path fails at once, and before
+        # --overwrite removes anything.
         files, folders = list_roots(str(p) for p in args.paths)
-    except (BulkError, OSError) as exc:
+        done = prepare_output(out, args.resume, args.overwrite)
+    except (BulkError, OSError, pa.ArrowException) as exc:  # pyarrow's: a URI it cannot parse
         log.error("%s", exc)
         return 2
     cores = available_cores()
@@ -277,9 +315,6 @@ def run_ray_embed(args: argparse.Namespace) -> int:
     except BulkError as exc:
         log.error("%s", exc)
         return 2
-    except KeyboardInterrupt:
-        log.error("interrupted: what was written stays in %s; continue with --resume", out)
-        return 130
     except Exception as exc:
         log.error("the job failed: %s (what was written stays in %s; continue with --resume)",
                   first_line(exc), out)  # fmt: skip
@@ -289,7 +324,11 @@ def run_ray_embed(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
-    return summarize(out, done, started, args.paths)
+    try:
+        return summarize(out, done, started, args.paths)
+    except (BulkError, OSError, pa.ArrowException) as exc:  # the job ran; its count did not
+        log.error("the job ran, but its results could not be counted: %s", exc)
+        return 1
 
 
 def summarize(out: str, done: set[str], started: float, roots: Iterable[Any]) -> int:
