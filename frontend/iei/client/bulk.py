@@ -67,6 +67,9 @@ def find_images(roots: Iterable[Path]) -> list[str]:
 # --- embedding ---------------------------------------------------------------------------------
 
 
+NO_VECTOR = np.empty(0, dtype=np.float32)  # a `.jsonl` run's done paths: the vector is on disk
+
+
 @dataclass
 class Tally:
     embedded: int = 0
@@ -178,9 +181,13 @@ def run_embed(args: argparse.Namespace) -> int:
         total=len(todo), unit="img", desc="embedding", disable=args.no_progress, file=sys.stderr
     )
 
+    # A `.jsonl` is written as it goes: its vectors need not stay in memory (3 GB for a million
+    # 768-value vectors), only which paths are done; `.npy` / `.parquet` keep them to the end.
+    keeps_vectors = output_format(out) != ".jsonl"
+
     def embedded(batch: Sequence[str], vectors: np.ndarray) -> None:
         journal.append(batch, vectors)
-        done.update(zip(batch, vectors, strict=True))
+        done.update(zip(batch, vectors if keeps_vectors else [NO_VECTOR] * len(batch), strict=True))
         tally.embedded += len(batch)
         progress.update(len(batch))
 
@@ -197,6 +204,8 @@ def run_embed(args: argparse.Namespace) -> int:
             dimension = facts_of(await client.info(), args.model).get("embedding_dimension")
             if done and dimension and len(next(iter(done.values()))) != dimension:
                 raise BulkError(f"{out} holds vectors of another model (not {dimension} values)")
+            if not keeps_vectors:  # checked: a resumed `.jsonl`'s vectors are on disk already
+                done.update(dict.fromkeys(done, NO_VECTOR))
             await embed_paths(
                 client, todo, batch_size=args.batch_size, concurrency=args.concurrency,
                 normalize=not args.raw, on_embedded=embedded, on_skipped=skipped,
