@@ -240,7 +240,9 @@ def test_triton_s_arguments_from_compose_agree_with_its_healthcheck(triton, monk
     test = " ".join(triton["healthcheck"]["test"])
     assert "http://127.0.0.1:8000/v2/health/ready" in test
     assert "--http-port=8000" in argv
-    assert triton["healthcheck"]["start_period"]  # model downloads take minutes
+    assert triton["healthcheck"]["start_period"] == "15m"  # model downloads take minutes
+    # `iei triton` waits nearly that long for the model, and says so itself when it gives up
+    assert 13 * 60 <= LauncherSettings().startup_timeout < 15 * 60
 
 
 def test_frontend_waits_for_a_healthy_triton_and_finds_it_by_name(triton, frontend):

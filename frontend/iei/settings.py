@@ -231,8 +231,9 @@ _SETTINGS = [
         "the folder Triton loads", shown_default="the one IEI ships",
     )),
     ("startup_timeout", Setting(
-        "IEI_STARTUP_TIMEOUT", 600.0, "float", (LAUNCHER,),
-        "seconds `iei serve` waits for the model to load (downloads included)",
+        "IEI_STARTUP_TIMEOUT", 840.0, "float", (LAUNCHER,),
+        "seconds `iei serve` waits for the model to load (downloads included); under the 15 "
+        "minutes the container probes allow, so that its own error comes first",
     )),
     ("forward_batch_size", Setting(
         "IEI_FORWARD_BATCH_SIZE", "auto", "str", (LAUNCHER, MODEL),
