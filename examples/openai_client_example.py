@@ -26,7 +26,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.model is None:
         headers = {"Authorization": f"Bearer {args.api_key}"}
-        args.model = httpx.get(f"{args.url}/info", headers=headers).json()["served_model_name"]
+        try:
+            info = httpx.get(f"{args.url}/info", headers=headers, timeout=30)
+        except httpx.TransportError as exc:
+            print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 1
+        if info.status_code != 200:  # a wrong key: 401 and IEI's error body
+            print(f"GET /info: error {info.status_code}: {info.text}", file=sys.stderr)
+            return 1
+        args.model = info.json()["served_model_name"]
 
     paths = sorted(IMAGES.glob("*.jpg"))
     images = [base64.b64encode(p.read_bytes()).decode("ascii") for p in paths]
@@ -36,6 +44,9 @@ def main() -> int:
         result = client.embeddings.create(model=args.model, input=images)
     except openai.APIStatusError as exc:  # OpenAI's envelope: exc.status_code, exc.body
         print(f"error {exc.status_code}: {exc.body}", file=sys.stderr)
+        return 1
+    except openai.APIConnectionError as exc:
+        print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
 
     vectors = np.array([item.embedding for item in result.data], dtype=np.float32)

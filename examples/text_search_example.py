@@ -5,7 +5,8 @@ IMAGE_EMBEDDING_MODEL=google/siglip2-base-patch16-224 make run, and `pip install
 (faiss-cpu).
 
 python examples/text_search_example.py [--url http://127.0.0.1:8000] [--api-key KEY]
-    [--query "a cat"] [--index photos.faiss]
+    [--query "a cat"] [--index photos.faiss] [--model NAME]   (one of IEI_MODELS; default: the
+    server's default model)
 """
 
 import argparse
@@ -44,13 +45,19 @@ def main() -> int:
     parser.add_argument("--query", default="a photo of a cat")
     parser.add_argument("--index", type=Path, help="where to keep the index (default: a temp dir)")
     parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--model", help="a served model with a text tower (GET /v1/models)")
     args = parser.parse_args()
 
     paths = sorted(p for p in IMAGES.iterdir() if p.suffix in {".jpg", ".png"})
     names = [p.name for p in paths]
     try:
-        with IEIClient(args.url, api_key=args.api_key) as client:
-            modalities = client.info().get("modalities") or ["image"]
+        with IEIClient(args.url, api_key=args.api_key, model=args.model) as client:
+            # The default model's facts (another model may not be loaded yet: the service
+            # refuses its texts with a 422 if it has no text tower).
+            modalities = ["text"] if args.model else client.info().get("modalities")
+            if modalities is None:  # /info knows the model's facts once Triton has it ready
+                print("the model is not ready yet (GET /health): try again", file=sys.stderr)
+                return 1
             if "text" not in modalities:
                 print("this model embeds images only: serve CLIP, SigLIP or SigLIP2 to search by "
                       "text", file=sys.stderr)  # fmt: skip

@@ -7,6 +7,8 @@ import asyncio
 import base64
 import functools
 import http.server
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
@@ -237,6 +239,18 @@ def test_api_key(guarded_stack):
     assert http_get(f"{guarded_stack.url}/info").status_code == 401
     assert http_get(f"{guarded_stack.url}/health").status_code == 200
     assert http_get(f"{guarded_stack.url}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("example", ["request_example_batch.py", "request_example_concurrent.py"])
+def test_the_request_examples_send_the_api_key(guarded_stack, example):
+    command = [sys.executable, f"examples/{example}", "--url", guarded_stack.url]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "401" in refused.stderr
+    result = subprocess.run(
+        [*command, "--api-key", KEY], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "embedded 5 images" in result.stdout
 
 
 def test_served_model_name(guarded_stack):

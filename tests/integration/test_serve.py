@@ -130,6 +130,19 @@ def test_http_examples_run(vit_stack, example):
     assert "embedded 5 images" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "example",
+    ["request_example_batch.py", "request_example_concurrent.py", "python_client_example.py",
+     "openai_client_example.py", "text_search_example.py"],
+)  # fmt: skip
+def test_http_examples_say_in_one_line_that_the_service_is_down(example):
+    down = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, f"examples/{example}", "--url", down]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_python_client_example_runs(vit_stack):
     result = run_example("examples/python_client_example.py", "--url", vit_stack.url)
     assert "embedded 6 images -> (6, 32) float32" in result.stdout
