@@ -529,3 +529,12 @@ def test_model_names_the_served_model_in_every_request_of_both_clients():
     with IEIClient("http://iei", transport=httpx.MockTransport(server)) as client:
         client.embed_texts(["f"])
     assert "model" not in server.embed_bodies[-1]  # the server's default
+
+
+def test_resume_knows_a_file_done_under_another_spelling_of_its_folder(tmp_path, monkeypatch):
+    from iei.client.bulk import not_done
+
+    monkeypatch.chdir(tmp_path)
+    done = {str(tmp_path / "Pictures" / "a.jpg"): np.ones(2), "./Pictures/b.jpg": np.ones(2)}
+    paths = ["Pictures/a.jpg", "Pictures/b.jpg", "Pictures/c.jpg", str(tmp_path / "Pictures/b.jpg")]
+    assert not_done(paths, done) == ["Pictures/c.jpg"]

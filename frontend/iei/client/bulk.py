@@ -130,6 +130,15 @@ async def embed_paths(
             workers.create_task(worker())
 
 
+def not_done(paths: Sequence[str], done: dict[str, np.ndarray]) -> list[str]:
+    """The paths no earlier run embedded, a path compared as written and as an absolute path:
+    `--resume` from another spelling of the folder (`Pictures`, `./Pictures`,
+    `/home/me/Pictures`) embeds nothing twice. No file system call (2 us a path), so a link
+    followed in one spelling and not the other still counts as another file."""
+    finished = {os.path.abspath(p) for p in done}
+    return [p for p in paths if p not in done and os.path.abspath(p) not in finished]
+
+
 def strip_index(message: str) -> str:
     """`inputs[0]: not an image` -> `not an image` (the index means nothing to the user)."""
     return message.split(": ", 1)[1] if message.startswith("inputs[") else message
@@ -175,7 +184,7 @@ def run_embed(args: argparse.Namespace) -> int:
     except (BulkError, OSError) as exc:
         log.error("%s", exc)
         return 2
-    todo = [p for p in paths if p not in done]
+    todo = not_done(paths, done)
     tally = Tally()
     progress = tqdm(
         total=len(todo), unit="img", desc="embedding", disable=args.no_progress, file=sys.stderr
