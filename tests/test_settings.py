@@ -117,6 +117,18 @@ def test_a_limit_that_counts_images_is_named_for_images_and_its_old_name_still_w
 def test_empty_variables_mean_default(monkeypatch):
     monkeypatch.setenv("IEI_WORKERS", "")
     assert LauncherSettings().workers == "auto"
+    monkeypatch.setenv("IEI_WORKERS", "  \n")  # only whitespace: empty too
+    assert LauncherSettings().workers == "auto"
+
+
+def test_values_are_stripped_of_surrounding_whitespace(monkeypatch):
+    """A key from a file keeps its newline (`kubectl create secret --from-file`): it locked
+    every route; a model id with a trailing space was half accepted."""
+    monkeypatch.setenv("IEI_API_KEY", "secret\n")
+    monkeypatch.setenv("IMAGE_EMBEDDING_MODEL", " openai/clip-vit-base-patch32 ")
+    settings = ServerSettings()
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "secret"
+    assert settings.embedding_model == "openai/clip-vit-base-patch32"
 
 
 @pytest.mark.parametrize(
@@ -132,6 +144,9 @@ def test_empty_variables_mean_default(monkeypatch):
         ("IEI_POOLING", "max"),
         ("IEI_TRITON_URL", "grpc://triton:8001"),
         ("IEI_TRITON_URL", "triton"),
+        ("IEI_TRITON_URL", ":8100"),
+        ("IEI_TRITON_URL", "triton:99999"),
+        ("IEI_SERVED_MODEL_NAME", "my model"),
         ("IEI_REQUEST_TIMEOUT", "0"),
         ("IEI_MAX_IMAGE_PIXELS", "0"),
         ("IEI_FORWARD_BATCH_SIZE", "0"),
@@ -147,6 +162,30 @@ def test_nonsense_is_refused_by_the_variables_name(monkeypatch, caplog, name, va
         table.load(LauncherSettings)
     assert stopped.value.code == 2
     assert re.search(rf"invalid setting {name}: ", caplog.text), caplog.text
+
+
+def test_a_served_name_that_is_another_models_name_is_refused(monkeypatch, caplog):
+    """It was added to the default model's names, but a request naming it got the other one."""
+    monkeypatch.setenv("IEI_MODELS", "a=org/vit,b=org/dino")
+    monkeypatch.setenv("IEI_SERVED_MODEL_NAME", "b")
+    with caplog.at_level(logging.ERROR, "iei"), pytest.raises(SystemExit):
+        table.load(ServerSettings)
+    assert "IEI_SERVED_MODEL_NAME=b" in caplog.text and "another model" in caplog.text
+
+
+def test_the_frontend_app_reports_an_invalid_variable_in_one_line(monkeypatch, capsys):
+    """The frontend's container starts uvicorn on create_app: it printed pydantic's traceback."""
+    from iei.server.app import create_app
+
+    logger = logging.getLogger("iei")  # create_app gives it a worker's handler: put back after
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setenv("IEI_CONCURRENCY_LEVEL", "0")
+    with pytest.raises(SystemExit) as stopped:
+        create_app()
+    assert stopped.value.code == 2
+    assert "invalid setting IEI_CONCURRENCY_LEVEL: " in capsys.readouterr().err
 
 
 def test_the_api_key_is_never_shown(monkeypatch):
@@ -229,3 +268,24 @@ def test_only_the_documented_names_are_read_by_the_model():
     assert read_settings({}, stray_variables()) == defaults
     documented = read_settings({}, {"IEI_DTYPE": "float32", "IEI_POOLING": "cls"})
     assert (documented.dtype, documented.pooling) == ("float32", "cls")
+
+
+def test_an_empty_model_argument_is_refused_not_read_as_no_models(monkeypatch, caplog):
+    """`iei serve --model "$M"` with M unset served the default ViT without a word."""
+    from iei import cli
+
+    monkeypatch.delenv("IEI_MODELS", raising=False)
+    with caplog.at_level(logging.ERROR, "iei"):
+        assert cli.launch("serve", [""]) == 2
+    assert "--model needs a model" in caplog.text
+    assert "IEI_MODELS" not in os.environ
+
+
+def test_the_model_argument_replaces_image_embedding_model(monkeypatch):
+    from iei import cli
+
+    monkeypatch.setenv("IMAGE_EMBEDDING_MODEL", "org/vit")
+    monkeypatch.delenv("IEI_MODELS", raising=False)
+    monkeypatch.setattr("iei.launcher.serve.serve", lambda settings: settings)
+    settings = cli.launch("serve", ["clip=org/clip"])
+    assert [model.model_id for model in settings.served] == ["org/clip"]  # type: ignore[attr-defined]

@@ -126,8 +126,14 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def launch(command: str, models: list[str] | None = None) -> int:
     """`iei serve` or `iei triton`, with the settings read and checked first."""
-    if models:  # read as IEI_MODELS, by this process and the ones it starts
+    if models is not None:  # read as IEI_MODELS, by this process and the ones it starts
+        if not all(item.strip() for item in models):  # `--model "$M"` with M unset
+            log.error("--model needs a model: one of them is empty")
+            return 2
         os.environ["IEI_MODELS"] = ",".join(models)
+        # --model replaces the environment's models, IMAGE_EMBEDDING_MODEL's too
+        if os.environ.pop("IMAGE_EMBEDDING_MODEL", None):
+            log.info("--model given: IMAGE_EMBEDDING_MODEL is not used")
     try:
         from . import settings as table
         from .launcher.settings import LauncherSettings

@@ -326,16 +326,19 @@ class DocumentedVariables(PydanticBaseSettingsSource):
         for name in self.settings_cls.model_fields:
             entry = SETTINGS[name]
             for variable in (entry.env, *entry.aliases):  # the current name wins
-                value = os.environ.get(variable)
-                if value:  # empty means the default
+                # Whitespace around a value is a mistake, never meant: an API key from a file
+                # that ends in a newline locked every route; a model id with a trailing space
+                # was half accepted. Only whitespace means the default, as empty does.
+                value = os.environ.get(variable, "").strip()
+                if value:
                     values[entry.env] = value  # the key init arguments are normalised to
                     break
         return values
 
 
 class SettingsBase(BaseSettings):
-    """Read from the environment once (only the documented variables); an empty variable means
-    the default."""
+    """Read from the environment once (only the documented variables, their values stripped);
+    an empty variable means the default."""
 
     model_config = SettingsConfigDict(
         env_ignore_empty=True, extra="ignore", frozen=True, populate_by_name=True

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .. import __version__
+from ..settings import load
 from . import metrics
 from .cache import VectorCache
 from .embedding import Services
@@ -27,8 +28,10 @@ log = logging.getLogger("iei")
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
     configure_logging()
+    # From the environment: one line per invalid variable and exit status 2, in the frontend's
+    # own container too (uvicorn's factory), not pydantic's traceback.
+    settings = settings or load(ServerSettings)
     triton = TritonClient(
         settings.triton_endpoint,
         concurrency_level=settings.concurrency_level,

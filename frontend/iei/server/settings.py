@@ -7,7 +7,7 @@ from functools import cached_property
 
 from pydantic import SecretStr, field_validator, model_validator
 
-from ..models import ModelsError, ServedModel, parse_models, single_model
+from ..models import NAME, ModelsError, ServedModel, parse_models, single_model
 from ..settings import SETTINGS, SettingsBase, setting
 
 
@@ -45,9 +45,20 @@ class ServerSettings(SettingsBase):
         if value is None:
             return None
         bare = value.removeprefix("http://").rstrip("/")
-        if "://" in bare or ":" not in bare or not bare.rpartition(":")[2].isdigit():
+        host, _, port = bare.rpartition(":")
+        if "://" in bare or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError(f"expected host:port (or http://host:port), got {value!r}")
         return bare
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _check_served_model_name(cls, value: str | None) -> str | None:
+        if value is not None and not NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a model name: letters, digits and . _ : / @ + - (at most 128, "
+                "a letter or digit first), as in IEI_MODELS"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_limits_agree(self) -> ServerSettings:
@@ -80,9 +91,15 @@ class ServerSettings(SettingsBase):
                 "IEI_MODELS and IMAGE_EMBEDDING_MODEL are both set: give the models in one of them"
             )
         try:
-            parse_models(self.models)
+            served = parse_models(self.models)
         except ModelsError as exc:
             raise ValueError(str(exc)) from None
+        others = {name for model in served[1:] for name in (model.name, *model.aliases)}
+        if self.served_model_name in others:  # a request naming it would get the other model
+            raise ValueError(
+                f"IEI_SERVED_MODEL_NAME={self.served_model_name} (the default model's other name) "
+                "is the name of another model in IEI_MODELS"
+            )
         return self
 
     @cached_property
