@@ -274,6 +274,7 @@ def test_an_empty_model_argument_is_refused_not_read_as_no_models(monkeypatch, c
     """`iei serve --model "$M"` with M unset served the default ViT without a word."""
     from iei import cli
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # launch() writes IEI_MODELS there
     monkeypatch.delenv("IEI_MODELS", raising=False)
     with caplog.at_level(logging.ERROR, "iei"):
         assert cli.launch("serve", [""]) == 2
@@ -284,8 +285,33 @@ def test_an_empty_model_argument_is_refused_not_read_as_no_models(monkeypatch, c
 def test_the_model_argument_replaces_image_embedding_model(monkeypatch):
     from iei import cli
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # launch() writes IEI_MODELS there
     monkeypatch.setenv("IMAGE_EMBEDDING_MODEL", "org/vit")
     monkeypatch.delenv("IEI_MODELS", raising=False)
     monkeypatch.setattr("iei.launcher.serve.serve", lambda settings: settings)
     settings = cli.launch("serve", ["clip=org/clip"])
     assert [model.model_id for model in settings.served] == ["org/clip"]  # type: ignore[attr-defined]
+
+
+def test_port_clashes_are_refused_before_anything_loads(monkeypatch, caplog):
+    """Triton binds its ports once the model has loaded: a clash cost the whole load and said
+    only that the frontend exited."""
+    from iei.launcher.serve import serve, serve_triton
+
+    monkeypatch.setenv("IEI_TRITON_GRPC_PORT", "8100")
+    monkeypatch.setenv("IEI_TRITON_HTTP_PORT", "8100")
+    with caplog.at_level(logging.ERROR, "iei"), pytest.raises(SystemExit):
+        table.load(LauncherSettings)
+    assert "Triton's ports must differ: IEI_TRITON_HTTP_PORT=8100, IEI_TRITON_GRPC_PORT=8100" in (
+        caplog.text
+    )
+    monkeypatch.setenv("IEI_TRITON_GRPC_PORT", "8101")
+    monkeypatch.setenv("IEI_BIND", "0.0.0.0:8100")
+    settings = LauncherSettings()
+    monkeypatch.setattr("iei.launcher.serve.TritonServer", None)  # nothing may start
+    with caplog.at_level(logging.ERROR, "iei"):
+        assert serve(settings) == 2
+    assert "IEI_BIND=0.0.0.0:8100 takes Triton's port (IEI_TRITON_HTTP_PORT=8100)" in caplog.text
+    # `iei triton` runs no frontend: its container binds Triton where a frontend would
+    monkeypatch.setattr("iei.launcher.serve.run", lambda settings, **parts: parts)
+    assert serve_triton(settings) == {"with_triton": True, "with_frontend": False}

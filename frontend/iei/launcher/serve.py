@@ -35,6 +35,10 @@ def serve_triton(settings: LauncherSettings) -> int:
 
 
 def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -> int:
+    clash = settings.frontend_port_clash() if with_triton and with_frontend else None
+    if clash:  # found now, not once the model has loaded
+        log.error("invalid settings: %s", clash)
+        return 2
     stopping = threading.Event()
     frontend: Frontend | None = None
 

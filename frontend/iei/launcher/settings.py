@@ -84,6 +84,31 @@ class LauncherSettings(ServerSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_tritons_ports_differ(self) -> LauncherSettings:
+        """Triton binds its ports only once the model has loaded: a clash found then cost the
+        whole load (minutes) and named no variable."""
+        if self.triton_url is None:
+            ports = self.tritons_ports()
+            if len(set(ports.values())) < len(ports):
+                shown = ", ".join(f"{name}={port}" for name, port in ports.items())
+                raise ValueError(f"Triton's ports must differ: {shown}")
+        return self
+
+    def tritons_ports(self) -> dict[str, int]:
+        return {
+            "IEI_TRITON_HTTP_PORT": self.triton_http_port,
+            "IEI_TRITON_GRPC_PORT": self.triton_grpc_port,
+            "IEI_TRITON_METRICS_PORT": self.triton_metrics_port,
+        }
+
+    def frontend_port_clash(self) -> str | None:
+        """Why `iei serve`'s frontend could not bind beside its own Triton, or None."""
+        for name, port in self.tritons_ports().items():
+            if port == self.port:
+                return f"IEI_BIND={self.bind} takes Triton's port ({name}={port})"
+        return None
+
     @cached_property
     def host(self) -> str:
         return self.bind.rpartition(":")[0].strip("[]")
