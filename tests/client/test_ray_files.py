@@ -81,6 +81,20 @@ def test_schemes_whose_rows_would_lose_their_host_are_refused(uri):
         list_roots([uri])
 
 
+def test_a_resumed_listing_leaves_out_the_files_done_by_their_keys(tree):
+    from iei.ray.job import expand, sorted_keys
+
+    walked = walk_folder(str(tree / "a"))
+    assert len(walked) == 2
+    done = sorted_keys([walked[1], "s3://elsewhere/x.jpg", str(tree / "z" / "three.gif")])
+    assert expand({"name": str(tree / "a"), "folder": True}, done) == [{"path": walked[0]}]
+    assert expand({"name": walked[1], "folder": False}, done) == []
+    nothing = sorted_keys([])
+    assert expand({"name": str(tree / "a"), "folder": True}, nothing) == [
+        {"path": p} for p in walked
+    ]
+
+
 def test_an_unreadable_file_is_a_reason_not_an_exception(tree):
     assert read_file(str(tree / "gone.png")).error == "cannot read: No such file or directory"
     assert read_file(str(tree / "gone.png")).sha256 is None
