@@ -120,7 +120,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", action="append", metavar="[NAME=]MODEL[?OPTIONS]", dest="models",
         help="a model to serve (repeatable; the first is the default): the same items as "
-        "IEI_MODELS, which this replaces",
+        "IEI_MODELS; replaces IEI_MODELS and IMAGE_EMBEDDING_MODEL",
     )  # fmt: skip
 
 

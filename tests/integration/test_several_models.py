@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import os
-import re
 import subprocess
 
 import httpx
@@ -206,12 +205,24 @@ def test_contradicting_or_bad_model_lists_stop_iei_serve_with_one_line(tmp_path,
     assert "Traceback" not in output
 
 
-def test_model_flags_are_refused_beside_image_embedding_model(tmp_path):
+def test_model_flags_replace_image_embedding_model_and_an_empty_one_is_refused(tmp_path):
+    """A flag wins over the environment: `iei serve --model clip` with IMAGE_EMBEDDING_MODEL
+    exported was refused as "both set". A bad option of the flag's model is what stops it here
+    (after the replacement, before anything starts)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IEI_")}
     env = {**clean, "IMAGE_EMBEDDING_MODEL": "google/vit-base-patch16-224"}
-    done = subprocess.run(
-        [str(IEI), "serve", "--model", "a=x/a"], env=env, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert re.search("both set", done.stdout + done.stderr)
+
+    def serve(*models: str) -> tuple[int, str]:
+        arguments = [argument for model in models for argument in ("--model", model)]
+        done = subprocess.run(
+            [str(IEI), "serve", *arguments], env=env, capture_output=True, text=True, timeout=120
+        )
+        return done.returncode, done.stdout + done.stderr
+
+    code, output = serve("a=x/a?dtype=fp8")
+    assert code == 2, output
+    assert "--model given: IMAGE_EMBEDDING_MODEL is not used" in output
+    assert "dtype='fp8': expected one of" in output and "both set" not in output
+    code, output = serve("a=x/a", "")  # `--model "$M"` with M unset
+    assert code == 2 and "--model needs a model: one of them is empty" in output, output
+    assert "Traceback" not in output
