@@ -173,19 +173,21 @@ def test_a_served_name_that_is_another_models_name_is_refused(monkeypatch, caplo
     assert "IEI_SERVED_MODEL_NAME=b" in caplog.text and "another model" in caplog.text
 
 
-def test_the_frontend_app_reports_an_invalid_variable_in_one_line(monkeypatch, capsys):
+def test_the_frontend_app_reports_an_invalid_variable_in_one_line(monkeypatch, caplog):
     """The frontend's container starts uvicorn on create_app: it printed pydantic's traceback."""
     from iei.server.app import create_app
 
-    logger = logging.getLogger("iei")  # create_app gives it a worker's handler: put back after
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    # create_app gives the `iei` logger a worker's handler and stops its propagation (once per
+    # process: an earlier test may have done it): caplog's handler goes on the logger itself.
+    logger = logging.getLogger("iei")
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, caplog.handler])
     monkeypatch.setattr(logger, "propagate", logger.propagate)
     monkeypatch.setattr(logger, "level", logger.level)
     monkeypatch.setenv("IEI_CONCURRENCY_LEVEL", "0")
     with pytest.raises(SystemExit) as stopped:
         create_app()
     assert stopped.value.code == 2
-    assert "invalid setting IEI_CONCURRENCY_LEVEL: " in capsys.readouterr().err
+    assert "invalid setting IEI_CONCURRENCY_LEVEL: " in caplog.text
 
 
 def test_the_api_key_is_never_shown(monkeypatch):
