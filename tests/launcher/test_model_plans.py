@@ -8,6 +8,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 from iei.launcher.repository import PARAMETERS_FIRST, shipped_model_repository
+from iei.launcher.serve import idle_unloader
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_process import TritonServer, model_plans, startup_models
 from tritonclient.grpc import model_config_pb2
@@ -121,3 +122,18 @@ def test_a_rendered_config_comes_before_the_environment():
     assert (own.model_id, own.pooling, own.dtype) == ("/models/dino", "cls", "float32")
     del config["parameters"][PARAMETERS_FIRST]  # a config not rendered: the environment first
     assert read_settings(config, environ).model_id == "/models/default"
+
+
+def test_idle_unload_with_every_model_pinned_warns_and_watches_nothing(tmp_path, caplog):
+    paths = folders(tmp_path)
+    for models, unloads in (
+        (paths["first"], False),
+        (f"{paths['first']},dino={paths['dino']}", True),
+        (f"{paths['first']},dino={paths['dino']}?pinned=true", False),
+    ):
+        settings = LauncherSettings(models=models, model_idle_unload=30.0)
+        caplog.clear()
+        unloader = idle_unloader(TritonServer(settings, tmp_path), settings, None)
+        assert (unloader is not None) == unloads, models
+        warned = "nothing will be unloaded" in caplog.text
+        assert warned == (not unloads), caplog.text

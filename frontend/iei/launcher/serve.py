@@ -139,8 +139,15 @@ def restart_counter(metrics: ModuleType | None) -> Callable[[str], None] | None:
 def idle_unloader(
     triton: TritonServer | None, settings: LauncherSettings, metrics: ModuleType | None
 ) -> IdleUnloader | None:
-    """The owner of unloading (IEI_MODEL_IDLE_UNLOAD), where this process runs Triton."""
+    """The owner of unloading (IEI_MODEL_IDLE_UNLOAD), where this process runs Triton; None,
+    with a warning, when every model is pinned (the setting would do nothing)."""
     if triton is None or settings.model_idle_unload is None:
+        return None
+    if all(model.pinned for model in settings.served):
+        log.warning(
+            "IEI_MODEL_IDLE_UNLOAD is set, but every model is pinned (the default model always "
+            "is; others with pinned=false in IEI_MODELS unload): nothing will be unloaded"
+        )
         return None
     counted = None
     if metrics is not None:
