@@ -126,6 +126,18 @@ async def test_options_are_validated_strictly(query, fields, message):
         tei_error(response, 422, "Validation", message)
 
 
+@pytest.mark.parametrize("path", ["/embed", "/", "/classify"])
+async def test_a_json_body_with_query_parameters_is_refused_not_read_as_the_default(path):
+    """`?model=clip` beside a JSON body would otherwise answer with the default model."""
+    body = {"inputs": [base64.b64encode(PNG).decode()]}
+    async with app_client(SETTINGS, FakeTriton()) as client:
+        response = await client.post(f"{path}?normalize=false&model=other", json=body)
+        tei_error(response, 422, "Validation", "query parameters (model, normalize) are the")
+        assert "give them in the body" in response.json()["error"]
+        without = await client.post(path, json=body)  # /classify: refused for what it lacks
+        assert "query parameters" not in without.text, without.text
+
+
 async def test_the_truncate_options_of_tei_are_accepted_for_images():
     async with app_client(SETTINGS, FakeTriton()) as client:
         response = await client.post(

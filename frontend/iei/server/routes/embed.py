@@ -34,6 +34,8 @@ def upload_route(upload: UploadHandler) -> type[OffLoopJSONRoute]:
                 content_type = request.headers.get("content-type")
                 kind = body_kind(content_type)
                 if kind == JSON:
+                    if request.query_params:  # a raw upload's options: silently ignored here
+                        raise query_with_json(request)
                     return await json_handler(request)
                 services: Services = request.app.state.services
                 require_api_key(request, services)  # FastAPI's dependencies run for JSON only
@@ -44,6 +46,17 @@ def upload_route(upload: UploadHandler) -> type[OffLoopJSONRoute]:
             return by_content_type
 
     return UploadRoute
+
+
+def query_with_json(request: Request) -> ApiError:
+    """A JSON body with query parameters: they are a raw upload's options, and a JSON body's
+    options are in the body; ignoring `?model=...` would answer with another model's vectors."""
+    names = ", ".join(sorted(set(request.query_params)))
+    return ApiError(
+        ErrorType.VALIDATION,
+        f"query parameters ({names}) are the options of a raw upload: "
+        "with a JSON body, give them in the body",
+    )
 
 
 router = APIRouter(
