@@ -9,6 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /tmp/iei-src
 COPY docker/frontend-constraints.txt pyproject.toml README.md ./
 COPY frontend ./frontend
+# The package maps iei.model_repository to this folder (pyproject.toml): the wheel needs it.
+COPY model_repository ./model_repository
 # The client and the `server` extra (not `serve`): the frontend never imports torch.
 RUN pip install --no-cache-dir -c frontend-constraints.txt ".[server]" \
     && rm -rf /tmp/iei-src \

@@ -20,6 +20,8 @@ RUN python3 -m pip install --no-cache-dir -r /tmp/triton-requirements.txt \
 WORKDIR /tmp/iei-src
 COPY pyproject.toml README.md ./
 COPY frontend ./frontend
+# The package maps iei.model_repository to this folder (pyproject.toml): the wheel needs it.
+COPY model_repository ./model_repository
 # The `iei` command only, its dependencies came above. The package asks for Python 3.11; the
 # modules `iei triton` imports also run on 3.10 (tests/test_deploy.py parses them as 3.10).
 RUN python3 -m pip install --no-cache-dir --no-deps --ignore-requires-python . \

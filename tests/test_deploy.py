@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,47 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy():
                     assert (ROOT / source).exists(), source
                     top = source.split("/")[0] if not source.startswith("docker/") else "docker"
                     assert any(fnmatch(top, pattern) for pattern in keep), source
+
+
+def context_before_install(name: str, into: Path) -> Path:
+    """The files a Dockerfile has copied (under its WORKDIR) when it pip-installs the project
+    (`pip install ... .` or `".[extra]"`): that folder, laid out as the image holds it."""
+    workdir = Path("/")
+    for instruction, args in dockerfile(name):
+        if instruction == "WORKDIR":
+            workdir = workdir / args
+        elif instruction == "COPY":
+            *sources, target = [a for a in args.split() if not a.startswith("--")]
+            folder = into / (workdir / target).relative_to("/")
+            for source in sources:
+                path = ROOT / source
+                if path.is_dir():
+                    shutil.copytree(path, folder, dirs_exist_ok=True, ignore=IGNORED_IN_IMAGES)
+                else:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(path, folder / path.name)
+        elif instruction == "RUN" and re.search(r"pip install [^&]*(\s\.|\"\.\[)", args):
+            return into / workdir.relative_to("/")
+    raise AssertionError(f"{name} does not pip-install the project")
+
+
+IGNORED_IN_IMAGES = shutil.ignore_patterns("__pycache__", "*.egg-info")
+
+
+@pytest.mark.parametrize("name", ["triton.Dockerfile", "frontend.Dockerfile", "ray.Dockerfile"])
+def test_each_image_builds_the_package_from_what_it_copied(name, tmp_path):
+    """The wheel needs model_repository/ (pyproject maps iei.model_repository to it): an image
+    that copied only frontend/ failed at its pip install."""
+    source = context_before_install(name, tmp_path / "image")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheel"), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as files:
+        assert "iei/model_repository/iei/1/model.py" in files.namelist()
 
 
 def hadolint() -> str | None:
