@@ -20,8 +20,10 @@ WORKDIR /
 USER 10001
 EXPOSE 8000
 # Workers are processes: their Prometheus metrics meet in PROMETHEUS_MULTIPROC_DIR, created
-# fresh at each start (on /tmp, so the root filesystem can stay read-only). The flags are those
+# fresh at each start (on /tmp, so the root filesystem can stay read-only). The settings are
+# checked first (iei.server.preflight): an invalid one stops the container in one line, where
+# uvicorn would restart the workers that exit on it, forever. The flags are those
 # that `iei serve` gives uvicorn (frontend/iei/launcher/frontend.py, uvicorn_arguments), and
 # IEI_WORKERS=auto (or unset), read as iei serve reads it, is its count for a host without a GPU,
 # as this container is.
-CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && workers=$(printf %s \"${IEI_WORKERS:-auto}\" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]') && case \"$workers\" in auto|'') workers=2 ;; esac && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$workers\" --timeout-graceful-shutdown 30 --no-access-log"]
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && workers=$(printf %s \"${IEI_WORKERS:-auto}\" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]') && case \"$workers\" in auto|'') workers=2 ;; esac && python -m iei.server.preflight && exec uvicorn iei.server.app:create_app --factory --host 0.0.0.0 --port 8000 --workers \"$workers\" --timeout-graceful-shutdown 30 --no-access-log"]

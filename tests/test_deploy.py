@@ -264,6 +264,33 @@ def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):
     assert command[command.index("--workers") + 1] == "$workers"
 
 
+def image_command_env(tmp_path: Path) -> dict[str, str]:
+    """The environment to run the frontend image's command here: a stand-in uvicorn that prints
+    its arguments, and `python` this test's (the image's has the package installed)."""
+    (tmp_path / "bin").mkdir()
+    for name, script in (
+        ("uvicorn", 'printf "%s\\n" "$@"'),
+        ("python", f'exec "{sys.executable}" "$@"'),
+    ):
+        (tmp_path / "bin" / name).write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    return {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "m"),
+    }
+
+
+def test_the_frontend_images_command_stops_on_an_invalid_setting_before_uvicorn(tmp_path):
+    """In uvicorn's workers the settings check exits a worker, which uvicorn's supervisor
+    restarts over and over: the image checks them before it starts uvicorn."""
+    env = {**image_command_env(tmp_path), "IEI_CONCURRENCY_LEVEL": "0"}
+    out = subprocess.run(cmd_of("frontend.Dockerfile"), env=env, capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == ""  # uvicorn never ran
+    [line] = out.stderr.splitlines()
+    assert "invalid setting IEI_CONCURRENCY_LEVEL: " in line, out.stderr
+
+
 @pytest.mark.parametrize(
     ("value", "workers"),
     [
@@ -279,14 +306,7 @@ def test_the_frontend_images_command_counts_workers_as_iei_serve_does(tmp_path, 
     """The image's shell command, run with a stand-in uvicorn: IEI_WORKERS=auto (or unset, or
     empty as compose passes it; spaces and case as `iei serve` reads them) is `iei serve`'s
     count for a host without a GPU."""
-    (tmp_path / "bin").mkdir()
-    uvicorn = tmp_path / "bin" / "uvicorn"
-    uvicorn.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    uvicorn.chmod(0o755)
-    env = {
-        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "m"),
-    }
+    env = image_command_env(tmp_path)
     if value is not None:
         env["IEI_WORKERS"] = value
     out = subprocess.run(cmd_of("frontend.Dockerfile"), env=env, capture_output=True, text=True)

@@ -29,8 +29,8 @@ log = logging.getLogger("iei")
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     configure_logging()
-    # From the environment: one line per invalid variable and exit status 2, in the frontend's
-    # own container too (uvicorn's factory), not pydantic's traceback.
+    # From the environment: one line per invalid variable and exit status 2, not pydantic's
+    # traceback (the frontend's container checks them before uvicorn: server/preflight.py).
     settings = settings or load(ServerSettings)
     triton = TritonClient(
         settings.triton_endpoint,
