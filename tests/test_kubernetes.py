@@ -17,7 +17,7 @@ import yaml
 from deployment_settings import frontend_container, frontend_worst_case_mib, triton_container
 from iei import settings as table
 from iei.launcher.settings import LauncherSettings
-from iei.launcher.triton_process import triton_command
+from iei.launcher.triton_process import model_plans, triton_command
 
 ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
@@ -321,6 +321,27 @@ def test_the_triton_autoscaler_s_metric_is_defined_for_the_prometheus_adapter():
     [metric] = only("HorizontalPodAutoscaler", "iei-triton")["spec"]["metrics"]
     rule = defined[metric["pods"]["metric"]["name"]]
     assert "nv_inference_queue_duration_us" in rule["metricsQuery"]
+
+
+CLIP_CONFIG = {"model_type": "clip", "text_config": {}, "vision_config": {}}
+
+
+def test_the_autoscaler_s_requests_count_each_request_once_in_the_split_layout(tmp_path):
+    """The queue time sums every model's queues; the requests leave out the split layout's steps
+    (each request to an ensemble is one to each step too), and only them."""
+    values = yaml.safe_load((KUSTOMIZE_DIR / "prometheus-adapter" / "values.yaml").read_text())
+    [query] = [rule["metricsQuery"] for rule in values["rules"]["custom"]]
+    [steps] = re.findall(r'nv_inference_request_success\{[^}]*model!~"([^"]+)"', query)
+    for name in ("first", "dino", "clip"):
+        (tmp_path / name).mkdir()
+        config = {"model_type": "vit"} if name != "clip" else CLIP_CONFIG
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    models = f"{tmp_path / 'first'},dino={tmp_path / 'dino'},clip={tmp_path / 'clip'}"
+    plans = model_plans(LauncherSettings(models=models, triton_layout="split"), gpus=1)
+    names = [name for plan in plans for name in plan.triton_models]
+    counted = [name for name in names if not re.fullmatch(steps, name)]
+    assert counted == ["iei", "iei__dino", "iei__clip", "iei__clip_text"], names
+    assert len(names) == len(counted) + 2 * len(plans)  # two steps per image model
 
 
 def mebibytes(quantity: str) -> float:
