@@ -106,3 +106,23 @@ async def test_a_model_unloaded_behind_a_workers_back_is_loaded_again_for_the_re
         second = await client.post("/embed", json=body)
     assert (first.status_code, second.status_code) == (200, 200), second.text
     assert fake.loads == ["iei__lazy", "iei__lazy"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/embeddings", {"input": [PNG], "model": "lazy", "dimensions": 1}),
+        ("/v2/embed", {"images": [f"data:image/png;base64,{PNG}"], "model": "lazy",
+                       "output_dimension": 1}),
+        ("/embed", {"inputs": [PNG], "model": "lazy", "dimensions": 1}),
+    ],
+)  # fmt: skip
+async def test_dimensions_for_a_model_not_loaded_yet_load_it_to_check_them(path, body):
+    """The check of `dimensions` against the model's asks the model: it was a 503 'unknown
+    model', and the model was never loaded."""
+    fake = LoadingTriton()
+    settings = ServerSettings(models=MODELS, model_idle_unload=60, triton_url="127.0.0.1:1")
+    async with app_client(settings, fake) as client:
+        response = await client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert fake.loads == ["iei__lazy"]

@@ -138,6 +138,49 @@ async def test_a_json_body_with_query_parameters_is_refused_not_read_as_the_defa
         assert "query parameters" not in without.text, without.text
 
 
+async def test_dimensions_keep_the_first_components_then_normalise_as_asked():
+    """TEI's `dimensions` (huggingface_hub's feature_extraction sends it): JSON and raw alike."""
+    body = {"inputs": [base64.b64encode(JPEG).decode()]}
+    full = expected([JPEG], normalize=False)
+    async with app_client(SETTINGS, FakeTriton()) as client:
+        for normalize, want in ((False, full[:, :1]), (True, np.ones((1, 1)))):
+            flag = str(normalize).lower()
+            as_json = await client.post(
+                "/embed", json=body | {"dimensions": 1, "normalize": normalize}
+            )
+            raw = await client.post(
+                f"/embed?dimensions=1&normalize={flag}",
+                content=JPEG,
+                headers={"content-type": "image/jpeg"},
+            )
+            form = await client.post(
+                "/embed", files={"file": ("a.jpg", JPEG)}, data={"dimensions": "1",
+                                                                 "normalize": flag}
+            )  # fmt: skip
+            for response in (as_json, raw, form):
+                assert response.status_code == 200, response.text
+                assert np.allclose(response.json(), want)
+        for asked, message in ((3, "dimensions 3 > the model's 2 dimensions"),
+                               (0, "dimensions: Input should be greater than or equal to 1"),
+                               ("1.0", "dimensions: Input should be a valid integer"),
+                               ("+1", "dimensions: Input should be a valid integer")):  # fmt: skip
+            raw = await client.post(
+                f"/embed?dimensions={asked}", content=JPEG, headers={"content-type": "image/jpeg"}
+            )
+            tei_error(raw, 422, "Validation", message)
+        as_json = await client.post("/embed", json=body | {"dimensions": 3})
+        tei_error(as_json, 422, "Validation", "dimensions 3 > the model's 2 dimensions")
+
+
+async def test_a_text_option_that_reads_true_stays_text():
+    """`true` and `false` are booleans only for a boolean option: `?model=true` names a model."""
+    async with app_client(SETTINGS, FakeTriton()) as client:
+        response = await client.post(
+            "/embed?model=true", content=PNG, headers={"content-type": "image/png"}
+        )
+    tei_error(response, 404, "NotFound", "'true'")
+
+
 async def test_the_truncate_options_of_tei_are_accepted_for_images():
     async with app_client(SETTINGS, FakeTriton()) as client:
         response = await client.post(

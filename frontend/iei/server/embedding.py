@@ -249,6 +249,33 @@ async def cache_model_key(services: Services, model: ServedModel) -> ModelKey:
     )
 
 
+def check_dimensions(asked: int, dimension: int) -> None:
+    if asked > dimension:
+        raise ApiError(
+            ErrorType.VALIDATION, f"dimensions {asked} > the model's {dimension} dimensions"
+        )
+
+
+async def check_dimensions_early(services: Services, model: ServedModel, asked: int | None) -> None:
+    """`dimensions` (OpenAI; Cohere's `output_dimension`; TEI) over the model's own: refused
+    before anything is embedded, a model loaded on demand loaded first to ask it."""
+    if asked is None:
+        return
+    deadline = asyncio.get_running_loop().time() + services.settings.request_timeout
+    await load_within(services, model, deadline)
+    info = await services.triton.model_info(model.triton_image)
+    check_dimensions(asked, int(info["embedding_dimension"]))
+
+
+def first_dimensions(vectors: np.ndarray, asked: int | None) -> np.ndarray:
+    """The first `asked` components of each vector (all of them for None); checked again on
+    the vectors, where a text tower's dimension differs from the image model's."""
+    if asked is None:
+        return vectors
+    check_dimensions(asked, vectors.shape[1])
+    return vectors[:, :asked]
+
+
 async def load_within(services: Services, model: ServedModel, deadline: float) -> None:
     """Return once `model` is in Triton (loaded on demand), or a 504 at `deadline`."""
     try:

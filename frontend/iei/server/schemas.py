@@ -50,6 +50,12 @@ class EmbedRequest(BaseModel):
         None, description="Accepted for TEI clients; texts are cut at their end (right)."
     )
     model: StrictStr | None = Field(None, description=MODEL_DESCRIPTION)
+    dimensions: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Keep the first N components (then normalised, if `normalize`): for "
+        "models trained to nest their vectors (Matryoshka).",
+    )
 
     @property
     def input_list(self) -> list[str]:
@@ -100,11 +106,19 @@ UPLOAD_OPENAPI: dict[str, Any] = {
             "description": "Scale each vector to unit L2 norm: exactly `true` or `false`."
             + _RAW_ONLY,
         },
+        {
+            "name": "dimensions",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "Keep the first N components of each vector." + _RAW_ONLY,
+        },
     ],
     "requestBody": upload_body(
         {
             "normalize": {"type": "string", "enum": ["true", "false"]},
             "model": {"type": "string"},
+            "dimensions": {"type": "string", "pattern": "^[0-9]{1,9}$"},
         }
     ),
 }

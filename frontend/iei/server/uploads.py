@@ -10,8 +10,11 @@ names and the same strict validation as the JSON body's fields (a boolean is exa
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +34,7 @@ SUPPORTED_TYPES = f"`application/json`, {RAW_TYPES} or `multipart/form-data`"
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 1024
 TEXT_BOOLEANS = {"true": True, "false": False}
+TEXT_COUNT = re.compile(r"[0-9]{1,9}")  # a count as text: digits only (`+8`, `8.0` are refused)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -220,8 +224,28 @@ def upload_options(fields: list[tuple[str, str]], model: type[M]) -> M:
             )
         if name in given:
             raise ApiError(ErrorType.VALIDATION, f"{name}: given more than once")
-        given[name] = TEXT_BOOLEANS.get(value, value)
+        given[name] = typed(value, base_types(model.model_fields[name].annotation))
     try:
         return model.model_validate({"inputs": [], **given})
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+
+
+def typed(value: str, kinds: set[Any]) -> object:
+    """A text option as its field's type reads it: `true`/`false` for a boolean, digits for a
+    count; any other text stays text (a string field keeps `true`; the field refuses the rest)."""
+    if bool in kinds and value in TEXT_BOOLEANS:
+        return TEXT_BOOLEANS[value]
+    if int in kinds and TEXT_COUNT.fullmatch(value):
+        return int(value)
+    return value
+
+
+def base_types(annotation: Any) -> set[Any]:
+    """The plain types in a field's annotation: `StrictBool | None` -> {bool, NoneType}."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return base_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return {kind for arg in typing.get_args(annotation) for kind in base_types(arg)}
+    return {annotation}

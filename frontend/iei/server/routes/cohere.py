@@ -10,7 +10,15 @@ from typing import Any
 from fastapi import APIRouter
 
 from ..dependencies import Authorized, ServicesDep
-from ..embedding import IMAGE, TEXT, Input, embed_inputs, normalize_rows
+from ..embedding import (
+    IMAGE,
+    TEXT,
+    Input,
+    check_dimensions_early,
+    embed_inputs,
+    first_dimensions,
+    normalize_rows,
+)
 from ..errors import ApiError, ErrorType
 from ..inputs import bit_depth
 from ..logs import REQUEST_ID
@@ -18,7 +26,6 @@ from ..quantize import encode
 from ..responses import VectorResponse
 from ..routing import OffLoopJSONRoute
 from ..schemas import CohereEmbedRequest, CohereEmbedResponse, CohereInput
-from .openai import check_dimensions
 
 router = APIRouter(tags=["embeddings"], dependencies=[Authorized], route_class=OffLoopJSONRoute)
 
@@ -80,17 +87,11 @@ async def cohere_embed(body: CohereEmbedRequest, services: ServicesDep) -> Vecto
             ErrorType.VALIDATION,
             "max_tokens is not supported: a text is cut at the model's context (truncate END)",
         )
-    if body.output_dimension is not None:  # refused before anything is embedded
-        info = await services.triton.model_info(model.triton_image)
-        check_dimensions(body.output_dimension, int(info["embedding_dimension"]))
+    await check_dimensions_early(services, model, body.output_dimension)
     result = await embed_inputs(
         items, services, started, truncate=body.truncate != "NONE", model=model
     )
-    vectors = result.vectors
-    if body.output_dimension is not None:
-        check_dimensions(body.output_dimension, vectors.shape[1])  # texts' may differ
-        vectors = vectors[:, : body.output_dimension]
-    unit = normalize_rows(vectors)
+    unit = normalize_rows(first_dimensions(result.vectors, body.output_dimension))
     kinds = body.embedding_types or ["float"]
     texts = [str(item.value) for item in items if item.modality == TEXT]
     content: dict[str, Any] = {

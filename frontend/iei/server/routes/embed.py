@@ -11,7 +11,17 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from ..dependencies import Authorized, ServicesDep, require_api_key
-from ..embedding import IMAGE, TEXT, Input, Services, embed_inputs, normalize_rows
+from ..embedding import (
+    IMAGE,
+    TEXT,
+    Embedded,
+    Input,
+    Services,
+    check_dimensions_early,
+    embed_inputs,
+    first_dimensions,
+    normalize_rows,
+)
 from ..errors import ApiError, ErrorType
 from ..responses import VectorResponse
 from ..routing import OffLoopJSONRoute
@@ -90,11 +100,18 @@ async def embed(body: EmbedRequest, services: ServicesDep) -> VectorResponse:
         )
     started = time.perf_counter()
     model = services.models.resolve(body.model)
+    await check_dimensions_early(services, model, body.dimensions)
     items = [Input(body.modality, value) for value in body.input_list]
     result = await embed_inputs(
         items, services, started, truncate=body.truncate is not False, model=model
     )
-    vectors = normalize_rows(result.vectors) if body.normalize else result.vectors
+    return answer(result, body)
+
+
+def answer(result: Embedded, options: EmbedRequest) -> VectorResponse:
+    """The vectors of /embed: their first `dimensions` components, then normalised if asked."""
+    vectors = first_dimensions(result.vectors, options.dimensions)
+    vectors = normalize_rows(vectors) if options.normalize else vectors
     return VectorResponse(vectors, headers=result.timing_headers())
 
 
@@ -109,9 +126,8 @@ async def embed_upload(request: Request, kind: str, services: Services) -> Vecto
         )
     started = time.perf_counter()
     model = services.models.resolve(options.model)
+    await check_dimensions_early(services, model, options.dimensions)
     items = [
         Input(IMAGE, data, name) for data, name in zip(upload.files, upload.names, strict=True)
     ]
-    result = await embed_inputs(items, services, started, model=model)
-    vectors = normalize_rows(result.vectors) if options.normalize else result.vectors
-    return VectorResponse(vectors, headers=result.timing_headers())
+    return answer(await embed_inputs(items, services, started, model=model), options)

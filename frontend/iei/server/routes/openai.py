@@ -8,7 +8,15 @@ from typing import Any
 from fastapi import APIRouter
 
 from ..dependencies import Authorized, ServicesDep
-from ..embedding import IMAGE, TEXT, Input, embed_inputs, normalize_rows
+from ..embedding import (
+    IMAGE,
+    TEXT,
+    Input,
+    check_dimensions_early,
+    embed_inputs,
+    first_dimensions,
+    normalize_rows,
+)
 from ..errors import ApiError, ErrorType
 from ..quantize import as_base64
 from ..responses import VectorResponse
@@ -44,13 +52,6 @@ def item_of(item: Any, modality: str, index: int) -> Input:
     )
 
 
-def check_dimensions(asked: int, dimension: int) -> None:
-    if asked > dimension:
-        raise ApiError(
-            ErrorType.VALIDATION, f"dimensions {asked} > the model's {dimension} dimensions"
-        )
-
-
 @router.post(
     "/v1/embeddings",
     response_model=OpenAIEmbeddingResponse,
@@ -60,15 +61,10 @@ def check_dimensions(asked: int, dimension: int) -> None:
 async def openai_embeddings(body: OpenAIEmbeddingRequest, services: ServicesDep) -> VectorResponse:
     started = time.perf_counter()
     model = services.models.resolve(body.model)
-    if body.dimensions is not None:  # refused before anything is embedded
-        info = await services.triton.model_info(model.triton_image)
-        check_dimensions(body.dimensions, int(info["embedding_dimension"]))
+    await check_dimensions_early(services, model, body.dimensions)
     result = await embed_inputs(openai_items(body), services, started, model=model)
-    vectors = result.vectors
-    if body.dimensions is not None:
-        check_dimensions(body.dimensions, vectors.shape[1])  # where texts' differ from images'
-        vectors = vectors[:, : body.dimensions]
-    vectors = normalize_rows(vectors)  # OpenAI's embeddings are unit length
+    # OpenAI's embeddings are unit length
+    vectors = normalize_rows(first_dimensions(result.vectors, body.dimensions))
     encoded = as_base64(vectors) if body.encoding_format == "base64" else vectors
     content = {
         "object": "list",
