@@ -253,3 +253,12 @@ def test_the_label_cache_is_bounded_least_recently_used_out_first():
     assert cache.get(b) is None
     assert cache.get(a) is not None and cache.get(c) is not None
     assert len(cache.entries) == 2
+
+
+def test_the_label_cache_keeps_its_vectors_not_the_batches_they_came_in():
+    """Its bound counts vectors: a row of a 64-label batch kept the whole batch alive."""
+    cache = LabelVectors()
+    batch = np.ones((64, 1152), "float32")
+    cache.put(("m", "{}", "a"), batch[3])
+    kept = cache.get(("m", "{}", "a"))
+    assert kept is not None and kept.base is None and kept.nbytes == 1152 * 4

@@ -28,7 +28,8 @@ class LabelVectors:
         return vector
 
     def put(self, key: Key, vector: np.ndarray) -> None:
-        self.entries[key] = vector
+        """Keep a copy of `vector`: a row of a batch would keep the whole batch alive."""
+        self.entries[key] = vector.copy()
         self.entries.move_to_end(key)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
