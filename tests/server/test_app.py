@@ -892,3 +892,28 @@ async def test_answers_given_before_the_route_are_counted_by_route_and_status():
             assert requests_counted(route, status) == before + 1, (route, status)
         exposed = (await client.get("/metrics")).text
     assert "/no/such/route" not in exposed  # clients cannot make label values
+
+
+class BrokenTriton(FakeTriton):
+    """A bug of ours, not a failure of Triton's: an exception no handler maps."""
+
+    async def infer(self, name, inputs, outputs=None, priority=0):
+        raise KeyError("a bug")
+
+
+@pytest.mark.parametrize("path", ["/embed", "/v1/embeddings"])
+async def test_an_unexpected_error_is_a_500_in_the_route_s_shape_with_the_request_id(path):
+    """Starlette answers the unexpected outside every middleware, where the id was gone."""
+    body = {"inputs": [PNG]} if path == "/embed" else {"input": [PNG]}
+    async with app_client(ServerSettings(triton_url="127.0.0.1:1"), BrokenTriton()) as client:
+        response = await client.post(path, json=body, headers={"x-request-id": "abc123"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "abc123"
+    answer = response.json()
+    assert answer["request_id"] == "abc123"
+    if path == "/embed":
+        assert (answer["error_type"], answer["error"]) == ("Internal", "internal error")
+    else:
+        assert answer["error"]["type"] == "server_error"
+        assert answer["error"]["message"] == "internal error"
+    assert "a bug" not in response.text  # nothing of the cause leaks

@@ -43,11 +43,12 @@ class RequestContext:
         token = REQUEST_ID.set(request_id)
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
@@ -55,6 +56,14 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Answered here, inside the request's context: Starlette's own handler of the
+            # unexpected runs outside every middleware, where the id is gone.
+            if started:
+                raise
+            log.exception("unexpected error")
+            response = error_response(scope["path"], 500, ErrorType.INTERNAL, "internal error")
+            await response(scope, receive, send_with_id)
         finally:
             log.info(
                 "%s %s %d %.1f ms",
