@@ -72,11 +72,13 @@ async def test_unknown_models_are_404_in_each_routes_envelope():
         openai = await client.post("/v1/embeddings", json={"input": [PNG], "model": "nope"})
         listed = (await client.get("/v1/models")).json()
         one = await client.get("/v1/models/nope")
+        empty = await client.get("/v1/models/")
     assert (tei.status_code, root.status_code, openai.status_code, one.status_code) == (404,) * 4
     assert tei.json()["error_type"] == "NotFound"
     assert "served: 'first', 'dino', 'lazy'" in tei.json()["error"]
     assert openai.json()["error"]["code"] == "model_not_found"
     assert one.json()["error"]["code"] == "model_not_found"
+    assert empty.status_code == 404 and empty.json()["error"]["code"] == "model_not_found"
     assert [m["id"] for m in listed["data"]] == ["first", "dino", "lazy"]
 
 

@@ -39,9 +39,10 @@ class ServedModels:
     def default(self) -> ServedModel:
         return self.models[0]
 
-    def resolve(self, requested: str | None) -> ServedModel:
-        """The model a request names (absent: the default); a 404 for any other name."""
-        model = lookup(self.models, requested)
+    def resolve(self, requested: str | None, *, named: bool = False) -> ServedModel:
+        """The model a request names (absent: the default, unless it must be `named`); a 404
+        for any other name."""
+        model = lookup(self.models, requested) if requested or not named else None
         if model is None:
             served = ", ".join(repr(m.name) for m in self.models)
             raise ApiError(

@@ -87,5 +87,6 @@ async def list_models(services: ServicesDep) -> OpenAIModelList:
 
 @router.get("/v1/models/{model:path}", response_model=OpenAIModel, summary="One served model")
 async def retrieve_model(model: str, services: ServicesDep) -> OpenAIModel:
-    """A served model by its name (or one of its other names); 404 `model_not_found` else."""
-    return OpenAIModel(id=services.models.resolve(model).name, created=STARTED)
+    """A served model by its name (or one of its other names); 404 `model_not_found` else,
+    an empty name too (`/v1/models/`)."""
+    return OpenAIModel(id=services.models.resolve(model, named=True).name, created=STARTED)
