@@ -262,3 +262,16 @@ def test_the_label_cache_keeps_its_vectors_not_the_batches_they_came_in():
     cache.put(("m", "{}", "a"), batch[3])
     kept = cache.get(("m", "{}", "a"))
     assert kept is not None and kept.base is None and kept.nbytes == 1152 * 4
+
+
+async def test_images_and_labels_that_never_fit_the_worker_together_go_one_after_the_other():
+    """4 images and 4 labels under IEI_MAX_CONCURRENT_IMAGES=4 (each within it, as the settings
+    require): embedded together they were a 429 on an idle worker, every time."""
+    settings = SETTINGS.model_copy(update={"max_concurrent_images": 4})
+    labels = ["a", "bb", "ccc", "dddd"]
+    files = [PNG, JPEG, PNG, JPEG]
+    async with app_client(settings, FakeTriton(info=CLIP)) as client:
+        body = {"inputs": [b64(f) for f in files], "parameters": {"candidate_labels": labels}}
+        response = await client.post("/classify", json=body)
+    assert response.status_code == 200, response.text
+    assert np.allclose(as_matrix(response.json(), labels), expected(files, labels, CLIP))

@@ -137,7 +137,10 @@ async def classify(
     if missing:
         texts = [Input(TEXT, hypothesis(template, labels[i])) for i in missing]
         calls.append(embed_inputs(texts, services, started, model=model))
-    done = await together(calls)
+    if len(images) + len(missing) <= settings.max_concurrent_images:
+        done = await together(calls)
+    else:  # the worker's permits could never hold both at once (a 429 forever): one by one
+        done = [await call for call in calls]
     for i, vector in zip(missing, normalize_rows(done[1].vectors) if missing else [], strict=True):
         cache.put(keys[i], vector)
         cached[i] = vector
