@@ -12,7 +12,7 @@ import httpx
 import pytest
 from iei.server.errors import ApiError
 from iei.server.fetch import UrlFetcher, is_public
-from iei.server.inputs import InvalidInput
+from iei.server.inputs import InputFailed, InvalidInput
 from PIL import Image
 from sample_images import encode
 from stack import free_port, local_http_server
@@ -331,10 +331,151 @@ async def test_a_compression_bomb_is_refused_without_decoding_it(bomb_server, en
         budget.release()
         await fetcher.close()
     assert accepted[-1] == "identity"
-    assert str(refused.value).startswith(f"inputs[1]: the URL's server sent the file with "
-                                         f"Content-Encoding '{encoding}'")  # fmt: skip
+    assert str(refused.value).startswith(
+        f"inputs[1]: the URL's server sent the file with Content-Encoding '{encoding}'"
+    )
     assert refused.value.error_type == "Validation"  # a 422
     assert peak < limit, f"the fetch allocated {peak} bytes (limit {limit})"
+
+
+# --- TLS: every connection verified for the name it serves -----------------------------------
+
+
+@pytest.fixture
+def example_names(monkeypatch):
+    """Every name under .example resolves to 127.0.0.1; the names asked are kept."""
+    import socket
+
+    asked: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):
+        asked.append(host)
+        if str(host).endswith(".example"):
+            return resolve("127.0.0.1", port, *args, **kwargs)
+        return resolve(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return asked
+
+
+def certificate_authority(names: list[str]) -> tuple[bytes, bytes, bytes]:
+    """A new authority's certificate, and a certificate it signed for `names` with that
+    certificate's key (all PEM; valid for a day, as strict verification wants them)."""
+    import datetime
+    import inspect
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = datetime.datetime.now(datetime.UTC)
+    flags = inspect.signature(x509.KeyUsage).parameters  # each is given, True or False
+
+    def issue(subject, key, issuer, issuer_key, usage, *extensions):
+        cn = x509.NameOID.COMMON_NAME
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(cn, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(cn, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+            )
+            .add_extension(x509.KeyUsage(**{f: f in usage for f in flags}), True)
+            .add_extension(x509.BasicConstraints(ca=key is issuer_key, path_length=None), True)
+        )
+        for extension in extensions:
+            builder = builder.add_extension(extension, False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    authority = "iei test authority"
+    ca = issue(authority, ca_key, authority, ca_key, ("key_cert_sign", "crl_sign"))
+    san = x509.SubjectAlternativeName([x509.DNSName(name) for name in names])
+    leaf = issue(names[0], key, authority, ca_key, ("digital_signature",), san)
+    pem = serialization.Encoding.PEM
+    private = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), leaf.public_bytes(pem), private
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 that keeps connections alive, with a certificate for
+    a.example only; `/to-b` redirects to b.example on the same port. Yields its port, a client
+    context that trusts its authority, and the SNI names of the handshakes it saw."""
+    import http.server
+    import ssl
+
+    ca, certificate, key = certificate_authority(["a.example"])
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(certificate)
+    (folder / "key.pem").write_bytes(key)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    handshakes: list[str | None] = []
+    server_context.sni_callback = lambda _socket, name, _context: handshakes.append(name)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive unless the client says close
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path == "/to-b":
+                port = self.server.server_address[1]
+                self.send_response(302)
+                self.send_header("Location", f"https://b.example:{port}/x.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    class Server(http.server.ThreadingHTTPServer):
+        def get_request(self):
+            connection, address = super().get_request()
+            return server_context.wrap_socket(connection, server_side=True), address
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], ssl.create_default_context(cadata=ca.decode()), handshakes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("second", ["b.example:{port}/x.png", "a.example:{port}/to-b"])
+async def test_a_connection_verified_for_one_name_never_serves_another(
+    tls_server, example_names, second
+):
+    """Two names on one address, a certificate for one of them: the other is refused right
+    after the first was fetched, and when the first redirects to it. A kept-alive connection
+    verified for a.example once served b.example (the pool knows a connection by its address)."""
+    port, client_context, handshakes = tls_server
+    fetcher = UrlFetcher(
+        allow_private=True, timeout=5, max_bytes=1024, max_redirects=2, tls=client_context
+    )
+    try:
+        handshakes.clear()
+        assert await fetcher.fetch(f"https://a.example:{port}/x.png") == b"ok"
+        with pytest.raises(InputFailed, match=r"certificate verify failed.*'b\.example'"):
+            await fetcher.fetch("https://" + second.format(port=port))
+        assert await fetcher.fetch(f"https://a.example:{port}/x.png") == b"ok"
+    finally:
+        await fetcher.close()
+    hops = ["b.example"] if second.startswith("b.") else ["a.example", "b.example"]
+    assert handshakes == ["a.example", *hops, "a.example"]  # one connection per hop
 
 
 # --- what the client is told when it is not its fault ----------------------------------------

@@ -3,6 +3,11 @@
 Every host is resolved first and every address it resolves to is checked; the connection then goes
 to the checked address (so a second, different DNS answer cannot redirect it: DNS rebinding), with
 the original name in the Host header and TLS SNI. Redirects are followed by hand and checked again.
+
+No connection is kept alive: the client's pool knows a connection by its address alone, so a
+connection opened (and its certificate verified) for one name would serve the next URL of another
+name on the same address, whose certificate nobody then checked. Each fetch (each hop of its
+redirects) opens its own connection and verifies it for its own name.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 import sys
 from contextlib import AbstractAsyncContextManager
 from typing import NoReturn
@@ -148,7 +154,9 @@ class UrlFetcher:
         max_redirects: int,
         worker_max_bytes: int | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls` verifies the URLs' servers (None: httpx's default, certifi's authorities)."""
         self.allow_private = allow_private
         self.budget = Capacity(worker_max_bytes or sys.maxsize)  # None: no limit per worker
         self.max_bytes = max_bytes
@@ -158,17 +166,18 @@ class UrlFetcher:
         pool_wait = min(POOL_WAIT, timeout / 2)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0), pool=pool_wait),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=min(20, max_connections),
-            ),
+            # No keep-alive (see the module's note): the pool only bounds the connections open.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0),
             follow_redirects=False,  # each hop is checked here
             trust_env=False,  # no proxy from the environment may bypass the address checks
+            verify=tls or True,
             # identity: a compressed body could decode to far more than IEI_URL_MAX_BYTES.
+            # close: the server and the client both end the connection after its one response.
             headers={
                 "User-Agent": "iei-image-fetcher",
                 "Accept": "image/*",
                 "Accept-Encoding": "identity",
+                "Connection": "close",
             },
         )
 
