@@ -408,12 +408,13 @@ def certificate_authority(names: list[str]) -> tuple[bytes, bytes, bytes]:
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
     """An HTTPS server on 127.0.0.1 that keeps connections alive, with a certificate for
-    a.example only; `/to-b` redirects to b.example on the same port. Yields its port, a client
-    context that trusts its authority, and the SNI names of the handshakes it saw."""
+    a.example and bücher.example only; `/to-b` redirects to b.example on the same port. Yields
+    its port, a client context that trusts its authority, and the SNI names of the handshakes
+    it saw."""
     import http.server
     import ssl
 
-    ca, certificate, key = certificate_authority(["a.example"])
+    ca, certificate, key = certificate_authority(["a.example", "xn--bcher-kva.example"])
     folder = tmp_path_factory.mktemp("tls")
     (folder / "cert.pem").write_bytes(certificate)
     (folder / "key.pem").write_bytes(key)
@@ -476,6 +477,72 @@ async def test_a_connection_verified_for_one_name_never_serves_another(
         await fetcher.close()
     hops = ["b.example"] if second.startswith("b.") else ["a.example", "b.example"]
     assert handshakes == ["a.example", *hops, "a.example"]  # one connection per hop
+
+
+@pytest.fixture(scope="module")
+def host_server():
+    """Answers every GET with "ok" and keeps the Host headers it was sent."""
+    import http.server
+
+    hosts: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hosts.append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    with local_http_server(Handler) as url:
+        yield int(url.rsplit(":", 1)[1]), hosts
+
+
+@pytest.mark.parametrize(
+    ("host", "encoded"),
+    [
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("BÜCHER.Example", "xn--bcher-kva.example"),
+        ("faß.example", "xn--fa-hia.example"),  # as browsers have it (IDNA 2008), not fass
+        ("plain.example", "plain.example"),
+    ],
+)
+async def test_a_host_name_in_unicode_is_resolved_and_sent_idna_encoded(
+    host_server, example_names, host, encoded
+):
+    """A URL of bücher.example was always refused: its Host header went out as written, and
+    httpx encodes header values as ASCII."""
+    port, hosts = host_server
+    fetcher = UrlFetcher(allow_private=True, timeout=5, max_bytes=1024, max_redirects=2)
+    try:
+        assert await fetcher.fetch(f"http://{host}:{port}/x.png") == b"ok"
+        assert hosts[-1] == f"{encoded}:{port}"
+        assert example_names[-1] == encoded
+    finally:
+        await fetcher.close()
+
+
+async def test_a_host_name_in_unicode_is_verified_by_its_idna_name(tls_server, example_names):
+    port, client_context, handshakes = tls_server
+    fetcher = UrlFetcher(
+        allow_private=True, timeout=5, max_bytes=1024, max_redirects=2, tls=client_context
+    )
+    try:
+        handshakes.clear()
+        assert await fetcher.fetch(f"https://bücher.example:{port}/x.png") == b"ok"
+    finally:
+        await fetcher.close()
+    assert handshakes == ["xn--bcher-kva.example"]
+
+
+async def test_a_host_name_that_idna_cannot_encode_is_refused_before_resolving(example_names):
+    fetcher = UrlFetcher(allow_private=True, timeout=5, max_bytes=1024, max_redirects=2)
+    try:
+        with pytest.raises(InvalidInput, match=r"malformed URL: host '.*' is not a valid name"):
+            await fetcher.fetch("http://bü--cher.example/x.png")  # "--" at 3 and 4: reserved
+    finally:
+        await fetcher.close()
+    assert example_names == []
 
 
 # --- what the client is told when it is not its fault ----------------------------------------

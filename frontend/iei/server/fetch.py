@@ -23,6 +23,7 @@ from typing import NoReturn
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
+import idna
 
 from .errors import ApiError, ErrorType
 from .inputs import InputFailed, InvalidInput
@@ -85,6 +86,14 @@ def is_public(address: Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
+def ascii_host(host: str) -> str:
+    """`host` as DNS, TLS (SNI) and the Host header know it: a name in Unicode IDNA-encoded as
+    browsers encode it (UTS #46 over IDNA 2008: bücher.example is xn--bcher-kva.example, and
+    faß.example xn--fa-hia.example, not the standard library's fass.example); an ASCII name or an
+    address as it is. Raises a `UnicodeError` for a name IDNA cannot encode."""
+    return host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+
+
 def parse_url(url: str) -> SplitResult:
     """An http(s) URL's parts, or an `InvalidInput` that says what is wrong with it."""
     try:
@@ -108,8 +117,8 @@ def parse_url(url: str) -> SplitResult:
     if any(c.isspace() or ord(c) < 32 for c in url):
         raise InvalidInput("malformed URL: it contains white space or control characters")
     try:
-        host.encode("idna") if not host.isascii() else None
-    except UnicodeError:
+        ascii_host(host)
+    except UnicodeError:  # idna's errors are ones
         raise InvalidInput(f"malformed URL: host {host!r} is not a valid name") from None
     return parts
 
@@ -251,7 +260,7 @@ class UrlFetcher:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
+                ascii_host(host), port, type=socket.SOCK_STREAM
             )
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         except (socket.gaierror, UnicodeError) as exc:
@@ -277,15 +286,20 @@ class UrlFetcher:
     def _open(
         self, parts: SplitResult, address: str
     ) -> AbstractAsyncContextManager[httpx.Response]:
-        literal = f"[{address}]" if ":" in address else address
-        netloc = f"{literal}:{parts.port}" if parts.port else literal
+        def bracketed(host: str) -> str:  # an IPv6 address in a URL or a Host header
+            return f"[{host}]" if ":" in host else host
+
+        netloc = f"{bracketed(address)}:{parts.port}" if parts.port else bracketed(address)
         target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        host_header = parts.netloc.rsplit("@", 1)[-1]
+        # The name that was resolved, in ASCII (header values are ASCII; bücher.example was sent
+        # as it is written and refused by httpx), with the URL's port if it names one.
+        host = ascii_host(parts.hostname or "")
+        host_header = f"{bracketed(host)}:{parts.port}" if parts.port else bracketed(host)
         return self.client.stream(
             "GET",
             target,
             headers={"Host": host_header},
-            extensions={"sni_hostname": parts.hostname},
+            extensions={"sni_hostname": host},
         )
 
     async def _read_capped(self, response: httpx.Response, budget: RequestBytes) -> bytes:
