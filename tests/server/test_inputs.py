@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import time
 
 import pytest
@@ -17,9 +18,10 @@ from iei.server.inputs import (
     fetch_urls,
     inspect_image,
     jpeg_header_segments,
+    png_header,
     prepare_inputs,
 )
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from sample_images import encode, odd_images, photos
 
 PNG = encode(Image.new("RGB", (3, 2)), "PNG")
@@ -90,6 +92,104 @@ def test_a_jpeg_header_of_too_many_segments_is_refused_before_pil_walks_it():
     hidden = data[:2] + b"\x00" + padded(MAX_JPEG_HEADER_SEGMENTS)[2:]  # junk PIL skips
     assert jpeg_header_segments(hidden) > MAX_JPEG_HEADER_SEGMENTS
     assert jpeg_header_segments(PNG) == 0
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    crc = zlib.crc32(kind + data).to_bytes(4, "big")
+    return len(data).to_bytes(4, "big") + kind + data + crc
+
+
+def with_chunks(png: bytes, *chunks: bytes) -> bytes:
+    """`png` with `chunks` after its IHDR (before its image data)."""
+    return png[:33] + b"".join(chunks) + png[33:]
+
+
+def compressed_chunks(kind: bytes, count: int) -> list[bytes]:
+    """`count` chunks of `kind` (zTXt, iTXt or iCCP), each 1 MiB of text in 1 KiB of zlib."""
+    import zlib
+
+    packed = zlib.compress(b"a" * (1 << 20), 9)
+    prefix = {b"zTXt": b"\0\0", b"iCCP": b"\0\0", b"iTXt": b"\0\1\0\0\0"}[kind]
+    return [png_chunk(kind, b"k%d" % i + prefix + packed) for i in range(count)]
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iTXt", b"iCCP"])
+def test_compressed_png_chunks_are_not_inflated_by_the_header_check(kind):
+    """PIL inflated each, up to 64 MB of text (and any number of ICC profiles): 64 MiB from a
+    file of 70 KB held the event loop for the time of it. The file still goes to the model as
+    it came."""
+    import tracemalloc
+
+    bomb = with_chunks(PNG, *compressed_chunks(kind, 64))
+    assert len(bomb) < 100_000
+    inspect_image(PNG, 100)  # what a first call imports is not counted
+    tracemalloc.start()
+    try:
+        info = inspect_image(bomb, 100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.format, info.width, info.height, info.mode) == ("PNG", 3, 2, "RGB")
+    assert info.data is bomb
+    assert peak < 256 * 1024, f"the header check allocated {peak} bytes"
+
+
+def ordinary_pngs() -> dict[str, bytes]:
+    """PNGs with what real files carry beside their pixels: text, XMP, an ICC profile, EXIF; and
+    an animated one."""
+    from PIL import ImageCms
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "iei tests")
+    info.add_text("Comment", "compressed " * 100, zip=True)
+    xmp = '<x:xmpmeta xmlns:x="adobe:ns:meta/">' + "<rdf:RDF/>" * 200 + "</x:xmpmeta>"
+    info.add_itxt("XML:com.adobe.xmp", xmp, zip=True)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image = Image.new("RGB", (5, 4), (10, 20, 30))
+    frames = [Image.new("RGBA", (6, 5), (i * 60, 0, 0, 255)) for i in range(3)]
+    return {
+        "text": encode(image, "PNG", pnginfo=info),
+        "icc_exif": encode(image, "PNG", icc_profile=srgb, exif=Image.Exif()),
+        "palette_text": encode(image.quantize(8), "PNG", pnginfo=info, transparency=0),
+        "animated": encode(frames[0], "PNG", save_all=True, append_images=frames[1:]),
+    }
+
+
+def pngs() -> dict[str, bytes]:
+    samples = {n: d for n, d in odd_images().items() if n.endswith(".png")}
+    return {**ordinary_pngs(), **samples}
+
+
+@pytest.mark.parametrize("name", sorted(pngs()))
+def test_an_ordinary_png_reads_as_pil_reads_the_whole_file(name):
+    data = pngs()[name]
+    info = inspect_image(data, 1_000_000)
+    with Image.open(io.BytesIO(data)) as whole:
+        assert (info.format, info.width, info.height, info.mode) == (
+            whole.format,
+            whole.width,
+            whole.height,
+            whole.mode,
+        )
+        assert name != "text" or "xmp" in whole.info  # what was skipped is in the file sent
+    assert info.data is data
+    assert b"zTXt" not in png_header(data) and b"iTXt" not in png_header(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (PNG[:40], "not an image in a supported format"),  # PIL's SyntaxError, as before
+        (with_chunks(PNG, *compressed_chunks(b"zTXt", 1))[:100], "header: Truncated File Read"),
+        (PNG[:33], "not an image in a supported format"),
+    ],
+    ids=["cut at the image data", "cut inside a skipped chunk", "no image data"],
+)
+def test_a_png_cut_short_is_still_refused(data, message):
+    with pytest.raises(InvalidInput, match=message):
+        inspect_image(data, 100)
 
 
 def test_prepare_names_the_bad_index():
