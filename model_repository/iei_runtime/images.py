@@ -192,12 +192,12 @@ STRIP_PIXELS = 1 << 18
 def shrink(image: Image.Image, min_side: int) -> Image.Image:
     """A decoded image -> 8-bit RGB, box-reduced by the largest integer factor that keeps both
     sides >= `min_side` (0: not reduced). RGB and grey are reduced before the conversion (less to
-    convert). Other modes (RGBA, LA, P with transparency, I;16, CMYK ...) are converted first, so
+    convert). Other modes (RGBA, LA, P or a colour key, I;16, CMYK ...) are converted first, so
     that transparency is composited over white and high bit depths are scaled before any
     averaging, but a strip of rows at a time: a full-size RGBA image composited at once took
     four more full-size copies (+244 MiB for 16 MP), over the decode budget's bound."""
     factor = min(image.width, image.height) // min_side if min_side > 0 else 1
-    if image.mode in ("RGB", "L"):
+    if image.mode in ("RGB", "L") and not has_transparency(image):
         return to_rgb(image.reduce(factor) if factor >= 2 else image)
     factor = max(factor, 1)
     # Strips of whole boxes: reducing them one by one is reducing the whole image.
@@ -210,9 +210,15 @@ def shrink(image: Image.Image, min_side: int) -> Image.Image:
     return small
 
 
+def has_transparency(image: Image.Image) -> bool:
+    """A palette or a colour key (PNG's tRNS chunk for P, L and RGB images) marks transparent
+    pixels: as transformers' convert_to_rgb, they are composited over white."""
+    return image.mode in ("P", "L", "RGB") and image.info.get("transparency") is not None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Transparent areas become white, high bit depths are scaled."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and not has_transparency(image):
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples (PIL opens 16-bit grey PNG/TIFF as I;16 or I): keep the top 8 bits.
@@ -226,7 +232,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         grey = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
+    if has_transparency(image):  # P, and L or RGB with a PNG tRNS colour key
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")

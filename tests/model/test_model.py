@@ -120,6 +120,28 @@ def test_transparent_pixels_become_white():
     assert image.getpixel((1, 0)) == (10, 20, 30)
 
 
+@pytest.mark.parametrize(("mode", "key"), [("L", 0), ("RGB", (0, 0, 0)), ("P", 0)])
+@pytest.mark.parametrize("min_side", [0, 8])
+def test_a_png_colour_key_is_transparent_as_transformers_converts_it(mode, key, min_side):
+    from transformers.image_transforms import convert_to_rgb
+
+    # Half the pixels of the colour key (PNG's tRNS chunk), half of another colour.
+    pixels = np.zeros((32, 48), np.uint8)
+    pixels[:, 24:] = 128
+    image = Image.fromarray(pixels, "L")
+    image = image.convert(mode) if mode != "P" else image.convert("P")
+    data = encode(image, "PNG", transparency=key)
+    opened = Image.open(io.BytesIO(data))
+    opened.load()
+    assert opened.mode == mode and opened.info["transparency"] == key
+    expected = Image.fromarray(convert_to_rgb(opened, return_numpy=True))
+    if min_side:  # the strip path of a large image: composited, then reduced
+        expected = expected.reduce(32 // min_side)
+    ours = images.decode_image(data, 10_000, min_side)
+    assert ours.getpixel((0, 0)) == (255, 255, 255)
+    assert np.array_equal(np.asarray(ours), np.asarray(expected))
+
+
 def test_first_frame_of_an_animation():
     frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
