@@ -6,12 +6,13 @@ import io
 import math
 import re
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 # Formats we decode. Restricting PIL's plugins keeps it away from EPS (Ghostscript), PDF, PSD & co.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
@@ -38,8 +39,29 @@ _PROGRESSIVE_FRAMES = frozenset((0xC2, 0xC6, 0xCA, 0xCE))  # SOF2/6/10/14: Huffm
 _JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7])")
 
 
+# PNG text chunks (tEXt, and zTXt/iTXt inflated as PIL reads the header) that PIL keeps per
+# image: by default 1 MB a chunk and 64 MB in all, so a 90 KB file of compressed text chunks made
+# the model's process inflate 64 MB before one pixel. Real files' metadata (XMP, ICC profiles,
+# captions) is far smaller; a file over it is refused ("Too much memory used in text chunks").
+PngImagePlugin.MAX_TEXT_CHUNK = 1 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = 4 << 20
+
+
 class InvalidImage(ValueError):
     """The bytes of one image cannot be turned into model input. Fails only its own request."""
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Make IEI_MAX_IMAGE_PIXELS the one pixel limit: PIL refuses an image of over twice its own
+    Image.MAX_IMAGE_PIXELS (about 179 MP) as it opens it, with its own message naming a limit
+    nobody set. Its cap is raised to ours where ours is higher, and stays a backstop above it
+    (ours is checked from the header as soon as the file is open)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+# PIL warns of an image over its cap (now at least ours) as it opens it: ours refuses it next.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def draft_side(processor: Any, factor: int = DRAFT_FACTOR) -> int:
@@ -151,6 +173,7 @@ def decode_image(
             f"progressive JPEG of over {MAX_JPEG_SCANS} scans, the limit (each one a pass over "
             "the whole image)"
         )
+    allow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             pixels = image.width * image.height

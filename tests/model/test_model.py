@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from fake_pb_utils import InferenceRequest, Tensor, load_model_module
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from sample_images import encode, odd_images, photos, scan_bomb
 
 model = load_model_module()  # installs the stand-in for Triton's utils first
@@ -165,6 +167,46 @@ def test_undecodable_files_raise_invalid_image(data, message):
 def test_pixel_limit():
     with pytest.raises(images.InvalidImage, match="over the limit of 99 pixels"):
         images.decode_image(encode(Image.new("RGB", (10, 10)), "PNG"), 99)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A grey PNG's header of that size (its pixel data missing)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_is_ours_above_pil_s_own():
+    # 196 MP, over PIL's own cap (2 x 89,478,485): refused by IEI_MAX_IMAGE_PIXELS, in its words.
+    with pytest.raises(images.InvalidImage) as refused:
+        images.decode_image(png_header(14_000, 14_000), 190_000_000)
+    assert "196000000 pixels is over the limit of 190000000 pixels" in str(refused.value)
+    assert Image.MAX_IMAGE_PIXELS >= 190_000_000  # PIL's stays a backstop above ours
+    with Image.open(io.BytesIO(png_header(14_000, 13_000))) as image:  # 182 MP: PIL opens it
+        assert image.size == (14_000, 13_000)
+
+
+def with_text_chunks(png: bytes, chunks: list[bytes]) -> bytes:
+    """The chunks right after IHDR (8 + 25 bytes), where PIL reads them as it opens the file."""
+    return png[:33] + b"".join(chunks) + png[33:]
+
+
+def test_compressed_png_text_is_inflated_only_up_to_a_few_mib():
+    png = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    megabyte = zlib.compress(bytes((1 << 20) - 64), 9)
+    bomb = with_text_chunks(png, [png_chunk(b"zTXt", b"k%d\0\0" % i + megabyte) for i in range(64)])
+    assert len(bomb) < 100_000  # 64 MB of text once inflated, PIL's own limit
+    with pytest.raises(images.InvalidImage, match="Too much memory used in text chunks"):
+        images.decode_image(bomb, 100)
+    # Metadata as real files carry it: an iTXt (compressed) and a tEXt still decode.
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("Description", "a cat on a mat " * 200, zip=True)
+    info.add_text("Software", "IEI")
+    small = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG", pnginfo=info)
+    assert images.decode_image(small, 100).getpixel((0, 0)) == (1, 2, 3)
 
 
 def test_the_scans_of_a_progressive_jpeg_are_counted():
