@@ -14,7 +14,7 @@ from PIL import Image
 
 from .engines import Choice
 from .fused import FusedProcessor, fused_processor
-from .images import InvalidImage, PixelBudget, decode_image
+from .images import InvalidImage, PixelBudget, ResizeRule, decode_image
 from .pass_plan import Plan, pass_sizes
 
 # The tensors a processor or tokenizer returns, by name: batched (N, ...) for a batch, unbatched
@@ -158,6 +158,8 @@ class Preprocessor:
 
     def _check_fused(self) -> None:
         """A new processor or new options: whether the fused path stands in for them."""
+        # How its resize grows with an image's aspect ratio: checked before any resize.
+        self.resize_rule = ResizeRule.of(self.processor, self.processor_options)
         if self.fuse:
             self.fused, self.fused_reason = fused_processor(self.processor, self.processor_options)
         # Where every image comes out one size, a batch's rows are written in place (embed).
@@ -178,10 +180,15 @@ class Preprocessor:
         try:
             return decode_image(
                 blob, self.max_image_pixels, self.draft_side, self.budget,
-                jpeg_draft=self.jpeg_draft,
+                jpeg_draft=self.jpeg_draft, resize_rule=self.resize_rule,
             )  # fmt: skip
         except InvalidImage as exc:
             return exc
+
+    def resized_pixels(self, image: Image.Image) -> int:
+        """Pixels of `image` once the processor has resized it (before any crop)."""
+        width, height = self.resize_rule.resized(image.width, image.height)
+        return width * height
 
     def preprocess(self, images: list[Image.Image]) -> list[Inputs | InvalidImage]:
         """The model's own processor over the batch (every tensor it returns, per image); per
@@ -236,7 +243,10 @@ class Preprocessor:
     def _prepare_chunk(self, blobs: Sequence[bytes]) -> list[Inputs | InvalidImage]:
         results: list[Any] = [self.decode(blob) for blob in blobs]
         good = [i for i, r in enumerate(results) if isinstance(r, Image.Image)]
-        for i, tensor in zip(good, self.preprocess([results[i] for i in good]), strict=True):
+        # The resized images count against the decode budget too (a panorama's is large).
+        with self.budget.hold(sum(self.resized_pixels(results[i]) for i in good)):
+            prepared = self.preprocess([results[i] for i in good])
+        for i, tensor in zip(good, prepared, strict=True):
             results[i] = tensor
         return results
 
@@ -323,7 +333,8 @@ class Embedder(Preprocessor):
                 image = self.decode(blobs[i])
                 if isinstance(image, Image.Image):
                     try:
-                        fused.write(fused.resized(image), batch[i])
+                        with self.budget.hold(self.resized_pixels(image)):
+                            fused.write(fused.resized(image), batch[i])
                         image = None
                     except Exception as exc:
                         image = InvalidImage(f"preprocessing failed: {exc}")

@@ -83,6 +83,66 @@ def draft_side(processor: Any, factor: int = DRAFT_FACTOR) -> int:
     return math.ceil(max(sides) * factor) if sides else 0
 
 
+def _size_value(size: Any, key: str) -> float | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return value if isinstance(value, int | float) and value > 0 else None
+
+
+class ResizeRule:
+    """What a processor's resize makes of an image of a given size, where that grows with the
+    image's aspect ratio: a processor that resizes the short side to a length (CLIP, DINOv2,
+    ConvNeXt: `size.shortest_edge`, no `longest_edge`) keeps the aspect ratio, so a 1x6000 PNG of
+    111 bytes would become 224 x 1,344,000 pixels before its centre crop (GBs, outside the decode
+    budget). `check` refuses such an image before anything is resized."""
+
+    def __init__(self, short_side: int) -> None:
+        self.short_side = short_side  # the short side it resizes to (0: none that grows)
+
+    @classmethod
+    def of(cls, processor: Any, options: dict[str, Any] | None = None) -> ResizeRule:
+        """The rule of this processor as a call with `options` resizes (transformers'
+        get_resize_output_image_size; ConvNeXt's crop_pct below 384: shortest_edge / crop_pct)."""
+        options = options or {}
+        do_resize = options.get("do_resize", getattr(processor, "do_resize", True))
+        size = options.get("size", getattr(processor, "size", None))
+        if not do_resize or size is None:
+            return cls(0)
+        short = _size_value(size, "shortest_edge")
+        if short is None or _size_value(size, "longest_edge") is not None:
+            return cls(0)  # a fixed size, a longest edge or a patch budget: bounded
+        crop_pct = options.get("crop_pct", getattr(processor, "crop_pct", None))
+        if crop_pct and short < 384:
+            short = short / crop_pct
+        return cls(int(short))
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize (the image's own where the rule does not grow)."""
+        if not self.short_side or not width or not height:
+            return width, height
+        short, long = sorted((width, height))
+        new_long = int(self.short_side * long / short)
+        if width <= height:
+            return self.short_side, new_long
+        return new_long, self.short_side
+
+    def check(self, width: int, height: int, max_pixels: int) -> None:
+        """An `InvalidImage` when the resized image would be over `max_pixels` (never for a
+        rule that does not grow: the image's own pixels are checked from its header)."""
+        if not self.short_side:
+            return
+        new_width, new_height = self.resized(width, height)
+        if new_width * new_height > max_pixels:
+            raise InvalidImage(
+                f"image of {width}x{height}: its aspect ratio would be resized to "
+                f"{new_width}x{new_height} = {new_width * new_height} pixels by the model's "
+                f"processor (short side to {self.short_side}), over the limit of {max_pixels} "
+                "pixels (IEI_MAX_IMAGE_PIXELS)"
+            )
+
+
+NO_RESIZE_RULE = ResizeRule(0)
+
+
 class PixelBudget:
     """Pixels of full-size decoded images that an instance's decode threads hold at once. An
     image waits for its share before it is decoded and gives it back once it is shrunk, so the
@@ -157,6 +217,7 @@ def decode_image(
     budget: PixelBudget | None = None,
     *,
     jpeg_draft: bool = True,
+    resize_rule: ResizeRule = NO_RESIZE_RULE,
 ) -> Image.Image:
     """Encoded file -> upright RGB image (first frame), shrunk right after decoding to no less
     than `min_side` on both sides. Any failure is an `InvalidImage`.
@@ -164,7 +225,7 @@ def decode_image(
     `min_side` > 0: a JPEG decodes at a reduced DCT scale (1/2, 1/4, 1/8) whose sides both stay
     >= `min_side` (unless not `jpeg_draft`); any other image (and a JPEG still more than twice
     that) is box-reduced by an integer factor at once. The full-size decode holds `budget` until
-    it is shrunk.
+    it is shrunk. An image that `resize_rule` would resize to over `max_pixels` is refused.
     """
     if not data:
         raise InvalidImage("empty image file")
@@ -184,6 +245,7 @@ def decode_image(
                 )
             if pixels == 0:
                 raise InvalidImage("image has no pixels")
+            resize_rule.check(image.width, image.height, max_pixels)  # before any decoding
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
             if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.
@@ -194,6 +256,8 @@ def decode_image(
                 # there), and before the shrunk copy, which carries no EXIF.
                 orientation = image.getexif().get(0x0112, 1)
                 small = shrink(image, min_side)
+            # Again on what is resized: shrinking rounds its sides up.
+            resize_rule.check(small.width, small.height, max_pixels)
             if orientation in UPRIGHT:
                 small = small.transpose(UPRIGHT[orientation])
             return small

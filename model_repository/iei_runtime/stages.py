@@ -84,10 +84,16 @@ class PreprocessStage:
         results: list[Any] = [None] * len(files)
         if self.defer_jpegs:
             others = 0
+            limit = self.preprocessor.max_image_pixels
             for i, file in enumerate(files):
-                header = batchable_jpeg(file, self.preprocessor.max_image_pixels)
+                header = batchable_jpeg(file, limit)
                 results[i] = Deferred(file, header) if header else None
                 others += header is None and not file.startswith(b"\xff\xd8")
+                if header:  # refused here, as PIL's path would: never resized on the device
+                    try:
+                        self.preprocessor.resize_rule.check(header.width, header.height, limit)
+                    except InvalidImage as exc:
+                        results[i] = exc
             # Decoded by PIL here although the encoder has a tensor decoder: counted.
             jpegs = results.count(None) - others
             for reason, count in ((OTHER_FORMAT, others), (UNSUPPORTED_JPEG, jpegs)):
