@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .embedder import Embedder, Preprocessor
-from .images import InvalidImage
-from .jpeg_decoders import JpegDecoder, JpegHeader, batchable_jpeg
+from .images import MAX_JPEG_SCANS, InvalidImage, jpeg_frame
+from .jpeg_decoders import UPRIGHT, JpegDecoder, JpegHeader, batchable_jpeg
 
 # uint8 (3, H, W): the processor's resized image; a row whose JPEG is set is not read. A request
 # whose every image crosses as a JPEG carries (3, 1, 1) placeholders (3 bytes, not 150 KB of
@@ -150,7 +150,9 @@ class EncodeStage:
         self.embedder = embedder
         # Its own processor calls (a JPEG decoded here, or PIL's fallback) stop at uint8 too.
         embedder.processor_options = UINT8_PIXELS
-        check_pixels_only(embedder.blank(1))
+        blank = embedder.blank(1)
+        check_pixels_only(blank)
+        self.shape = tuple(blank["pixel_values"].shape[1:])  # (3, H, W) of every PIXELS row
         self.decoder = decoder
         self.count_fallback = count_fallback
         self.device = embedder.preprocess_device or embedder.device
@@ -198,6 +200,59 @@ class EncodeStage:
             return buffer.to(self.device, non_blocking=True)
         return buffer
 
+    def request_error(self, pixels: Any, files: Sequence[bytes], headers: Any) -> str | None:
+        """Why one request's PIXELS and JPEG_HEADER cannot go with its JPEG rows (a client of
+        Triton may send this step anything), or None: a row per image each, PIXELS uint8 of the
+        processor's output shape, or (3, 1, 1) placeholders where every image is a file."""
+        count = len(files)
+        if getattr(headers, "shape", None) != (count, 3):
+            shape = getattr(headers, "shape", None)
+            return f"{JPEG_HEADER_NAME} of shape {shape}: expected ({count}, 3), a row per image"
+        shape = tuple(getattr(pixels, "shape", ()))
+        placeholder = shape[1:] == (3, 1, 1) and all(files)
+        if (
+            getattr(pixels, "dtype", None) != np.uint8
+            or len(shape) != 4
+            or shape[0] != count
+            or (shape[1:] != self.shape and not placeholder)
+        ):
+            expected = ", ".join(map(str, (count, *self.shape)))
+            return (
+                f"{PIXELS_NAME} of shape {shape} ({getattr(pixels, 'dtype', None)}): expected "
+                f"uint8 ({expected}), the processor's output, or ({count}, 3, 1, 1) where every "
+                f"image comes as a {JPEG_NAME} file"
+            )
+        return None
+
+    def embed_requests(
+        self,
+        pixels: Sequence[np.ndarray],
+        files: Sequence[bytes],
+        headers: Sequence[np.ndarray],
+        spans: Sequence[range],
+    ) -> list[np.ndarray | InvalidImage]:
+        """`embed` over a dynamic batch's requests (PIXELS and JPEG_HEADER one array each, JPEG
+        rows in `spans`): a request whose tensors do not fit together fails alone."""
+        results: list[Any] = [None] * len(files)
+        good: list[int] = []
+        for r, span in enumerate(spans):
+            error = self.request_error(pixels[r], files[span.start : span.stop], headers[r])
+            if error is None:
+                good.append(r)
+            else:
+                for i in span:
+                    results[i] = InvalidImage(error)
+        rows = [i for r in good for i in spans[r]]
+        if rows:
+            done = self.embed(
+                [pixels[r] for r in good],
+                [files[i] for i in rows],
+                np.concatenate([headers[r] for r in good]),
+            )
+            for i, result in zip(rows, done, strict=True):
+                results[i] = result
+        return results
+
     def embed(
         self, pixels: Sequence[np.ndarray], files: Sequence[bytes], headers: np.ndarray
     ) -> list[np.ndarray | InvalidImage]:
@@ -232,14 +287,48 @@ class EncodeStage:
                 results[i] = vector
         return results
 
+    def confirmed(self, file: bytes, header: JpegHeader) -> bool:
+        """Whether a JPEG's own markers confirm its JPEG_HEADER row (its frame's width and
+        height, an EXIF orientation of 1 to 8) and it is within the scan and pixel limits, read
+        without decoding (images.jpeg_frame)."""
+        if header.orientation not in UPRIGHT:
+            return False
+        try:
+            width, height, scans = jpeg_frame(file)
+        except InvalidImage:  # too many segments: PIL says so
+            return False
+        return (
+            scans <= MAX_JPEG_SCANS
+            and (width, height) == (header.width, header.height)
+            and 0 < width * height <= self.embedder.max_image_pixels
+        )
+
     def decode(self, files: Sequence[bytes], headers: Sequence[JpegHeader]) -> list[Any]:
         """JPEG files -> uint8 (3, H, W) resized on the device, or why not. A file the tensor
         decoder refuses (or that came without one) goes through PIL as in the other layout, and
-        is counted (DECODER_REFUSED)."""
+        is counted (DECODER_REFUSED).
+
+        The headers came from this layout's CPU step, or from any client of Triton: a file whose
+        header its own markers do not confirm (its size, an orientation of 1 to 8, the scan
+        limit, the pixel limit) goes through PIL too, which refuses what it must."""
         results: list[Any] = [None] * len(files)
+        unconfirmed = 0
         if self.decoder is not None:
-            budget = self.embedder.budget
-            for group in budget_groups(range(len(files)), headers, budget.capacity):
+            embedder = self.embedder
+            confirmed = []
+            for i, (file, header) in enumerate(zip(files, headers, strict=True)):
+                if not self.confirmed(file, header):
+                    unconfirmed += 1
+                    continue
+                try:  # before anything is decoded or resized (images.ResizeRule)
+                    embedder.resize_rule.check(
+                        header.width, header.height, embedder.max_image_pixels
+                    )
+                    confirmed.append(i)
+                except InvalidImage as exc:
+                    results[i] = exc
+            budget = embedder.budget
+            for group in budget_groups(confirmed, headers, budget.capacity):
                 with budget.hold(sum(headers[i].pixels for i in group)):
                     images = self.decoder.decode(
                         [files[i] for i in group], [headers[i] for i in group]
@@ -250,8 +339,10 @@ class EncodeStage:
                         for (i, _), image in zip(done, resized, strict=True):
                             results[i] = image
         rest = [i for i, r in enumerate(results) if r is None]
-        if rest and self.decoder is not None:
-            self.count_fallback(DECODER_REFUSED, len(rest))
+        if unconfirmed:
+            self.count_fallback(UNSUPPORTED_JPEG, unconfirmed)
+        if len(rest) > unconfirmed and self.decoder is not None:
+            self.count_fallback(DECODER_REFUSED, len(rest) - unconfirmed)
         for i, result in zip(rest, self.embedder.prepare([files[i] for i in rest]), strict=True):
             results[i] = result if isinstance(result, InvalidImage) else result["pixel_values"]
         return results

@@ -2,7 +2,7 @@
 short side to a length (DINOv2, CLIP, ConvNeXt) keeps the aspect ratio, so a 1x6000 PNG of 111
 bytes became 256 x 1,536,000 pixels before the centre crop (GBs, or a raw allocator error). Such
 an image is refused alone, by the same rule on every path (fused, the processor's own call, the
-split layout's CPU step), before anything is resized; a panorama still embeds."""
+split layout's two steps), before anything is resized; a panorama still embeds."""
 
 from __future__ import annotations
 
@@ -99,13 +99,20 @@ def test_an_extreme_aspect_ratio_fails_alone_and_a_panorama_embeds(model_dirs, f
     assert "1x6000" in str(results[0]) and "65000x4" in str(results[2])
 
 
-def test_the_split_layout_s_cpu_step_refuses_them(model_dirs):
+def test_the_split_layout_refuses_them_in_either_step(model_dirs):
     environ = settings(model_dirs["dinov2"], IEI_JPEG_DECODER="torchvision")
     preprocess = loading.load_preprocess_stage(environ, 1)
+    stage = loading.load_encode_stage(environ, CPU, 2)
     try:
-        # The PNG through PIL, the JPEG from the header it would pass on to the encoder.
+        # The CPU step: the PNG through PIL, the JPEG from the header it would pass on.
         results = preprocess.run([strip_png(), good(), strip_jpeg()])
+        assert_refused_alone([*results[:1], np.zeros(32), *results[2:]])
+        assert not isinstance(results[1], InvalidImage)
+        # The encoder, sent the JPEG by a client of Triton with its true header.
+        files = [strip_jpeg(), good(), strip_jpeg()]
+        headers = np.array([[65000, 4, 1], [640, 480, 1], [65000, 4, 1]], np.int32)
+        placeholders = np.zeros((3, 3, 1, 1), np.uint8)
+        assert_refused_alone(stage.embed([placeholders], files, headers))
     finally:
         preprocess.preprocessor.close()
-    assert_refused_alone([*results[:1], np.zeros(32), *results[2:]])
-    assert not isinstance(results[1], InvalidImage)
+        stage.embedder.close()

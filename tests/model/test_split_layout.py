@@ -5,11 +5,13 @@ code after the decode) within cosine 0.999 of PIL's path, EXIF honoured, bad fil
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import numpy as np
 import pytest
 import torch
-from fake_pb_utils import load_model_module
+from fake_pb_utils import InferenceRequest, Tensor, load_model_module
 from PIL import Image
 from reference import cosine_rows
 from sample_images import encode, photos, scan_bomb
@@ -298,3 +300,115 @@ def test_a_tensor_decoder_that_cannot_decode_is_refused_at_start_in_one_line(vit
 def test_a_decoder_that_returns_nothing_is_refused_too():
     with pytest.raises(ValueError, match="refusing's warm-up decode failed: it refused"):
         decoders.warm_up(Refusing(), "nvimagecodec")
+
+
+# --- what a client of Triton may send iei_encoder directly ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder_model(vit):
+    from fake_pb_utils import REPOSITORY
+
+    module = load_model_module(REPOSITORY / "iei_encoder" / "1" / "model.py")
+    parameters = {
+        "model_id": str(vit),
+        "dtype": "float32",
+        "engine": "torch",
+        "jpeg_decoder": "torchvision",
+        "forward_threads": "1",
+    }
+    model_config = {
+        "parameters": {name: {"string_value": value} for name, value in parameters.items()},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    }
+    instance = module.TritonPythonModel()
+    args = {"model_instance_kind": "CPU", "model_instance_device_id": "0"}
+    instance.initialize({"model_config": json.dumps(model_config), **args})
+    yield instance
+    instance.finalize()
+
+
+def encoder_request(pixels: np.ndarray, files: list[bytes], headers: list) -> InferenceRequest:
+    jpegs = np.empty((len(files), 1), dtype=np.object_)
+    jpegs[:, 0] = files
+    return InferenceRequest(
+        [
+            Tensor(stages.PIXELS_NAME, pixels),
+            Tensor(stages.JPEG_NAME, jpegs),
+            Tensor(stages.JPEG_HEADER_NAME, np.array(headers, dtype=np.int32).reshape(-1, 3)),
+        ]
+    )
+
+
+def placeholders(count: int) -> np.ndarray:
+    return np.zeros((count, 3, 1, 1), np.uint8)
+
+
+def test_the_encoder_checks_each_header_against_its_file(encoder_model, single):
+    jpeg = encode(corner_image(), "JPEG")  # 80x48
+    bomb = scan_bomb(2000, side=256)
+    requests = [
+        encoder_request(placeholders(1), [jpeg], [[80, 48, 1]]),
+        encoder_request(placeholders(1), [jpeg], [[80, 48, 9]]),  # no such orientation
+        encoder_request(placeholders(1), [jpeg], [[80, 48, 0]]),
+        encoder_request(placeholders(1), [jpeg], [[1, 1, 1]]),  # a size the file does not have
+        encoder_request(placeholders(1), [bomb], [[256, 256, 1]]),  # 2000 scans
+        encoder_request(placeholders(1), [b"\xff\xd8 no"], [[80, 48, 1]]),
+    ]
+    started = time.monotonic()
+    responses = encoder_model.execute(requests)
+    assert time.monotonic() - started < 10  # the bomb is refused, not decoded
+    assert len(responses) == 6
+    expected = single.embed([jpeg])[0]
+    for response in responses[:4]:  # a lying header: the file decoded by PIL, as it is
+        assert not response.has_error()
+        vector = response.output_tensors[0].as_numpy()[0]
+        assert cosine_rows(vector[None], expected[None]).min() >= 0.999
+    assert responses[4].error.code == "INVALID_ARG"
+    assert "progressive JPEG of over 100 scans" in responses[4].error.message()
+    assert responses[5].error.message().startswith("IMAGE[0]: cannot decode image")
+
+
+def test_a_header_over_the_pixel_limit_is_not_trusted(vit):
+    stage = loading.load_encode_stage(
+        settings(vit, IEI_JPEG_DECODER="torchvision", IEI_MAX_IMAGE_PIXELS="1000"), CPU, 1
+    )
+    try:
+        large = encode(corner_image().resize((400, 300)), "JPEG")
+        # A header that claims a small image: the file's own frame says 400x300.
+        [refused] = stage.embed([placeholders(1)], [large], np.array([[20, 20, 1]], np.int32))
+    finally:
+        stage.embedder.close()
+    assert isinstance(refused, InvalidImage)
+    assert "over the limit of 1000 pixels" in str(refused)
+
+
+def test_pixels_of_another_shape_fail_only_their_own_request(vit, encoder_model, single):
+    png = encode(corner_image().resize((300, 200)), "PNG")
+    preprocess = loading.load_preprocess_stage(settings(vit), 1)
+    try:
+        [pixels] = preprocess.run([png])
+    finally:
+        preprocess.preprocessor.close()
+    good = pixels[None]
+    zeros = [[0, 0, 0]]
+    requests = [
+        encoder_request(good, [b""], zeros),
+        encoder_request(np.zeros((1, 3, 100, 100), np.uint8), [b""], zeros),
+        encoder_request(placeholders(1), [b""], zeros),  # a placeholder with no file
+        encoder_request(np.concatenate([good, good]), [b""], zeros),  # rows != files
+        encoder_request(good, [b""], [[0, 0, 0], [0, 0, 0]]),  # headers != files
+        encoder_request(good.astype(np.float32), [b""], zeros),
+        encoder_request(good, [b""], zeros),
+    ]
+    responses = encoder_model.execute(requests)
+    assert len(responses) == 7
+    expected = single.embed([png])[0]
+    for response in (responses[0], responses[6]):
+        assert not response.has_error()
+        assert cosine_rows(response.output_tensors[0].as_numpy(), expected[None]).min() >= 0.999
+    for response in responses[1:6]:
+        assert response.has_error() and response.error.code == "INVALID_ARG"
+    assert "PIXELS of shape (1, 3, 100, 100)" in responses[1].error.message()
+    assert "expected uint8 (1, 3, 224, 224)" in responses[1].error.message()
+    assert "JPEG_HEADER of shape (2, 3): expected (1, 3)" in responses[4].error.message()

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (see iei/1/model.py)
@@ -33,12 +32,13 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         # PIXELS stays one array per request (a ragged input: (N, 3, 1, 1) placeholders where
         # every image of a request crosses as a JPEG); the stage copies the rows it reads once.
+        # A request whose PIXELS or JPEG_HEADER do not fit its JPEG rows fails alone.
         pixels = [pb_utils.get_input_tensor_by_name(r, PIXELS_NAME).as_numpy() for r in requests]
-        headers = np.concatenate(
-            [pb_utils.get_input_tensor_by_name(r, JPEG_HEADER_NAME).as_numpy() for r in requests]
-        )
+        headers = [
+            pb_utils.get_input_tensor_by_name(r, JPEG_HEADER_NAME).as_numpy() for r in requests
+        ]
         files, spans = gather_inputs(requests, JPEG_NAME)
-        results = self.stage.embed(pixels, files, headers)
+        results = self.stage.embed_requests(pixels, files, headers, spans)
         # Errors name IMAGE[i]: the ensemble's input, whose rows these are.
         return vector_responses(requests, spans, results, self.info)
 
