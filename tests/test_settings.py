@@ -164,6 +164,29 @@ def test_nonsense_is_refused_by_the_variables_name(monkeypatch, caplog, name, va
     assert re.search(rf"invalid setting {name}: ", caplog.text), caplog.text
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "most"),
+    [
+        ("IEI_FORWARD_BATCH_SIZE", "20000", "64 (the model's max_batch_size)"),
+        ("IEI_FORWARD_THREADS", "4096", "CORES (the cores here)"),
+    ],
+)
+def test_forward_counts_are_bounded_as_the_model_bounds_them(
+    monkeypatch, caplog, name, value, most
+):
+    """20000 images per pass was accepted, and the model's load failed in its allocator."""
+    from iei.launcher.repository import available_cores, shipped_model_repository
+
+    most = most.replace("CORES", str(available_cores(shipped_model_repository())))
+    monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.ERROR, "iei"), pytest.raises(SystemExit) as stopped:
+        table.load(LauncherSettings)
+    assert stopped.value.code == 2
+    assert f"{name}={value}: expected auto or a count from 1 to {most}" in caplog.text
+    monkeypatch.setenv(name, "1")
+    assert getattr(LauncherSettings(), name.removeprefix("IEI_").lower()) == "1"
+
+
 def test_a_served_name_that_is_another_models_name_is_refused(monkeypatch, caplog):
     """It was added to the default model's names, but a request naming it got the other one."""
     monkeypatch.setenv("IEI_MODELS", "a=org/vit,b=org/dino")

@@ -237,13 +237,15 @@ _SETTINGS = [
     )),
     ("forward_batch_size", Setting(
         "IEI_FORWARD_BATCH_SIZE", "auto", "str", (LAUNCHER, MODEL),
-        "images (or texts) per forward pass inside one Triton execution; `auto`: 8 on a CPU, "
+        "images (or texts) per forward pass inside one Triton execution, at most the model's "
+        "`max_batch_size` (64); `auto`: 8 on a CPU, "
         "where an image model times each pass size at load and runs a size slower than smaller "
         "ones as those (4 as 2+2), 64 on a GPU",
     )),
     ("forward_threads", Setting(
         "IEI_FORWARD_THREADS", "auto", "str", (LAUNCHER, MODEL),
-        "CPU threads of a forward pass (images or texts), per instance; `auto`: the "
+        "CPU threads of a forward pass (images or texts), per instance, at most the cores "
+        "available; `auto`: the "
         "instance's share of the cores, fewer where timing a pass at load shows the extra "
         "threads add little (parallel efficiency below 0.75: a small model)",
     )),

@@ -13,6 +13,7 @@ import torch
 
 from .families import POOLINGS
 from .jpeg_decoders import JPEG_DECODERS
+from .resources import available_cores
 
 SETTINGS = {
     # name in config.pbtxt: (environment variable, default)
@@ -46,6 +47,9 @@ BOOLEANS = {
 # 35 img/s at 8 and 25 img/s at 32 (activations outgrow the caches; docs/benchmarks.md); a GPU
 # wants large passes (64: config.pbtxt's max_batch_size, so one pass per execution).
 FORWARD_BATCH_AUTO = {"cpu": 8, "cuda": 64}
+# The most images of one execution (config.pbtxt's max_batch_size) where a config does not say:
+# a forward pass never holds more, so IEI_FORWARD_BATCH_SIZE may not ask for more.
+MAX_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,12 @@ class ModelSettings:
     cuda_graphs: bool = False  # cuda_graphs.py: the image encoder replayed from CUDA graphs
 
 
-def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> ModelSettings:
-    """Resolve every setting (environment > config parameter > default) and validate it."""
+def read_settings(
+    model_config: dict[str, Any], environ: dict[str, str], cores: int | None = None
+) -> ModelSettings:
+    """Resolve every setting (environment > config parameter > default) and validate it.
+    IEI_FORWARD_BATCH_SIZE is at most the config's max_batch_size, IEI_FORWARD_THREADS at most
+    `cores` (the cores this process may use, when not given)."""
     params = model_config.get("parameters", {})
     # A config that `iei serve` rendered for one of several models carries that model's own
     # settings: they come before the environment, which holds the default model's.
@@ -104,6 +112,17 @@ def read_settings(model_config: dict[str, Any], environ: dict[str, str]) -> Mode
         if numbers[name] < 1:
             expected = "auto or a positive integer" if may_be_auto else "a positive integer"
             raise ValueError(f"{SETTINGS[name][0]}={raw[name]!r}: expected {expected}")
+    most = {
+        "forward_batch_size": int(model_config.get("max_batch_size") or MAX_BATCH_SIZE),
+        "forward_threads": cores or available_cores(),
+    }
+    for name, limit in most.items():
+        if numbers[name] > limit:
+            why = "the model's max_batch_size" if name == "forward_batch_size" else "the cores here"
+            raise ValueError(
+                f"{SETTINGS[name][0]}={raw[name]!r}: expected auto or a count from 1 to {limit} "
+                f"({why})"
+            )
     if numbers["decode_pixel_budget"] < numbers["max_image_pixels"]:
         raise ValueError(
             f"IEI_DECODE_PIXEL_BUDGET={numbers['decode_pixel_budget']} is less than "

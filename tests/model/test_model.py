@@ -57,7 +57,21 @@ def test_bad_settings_are_refused_by_name(environ, message):
 def test_forward_threads_are_auto_or_a_count():
     assert model_settings.read_settings({}, {}).forward_threads == 0  # auto: measured at load
     assert model_settings.read_settings({}, {"IEI_FORWARD_THREADS": "Auto"}).forward_threads == 0
-    assert model_settings.read_settings({}, {"IEI_FORWARD_THREADS": "3"}).forward_threads == 3
+    threads = model_settings.read_settings({}, {"IEI_FORWARD_THREADS": "3"}, cores=4)
+    assert threads.forward_threads == 3
+
+
+def test_forward_counts_are_bounded_by_the_batch_and_the_cores():
+    """IEI_FORWARD_BATCH_SIZE=20000 was accepted, and the load failed in torch's allocator."""
+    read = model_settings.read_settings
+    assert read({}, {"IEI_FORWARD_BATCH_SIZE": "64"}).forward_batch_size == 64
+    with pytest.raises(ValueError, match=r"IEI_FORWARD_BATCH_SIZE='20000': .* 1 to 64 \(the mo"):
+        read({}, {"IEI_FORWARD_BATCH_SIZE": "20000"})
+    with pytest.raises(ValueError, match=r"IEI_FORWARD_BATCH_SIZE='32': .* from 1 to 16"):
+        read({"max_batch_size": 16}, {"IEI_FORWARD_BATCH_SIZE": "32"})  # the config's own
+    assert read({}, {"IEI_FORWARD_THREADS": "4"}, cores=4).forward_threads == 4
+    with pytest.raises(ValueError, match=r"IEI_FORWARD_THREADS='5': .* 1 to 4 \(the cores here"):
+        read({}, {"IEI_FORWARD_THREADS": "5"}, cores=4)
 
 
 def test_dtype_auto_follows_the_device():

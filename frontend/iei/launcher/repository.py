@@ -193,6 +193,21 @@ def split_layout_shm_bytes(
     return preprocess + encoders
 
 
+# Images per execution where a repository's `iei` config does not say (the shipped one's).
+MAX_BATCH_SIZE = 64
+
+
+def max_batch_size(repository: Path) -> int:
+    """The `iei` model's max_batch_size in this repository: the most images of one execution,
+    so the most one forward pass may hold (IEI_FORWARD_BATCH_SIZE)."""
+    try:
+        text = (repository / MODEL_NAME / "config.pbtxt").read_text()
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except Exception:  # no such file, or not a config: render_model_repository says why
+        return MAX_BATCH_SIZE
+    return config.max_batch_size or MAX_BATCH_SIZE
+
+
 def available_cores(repository: Path) -> int:
     """The cores this process may use, counted as the model's instances count them."""
     resources = repository_module(repository / "iei_runtime" / "resources.py")

@@ -14,7 +14,13 @@ from pydantic import ValidationInfo, field_validator, model_validator
 from ..server.settings import ServerSettings
 from ..settings import setting
 from .addresses import check_listen_address, dial_endpoint
-from .repository import ModelPlan, render_model_repository, shipped_model_repository
+from .repository import (
+    ModelPlan,
+    available_cores,
+    max_batch_size,
+    render_model_repository,
+    shipped_model_repository,
+)
 
 # uvicorn worker processes at most (IEI_WORKERS).
 MAX_WORKERS = 64
@@ -82,6 +88,23 @@ class LauncherSettings(ServerSettings):
                 f"IEI_DECODE_PIXEL_BUDGET={self.decode_pixel_budget} is less than "
                 f"IEI_MAX_IMAGE_PIXELS={self.max_image_pixels}: the largest image would not fit"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_forward_counts(self) -> LauncherSettings:
+        """As the model checks them when it loads (iei_runtime/settings.py): a pass of more
+        images than an execution holds, or on more threads than there are cores, is refused
+        here in one line, not by the model's allocator or its load."""
+        limits = (
+            ("IEI_FORWARD_BATCH_SIZE", self.forward_batch_size, max_batch_size, "the model's "
+             "max_batch_size"),
+            ("IEI_FORWARD_THREADS", self.forward_threads, available_cores, "the cores here"),
+        )  # fmt: skip
+        for name, value, most_of, why in limits:
+            if value != "auto" and int(value) > (most := most_of(self.repository)):
+                raise ValueError(
+                    f"{name}={value}: expected auto or a count from 1 to {most} ({why})"
+                )
         return self
 
     @model_validator(mode="after")

@@ -169,7 +169,9 @@ class ModelEmbedder(BatchEmbedder):
             if not environ.get("IEI_FORWARD_THREADS"):  # unset or empty: all of them
                 environ["IEI_FORWARD_THREADS"] = str(threads)
         self.normalize = normalize
-        settings = runtime.read_settings({}, environ)
+        # The threads Ray gives the actor count as its cores (IEI_FORWARD_THREADS' bound).
+        cores = max(threads, runtime.available_cores())
+        settings = runtime.read_settings({}, environ, cores)
         self.embedder = runtime.load_embedder(settings, device, threads)
 
     def embed(self, blobs: Sequence[bytes]) -> list[Result]:
