@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from iei.server.inputs import (
     MAX_JPEG_HEADER_SEGMENTS,
     InvalidInput,
+    allow_pixels,
     decode_input,
     fetch_urls,
     inspect_image,
@@ -268,3 +269,24 @@ def test_one_failed_url_cancels_the_other_downloads_of_its_request():
     asyncio.run(run())
     assert time.monotonic() - started < 5  # the two slow downloads were cancelled
     assert fetcher.running == 0  # and none is left running
+
+
+def png_header_of(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR for `width` x `height` (no pixels: the header check reads no
+    more)."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"")
+
+
+def test_the_pixel_setting_above_pil_s_own_cap_is_the_limit(monkeypatch):
+    """PIL refuses a header over twice its cap (about 358 MP) with its own error, which read
+    as over the setting: IEI_MAX_IMAGE_PIXELS=400 MP refused a 380 MP image."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    limit = 400_000_000
+    allow_pixels(limit)
+    image = inspect_image(png_header_of(20_000, 19_000), limit)
+    assert (image.width, image.height) == (20_000, 19_000)
+    with pytest.raises(InvalidInput, match="20000x21000 = 420000000 pixels is larger than"):
+        inspect_image(png_header_of(20_000, 21_000), limit)
+    allow_pixels(1000)  # never lowered: other code in the process keeps its cap
+    assert limit == Image.MAX_IMAGE_PIXELS

@@ -16,6 +16,7 @@ from .cache import VectorCache
 from .embedding import Services
 from .errors import install_error_handlers
 from .fetch import UrlFetcher
+from .inputs import allow_pixels
 from .limits import Capacity
 from .logs import configure_logging
 from .middleware import Admission, BodyLimit, RequestContext, RequestMetrics
@@ -32,6 +33,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     # From the environment: one line per invalid variable and exit status 2, not pydantic's
     # traceback (the frontend's container checks them before uvicorn: server/preflight.py).
     settings = settings or load(ServerSettings)
+    allow_pixels(settings.max_image_pixels)
     triton = TritonClient(
         settings.triton_endpoint,
         concurrency_level=settings.concurrency_level,

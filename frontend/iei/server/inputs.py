@@ -179,6 +179,14 @@ def png_header(data: bytes) -> bytes:
     return b"".join(kept)
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Raise PIL's own pixel cap (about 179 MP, refused at twice that as it reads a header) to
+    IEI_MAX_IMAGE_PIXELS where that is higher: the setting is the one limit, as in the model.
+    Never lowered (the frontend decodes nothing; other code in the process keeps its cap)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
     """Format and size from the header; refuse what the model would refuse, before it runs."""
     if jpeg_header_segments(data) > MAX_JPEG_HEADER_SEGMENTS:
