@@ -46,6 +46,12 @@ _JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7])")
 # captions) is far smaller; a file over it is refused ("Too much memory used in text chunks").
 PngImagePlugin.MAX_TEXT_CHUNK = 1 << 20
 PngImagePlugin.MAX_TEXT_MEMORY = 4 << 20
+# ICC profile chunks (iCCP) are not counted in that memory: PIL inflates each (up to
+# MAX_TEXT_CHUNK) and keeps the last, so a 2 MB PNG of 2000 of them cost 4 s of CPU. A valid PNG
+# has at most one; the chunk's name found more often than this (a C-speed count of the bytes, an
+# upper bound on the chunks) refuses the file.
+PNG_ICC_CHUNKS = 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class InvalidImage(ValueError):
@@ -246,6 +252,11 @@ def decode_image(
         raise InvalidImage(
             f"progressive JPEG of over {MAX_JPEG_SCANS} scans, the limit (each one a pass over "
             "the whole image)"
+        )
+    if data.startswith(PNG_SIGNATURE) and data.count(b"iCCP") > PNG_ICC_CHUNKS:
+        raise InvalidImage(
+            f"PNG of over {PNG_ICC_CHUNKS} ICC profile chunks (a valid one has at most one; each "
+            "is inflated as it is read)"
         )
     allow_pixels(max_pixels)
     try:

@@ -223,6 +223,20 @@ def test_compressed_png_text_is_inflated_only_up_to_a_few_mib():
     assert images.decode_image(small, 100).getpixel((0, 0)) == (1, 2, 3)
 
 
+def test_a_png_of_many_icc_profiles_is_refused_before_pil_inflates_them(monkeypatch):
+    """iCCP is not counted in PIL's text memory: 2000 chunks of 1 MiB each (2 MB of file) cost
+    4 s of CPU. One profile, as real files carry it, still decodes."""
+    png = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    megabyte = zlib.compress(bytes(1 << 20), 9)
+    profiles = [png_chunk(b"iCCP", b"p%d\0\0" % i + megabyte) for i in range(2000)]
+    with monkeypatch.context() as patched:
+        patched.setattr(images.Image, "open", lambda *args, **kwargs: pytest.fail("PIL read it"))
+        with pytest.raises(images.InvalidImage, match="PNG of over 4 ICC profile chunks"):
+            images.decode_image(with_text_chunks(png, profiles), 100)
+    with_profile = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG", icc_profile=bytes(600))
+    assert images.decode_image(with_profile, 100).getpixel((0, 0)) == (1, 2, 3)
+
+
 def test_the_scans_of_a_progressive_jpeg_are_counted():
     picture = Image.open(io.BytesIO(photos()["coffee.jpg"])).convert("RGB")
     assert images.progressive_scans(photos()["coffee.jpg"]) == 0  # baseline
