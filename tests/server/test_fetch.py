@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import ssl
 import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 import httpx
@@ -456,6 +458,16 @@ def tls_server(tmp_path_factory):
         server.server_close()
 
 
+@asynccontextmanager
+async def local_fetcher(tls: ssl.SSLContext | None = None) -> AsyncIterator[UrlFetcher]:
+    """A fetcher of local test servers (private addresses allowed), closed after use."""
+    fetcher = UrlFetcher(allow_private=True, timeout=5, max_bytes=1024, max_redirects=2, tls=tls)
+    try:
+        yield fetcher
+    finally:
+        await fetcher.close()
+
+
 @pytest.mark.parametrize("second", ["b.example:{port}/x.png", "a.example:{port}/to-b"])
 async def test_a_connection_verified_for_one_name_never_serves_another(
     tls_server, example_names, second
@@ -464,17 +476,12 @@ async def test_a_connection_verified_for_one_name_never_serves_another(
     after the first was fetched, and when the first redirects to it. A kept-alive connection
     verified for a.example once served b.example (the pool knows a connection by its address)."""
     port, client_context, handshakes = tls_server
-    fetcher = UrlFetcher(
-        allow_private=True, timeout=5, max_bytes=1024, max_redirects=2, tls=client_context
-    )
-    try:
-        handshakes.clear()
+    handshakes.clear()
+    async with local_fetcher(client_context) as fetcher:
         assert await fetcher.fetch(f"https://a.example:{port}/x.png") == b"ok"
         with pytest.raises(InputFailed, match=r"certificate verify failed.*'b\.example'"):
             await fetcher.fetch("https://" + second.format(port=port))
         assert await fetcher.fetch(f"https://a.example:{port}/x.png") == b"ok"
-    finally:
-        await fetcher.close()
     hops = ["b.example"] if second.startswith("b.") else ["a.example", "b.example"]
     assert handshakes == ["a.example", *hops, "a.example"]  # one connection per hop
 
@@ -513,35 +520,24 @@ async def test_a_host_name_in_unicode_is_resolved_and_sent_idna_encoded(
     """A URL of bücher.example was always refused: its Host header went out as written, and
     httpx encodes header values as ASCII."""
     port, hosts = host_server
-    fetcher = UrlFetcher(allow_private=True, timeout=5, max_bytes=1024, max_redirects=2)
-    try:
+    async with local_fetcher() as fetcher:
         assert await fetcher.fetch(f"http://{host}:{port}/x.png") == b"ok"
-        assert hosts[-1] == f"{encoded}:{port}"
-        assert example_names[-1] == encoded
-    finally:
-        await fetcher.close()
+    assert hosts[-1] == f"{encoded}:{port}"
+    assert example_names[-1] == encoded
 
 
 async def test_a_host_name_in_unicode_is_verified_by_its_idna_name(tls_server, example_names):
     port, client_context, handshakes = tls_server
-    fetcher = UrlFetcher(
-        allow_private=True, timeout=5, max_bytes=1024, max_redirects=2, tls=client_context
-    )
-    try:
-        handshakes.clear()
+    handshakes.clear()
+    async with local_fetcher(client_context) as fetcher:
         assert await fetcher.fetch(f"https://bücher.example:{port}/x.png") == b"ok"
-    finally:
-        await fetcher.close()
     assert handshakes == ["xn--bcher-kva.example"]
 
 
 async def test_a_host_name_that_idna_cannot_encode_is_refused_before_resolving(example_names):
-    fetcher = UrlFetcher(allow_private=True, timeout=5, max_bytes=1024, max_redirects=2)
-    try:
+    async with local_fetcher() as fetcher:
         with pytest.raises(InvalidInput, match=r"malformed URL: host '.*' is not a valid name"):
             await fetcher.fetch("http://bü--cher.example/x.png")  # "--" at 3 and 4: reserved
-    finally:
-        await fetcher.close()
     assert example_names == []
 
 
