@@ -15,7 +15,7 @@ from test_app import WITH_TEXT, FakeTriton, anyio_backend, app_client, keep_nump
 
 pytestmark = pytest.mark.anyio
 
-CLIP = ("clip", "cls", "float32", "torch")
+CLIP = ("clip", "openai/clip-vit-base-patch32", "cls", "float32", "torch")
 
 
 def key(text: str, model=CLIP, modality: str = "text"):
@@ -59,14 +59,16 @@ def test_the_cache_keeps_a_copy_not_a_view_of_the_batch():
     assert kept is not None and kept.base is None and kept.tolist() == [1, 1, 1, 1]
 
 
-def test_another_pooling_dtype_engine_or_name_shares_no_entry():
+def test_another_checkpoint_pooling_dtype_engine_or_name_shares_no_entry():
     cache = VectorCache(2**20)
     cache.put(key("a"), vector(1))
+    checkpoint = CLIP[1]
     for other in (
-        ("clip", "mean", "float32", "torch"),
-        ("clip", "cls", "float16", "torch"),
-        ("clip", "cls", "float32", "openvino"),
-        ("other", "cls", "float32", "torch"),
+        ("clip", checkpoint, "mean", "float32", "torch"),
+        ("clip", checkpoint, "cls", "float16", "torch"),
+        ("clip", checkpoint, "cls", "float32", "openvino"),
+        ("other", checkpoint, "cls", "float32", "torch"),
+        ("clip", "/models/clip-finetuned", "cls", "float32", "torch"),
     ):
         assert cache.get(key("a", model=other)) is None
     assert cache.get(key("a", modality="image")) is None  # a text and an image of the same bytes
@@ -121,3 +123,22 @@ async def test_with_the_cache_off_every_input_reaches_triton():
             response = await client.post("/embed", json={"inputs": [png(1), png(1)]})
             assert response.status_code == 200
     assert sent(fake) == 4
+
+
+async def test_a_model_that_comes_back_as_another_checkpoint_shares_no_entry():
+    """An external Triton restarted with another checkpoint under the same name: the worker
+    asks the model's facts again once it saw it gone, and the old vectors are not served."""
+    import aiohttp
+
+    settings = ServerSettings(triton_url="127.0.0.1:1", cache_mb=1)
+    fake = FakeTriton(max_batch_size=8, info={**WITH_TEXT, "model_id": "org/first"})
+    async with app_client(settings, fake) as client:
+        assert (await client.post("/embed", json={"inputs": [png(1)]})).status_code == 200
+        fake.fail = aiohttp.ClientConnectionError("Triton is down")
+        assert (await client.post("/embed", json={"inputs": [png(2)]})).status_code == 503
+        fake.fail = None
+        fake.info = {**WITH_TEXT, "model_id": "org/second"}
+        again = await client.post("/embed", json={"inputs": [png(1)]})
+        assert again.status_code == 200
+    # png(1), png(2) while Triton was down, png(1) again by the second checkpoint (not cached)
+    assert sent(fake) == 3

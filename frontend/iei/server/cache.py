@@ -23,7 +23,7 @@ import numpy as np
 # 32-byte digest) and the dict's slot; counted so that IEI_CACHE_MB bounds resident memory.
 ENTRY_OVERHEAD = 320
 
-ModelKey = tuple[str, str, str, str]  # served name, pooling, dtype, engine
+ModelKey = tuple[str, str, str, str, str]  # served name, checkpoint, pooling, dtype, engine
 Key = tuple[ModelKey, str, bytes]  # the model, the modality, SHA-256 of the content
 
 

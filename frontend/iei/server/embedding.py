@@ -238,11 +238,13 @@ async def cached_part(
 
 
 async def cache_model_key(services: Services, model: ServedModel) -> ModelKey:
-    """What decides a model's vectors besides the input: its served name, and the pooling,
-    dtype and engine it reports (asked once per worker)."""
+    """What decides a model's vectors besides the input: its served name, and the checkpoint,
+    pooling, dtype and engine it reports (asked again after the model went away: another
+    checkpoint may come back under its name)."""
     info = await services.triton.model_info(model.triton_image)
     return (
         model.name,
+        str(info.get("model_id")),
         str(info.get("pooling")),
         str(info.get("dtype")),
         str(info.get("engine")),

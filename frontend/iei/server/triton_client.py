@@ -153,6 +153,7 @@ class TritonClient:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(model):
+                    self.forget_facts(model)
                     return False
                 wanted = [triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
                 result = await self.server.infer(
@@ -168,7 +169,8 @@ class TritonClient:
             if exc.status() == "503":  # refused: the queue is full
                 return await self._made_progress(model, started, started_at)
             return False  # the model failed it (a dead stub): no excuse
-        except (aiohttp.ClientError, OSError):
+        except (aiohttp.ClientError, OSError):  # Triton is down: it may come back another
+            self.forget_facts()
             return False
 
     async def _successes(self, model: str) -> int | None:
@@ -211,6 +213,17 @@ class TritonClient:
             config = await self._call(self.server.get_model_config(model), model=model)
             self._max_batch_sizes[model] = max(1, int(config.get("max_batch_size", 1)))
         return self._max_batch_sizes[model]
+
+    def forget_facts(self, model: str | None = None) -> None:
+        """Ask `model`'s facts (every model's: None) again next time: it went away (Triton down,
+        the model unloaded or not ready), and what comes back may be another checkpoint or
+        config under the same name (an external Triton), whose vectors the content cache, keyed
+        by those facts, must not take for the old ones."""
+        for facts in (self._model_info, self._max_batch_sizes):
+            if model is None:
+                facts.clear()
+            else:
+                facts.pop(model, None)
 
     def known_info(self, model: str = MODEL_NAME) -> dict[str, Any] | None:
         """The facts of `model` (a Triton image model) if this worker asked them already."""
@@ -348,7 +361,9 @@ class TritonClient:
                     raise InvalidInput(found.group(2), offset + int(found.group(1))) from None
                 raise ApiError(ErrorType.VALIDATION, message) from None
             self._verified_at.pop(model, None)
-            if status not in _UNAVAILABLE_STATUSES:  # the model failed it: older progress is void
+            if status == "404":  # not loaded: what loads next may be another checkpoint
+                self.forget_facts(model)
+            elif status not in _UNAVAILABLE_STATUSES:  # the model failed it: older progress void
                 self._model_failed_at[model] = time.monotonic()
             if status in _UNAVAILABLE_STATUSES or not (explain and await self.model_answers(model)):
                 raise ApiError(
@@ -364,6 +379,7 @@ class TritonClient:
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             self._verified_at.pop(model, None)
+            self.forget_facts()
             log.warning("Triton unreachable at %s: %s", self.endpoint, exc)
             raise ApiError(
                 ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
