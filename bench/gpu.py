@@ -45,7 +45,7 @@ from PIL import Image
 
 from . import measure, report
 from .workload import (
-    IEI,
+    IEI_SERVE,
     MODELS,
     PHOTOS,
     ROOT,
@@ -67,6 +67,9 @@ PHOTO_SETS: dict[str, tuple[tuple[int, int], ...]] = {
     "12mp": ((4000, 3000),),
 }
 PER_REQUEST = 32  # images per request of the batched loads
+# 32 phone photos are a 64 MB body, at the default IEI_PAYLOAD_LIMIT and over what one worker
+# may hold (IEI_BODY_WORKER_MAX_BYTES, 64 MiB: two such requests on one worker were a 429).
+LARGE_BODIES = {"IEI_PAYLOAD_LIMIT": str(256 << 20), "IEI_BODY_WORKER_MAX_BYTES": str(1 << 30)}
 # (path, images per request, concurrencies) by device: fewer on a CPU, where a window of 32-image
 # requests at 4 at once already takes seconds at ViT-B/16's few images per second.
 LOADS = {
@@ -121,7 +124,7 @@ class BudgetedStack(ServedStack):
         self.timeout = timeout
 
     def __enter__(self) -> BudgetedStack:
-        command = [str(IEI), "serve"]
+        command = list(IEI_SERVE)
         self.process = start_server(
             "iei serve", command, self.env, self.log_path, self.url, self.timeout
         )
@@ -298,7 +301,7 @@ def layout_environ(layout: str) -> dict[str, str]:
     """The stack's settings for a `--layouts` entry: `split`, or `split/1` (IEI_TRITON_INSTANCES
     too: the split layout's encoders per GPU)."""
     name, _, instances = layout.partition("/")
-    environ = {"IEI_TRITON_LAYOUT": name, "IEI_ENGINE": "torch"}
+    environ = {"IEI_TRITON_LAYOUT": name, "IEI_ENGINE": "torch", **LARGE_BODIES}
     if instances:
         environ["IEI_TRITON_INSTANCES"] = instances
     return environ
@@ -358,7 +361,7 @@ def serve_and_measure(
         stack = BudgetedStack(model_dir, log_path, started, **environ)
         try:
             stack.__enter__()  # started once here; `with stack` below would start it again
-        except RuntimeError as exc:  # not healthy within the budget, or it exited
+        except (RuntimeError, OSError) as exc:  # not healthy in the budget, exited, not run
             tail = log_path.read_text(errors="replace")[-3000:]
             log(f"{layout} layout did not start: {exc}\n{tail}")
             for step in steps:
@@ -421,7 +424,9 @@ def verdicts(part: dict[str, Any]) -> list[str]:
         layout, name, top = max(headline, key=lambda e: e[2]["img_s"])
         load = f"{layout} layout, {name} photos, {top['per_request']} img x c={top['concurrency']}"
         target = f"target >= {report.GPU_TARGET_IMG_S} on one H100 (ViT-B/16)"
-        met = ("yes" if top["img_s"] >= report.GPU_TARGET_IMG_S else "no") if gpu else "n/a"
+        # The target is an H100's: another card (an H200 is lent too) is reported, not judged.
+        on_h100 = bool(gpu) and "H100" in str(gpu)
+        met = ("yes" if top["img_s"] >= report.GPU_TARGET_IMG_S else "no") if on_h100 else "n/a"
         lines.append(f"VERDICT embed_img_s={top['img_s']:.1f} ({load}; {where}) {target}: {met}")
         share = top["img_s"] / limit["img_s"]
         met = ("yes" if share >= report.GPU_TARGET_SHARE else "no") if gpu else "n/a"

@@ -22,7 +22,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "images"
 REPOSITORY = ROOT / "model_repository"
-IEI = Path(sys.executable).parent / "iei"
+# `iei serve` by this interpreter: the GPU bundle runs the bench with the host's Python, the
+# repository on PYTHONPATH, where no `iei` script was installed beside it.
+IEI_SERVE = [sys.executable, "-m", "iei.cli", "serve"]
 
 # google/vit-base-patch16-224's preprocessor_config.json (the hub is not reachable here).
 VIT_PROCESSOR = {
@@ -175,7 +177,7 @@ class ServedStack:
         return f"127.0.0.1:{self.grpc_port}"
 
     def __enter__(self) -> ServedStack:
-        command = [str(IEI), "serve"]
+        command = list(IEI_SERVE)
         self.process = start_server("iei serve", command, self.env, self.log_path, self.url, 300)
         return self
 

@@ -668,7 +668,11 @@ def test_the_gpu_bench_compares_two_encoders_per_gpu_with_one_on_a_gpu_only(monk
     assert {s[1] for s in plan if s[0] == "split"} == {"web", "12mp"}
     assert gpu.layout_environ("split/1") == {
         "IEI_TRITON_LAYOUT": "split", "IEI_ENGINE": "torch", "IEI_TRITON_INSTANCES": "1",
+        **gpu.LARGE_BODIES,
     }  # fmt: skip
+    # 32 phone photos (about 64 MB) fit the stack's limits, several per worker at once.
+    assert int(gpu.LARGE_BODIES["IEI_PAYLOAD_LIMIT"]) >= 2 * 64 << 20
+    assert int(gpu.LARGE_BODIES["IEI_BODY_WORKER_MAX_BYTES"]) >= 16 * 64 << 20
     assert "IEI_TRITON_INSTANCES" not in gpu.layout_environ("split")
     monkeypatch.setattr(gpu, "device", lambda: torch.device("cpu"))
     assert {s[0] for s in gpu.load_plan(["split", "split/1"], ["web"])} == {"split"}
