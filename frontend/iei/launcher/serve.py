@@ -48,8 +48,10 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
         if frontend is not None:  # at once, even while the main thread waits on a call
             frontend.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too (a closed terminal): its default kills this process alone, and the frontend's
+    # workers, which are not its children, went on holding the port.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop_signal, on_signal)
 
     log.info("settings: %s", settings.shown())
     work_dir = Path(tempfile.mkdtemp(prefix="iei-serve-"))
