@@ -186,13 +186,16 @@ def test_only_the_stubs_of_model_instances_are_watched(argv, model):
 
 class ProbedServer(TritonServer):
     """A TritonServer whose probe fails as told after `wait` seconds, the model's processes using
-    `share` of a core meanwhile."""
+    `share` of a core and completing `completes` executions meanwhile."""
 
     PROBE_TIMEOUT = 0.01
 
-    def __init__(self, tmp_path, failure: str | None, share: float, wait: float = 0.01) -> None:
+    def __init__(
+        self, tmp_path, failure: str | None, share: float, wait: float = 0.01, completes: int = 0
+    ) -> None:
         super().__init__(LauncherSettings(), tmp_path)
         self.failure, self.share, self.wait, self.cpu = failure, share, wait, 0.0
+        self.completes, self.completed = completes, 0
         self.stubs = {os.getpid(): "iei"}  # alive
         self.running = lambda: True  # type: ignore[method-assign]
 
@@ -200,10 +203,14 @@ class ProbedServer(TritonServer):
         started = time.monotonic()
         time.sleep(self.wait)
         self.cpu += self.share * (time.monotonic() - started)
+        self.completed += self.completes
         return self.failure
 
     def stubs_cpu_seconds(self) -> float:
         return self.cpu
+
+    def executions(self) -> int | None:
+        return self.completed
 
     def problems(self, probes: int) -> list[str | None]:
         found = []
@@ -229,8 +236,27 @@ def test_a_probe_held_while_nothing_computes_is_a_failure(tmp_path):
                                   "within 10 s)"]  # fmt: skip
 
 
+@pytest.mark.parametrize("share", [0.9, 0.0])  # a CPU's forward pass, a GPU's (a wait)
+def test_held_probes_while_the_model_completes_executions_are_no_failure_however_long(
+    tmp_path, share
+):
+    """Executions of 27 s one after another (64 images on a CPU without AMX) hold every probe, the
+    next execution's batch taking it in: the model is busy, not broken, for an hour if need be."""
+    server = ProbedServer(tmp_path, "no answer within 10 s", share=share, completes=1)
+    assert server.problems(3 * (server.BUSY_PROBES + server.PROBE_FAILURES)) == [None] * 63
+
+
+def test_completed_executions_are_counted_from_probe_to_probe(tmp_path):
+    """Progress is what completed since the previous probe: the first probe has nothing to compare
+    with, and a Triton that stops answering its statistics shows none."""
+    server = ProbedServer(tmp_path, "no answer within 10 s", share=0.0, completes=1)
+    server.executions = lambda: None  # type: ignore[method-assign]
+    assert server.problems(3)[-1] == "the model failed 3 probes in a row (no answer within 10 s)"
+
+
 def test_a_probe_the_model_fails_at_once_is_a_failure_however_busy(tmp_path):
-    server = ProbedServer(tmp_path, "HTTP 500: CUDA error", share=0.9, wait=0.0)
+    """A lost CUDA context fails every execution at once: they complete, but the model is broken."""
+    server = ProbedServer(tmp_path, "HTTP 500: CUDA error", share=0.9, wait=0.0, completes=1)
     assert server.problems(3)[-1] == "the model failed 3 probes in a row (HTTP 500: CUDA error)"
 
 

@@ -277,9 +277,12 @@ class TritonServer:
     # 50 MP take tens of seconds on 2 cores. A hung stub (a deadlock) computes nothing, and a
     # sticky CUDA error fails the probe at once; one execution that computes for BUSY_PROBES
     # probes in a row (3 minutes, then PROBE_FAILURES more: about 200 s) counts as broken after
-    # all, which also bounds a stub that spins on a hung GPU kernel.
+    # all, which also bounds a stub that spins on a hung GPU kernel. A held probe is no failure
+    # either when the model completed an execution since the previous probe (Triton's
+    # statistics): executions of 27 s each, one after another, are a busy model, however long.
     BUSY_CPU = 0.2
     BUSY_PROBES = 18
+    STATS_TIMEOUT = 2.0  # Triton's statistics are counters: they answer at once, however busy
 
     def __init__(
         self,
@@ -295,6 +298,7 @@ class TritonServer:
         self.echo = echo  # Triton's output to our stdout too (a container's log)
         self.failed_probes = 0
         self.busy_probes = 0  # probes in a row held behind an execution that computes
+        self.executions_seen: int | None = None  # the probed model's executions at the last probe
         self.next_probe = 0.0
         self.shm_prefix = f"iei-{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
@@ -345,7 +349,7 @@ class TritonServer:
             )
         if self.echo:
             threading.Thread(target=self._tee, args=(self.process,), daemon=True).start()
-        self.failed_probes, self.busy_probes = 0, 0
+        self.failed_probes, self.busy_probes, self.executions_seen = 0, 0, None
         self.next_probe = time.monotonic() + self.PROBE_INTERVAL
         log.info("started Triton (pid %d), log: %s", self.process.pid, self.log_path)
 
@@ -394,19 +398,28 @@ class TritonServer:
                 return Problem("probes_failed", message)
         return None
 
-    def timed_probe(self) -> tuple[str | None, float]:
-        """`probe()`, and the share of a core the model's processes used while it waited, if it
-        waited its whole timeout (else 0)."""
+    def timed_probe(self) -> tuple[str | None, float, bool]:
+        """`probe()`; if it waited its whole timeout, the share of a core the model's processes
+        used meanwhile and whether the model completed an execution since the previous probe
+        (else 0 and False)."""
         before, started = self.stubs_cpu_seconds(), time.monotonic()
         failure = self.probe()
         waited = time.monotonic() - started
+        progressed = self.progressed()
         if failure is None or waited < self.PROBE_TIMEOUT:
-            return failure, 0.0
-        return failure, (self.stubs_cpu_seconds() - before) / waited
+            return failure, 0.0, False
+        return failure, (self.stubs_cpu_seconds() - before) / waited, progressed
 
-    def busy_or(self, probed: tuple[str | None, float]) -> str | None:
-        """The probe's failure, unless it was held behind an execution that computes."""
-        failure, computed = probed
+    def busy_or(self, probed: tuple[str | None, float, bool]) -> str | None:
+        """The probe's failure, unless it was held behind executions that complete or compute."""
+        failure, computed, progressed = probed
+        if failure is not None and progressed:
+            self.busy_probes = 0
+            log.info(
+                "the model is busy: a probe waited %g s while other executions completed; not "
+                "counted as a failure", self.PROBE_TIMEOUT,
+            )  # fmt: skip
+            return None
         if failure is None or computed < self.BUSY_CPU:
             self.busy_probes = 0
             return failure
@@ -420,6 +433,25 @@ class TritonServer:
             self.PROBE_TIMEOUT, 100 * computed,
         )  # fmt: skip
         return None
+
+    def progressed(self) -> bool:
+        """Whether the probed model completed an execution since the last look (False when
+        Triton's statistics do not say)."""
+        count = self.executions()
+        seen, self.executions_seen = self.executions_seen, count
+        return count is not None and seen is not None and count > seen
+
+    def executions(self) -> int | None:
+        """The executions the probed model (`iei`, or its stages in the split layout) completed,
+        from Triton's statistics; None if Triton does not answer. Another model's say nothing."""
+        try:
+            with local_client(self.STATS_TIMEOUT) as client:
+                response = client.get(f"{self.url}/v2/models/stats")
+            stats = response.raise_for_status().json().get("model_stats") or []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        probed = (MODEL_NAME, *STAGE_MODEL_NAMES)
+        return sum(int(s.get("execution_count") or 0) for s in stats if s.get("name") in probed)
 
     def stubs_cpu_seconds(self) -> float:
         """The CPU time of the probed model's processes (`iei`, or its stages in the split
