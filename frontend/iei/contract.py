@@ -37,3 +37,9 @@ PROBE_IMAGE = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
     "0000000c4944415478da63f8cfc000000301010018dd8db00000000049454e44ae426082"
 )
+
+# /dev/shm regions, named `<prefix><pid>-…` after the process that owns them, so that whoever
+# finds one whose process is gone (killed outright) removes it: a frontend worker's region of
+# image files for Triton, and the Python stubs' regions of the Triton an `iei serve` started.
+FRONTEND_REGIONS = "iei-frontend-"
+STUB_REGIONS = "iei-"

@@ -287,6 +287,33 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
     assert stack.stop() == 0  # already stopping: exits 0 and leaves no process behind
 
 
+def test_iei_serve_killed_outright_leaves_no_worker_holding_the_port(tmp_path):
+    """SIGKILL to `iei serve` (an OOM kill, `kill -9`): its children get SIGKILL from the kernel,
+    and uvicorn's workers, its supervisor's children, SIGTERM when the supervisor goes. They used
+    to live on, holding the port (503 for every request) and their /dev/shm regions."""
+    stack = fault_model_stack(tmp_path, "", IEI_WORKERS="2").start(timeout=120)
+    try:
+        workers = [pid for pid in descendants(stack.process.pid) if uvicorn_worker(pid)]
+        assert len(workers) == 2, workers
+        response = httpx.post(f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=30)
+        assert response.status_code == 200
+        regions = [p.name for p in Path("/dev/shm").glob("iei-frontend-*")]
+        assert {int(name.split("-")[2]) for name in regions} & set(workers), regions
+    finally:
+        stack.stop(signal.SIGKILL)  # raises if any process it started is left after 10 s
+    assert refuses_connections(stack)
+    assert not [name for name in regions if Path("/dev/shm", name).exists()]
+
+
+def uvicorn_worker(pid: int) -> bool:
+    """Whether `pid` is a uvicorn worker (spawned by multiprocessing), not its supervisor or
+    multiprocessing's resource tracker."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def test_a_slow_model_ends_in_504_at_the_request_timeout(tmp_path):
     stack = fault_model_stack(tmp_path, "sleep:6", IEI_REQUEST_TIMEOUT="1").start(timeout=120)
     try:

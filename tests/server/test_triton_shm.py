@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 from aiohttp import web
+from iei.contract import STUB_REGIONS
+from iei.launcher.processes import remove_stale_regions
 from iei.server import metrics, triton_shm
 from iei.server.triton_http import FilesInput, TritonHttpClient
-from iei.server.triton_shm import SharedMemoryRegion, remove_stale_regions
+from iei.server.triton_shm import SharedMemoryRegion
 from stack import aiohttp_stand_in
 
 pytestmark = pytest.mark.anyio
@@ -110,8 +112,21 @@ def test_regions_of_workers_no_longer_running_are_removed(tmp_path):
     other = tmp_path / "psm_12345"
     for path in (stale, mine, other):
         path.write_bytes(b"x")
-    remove_stale_regions(tmp_path)
+    remove_stale_regions(triton_shm.PREFIX, tmp_path)
     assert not stale.exists() and mine.exists() and other.exists()
+
+
+def test_the_stub_regions_of_a_killed_launcher_are_removed_by_the_next_one(tmp_path):
+    """Triton's stubs name theirs `iei-<launcher pid>-…`: a launcher killed outright left them."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f"{STUB_REGIONS}{dead}-iei_0_0"
+    mine = tmp_path / f"{STUB_REGIONS}{os.getpid()}-iei_0_0"
+    workers = tmp_path / f"{triton_shm.PREFIX}{dead}-00000000"  # not the launcher's to judge
+    for path in (stale, mine, workers):
+        path.write_bytes(b"x")
+    remove_stale_regions(STUB_REGIONS, tmp_path)
+    assert not stale.exists() and mine.exists() and workers.exists()
 
 
 async def test_a_call_names_its_block_and_a_restarted_triton_gets_the_files_in_the_body(

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 
+from ..contract import FRONTEND_REGIONS
 from .addresses import dial_endpoint, local_client
 from .errors import TritonStartupError
-from .processes import die_with_parent, stop_process
+from .processes import die_with_parent, remove_stale_regions, stop_process
 from .repository import available_cores, gpu_count, shipped_model_repository
 from .settings import LauncherSettings
 
@@ -126,3 +127,4 @@ class Frontend:
         if self.process is not None:
             self.request_stop()
             stop_process(self.process, None, GRACEFUL_SHUTDOWN + 5, name="frontend")
+            remove_stale_regions(FRONTEND_REGIONS)  # of workers that had to be killed

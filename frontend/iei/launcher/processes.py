@@ -5,20 +5,40 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
+import re
 import signal
 import subprocess
+from pathlib import Path
 
 log = logging.getLogger("iei")
 
 _PR_SET_PDEATHSIG = 1
+# Where POSIX shared memory objects live on Linux (shm_open).
+SHM_DIR = Path("/dev/shm")  # noqa: S108
 
 
-def die_with_parent() -> None:
-    """In the child before exec: get SIGKILL if `iei serve` itself dies (Linux)."""
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> None:
+    """Get `sig` when the parent dies (Linux): in a child of `iei serve` before exec, SIGKILL if
+    `iei serve` itself dies."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def stop_with_supervisor() -> None:
+    """In a uvicorn worker (a multiprocessing child of uvicorn's supervisor): SIGTERM, which
+    uvicorn takes for a graceful stop, once the supervisor is gone. Killed outright (`iei serve`
+    killed: the supervisor gets its SIGKILL), the supervisor could not stop its workers, which
+    went on holding the port and their /dev/shm regions. A single uvicorn process (no
+    supervisor) is left alone: its parent may be a shell that exits by design."""
+    supervisor = multiprocessing.parent_process()
+    if supervisor is None:
+        return
+    die_with_parent(signal.SIGTERM)
+    if not supervisor.is_alive():  # gone before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_process(
@@ -39,3 +59,19 @@ def stop_process(
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
+
+
+def remove_stale_regions(prefix: str, folder: Path = SHM_DIR) -> None:
+    """Regions named `<prefix><pid>-…` whose process no longer runs (killed outright): a frontend
+    worker's, or with the launcher's prefix those of Triton's stubs under a killed `iei serve`."""
+    named = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+    for path in folder.glob(f"{prefix}*"):
+        owner = named.match(path.name)
+        if owner is None:
+            continue
+        try:
+            os.kill(int(owner.group(1)), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's process is alive

@@ -30,13 +30,14 @@ from ..contract import (
     PROBE_IMAGE,
     PROBE_PRIORITY,
     STAGE_MODEL_NAMES,
+    STUB_REGIONS,
 )
 from ..models import ServedModel
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .addresses import dial_endpoint, local_client, triton_addresses
 from .errors import TritonStartupError
 from .models import model_layout, served_models
-from .processes import die_with_parent, stop_process
+from .processes import die_with_parent, remove_stale_regions, stop_process
 from .repository import ModelPlan, gpu_count
 from .settings import LauncherSettings
 from .triton_install import TritonInstall, find_triton
@@ -300,7 +301,7 @@ class TritonServer:
         self.busy_probes = 0  # probes in a row held behind an execution that computes
         self.executions_seen: int | None = None  # the probed model's executions at the last probe
         self.next_probe = 0.0
-        self.shm_prefix = f"iei-{os.getpid()}-"
+        self.shm_prefix = f"{STUB_REGIONS}{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
         # The model instances' processes (pid -> Triton model), once the models are ready.
         self.stubs: dict[int, str] = {}
@@ -315,6 +316,9 @@ class TritonServer:
         return f"http://{dial_endpoint(self.settings.triton_host, self.settings.triton_http_port)}"
 
     def start(self) -> None:
+        # The stubs' regions of an `iei serve` killed outright (its Triton got SIGKILL) are gone
+        # only once someone removes them: the next one does.
+        remove_stale_regions(STUB_REGIONS)
         model_env = model_environment(self.settings)
         install = self.install = self.install or find_triton(self.work_dir)
         if not self.plans:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .. import __version__
+from ..launcher.processes import stop_with_supervisor
 from ..settings import load
 from . import metrics
 from .cache import VectorCache
@@ -30,6 +31,7 @@ log = logging.getLogger("iei")
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     configure_logging()
+    stop_with_supervisor()
     # From the environment: one line per invalid variable and exit status 2, not pydantic's
     # traceback (the frontend's container checks them before uvicorn: server/preflight.py).
     settings = settings or load(ServerSettings)

@@ -28,12 +28,13 @@ from ..contract import (
     TEXT_MODEL_NAME,
     TOKENS_OUTPUT_NAME,
 )
+from ..launcher.processes import SHM_DIR, remove_stale_regions
 from . import metrics
 from .errors import ApiError, ErrorType, first_error
 from .inputs import InvalidInput
 from .limits import WORK, outliving
 from .triton_http import FilesInput, TritonHttpClient
-from .triton_shm import SHM_DIR, SharedMemoryRegion, remove_stale_regions
+from .triton_shm import PREFIX, SharedMemoryRegion
 
 log = logging.getLogger("iei")
 
@@ -89,7 +90,7 @@ class TritonClient:
 
     async def open(self) -> None:
         if self.shm_bytes > 0 and SHM_DIR.is_dir():
-            remove_stale_regions()
+            remove_stale_regions(PREFIX)
             self._region = SharedMemoryRegion(self.shm_bytes)
         self._client = TritonHttpClient(
             self.endpoint,

@@ -19,20 +19,19 @@ import contextlib
 import logging
 import mmap
 import os
-import re
 import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from ..contract import FRONTEND_REGIONS
+from ..launcher.processes import SHM_DIR
+
 log = logging.getLogger("iei")
 
-# Where POSIX shared memory objects live on Linux (shm_open); a region's file is created with
-# O_EXCL and mode 0600 under a random name.
-SHM_DIR = Path("/dev/shm")  # noqa: S108
-PREFIX = "iei-frontend-"
-_OWNER = re.compile(rf"^{PREFIX}(\d+)-")
+# A region's file is created in SHM_DIR with O_EXCL and mode 0600 under a random name.
+PREFIX = FRONTEND_REGIONS
 ALIGN = 64  # blocks start on cache lines
 # A refused registration (Triton not up yet, or on another host) is tried again after this long.
 RETRY_AFTER = 30.0
@@ -48,20 +47,6 @@ class Registrar(Protocol):
 
     async def unregister_system_shared_memory(self, name: str = "") -> None:
         pass
-
-
-def remove_stale_regions(folder: Path = SHM_DIR) -> None:
-    """Regions that frontend workers no longer running left behind (a worker killed outright)."""
-    for path in folder.glob(f"{PREFIX}*"):
-        owner = _OWNER.match(path.name)
-        if owner is None:
-            continue
-        try:
-            os.kill(int(owner.group(1)), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's process is alive
 
 
 class SharedMemoryRegion:
