@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ from iei import settings as table
 from iei.launcher.settings import LauncherSettings
 from iei.server.settings import ServerSettings
 from pydantic import SecretStr, ValidationError
+from stack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "path": Path}
@@ -137,6 +139,10 @@ def test_values_are_stripped_of_surrounding_whitespace(monkeypatch):
         ("IEI_BIND", "8000"),
         ("IEI_BIND", "host:http"),
         ("IEI_BIND", "0.0.0.0:70000"),
+        ("IEI_BIND", "::1"),  # was host ":", port 1
+        ("IEI_BIND", "::1:8000"),
+        ("IEI_BIND", "[127.0.0.1]:8000"),
+        ("IEI_BIND", "[localhost]:8000"),
         ("IEI_WORKERS", "0"),
         ("IEI_WORKERS", "two"),
         ("IEI_CONCURRENCY_LEVEL", "-1"),
@@ -316,6 +322,62 @@ def test_the_model_argument_replaces_image_embedding_model(monkeypatch):
     monkeypatch.setattr("iei.launcher.serve.serve", lambda settings: settings)
     settings = cli.launch("serve", ["clip=org/clip"])
     assert [model.model_id for model in settings.served] == ["org/clip"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("bind", "host"), [("[::1]:8000", "::1"), ("localhost:8000", "localhost"), ("[::]:80", "::")]
+)
+def test_a_bind_address_is_a_host_and_a_port(bind, host):
+    assert LauncherSettings(bind=bind).host == host
+
+
+def test_triton_s_ports_must_differ_under_iei_triton_with_a_url_too(monkeypatch, caplog):
+    """The containers' `iei triton` has IEI_TRITON_URL (for its frontend) and starts Triton: its
+    clash was found only by Triton, once the model had loaded, and read 'no error in its log'."""
+    from iei.launcher.serve import serve_triton
+
+    monkeypatch.setenv("IEI_TRITON_URL", "triton:8100")
+    monkeypatch.setenv("IEI_TRITON_GRPC_PORT", "8100")
+    monkeypatch.setattr("iei.launcher.serve.TritonServer", None)  # nothing may start
+    with caplog.at_level(logging.ERROR, "iei"):
+        assert serve_triton(LauncherSettings()) == 2
+    assert "Triton's ports must differ: IEI_TRITON_HTTP_PORT=8100, IEI_TRITON_GRPC_PORT=8100" in (
+        caplog.text
+    )
+
+
+@pytest.mark.parametrize("taken", ["IEI_BIND", "IEI_TRITON_HTTP_PORT", "IEI_TRITON_METRICS_PORT"])
+def test_a_port_in_use_is_refused_before_anything_loads(monkeypatch, caplog, taken):
+    """Found by Triton once the model had loaded (minutes), or by uvicorn after that."""
+    from iei.launcher.serve import serve
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        ports = {name: str(free_port()) for name in ("IEI_TRITON_HTTP_PORT", "IEI_TRITON_GRPC_PORT",
+                                                     "IEI_TRITON_METRICS_PORT")}  # fmt: skip
+        monkeypatch.setenv("IEI_BIND", f"127.0.0.1:{free_port()}")
+        for name, value in ports.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv(taken, f"127.0.0.1:{port}" if taken == "IEI_BIND" else str(port))
+        monkeypatch.setattr("iei.launcher.serve.TritonServer", None)  # nothing may start
+        with caplog.at_level(logging.ERROR, "iei"):
+            assert serve(LauncherSettings()) == 1
+    assert f"{taken}: nothing can listen on 127.0.0.1:{port}: Address already in use" in (
+        caplog.text
+    )
+
+
+def test_an_address_not_of_this_host_is_refused_before_anything_loads(monkeypatch, caplog):
+    from iei.launcher.serve import serve
+
+    monkeypatch.setenv("IEI_BIND", f"192.0.2.7:{free_port()}")  # TEST-NET-1: on no interface
+    monkeypatch.setattr("iei.launcher.serve.TritonServer", None)
+    with caplog.at_level(logging.ERROR, "iei"):
+        assert serve(LauncherSettings()) == 1
+    assert "IEI_BIND: nothing can listen on 192.0.2.7:" in caplog.text
+    assert "Cannot assign requested address" in caplog.text
 
 
 def test_port_clashes_are_refused_before_anything_loads(monkeypatch, caplog):

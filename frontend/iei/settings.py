@@ -56,7 +56,8 @@ _SETTINGS = [
         "is loaded at start and stays", shown_default="unset (never)",
     )),
     ("bind", Setting(
-        "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,), "`host:port` of the HTTP frontend",
+        "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,),
+        "`host:port` of the HTTP frontend (an IPv6 host in brackets: `[::1]:8000`)",
     )),
     ("workers", Setting(
         "IEI_WORKERS", "auto", "str", (LAUNCHER,),

@@ -10,6 +10,7 @@ the same family for a wildcard, the address itself otherwise.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import httpx
 
@@ -33,6 +34,35 @@ def check_listen_address(value: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
         raise ValueError(f"an address with a zone (%{address.scope_id}) cannot be bound by Triton")
     return str(address)
+
+
+def check_bind(value: str) -> str:
+    """IEI_BIND, `host:port` as uvicorn binds it (an IPv6 host in brackets); else a ValueError
+    of one line. An IPv6 address without brackets was split at its last colon: `::1` read as
+    host `:`, port 1."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, e.g. 0.0.0.0:8000 or [::1]:8000, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        check_listen_address(host)
+        if ":" not in host:
+            raise ValueError(f"brackets are for an IPv6 address, got {value!r}")
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"an IPv6 host goes in brackets, e.g. [::1]:8000, got {value!r}")
+    return value
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why nothing can listen on `host`:`port` now (the port in use, an address not of this
+    host, a privileged port), or None: found before the model loads, not minutes later."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            trial.bind((host, port))
+    except OSError as exc:  # socket.gaierror too: a host name that does not resolve
+        return exc.strerror or str(exc)
+    return None
 
 
 def dial_host(bound: str) -> str:

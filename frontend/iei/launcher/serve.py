@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, ModuleType
 
+from .addresses import bind_problem, url_host
 from .errors import TritonStartupError
 from .frontend import Frontend
 from .idle import IdleUnloader
@@ -35,10 +36,16 @@ def serve_triton(settings: LauncherSettings) -> int:
 
 
 def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -> int:
-    clash = settings.frontend_port_clash() if with_triton and with_frontend else None
-    if clash:  # found now, not once the model has loaded
+    # Found now, not once the model has loaded (minutes): Triton binds its ports only then.
+    clash = settings.tritons_port_clash() if with_triton else None  # `iei triton` with a URL
+    clash = clash or (settings.frontend_port_clash() if with_triton and with_frontend else None)
+    if clash:
         log.error("invalid settings: %s", clash)
         return 2
+    unbindable = listen_problem(settings, with_triton=with_triton, with_frontend=with_frontend)
+    if unbindable:
+        log.error("cannot start: %s", unbindable)
+        return 1
     stopping = threading.Event()
     frontend: Frontend | None = None
 
@@ -115,6 +122,23 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             log_path.unlink(missing_ok=True)
         elif log_path.exists():
             log.info("Triton's log is kept: %s", log_path)
+
+
+def listen_problem(
+    settings: LauncherSettings, *, with_triton: bool, with_frontend: bool
+) -> str | None:
+    """Why a port this run listens on cannot be bound now (in use, an address not of this host),
+    or None. A port taken between this look and the bind is still found, later."""
+    listeners = {"IEI_BIND": (settings.host, settings.port)} if with_frontend else {}
+    if with_triton:
+        for name, port in settings.tritons_ports().items():
+            listeners[name] = (settings.triton_host, port)
+    for name, (host, port) in listeners.items():
+        why = bind_problem(host, port)
+        if why:
+            where = settings.bind if name == "IEI_BIND" else f"{url_host(host)}:{port}"
+            return f"{name}: nothing can listen on {where}: {why}"
+    return None
 
 
 def frontend_metrics(frontend: Frontend | None) -> ModuleType | None:

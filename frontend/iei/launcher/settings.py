@@ -13,7 +13,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 
 from ..server.settings import ServerSettings
 from ..settings import setting
-from .addresses import check_listen_address, dial_endpoint
+from .addresses import check_bind, check_listen_address, dial_endpoint
 from .repository import (
     ModelPlan,
     available_cores,
@@ -53,10 +53,7 @@ class LauncherSettings(ServerSettings):
     @field_validator("bind")
     @classmethod
     def _check_bind(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, e.g. 0.0.0.0:8000, got {value!r}")
-        return value
+        return check_bind(value)
 
     @field_validator("triton_host")
     @classmethod
@@ -111,12 +108,17 @@ class LauncherSettings(ServerSettings):
     def _check_tritons_ports_differ(self) -> LauncherSettings:
         """Triton binds its ports only once the model has loaded: a clash found then cost the
         whole load (minutes) and named no variable."""
-        if self.triton_url is None:
-            ports = self.tritons_ports()
-            if len(set(ports.values())) < len(ports):
-                shown = ", ".join(f"{name}={port}" for name, port in ports.items())
-                raise ValueError(f"Triton's ports must differ: {shown}")
+        if self.triton_url is None and (clash := self.tritons_port_clash()):
+            raise ValueError(clash)
         return self
+
+    def tritons_port_clash(self) -> str | None:
+        """Why the Triton that `iei serve` or `iei triton` starts could not bind, or None."""
+        ports = self.tritons_ports()
+        if len(set(ports.values())) < len(ports):
+            shown = ", ".join(f"{name}={port}" for name, port in ports.items())
+            return f"Triton's ports must differ: {shown}"
+        return None
 
     def tritons_ports(self) -> dict[str, int]:
         return {
