@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from polling import eventually
+from polling import eventually, wait_for
 from sample_images import photos
 from stack import Stack, descendants
 
@@ -285,6 +285,25 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
     assert statuses == [200] * 6
     assert late == ["ConnectError"]
     assert stack.stop() == 0  # already stopping: exits 0 and leaves no process behind
+
+
+def test_a_second_signal_stops_at_once_dropping_the_requests_in_flight(tmp_path):
+    """Ctrl-C twice: the first drains for up to 30 s; the second need not wait for it."""
+    stack = fault_model_stack(tmp_path, "sleep:30", IEI_REQUEST_TIMEOUT="60").start(timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60
+        )
+        # The request in the model's sleep (the scrape counts itself too), then the signals.
+        wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
+        stack.process.send_signal(signal.SIGTERM)
+        wait_for(functools.partial(refuses_connections, stack), "the port closed", 20)
+        started = time.monotonic()
+        assert stack.stop(signal.SIGINT, timeout=15) == 0  # raises if a process is left
+        assert time.monotonic() - started < 10
+        with pytest.raises(httpx.HTTPError):
+            in_flight.result()
+    assert "received SIGINT again: stopping now" in stack.log()
 
 
 def test_iei_serve_killed_outright_leaves_no_worker_holding_the_port(tmp_path):

@@ -54,11 +54,16 @@ def stop_process(
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %.0f s; killing it", name, timeout)
-    # The child leads its own session: whatever it started (Python stubs, workers) goes too.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    kill_group(process)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to the process and, as it leads its own session, whatever it started (Python
+    stubs, uvicorn's workers)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def remove_stale_regions(prefix: str, folder: Path = SHM_DIR) -> None:

@@ -18,6 +18,7 @@ from .addresses import bind_problem, url_host
 from .errors import TritonStartupError
 from .frontend import Frontend
 from .idle import IdleUnloader
+from .processes import kill_group
 from .settings import LauncherSettings
 from .supervisor import TritonSupervisor
 from .triton_process import RESTART_REASONS, TritonServer
@@ -48,9 +49,17 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
         return 1
     stopping = threading.Event()
     frontend: Frontend | None = None
+    triton: TritonServer | None = None
 
     def on_signal(signum: int, _: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping.is_set():  # a second Ctrl-C: the drain (up to 30 s) is not wanted
+            log.warning("received %s again: stopping now, requests in flight are dropped", name)
+            for child in (frontend, triton):
+                if child is not None and child.process is not None:
+                    kill_group(child.process)
+            return
+        log.info("received %s, stopping", name)
         stopping.set()
         if frontend is not None:  # at once, even while the main thread waits on a call
             frontend.request_stop()
