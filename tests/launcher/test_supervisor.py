@@ -3,12 +3,15 @@ was asked for. A recording stand-in replaces TritonServer; nothing here starts a
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 from iei.launcher.errors import TritonStartupError
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.supervisor import TritonSupervisor
 from iei.launcher.triton_process import Problem
+from stack import free_port
 
 EXITED = Problem("exited", "Triton exited: code -9")
 
@@ -105,3 +108,38 @@ def test_a_stop_during_the_restart_ends_the_retries_quietly(caplog):
     supervisor(triton, stopping).check()
     assert triton.calls == ["stop", "start", "wait_ready"]
     assert "restart failed" not in caplog.text
+
+
+def test_a_stop_asked_for_while_the_models_are_planned_starts_no_triton(monkeypatch, tmp_path):
+    """Planning asks the hub for each model's config.json (seconds offline): a SIGTERM then
+    started Triton anyway, and was honoured only once the model had loaded."""
+    from iei.launcher import serve
+
+    started = []
+
+    class PlannedDuringSigterm:
+        process = None
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def plan(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # to run()'s own handler
+
+        def start(self) -> None:
+            started.append(True)
+
+        def stop(self) -> None:
+            pass
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    monkeypatch.setattr(serve, "TritonServer", PlannedDuringSigterm)
+    monkeypatch.setattr(serve.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "work"))
+    try:
+        ports = {name: free_port() for name in ("triton_http_port", "triton_grpc_port")}
+        settings = LauncherSettings(**ports, triton_metrics_port=free_port())
+        code = serve.run(settings, with_triton=True, with_frontend=False)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert (code, started) == (0, [])

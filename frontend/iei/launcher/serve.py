@@ -86,6 +86,9 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
     try:
         if triton is not None:
             log.info("loading %s in Triton", ", ".join(m.model_id for m in settings.served))
+            triton.plan()
+            if stopping.is_set():  # a stop asked for while the hub was asked: no Triton
+                raise TritonStartupError("stopped before Triton started")
             triton.start()
             triton.wait_ready(settings.startup_timeout, stopping.is_set)
             triton.watch_stubs()

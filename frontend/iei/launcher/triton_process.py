@@ -321,16 +321,7 @@ class TritonServer:
         remove_stale_regions(STUB_REGIONS)
         model_env = model_environment(self.settings)
         install = self.install = self.install or find_triton(self.work_dir)
-        if not self.plans:
-            self.plans = model_plans(self.settings, gpu_count())
-            self.layout = self.plans[0].layout
-            self.models = startup_models(self.plans, self.settings.model_idle_unload)
-            for plan in self.plans:
-                log.info(
-                    "model %r (%s): Triton models %s (%s layout)%s", plan.model.name,
-                    plan.model.model_id, ", ".join(plan.triton_models), plan.layout,
-                    "" if set(plan.triton_models) <= set(self.models) else ", loaded on demand",
-                )  # fmt: skip
+        self.plan()
         repository = self.work_dir / "model_repository"
         if not repository.exists():
             self.settings.render(repository, gpus=gpu_count(), models=self.plans)
@@ -356,6 +347,21 @@ class TritonServer:
         self.failed_probes, self.busy_probes, self.executions_seen = 0, 0, None
         self.next_probe = time.monotonic() + self.PROBE_INTERVAL
         log.info("started Triton (pid %d), log: %s", self.process.pid, self.log_path)
+
+    def plan(self) -> None:
+        """Decide, once, what Triton serves: the models' layouts from their config.json (a hub
+        lookup for a model id, which takes seconds offline)."""
+        if self.plans:
+            return
+        self.plans = model_plans(self.settings, gpu_count())
+        self.layout = self.plans[0].layout
+        self.models = startup_models(self.plans, self.settings.model_idle_unload)
+        for plan in self.plans:
+            log.info(
+                "model %r (%s): Triton models %s (%s layout)%s", plan.model.name,
+                plan.model.model_id, ", ".join(plan.triton_models), plan.layout,
+                "" if set(plan.triton_models) <= set(self.models) else ", loaded on demand",
+            )  # fmt: skip
 
     def _tee(self, process: subprocess.Popen[bytes]) -> None:
         """Triton's output line by line to the log file and to our stdout."""
