@@ -148,6 +148,20 @@ def test_failure_reason_without_a_model_failure_is_triton_s_last_real_error(tmp_
     assert server.failure_reason().endswith(": failed to bind port 8100")
 
 
+def test_failure_reason_without_an_error_line_is_triton_s_plain_error(tmp_path):
+    """A failure Triton prints as it exits, not as a log line of its own: the message said 'no
+    error in its log'."""
+    server = TritonServer(LauncherSettings(), tmp_path)
+    server.log_path.write_text(
+        "I1128 18:38:09.000000 31732 server.cc:100] started\n"
+        "Error: Failed to initialize NVML\n"
+        "error: creating server: Internal - failed to start GRPC service\n"
+    )
+    assert server.failure_reason().endswith(
+        ": creating server: Internal - failed to start GRPC service"
+    )
+
+
 def test_tritons_environment_carries_the_openmp_defaults_unless_the_user_set_them():
     from iei.launcher.triton_process import triton_environment
 

@@ -47,6 +47,7 @@ log = logging.getLogger("iei")
 # Triton's log: an error line (`E1128 18:38:17.348727 31732 file.cc:642] "message"`), and the
 # one that names a model that failed to load, with its reason.
 TRITON_ERROR = re.compile(r"^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] (.*)$")
+PLAIN_ERROR = re.compile(r"^error: ", re.IGNORECASE)
 FAILED_TO_LOAD = re.compile(r"failed to load '([\w-]+)' version \d+: \w+: (.*)")
 # Error lines every CPU-only host prints.
 HARMLESS = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM")
@@ -531,7 +532,10 @@ class TritonServer:
             reason = reason.split("\\n")[0].strip().rstrip("\"'")
             own = reason.find("IEI cannot load model")  # the model's own sentence says it all
             return reason[own:] if own >= 0 else f"model {model!r} failed to load: {reason}"
-        errors = [m.group(1) for m in map(TRITON_ERROR.match, text.splitlines()) if m]
+        lines = text.splitlines()
+        errors = [m.group(1) for m in map(TRITON_ERROR.match, lines) if m]
+        # Else its plain `error: …` lines (`error: creating server: …`, printed as it exits).
+        errors = errors or [line.split(":", 1)[1] for line in lines if PLAIN_ERROR.match(line)]
         errors = [e for e in errors if not any(noise in e for noise in HARMLESS)]
         last = errors[-1].strip().strip('"') if errors else "no error in its log"
         return f"Triton exited with code {code}: {last[:300]}"
