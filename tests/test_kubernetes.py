@@ -230,6 +230,17 @@ def test_triton_probes_use_its_health_endpoints_on_its_http_port():
     assert window - 120 <= float(settings_of(TRITON)["IEI_STARTUP_TIMEOUT"]) < window
 
 
+def test_triton_s_liveness_outlasts_a_restart_inside_the_pod():
+    """The launcher's restart of Triton (stop, a back-off, the model's load) keeps /v2/health/live
+    silent for up to IEI_STARTUP_TIMEOUT: a 60 s liveness window killed the container meanwhile."""
+    from iei.launcher.supervisor import TritonSupervisor
+
+    liveness = container(TRITON)["livenessProbe"]
+    window = liveness["periodSeconds"] * liveness["failureThreshold"]
+    restart = 5 + TritonSupervisor.MAX_DELAY + float(settings_of(TRITON)["IEI_STARTUP_TIMEOUT"])
+    assert window >= restart
+
+
 def test_triton_listens_where_its_container_ports_say(monkeypatch):
     for name, value in environment(TRITON).items():
         monkeypatch.setenv(name, value)
