@@ -280,15 +280,23 @@ def image_command_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def test_the_frontend_images_command_stops_on_an_invalid_setting_before_uvicorn(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("IEI_CONCURRENCY_LEVEL", "0"), ("IEI_WORKERS", "two"), ("IEI_WORKERS", "0"),
+     ("IEI_WORKERS", "65")],
+)  # fmt: skip
+def test_the_frontend_images_command_stops_on_an_invalid_setting_before_uvicorn(
+    tmp_path, name, value
+):
     """In uvicorn's workers the settings check exits a worker, which uvicorn's supervisor
-    restarts over and over: the image checks them before it starts uvicorn."""
-    env = {**image_command_env(tmp_path), "IEI_CONCURRENCY_LEVEL": "0"}
+    restarts over and over: the image checks them before it starts uvicorn, IEI_WORKERS (which
+    its command hands to uvicorn) as `iei serve` does."""
+    env = {**image_command_env(tmp_path), name: value}
     out = subprocess.run(cmd_of("frontend.Dockerfile"), env=env, capture_output=True, text=True)
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stdout == ""  # uvicorn never ran
     [line] = out.stderr.splitlines()
-    assert "invalid setting IEI_CONCURRENCY_LEVEL: " in line, out.stderr
+    assert f"invalid setting {name}: " in line, out.stderr
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,16 @@ from .repository import (
 MAX_WORKERS = 64
 
 
+def auto_or_count(value: str, most: int | None = None) -> str:
+    """`auto` or a count from 1 (to `most`), in lower case; else a ValueError of one line."""
+    value = value.strip().lower()
+    count = int(value) if value.isdigit() else 0
+    if value == "auto" or (count >= 1 and (most is None or count <= most)):
+        return value
+    counts = f"a count from 1 to {most}" if most else "a positive integer"
+    raise ValueError(f"expected auto or {counts}, got {value!r}")
+
+
 class LauncherSettings(ServerSettings):
     bind: str = setting("bind")
     workers: str = setting("workers")
@@ -70,13 +80,7 @@ class LauncherSettings(ServerSettings):
     @field_validator("workers", "forward_batch_size", "forward_threads")
     @classmethod
     def _check_auto_or_count(cls, value: str, info: ValidationInfo) -> str:
-        value = value.strip().lower()
-        most = MAX_WORKERS if info.field_name == "workers" else None
-        count = int(value) if value.isdigit() else 0
-        if value == "auto" or (count >= 1 and (most is None or count <= most)):
-            return value
-        counts = f"a count from 1 to {most}" if most else "a positive integer"
-        raise ValueError(f"expected auto or {counts}, got {value!r}")
+        return auto_or_count(value, MAX_WORKERS if info.field_name == "workers" else None)
 
     @model_validator(mode="after")
     def _check_budget_holds_an_image(self) -> LauncherSettings:

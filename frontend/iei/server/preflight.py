@@ -5,14 +5,30 @@ container logged the same line forever instead of stopping."""
 
 from __future__ import annotations
 
-from ..settings import load
+from pydantic import field_validator
+
+from ..launcher.settings import MAX_WORKERS, auto_or_count
+from ..settings import load, setting
 from .logs import configure_logging
 from .settings import ServerSettings
 
 
+class FrontendContainerSettings(ServerSettings):
+    """The server's settings and IEI_WORKERS, which the container's command hands to uvicorn,
+    checked as `iei serve` checks it (uvicorn took `--workers 0`, or said only that `two` is
+    not an integer)."""
+
+    workers: str = setting("workers")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        return auto_or_count(value, MAX_WORKERS) if isinstance(value, str) else value
+
+
 def main() -> None:
     configure_logging()
-    load(ServerSettings)
+    load(FrontendContainerSettings)
 
 
 if __name__ == "__main__":
