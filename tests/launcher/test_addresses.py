@@ -182,3 +182,16 @@ def test_the_frontend_s_triton_client_ignores_the_proxy_variables(dead_proxy):
 
     with ready_server("127.0.0.1") as port:
         assert asyncio.run(ready(port))
+
+
+@pytest.mark.parametrize(
+    ("bind", "triton_host", "clash"),
+    [("0.0.0.0:8100", "127.0.0.1", True), ("127.0.0.1:8100", "0.0.0.0", True),
+     ("[::]:8100", "127.0.0.1", True), ("localhost:8100", "127.0.0.1", True),
+     ("127.0.0.1:8100", "127.0.0.1", True), ("127.0.0.2:8100", "127.0.0.1", False),
+     ("[::1]:8100", "127.0.0.1", False), ("127.0.0.1:8000", "127.0.0.1", False)],
+)  # fmt: skip
+def test_the_frontend_clashes_with_triton_only_where_both_would_listen(bind, triton_host, clash):
+    """Equal port numbers on two addresses of this host are two listeners, not a clash."""
+    settings = LauncherSettings(bind=bind, triton_host=triton_host)
+    assert (settings.frontend_port_clash() is not None) == clash

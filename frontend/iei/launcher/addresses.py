@@ -52,6 +52,19 @@ def check_bind(value: str) -> str:
     return value
 
 
+def may_share_port(a: str, b: str) -> bool:
+    """Whether listeners on hosts `a` and `b` would take the same port: the same address, a
+    wildcard of the family (`::` of both, dual-stack as Linux binds it), or a name, which may
+    resolve to either. 127.0.0.1 and 127.0.0.2 do not."""
+    try:
+        first, second = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return True
+    if first == second or "::" in (str(first), str(second)):
+        return True
+    return first.version == second.version and (first.is_unspecified or second.is_unspecified)
+
+
 def bind_problem(host: str, port: int) -> str | None:
     """Why nothing can listen on `host`:`port` now (the port in use, an address not of this
     host, a privileged port), or None: found before the model loads, not minutes later."""

@@ -13,7 +13,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 
 from ..server.settings import ServerSettings
 from ..settings import setting
-from .addresses import check_bind, check_listen_address, dial_endpoint
+from .addresses import check_bind, check_listen_address, dial_endpoint, may_share_port
 from .repository import (
     ModelPlan,
     available_cores,
@@ -134,7 +134,7 @@ class LauncherSettings(ServerSettings):
     def frontend_port_clash(self) -> str | None:
         """Why `iei serve`'s frontend could not bind beside its own Triton, or None."""
         for name, port in self.tritons_ports().items():
-            if port == self.port:
+            if port == self.port and may_share_port(self.host, self.triton_host):
                 return f"IEI_BIND={self.bind} takes Triton's port ({name}={port})"
         return None
 
