@@ -27,8 +27,9 @@ and no package index. `stage` puts into `gpu-bundle/` (git-ignored):
 `run` installs them into `.gpu-env/` (`pip install --no-index --no-deps --target`), then checks
 what fails fast, stopping at the first problem with one line: Python 3.12, the libpython3.12
 shared library the stub links, `ldd` of the stub and of tritonserver, the imports (torch from the
-host, numpy 1.26.4, transformers, tritonclient, nvImageCodec), CUDA available. Then it runs
-`python -m bench.gpu` with that environment.
+host, numpy 1.26.4, transformers, tritonclient, nvImageCodec), CUDA available, and one small JPEG
+decoded by nvImageCodec on cuda:0 as the encoder decodes (its import alone succeeds without a
+loadable libnvjpeg). Then it runs `python -m bench.gpu` with that environment.
 """
 
 from __future__ import annotations
@@ -346,6 +347,29 @@ class Missing(RuntimeError):
     """What the GPU host lacks, in one line."""
 
 
+IMPORTS_PROBE = (
+    "import torch, numpy, transformers, tritonclient.grpc, tritonclient.http, PIL, fastapi\n"
+    "assert numpy.__version__ == '1.26.4', f'numpy {numpy.__version__} comes first'\n"
+    "assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA device'\n"
+    "from nvidia import nvimgcodec\n"
+    "import iei.cli\n"
+)
+# nvImageCodec imports even where libnvjpeg cannot be loaded (every decode then returns None):
+# only a decode proves it. The encoder's own decoder and warm-up (iei_runtime.jpeg_decoders:
+# nvimgcodec.Decoder on the GPU's backends, one small JPEG) on cuda:0, as iei_encoder starts.
+DECODE_FAILED = 3  # the probe's exit status when the decode fails; its last stderr line says why
+DECODE_PROBE = """
+import sys, torch
+sys.path.insert(0, %(repository)r)
+from iei_runtime.jpeg_decoders import choose_jpeg_decoder, first_line
+try:
+    choose_jpeg_decoder("nvimagecodec", torch.device("cuda", 0))
+except Exception as exc:
+    sys.stderr.write(first_line(exc) + "\\n")
+    raise SystemExit(%(status)d)
+"""
+
+
 def install(bundle: Path, env: Path) -> Path:
     """The bundle installed into `env` (once per bundle); the folder to put on PYTHONPATH."""
     manifest = json.loads((bundle / "MANIFEST.json").read_text())
@@ -399,19 +423,17 @@ def check(site: Path) -> None:
         if result.returncode != 0 or missing:
             why = ", ".join(missing) or result.stderr.strip().splitlines()[0]
             raise Missing(f"{binary.name} cannot load: {why} (ldd)")
-    probe = (
-        "import torch, numpy, transformers, tritonclient.grpc, tritonclient.http, PIL, fastapi\n"
-        "assert numpy.__version__ == '1.26.4', f'numpy {numpy.__version__} comes first'\n"
-        "assert torch.cuda.is_available(), f'torch {torch.__version__} sees no CUDA device'\n"
-        "from nvidia import nvimgcodec\n"
-        "import iei.cli\n"
-    )
+    repository = str(ROOT / "model_repository")
+    probe = IMPORTS_PROBE + DECODE_PROBE % {"repository": repository, "status": DECODE_FAILED}
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=environment(site)
     )
     if result.returncode != 0:
         lines = [x for x in result.stderr.strip().splitlines() if x.strip()]
-        raise Missing(f"import check failed: {lines[-1] if lines else result.returncode}")
+        last = lines[-1] if lines else result.returncode
+        if result.returncode == DECODE_FAILED:
+            raise Missing(f"nvImageCodec cannot decode a JPEG on cuda:0: {last}")
+        raise Missing(f"import check failed: {last}")
 
 
 def run(bench_args: list[str], bundle: Path = BUNDLE, env: Path = ENV) -> int:
@@ -423,7 +445,7 @@ def run(bench_args: list[str], bundle: Path = BUNDLE, env: Path = ENV) -> int:
     except Missing as exc:
         print(f"bench-gpu: {exc}", flush=True)  # noqa: T201 (the one line the user reads)
         return 2
-    log("checks passed: Python, libpython, ldd, imports, CUDA")
+    log("checks passed: Python, libpython, ldd, imports, CUDA, a JPEG decoded on cuda:0")
     command = [sys.executable, "-m", "bench.gpu", *bench_args]
     return subprocess.run(command, cwd=ROOT, env=environment(site), check=False).returncode
 

@@ -104,6 +104,59 @@ def test_the_checks_stop_at_the_first_failing_import_here_cuda(site):
     assert "sees no CUDA device" in message
 
 
+# nvImageCodec's Python API as iei_runtime.jpeg_decoders calls it; `decode` gives `RESULT` per
+# file: None, as the real one does for every file where libnvjpeg cannot be loaded, or a CPU
+# tensor standing in for the GPU image (DLPack takes either).
+FAKE_NVIMGCODEC = """
+import torch
+
+class BackendKind:
+    HW_GPU_ONLY, GPU_ONLY = 1, 2
+
+class Backend:
+    def __init__(self, kind):
+        self.kind = kind
+
+class DecodeParams:
+    def __init__(self, **params):
+        self.params = params
+
+class Decoder:
+    def __init__(self, **options):
+        self.options = options
+
+    def decode(self, files, params=None):
+        return [RESULT for _ in files]
+"""
+
+
+@pytest.mark.parametrize(
+    ("result", "refused"),
+    [("None", True), ("torch.zeros((48, 64, 3), dtype=torch.uint8)", False)],
+)
+def test_the_checks_decode_a_jpeg_with_nvimagecodec_not_only_import_it(
+    site, tmp_path, monkeypatch, result, refused
+):
+    """An nvImageCodec that imports but decodes nothing (no loadable libnvjpeg) stops the run
+    with one line; one that decodes passes (the import checks are skipped: no CUDA here)."""
+    folder, libs = site
+    (folder / "nvidia_pytriton.libs").symlink_to(libs)
+    fake = tmp_path / "fake" / "nvidia" / "nvimgcodec"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(FAKE_NVIMGCODEC.replace("RESULT", result))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setattr(gpu_bundle, "IMPORTS_PROBE", "", raising=False)
+    if not refused:
+        gpu_bundle.check(folder)
+        return
+    with pytest.raises(gpu_bundle.Missing) as missing:
+        gpu_bundle.check(folder)
+    message = str(missing.value)
+    assert message.startswith("nvImageCodec cannot decode a JPEG on cuda:0: ")
+    assert "\n" not in message
+    assert "nvimagecodec's warm-up decode failed: it refused a plain JPEG" in message
+
+
 def test_another_python_is_refused_first(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_bundle, "PYTHON", "3.99")
     with pytest.raises(gpu_bundle.Missing, match=f"Python 3.99 is needed .*, not {VERSION}$"):
