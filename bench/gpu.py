@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import io
 import json
@@ -257,11 +258,14 @@ def decoded_cosine(model_dir: Path, sets: dict[str, list[bytes]]) -> dict:
     requested = "auto" if where.type == "cuda" else "torchvision"
     environ = {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_ENGINE": "torch"}
     threads = max(1, len(os.sched_getaffinity(0)))
-    pil = loading.load_embedder(read_settings({}, environ), where, threads)
-    split = read_settings({}, {**environ, "IEI_JPEG_DECODER": requested})
-    preprocess = loading.load_preprocess_stage(split, threads)
-    encoder = loading.load_encode_stage(split, where, threads)
-    try:
+    with contextlib.ExitStack() as loaded:  # what was loaded is closed, whatever fails next
+        pil = loading.load_embedder(read_settings({}, environ), where, threads)
+        loaded.callback(pil.close)
+        split = read_settings({}, {**environ, "IEI_JPEG_DECODER": requested})
+        preprocess = loading.load_preprocess_stage(split, threads)
+        loaded.callback(preprocess.preprocessor.close)
+        encoder = loading.load_encode_stage(split, where, threads)
+        loaded.callback(encoder.embedder.close)
         lowest = {}
         for name, files in sets.items():
             chosen = files[: 2 * len(PHOTO_SETS[name])]
@@ -273,10 +277,6 @@ def decoded_cosine(model_dir: Path, sets: dict[str, list[bytes]]) -> dict:
             vectors = np.stack(encoder.embed([pixels], files_, headers))
             lowest[name] = float(measure.cosine(vectors, expected).min())
         decoder = encoder.decoder.name if encoder.decoder else "pil"
-    finally:
-        pil.close()
-        preprocess.preprocessor.close()
-        encoder.embedder.close()
     return {"decoder": decoder, "device": where.type, "cosine_min": lowest}
 
 
@@ -396,6 +396,12 @@ def serve_and_measure(
     return served
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and its message's first line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def skip(rows: Rows, step: tuple[str, str, str, int, int], why: str) -> None:
     layout, name, path, per_request, concurrency = step
     rows.write({"kind": "skipped", "layout": layout, "set": name, "path": path,
@@ -446,7 +452,8 @@ def verdicts(part: dict[str, Any]) -> list[str]:
             f"PIL: {sets}) target >= {COSINE_TARGET}: {'yes' if low >= COSINE_TARGET else 'no'}"
         )
     else:
-        lines.append("VERDICT decoded_cosine_min=not measured (the budget ran out)")
+        why = part.get("not_measured", {}).get("decoded_cosine", "the budget ran out")
+        lines.append(f"VERDICT decoded_cosine_min=not measured ({why})")
     lines.append(encoders_verdict(embed))
     return lines
 
@@ -485,12 +492,20 @@ def run(args: argparse.Namespace, work: Path, budget: Budget, rows: Rows) -> dic
     window = budget.window(args.seconds, windows, budget.reserve + 30)
     limit = inprocess_limit(mm, model_dir, sets[args.sets[0]], max(MIN_WINDOW, window))
     rows.write({"kind": "inprocess", **limit})
-    cosine = None
+    cosine, not_measured = None, {"decoded_cosine": "the budget ran out"}
     if budget.left() > budget.reserve + 20:
-        cosine = decoded_cosine(model_dir, sets)
-        rows.write({"kind": "decoded_cosine", **cosine})
+        try:
+            cosine = decoded_cosine(model_dir, sets)
+        except Exception as exc:  # written down; the served loads and the verdicts still come
+            not_measured["decoded_cosine"] = first_line(exc)
+            rows.write({"kind": "decoded_cosine", "error": not_measured["decoded_cosine"]})
+            log(f"decoded cosine not measured: {not_measured['decoded_cosine']}")
+        else:
+            del not_measured["decoded_cosine"]
+            rows.write({"kind": "decoded_cosine", **cosine})
     served = serve_and_measure(model_dir, work, sets, plan, args.seconds, budget, rows)
-    return {"inprocess": limit, "decoded_cosine": cosine, "served": served}
+    return {"inprocess": limit, "decoded_cosine": cosine, "served": served,
+            "not_measured": not_measured}  # fmt: skip
 
 
 def meta(argv: list[str], budget: Budget) -> dict:

@@ -695,6 +695,50 @@ def test_the_gpu_bench_compares_two_encoders_per_gpu_with_one_on_a_gpu_only(monk
     assert gpu.verdicts(part)[-1].startswith("VERDICT encoders_per_gpu=1 ")
 
 
+@pytest.fixture
+def gpu_run_without_a_model(tmp_path, monkeypatch):
+    """bench.gpu's `run` with its model, photos, in-process limit and served loads stood in
+    for (each a call recorded in `calls`): what is left is how the run strings them together."""
+    import argparse
+
+    from bench import gpu
+
+    calls: list[str] = []
+    limit = {"dtype": "float16", "batch": 64, "img_s": 10_000.0, "images": 640}
+    monkeypatch.setattr(gpu, "load_model_module", lambda: None)
+    monkeypatch.setattr(gpu, "build_model", lambda name, folder: folder)
+    monkeypatch.setattr(gpu, "photo_set", lambda name: [b"jpeg"])
+    monkeypatch.setattr(gpu, "inprocess_limit", lambda *a: calls.append("inprocess") or limit)
+
+    def served(*args: Any) -> dict:
+        calls.append("served")
+        return {}
+
+    monkeypatch.setattr(gpu, "serve_and_measure", served)
+    args = argparse.Namespace(model="vit-tiny", sets=["web"], layouts=["split"], seconds=1.0)
+    budget = gpu.Budget(300)
+    rows = gpu.Rows(tmp_path / "benchmarks" / "gpu-rows.jsonl", budget)
+    return lambda: gpu.run(args, tmp_path, budget, rows), calls, rows
+
+
+def test_a_decoding_failure_is_a_not_measured_verdict_and_the_run_goes_on(
+    gpu_run_without_a_model, monkeypatch
+):
+    from bench import gpu
+
+    def no_libnvjpeg(model_dir: Path, sets: dict) -> dict:
+        raise RuntimeError("nvimagecodec: libnvjpeg.so.13 cannot be loaded\nmore detail")
+
+    monkeypatch.setattr(gpu, "decoded_cosine", no_libnvjpeg)
+    run, calls, rows = gpu_run_without_a_model
+    part = run()
+    assert calls[-1] == "served"  # the served loads still ran
+    why = "RuntimeError: nvimagecodec: libnvjpeg.so.13 cannot be loaded"
+    assert [r["error"] for r in rows.rows if r["kind"] == "decoded_cosine"] == [why]
+    part["meta"] = gpu_part(None, 8.0)["meta"]
+    assert f"VERDICT decoded_cosine_min=not measured ({why})" in gpu.verdicts(part)
+
+
 def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
     """`python -m bench.gpu` with a tiny model: stdout, the rows file's row count each time it
     was looked at while the run was going, and the run's seconds."""
