@@ -58,6 +58,7 @@ from .workload import (
     make_jpegs,
     preprocessed,
     start_server,
+    stop_server,
 )
 
 DOCS = ROOT / "docs"
@@ -86,6 +87,8 @@ LOADS = {
 MIN_WINDOW = 0.3  # seconds: a load the budget leaves less for is skipped
 # Seconds kept for stopping a stack and writing the report: 20, less in a short budget.
 STOP_RESERVE = 20.0
+STOP_WAIT = 60.0  # seconds a stack is given to stop, at most (ServedStack's)
+TRITON_EXIT = 15.0  # and at least: the launcher's --exit-timeout-secs for Triton
 COSINE_TARGET = 0.999
 ENCODERS_MARGIN = 1.05  # two encoders per GPU against one: what counts as faster
 DEFAULT_BUDGET = 480.0
@@ -118,18 +121,25 @@ class Budget:
 
 
 class BudgetedStack(ServedStack):
-    """`iei serve` that must be healthy within `timeout` seconds (what the budget leaves)."""
+    """`iei serve` that must be healthy within what the budget leaves (after its reserve), and
+    is given what is left of the budget to stop."""
 
-    def __init__(self, model_dir: Path, log_path: Path, timeout: float, **env: str) -> None:
+    def __init__(self, model_dir: Path, log_path: Path, budget: Budget, **env: str) -> None:
         super().__init__(model_dir, log_path, **env)
-        self.timeout = timeout
+        self.budget = budget
 
     def __enter__(self) -> BudgetedStack:
         command = list(IEI_SERVE)
+        timeout = max(10.0, self.budget.left() - self.budget.reserve)
         self.process = start_server(
-            "iei serve", command, self.env, self.log_path, self.url, self.timeout
+            "iei serve", command, self.env, self.log_path, self.url, timeout
         )
         return self
+
+    def __exit__(self, *_: object) -> None:
+        # At least Triton's own --exit-timeout-secs: a SIGKILL sooner would leave Triton and
+        # the frontend (in sessions of their own) running, the GPU's memory held.
+        stop_server(self.process, min(STOP_WAIT, max(TRITON_EXIT, self.budget.left() - 3)))
 
 
 class Rows:
@@ -308,16 +318,20 @@ def layout_environ(layout: str) -> dict[str, str]:
 
 
 def start_load(
-    stack: ServedStack, files: list[bytes], path: str, per_request: int, concurrency: int
+    stack: ServedStack,
+    files: list[bytes],
+    path: str,
+    per_request: int,
+    concurrency: int,
+    timeout: float,
 ) -> Callable[[int], Awaitable[measure.Load]]:
-    """The load as a function of its number of requests."""
+    """The load as a function of its number of requests, each request given at most `timeout`
+    seconds."""
+    options: dict[str, Any] = {"concurrency": concurrency, "per_request": per_request,
+                               "timeout": timeout}  # fmt: skip
     if path == "grpc":
-        return lambda n: measure.grpc_load(
-            stack.grpc, files, concurrency=concurrency, requests=n, per_request=per_request
-        )
-    return lambda n: measure.http_load(
-        stack.url, files, concurrency=concurrency, requests=n, per_request=per_request
-    )
+        return lambda n: measure.grpc_load(stack.grpc, files, requests=n, **options)
+    return lambda n: measure.http_load(stack.url, files, requests=n, **options)
 
 
 async def measured_load(
@@ -333,6 +347,11 @@ async def measured_load(
         result = await run(requests)
     return {**result.row(), "cpu_percent": utilisation.cpu_percent,
             "gpu_percent": utilisation.gpu_percent, "probe_only": False}  # fmt: skip
+
+
+async def within(load: Awaitable[dict], seconds: float) -> dict:
+    """`load`'s row, or TimeoutError after `seconds` (the load cancelled, its clients closed)."""
+    return await asyncio.wait_for(load, seconds)
 
 
 def serve_and_measure(
@@ -356,9 +375,8 @@ def serve_and_measure(
         environ = layout_environ(layout)
         if device().type != "cuda":
             environ["IEI_JPEG_DECODER"] = "torchvision"  # the GPU decoder's CPU stand-in
-        started = max(10.0, budget.left() - budget.reserve)
         log_path = work / f"{layout.replace('/', '-')}.log"
-        stack = BudgetedStack(model_dir, log_path, started, **environ)
+        stack = BudgetedStack(model_dir, log_path, budget, **environ)
         try:
             stack.__enter__()  # started once here; `with stack` below would start it again
         except (RuntimeError, OSError) as exc:  # not healthy in the budget, exited, not run
@@ -376,9 +394,15 @@ def serve_and_measure(
                 if window < MIN_WINDOW:
                     skip(rows, step, f"the budget left {window:.1f} s for this window")
                     continue
-                run = start_load(stack, sets[name], path, per_request, concurrency)
+                # A load stuck past what the budget leaves (its client's timeouts included) is
+                # given up, so that the rest is still skipped in time and the verdicts printed.
+                bound = budget.left() - budget.reserve
+                run = start_load(stack, sets[name], path, per_request, concurrency, bound)
                 try:
-                    row = asyncio.run(measured_load(run, concurrency, window))
+                    row = asyncio.run(within(measured_load(run, concurrency, window), bound))
+                except TimeoutError:
+                    skip(rows, step, f"it did not finish in the {bound:.0f} s the budget left")
+                    continue
                 except Exception as exc:  # written down; the other loads still run
                     rows.write({"kind": "failed", "layout": layout, "set": name, "path": path,
                                 "per_request": per_request, "concurrency": concurrency,

@@ -161,15 +161,16 @@ async def http_load(
     requests: int,
     per_request: int = 1,
     body: str = "json",
+    timeout: float = 600,
 ) -> Load:
     """POST /embed: `requests` requests of `per_request` images, `concurrency` at a time, the
-    images in a body of kind `body` (BODIES)."""
+    images in a body of kind `body` (BODIES); each request given at most `timeout` seconds."""
     import aiohttp
 
     bodies = request_bodies(files, per_request, body)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
 
         async def call(i: int) -> None:
             data, content_type = bodies[i % len(bodies)]
@@ -188,9 +189,16 @@ async def http_load(
 
 
 async def grpc_load(
-    endpoint: str, files: Sequence[bytes], *, concurrency: int, requests: int, per_request: int = 1
+    endpoint: str,
+    files: Sequence[bytes],
+    *,
+    concurrency: int,
+    requests: int,
+    per_request: int = 1,
+    timeout: float | None = None,
 ) -> Load:
-    """Triton's gRPC endpoint directly, the same images as BYTES."""
+    """Triton's gRPC endpoint directly, the same images as BYTES; each call given at most
+    `timeout` seconds (None: no limit)."""
     import tritonclient.grpc.aio as grpc_aio
 
     client = grpc_aio.InferenceServerClient(endpoint)
@@ -205,7 +213,7 @@ async def grpc_load(
         tensor = tensors[i % len(tensors)]
         request = grpc_aio.InferInput("IMAGE", list(tensor.shape), "BYTES")
         request.set_data_from_numpy(tensor)
-        result = await client.infer("iei", [request], outputs=output)
+        result = await client.infer("iei", [request], outputs=output, client_timeout=timeout)
         if result.as_numpy("EMBEDDING").shape[0] != per_request:
             raise RuntimeError("Triton returned the wrong number of vectors")
 

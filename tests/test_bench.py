@@ -739,6 +739,68 @@ def test_a_decoding_failure_is_a_not_measured_verdict_and_the_run_goes_on(
     assert f"VERDICT decoded_cosine_min=not measured ({why})" in gpu.verdicts(part)
 
 
+def test_a_stuck_load_is_given_up_when_the_budget_is_spent_and_the_rest_skipped(
+    tmp_path, monkeypatch
+):
+    """A load that never answers (a stuck stack) becomes a skipped row with its reason once
+    what the budget leaves is spent; the next load is skipped; each request's timeout is that
+    bound, not the client's 600 s."""
+    import asyncio
+    import threading
+    import time
+
+    from bench import gpu
+
+    budget = gpu.Budget(300)
+    rows = gpu.Rows(tmp_path / "gpu-rows.jsonl", budget)
+    timeouts: list[float] = []
+
+    def started(stack: Any) -> Any:  # healthy at once, 2 s of the budget left for the loads
+        stack.process = None
+        budget.deadline = time.monotonic() + budget.reserve + 2
+        return stack
+
+    def stuck_load(*args: Any) -> Any:
+        timeouts.append(args[-1])
+        return lambda n: asyncio.sleep(60)
+
+    monkeypatch.setattr(gpu.BudgetedStack, "__enter__", started)
+    monkeypatch.setattr(gpu, "stop_server", lambda process, timeout: None, raising=False)
+    monkeypatch.setattr(gpu, "start_load", stuck_load)
+    plan = [("split", "web", "embed", 1, 1), ("split", "web", "embed", 1, 16)]
+    sets = {"web": [b"jpeg"]}
+    done = threading.Thread(
+        target=gpu.serve_and_measure,
+        args=(tmp_path, tmp_path, sets, plan, 8.0, budget, rows),
+        daemon=True,
+    )
+    done.start()
+    done.join(timeout=20)
+    assert not done.is_alive(), "the stuck load outlived the budget"
+    assert [r["kind"] for r in rows.rows] == ["skipped", "skipped"]
+    assert rows.rows[0]["why"] == "it did not finish in the 2 s the budget left"
+    assert rows.rows[1]["why"].startswith("the budget left 0.")
+    assert timeouts and timeouts[0] <= 2
+
+
+def test_a_stack_is_given_what_the_budget_leaves_to_stop_and_at_least_triton_s_exit(
+    tmp_path, monkeypatch
+):
+    from bench import gpu
+
+    waits: list[float] = []
+    monkeypatch.setattr(gpu, "stop_server", lambda p, timeout: waits.append(timeout),
+                        raising=False)  # fmt: skip
+    budget = gpu.Budget(300)
+    stack = gpu.BudgetedStack(tmp_path, tmp_path / "log", budget)
+    stack.__exit__(None, None, None)
+    budget.deadline -= 270  # 30 s left
+    stack.__exit__(None, None, None)
+    budget.deadline -= 30  # spent
+    stack.__exit__(None, None, None)
+    assert waits[0] == 60 and 26 <= waits[1] <= 27 and waits[2] == 15
+
+
 def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
     """`python -m bench.gpu` with a tiny model: stdout, the rows file's row count each time it
     was looked at while the run was going, and the run's seconds."""
