@@ -48,9 +48,11 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "gpu-bundle"
@@ -58,6 +60,9 @@ ENV = ROOT / ".gpu-env"
 PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 LIMIT_MIB = 50  # the bundle and the repository together: what one device call carries easily
+# `make bench-gpu`'s seconds from the moment this runner starts: its install and checks, then
+# bench.gpu's measurements (bench.gpu's --budget; bench.gpu is told when the run began).
+DEFAULT_BUDGET = 480.0
 PYTRITON = "nvidia-pytriton==0.7.0"
 # What the server (iei serve: launcher, frontend, Triton's Python models) and the bench import,
 # with their dependencies; torch and torchvision are the host's.
@@ -244,8 +249,8 @@ def repack(wheel: Path, target: Path) -> int:
     return len(infos) - len(kept)
 
 
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+def pip(*args: str, timeout: float | None = None) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, timeout=timeout)
 
 
 def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
@@ -370,8 +375,29 @@ except Exception as exc:
 """
 
 
-def install(bundle: Path, env: Path) -> Path:
-    """The bundle installed into `env` (once per bundle); the folder to put on PYTHONPATH."""
+def seconds_left(deadline: float | None, step: str) -> float | None:
+    """What the run's budget leaves for a setup step (None: no deadline); Missing if nothing."""
+    if deadline is None:
+        return None
+    left = deadline - time.time()
+    if left <= 0:
+        raise Missing(f"the budget ran out before {step}")
+    return left
+
+
+def bounded(command: list[str], deadline: float | None, step: str, **options: object) -> Any:
+    """subprocess.run(command) given what the budget leaves; Missing, in one line, when that
+    is not enough."""
+    left = seconds_left(deadline, step)
+    try:
+        return subprocess.run(command, timeout=left, **options)  # type: ignore[call-overload]
+    except subprocess.TimeoutExpired:
+        raise Missing(f"{step} did not finish in the {left:.0f} s the budget left") from None
+
+
+def install(bundle: Path, env: Path, deadline: float | None = None) -> Path:
+    """The bundle installed into `env` (once per bundle); the folder to put on PYTHONPATH.
+    `deadline`: the Unix time by which the run's budget is spent."""
     manifest = json.loads((bundle / "MANIFEST.json").read_text())
     site = env / "site"
     stamp = env / "installed.json"
@@ -384,7 +410,14 @@ def install(bundle: Path, env: Path) -> Path:
         tar.extractall(wheels, filter="data")
     names = sorted(str(p) for p in wheels.glob("*.whl"))
     log(f"installing {len(names)} wheels into {site}")
-    pip("install", "--quiet", "--no-index", "--no-deps", "--target", str(site), *names)
+    step = "the offline install of the wheels"
+    try:
+        pip("install", "--quiet", "--no-index", "--no-deps", "--target", str(site), *names,
+            timeout=seconds_left(deadline, step))  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise Missing(f"{step} did not finish in what the budget left") from None
+    except subprocess.CalledProcessError as exc:
+        raise Missing(f"{step} failed (pip exited {exc.returncode}; its output is above)") from None
     with tarfile.open(bundle / "tritonserver.tar.xz") as tar:
         tar.extractall(site, filter="data")
     shutil.rmtree(wheels)
@@ -403,8 +436,9 @@ def environment(site: Path) -> dict[str, str]:
     }
 
 
-def check(site: Path) -> None:
-    """What fails fast on a GPU host, in order; raises Missing with one line."""
+def check(site: Path, deadline: float | None = None) -> None:
+    """What fails fast on a GPU host, in order, each step within what the budget leaves
+    (`deadline`, a Unix time); raises Missing with one line."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     if version != PYTHON:
         raise Missing(f"Python {PYTHON} is needed (the bundle's wheels and stub), not {version}")
@@ -418,16 +452,16 @@ def check(site: Path) -> None:
     backend = server / "backends" / "python" / "libtriton_python.so"
     for binary in (stub, server / "bin" / "tritonserver", backend):
         env = {**os.environ, "LD_LIBRARY_PATH": libs}
-        result = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env)
+        command = ["ldd", str(binary)]
+        result = bounded(command, deadline, "ldd", capture_output=True, text=True, env=env)
         missing = [x.split()[0] for x in result.stdout.splitlines() if "not found" in x]
         if result.returncode != 0 or missing:
             why = ", ".join(missing) or result.stderr.strip().splitlines()[0]
             raise Missing(f"{binary.name} cannot load: {why} (ldd)")
     repository = str(ROOT / "model_repository")
     probe = IMPORTS_PROBE + DECODE_PROBE % {"repository": repository, "status": DECODE_FAILED}
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=environment(site)
-    )
+    result = bounded([sys.executable, "-c", probe], deadline, "the import and decode check",
+                     capture_output=True, text=True, env=environment(site))  # fmt: skip
     if result.returncode != 0:
         lines = [x for x in result.stderr.strip().splitlines() if x.strip()]
         last = lines[-1] if lines else result.returncode
@@ -436,17 +470,34 @@ def check(site: Path) -> None:
         raise Missing(f"import check failed: {last}")
 
 
+def bench_options(bench_args: list[str]) -> argparse.Namespace:
+    """What the runner reads of bench.gpu's arguments: --budget (the whole run's seconds) and
+    --started (when the run began, if a caller already says)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
+    parser.add_argument("--started", type=float, default=None)
+    return parser.parse_known_args(bench_args)[0]
+
+
 def run(bench_args: list[str], bundle: Path = BUNDLE, env: Path = ENV) -> int:
+    """Install, check, then bench.gpu, all within --budget seconds from now: bench.gpu is told
+    when the run began (--started), so its windows shrink by what the setup took."""
+    options = bench_options(bench_args)
+    started = time.time() if options.started is None else options.started
+    deadline = started + options.budget
     try:
         if not (bundle / "MANIFEST.json").exists():
             raise Missing(f"no bundle at {bundle}: run `make gpu-bundle` where the index answers")
-        site = install(bundle, env)
-        check(site)
+        site = install(bundle, env, deadline)
+        check(site, deadline)
     except Missing as exc:
         print(f"bench-gpu: {exc}", flush=True)  # noqa: T201 (the one line the user reads)
         return 2
-    log("checks passed: Python, libpython, ldd, imports, CUDA, a JPEG decoded on cuda:0")
+    log(f"checks passed in {time.time() - started:.0f} s: Python, libpython, ldd, imports, CUDA, "
+        "a JPEG decoded on cuda:0")  # fmt: skip
     command = [sys.executable, "-m", "bench.gpu", *bench_args]
+    if options.started is None:
+        command += ["--started", repr(started)]
     return subprocess.run(command, cwd=ROOT, env=environment(site), check=False).returncode
 
 

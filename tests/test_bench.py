@@ -631,6 +631,17 @@ def test_the_gpu_bench_shares_what_the_budget_leaves_between_the_windows_to_come
     assert budget.window(8, windows_left=1, reserve=0) == 0
 
 
+def test_the_gpu_bench_s_budget_counts_from_when_the_run_began():
+    """The bundle runner's install and checks (before bench.gpu started) spend the same budget."""
+    import time
+
+    from bench import gpu
+
+    budget = gpu.Budget(100, time.time() - 30)
+    assert 69 <= budget.left() <= 70 and 30 <= budget.elapsed() <= 31
+    assert 99 <= gpu.Budget(100).left() <= 100
+
+
 def test_the_gpu_bench_s_verdicts_name_rate_ratio_and_decoding_cosine():
     from bench import gpu
 

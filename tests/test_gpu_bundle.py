@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -58,6 +59,52 @@ def test_without_a_bundle_the_gpu_bench_says_so_in_one_line(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [f"bench-gpu: no bundle at {tmp_path / 'none'}: run `make gpu-bundle` where "
                    "the index answers"]  # fmt: skip
+
+
+def test_the_runner_bounds_its_setup_by_the_budget_and_tells_the_bench_when_it_began(
+    tmp_path, monkeypatch
+):
+    """--budget is the whole run from the runner's start: its install and checks get the same
+    deadline, and bench.gpu is passed --started so that its windows shrink by the setup."""
+    import time
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "MANIFEST.json").write_text("{}")
+    deadlines: list[float] = []
+    commands: list[list[str]] = []
+
+    def install(bundle: Path, env: Path, deadline: float | None = None) -> Path:
+        deadlines.append(deadline or 0.0)
+        return tmp_path / "site"
+
+    monkeypatch.setattr(gpu_bundle, "install", install)
+    monkeypatch.setattr(gpu_bundle, "check", lambda site, deadline=None: deadlines.append(deadline))
+    monkeypatch.setattr(gpu_bundle.subprocess, "run",
+                        lambda command, **options: commands.append(command) or
+                        type("Done", (), {"returncode": 0})())  # fmt: skip
+    before = time.time()
+    assert gpu_bundle.run(["--budget", "200", "--layouts", "split"], bundle, tmp_path / "env") == 0
+    [command] = commands
+    assert command[:5] == [sys.executable, "-m", "bench.gpu", "--budget", "200"]
+    assert command[7] == "--started" and before <= float(command[8]) <= time.time()
+    assert deadlines == [float(command[8]) + 200] * 2
+
+
+def test_a_setup_step_past_the_budget_stops_the_run_in_one_line(site, monkeypatch):
+    import time
+
+    folder, libs = site
+    (folder / "nvidia_pytriton.libs").symlink_to(libs)
+    monkeypatch.setattr(gpu_bundle, "IMPORTS_PROBE", "import time\ntime.sleep(30)\n")
+    with pytest.raises(gpu_bundle.Missing) as missing:
+        gpu_bundle.check(folder, deadline=time.time() + 3)
+    assert re.fullmatch(
+        r"the import and decode check did not finish in the [23] s the budget left",
+        str(missing.value),
+    )
+    with pytest.raises(gpu_bundle.Missing, match=r"^the budget ran out before ldd$"):
+        gpu_bundle.check(folder, deadline=time.time() - 1)
 
 
 @pytest.fixture
