@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["gpu"] = part
     results_path.write_text(json.dumps(results, indent=1))
-    report.write(results, args.out)
+    report.write(results, args.out, plots=False)  # its part is not plotted
     log(f"wrote {args.out / 'benchmarks.md'} in {part['meta']['seconds']} s")
     return 0
 

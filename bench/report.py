@@ -898,7 +898,9 @@ def runs_line(results: dict[str, Any]) -> str:
     return f"- the parts come from different runs: {listed}\n"
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+def write(results: dict[str, Any], out: Path, plots: bool = True) -> None:
+    """benchmarks.md in `out`, and its plots (of the ViT-B/16 and tiny parts) unless `plots` is
+    False: bench.gpu changes neither, and the GPU bundle has no matplotlib."""
     from .notes import NOTES
 
     meta = results.get("meta", {})
@@ -945,7 +947,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     if "parity" in results:
         parts.append(parity_section(results["parity"]))
     (out / "benchmarks.md").write_text("\n".join(p.rstrip() + "\n" for p in parts))
-    plot(results, out / PLOTS)
+    if plots:
+        plot(results, out / PLOTS)
 
 
 # --- plots -----------------------------------------------------------------------------------

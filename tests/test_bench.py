@@ -812,6 +812,36 @@ def test_a_stack_is_given_what_the_budget_leaves_to_stop_and_at_least_triton_s_e
     assert waits[0] == 60 and 26 <= waits[1] <= 27 and waits[2] == 15
 
 
+@pytest.fixture
+def gpu_main_without_a_model(monkeypatch):
+    """bench.gpu's `main` with its measurements stood in for: one in-process row, written while
+    the run goes (`rows_seen`: the rows file's lines when the run returned), nothing served."""
+    from bench import gpu
+
+    rows_seen: list[list[str]] = []
+
+    def run(args: Any, work: Path, budget: Any, rows: Any) -> dict:
+        limit = {"dtype": "float16", "batch": 64, "img_s": 10_000.0, "images": 640}
+        rows.write({"kind": "inprocess", **limit})
+        rows_seen.append(rows.path.read_text().splitlines())
+        return {"inprocess": limit, "decoded_cosine": None, "served": {}}
+
+    monkeypatch.setattr(gpu, "run", run)
+    monkeypatch.setattr(gpu, "meta", lambda argv, budget: gpu_part(None, 8.0)["meta"])
+    return gpu.main, rows_seen
+
+
+def test_the_gpu_bench_writes_its_report_without_matplotlib(
+    gpu_main_without_a_model, tmp_path, monkeypatch
+):
+    """The GPU bundle carries no matplotlib: the report is written, the plots left as they are
+    (bench.gpu's part is not in them)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    main, _ = gpu_main_without_a_model
+    assert main(["--out", str(tmp_path)]) == 0
+    assert "## The GPU path (`make bench-gpu`)" in (tmp_path / "benchmarks.md").read_text()
+
+
 def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
     """`python -m bench.gpu` with a tiny model: stdout, the rows file's row count each time it
     was looked at while the run was going, and the run's seconds."""
