@@ -67,7 +67,8 @@ bench: setup ## measure the model's limit, the served stack and Ray jobs; writes
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.ray
 
-# The GPU path in one run of at most 8 minutes (the CPU where there is no GPU). With gpu-bundle/
+# The GPU path in one run of at most 8 minutes, setup included (the CPU where there is no GPU);
+# rows and report under docs/, or $OUT/docs where the environment sets OUT. With gpu-bundle/
 # (`make gpu-bundle`, made where the package index answers): offline, with the host's own Python
 # 3.12 and CUDA torch, the bundle installed into .gpu-env/ after fail-fast checks. Otherwise in
 # its own environment: torch built for the CUDA that the host's NVIDIA driver runs (R580 and
@@ -75,7 +76,7 @@ bench: setup ## measure the model's limit, the served stack and Ray jobs; writes
 # docs/gpu.md says more.
 , := ,  # a comma inside $(if ...)
 GPU_DRIVER = $(shell nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 | cut -d. -f1)
-bench-gpu: ## measure the GPU path (split layout, GPU JPEG decoding); writes docs/benchmarks.md
+bench-gpu: ## measure the GPU path (split layout, GPU JPEG decoding); writes docs/ ($OUT/docs if OUT is set)
 ifneq ($(wildcard gpu-bundle/MANIFEST.json),)
 	$(PYTHON) -m bench.gpu_bundle run $(BENCH_ARGS)
 else ifeq ($(GPU_DRIVER),)

@@ -20,7 +20,8 @@ GPU's utilisation over each window.
   fit is written as skipped.
 - Every row is appended to `<out>/benchmarks/gpu-rows.jsonl` as soon as it is measured (a run
   cut short keeps what it measured), then the `gpu` part of results.json and benchmarks.md are
-  written at the end.
+  written at the end. `<out>` is `--out`, else `$OUT/docs` where the environment sets OUT (a lent
+  GPU machine hands back only that folder), else docs/.
 - `VERDICT` lines on stdout: img/s through `/embed`, its ratio to the in-process limit of the
   same run, and the decoded vectors' cosine to the PIL path.
 """
@@ -47,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from . import measure, report
-from .gpu_bundle import DEFAULT_BUDGET
+from .gpu_bundle import DEFAULT_BUDGET, default_out
 from .workload import (
     IEI_SERVE,
     MODELS,
@@ -590,8 +591,16 @@ def main(argv: list[str] | None = None) -> int:
         help="Unix time the run began (the bundle runner passes its own start); default: now",
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="longest measurement window")
-    parser.add_argument("--out", type=Path, default=DOCS, help="folder for benchmarks.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for benchmarks.md, benchmarks/results.json and benchmarks/gpu-rows.jsonl "
+        "(each row appended as it is measured); default: $OUT/docs where the environment sets OUT "
+        "(the only folder a lent GPU machine returns), else docs/",
+    )
     args = parser.parse_args(argv)
+    args.out = args.out or default_out()
     args.layouts, args.sets = args.layouts.split(","), args.sets.split(",")
     unknown = set(args.sets) - set(PHOTO_SETS)
     if unknown:
@@ -603,8 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     part["meta"] = meta(argv, budget)
     for line in verdicts(part):
         print(line, flush=True)  # noqa: T201 (the run's verdict, for whoever reads stdout)
+    # Elsewhere than docs/ (under $OUT), the report starts from the repository's results: the
+    # folder then mirrors docs/, its files ready to copy over the checkout's.
     results_path = args.out / "benchmarks" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    known = results_path if results_path.exists() else DOCS / "benchmarks" / "results.json"
+    results = json.loads(known.read_text()) if known.exists() else {}
     results["gpu"] = part
     results_path.write_text(json.dumps(results, indent=1))
     report.write(results, args.out, plots=False)  # its part is not plotted

@@ -470,13 +470,31 @@ def check(site: Path, deadline: float | None = None) -> None:
         raise Missing(f"import check failed: {last}")
 
 
+def default_out() -> Path:
+    """Where `make bench-gpu` writes without --out: `$OUT/docs` where the environment sets OUT
+    (the folder a lent GPU machine hands back, and nothing else), else the repository's docs/."""
+    out = os.environ.get("OUT")
+    return Path(out) / "docs" if out else ROOT / "docs"
+
+
 def bench_options(bench_args: list[str]) -> argparse.Namespace:
-    """What the runner reads of bench.gpu's arguments: --budget (the whole run's seconds) and
-    --started (when the run began, if a caller already says)."""
+    """What the runner reads of bench.gpu's arguments: --budget (the whole run's seconds),
+    --started (when the run began, if a caller already says) and --out."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     parser.add_argument("--started", type=float, default=None)
-    return parser.parse_known_args(bench_args)[0]
+    parser.add_argument("--out", type=Path, default=None)
+    options = parser.parse_known_args(bench_args)[0]
+    options.out = options.out or default_out()
+    return options
+
+
+def note_setup(out: Path, line: str) -> None:
+    """The setup's outcome in `<out>/benchmarks/gpu-setup.txt`, beside the rows: a run the
+    checks stopped still hands back why (a device returns only its output folder)."""
+    path = out / "benchmarks" / "gpu-setup.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(line + "\n")
 
 
 def run(bench_args: list[str], bundle: Path = BUNDLE, env: Path = ENV) -> int:
@@ -492,26 +510,42 @@ def run(bench_args: list[str], bundle: Path = BUNDLE, env: Path = ENV) -> int:
         check(site, deadline)
     except Missing as exc:
         print(f"bench-gpu: {exc}", flush=True)  # noqa: T201 (the one line the user reads)
+        note_setup(options.out, f"bench-gpu: {exc}")
         return 2
-    log(f"checks passed in {time.time() - started:.0f} s: Python, libpython, ldd, imports, CUDA, "
-        "a JPEG decoded on cuda:0")  # fmt: skip
+    passed = (f"checks passed in {time.time() - started:.0f} s: Python, libpython, ldd, imports, "
+              "CUDA, a JPEG decoded on cuda:0")  # fmt: skip
+    log(passed)
+    note_setup(options.out, passed)
     command = [sys.executable, "-m", "bench.gpu", *bench_args]
     if options.started is None:
         command += ["--started", repr(started)]
     return subprocess.run(command, cwd=ROOT, env=environment(site), check=False).returncode
 
 
+RUN_EPILOG = (
+    "run: every other argument goes to `python -m bench.gpu` (see its --help): --budget, the "
+    "whole run's seconds from this runner's start; --out, where the rows (appended as each is "
+    "measured), results.json and benchmarks.md go, by default $OUT/docs where the environment "
+    "sets OUT (the folder a lent GPU machine returns), else docs/. The setup's outcome goes to "
+    "<out>/benchmarks/gpu-setup.txt."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_bundle")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_bundle", allow_abbrev=False, epilog=RUN_EPILOG
+    )
     parser.add_argument("action", choices=("stage", "run"))
-    parser.add_argument("--out", type=Path, default=BUNDLE, help="the bundle's folder")
+    parser.add_argument("--bundle", type=Path, default=BUNDLE, help="the bundle's folder")
     args, rest = parser.parse_known_args(argv)
     if args.action == "run":
-        return run(rest, args.out)
-    manifest = stage(args.out)
+        return run(rest, args.bundle)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    manifest = stage(args.bundle)
     total = manifest["total_mib"]
-    log(f"{args.out}: {manifest['bundle_mib']} MiB, with the repository {total} MiB "
+    log(f"{args.bundle}: {manifest['bundle_mib']} MiB, with the repository {total} MiB "
         f"(limit {LIMIT_MIB} MiB)")  # fmt: skip
     return 0 if total <= LIMIT_MIB else 1
 

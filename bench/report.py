@@ -855,8 +855,9 @@ def gpu_path_section(part: dict[str, Any] | None) -> str:
             "This table comes from the bench before its time budget. `make bench-gpu` now keeps to "
             "8 minutes (each window sized from a probe of its load), measures web photos "
             "(450-640 px, mixed) and 12 MP ones, appends every row to "
-            "docs/benchmarks/gpu-rows.jsonl as it is measured, and prints `VERDICT` lines; no GPU "
-            "has run it yet: **the GPU figures are still to be measured**.\n"
+            "docs/benchmarks/gpu-rows.jsonl ($OUT/docs/benchmarks/ where the environment sets OUT) "
+            "as it is measured, and prints `VERDICT` lines; no GPU has run it yet: **the GPU "
+            "figures are still to be measured**.\n"
         )
     else:
         extra = ""

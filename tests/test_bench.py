@@ -842,6 +842,25 @@ def test_the_gpu_bench_writes_its_report_without_matplotlib(
     assert "## The GPU path (`make bench-gpu`)" in (tmp_path / "benchmarks.md").read_text()
 
 
+def test_the_gpu_bench_writes_under_out_docs_where_the_environment_sets_out(
+    gpu_main_without_a_model, tmp_path, monkeypatch
+):
+    """A lent GPU machine hands back only $OUT: without --out, the rows (each as it is
+    measured), results.json and benchmarks.md go to $OUT/docs, results.json carrying the
+    repository's other parts so that the folder can be copied over docs/."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    main, rows_seen = gpu_main_without_a_model
+    assert main([]) == 0
+    docs = tmp_path / "docs"
+    assert [json.loads(x)["kind"] for x in rows_seen[0]] == ["inprocess"]
+    assert (docs / "benchmarks" / "gpu-rows.jsonl").read_text().splitlines() == rows_seen[0]
+    results = json.loads((docs / "benchmarks" / "results.json").read_text())
+    repository = json.loads((ROOT / "docs" / "benchmarks" / "results.json").read_text())
+    assert results["gpu"]["inprocess"]["img_s"] == 10_000.0
+    assert set(results) == set(repository) | {"gpu"}
+    assert "## The GPU path (`make bench-gpu`)" in (docs / "benchmarks.md").read_text()
+
+
 def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
     """`python -m bench.gpu` with a tiny model: stdout, the rows file's row count each time it
     was looked at while the run was going, and the run's seconds."""

@@ -54,11 +54,24 @@ def test_a_repacked_wheel_drops_tests_and_other_pythons_binaries_and_its_record_
     assert kept == names
 
 
-def test_without_a_bundle_the_gpu_bench_says_so_in_one_line(tmp_path, capsys):
+def test_without_a_bundle_the_gpu_bench_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    """On stdout, and under $OUT/docs (a lent GPU machine hands back only $OUT)."""
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
     assert gpu_bundle.run([], bundle=tmp_path / "none", env=tmp_path / "env") == 2
     out = capsys.readouterr().out.splitlines()
     assert out == [f"bench-gpu: no bundle at {tmp_path / 'none'}: run `make gpu-bundle` where "
                    "the index answers"]  # fmt: skip
+    setup = tmp_path / "out" / "docs" / "benchmarks" / "gpu-setup.txt"
+    assert setup.read_text().splitlines() == out
+    gpu_bundle.run(["--out", str(tmp_path / "given")], bundle=tmp_path / "none")
+    assert (tmp_path / "given" / "benchmarks" / "gpu-setup.txt").read_text().splitlines() == out
+
+
+def test_run_passes_out_on_to_the_bench_and_reads_the_bundle_from_bundle(tmp_path, monkeypatch):
+    runs: list[tuple[list[str], Path]] = []
+    monkeypatch.setattr(gpu_bundle, "run", lambda args, bundle: runs.append((args, bundle)) or 0)
+    gpu_bundle.main(["run", "--out", "/x/docs", "--budget", "300", "--bundle", str(tmp_path)])
+    assert runs == [(["--out", "/x/docs", "--budget", "300"], tmp_path)]
 
 
 def test_the_runner_bounds_its_setup_by_the_budget_and_tells_the_bench_when_it_began(
@@ -83,6 +96,7 @@ def test_the_runner_bounds_its_setup_by_the_budget_and_tells_the_bench_when_it_b
     monkeypatch.setattr(gpu_bundle.subprocess, "run",
                         lambda command, **options: commands.append(command) or
                         type("Done", (), {"returncode": 0})())  # fmt: skip
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
     before = time.time()
     assert gpu_bundle.run(["--budget", "200", "--layouts", "split"], bundle, tmp_path / "env") == 0
     [command] = commands
