@@ -23,7 +23,9 @@ GPU's utilisation over each window.
   written at the end. `<out>` is `--out`, else `$OUT/docs` where the environment sets OUT (a lent
   GPU machine hands back only that folder), else docs/.
 - `VERDICT` lines on stdout: img/s through `/embed`, its ratio to the in-process limit of the
-  same run, and the decoded vectors' cosine to the PIL path.
+  same run, the decoded vectors' cosine to the PIL path, two encoders per GPU against one, and
+  the in-process forward pass with IEI_CUDA_GRAPHS on against off (the model's own captures, at
+  batch sizes it captures).
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ STOP_WAIT = 60.0  # seconds a stack is given to stop, at most (ServedStack's)
 TRITON_EXIT = 15.0  # and at least: the launcher's --exit-timeout-secs for Triton
 COSINE_TARGET = 0.999
 ENCODERS_MARGIN = 1.05  # two encoders per GPU against one: what counts as faster
+# IEI_CUDA_GRAPHS off against on, in-process: batch sizes that the model captures (1, 2, 4 ... up
+# to its forward batch, 64 on a GPU: cuda_graphs.capture_sizes), a single image, a partly filled
+# execution and a full one; each window at most GRAPH_WINDOW seconds. Within GRAPHS_MARGIN of
+# each other (their rates' geometric mean), either serves alike.
+GRAPH_BATCHES = (1, 16, 64)
+GRAPH_WINDOW = 2.0
+GRAPHS_MARGIN = 1.05
 
 
 def log(message: str) -> None:
@@ -260,6 +269,46 @@ def inprocess_limit(mm: Any, model_dir: Path, files: list[bytes], window: float)
         torch.cuda.empty_cache()
     log(f"in-process {dtype} forward pass, batch {batch}: {rate:.1f} img/s")
     return {"dtype": dtype, "batch": batch, "img_s": rate, "images": images}
+
+
+def cuda_graphs_rates(
+    mm: Any, model_dir: Path, files: list[bytes], window: float, rows: Rows
+) -> dict:
+    """The in-process forward pass with IEI_CUDA_GRAPHS off, then on (the model's own loading:
+    the encoder captured at 1, 2, 4 ... 64 and replayed), at GRAPH_BATCHES on preprocessed
+    images, each window of about `window` seconds at a probe's rate; a row for each. Raises
+    what fails, and when the graphs were not what ran."""
+    import torch
+
+    rates: dict[int, dict[str, float]] = {}
+    pixels, dtype = None, ""
+    for graphs in (False, True):
+        environ = {"IMAGE_EMBEDDING_MODEL": str(model_dir), "IEI_DTYPE": "auto",
+                   "IEI_ENGINE": "torch", "IEI_CUDA_GRAPHS": str(graphs).lower()}  # fmt: skip
+        embedder = mm.load_embedder(mm.read_settings({}, environ), device(), os.cpu_count() or 1)
+        try:
+            replays = getattr(embedder.run, "replays", None)  # a GraphedRunner's count
+            if graphs and replays is None:
+                raise RuntimeError("IEI_CUDA_GRAPHS=true loaded an encoder without CUDA graphs")
+            pixels = preprocessed(mm, embedder, files) if pixels is None else pixels
+            dtype = str(embedder.dtype).removeprefix("torch.")
+            for batch in [b for b in GRAPH_BATCHES if b <= embedder.forward_batch_size]:
+                probe = measure.forward_limit(embedder, pixels, batch, batch)
+                images = max(batch, int(probe * window) // batch * batch)
+                rate = measure.forward_limit(embedder, pixels, batch, images)
+                rows.write({"kind": "cuda_graphs", "graphs": graphs, "batch": batch,
+                            "dtype": dtype, "img_s": rate, "images": images})  # fmt: skip
+                rates.setdefault(batch, {})["on" if graphs else "off"] = rate
+                log(f"in-process {dtype}, CUDA graphs {'on' if graphs else 'off'}, "
+                    f"batch {batch}: {rate:.1f} img/s")  # fmt: skip
+            if graphs and embedder.run.replays == replays:
+                raise RuntimeError("IEI_CUDA_GRAPHS=true: no batch was replayed from a graph")
+        finally:
+            embedder.close()
+            del embedder
+            if device().type == "cuda":
+                torch.cuda.empty_cache()
+    return {"dtype": dtype, "rates": [{"batch": b, **r} for b, r in rates.items()]}
 
 
 def decoded_cosine(model_dir: Path, sets: dict[str, list[bytes]]) -> dict:
@@ -441,7 +490,8 @@ def skip(rows: Rows, step: tuple[str, str, str, int, int], why: str) -> None:
 
 def verdicts(part: dict[str, Any]) -> list[str]:
     """The run's VERDICT lines: the served rate through /embed, its ratio to the in-process
-    limit of the same run, and the decoded vectors' cosine to the PIL path."""
+    limit of the same run, the decoded vectors' cosine to the PIL path, encoders per GPU, and
+    CUDA graphs on or off."""
     meta, limit = part["meta"], part["inprocess"]
     gpu = meta.get("gpu")
     where = (
@@ -485,7 +535,28 @@ def verdicts(part: dict[str, Any]) -> list[str]:
         why = part.get("not_measured", {}).get("decoded_cosine", "the budget ran out")
         lines.append(f"VERDICT decoded_cosine_min=not measured ({why})")
     lines.append(encoders_verdict(embed))
+    lines.append(graphs_verdict(part))
     return lines
+
+
+def graphs_verdict(part: dict[str, Any]) -> str:
+    """IEI_CUDA_GRAPHS on against off, in-process: the geometric mean of the rates' ratios over
+    the batch sizes measured both ways, and each."""
+    graphs = part.get("cuda_graphs") or {}
+    pairs = [r for r in graphs.get("rates", []) if "on" in r and "off" in r]
+    if not pairs:
+        why = part.get("not_measured", {}).get("cuda_graphs", "the budget ran out")
+        return f"VERDICT cuda_graphs=not measured ({why})"
+    ratio = float(np.exp(np.mean([np.log(r["on"] / r["off"]) for r in pairs])))
+    faster = "on" if ratio >= GRAPHS_MARGIN else "off" if ratio <= 1 / GRAPHS_MARGIN else "either"
+    each = ", ".join(
+        f"batch {r['batch']} {r['off']:.1f} -> {r['on']:.1f} img/s ({r['on'] / r['off']:.2f}x)"
+        for r in pairs
+    )
+    return (
+        f"VERDICT cuda_graphs={faster} (in-process {graphs['dtype']} forward pass, "
+        f"IEI_CUDA_GRAPHS off -> on: {each}; {ratio:.2f}x overall): the default is off"
+    )
 
 
 def encoders_verdict(embed: list[tuple[str, str, dict]]) -> str:
@@ -518,7 +589,9 @@ def run(args: argparse.Namespace, work: Path, budget: Budget, rows: Rows) -> dic
         + ", ".join(f"{k} {len(v)}" for k, v in sets.items())
     )
     plan = load_plan(args.layouts, args.sets)
-    windows = len(plan) + 1  # the served loads and the in-process limit
+    on_gpu = device().type == "cuda"
+    graph_windows = 2 * len(GRAPH_BATCHES) if on_gpu else 0
+    windows = len(plan) + 1 + graph_windows  # the served loads, the in-process limit, graphs
     window = budget.window(args.seconds, windows, budget.reserve + 30)
     limit = inprocess_limit(mm, model_dir, sets[args.sets[0]], max(MIN_WINDOW, window))
     rows.write({"kind": "inprocess", **limit})
@@ -533,9 +606,24 @@ def run(args: argparse.Namespace, work: Path, budget: Budget, rows: Rows) -> dic
         else:
             del not_measured["decoded_cosine"]
             rows.write({"kind": "decoded_cosine", **cosine})
+    graphs = None
+    window = budget.window(min(args.seconds, GRAPH_WINDOW), len(plan) + graph_windows,
+                           budget.reserve + 30)  # fmt: skip
+    if not on_gpu:
+        not_measured["cuda_graphs"] = "CUDA graphs need a GPU; this run is on the CPU"
+    elif window < MIN_WINDOW:
+        not_measured["cuda_graphs"] = f"the budget left {window:.1f} s per window"
+    else:
+        try:
+            graphs = cuda_graphs_rates(mm, model_dir, sets[args.sets[0]], window, rows)
+        except Exception as exc:  # written down; the served loads and the verdicts still come
+            not_measured["cuda_graphs"] = first_line(exc)
+    if graphs is None:
+        rows.write({"kind": "cuda_graphs", "why": not_measured["cuda_graphs"]})
+        log(f"CUDA graphs off/on not measured: {not_measured['cuda_graphs']}")
     served = serve_and_measure(model_dir, work, sets, plan, args.seconds, budget, rows)
-    return {"inprocess": limit, "decoded_cosine": cosine, "served": served,
-            "not_measured": not_measured}  # fmt: skip
+    return {"inprocess": limit, "decoded_cosine": cosine, "cuda_graphs": graphs,
+            "served": served, "not_measured": not_measured}  # fmt: skip
 
 
 def meta(argv: list[str], budget: Budget) -> dict:

@@ -854,13 +854,22 @@ def gpu_path_section(part: dict[str, Any] | None) -> str:
         extra = (
             "This table comes from the bench before its time budget. `make bench-gpu` now keeps to "
             "8 minutes (each window sized from a probe of its load), measures web photos "
-            "(450-640 px, mixed) and 12 MP ones, appends every row to "
+            "(450-640 px, mixed) and 12 MP ones, and the in-process forward pass with "
+            "`IEI_CUDA_GRAPHS` off and on, appends every row to "
             "docs/benchmarks/gpu-rows.jsonl ($OUT/docs/benchmarks/ where the environment sets OUT) "
             "as it is measured, and prints `VERDICT` lines; no GPU has run it yet: **the GPU "
             "figures are still to be measured**.\n"
         )
     else:
         extra = ""
+    graphs = part.get("cuda_graphs")
+    if graphs:
+        each = ", ".join(f"batch {r['batch']}: {r['off']:.1f} -> {r['on']:.1f} img/s"
+                         for r in graphs["rates"] if "on" in r and "off" in r)  # fmt: skip
+        extra += (
+            f"The in-process {graphs['dtype']} forward pass with `IEI_CUDA_GRAPHS` off -> on (the "
+            f"model's own captures): {each}.\n"
+        )
     return f"""{heading}Command: {run}, on {where}.
 {extra}
 ViT-B/16 with random weights; the in-process limit is its forward pass alone in

@@ -652,7 +652,7 @@ def test_the_gpu_bench_s_verdicts_name_rate_ratio_and_decoding_cosine():
     lines = gpu.verdicts(part)
     assert [line.split("=")[0] for line in lines] == [
         "VERDICT embed_img_s", "VERDICT embed_to_inprocess", "VERDICT decoded_cosine_min",
-        "VERDICT encoders_per_gpu",
+        "VERDICT encoders_per_gpu", "VERDICT cuda_graphs",
     ]  # fmt: skip
     assert "not measured" in lines[3]  # no split/1 in this run
     assert lines[0].startswith("VERDICT embed_img_s=7000.0 (split layout, web photos")
@@ -694,22 +694,23 @@ def test_the_gpu_bench_compares_two_encoders_per_gpu_with_one_on_a_gpu_only(monk
         "split": {"web": part["served"]["split"]["500x375"]},
         "split/1": {"web": slower},
     }
-    verdict = gpu.verdicts(part)[-1]
+    verdict = gpu.verdicts(part)[-2]
     assert verdict.startswith("VERDICT encoders_per_gpu=2 (split layout, web photos")
     assert "2 per GPU 7000.0 img/s, 1 per GPU 5000.0 img/s, 1.40x" in verdict
     alike = gpu_part("NVIDIA H100", 6800.0)["served"]["split"]["500x375"]
     part["served"]["split/1"] = {"web": alike}
-    assert gpu.verdicts(part)[-1].startswith("VERDICT encoders_per_gpu=either ")  # within 5%
+    assert gpu.verdicts(part)[-2].startswith("VERDICT encoders_per_gpu=either ")  # within 5%
     part["served"]["split/1"] = {
         "web": gpu_part("NVIDIA H100", 9000.0)["served"]["split"]["500x375"]
     }
-    assert gpu.verdicts(part)[-1].startswith("VERDICT encoders_per_gpu=1 ")
+    assert gpu.verdicts(part)[-2].startswith("VERDICT encoders_per_gpu=1 ")
 
 
 @pytest.fixture
 def gpu_run_without_a_model(tmp_path, monkeypatch):
-    """bench.gpu's `run` with its model, photos, in-process limit and served loads stood in
-    for (each a call recorded in `calls`): what is left is how the run strings them together."""
+    """bench.gpu's `run` with its model, photos, in-process limit, decoded cosine and served
+    loads stood in for (the limit and the loads recorded in `calls`): what is left is how the
+    run strings them together."""
     import argparse
 
     from bench import gpu
@@ -720,6 +721,8 @@ def gpu_run_without_a_model(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu, "build_model", lambda name, folder: folder)
     monkeypatch.setattr(gpu, "photo_set", lambda name: [b"jpeg"])
     monkeypatch.setattr(gpu, "inprocess_limit", lambda *a: calls.append("inprocess") or limit)
+    cosine = {"decoder": "nvimagecodec", "device": "cuda", "cosine_min": {"web": 0.9995}}
+    monkeypatch.setattr(gpu, "decoded_cosine", lambda model_dir, sets: cosine)
 
     def served(*args: Any) -> dict:
         calls.append("served")
@@ -861,6 +864,101 @@ def test_the_gpu_bench_writes_under_out_docs_where_the_environment_sets_out(
     assert "## The GPU path (`make bench-gpu`)" in (docs / "benchmarks.md").read_text()
 
 
+def test_the_gpu_bench_measures_cuda_graphs_off_and_on_and_says_which_is_faster(
+    tmp_path, monkeypatch
+):
+    """IEI_CUDA_GRAPHS off, then on, through the model's own loading (the settings it reads),
+    at batch sizes it captures: a row for each, and a verdict naming the faster and by how much
+    (stand-ins for the model and the GPU: a graph's replay is cheaper at small batches)."""
+    import types
+
+    import torch
+
+    from bench import gpu
+
+    class Runner:
+        def __init__(self, graphs: bool) -> None:
+            self.graphs = graphs
+            if graphs:
+                self.replays = 2  # the loading's warm-up passes
+
+    class Embedder:
+        def __init__(self, settings: dict[str, str]) -> None:
+            self.run = Runner(settings["IEI_CUDA_GRAPHS"] == "true")
+            self.dtype, self.forward_batch_size = torch.float16, 64
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    loaded: list[Embedder] = []
+
+    def load_embedder(settings: dict[str, str], where: Any, threads: int) -> Embedder:
+        assert where.type == "cuda" and settings["IEI_ENGINE"] == "torch"
+        loaded.append(Embedder(settings))
+        return loaded[-1]
+
+    def forward_limit(embedder: Embedder, pixels: Any, batch: int, images: int) -> float:
+        if embedder.run.graphs:
+            embedder.run.replays += 1
+            return 1000.0 * batch / (batch + 1)  # no launch cost to speak of
+        return 1000.0 * batch / (batch + 4)
+
+    mm = types.SimpleNamespace(read_settings=lambda config, environ: environ,
+                               load_embedder=load_embedder)  # fmt: skip
+    monkeypatch.setattr(gpu, "device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(gpu, "preprocessed", lambda mm, embedder, files: {"pixel_values": None})
+    monkeypatch.setattr(measure, "forward_limit", forward_limit)
+    rows = gpu.Rows(tmp_path / "gpu-rows.jsonl", gpu.Budget(300))
+    graphs = gpu.cuda_graphs_rates(mm, tmp_path, [b"jpeg"], 0.5, rows)
+    assert [e.run.graphs for e in loaded] == [False, True] and all(e.closed for e in loaded)
+    assert [(r["graphs"], r["batch"]) for r in rows.rows] == [
+        (False, 1), (False, 16), (False, 64), (True, 1), (True, 16), (True, 64),
+    ]  # fmt: skip
+    assert graphs["rates"][0] == {"batch": 1, "off": 200.0, "on": 500.0}
+    verdict = gpu.graphs_verdict({"cuda_graphs": graphs})
+    assert verdict.startswith("VERDICT cuda_graphs=on (in-process float16 forward pass, "
+                              "IEI_CUDA_GRAPHS off -> on: batch 1 200.0 -> 500.0 img/s (2.50x), "
+                              "batch 16 800.0 -> 941.2 img/s (1.18x), ")  # fmt: skip
+    assert verdict.endswith("x overall): the default is off")
+    part = {**gpu_part("NVIDIA H100", 7000.0), "cuda_graphs": graphs}
+    assert "`IEI_CUDA_GRAPHS` off -> on (the model's own captures): batch 1: 200.0 -> 500.0 " \
+        "img/s, batch 16" in report.gpu_path_section(part)  # fmt: skip
+    graphs["rates"] = [{"batch": 64, "off": 1000.0, "on": 990.0}]
+    assert gpu.graphs_verdict({"cuda_graphs": graphs}).startswith("VERDICT cuda_graphs=either ")
+    graphs["rates"] = [{"batch": 64, "off": 1000.0, "on": 800.0}]
+    assert gpu.graphs_verdict({"cuda_graphs": graphs}).startswith("VERDICT cuda_graphs=off ")
+
+
+def test_cuda_graphs_not_measured_say_why_and_the_run_goes_on(gpu_run_without_a_model, monkeypatch):
+    """On a CPU (no capture there), and on a GPU where the capture fails: a row and a verdict
+    with the reason; the served loads still run."""
+    import torch
+
+    from bench import gpu
+
+    run, calls, rows = gpu_run_without_a_model
+    part = run()
+    why = "CUDA graphs need a GPU; this run is on the CPU"
+    assert [r["why"] for r in rows.rows if r["kind"] == "cuda_graphs"] == [why]
+    assert gpu.graphs_verdict(part) == (
+        "VERDICT cuda_graphs=not measured (CUDA graphs need a GPU; this run is on the CPU)"
+    )
+
+    def capture_fails(*args: Any) -> dict:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(gpu, "device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(gpu, "cuda_graphs_rates", capture_fails)
+    calls.clear()
+    part = run()
+    assert calls == ["inprocess", "served"]
+    assert gpu.graphs_verdict(part) == (
+        "VERDICT cuda_graphs=not measured (RuntimeError: CUDA error: operation not permitted "
+        "when stream is capturing)"
+    )
+
+
 def run_gpu_bench(tmp_path: Path, *args: str, limit: float) -> tuple[str, list[int], float]:
     """`python -m bench.gpu` with a tiny model: stdout, the rows file's row count each time it
     was looked at while the run was going, and the run's seconds."""
@@ -911,9 +1009,10 @@ def test_the_gpu_bench_keeps_a_tiny_budget_writes_rows_as_it_goes_and_says_its_v
     ]
     assert rows[0]["kind"] == "inprocess" and rows[0]["img_s"] > 0
     # What the budget left time for (a faster CPU measures a served load too).
-    assert {r["kind"] for r in rows[1:]} <= {"decoded_cosine", "skipped", "served"}
+    assert {r["kind"] for r in rows[1:]} <= {"decoded_cosine", "cuda_graphs", "skipped", "served"}
     verdicts = [line for line in out.splitlines() if line.startswith("VERDICT ")]
-    assert len(verdicts) == 4, out
+    assert len(verdicts) == 5, out
+    assert verdicts[-1].startswith("VERDICT cuda_graphs=not measured (CUDA graphs need a GPU")
     assert "still to be measured" in verdicts[0]
 
 
