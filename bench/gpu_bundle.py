@@ -365,7 +365,7 @@ IMPORTS_PROBE = (
 DECODE_FAILED = 3  # the probe's exit status when the decode fails; its last stderr line says why
 DECODE_PROBE = """
 import sys, torch
-sys.path.insert(0, %(repository)r)
+sys.path.append(%(repository)r)  # after the checkout: its iei is the frontend
 from iei_runtime.jpeg_decoders import choose_jpeg_decoder, first_line
 try:
     choose_jpeg_decoder("nvimagecodec", torch.device("cuda", 0))
