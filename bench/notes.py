@@ -116,6 +116,14 @@ below).
     73-77 ms of CPU per image served against 66 for the forward pass alone on both cores; its
     two OpenMP threads share the 2 cores with the decode threads, the frontend, Triton and the
     load generator, and a parallel region waits for its slowest thread.
+- **The per-image checks of 2026-12-07 cost nothing measurable** (the encoder's recheck of each
+  JPEG's frame against its header, the model's count of ICC profiles per PNG and its resize
+  rule, the frontend's PNG chunk filter). `python -m bench.ab --against <a6ea931 checkout>` (two
+  stacks side by side, alternating rounds, 2-core AMD EPYC, 2026-12-07), HEAD over a6ea931's
+  CPU per image, the median of 3 rounds, in two runs: web single uploads 0.955 and 0.965, web
+  64-image forms 1.000 and 0.913, phone single uploads 1.006 and 1.000, phone forms 1.040 and
+  0.945: within the rounds' own spread (up to a fifth). In-process the frame check takes 5 us
+  per JPEG, against 1-20 ms of decoding.
 - **Earlier tables read high.** Until 2026-12-06 the CPU per image was divided by the images
   timed, not those sent: each load's untimed warm-up request was in the CPU window, and the
   64-image loads ran 4 requests (a quarter too high, plus a load's fixed costs over 0.4 s). The

@@ -1092,3 +1092,24 @@ def test_parts_from_different_runs_say_when_each_was_measured(tmp_path):
     results["tiny"]["meta"] = full
     report.write(results, tmp_path)
     assert "different runs" not in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_ab_compares_each_load_by_the_median_of_its_rounds():
+    from bench.ab import compared
+
+    load = ("web", 16, 640, 1, "raw")
+    lines = compared({(load, "this"): [110.0, 90.0, 100.0], (load, "against"): [200.0, 50.0, 80.0]})
+    assert lines == [
+        "web x1 c=16 (raw): this 100 us/image, against 80, ratio 1.250 "
+        "(rounds: this [110, 90, 100], against [200, 50, 80])"
+    ]
+
+
+def test_ab_runs_the_other_checkout_s_frontend_and_model_code(tmp_path):
+    from bench.ab import checkout_environ
+
+    with pytest.raises(SystemExit, match="no frontend/iei there"):
+        checkout_environ(tmp_path)
+    environ = checkout_environ(ROOT)
+    assert environ == {"PYTHONPATH": str(ROOT / "frontend"),
+                       "IEI_MODEL_REPOSITORY": str(ROOT / "model_repository")}  # fmt: skip
