@@ -72,6 +72,20 @@ def test_the_client_and_its_commands_import_nothing_of_the_server():
     assert not (SERVER_ONLY | HEAVY | RAY) & loaded
 
 
+def test_the_frontend_image_s_modules_import_only_the_server_extra():
+    """The frontend image installs `.[server]`: no torch, and none of what the launcher needs
+    (protobuf, grpc: tritonclient's gRPC client). Its preflight once imported the launcher's
+    settings, and the container never started."""
+    code = (
+        "import sys, iei.server.app, iei.server.preflight; "
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = set(eval(result.stdout))  # noqa: S307 (our own subprocess's list of names)
+    assert not (HEAVY | RAY | {"google", "grpc"}) & loaded
+
+
 def test_the_makefile_s_setup_installs_the_ray_extra():
     makefile = (ROOT / "Makefile").read_text()
     [line] = [line for line in makefile.splitlines() if "pip install" in line and "dev" in line]

@@ -302,6 +302,22 @@ def by_env(variable: str) -> Setting | None:
     return None
 
 
+# uvicorn worker processes at most (IEI_WORKERS).
+MAX_WORKERS = 64
+
+
+def auto_or_count(value: str, most: int | None = None) -> str:
+    """`auto` or a count from 1 (to `most`), in lower case; else a ValueError of one line. Here,
+    not in the launcher: the frontend image's preflight checks IEI_WORKERS too, and has none of
+    the launcher's packages (protobuf, grpc)."""
+    value = value.strip().lower()
+    count = int(value) if value.isdigit() else 0
+    if value == "auto" or (count >= 1 and (most is None or count <= most)):
+        return value
+    counts = f"a count from 1 to {most}" if most else "a positive integer"
+    raise ValueError(f"expected auto or {counts}, got {value!r}")
+
+
 def setting(name: str, **constraints: Any) -> Any:
     """The pydantic field of `name`, from the table: default, variable (and older names),
     description; `constraints` (ge, le, min_length...) validate the value. Code may also pass

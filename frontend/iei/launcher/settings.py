@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import ValidationInfo, field_validator, model_validator
 
 from ..server.settings import ServerSettings
-from ..settings import setting
+from ..settings import MAX_WORKERS, auto_or_count, setting
 from .addresses import check_bind, check_listen_address, dial_endpoint, may_share_port
 from .repository import (
     ModelPlan,
@@ -21,19 +21,6 @@ from .repository import (
     render_model_repository,
     shipped_model_repository,
 )
-
-# uvicorn worker processes at most (IEI_WORKERS).
-MAX_WORKERS = 64
-
-
-def auto_or_count(value: str, most: int | None = None) -> str:
-    """`auto` or a count from 1 (to `most`), in lower case; else a ValueError of one line."""
-    value = value.strip().lower()
-    count = int(value) if value.isdigit() else 0
-    if value == "auto" or (count >= 1 and (most is None or count <= most)):
-        return value
-    counts = f"a count from 1 to {most}" if most else "a positive integer"
-    raise ValueError(f"expected auto or {counts}, got {value!r}")
 
 
 class LauncherSettings(ServerSettings):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from ..launcher.settings import MAX_WORKERS, auto_or_count
-from ..settings import load, setting
+from ..settings import MAX_WORKERS, auto_or_count, load, setting
 from .logs import configure_logging
 from .settings import ServerSettings
 
