@@ -73,6 +73,20 @@ def test_triton_loads_the_ensemble_and_its_steps(split_stack):
     assert [(g["kind"], g["count"]) for g in config["instance_group"]] == [("KIND_CPU", 2)]
 
 
+def test_the_supervisor_counts_the_ensemble_s_answers_as_progress(split_stack, tmp_path):
+    """A held probe is load when `iei` answered others meanwhile: in the split layout that is
+    the ensemble, whose successes Triton counts once both steps have answered."""
+    from iei.launcher.settings import LauncherSettings
+    from iei.launcher.triton_process import TritonServer
+
+    settings = LauncherSettings(triton_http_port=split_stack.triton_http_port)
+    server = TritonServer(settings, tmp_path)
+    before = server.completed()
+    assert before is not None
+    assert post_embed(split_stack, [photos()["chelsea.jpg"]] * 3).status_code == 200
+    assert (server.completed() or 0) >= before + 1
+
+
 def test_a_bad_image_fails_only_its_own_request(split_stack):
     good = photos()["chelsea.jpg"]
     truncated = good[: len(good) // 2]  # no end marker: PIL's, in the preprocessing step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import sys
 import time
@@ -18,6 +20,7 @@ from iei.launcher.triton_process import (
     model_environment,
     triton_arguments,
 )
+from stack import local_http_server
 from tritonclient.grpc import model_config_pb2
 
 DEFAULT_MODEL_REPOSITORY = shipped_model_repository()
@@ -200,7 +203,7 @@ def test_only_the_stubs_of_model_instances_are_watched(argv, model):
 
 class ProbedServer(TritonServer):
     """A TritonServer whose probe fails as told after `wait` seconds, the model's processes using
-    `share` of a core and completing `completes` executions meanwhile."""
+    `share` of a core and answering `completes` other requests meanwhile."""
 
     PROBE_TIMEOUT = 0.01
 
@@ -209,7 +212,7 @@ class ProbedServer(TritonServer):
     ) -> None:
         super().__init__(LauncherSettings(), tmp_path)
         self.failure, self.share, self.wait, self.cpu = failure, share, wait, 0.0
-        self.completes, self.completed = completes, 0
+        self.completes, self.answered = completes, 0
         self.stubs = {os.getpid(): "iei"}  # alive
         self.running = lambda: True  # type: ignore[method-assign]
 
@@ -217,14 +220,14 @@ class ProbedServer(TritonServer):
         started = time.monotonic()
         time.sleep(self.wait)
         self.cpu += self.share * (time.monotonic() - started)
-        self.completed += self.completes
+        self.answered += self.completes
         return self.failure
 
     def stubs_cpu_seconds(self) -> float:
         return self.cpu
 
-    def executions(self) -> int | None:
-        return self.completed
+    def completed(self) -> int | None:
+        return self.answered
 
     def problems(self, probes: int) -> list[str | None]:
         found = []
@@ -264,7 +267,7 @@ def test_completed_executions_are_counted_from_probe_to_probe(tmp_path):
     """Progress is what completed since the previous probe: the first probe has nothing to compare
     with, and a Triton that stops answering its statistics shows none."""
     server = ProbedServer(tmp_path, "no answer within 10 s", share=0.0, completes=1)
-    server.executions = lambda: None  # type: ignore[method-assign]
+    server.completed = lambda: None  # type: ignore[method-assign]
     assert server.problems(3)[-1] == "the model failed 3 probes in a row (no answer within 10 s)"
 
 
@@ -282,3 +285,31 @@ def test_only_the_probed_model_s_processes_count_as_its_work(tmp_path):
     for model in ("iei", "iei_preprocess", "iei_encoder"):
         server.stubs = {os.getpid(): model}
         assert server.stubs_cpu_seconds() > 0.0
+
+
+def test_progress_is_what_the_probed_model_answered_not_its_steps_work(tmp_path):
+    """In the split layout the probe goes to the ensemble `iei`: its preprocessing step goes on
+    completing executions (the probes' own) while a hung encoder answers none, so only `iei`'s
+    successes say that the model answers; another model's say nothing of it."""
+
+    def stats(name: str, success: int, executions: int) -> dict:
+        return {"name": name, "version": "1", "execution_count": executions,
+                "inference_stats": {"success": {"count": success, "ns": 1}}}  # fmt: skip
+
+    class Stats(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            every = [stats("iei", 5, 5), stats("iei_preprocess", 100, 100),
+                     stats("iei_encoder", 0, 0), stats("iei__dino", 7, 7)]  # fmt: skip
+            named = self.path.removeprefix("/v2/models/").removesuffix("/stats")
+            chosen = [s for s in every if s["name"] == named or self.path == "/v2/models/stats"]
+            body = json.dumps({"model_stats": chosen}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with local_http_server(Stats) as url:
+        port = int(url.rsplit(":", 1)[1])
+        server = TritonServer(LauncherSettings(triton_http_port=port), tmp_path)
+        assert server.completed() == 5
+    assert server.completed() is None  # Triton gone: no progress can be read

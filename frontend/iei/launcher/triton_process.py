@@ -280,8 +280,8 @@ class TritonServer:
     # sticky CUDA error fails the probe at once; one execution that computes for BUSY_PROBES
     # probes in a row (3 minutes, then PROBE_FAILURES more: about 200 s) counts as broken after
     # all, which also bounds a stub that spins on a hung GPU kernel. A held probe is no failure
-    # either when the model completed an execution since the previous probe (Triton's
-    # statistics): executions of 27 s each, one after another, are a busy model, however long.
+    # either when the model answered a request since the previous probe (Triton's statistics):
+    # executions of 27 s each, one after another, are a busy model, however long.
     BUSY_CPU = 0.2
     BUSY_PROBES = 18
     STATS_TIMEOUT = 2.0  # Triton's statistics are counters: they answer at once, however busy
@@ -300,7 +300,7 @@ class TritonServer:
         self.echo = echo  # Triton's output to our stdout too (a container's log)
         self.failed_probes = 0
         self.busy_probes = 0  # probes in a row held behind an execution that computes
-        self.executions_seen: int | None = None  # the probed model's executions at the last probe
+        self.completed_seen: int | None = None  # the probed model's answers at the last probe
         self.next_probe = 0.0
         self.shm_prefix = f"{STUB_REGIONS}{os.getpid()}-"
         self.process: subprocess.Popen[bytes] | None = None
@@ -345,7 +345,7 @@ class TritonServer:
             )
         if self.echo:
             threading.Thread(target=self._tee, args=(self.process,), daemon=True).start()
-        self.failed_probes, self.busy_probes, self.executions_seen = 0, 0, None
+        self.failed_probes, self.busy_probes, self.completed_seen = 0, 0, None
         self.next_probe = time.monotonic() + self.PROBE_INTERVAL
         log.info("started Triton (pid %d), log: %s", self.process.pid, self.log_path)
 
@@ -411,8 +411,8 @@ class TritonServer:
 
     def timed_probe(self) -> tuple[str | None, float, bool]:
         """`probe()`; if it waited its whole timeout, the share of a core the model's processes
-        used meanwhile and whether the model completed an execution since the previous probe
-        (else 0 and False)."""
+        used meanwhile and whether the model answered a request since the previous probe (else
+        0 and False)."""
         before, started = self.stubs_cpu_seconds(), time.monotonic()
         failure = self.probe()
         waited = time.monotonic() - started
@@ -422,12 +422,13 @@ class TritonServer:
         return failure, (self.stubs_cpu_seconds() - before) / waited, progressed
 
     def busy_or(self, probed: tuple[str | None, float, bool]) -> str | None:
-        """The probe's failure, unless it was held behind executions that complete or compute."""
+        """The probe's failure, unless it was held behind requests being answered, or an
+        execution that computes."""
         failure, computed, progressed = probed
         if failure is not None and progressed:
             self.busy_probes = 0
             log.info(
-                "the model is busy: a probe waited %g s while other executions completed; not "
+                "the model is busy: a probe waited %g s while other requests were answered; not "
                 "counted as a failure", self.PROBE_TIMEOUT,
             )  # fmt: skip
             return None
@@ -446,23 +447,28 @@ class TritonServer:
         return None
 
     def progressed(self) -> bool:
-        """Whether the probed model completed an execution since the last look (False when
-        Triton's statistics do not say)."""
-        count = self.executions()
-        seen, self.executions_seen = self.executions_seen, count
+        """Whether the probed model answered a request since the last look (False when Triton's
+        statistics do not say)."""
+        count = self.completed()
+        seen, self.completed_seen = self.completed_seen, count
         return count is not None and seen is not None and count > seen
 
-    def executions(self) -> int | None:
-        """The executions the probed model (`iei`, or its stages in the split layout) completed,
-        from Triton's statistics; None if Triton does not answer. Another model's say nothing."""
+    def completed(self) -> int | None:
+        """The requests the probed model answered successfully, from Triton's statistics; None
+        if Triton does not answer. `iei` alone, which in the split layout is the ensemble: it
+        counts a request once both steps have answered it. Its steps' counts would not do: the
+        preprocessing step goes on completing the probes while a hung encoder answers none."""
         try:
             with local_client(self.STATS_TIMEOUT) as client:
-                response = client.get(f"{self.url}/v2/models/stats")
+                response = client.get(f"{self.url}/v2/models/{MODEL_NAME}/stats")
             stats = response.raise_for_status().json().get("model_stats") or []
-        except (httpx.HTTPError, ValueError, AttributeError):
+            return sum(
+                int(s["inference_stats"]["success"]["count"])
+                for s in stats
+                if s.get("name") == MODEL_NAME
+            )
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        probed = (MODEL_NAME, *STAGE_MODEL_NAMES)
-        return sum(int(s.get("execution_count") or 0) for s in stats if s.get("name") in probed)
 
     def stubs_cpu_seconds(self) -> float:
         """The CPU time of the probed model's processes (`iei`, or its stages in the split
