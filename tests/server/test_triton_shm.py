@@ -116,6 +116,19 @@ def test_regions_of_workers_no_longer_running_are_removed(tmp_path):
     assert not stale.exists() and mine.exists() and other.exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_another_user_s_regions_are_left_alone(tmp_path):
+    """/dev/shm is sticky: unlinking another user's region raised PermissionError, which stopped
+    a start (or kept a restart failing), and a pid says nothing across users anyway."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    theirs = tmp_path / f"{STUB_REGIONS}{dead}-iei_0_0"
+    theirs.write_bytes(b"x")
+    os.chown(theirs, 65534, 65534)
+    remove_stale_regions(STUB_REGIONS, tmp_path)
+    assert theirs.exists()
+
+
 def test_the_stub_regions_of_a_killed_launcher_are_removed_by_the_next_one(tmp_path):
     """Triton's stubs name theirs `iei-<launcher pid>-…`: a launcher killed outright left them."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

@@ -74,9 +74,12 @@ def remove_stale_regions(prefix: str, folder: Path = SHM_DIR) -> None:
         owner = named.match(path.name)
         if owner is None:
             continue
-        try:
-            os.kill(int(owner.group(1)), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's process is alive
+        with contextlib.suppress(OSError):  # gone meanwhile; not ours to remove (sticky /dev/shm)
+            if path.stat().st_uid != os.getuid():
+                continue  # another user's: its pid says nothing to us, its next start cleans it
+            try:
+                os.kill(int(owner.group(1)), 0)
+            except ProcessLookupError:
+                path.unlink()
+            except PermissionError:
+                pass  # the pid is another user's live process
