@@ -133,7 +133,9 @@ def test_resume_keeps_vectors_drops_errors_and_files_cut_short(tmp_path, caplog)
 
 
 def test_overwrite_removes_the_results_only(tmp_path):
-    """It emptied the whole folder (photos, notes, folders) once it held one Parquet file."""
+    """It emptied the whole folder (photos, notes, folders) once it held one Parquet file; then
+    it still removed the Parquet files of subfolders (another table's), where the job writes
+    none."""
     out = tmp_path / "data"
     part(out, "old.parquet", [("a", [1.0], None)])
     (out / "sub").mkdir()
@@ -143,7 +145,52 @@ def test_overwrite_removes_the_results_only(tmp_path):
     (out / "sub" / "photo.jpg").write_bytes(b"mine too")
     assert prepare_output(str(out), resume=False, overwrite=True) == set()
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert left == ["notes.txt", "sub", "sub/photo.jpg"]
+    assert left == ["notes.txt", "sub", "sub/nested.parquet", "sub/photo.jpg"]
+
+
+def test_overwrite_refuses_a_parquet_file_of_another_writer_and_removes_nothing(tmp_path):
+    out = tmp_path / "lake"
+    ours = part(out, "ours.parquet", [("a", [1.0], None)])
+    pq.write_table(pa.table({"id": [1]}), out / "theirs.parquet")
+    with pytest.raises(BulkError, match=r"not written by `iei embed --ray`.*nothing was removed"):
+        prepare_output(str(out), resume=False, overwrite=True)
+    assert ours.exists() and (out / "theirs.parquet").exists()
+
+
+def test_a_file_too_large_for_an_image_is_a_reason_not_read_whole(tree, monkeypatch):
+    """One of 2 GiB or more failed the job (Arrow's binary column) on every --resume."""
+    monkeypatch.setattr("iei.ray.files.MAX_FILE_BYTES", 7)
+    assert read_file(str(tree / "top.JPG")).content == b"top.JPG"  # 7 bytes: at the limit
+    read = read_file(str(tree / "a" / "one.png"))  # 9 bytes
+    assert (read.content, read.sha256, read.error) == (b"", None, "too large: over 0 MiB")
+
+
+def test_a_block_s_files_are_a_large_binary_column(tree):
+    from iei.ray.job import read_batch
+
+    batch = read_batch(pa.table({"path": [str(tree / "top.JPG"), str(tree / "gone.png")]}))
+    assert batch.schema.field("bytes").type == pa.large_binary()
+    assert batch.column("bytes").to_pylist() == [b"top.JPG", b""]
+
+
+def test_a_cluster_s_actors_get_the_driver_s_model_settings_and_hub_token(monkeypatch):
+    """A node's workers see that node's environment only: IEI_POOLING=cls given to the driver
+    was not the actors' pooling; a local Ray's workers inherit the driver's."""
+    ray = pytest.importorskip("ray")
+    from iei.ray.job import connect
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("IEI_POOLING", "cls")
+    monkeypatch.setenv("IEI_MAX_IMAGE_PIXELS", "1000000")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("IEI_API_KEY", "not the model's")  # the frontend's: not forwarded
+    assert connect("auto", 4) and connect("local", 4)
+    forwarded = calls[0]["runtime_env"]["env_vars"]
+    assert forwarded["IEI_POOLING"] == "cls" and forwarded["HF_TOKEN"] == "hf_secret"  # noqa: S105
+    assert forwarded["IEI_MAX_IMAGE_PIXELS"] == "1000000" and "IEI_API_KEY" not in forwarded
+    assert calls[1] == {"num_cpus": 4, "include_dashboard": False}
 
 
 def test_a_wrong_input_path_removes_nothing_with_overwrite(tmp_path, caplog):

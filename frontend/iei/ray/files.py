@@ -176,6 +176,12 @@ def walk_folder(folder: str) -> list[str]:
 # --- reading ---------------------------------------------------------------------------------
 
 
+# A file over this is an error row, not read whole: an image file is far smaller (a 50 MP photo,
+# IEI_MAX_IMAGE_PIXELS, is 10-30 MB as a JPEG, 150 MB as a plain TIFF), and one of 2 GiB or more
+# failed the job (Arrow's binary column) on every --resume.
+MAX_FILE_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class Read:
     """A file's content and SHA-256, or why it could not be read."""
@@ -189,13 +195,16 @@ def read_file(name: str) -> Read:
     try:
         location = locate(name)  # a row's name is a path or URI again
         if location.filesystem is None:
-            content = Path(location.path).read_bytes()
+            with open(location.path, "rb") as file:
+                content = file.read(MAX_FILE_BYTES + 1)
         else:
             with location.filesystem.open_input_stream(location.path) as stream:
-                content = stream.read()
+                content = stream.read(MAX_FILE_BYTES + 1)
     except (OSError, BulkError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return Read(b"", None, f"cannot read: {reason}")
+    if len(content) > MAX_FILE_BYTES:
+        return Read(b"", None, f"too large: over {MAX_FILE_BYTES >> 20} MiB")
     return Read(content, hashlib.sha256(content).hexdigest(), None)
 
 

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -39,8 +40,14 @@ log = logging.getLogger("iei")
 LIST_TASKS = 8  # folders listed at once
 READ_TASKS = 8  # batches of files read at once
 BLOCK_BYTES = 1 << 20  # ~20 camera JPEGs, ~10k paths
-ROWS_PER_FILE = 10_000  # Parquet files of at least this many rows (the last one of a block less)
+ROWS_PER_FILE = 10_000
+# Parquet files of at least this many rows (the last one of a block less): a killed job loses
+# at most that many unwritten vectors, so fewer on a CPU (2.7 ViT-B/16 images/s on 2 cores: a
+# file in 6 minutes) than on GPUs (thousands a second).
+ROWS_PER_FILE_CPU = 1_000
 ERRORS_SHOWN = 20
+# The hub's token variables (gated models), forwarded to a cluster's actors with the settings.
+HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 RAY_RETRIES = 8  # back-off 0.5 s doubling, at most 30 s: about 90 s in all
 ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Timeout)\w*: ")
 
@@ -56,8 +63,9 @@ def output_location(out: str) -> tuple[Any, str]:
 
 def parquet_files(filesystem: Any, folder: str, suffix: str = ".parquet") -> list[str]:
     """The folder's files whose name ends in `suffix` (the results; `.parquet.partial`: the
-    temporary files of a rewrite that a killed run left)."""
-    selector = fs.FileSelector(folder, recursive=True, allow_not_found=True)
+    temporary files of a rewrite that a killed run left). The folder's own, not its
+    subfolders': the job writes none there, and another table's files may live in one."""
+    selector = fs.FileSelector(folder, recursive=False, allow_not_found=True)
     return sorted(
         info.path
         for info in filesystem.get_file_info(selector)
@@ -164,6 +172,13 @@ def prepare_output(out: str, resume: bool, overwrite: bool) -> set[str]:
         return read_written(filesystem, folder, repair=True, paths=True).embedded
     if not overwrite:
         raise BulkError(f"{out} holds results: continue with --resume, or replace with --overwrite")
+    for name in results:  # another writer's Parquet files are refused, as by --resume
+        with filesystem.open_input_file(name) as file:
+            if not {"path", "error"} <= set(pq.ParquetFile(file).schema_arrow.names):
+                raise BulkError(
+                    f"{name}: no `path` and `error` columns (not written by `iei embed --ray`): "
+                    "--overwrite removes only its results; nothing was removed"
+                )
     for name in [*results, *parquet_files(filesystem, folder, ".parquet.partial")]:
         filesystem.delete_file(name)
     log.info("--overwrite: removed the %d result files in %s", len(results), out)
@@ -181,10 +196,37 @@ def connect(address: str, cores: int) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(num_cpus=cores, include_dashboard=False)
+        ray.init(num_cpus=cores, include_dashboard=False)  # its workers inherit our environment
     else:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env={"env_vars": forwarded_environment()})
     return True
+
+
+def forwarded_environment() -> dict[str, str]:
+    """What the actors on a cluster's nodes must see of this driver's environment: the model's
+    settings as set here (IEI_POOLING, IEI_DTYPE, IEI_MAX_IMAGE_PIXELS ...) and the hub's token.
+    A node's workers see only that node's environment: an `IEI_POOLING=cls` given to the driver
+    was silently not the actors' pooling. The pods' own variables (a RayJob's Secret) stay."""
+    from ..settings import MODEL, read_by
+
+    names = {name for entry in read_by(MODEL).values() for name in (entry.env, *entry.aliases)}
+    names |= set(HUB_TOKENS)
+    return {name: value for name, value in os.environ.items() if name in names}
+
+
+def warn_of_a_local_out(out: str) -> None:
+    """A local --out on a cluster of several nodes: each node's write tasks write to their own
+    disk, and the summary and --resume see the driver's share only, unless every node mounts
+    that folder (a shared file system, which cannot be told from here)."""
+    import ray
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1 and locate(out).filesystem is None:
+        log.warning(
+            "--out %s is a local folder and Ray has %d nodes: each node writes its rows to its "
+            "own disk unless every node mounts that folder; give a shared store (s3://, gs://) "
+            "or a shared mount", out, nodes,
+        )  # fmt: skip
 
 
 def layout(model_mode: bool, actors: int | None, actor_cpus: int | None) -> tuple[int, float, int]:
@@ -250,7 +292,8 @@ def expand(row: dict[str, Any], done: Any) -> list[dict[str, Any]]:
 def read_batch(batch: pa.Table) -> pa.Table:
     """Paths -> their content, SHA-256, or why they could not be read."""
     reads = list(read_files(batch.column("path").to_pylist()))
-    return batch.append_column("bytes", pa.array([r.content for r in reads], pa.binary())) \
+    # large_binary: a block's files together may pass binary's 2 GiB.
+    return batch.append_column("bytes", pa.array([r.content for r in reads], pa.large_binary())) \
         .append_column("sha256", pa.array([r.sha256 for r in reads], pa.string())) \
         .append_column("error", pa.array([r.error for r in reads], pa.string()))  # fmt: skip
 
@@ -305,8 +348,9 @@ def pipeline(
             retries=RAY_RETRIES if args.retries is None else args.retries, served_model=args.model,
         )  # fmt: skip
     filesystem, folder = output_location(out)
+    rows_per_file = ROWS_PER_FILE_CPU if model_mode and not gpus else ROWS_PER_FILE
     vectors.write_parquet(
-        folder, filesystem=filesystem, min_rows_per_file=ROWS_PER_FILE,
+        folder, filesystem=filesystem, min_rows_per_file=rows_per_file,
         ray_remote_args={"num_cpus": 0},
     )  # fmt: skip
 
@@ -341,6 +385,7 @@ def run_job(args: argparse.Namespace) -> int:
     except Exception as exc:  # ray.init's many ways to fail: one line
         log.error("cannot start or join Ray (--ray %s): %s", args.ray, exc)
         return 2
+    warn_of_a_local_out(out)
     try:
         pipeline(files, folders, done, out, args)
     except BulkError as exc:
