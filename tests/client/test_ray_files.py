@@ -12,7 +12,7 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from iei.cli import main  # noqa: E402
+from iei.cli import main, parser  # noqa: E402
 from iei.client.bulk import find_images  # noqa: E402
 from iei.client.index_files import BulkError  # noqa: E402
 from iei.ray.files import list_roots, locate, read_file, walk_folder  # noqa: E402
@@ -337,3 +337,25 @@ def test_retries_default_to_more_with_ray():
 
     args = parser().parse_args(["embed", "x", "--out", "y", "--ray"])
     assert args.retries is None and args.ray == "local"  # the job reads None as RAY_RETRIES
+
+
+def test_resume_refuses_vectors_of_another_model_and_removes_nothing(tmp_path):
+    """A resumed job with another --model (or --raw) mixed two models' vectors in one folder."""
+    from iei.ray.job import JOB_FILE, job_identity, record_job
+
+    out = tmp_path / "vectors"
+    mixed = part(out, "mixed.parquet", [("c", [3.0], None), ("d", None, "not an image")])
+    args = parser().parse_args(["embed", "x", "--out", str(out), "--ray", "--model", "vit"])
+    first = job_identity(args)
+    record_job(str(out), first)
+    assert pq.read_table(out).num_rows == 2  # readers skip the job's file
+    other = {**first, "model": "clip"}
+    with pytest.raises(BulkError, match=r"holds vectors of model vit \(normalised\); this job "
+                       r"makes model clip \(normalised\)"):  # fmt: skip
+        prepare_output(str(out), resume=True, overwrite=False, job=other)
+    with pytest.raises(BulkError, match="raw"):
+        prepare_output(str(out), resume=True, overwrite=False, job={**first, "normalize": False})
+    assert pq.read_table(mixed).num_rows == 2  # its error row not dropped yet
+    assert prepare_output(str(out), resume=True, overwrite=False, job=first) == {"c"}
+    (out / JOB_FILE).unlink()  # a folder from before the job's file: taken as it is
+    assert prepare_output(str(out), resume=True, overwrite=False, job=other) == {"c"}

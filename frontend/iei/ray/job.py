@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import os
@@ -46,6 +47,9 @@ ROWS_PER_FILE = 10_000
 # file in 6 minutes) than on GPUs (thousands a second).
 ROWS_PER_FILE_CPU = 1_000
 ERRORS_SHOWN = 20
+# Beside the Parquet files: the job's model and normalisation (`job_identity`). Its `_` keeps it
+# out of what Parquet readers take for the table (pyarrow, Spark and DuckDB's globs skip it).
+JOB_FILE = "_iei_job.json"
 # The hub's token variables (gated models), forwarded to a cluster's actors with the settings.
 HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 RAY_RETRIES = 8  # back-off 0.5 s doubling, at most 30 s: about 90 s in all
@@ -156,9 +160,12 @@ def drop_error_rows(filesystem: Any, name: str) -> None:
         filesystem.delete_file(name)
 
 
-def prepare_output(out: str, resume: bool, overwrite: bool) -> set[str]:
+def prepare_output(
+    out: str, resume: bool, overwrite: bool, job: dict[str, Any] | None = None
+) -> set[str]:
     """Check --out (a folder); for --overwrite, delete its results (its Parquet files, never
-    anything else); for --resume, what is embedded."""
+    anything else); for --resume, what is embedded, once the vectors there are known to be of
+    the same `job` (JOB_FILE: its model and normalisation)."""
     filesystem, folder = output_location(out)
     info = filesystem.get_file_info(folder)
     if info.type == fs.FileType.File:
@@ -169,6 +176,7 @@ def prepare_output(out: str, resume: bool, overwrite: bool) -> set[str]:
     if not results:
         return set()
     if resume:
+        check_same_job(filesystem, folder, out, job)
         return read_written(filesystem, folder, repair=True, paths=True).embedded
     if not overwrite:
         raise BulkError(f"{out} holds results: continue with --resume, or replace with --overwrite")
@@ -183,6 +191,48 @@ def prepare_output(out: str, resume: bool, overwrite: bool) -> set[str]:
         filesystem.delete_file(name)
     log.info("--overwrite: removed the %d result files in %s", len(results), out)
     return set()
+
+
+def job_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two runs' vectors belong in one folder: the model (in Ray's actors, or the
+    service's and which of its models) and whether they are normalised. The precision is not
+    in it: float32 and bf16 vectors of one model agree to about 0.999."""
+    source = {"model": args.model} if args.url is None else {"url": args.url, "model": args.model}
+    return {**source, "normalize": not args.raw}
+
+
+def check_same_job(filesystem: Any, folder: str, out: str, job: dict[str, Any] | None) -> None:
+    """Refuse a --resume whose vectors would not be of the same model as those written: a
+    resumed job with another --model mixed two models' vectors in one folder. A folder written
+    before JOB_FILE existed is taken as it is."""
+    if job is None:
+        return
+    try:
+        with filesystem.open_input_stream(f"{folder}/{JOB_FILE}") as stream:
+            written = json.loads(stream.read())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise BulkError(f"{out}/{JOB_FILE}: unreadable ({exc}); nothing was removed") from None
+    if written != job:
+        raise BulkError(
+            f"{out} holds vectors of {describe_job(written)}; this job makes {describe_job(job)}: "
+            "resume with the same --model/--url/--raw, or start again with --overwrite"
+        )
+
+
+def describe_job(job: dict[str, Any]) -> str:
+    where = f"the service {job['url']}, model {job.get('model') or 'its default'}" \
+        if "url" in job else f"model {job.get('model')}"  # fmt: skip
+    return f"{where} ({'normalised' if job.get('normalize') else 'raw'})"
+
+
+def record_job(out: str, job: dict[str, Any]) -> None:
+    """JOB_FILE in the output folder: what its vectors are, for a later --resume to check."""
+    filesystem, folder = output_location(out)
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(f"{folder}/{JOB_FILE}") as stream:
+        stream.write(json.dumps(job, sort_keys=True).encode())
 
 
 # --- Ray ---------------------------------------------------------------------------------------
@@ -375,7 +425,9 @@ def run_job(args: argparse.Namespace) -> int:
         # The roots, one level deep, before Ray starts: a wrong path fails at once, and before
         # --overwrite removes anything.
         files, folders = list_roots(str(p) for p in args.paths)
-        done = prepare_output(out, args.resume, args.overwrite)
+        job = job_identity(args)
+        done = prepare_output(out, args.resume, args.overwrite, job)
+        record_job(out, job)
     except (BulkError, OSError, pa.ArrowException) as exc:  # pyarrow's: a URI it cannot parse
         log.error("%s", exc)
         return 2
