@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 
 import httpx
 import orjson
@@ -150,6 +151,22 @@ def test_iei_tag_writes_each_files_labels_and_skips_a_broken_one(tmp_path, monke
     assert [d["label"] for d in lines[0]["labels"]] == ["car", "dog"]
     assert lines[2]["labels"][0]["score"] == pytest.approx(0.33)
     assert "bad.png: the image is too small" in caplog.text
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a name of bytes that are not UTF-8")
+def test_iei_tag_names_a_file_that_is_not_utf8_printably(tmp_path, monkeypatch, capsys):
+    try:
+        with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"), "wb") as file:
+            file.write(png(10))
+    except OSError:  # macOS's file systems refuse such names
+        pytest.skip("this file system takes only UTF-8 names")
+    out = tmp_path / "tags.jsonl"
+    assert (
+        run_tag(monkeypatch, FakeServer(), [str(tmp_path), "--labels", "x", "--out", str(out)]) == 0
+    )
+    assert json.loads(out.read_text())["path"] == f"{tmp_path}/caf\\xe9.png"
+    assert run_tag(monkeypatch, FakeServer(), [str(tmp_path), "--labels", "x"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}/caf\\xe9.png\tx=0.1100\n"
 
 
 def test_iei_tag_prints_a_line_per_file(tmp_path, monkeypatch, capsys):

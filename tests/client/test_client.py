@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 from pathlib import Path
 
 import httpx
@@ -472,6 +473,21 @@ def test_files_go_as_a_multipart_form_to_a_server_that_takes_uploads(tmp_path):
     assert vectors[:, 0].tolist() == [len(f) for f in files]
     embeds = [r for r in server.requests if r.url.path == "/embed"]
     assert len(embeds) == 2 and all(b"base64" not in r.content for r in embeds)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a name of bytes that are not UTF-8")
+def test_a_file_name_that_is_not_utf8_goes_in_the_form_escaped(tmp_path):
+    path = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    try:
+        with open(path, "wb") as file:
+            file.write(png((1, 2, 3)))
+    except OSError:  # macOS's file systems refuse such names
+        pytest.skip("this file system takes only UTF-8 names")
+    server = FormServer()
+    client, _ = client_for(server)
+    client.embed([os.fsdecode(path)])  # os.walk's form of it: caf\udce9.png
+    [(files, names, _)] = server.forms
+    assert files == [png((1, 2, 3))] and names == ["caf\\xe9.png"]
 
 
 def test_urls_or_an_older_server_get_json():

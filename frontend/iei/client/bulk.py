@@ -37,6 +37,7 @@ from .index_files import (
     stack,
     write_index,
 )
+from .inputs import printable
 
 log = logging.getLogger("iei")
 
@@ -131,12 +132,17 @@ async def embed_paths(
 
 
 def not_done(paths: Sequence[str], done: dict[str, np.ndarray]) -> list[str]:
-    """The paths no earlier run embedded, a path compared as written and as an absolute path:
-    `--resume` from another spelling of the folder (`Pictures`, `./Pictures`,
-    `/home/me/Pictures`) embeds nothing twice. No file system call (2 us a path), so a link
-    followed in one spelling and not the other still counts as another file."""
-    finished = {os.path.abspath(p) for p in done}
-    return [p for p in paths if p not in done and os.path.abspath(p) not in finished]
+    """The paths no earlier run embedded (`done` holds their `printable` names), a path compared
+    as written and as an absolute path: `--resume` from another spelling of the folder
+    (`Pictures`, `./Pictures`, `/home/me/Pictures`) embeds nothing twice. No file system call
+    (2 us a path), so a link followed in one spelling and not the other still counts as another
+    file."""
+    finished = {printable(os.path.abspath(p)) for p in done}
+    return [
+        p
+        for p in paths
+        if printable(p) not in done and printable(os.path.abspath(p)) not in finished
+    ]
 
 
 def strip_index(message: str) -> str:
@@ -194,15 +200,18 @@ def run_embed(args: argparse.Namespace) -> int:
     # 768-value vectors), only which paths are done; `.npy` / `.parquet` keep them to the end.
     keeps_vectors = output_format(out) != ".jsonl"
 
+    # Files are read by their paths, and recorded (journal, index, `done`) by printable names:
+    # a name that is not UTF-8 cannot go into JSON or Parquet as it is.
     def embedded(batch: Sequence[str], vectors: np.ndarray) -> None:
-        journal.append(batch, vectors)
-        done.update(zip(batch, vectors if keeps_vectors else [NO_VECTOR] * len(batch), strict=True))
+        names = [printable(p) for p in batch]
+        journal.append(names, vectors)
+        done.update(zip(names, vectors if keeps_vectors else [NO_VECTOR] * len(batch), strict=True))
         tally.embedded += len(batch)
         progress.update(len(batch))
 
     def skipped(path: str, reason: str) -> None:
-        log.warning("skipped %s: %s", path, reason)
-        tally.skipped.append((path, reason))
+        log.warning("skipped %s: %s", printable(path), reason)
+        tally.skipped.append((printable(path), reason))
         progress.update(1)
 
     async def embed_all() -> None:
@@ -233,7 +242,7 @@ def run_embed(args: argparse.Namespace) -> int:
         log.error("nothing embedded: all %d files were skipped (the warnings say why)", len(paths))
         return 1
     if output_format(out) != ".jsonl":
-        order = {path: index for index, path in enumerate(paths)}
+        order = {printable(path): index for index, path in enumerate(paths)}
         final = sorted(done, key=lambda p: order.get(p, len(order)))  # earlier runs' extras last
         try:
             write_index(out, final, stack([done[p] for p in final]))
@@ -247,7 +256,7 @@ def run_embed(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"embedded {tally.embedded} images, skipped {len(tally.skipped)}, "
         f"{len(paths) - len(todo)} already done, in {seconds:.1f} s ({rate:.1f} images/s) "
-        f"-> {out} ({len(done)} vectors)\n"
+        f"-> {printable(str(out))} ({len(done)} vectors)\n"
     )
     return 0
 

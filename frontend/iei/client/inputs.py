@@ -32,6 +32,18 @@ class ImageFile:
         return len(self.data)
 
 
+def printable(path: str) -> str:
+    """A path as iei records and prints it: as it is, or, for a name that is not valid UTF-8
+    (os.walk gives `caf\\udce9.jpg` for the bytes `caf\\xe9.jpg`), its bytes with backslash
+    escapes (`caf\\xe9.jpg`): JSON, Parquet, an HTTP header and a terminal take that, and it is
+    the same in every run, so `--resume` knows the file again."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
 def encode_image(image: ImageInput) -> str:
     """One input as the server takes it in JSON: base64 of the file's bytes (PIL and arrays as
     PNG); URLs and data: URIs as they are."""
@@ -66,7 +78,7 @@ def multipart_form(files: list[ImageFile], fields: dict[str, str]) -> tuple[byte
         for name, value in fields.items()
     ]
     for file in files:
-        filename = file.name.replace("\\", "\\\\").replace('"', "%22")
+        filename = printable(file.name).replace("\\", "\\\\").replace('"', "%22")
         filename = filename.replace("\r", "%0D").replace("\n", "%0A")
         head = (
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '

@@ -22,6 +22,7 @@ from .bulk import find_images, read_files, strip_index
 from .core import LabelScores
 from .errors import IEIError, ValidationError
 from .index_files import BulkError, partial
+from .inputs import printable
 from .sync_client import IEIClient
 
 log = logging.getLogger("iei")
@@ -79,16 +80,16 @@ def run_tag(args: argparse.Namespace) -> int:
     def tagged(path: str, answer: LabelScores) -> None:
         top = answer[: args.top] if args.top else answer
         if args.out is not None:
-            line: dict[str, Any] = {"path": path, "labels": top}
+            line: dict[str, Any] = {"path": printable(path), "labels": top}
             out.write(orjson.dumps(line).decode() + "\n")
         else:
             scores = "\t".join(f"{d['label']}={d['score']:.4f}" for d in top)
-            out.write(f"{path}\t{scores}\n")
+            out.write(f"{printable(path)}\t{scores}\n")
 
     def skip(path: str, reason: str) -> None:
         nonlocal skipped
         skipped += 1
-        log.warning("skipped %s: %s", path, reason)
+        log.warning("skipped %s: %s", printable(path), reason)
 
     # `--out` is written under a temporary name and replaces the file only once every file is
     # tagged: a run that fails (the service down, Ctrl-C) leaves an earlier file as it was.

@@ -1,0 +1,127 @@
+"""`iei embed`, `iei similar` and `iei search` end to end against a fake service (MockTransport):
+names that are not UTF-8, failed batches, stops and corrupt files."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from iei import cli
+from iei.client import bulk, similar
+from iei.client.index_files import load_index
+
+DIMENSION = 4
+URL = "http://iei.test"
+
+
+class FakeService:
+    """/info and /embed (JSON): a file's vector is its bytes' length. A request holding a file
+    in `fail` is answered with that file's canned error (a whole-request failure, as Triton's);
+    `fail_all` answers every /embed so."""
+
+    def __init__(self) -> None:
+        self.fail: dict[bytes, httpx.Response] = {}
+        self.fail_all: httpx.Response | None = None
+        self.embedded: list[bytes] = []  # every file the service embedded, in order
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/info":
+            info = {"max_client_batch_size": 64, "embedding_dimension": DIMENSION, "limits": {}}
+            return httpx.Response(200, json=info)
+        files = [base64.b64decode(item) for item in orjson.loads(request.content)["inputs"]]
+        if self.fail_all is not None:
+            return self.fail_all
+        for file in files:
+            if file in self.fail:
+                return self.fail[file]
+        self.embedded += files
+        return httpx.Response(200, json=[[float(len(f)), 1.0, 0.0, 0.0] for f in files])
+
+
+def error(status: int, error_type: str, message: str, **headers: str) -> httpx.Response:
+    return httpx.Response(
+        status, json={"error": message, "error_type": error_type}, headers=headers
+    )
+
+
+@pytest.fixture
+def service(monkeypatch) -> FakeService:
+    """The fake service behind every client `iei embed` / `similar` / `search` opens."""
+    fake = FakeService()
+    transport = httpx.MockTransport(fake)
+
+    def async_client(*args, **options):
+        return real_async(*args, transport=transport, sleep=no_sleep, **options)
+
+    def sync_client(*args, **options):
+        return real_sync(*args, transport=transport, sleep=lambda _: None, **options)
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    real_async, real_sync = bulk.AsyncIEIClient, similar.IEIClient
+    monkeypatch.setattr(bulk, "AsyncIEIClient", async_client)
+    monkeypatch.setattr(similar, "IEIClient", sync_client)
+    return fake
+
+
+def embed(*arguments: str | Path) -> int:
+    return cli.main(["embed", *map(str, arguments), "--url", URL, "--no-progress"])
+
+
+def photos(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    files = [folder / f"p{i}.jpg" for i in range(count)]
+    for i, file in enumerate(files):
+        file.write_bytes(b"x" * (i + 1))
+    return files
+
+
+# --- names that are not UTF-8 ------------------------------------------------------------------
+
+
+def bytes_named(folder: Path, name: bytes, content: bytes) -> str:
+    """A file named by bytes that are not UTF-8 (what a camera card or an old archive holds)."""
+    path = os.path.join(os.fsencode(folder), name)
+    try:
+        with open(path, "wb") as file:
+            file.write(content)
+    except OSError:  # macOS's file systems refuse such names
+        pytest.skip("this file system takes only UTF-8 names")
+    return os.fsdecode(path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows names are UTF-16")
+@pytest.mark.parametrize("suffix", [".jsonl", ".npy", ".parquet"])
+def test_a_name_that_is_not_utf8_is_embedded_and_recorded_printably(
+    service, tmp_path, suffix, capsys
+):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "photos"
+    photos(folder, 2)
+    odd = bytes_named(folder, b"caf\xe9.jpg", b"cafe" * 3)
+    out = tmp_path / f"index{suffix}"
+    assert embed(folder, "--out", out) == 0
+    recorded = f"{folder}/caf\\xe9.jpg"
+    paths, vectors = load_index(out)
+    assert sorted(paths) == sorted([recorded, f"{folder}/p0.jpg", f"{folder}/p1.jpg"])
+    assert vectors[paths.index(recorded), 0] == 12.0  # read through its real name
+    assert "-> " in capsys.readouterr().out
+
+    # --resume knows it again: only the new file is sent
+    photos(folder, 3)
+    sent = len(service.embedded)
+    assert embed(folder, "--out", out, "--resume") == 0
+    assert service.embedded[sent:] == [b"xxx"]
+    assert len(load_index(out)[0]) == 4
+
+    # `iei similar` of the odd file itself prints its recorded name
+    capsys.readouterr()
+    assert cli.main(["similar", odd, "--index", str(out), "--url", URL, "--top", "1"]) == 0
+    assert capsys.readouterr().out == f"1.0000\t{recorded}\n"
