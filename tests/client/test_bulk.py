@@ -125,3 +125,39 @@ def test_a_name_that_is_not_utf8_is_embedded_and_recorded_printably(
     capsys.readouterr()
     assert cli.main(["similar", odd, "--index", str(out), "--url", URL, "--top", "1"]) == 0
     assert capsys.readouterr().out == f"1.0000\t{recorded}\n"
+
+
+# --- a batch that one image breaks -------------------------------------------------------------
+
+BROKE_IT = {
+    "424": error(424, "Backend", "stack expects each tensor to be equal size"),
+    "504": error(504, "Timeout", "the request took longer than 60 s"),
+}
+
+
+@pytest.mark.parametrize("answer", BROKE_IT.values(), ids=BROKE_IT.keys())
+def test_a_batch_one_image_breaks_is_retried_alone_and_only_that_image_skipped(
+    service, tmp_path, answer, caplog
+):
+    files = photos(tmp_path / "photos", 6)
+    service.fail[b"xx"] = answer  # p1.jpg
+    out = tmp_path / "index.npy"
+    assert embed(tmp_path / "photos", "--out", out, "--batch-size", "4") == 0
+    assert load_index(out)[0] == [str(f) for f in files if f.name != "p1.jpg"]
+    [warning] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert warning.startswith(f"skipped {files[1]}: the service failed on it ({answer.status_code}")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [*BROKE_IT.values(), error(504, "Timeout", "loading", **{"Retry-After": "1"})],
+    ids=["424", "504", "504-retry-after"],
+)
+def test_a_service_that_fails_every_image_stops_the_run(service, tmp_path, answer, caplog):
+    photos(tmp_path / "photos", 8)
+    service.fail_all = answer
+    out = tmp_path / "index.npy"
+    assert embed(tmp_path / "photos", "--out", out, "--batch-size", "4") == 1
+    assert f"stopped: {answer.status_code}" in caplog.text
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) < 3
+    assert not out.exists()

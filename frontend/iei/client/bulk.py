@@ -2,7 +2,9 @@
 
 An image the service refuses (its 422: not an image, too many pixels, …) or a file that cannot be
 read is skipped with a warning and counted; a refused batch is retried one image at a time so that
-only the bad file is lost. Skipped files are not recorded and are tried again by `--resume`, which
+only the bad file is lost, and so is a batch that broke the model (424) or ran out of time (504
+without `Retry-After`), unless images keep failing so alone: then the service is at fault, and the
+run stops. Skipped files are not recorded and are tried again by `--resume`, which
 continues the journal of an interrupted run (or, when the run had finished, starts from the
 finished file).
 """
@@ -25,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .async_client import AsyncIEIClient
 from .core import RetryPolicy, facts_of
-from .errors import IEIError, ValidationError
+from .errors import BackendError, IEIError, ValidationError
 from .index_files import (
     BulkError,
     Journal,
@@ -71,6 +73,11 @@ def find_images(roots: Iterable[Path]) -> list[str]:
 NO_VECTOR = np.empty(0, dtype=np.float32)  # a `.jsonl` run's done paths: the vector is on disk
 
 
+# Images that fail alone with a 424 or 504 one after another, no success between: the service
+# fails every image (a broken model, a server too slow for any request), not one bad file.
+FAILED_ALONE_LIMIT = 3
+
+
 @dataclass
 class Tally:
     embedded: int = 0
@@ -102,16 +109,28 @@ async def embed_paths(
         paths[i : i + batch_size] for i in range(0, len(paths), batch_size)
     )
 
+    failed_alone = 0  # images that failed alone with a 424 or 504 since the last success
+
     async def embed_batch(batch: Sequence[str], contents: Sequence[bytes]) -> None:
+        nonlocal failed_alone
         try:
             vectors = await client.embed(contents, normalize=normalize)
-        except ValidationError as exc:
-            if len(batch) == 1:
-                on_skipped(batch[0], strip_index(exc.message))
+        except (ValidationError, BackendError) as exc:
+            if isinstance(exc, BackendError) and not broken_by_an_image(exc):
+                raise
+            if len(batch) > 1:
+                for path, content in zip(batch, contents, strict=True):  # find the bad one(s)
+                    await embed_batch([path], [content])
                 return
-            for path, content in zip(batch, contents, strict=True):  # find the bad one(s)
-                await embed_batch([path], [content])
+            if isinstance(exc, BackendError):
+                failed_alone += 1
+                if failed_alone >= FAILED_ALONE_LIMIT:
+                    raise
+                on_skipped(batch[0], f"the service failed on it ({exc})")
+            else:
+                on_skipped(batch[0], strip_index(exc.message))
             return
+        failed_alone = 0
         on_embedded(batch, vectors)
 
     async def worker() -> None:
@@ -129,6 +148,13 @@ async def embed_paths(
     async with asyncio.TaskGroup() as workers:
         for _ in range(concurrency):
             workers.create_task(worker())
+
+
+def broken_by_an_image(error: BackendError) -> bool:
+    """Whether one image of the request may be the cause: a 424 (it broke the model, which still
+    answers a probe) or a 504 without `Retry-After` (it took longer than a request may; a 504
+    with one is a model still loading, which the client retried)."""
+    return error.status == 424 or (error.status == 504 and error.retry_after is None)
 
 
 def not_done(paths: Sequence[str], done: dict[str, np.ndarray]) -> list[str]:
