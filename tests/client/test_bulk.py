@@ -4,6 +4,7 @@ names that are not UTF-8, failed batches, stops and corrupt files."""
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,8 +13,8 @@ import httpx
 import orjson
 import pytest
 from iei import cli
-from iei.client import bulk, similar
-from iei.client.index_files import load_index
+from iei.client import bulk, index_files, similar
+from iei.client.index_files import journal_path, load_index
 
 DIMENSION = 4
 URL = "http://iei.test"
@@ -161,3 +162,25 @@ def test_a_service_that_fails_every_image_stops_the_run(service, tmp_path, answe
     assert f"stopped: {answer.status_code}" in caplog.text
     assert len([r for r in caplog.records if "skipped" in r.getMessage()]) < 3
     assert not out.exists()
+
+
+# --- stops -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_the_journal_stops_the_run_in_one_line(
+    service, tmp_path, monkeypatch, caplog
+):
+    class FullDisk(index_files.Journal):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.file.close()
+            self.file = open("/dev/full", "ab")  # noqa: SIM115 - every write: ENOSPC
+
+    monkeypatch.setattr(bulk, "Journal", FullDisk)
+    photos(tmp_path / "photos", 3)
+    out = tmp_path / "index.npy"
+    assert embed(tmp_path / "photos", "--out", out) == 1
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith("stopped: [Errno 28] No space left on device (0 vectors kept;")
+    assert journal_path(out).exists() and not out.exists()

@@ -258,7 +258,7 @@ def run_embed(args: argparse.Namespace) -> int:
     try:
         with logging_redirect_tqdm(), progress:
             asyncio.run(embed_all())
-    except (BaseExceptionGroup, BulkError, IEIError, KeyboardInterrupt) as exc:
+    except (BaseExceptionGroup, BulkError, IEIError, OSError, KeyboardInterrupt) as exc:
         return report_stop(exc, len(done))
     finally:
         journal.close()
@@ -294,7 +294,7 @@ def report_stop(exc: BaseException, kept: int) -> int:
     if isinstance(exc, BulkError):
         log.error("%s", exc)
         return 2
-    if isinstance(exc, IEIError):
+    if isinstance(exc, IEIError | OSError):  # OSError: the journal not written (a full disk)
         log.error("stopped: %s (%d vectors kept; continue with --resume)", exc, kept)
         return 1
     if isinstance(exc, KeyboardInterrupt):

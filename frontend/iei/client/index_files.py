@@ -167,14 +167,25 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file = open(path, "ab")  # noqa: SIM115 - closed by close()
+        self.failed = False  # an append raised (a full disk): its bytes may still be buffered
 
     def append(self, paths: Sequence[str], vectors: np.ndarray) -> None:
-        for path, vector in zip(paths, vectors, strict=True):
-            line = orjson.dumps(
-                {"path": path, "embedding": vector}, option=orjson.OPT_SERIALIZE_NUMPY
-            )
-            self.file.write(line + b"\n")
-        self.file.flush()
+        try:
+            for path, vector in zip(paths, vectors, strict=True):
+                line = orjson.dumps(
+                    {"path": path, "embedding": vector}, option=orjson.OPT_SERIALIZE_NUMPY
+                )
+                self.file.write(line + b"\n")
+            self.file.flush()
+        except OSError:
+            self.failed = True
+            raise
 
     def close(self) -> None:
-        self.file.close()
+        """Close; after a failed append the buffered rest is dropped, not raised again (the
+        error was reported once; `--resume` cuts a torn last line off)."""
+        try:
+            self.file.close()
+        except OSError:
+            if not self.failed:
+                raise
