@@ -184,3 +184,21 @@ def test_a_full_disk_under_the_journal_stops_the_run_in_one_line(
     [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert line.startswith("stopped: [Errno 28] No space left on device (0 vectors kept;")
     assert journal_path(out).exists() and not out.exists()
+
+
+# --- corrupt index files -----------------------------------------------------------------------
+
+
+def test_a_corrupt_index_is_one_line_in_similar_search_and_resume(service, tmp_path, caplog):
+    (tmp_path / "q.jpg").write_bytes(b"query")
+    photos(tmp_path / "photos", 2)
+    index = tmp_path / "index.npy"
+    index.write_text("not numpy\n")
+    index.with_suffix(".ids.json").write_text('["a"]')
+    service_args = ["--url", URL]
+    assert cli.main(["similar", str(tmp_path / "q.jpg"), "--index", str(index), *service_args]) == 2
+    assert cli.main(["search", "a cat", "--index", str(index), *service_args]) == 2
+    assert embed(tmp_path / "photos", "--out", index, "--resume") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"{index}: not an index written by iei embed (Cannot load file containing "
+                      "pickled data when allow_pickle=False)"] * 3  # fmt: skip

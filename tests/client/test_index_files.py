@@ -56,3 +56,39 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_index(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.ids.json", "index.npy"]
     monkeypatch.undo()
     assert load_index(out)[0] == ["old"]
+
+
+def text_named_npy(out):
+    out.write_text("hello\n")
+    out.with_suffix(".ids.json").write_text('["a"]')
+
+
+def truncated_ids(out):
+    np.save(out, np.ones((2, 3), np.float32))
+    out.with_suffix(".ids.json").write_text('["a", "b')
+
+
+def ids_not_a_list(out):
+    np.save(out, np.ones((1, 3), np.float32))
+    out.with_suffix(".ids.json").write_text('{"a": 1}')
+
+
+def two_byte_parquet(out):
+    out.write_bytes(b"PA")
+
+
+def foreign_parquet(out):
+    pq.write_table(pa.table({"name": ["a"], "vector": [[1.0]]}), out)
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [("index.npy", text_named_npy), ("index.npy", truncated_ids), ("index.npy", ids_not_a_list),
+     ("index.parquet", two_byte_parquet), ("index.parquet", foreign_parquet)],
+    ids=["text.npy", "truncated-ids", "ids-not-a-list", "2-byte-parquet", "foreign-parquet"],
+)  # fmt: skip
+def test_a_corrupt_or_foreign_index_is_refused_in_one_line(tmp_path, name, write):
+    out = tmp_path / name
+    write(out)
+    with pytest.raises(BulkError, match=r"^\S+: not an index written by iei embed \(.+\)$"):
+        load_index(out)

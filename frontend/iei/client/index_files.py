@@ -83,16 +83,33 @@ def read_journal(path: Path, repair: bool = False) -> dict[str, np.ndarray]:
 
 
 def load_index(path: Path, option: str = "--index") -> tuple[list[str], np.ndarray]:
-    """(paths, float32 vectors (N, D)) from a file that `iei embed` wrote."""
+    """(paths, float32 vectors (N, D)) from a file that `iei embed` wrote; anything else under
+    its name (a text file, a truncated `ids.json`, a foreign Parquet) is a one-line BulkError."""
     kind = output_format(path, option)
     if not path.exists():
         raise BulkError(f"no such index: {path}")
     if kind == ".jsonl":
         done = read_journal(path)
         return list(done), stack(list(done.values()))
+    try:  # numpy's, orjson's and pyarrow's refusals are ValueErrors, or Arrow's Type/KeyErrors
+        paths, vectors = read_index(path, kind)
+    except (ValueError, TypeError, KeyError, IndexError, EOFError, NotImplementedError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BulkError(f"{path}: not an index written by iei embed ({reason})") from None
+    if len(paths) != len(vectors):
+        raise BulkError(f"{path}: {len(vectors)} vectors but {len(paths)} paths")
+    if not paths:
+        raise BulkError(f"{path} holds no vectors")
+    return paths, vectors.reshape(len(paths), -1)
+
+
+def read_index(path: Path, kind: str) -> tuple[list[str], np.ndarray]:
+    """A `.npy` (+ ids) or `.parquet` index as it is on disk, checked only for its types."""
     if kind == ".npy":
         vectors = np.load(path).astype(np.float32, copy=False)
         paths = orjson.loads(ids_path(path).read_bytes())
+        if not isinstance(paths, list):
+            raise TypeError(f"{ids_path(path).name} holds a {type(paths).__name__}, not a list")
     else:
         pq = import_parquet()
         import pyarrow as pa  # there once pyarrow.parquet is
@@ -105,11 +122,9 @@ def load_index(path: Path, option: str = "--index") -> tuple[list[str], np.ndarr
             vectors = values.astype(np.float32, copy=False).reshape(-1, column.type.list_size)
         else:  # lists of any length, from another writer
             vectors = np.asarray(column.to_pylist(), dtype=np.float32)
-    if len(paths) != len(vectors):
-        raise BulkError(f"{path}: {len(vectors)} vectors but {len(paths)} paths")
-    if not paths:
-        raise BulkError(f"{path} holds no vectors")
-    return [str(p) for p in paths], vectors.reshape(len(paths), -1)
+    if vectors.ndim == 0:
+        raise ValueError("a single number, not an array of vectors")
+    return [str(p) for p in paths], vectors
 
 
 def write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
