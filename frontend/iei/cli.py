@@ -229,21 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("serve", "triton"):
         return launch(args.command, args.models)
     # The client's dependencies only, imported when a tool runs.
-    if args.command == "embed":
-        if args.ray is not None:
-            try:
-                from .ray.job import run_ray_embed
-            except ImportError as exc:
-                log.error("--ray needs the ray extra (%s is not installed): "
-                          "pip install 'iei[ray]'", exc.name)  # fmt: skip
-                return 2
-            return run_ray_embed(args)
-        from .client.bulk import run_embed
-
-        args.url = args.url or DEFAULT_URL
-        args.retries = 4 if args.retries is None else args.retries
-        return run_embed(args)
     try:
+        if args.command == "embed":
+            return embed(args)
         if args.command == "tag":
             from .client.tag import run_tag
 
@@ -251,9 +239,26 @@ def main(argv: list[str] | None = None) -> int:
         from .client.similar import run_search, run_similar
 
         return run_similar(args) if args.command == "similar" else run_search(args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, as `iei embed` says it (which keeps a journal)
+    except KeyboardInterrupt:  # Ctrl-C anywhere: one line (`iei embed` names its journal itself)
         log.error("interrupted")
         return 130
+
+
+def embed(args: argparse.Namespace) -> int:
+    """`iei embed`: a Ray Data job, or the client's loop against a running service."""
+    if args.ray is not None:
+        try:
+            from .ray.job import run_ray_embed
+        except ImportError as exc:
+            log.error("--ray needs the ray extra (%s is not installed): "
+                      "pip install 'iei[ray]'", exc.name)  # fmt: skip
+            return 2
+        return run_ray_embed(args)
+    from .client.bulk import run_embed
+
+    args.url = args.url or DEFAULT_URL
+    args.retries = 4 if args.retries is None else args.retries
+    return run_embed(args)
 
 
 if __name__ == "__main__":

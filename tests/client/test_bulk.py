@@ -202,3 +202,61 @@ def test_a_corrupt_index_is_one_line_in_similar_search_and_resume(service, tmp_p
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"{index}: not an index written by iei embed (Cannot load file containing "
                       "pickled data when allow_pickle=False)"] * 3  # fmt: skip
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["find_images", "prepare"])
+def test_ctrl_c_before_the_embedding_is_one_line(service, tmp_path, monkeypatch, caplog, where):
+    photos(tmp_path / "photos", 2)
+    monkeypatch.setattr(bulk, where, interrupt)
+    assert embed(tmp_path / "photos", "--out", tmp_path / "index.npy") == 130
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["interrupted"]
+
+
+def test_ctrl_c_while_the_index_is_written_keeps_the_journal_and_no_partial_file(
+    service, tmp_path, monkeypatch, caplog
+):
+    photos(tmp_path / "photos", 3)
+    out = tmp_path / "index.npy"
+
+    def save_then_interrupt(file, array):
+        file.write(b"half an array")
+        raise KeyboardInterrupt
+
+    real_save = index_files.np.save
+    monkeypatch.setattr(index_files.np, "save", save_then_interrupt)
+    assert embed(tmp_path / "photos", "--out", out) == 130
+    assert "interrupted writing" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.npy.progress.jsonl", "photos"]
+    monkeypatch.setattr(index_files.np, "save", real_save)
+    assert embed(tmp_path / "photos", "--out", out, "--resume") == 0
+    assert len(load_index(out)[0]) == 3
+
+
+def test_ctrl_c_while_resume_seeds_its_journal_leaves_no_journal(
+    service, tmp_path, monkeypatch, caplog
+):
+    files = photos(tmp_path / "photos", 2)
+    out = tmp_path / "index.npy"
+    assert embed(tmp_path / "photos", "--out", out) == 0
+    files[0].unlink()  # gone from the folder: only the finished index remembers it
+
+    def append_one_then_interrupt(self, paths, vectors):
+        real_append(self, paths[:1], vectors[:1])
+        raise KeyboardInterrupt
+
+    real_append = index_files.Journal.append
+    monkeypatch.setattr(index_files.Journal, "append", append_one_then_interrupt)
+    files[0].with_name("p9.jpg").write_bytes(b"new")
+    assert embed(tmp_path / "photos", "--out", out, "--resume") == 130
+    assert not journal_path(out).exists()
+    assert not index_files.partial(journal_path(out)).exists()
+    monkeypatch.setattr(index_files.Journal, "append", real_append)
+    assert embed(tmp_path / "photos", "--out", out, "--resume") == 0
+    assert sorted(Path(p).name for p in load_index(out)[0]) == ["p0.jpg", "p1.jpg", "p9.jpg"]

@@ -35,6 +35,7 @@ from .index_files import (
     journal_path,
     load_index,
     output_format,
+    partial,
     read_journal,
     stack,
     write_index,
@@ -193,9 +194,18 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
     if out.exists():  # a finished .npy/.parquet: continue from it (new files in the folders)
         paths, vectors = load_index(out, "--out")
         done = dict(zip(paths, vectors, strict=True))
-        seed = Journal(journal)
-        seed.append(paths, vectors)
-        seed.close()
+        # Seeded under a temporary name: a seed cut short (Ctrl-C, a full disk) must not pass for
+        # the journal, which the next `--resume` would take for all that is done.
+        try:
+            seed = Journal(partial(journal))
+            try:
+                seed.append(paths, vectors)
+            finally:
+                seed.close()
+            os.replace(partial(journal), journal)
+        except BaseException:
+            partial(journal).unlink(missing_ok=True)
+            raise
         return done
     return {}
 
@@ -276,6 +286,10 @@ def run_embed(args: argparse.Namespace) -> int:
             log.error("cannot write %s: %s (the vectors are kept in %s: continue with --resume)",
                       out, exc, journal_path(out))  # fmt: skip
             return 1
+        except KeyboardInterrupt:
+            log.error("interrupted writing %s (the vectors are kept in %s: continue with --resume)",
+                      out, journal_path(out))  # fmt: skip
+            return 130
         journal_path(out).unlink()
     seconds = time.perf_counter() - started
     rate = tally.embedded / seconds if seconds > 0 else 0.0

@@ -129,10 +129,10 @@ def read_index(path: Path, kind: str) -> tuple[list[str], np.ndarray]:
 
 def write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
     """Write `.npy` + ids or `.parquet`, each file through a temporary name and a rename; a
-    failed write (a full disk) leaves no temporary file behind."""
+    failed or interrupted write (a full disk, Ctrl-C) leaves no temporary file behind."""
     try:
         _write_index(out, paths, vectors)
-    except OSError:
+    except BaseException:
         for file in files_of(out):
             partial(file).unlink(missing_ok=True)
         raise
