@@ -92,3 +92,29 @@ def test_a_corrupt_or_foreign_index_is_refused_in_one_line(tmp_path, name, write
     write(out)
     with pytest.raises(BulkError, match=r"^\S+: not an index written by iei embed \(.+\)$"):
         load_index(out)
+
+
+@pytest.mark.parametrize("cut_at", [1, 2])
+def test_a_write_cut_short_never_pairs_vectors_with_the_wrong_paths(tmp_path, monkeypatch, cut_at):
+    out = tmp_path / "index.npy"
+    old = (["old0", "old1"], np.zeros((2, 3), np.float32))
+    new = (["new0", "new1"], np.ones((2, 3), np.float32))
+    write_index(out, *old)
+    renames = []
+
+    def replace_until_cut(source, target):
+        renames.append(target)
+        if len(renames) == cut_at:
+            raise OSError(5, "Input/output error")  # the machine stops here
+        real_replace(source, target)
+
+    real_replace = index_files.os.replace
+    monkeypatch.setattr(index_files.os, "replace", replace_until_cut)
+    with pytest.raises(OSError):
+        write_index(out, *new)
+    try:
+        paths, vectors = load_index(out)
+    except BulkError as exc:
+        assert "are missing" in str(exc)
+    else:
+        assert (paths, vectors.tolist()) in [(p, v.tolist()) for p, v in (old, new)]

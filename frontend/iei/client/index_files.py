@@ -6,7 +6,8 @@
 - `.npy` (+ `NAME.ids.json`, the paths in row order) and `.parquet` (columns `path`, `embedding`):
   written once at the end, rows in the order the paths were walked. Until then results go to a
   sidecar journal `OUT.progress.jsonl` in the `.jsonl` format. Output files are replaced
-  atomically, so an interrupted run never leaves half a file.
+  atomically, so an interrupted run never leaves half a file (and a `.npy` never pairs with
+  another write's ids: `_write_index`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def load_index(path: Path, option: str = "--index") -> tuple[list[str], np.ndarr
 def read_index(path: Path, kind: str) -> tuple[list[str], np.ndarray]:
     """A `.npy` (+ ids) or `.parquet` index as it is on disk, checked only for its types."""
     if kind == ".npy":
+        if not ids_path(path).exists():
+            raise BulkError(
+                f"{path}: its paths, {ids_path(path).name}, are missing (a write cut short? "
+                "`iei embed --resume` writes the index again)"
+            )
         vectors = np.load(path).astype(np.float32, copy=False)
         paths = orjson.loads(ids_path(path).read_bytes())
         if not isinstance(paths, list):
@@ -144,8 +150,13 @@ def _write_index(out: Path, paths: list[str], vectors: np.ndarray) -> None:
         with open(partial(out), "wb") as file:
             np.save(file, vectors)
         partial(ids_path(out)).write_bytes(orjson.dumps(paths, option=orjson.OPT_INDENT_2))
-        os.replace(partial(ids_path(out)), ids_path(out))
+        # Two files cannot be replaced at once, and new vectors with old paths (or the other way
+        # round) would read as an index when the row counts match: the old paths go first and
+        # the new ones come last, so a write cut short in between leaves an index without its
+        # paths, which `load_index` refuses and `--resume` (its journal still there) writes again.
+        ids_path(out).unlink(missing_ok=True)
         os.replace(partial(out), out)
+        os.replace(partial(ids_path(out)), ids_path(out))
     elif kind == ".parquet":
         pq = import_parquet()
         import pyarrow as pa  # there once pyarrow.parquet is
