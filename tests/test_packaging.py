@@ -61,14 +61,16 @@ def test_the_base_install_is_the_client_and_the_extras_add_the_parts(wheel):
     assert {"ray", "pyarrow", "fsspec"} == by_extra["ray"]
 
 
-def test_the_client_and_its_commands_import_nothing_of_the_server():
-    code = (
-        "import sys, iei.cli, iei.client, iei.client.bulk, iei.client.similar; "
-        "print(sorted({m.split('.')[0] for m in sys.modules}))"
-    )
+def top_level_modules_after(imports: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after `import <imports>`."""
+    code = f"import sys, {imports}; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    loaded = set(eval(result.stdout))  # noqa: S307 (our own subprocess's list of names)
+    return set(eval(result.stdout))  # noqa: S307 (our own subprocess's list of names)
+
+
+def test_the_client_and_its_commands_import_nothing_of_the_server():
+    loaded = top_level_modules_after("iei.cli, iei.client, iei.client.bulk, iei.client.similar")
     assert not (SERVER_ONLY | HEAVY | RAY) & loaded
 
 
@@ -76,13 +78,7 @@ def test_the_frontend_image_s_modules_import_only_the_server_extra():
     """The frontend image installs `.[server]`: no torch, and none of what the launcher needs
     (protobuf, grpc: tritonclient's gRPC client). Its preflight once imported the launcher's
     settings, and the container never started."""
-    code = (
-        "import sys, iei.server.app, iei.server.preflight; "
-        "print(sorted({m.split('.')[0] for m in sys.modules}))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    loaded = set(eval(result.stdout))  # noqa: S307 (our own subprocess's list of names)
+    loaded = top_level_modules_after("iei.server.app, iei.server.preflight")
     assert not (HEAVY | RAY | {"google", "grpc"}) & loaded
 
 
