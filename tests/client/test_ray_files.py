@@ -359,3 +359,19 @@ def test_resume_refuses_vectors_of_another_model_and_removes_nothing(tmp_path):
     assert prepare_output(str(out), resume=True, overwrite=False, job=first) == {"c"}
     (out / JOB_FILE).unlink()  # a folder from before the job's file: taken as it is
     assert prepare_output(str(out), resume=True, overwrite=False, job=other) == {"c"}
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_printable_and_read_by_its_bytes(tmp_path):
+    """Arrow strings are UTF-8: such a name failed the listing's block, and the job with it, on
+    every --resume. It is listed as `iei embed` records it, and read from the real file."""
+    from iei.ray.job import read_batch
+
+    folder = tmp_path / "archive"
+    (folder / "caf\udce9").mkdir(parents=True)  # the bytes b"caf\xe9", as os.walk names them
+    (folder / "caf\udce9" / "\udcff.jpg").write_bytes(b"latin-1 name")
+    (folder / "top\udce9.jpg").write_bytes(b"top")
+    names = listed([str(folder)])
+    assert names == [f"{folder}/caf\\xe9/\\xff.jpg", f"{folder}/top\\xe9.jpg"]
+    batch = read_batch(pa.table({"path": names}))  # an Arrow string column: it failed here
+    assert batch.column("bytes").to_pylist() == [b"latin-1 name", b"top"]
+    assert batch.column("error").to_pylist() == [None, None]

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..client.bulk import IMAGE_SUFFIXES, find_images
 from ..client.index_files import BulkError
+from ..client.inputs import printable
 
 URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 # pyarrow.fs.FileSystem.from_uri's schemes whose path is the URI after the scheme (a bucket,
@@ -94,6 +95,21 @@ def locate(text: str) -> Location:
 # --- listing ---------------------------------------------------------------------------------
 
 
+# A row names a local file by `printable` (client/inputs.py): a name that is not valid UTF-8
+# cannot be an Arrow string (the listing's block failed, and the job with it, on every
+# --resume), so its bytes stand as `\xNN` escapes, which `local_path` turns back.
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def local_path(name: str) -> str:
+    """The local file or folder a row's name stands for: the name itself, or, where no such
+    file exists and the name holds `\\xNN` escapes, the name of those bytes."""
+    if "\\x" not in name or os.path.lexists(name):
+        return name
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), name.encode())
+    return os.fsdecode(raw)
+
+
 def is_image_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES
 
@@ -110,15 +126,16 @@ def list_roots(roots: Iterable[str]) -> tuple[list[str], list[str]]:
         if location.filesystem is None:
             path = Path(location.path)
             if path.is_file():
-                files[str(path)] = None
+                files[printable(str(path))] = None
             elif path.is_dir():
                 with os.scandir(path) as entries:
                     for entry in sorted(entries, key=lambda e: e.name):
                         # os.walk's rule: a link to a folder is not followed
                         if entry.is_dir() and not entry.is_symlink():
-                            folders[entry.path] = None
+                            folders[printable(entry.path)] = None
                         elif not entry.is_dir() and is_image_name(entry.name):
-                            files[entry.path] = None  # a dangling link too: reported unreadable
+                            # a dangling link too: reported unreadable
+                            files[printable(entry.path)] = None
             else:
                 raise BulkError(f"no such file or folder: {root}")
             continue
@@ -162,7 +179,7 @@ def walk_folder(folder: str) -> list[str]:
     """The image files under `folder` (a name from `list_roots`), recursively, sorted."""
     location = locate(folder)
     if location.filesystem is None:
-        return find_images([Path(location.path)])
+        return [printable(name) for name in find_images([Path(local_path(location.path))])]
     from pyarrow import fs
 
     selector = fs.FileSelector(location.path, recursive=True)
@@ -195,7 +212,7 @@ def read_file(name: str) -> Read:
     try:
         location = locate(name)  # a row's name is a path or URI again
         if location.filesystem is None:
-            with open(location.path, "rb") as file:
+            with open(local_path(location.path), "rb") as file:
                 content = file.read(MAX_FILE_BYTES + 1)
         else:
             with location.filesystem.open_input_stream(location.path) as stream:
