@@ -218,6 +218,46 @@ def test_iei_tag_skips_a_file_over_the_payload_limit_and_tags_the_others(
     assert "skipped " + str(tmp_path / "huge.png") + ": payload is larger" in caplog.text
 
 
+@pytest.mark.parametrize(("status", "retry_after"), [(424, None), (504, None)])
+def test_iei_tag_skips_a_file_that_breaks_the_model_and_tags_the_others(
+    tmp_path, monkeypatch, caplog, status, retry_after
+):
+    """A 424 (the request broke the model) or a 504 without Retry-After may be one file's, as
+    `iei embed` takes them: the batch is tried file by file (the run stopped there)."""
+    for name, shade in (("a.png", 10), ("poison.png", 20), ("c.png", 30)):
+        (tmp_path / name).write_bytes(png(shade))
+    poison = png(20)
+
+    class Breaking(FakeServer):
+        def __call__(self, request):
+            if request.url.path == "/classify" and base64.b64encode(poison) in request.content:
+                error = {"error": "stack expects each tensor to be equal size",
+                         "error_type": "Backend" if status == 424 else "Timeout"}  # fmt: skip
+                return httpx.Response(status, json=error)
+            return super().__call__(request)
+
+    out = tmp_path / "tags.jsonl"
+    argv = [str(tmp_path), "--labels", "x,y", "--out", str(out)]
+    assert run_tag(monkeypatch, Breaking(), argv) == 0
+    tagged = [json.loads(line)["path"].rsplit("/", 1)[1] for line in out.read_text().splitlines()]
+    assert tagged == ["a.png", "c.png"]
+    assert "skipped " + str(tmp_path / "poison.png") + ": the service failed on it" in caplog.text
+
+
+def test_iei_tag_stops_when_the_service_fails_every_file(tmp_path, monkeypatch):
+    for shade in range(5):
+        (tmp_path / f"{shade}.png").write_bytes(png(shade))
+
+    class Broken(FakeServer):
+        def __call__(self, request):
+            if request.url.path == "/classify":
+                error = {"error": "CUDA error", "error_type": "Backend"}
+                return httpx.Response(424, json=error)
+            return super().__call__(request)
+
+    assert run_tag(monkeypatch, Broken(), [str(tmp_path), "--labels", "x"]) == 1
+
+
 def test_a_failed_iei_tag_run_leaves_an_earlier_out_file_as_it_was(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(png(10))
     out = tmp_path / "tags.jsonl"

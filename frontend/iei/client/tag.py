@@ -18,9 +18,9 @@ from typing import Any, TextIO
 
 import orjson
 
-from .bulk import find_images, read_files, strip_index
+from .bulk import FAILED_ALONE_LIMIT, broken_by_an_image, find_images, read_files, strip_index
 from .core import LabelScores
-from .errors import IEIError, ValidationError
+from .errors import BackendError, IEIError, ValidationError
 from .index_files import BulkError, partial
 from .inputs import printable
 from .sync_client import IEIClient
@@ -43,20 +43,34 @@ def tag_paths(
 ) -> None:
     """Classify `paths` in batches; report each file's labels, or why it was skipped."""
 
+    failed_alone = 0  # images that failed alone with a 424 or 504 since the last success
+
     def run(batch: Sequence[str], contents: Sequence[bytes]) -> None:
+        nonlocal failed_alone
         try:
             answers = classify(contents)
-        except ValidationError as exc:
-            # A 422 naming an input, or a 413 (a file over the payload limit), is a file's; any
-            # other refusal (the labels, the model) is every file's.
-            if not (exc.message.startswith("inputs[") or exc.status == 413):
+        except (ValidationError, BackendError) as exc:
+            # A 422 naming an input, or a 413 (a file over the payload limit), is a file's; so
+            # may be a 424 or a 504 (bulk.py: broken_by_an_image); any other refusal (the
+            # labels, the model) is every file's.
+            if isinstance(exc, BackendError):
+                if not broken_by_an_image(exc):
+                    raise
+            elif not (exc.message.startswith("inputs[") or exc.status == 413):
                 raise
-            if len(batch) == 1:
-                on_skipped(batch[0], strip_index(exc.message))
+            if len(batch) > 1:
+                for path, content in zip(batch, contents, strict=True):  # find the bad one(s)
+                    run([path], [content])
                 return
-            for path, content in zip(batch, contents, strict=True):  # find the bad one(s)
-                run([path], [content])
+            if isinstance(exc, BackendError):
+                failed_alone += 1
+                if failed_alone >= FAILED_ALONE_LIMIT:  # every image fails: the service's fault
+                    raise
+                on_skipped(batch[0], f"the service failed on it ({exc})")
+            else:
+                on_skipped(batch[0], strip_index(exc.message))
             return
+        failed_alone = 0
         for path, answer in zip(batch, answers, strict=True):
             on_tagged(path, answer)
 
