@@ -169,6 +169,14 @@ def test_iei_tag_names_a_file_that_is_not_utf8_printably(tmp_path, monkeypatch, 
     assert capsys.readouterr().out == f"{tmp_path}/caf\\xe9.png\tx=0.1100\n"
 
 
+def test_iei_tag_refuses_labels_that_are_not_utf8_in_one_line(tmp_path, monkeypatch, caplog):
+    """A label of Latin-1 bytes (argv as the shell passed it) was a traceback when sent."""
+    (tmp_path / "a.png").write_bytes(png(10))
+    argv = [str(tmp_path), "--labels", "caf\udce9,dog"]  # the bytes b"caf\xe9" in argv
+    assert run_tag(monkeypatch, FakeServer(), argv) == 2
+    assert "--labels is not UTF-8 text: caf\\xe9,dog" in caplog.text
+
+
 def test_iei_tag_prints_a_line_per_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.png").write_bytes(png(10))
     code = run_tag(monkeypatch, FakeServer(), [str(tmp_path / "a.png"), "--labels", "x,y"])

@@ -87,6 +87,10 @@ def tag_paths(
 
 
 def run_tag(args: argparse.Namespace) -> int:
+    for option, text in (("--labels", args.labels), ("--template", args.template)):
+        if text is not None and printable(text) != text:  # bytes of another encoding in argv
+            log.error("%s is not UTF-8 text: %s", option, printable(text))
+            return 2
     labels = parse_labels(args.labels)
     out: TextIO = sys.stdout
     skipped = 0
