@@ -193,6 +193,23 @@ def test_a_cluster_s_actors_get_the_driver_s_model_settings_and_hub_token(monkey
     assert calls[1] == {"num_cpus": 4, "include_dashboard": False}
 
 
+def test_a_submitted_job_s_own_env_vars_are_not_named_again(monkeypatch):
+    """A driver run as a Ray job (a RayJob's entrypoint) has its job's env_vars in its
+    environment: ray.init refuses a runtime_env naming one again ('Failed to merge')."""
+    import json
+
+    from iei.ray.job import forwarded_environment
+
+    job = {"runtime_env": {"env_vars": {"IEI_DTYPE": "bfloat16"}, "pip": ["x"]}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    monkeypatch.setenv("IEI_DTYPE", "bfloat16")
+    monkeypatch.setenv("IEI_POOLING", "cls")
+    forwarded = forwarded_environment()
+    assert "IEI_DTYPE" not in forwarded and forwarded["IEI_POOLING"] == "cls"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
+    assert forwarded_environment()["IEI_DTYPE"] == "bfloat16"
+
+
 def test_a_wrong_input_path_removes_nothing_with_overwrite(tmp_path, caplog):
     out = tmp_path / "vectors"
     old = part(out, "old.parquet", [("a", [1.0], None)])

@@ -261,7 +261,22 @@ def forwarded_environment() -> dict[str, str]:
 
     names = {name for entry in read_by(MODEL).values() for name in (entry.env, *entry.aliases)}
     names |= set(HUB_TOKENS)
+    # A driver submitted as a Ray job (a RayJob) has its job's runtime_env, whose env_vars are
+    # also in our environment: ray.init refuses a runtime_env that names one of them again.
+    names -= set(submitted_job_env_vars())
     return {name: value for name, value in os.environ.items() if name in names}
+
+
+def submitted_job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env this driver was submitted with (Ray's job manager puts
+    the job's config in RAY_JOB_CONFIG_JSON_ENV_VAR), or none."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        runtime_env = json.loads(config).get("runtime_env") if config else None
+    except (ValueError, AttributeError):
+        return {}
+    env_vars = runtime_env.get("env_vars") if isinstance(runtime_env, dict) else None
+    return env_vars if isinstance(env_vars, dict) else {}
 
 
 def warn_of_a_local_out(out: str) -> None:
