@@ -8,9 +8,16 @@ Triton's own statistics (launcher/idle.py), so every request of every worker cou
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
 import math
+import os
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from ..contract import MODEL_NAME, STAGE_MODEL_NAMES, TEXT_MODEL_NAME
@@ -27,13 +34,49 @@ LOAD_ORDER = (*STAGE_MODEL_NAMES, MODEL_NAME, TEXT_MODEL_NAME)
 MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code
 
 
+READY, LOADING = "READY", "LOADING"  # states in Triton's repository index
+# A failed on-demand load is not tried again for this long (seconds: the first, doubling to the
+# most): a broken checkpoint was loaded again by every request of every worker.
+LOAD_BACKOFF = (5.0, 300.0)
+LOAD_WAIT = 900.0  # seconds a load may take in all (a large checkpoint, an engine build)
+LOAD_POLL = 0.5  # seconds between looks at a loading model's state
+
+
+@dataclass(frozen=True)
+class FailedLoad:
+    not_before: float  # monotonic
+    delay: float
+    why: str
+
+
+@asynccontextmanager
+async def host_lock(key: str) -> AsyncIterator[None]:
+    """An exclusive lock on this host for `key` (a file lock: the frontend's workers are
+    processes), waited for without blocking the event loop."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"iei-load-{digest}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(LOAD_POLL)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class ServedModels:
     def __init__(self, settings: ServerSettings, triton: TritonClient) -> None:
         self.models = settings.served
         self.triton = triton
         self.idle_unload = settings.model_idle_unload
         self._loads: dict[str, asyncio.Task[None]] = {}
-        self._used: dict[str, float] = {}  # name -> when an inference of it last succeeded
+        # name -> when an inference of it last succeeded, and Triton's `forgotten` count then
+        self._used: dict[str, tuple[float, int]] = {}
+        self._failed: dict[str, FailedLoad] = {}  # name -> its last load's failure
 
     @property
     def default(self) -> ServedModel:
@@ -62,45 +105,102 @@ class ServedModels:
         return tuple(m for m in self.models if not self.on_demand(m))
 
     def used(self, model: ServedModel) -> None:
-        self._used[model.name] = time.monotonic()
+        self._used[model.name] = (time.monotonic(), self.triton.forgotten)
 
     def forget(self, model: ServedModel) -> None:
         """Its inference failed: look again whether it is loaded next time."""
         self._used.pop(model.name, None)
 
+    def _loaded_lately(self, model: ServedModel) -> bool:
+        """Used within half the idle time (`iei serve` unloads only after the whole of it), and
+        Triton not gone meanwhile (a restart unloads every model loaded on demand)."""
+        used = self._used.get(model.name)
+        if used is None or used[1] != self.triton.forgotten:
+            return False
+        return time.monotonic() - used[0] < (self.idle_unload or 0) / 2
+
     async def ensure_loaded(self, model: ServedModel) -> None:
         """Return once `model` is in Triton: at once for a pinned one, or one this worker used
-        within half the idle time (`iei serve` unloads only after the whole of it); else ask
-        Triton, and load it if it is not there. Concurrent requests share one load."""
-        if not self.on_demand(model) or self.idle_unload is None:
+        lately; else ask Triton, and load what of it is not there (its text model too).
+        Concurrent requests share one load; a load that failed is not tried again for a while
+        (LOAD_BACKOFF), its requests answered 503 with the reason at once."""
+        if not self.on_demand(model) or self._loaded_lately(model):
             return
-        since = time.monotonic() - self._used.get(model.name, -math.inf)
-        if since < self.idle_unload / 2:
-            return
-        if await self.triton.is_model_ready(model.triton_image):
+        if not await self._missing(model):
             self.used(model)
             return
         load = self._loads.get(model.name)
         if load is None or load.done():
+            self._refuse_while_backing_off(model)
             load = self._loads[model.name] = asyncio.create_task(self._load(model))
         # A request that gives up (its timeout) leaves the load running for the others.
         await asyncio.shield(load)
 
+    async def _missing(self, model: ServedModel) -> list[str]:
+        """`model`'s Triton models that are not READY, in LOAD_ORDER (those it has)."""
+        index = await self.triton.repository_models()
+        names = [model.triton_name(t) for t in LOAD_ORDER if model.triton_name(t) in index]
+        return [name for name in names if index[name] != READY]
+
+    def _refuse_while_backing_off(self, model: ServedModel) -> None:
+        failed = self._failed.get(model.name)
+        if failed is None or time.monotonic() >= failed.not_before:
+            return
+        wait = math.ceil(failed.not_before - time.monotonic())
+        raise ApiError(
+            ErrorType.UNHEALTHY,
+            f"model {model.name!r} failed to load ({failed.why}); it is tried again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
     async def _load(self, model: ServedModel) -> None:
-        present = await self.triton.repository_models()
-        names = [model.triton_name(t) for t in LOAD_ORDER if model.triton_name(t) in present]
-        log.info("loading model %r on demand (Triton models %s)", model.name, ", ".join(names))
         started = time.perf_counter()
         try:
-            for name in names:
-                await self.triton.load_model(name)
+            # Another worker of this host may be loading it: one at a time, and what it loaded
+            # is not loaded again (Triton 2.51 loads a model twice when asked twice at once).
+            async with host_lock(f"{self.triton.endpoint}/{model.triton_image}"):
+                names = await self._missing(model)
+                if names:
+                    log.info("loading model %r on demand (Triton models %s)", model.name,
+                             ", ".join(names))  # fmt: skip
+                for name in names:
+                    await self._load_one(name)
         except ApiError as exc:
             metrics.MODEL_LOADS.labels(model.name, "failed").inc()
-            log.error("model %r failed to load: %s", model.name, exc.message)
+            previous = self._failed.get(model.name)
+            delay = min(LOAD_BACKOFF[1], 2 * previous.delay) if previous else LOAD_BACKOFF[0]
+            self._failed[model.name] = FailedLoad(time.monotonic() + delay, delay, exc.message)
+            log.error("model %r failed to load: %s (not tried again for %.0f s)", model.name,
+                      exc.message, delay)  # fmt: skip
             raise
+        self._failed.pop(model.name, None)
         metrics.MODEL_LOADS.labels(model.name, "loaded").inc()
         log.info("loaded model %r in %.1f s", model.name, time.perf_counter() - started)
         self.used(model)
+
+    async def _load_one(self, name: str) -> None:
+        """Load one Triton model; one that is LOADING already (another worker or frontend asked),
+        or whose load outlasted the request timeout, is waited for by its state."""
+        state, _ = (await self.triton.repository_index()).get(name, ("", ""))
+        if state != LOADING:
+            try:
+                await self.triton.load_model(name)
+                return
+            except ApiError as exc:
+                if exc.error_type != ErrorType.TIMEOUT:
+                    raise
+        deadline = time.monotonic() + LOAD_WAIT
+        while time.monotonic() < deadline:
+            state, reason = (await self.triton.repository_index()).get(name, ("", ""))
+            if state == READY:
+                return
+            if state != LOADING:
+                raise ApiError(
+                    ErrorType.UNHEALTHY, f"model {name} failed to load: {reason or state}",
+                    headers={"Retry-After": "1"},
+                )  # fmt: skip
+            await asyncio.sleep(LOAD_POLL)
+        raise ApiError(ErrorType.UNHEALTHY, f"model {name} was still loading after {LOAD_WAIT:g} s")
 
     async def describe(self, model: ServedModel) -> dict[str, Any]:
         """/info's entry of `model`: its facts (asked of the model once it is loaded; never

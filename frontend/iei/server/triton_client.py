@@ -78,6 +78,7 @@ class TritonClient:
         self._client: TritonHttpClient | None = None
         self._max_batch_sizes: dict[str, int] = {}
         self._model_info: dict[str, dict[str, Any]] = {}  # Triton image model -> its facts
+        self.forgotten = 0  # times facts were forgotten (forget_facts)
         # Per Triton model: when an inference last succeeded (monotonic), its running probe.
         self._verified_at: dict[str, float] = {}
         self._probes: dict[str, asyncio.Task[bool]] = {}
@@ -219,7 +220,9 @@ class TritonClient:
         """Ask `model`'s facts (every model's: None) again next time: it went away (Triton down,
         the model unloaded or not ready), and what comes back may be another checkpoint or
         config under the same name (an external Triton), whose vectors the content cache, keyed
-        by those facts, must not take for the old ones."""
+        by those facts, must not take for the old ones. `forgotten` counts these moments: what
+        a worker knew of the models before one (served.py: loaded lately) is stale."""
+        self.forgotten += 1
         for facts in (self._model_info, self._max_batch_sizes):
             if model is None:
                 facts.clear()
@@ -247,13 +250,19 @@ class TritonClient:
         return self._model_info[model]
 
     async def repository_models(self) -> dict[str, str]:
-        """Triton's repository index: every model folder -> its state (READY, UNAVAILABLE...;
-        empty when never loaded)."""
+        """Triton's repository index: every model folder -> its state (READY, LOADING,
+        UNAVAILABLE...; empty when never loaded)."""
+        return {name: state for name, (state, _) in (await self.repository_index()).items()}
+
+    async def repository_index(self) -> dict[str, tuple[str, str]]:
+        """Every model folder -> (its state, the reason Triton gives for it: a failed load's)."""
         index = await self._call(self.server.get_model_repository_index())
-        return {entry["name"]: entry.get("state", "") for entry in index}
+        return {e["name"]: (e.get("state", ""), e.get("reason", "")) for e in index}
 
     async def load_model(self, model: str) -> None:
-        """Load `model` (explicit model control); Triton answers once it is ready."""
+        """Load `model` (explicit model control); Triton answers once it is ready. A load that
+        outlasts IEI_REQUEST_TIMEOUT (a large checkpoint) is an ApiError of type TIMEOUT: the
+        load goes on in Triton, and the caller waits for its state."""
         try:
             await self.server.load_model(model)
         except InferenceServerException as exc:
@@ -262,6 +271,8 @@ class TritonClient:
                 f"model {model} failed to load: {exc.message() or exc}",
                 headers={"Retry-After": "1"},
             ) from None
+        except TimeoutError:
+            raise ApiError(ErrorType.TIMEOUT, f"model {model} is still loading") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ApiError(
                 ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
