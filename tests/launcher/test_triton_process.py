@@ -313,3 +313,46 @@ def test_progress_is_what_the_probed_model_answered_not_its_steps_work(tmp_path)
         server = TritonServer(LauncherSettings(triton_http_port=port), tmp_path)
         assert server.completed() == 5
     assert server.completed() is None  # Triton gone: no progress can be read
+
+
+class StubbedServer(TritonServer):
+    """A running TritonServer whose stubs (pid -> Triton model) and dead pids are set by hand."""
+
+    def __init__(self, tmp_path, monkeypatch, stubs: dict[int, str]) -> None:
+        super().__init__(LauncherSettings(), tmp_path)
+        self.living, self.dead = dict(stubs), set()
+        self.running = lambda: True  # type: ignore[method-assign]
+        self.process = type("Process", (), {"pid": 1})()  # type: ignore[assignment]
+        self.next_probe = float("inf")  # no probe here
+        monkeypatch.setattr(
+            "iei.launcher.triton_process.python_stubs",
+            lambda parent: {pid: m for pid, m in self.living.items() if pid not in self.dead},
+        )
+        monkeypatch.setattr(
+            "iei.launcher.triton_process.process_state",
+            lambda pid: None if pid in self.dead or pid not in self.living else "S",
+        )
+
+
+def test_the_stubs_of_a_model_still_loading_are_not_watched(tmp_path, monkeypatch):
+    """A model loading on demand whose load fails: its stubs exit. Watched from the moment its
+    first step was READY, they restarted Triton, the pinned models with it."""
+    server = StubbedServer(tmp_path, monkeypatch, {10: "iei", 20: "iei__x_preprocess",
+                                                   21: "iei__x_encoder"})  # fmt: skip
+    server.watch_stubs(ready={"iei", "iei__x_preprocess"})
+    assert server.stubs == {10: "iei", 20: "iei__x_preprocess"}
+    server.dead.add(21)  # the encoder's load failed
+    assert server.problem() is None
+
+
+def test_a_model_loaded_again_has_its_new_stubs_watched_and_a_lost_stub_is_a_crash(
+    tmp_path, monkeypatch
+):
+    server = StubbedServer(tmp_path, monkeypatch, {10: "iei", 11: "iei", 30: "iei__x"})
+    server.watch_stubs()
+    server.dead.add(30)
+    server.living[31] = "iei__x"  # loaded again (two loads at once): the same count, new pids
+    assert server.problem() is None
+    assert server.stubs == {10: "iei", 11: "iei", 31: "iei__x"}
+    server.dead.add(11)  # one of two instances' stubs died: nothing replaced it
+    assert str(server.problem()) == "the Python stub of model iei (pid 11) died"

@@ -57,7 +57,7 @@ class IdleUnloader:
         index = client.post("/v2/repository/index").raise_for_status().json()
         ready = {entry["name"] for entry in index if entry.get("state") == READY}
         if ready != self.ready:
-            self.triton.watch_stubs()
+            self.triton.watch_stubs(ready)  # not a loading model's: a failed load's stubs exit
             self.ready = ready
         now = time.time()
         for plan in self.triton.plans:

@@ -376,13 +376,34 @@ class TritonServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def watch_stubs(self) -> None:
-        """Remember the stubs serving the model (call once it is ready: while it loads, a
-        short-lived stub comes and goes, which is no crash)."""
+    def watch_stubs(self, ready: set[str] | None = None) -> None:
+        """Remember the stubs serving the models (call once they are ready: while one loads, a
+        short-lived stub comes and goes, and a failed load's stubs exit, which is no crash).
+        `ready`: only the stubs of these Triton models (others may be loading now)."""
         stubs = python_stubs(self.process.pid) if self.process else {}
+        if ready is not None:
+            stubs = {pid: model for pid, model in stubs.items() if model in ready}
         if stubs and set(stubs) != set(self.stubs):
             log.info("watching the model stubs (pids %s)", ", ".join(map(str, sorted(stubs))))
         self.stubs = stubs
+
+    def replaced(self, model: str) -> bool:
+        """Whether `model`'s stubs were replaced, not lost: loaded again (a load asked twice),
+        its new stubs are as many as those watched. Then they are watched instead."""
+        living = python_stubs(self.process.pid) if self.process else {}
+        alive = {
+            pid
+            for pid, name in living.items()
+            if name == model and process_state(pid) not in (None, "Z")
+        }
+        watched = [pid for pid, name in self.stubs.items() if name == model]
+        if len(alive) < len(watched):
+            return False
+        self.stubs = {pid: name for pid, name in self.stubs.items() if name != model}
+        self.stubs.update({pid: model for pid in alive})
+        log.info("the stubs of model %s were replaced (loaded again): watching pids %s", model,
+                 ", ".join(map(str, sorted(alive))))  # fmt: skip
+        return True
 
     def forget_stubs(self, models: Sequence[str]) -> None:
         """Stop watching the stubs of `models`: they are being unloaded, so their stubs exit."""
@@ -398,7 +419,7 @@ class TritonServer:
         if not self.stubs:  # not seen yet when the model turned ready (it happens): look again
             self.watch_stubs()
         for pid, model in self.stubs.items():
-            if process_state(pid) in (None, "Z"):
+            if process_state(pid) in (None, "Z") and not self.replaced(model):
                 return Problem("stub_died", f"the Python stub of model {model} (pid {pid}) died")
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
