@@ -17,6 +17,18 @@ def test_names_default_to_the_id_or_the_folder_name(tmp_path):
     assert models[2].model_id == "./models/vit"
 
 
+def test_a_folder_s_name_is_its_path_as_written_not_where_a_link_leads(tmp_path, monkeypatch):
+    """The frontend's container and Triton's may see `./models/current` lead to different
+    folders (or none): the name came from the link's target, and their names differed."""
+    (tmp_path / "models" / "v7").mkdir(parents=True)
+    (tmp_path / "models" / "current").symlink_to(tmp_path / "models" / "v7")
+    monkeypatch.chdir(tmp_path)
+    models = parse_models("a=x/a,./models/current,./models/v7/")
+    assert [m.name for m in models[1:]] == ["current", "v7"]
+    monkeypatch.chdir(tmp_path / "models")
+    assert parse_models("a=x/a,.")[1].name == "models"  # only the folder itself names `.`
+
+
 def test_the_default_keeps_the_contract_names_and_the_others_get_derived_ones():
     first, dino, odd = parse_models("a=x/a,dino=x/dino,odd.name/v1=x/odd")
     assert (first.triton_image, first.triton_text) == ("iei", "iei_text")

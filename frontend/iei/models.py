@@ -15,6 +15,7 @@ IEI_MODEL_IDLE_UNLOAD; the default model always is, the others are not unless to
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,7 +89,12 @@ def default_name(model_id: str) -> str:
     else the id as written. Decided from the text alone, so that the frontend and Triton's
     container (where the folder may not exist) name it alike."""
     if model_id.startswith((".", "/", "~")):
-        return Path(model_id).expanduser().resolve().name or model_id
+        # The path's last part as written: `resolve()` followed a link (`./models/current`)
+        # where this container has one, and not where Triton's does, so their names differed.
+        name = os.path.basename(os.path.normpath(os.path.expanduser(model_id)))
+        if name in ("", ".", ".."):  # `.`, `..`, `/`: only the folder itself can name it
+            name = Path(model_id).expanduser().resolve().name
+        return name or model_id
     return model_id
 
 
