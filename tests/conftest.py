@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from stack import Stack
 from tiny_models import build_tiny_model
+
+# Seconds the test process may take to exit once the session is over. A CI run once printed its
+# summary and then hung (a process it had started, or a thread, held its exit): 90 minutes of CI
+# for nothing, and no clue. Past this, every thread's traceback goes to stderr and the process
+# exits with status 1 (faulthandler): a red run that says what held it.
+EXIT_WATCHDOG = 120
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG, exit=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
