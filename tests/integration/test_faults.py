@@ -19,9 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from iei.launcher.serve import SAME_SIGNAL
 from polling import eventually, wait_for
 from sample_images import photos
-from stack import Stack, descendants
+from stack import Stack, alive, descendants
 
 pytestmark = pytest.mark.integration
 
@@ -297,13 +298,33 @@ def test_a_second_signal_stops_at_once_dropping_the_requests_in_flight(tmp_path)
         # The request in the model's sleep (the scrape counts itself too), then the signals.
         wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
         stack.process.send_signal(signal.SIGTERM)
+        first = time.monotonic()
         wait_for(functools.partial(refuses_connections, stack), "the port closed", 20)
+        time.sleep(max(0.0, SAME_SIGNAL + 0.5 - (time.monotonic() - first)))  # not a repeat
         started = time.monotonic()
         assert stack.stop(signal.SIGINT, timeout=15) == 0  # raises if a process is left
         assert time.monotonic() - started < 10
         with pytest.raises(httpx.HTTPError):
             in_flight.result()
     assert "received SIGINT again: stopping now" in stack.log()
+
+
+def test_one_stop_delivered_twice_at_once_still_drains(tmp_path):
+    """`make run` stopped by a signal to its process group: `iei serve` gets it, and make
+    forwards it again at once. That is one stop, not Ctrl-C twice: the request in flight is
+    answered (the second signal cut it off)."""
+    stack = fault_model_stack(tmp_path, "sleep:3", IEI_REQUEST_TIMEOUT="60").start(timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60
+        )
+        wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
+        stack.process.send_signal(signal.SIGTERM)
+        assert stack.stop(signal.SIGTERM, timeout=45) == 0  # the second, at once
+        assert in_flight.result().status_code == 200
+    assert "again" not in stack.log()
+    regions = Path("/dev/shm").glob("iei-frontend-*")
+    assert not [p.name for p in regions if not alive(int(p.name.split("-")[2]))]
 
 
 def test_iei_serve_killed_outright_leaves_no_worker_holding_the_port(tmp_path):

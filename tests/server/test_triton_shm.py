@@ -129,6 +129,21 @@ def test_another_user_s_regions_are_left_alone(tmp_path):
     assert theirs.exists()
 
 
+def test_a_zombie_s_regions_are_stale_too(tmp_path):
+    """A worker killed with its supervisor is a zombie until whoever inherits it reaps it, and
+    kill(pid, 0) still found it: its regions stayed after `iei serve` stopped."""
+    import time
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)  # exited, not reaped
+    region = tmp_path / f"{triton_shm.PREFIX}{zombie.pid}-00000000"
+    region.write_bytes(b"x")
+    remove_stale_regions(triton_shm.PREFIX, tmp_path)
+    assert not region.exists()
+    zombie.wait()
+
+
 def test_the_stub_regions_of_a_killed_launcher_are_removed_by_the_next_one(tmp_path):
     """Triton's stubs name theirs `iei-<launcher pid>-…`: a launcher killed outright left them."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],

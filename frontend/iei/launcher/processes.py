@@ -77,9 +77,15 @@ def remove_stale_regions(prefix: str, folder: Path = SHM_DIR) -> None:
         with contextlib.suppress(OSError):  # gone meanwhile; not ours to remove (sticky /dev/shm)
             if path.stat().st_uid != os.getuid():
                 continue  # another user's: its pid says nothing to us, its next start cleans it
-            try:
-                os.kill(int(owner.group(1)), 0)
-            except ProcessLookupError:
+            # A zombie is gone too: a worker killed with its supervisor waits to be reaped by
+            # whoever inherits it, and kill(pid, 0) still finds it meanwhile.
+            if process_state(int(owner.group(1))) in (None, "Z"):
                 path.unlink()
-            except PermissionError:
-                pass  # the pid is another user's live process
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (R, S, Z, ...), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

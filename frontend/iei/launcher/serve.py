@@ -10,6 +10,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, ModuleType
@@ -24,6 +25,11 @@ from .supervisor import TritonSupervisor
 from .triton_process import RESTART_REASONS, TritonServer
 
 log = logging.getLogger("iei")
+
+# Seconds within which a second stop signal is the first one delivered again: a signal to the
+# process group reaches `iei serve` and its parent, and `make run` (or a shell) forwards its own.
+# Only a later one means "stop now".
+SAME_SIGNAL = 2.0
 
 
 def serve(settings: LauncherSettings) -> int:
@@ -51,8 +57,13 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
     frontend: Frontend | None = None
     triton: TritonServer | None = None
 
+    first_signal = 0.0
+
     def on_signal(signum: int, _: FrameType | None) -> None:
+        nonlocal first_signal
         name = signal.Signals(signum).name
+        if stopping.is_set() and time.monotonic() - first_signal < SAME_SIGNAL:
+            return  # the same stop twice: to the process group and forwarded (`make run`)
         if stopping.is_set():  # a second Ctrl-C: the drain (up to 30 s) is not wanted
             log.warning("received %s again: stopping now, requests in flight are dropped", name)
             for child in (frontend, triton):
@@ -60,6 +71,7 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
                     kill_group(child.process)
             return
         log.info("received %s, stopping", name)
+        first_signal = time.monotonic()
         stopping.set()
         if frontend is not None:  # at once, even while the main thread waits on a call
             frontend.request_stop()

@@ -37,7 +37,7 @@ from ..settings import MODEL, SETTINGS, as_env_value, read_by
 from .addresses import dial_endpoint, local_client, triton_addresses
 from .errors import TritonStartupError
 from .models import model_layout, served_models
-from .processes import die_with_parent, remove_stale_regions, stop_process
+from .processes import die_with_parent, process_state, remove_stale_regions, stop_process
 from .repository import ModelPlan, gpu_count
 from .settings import LauncherSettings
 from .triton_install import TritonInstall, find_triton
@@ -198,14 +198,6 @@ def startup_models(plans: Sequence[ModelPlan], idle_unload: float | None) -> tup
         name for plan in plans if plan.model.pinned or idle_unload is None
         for name in plan.triton_models
     )  # fmt: skip
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, Z, ...), None when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 def cpu_seconds(pid: int) -> float:
