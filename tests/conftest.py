@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +26,33 @@ EXIT_WATCHDOG = 120
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    # The hang, caught by this watchdog (stop 32): multiprocessing's exit joins a child that some
+    # test (or a library under it) started and left running. Each such child is named here, with
+    # what it runs, and ended, so the run ends and says what leaked.
+    for child in multiprocessing.active_children():
+        started_by = getattr(child, "started_by", "(unknown)")
+        sys.stderr.write(
+            f"conftest: a multiprocessing child was left running: {child.name} (pid "
+            f"{child.pid}); ending it. It was started by:\n{started_by}\n"
+        )
+        child.kill()
+        child.join(10)
     faulthandler.dump_traceback_later(EXIT_WATCHDOG, exit=True)
+
+
+def _remembering_who_starts(start: Any) -> Any:
+    """multiprocessing's Process.start, noting the stack that called it (for the leak above)."""
+
+    def started(self: Any) -> None:
+        self.started_by = "".join(traceback.format_stack(limit=12)[:-1])
+        start(self)
+
+    return started
+
+
+multiprocessing.process.BaseProcess.start = _remembering_who_starts(  # type: ignore[method-assign]
+    multiprocessing.process.BaseProcess.start
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
