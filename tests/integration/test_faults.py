@@ -288,15 +288,20 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
     assert stack.stop() == 0  # already stopping: exits 0 and leaves no process behind
 
 
+def request_in_flight(
+    stack: Stack, pool: concurrent.futures.ThreadPoolExecutor
+) -> concurrent.futures.Future[httpx.Response]:
+    """One /embed request, returned once it is in the model (the scrape counts itself too)."""
+    sent = pool.submit(httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60)
+    wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
+    return sent
+
+
 def test_a_second_signal_stops_at_once_dropping_the_requests_in_flight(tmp_path):
     """Ctrl-C twice: the first drains for up to 30 s; the second need not wait for it."""
     stack = fault_model_stack(tmp_path, "sleep:30", IEI_REQUEST_TIMEOUT="60").start(timeout=120)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(
-            httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60
-        )
-        # The request in the model's sleep (the scrape counts itself too), then the signals.
-        wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
+        in_flight = request_in_flight(stack, pool)
         stack.process.send_signal(signal.SIGTERM)
         first = time.monotonic()
         wait_for(functools.partial(refuses_connections, stack), "the port closed", 20)
@@ -315,10 +320,7 @@ def test_one_stop_delivered_twice_at_once_still_drains(tmp_path):
     answered (the second signal cut it off)."""
     stack = fault_model_stack(tmp_path, "sleep:3", IEI_REQUEST_TIMEOUT="60").start(timeout=120)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(
-            httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60
-        )
-        wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
+        in_flight = request_in_flight(stack, pool)
         stack.process.send_signal(signal.SIGTERM)
         assert stack.stop(signal.SIGTERM, timeout=45) == 0  # the second, at once
         assert in_flight.result().status_code == 200
