@@ -18,6 +18,10 @@ QUEUE_PRIORITY_LEVELS = 2
 # on CPU instances, then normalising and encoding on the model's device.
 STAGE_MODEL_NAMES = ("iei_preprocess", "iei_encoder")
 
+# Model states in Triton's repository index (explicit model control: the launcher's unloading,
+# the frontend's loading on demand).
+MODEL_READY, MODEL_LOADING = "READY", "LOADING"
+
 # Dual encoders (CLIP, SigLIP, SigLIP2) only: texts into the image space.
 TEXT_MODEL_NAME = "iei_text"
 TEXT_INPUT_NAME = "TEXT"  # TYPE_STRING [1]: the text, UTF-8

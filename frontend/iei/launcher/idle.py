@@ -15,12 +15,11 @@ from collections.abc import Callable
 
 import httpx
 
+from ..contract import MODEL_READY
 from .repository import ModelPlan
 from .triton_process import TritonServer
 
 log = logging.getLogger("iei")
-
-READY = "READY"
 
 
 class IdleUnloader:
@@ -55,7 +54,7 @@ class IdleUnloader:
 
     def _check(self, client: httpx.Client) -> None:
         index = client.post("/v2/repository/index").raise_for_status().json()
-        ready = {entry["name"] for entry in index if entry.get("state") == READY}
+        ready = {entry["name"] for entry in index if entry.get("state") == MODEL_READY}
         if ready != self.ready:
             self.triton.watch_stubs(ready)  # not a loading model's: a failed load's stubs exit
             self.ready = ready

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..contract import MODEL_NAME, STAGE_MODEL_NAMES, TEXT_MODEL_NAME
+from ..contract import MODEL_LOADING, MODEL_NAME, MODEL_READY, STAGE_MODEL_NAMES, TEXT_MODEL_NAME
 from ..models import ServedModel, lookup
 from . import metrics
 from .errors import ApiError, ErrorType
@@ -34,7 +34,6 @@ LOAD_ORDER = (*STAGE_MODEL_NAMES, MODEL_NAME, TEXT_MODEL_NAME)
 MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code
 
 
-READY, LOADING = "READY", "LOADING"  # states in Triton's repository index
 # A failed on-demand load is not tried again for this long (seconds: the first, doubling to the
 # most): a broken checkpoint was loaded again by every request of every worker.
 LOAD_BACKOFF = (5.0, 300.0)
@@ -136,11 +135,12 @@ class ServedModels:
         # A request that gives up (its timeout) leaves the load running for the others.
         await asyncio.shield(load)
 
-    async def _missing(self, model: ServedModel) -> list[str]:
-        """`model`'s Triton models that are not READY, in LOAD_ORDER (those it has)."""
+    async def _missing(self, model: ServedModel) -> dict[str, str]:
+        """`model`'s Triton models that are not READY, in LOAD_ORDER (those it has), with their
+        states."""
         index = await self.triton.repository_models()
         names = [model.triton_name(t) for t in LOAD_ORDER if model.triton_name(t) in index]
-        return [name for name in names if index[name] != READY]
+        return {name: index[name] for name in names if index[name] != MODEL_READY}
 
     def _refuse_while_backing_off(self, model: ServedModel) -> None:
         failed = self._failed.get(model.name)
@@ -159,12 +159,12 @@ class ServedModels:
             # Another worker of this host may be loading it: one at a time, and what it loaded
             # is not loaded again (Triton 2.51 loads a model twice when asked twice at once).
             async with host_lock(f"{self.triton.endpoint}/{model.triton_image}"):
-                names = await self._missing(model)
-                if names:
+                missing = await self._missing(model)
+                if missing:
                     log.info("loading model %r on demand (Triton models %s)", model.name,
-                             ", ".join(names))  # fmt: skip
-                for name in names:
-                    await self._load_one(name)
+                             ", ".join(missing))  # fmt: skip
+                for name, state in missing.items():
+                    await self._load_one(name, state)
         except ApiError as exc:
             metrics.MODEL_LOADS.labels(model.name, "failed").inc()
             previous = self._failed.get(model.name)
@@ -178,11 +178,11 @@ class ServedModels:
         log.info("loaded model %r in %.1f s", model.name, time.perf_counter() - started)
         self.used(model)
 
-    async def _load_one(self, name: str) -> None:
-        """Load one Triton model; one that is LOADING already (another worker or frontend asked),
-        or whose load outlasted the request timeout, is waited for by its state."""
-        state, _ = (await self.triton.repository_index()).get(name, ("", ""))
-        if state != LOADING:
+    async def _load_one(self, name: str, state: str) -> None:
+        """Load one Triton model (in `state`); one that is LOADING already (another worker or
+        frontend asked), or whose load outlasted the request timeout, is waited for by its
+        state."""
+        if state != MODEL_LOADING:
             try:
                 await self.triton.load_model(name)
                 return
@@ -192,9 +192,9 @@ class ServedModels:
         deadline = time.monotonic() + LOAD_WAIT
         while time.monotonic() < deadline:
             state, reason = (await self.triton.repository_index()).get(name, ("", ""))
-            if state == READY:
+            if state == MODEL_READY:
                 return
-            if state != LOADING:
+            if state != MODEL_LOADING:
                 raise ApiError(
                     ErrorType.UNHEALTHY, f"model {name} failed to load: {reason or state}",
                     headers={"Retry-After": "1"},
