@@ -321,6 +321,8 @@ class StubbedServer(TritonServer):
     def __init__(self, tmp_path, monkeypatch, stubs: dict[int, str]) -> None:
         super().__init__(LauncherSettings(), tmp_path)
         self.living, self.dead = dict(stubs), set()
+        self.models = ("iei",)  # pinned: loaded at start
+        self.states: dict[str, str | None] = {}  # Triton's index: READY unless set
         self.running = lambda: True  # type: ignore[method-assign]
         self.process = type("Process", (), {"pid": 1})()  # type: ignore[assignment]
         self.next_probe = float("inf")  # no probe here
@@ -332,6 +334,9 @@ class StubbedServer(TritonServer):
             "iei.launcher.triton_process.process_state",
             lambda pid: None if pid in self.dead or pid not in self.living else "S",
         )
+
+    def model_state(self, model: str) -> str | None:
+        return self.states.get(model, "READY")
 
 
 def test_the_stubs_of_a_model_still_loading_are_not_watched(tmp_path, monkeypatch):
@@ -356,3 +361,52 @@ def test_a_model_loaded_again_has_its_new_stubs_watched_and_a_lost_stub_is_a_cra
     assert server.stubs == {10: "iei", 11: "iei", 31: "iei__x"}
     server.dead.add(11)  # one of two instances' stubs died: nothing replaced it
     assert str(server.problem()) == "the Python stub of model iei (pid 11) died"
+
+
+def test_the_stubs_of_an_unloaded_model_exit_without_a_restart(tmp_path, monkeypatch):
+    """A model loaded on demand that someone unloaded (the frontend, to stay within
+    IEI_MAX_LOADED_MODELS, or a client of Triton's own API) is no longer READY in Triton: its
+    exited stubs are no crash. Before, any unload but the launcher's own restarted Triton."""
+    server = StubbedServer(tmp_path, monkeypatch, {10: "iei", 30: "iei__x", 31: "iei__x"})
+    server.watch_stubs()
+    server.dead |= {30, 31}
+    server.states["iei__x"] = "UNAVAILABLE"
+    assert server.problem() is None
+    assert server.stubs == {10: "iei"}
+
+
+@pytest.mark.parametrize(
+    ("dead", "state", "message"),
+    [
+        (30, "READY", "model iei__x (pid 30)"),  # Triton still has it: the stub was lost
+        (30, None, "model iei__x (pid 30)"),  # Triton did not answer: nothing says unloaded
+        (10, "UNAVAILABLE", "model iei (pid 10)"),  # a pinned model must stay loaded
+    ],
+)
+def test_a_stub_is_lost_unless_triton_says_its_on_demand_model_was_unloaded(
+    tmp_path, monkeypatch, dead, state, message
+):
+    server = StubbedServer(tmp_path, monkeypatch, {10: "iei", 30: "iei__x"})
+    server.watch_stubs()
+    server.dead.add(dead)
+    server.states = {"iei": state, "iei__x": state}
+    assert str(server.problem()) == f"the Python stub of {message} died"
+
+
+def test_the_index_names_a_models_state_and_none_when_triton_is_silent(tmp_path):
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.dumps([{"name": "iei", "version": "1", "state": "READY"},
+                               {"name": "iei__x", "state": "UNAVAILABLE",
+                                "reason": "unloaded"}]).encode()  # fmt: skip
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with local_http_server(Index) as url:
+        server = TritonServer(LauncherSettings(triton_http_port=int(url.rsplit(":", 1)[1])),
+                              tmp_path)  # fmt: skip
+        assert (server.model_state("iei"), server.model_state("iei__x")) == ("READY", "UNAVAILABLE")
+        assert server.model_state("iei__y") == ""  # not in the repository
+    assert server.model_state("iei") is None

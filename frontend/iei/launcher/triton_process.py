@@ -26,6 +26,7 @@ import httpx
 from ..contract import (
     INPUT_NAME,
     MODEL_NAME,
+    MODEL_READY,
     OUTPUT_NAME,
     PROBE_IMAGE,
     PROBE_PRIORITY,
@@ -397,6 +398,28 @@ class TritonServer:
                  ", ".join(map(str, sorted(alive))))  # fmt: skip
         return True
 
+    def unloaded(self, model: str) -> bool:
+        """Whether `model`'s stubs exited because it was unloaded, not lost: it is loaded on
+        demand and Triton no longer has it READY (a crashed stub's model stays READY in Triton
+        2.51). The frontend unloads one to stay within IEI_MAX_LOADED_MODELS, and a client of
+        Triton's own API may unload any. Then its stubs are no longer watched."""
+        if model in self.models or self.model_state(model) in (None, MODEL_READY):
+            return False  # a pinned model's, or Triton says nothing: lost
+        log.info("model %s was unloaded: its stubs are no longer watched", model)
+        self.forget_stubs([model])
+        return True
+
+    def model_state(self, model: str) -> str | None:
+        """`model`'s state in Triton's repository index (READY, UNAVAILABLE...); None when
+        Triton does not answer."""
+        try:
+            with local_client(self.STATS_TIMEOUT) as client:
+                response = client.post(f"{self.url}/v2/repository/index")
+            index = response.raise_for_status().json()
+            return next((e.get("state", "") for e in index if e.get("name") == model), "")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+
     def forget_stubs(self, models: Sequence[str]) -> None:
         """Stop watching the stubs of `models`: they are being unloaded, so their stubs exit."""
         self.stubs = {pid: model for pid, model in self.stubs.items() if model not in models}
@@ -410,8 +433,10 @@ class TritonServer:
             return Problem("exited", f"Triton exited: {self.failure_reason()}")
         if not self.stubs:  # not seen yet when the model turned ready (it happens): look again
             self.watch_stubs()
-        for pid, model in self.stubs.items():
-            if process_state(pid) in (None, "Z") and not self.replaced(model):
+        for pid, model in list(self.stubs.items()):
+            if process_state(pid) not in (None, "Z") or model not in self.stubs.values():
+                continue
+            if not self.replaced(model) and not self.unloaded(model):
                 return Problem("stub_died", f"the Python stub of model {model} (pid {pid}) died")
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
