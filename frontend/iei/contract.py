@@ -21,6 +21,9 @@ STAGE_MODEL_NAMES = ("iei_preprocess", "iei_encoder")
 # Model states in Triton's repository index (explicit model control: the launcher's unloading,
 # the frontend's loading on demand).
 MODEL_READY, MODEL_LOADING = "READY", "LOADING"
+# IEI_MAX_LOADED_MODELS: a model that ran an inference within this many seconds is in use, and is
+# not unloaded to make room for another.
+IN_USE_SECONDS = 5.0
 
 # Dual encoders (CLIP, SigLIP, SigLIP2) only: texts into the image space.
 TEXT_MODEL_NAME = "iei_text"

@@ -55,6 +55,12 @@ _SETTINGS = [
         "Triton (then loaded again by its next request, which waits for it); unset: every model "
         "is loaded at start and stays", shown_default="unset (never)",
     )),
+    ("max_loaded_models", Setting(
+        "IEI_MAX_LOADED_MODELS", None, "int", (SERVER, LAUNCHER),
+        "most models of `IEI_MODELS` in Triton at once, the pinned ones included: loading "
+        "another on demand first unloads the one least recently used (none in the last 5 s: a "
+        "503 with `Retry-After`); unset: no limit", shown_default="unset (no limit)",
+    )),
     ("bind", Setting(
         "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,),
         "`host:port` of the HTTP frontend (an IPv6 host in brackets: `[::1]:8000`)",

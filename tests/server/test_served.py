@@ -5,6 +5,8 @@ load another worker started."""
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import pytest
 from iei.server import served
@@ -31,6 +33,9 @@ class FakeTriton:
         self.fail: set[str] = set()
         self.timeout = False
         self.loading: dict[str, int] = {}  # name -> index looks until READY
+        self.unloads: list[str] = []
+        self.last: dict[str, float] = {}  # name -> its last inference (Unix seconds)
+        self.probed: list[str] = []
 
     async def repository_index(self) -> dict[str, tuple[str, str]]:
         for name, left in list(self.loading.items()):
@@ -55,6 +60,18 @@ class FakeTriton:
             self.loading[name] = 3
             raise ApiError(ErrorType.TIMEOUT, f"model {name} is still loading")
         self.index[name] = ["READY", ""]
+
+    async def unload_model(self, name: str) -> None:
+        self.unloads.append(name)
+        self.index[name] = ["UNAVAILABLE", "unloaded"]
+
+    async def last_inference(self, names: list[str]) -> float | None:
+        return max(self.last.get(name, 0.0) for name in names)
+
+    async def model_answers(self, name: str) -> bool:
+        self.probed.append(name)
+        self.last[name] = time.time()
+        return True
 
 
 def models(triton: FakeTriton) -> tuple[ServedModels, object]:
@@ -163,3 +180,101 @@ async def test_workers_of_one_host_load_a_model_one_at_a_time(tmp_path):
     second, _ = models(triton)
     await asyncio.gather(first.ensure_loaded(lazy), second.ensure_loaded(lazy))
     assert triton.loads == ["iei__lazy", "iei__lazy_text"]
+
+
+async def test_a_failed_ensemble_load_unloads_the_steps_it_loaded():
+    """A split-layout model whose ensemble failed to load kept its READY steps (their memory and
+    processes) until Triton restarted."""
+    triton = FakeTriton({"iei": ["READY", ""], "iei__lazy": ["UNAVAILABLE", ""],
+                         "iei__lazy_preprocess": ["UNAVAILABLE", ""],
+                         "iei__lazy_encoder": ["UNAVAILABLE", ""]})  # fmt: skip
+    triton.fail = {"iei__lazy"}
+    chosen, lazy = models(triton)
+    with pytest.raises(ApiError, match="iei__lazy failed to load"):
+        await chosen.ensure_loaded(lazy)
+    assert triton.loads == ["iei__lazy_preprocess", "iei__lazy_encoder", "iei__lazy"]
+    assert triton.unloads == ["iei__lazy_encoder", "iei__lazy_preprocess"]
+
+
+CAPPED = "main=google/vit-base-patch16-224,lazy=google/vit-base-patch16-224,a=x/a,b=x/b"
+
+
+def capped(triton: FakeTriton, cap: int) -> ServedModels:
+    settings = ServerSettings(models=CAPPED, model_idle_unload=60, max_loaded_models=cap)
+    return ServedModels(settings, triton)  # type: ignore[arg-type]
+
+
+def loaded_models(**states: str) -> dict[str, list[str]]:
+    """The repository of CAPPED: `main` READY, the others UNAVAILABLE unless given."""
+    index = {"iei": ["READY", ""]}
+    for name in ("lazy", "a", "b"):
+        index[f"iei__{name}"] = [states.get(name, "UNAVAILABLE"), ""]
+    return index
+
+
+async def test_past_the_cap_the_least_recently_used_model_is_unloaded_first():
+    triton = FakeTriton(loaded_models(a="READY", b="READY"))
+    triton.last = {"iei__a": time.time() - 30, "iei__b": time.time() - 90}
+    chosen = capped(triton, 3)
+    await chosen.ensure_loaded(chosen.resolve("lazy"))
+    assert triton.unloads == ["iei__b"]  # a was used more lately
+    assert triton.loads == ["iei__lazy"]
+    # It ran an inference at once: counted as in use before its request reaches Triton, so
+    # that another worker making room does not take it.
+    assert triton.probed == ["iei__lazy"]
+    assert triton.index["iei__b"][0] == "UNAVAILABLE" and triton.index["iei__a"][0] == "READY"
+
+
+async def test_within_the_cap_nothing_is_unloaded():
+    triton = FakeTriton(loaded_models(a="READY"))
+    chosen = capped(triton, 3)
+    await chosen.ensure_loaded(chosen.resolve("lazy"))
+    assert (triton.unloads, triton.loads) == ([], ["iei__lazy"])
+
+
+async def test_past_the_cap_with_every_model_in_use_a_load_is_a_503_to_retry_not_a_failure():
+    triton = FakeTriton(loaded_models(a="READY", b="LOADING"))  # a load in progress counts
+    triton.last = {"iei__a": time.time() - 1}  # in use
+    chosen = capped(triton, 3)
+    lazy = chosen.resolve("lazy")
+    with pytest.raises(ApiError, match=r"'lazy' cannot load now: IEI_MAX_LOADED_MODELS=3 models "
+                       r"are loaded \('main', 'a', 'b'\) and in use") as refused:  # fmt: skip
+        await chosen.ensure_loaded(lazy)
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "5"}
+    assert (triton.unloads, triton.loads) == ([], [])
+    # no back-off: once `a` has been idle a while, the next request loads it at once
+    triton.last["iei__a"] = time.time() - 10
+    await chosen.ensure_loaded(lazy)
+    assert (triton.unloads, triton.loads) == (["iei__a"], ["iei__lazy"])
+
+
+async def test_an_evicted_models_split_layout_unloads_its_ensemble_before_its_steps():
+    triton = FakeTriton({**loaded_models(),
+                         **{f"iei__a{step}": ["READY", ""] for step in ("", "_preprocess",
+                                                                         "_encoder")}})  # fmt: skip
+    chosen = capped(triton, 2)
+    await chosen.ensure_loaded(chosen.resolve("lazy"))
+    assert triton.unloads == ["iei__a", "iei__a_encoder", "iei__a_preprocess"]
+    assert served.metrics.MODEL_EVICTIONS.labels("a")._value.get() >= 1
+
+
+@pytest.mark.parametrize(
+    ("models", "idle", "cap", "message"),
+    [
+        (CAPPED, 60, 1, "IEI_MAX_LOADED_MODELS=1 leaves no room for a model loaded on demand: 1 "
+         "of IEI_MODELS are always loaded (pinned)"),
+        (CAPPED + "?pinned=true", 60, 1, "IEI_MAX_LOADED_MODELS=1, but 2 models of IEI_MODELS "
+         "are always loaded (pinned)"),
+        (CAPPED, None, 3, "IEI_MAX_LOADED_MODELS=3, but 4 models of IEI_MODELS are always loaded "
+         "(IEI_MODEL_IDLE_UNLOAD is unset)"),
+    ],
+)  # fmt: skip
+def test_a_cap_the_always_loaded_models_fill_is_refused(models, idle, cap, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerSettings(models=models, model_idle_unload=idle, max_loaded_models=cap)
+
+
+def test_a_cap_that_leaves_room_is_taken():
+    ServerSettings(models=CAPPED, model_idle_unload=60, max_loaded_models=2)
+    ServerSettings(models=CAPPED, max_loaded_models=4)
+    ServerSettings(max_loaded_models=1)  # one model

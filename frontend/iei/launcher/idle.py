@@ -5,6 +5,10 @@ A model that is not pinned and whose Triton models have had no inference for the
 unloaded; its next request loads it again (server/served.py). The stubs of an unloaded model exit,
 which the stub watch must not take for a crash: they are forgotten first, and the stubs are looked
 at again whenever the set of loaded models changes (a request loaded one).
+
+IEI_MAX_LOADED_MODELS is kept by the frontend, which unloads a model to load another; frontends
+on several hosts may each make room at once, so here, too, the models past it that are not in use
+are unloaded, the least recently used first.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable
 
 import httpx
 
-from ..contract import MODEL_READY
+from ..contract import IN_USE_SECONDS, MODEL_READY
 from .repository import ModelPlan
 from .triton_process import TritonServer
 
@@ -30,9 +34,12 @@ class IdleUnloader:
         triton: TritonServer,
         idle_seconds: float,
         counted: Callable[[str], None] | None = None,
+        *,
+        max_loaded: int | None = None,
     ) -> None:
         self.triton = triton
         self.idle = idle_seconds
+        self.max_loaded = max_loaded  # IEI_MAX_LOADED_MODELS
         self.counted = counted  # called with a model's name on each unload (metrics)
         self.interval = min(5.0, max(0.5, idle_seconds / 4))
         self.next_check = 0.0
@@ -59,25 +66,40 @@ class IdleUnloader:
             self.triton.watch_stubs(ready)  # not a loading model's: a failed load's stubs exit
             self.ready = ready
         now = time.time()
+        pinned = 0
+        on_demand: list[tuple[float, ModelPlan, list[str]]] = []  # loaded, not idle
         for plan in self.triton.plans:
-            if plan.model.pinned:
-                continue
-            names = [name for name in plan.triton_models if name in ready]
             if plan.model.triton_image not in ready:
                 self.ready_since.pop(plan.model.name, None)
                 continue
+            if plan.model.pinned:
+                pinned += 1
+                continue
+            names = [name for name in plan.triton_models if name in ready]
             since = self.ready_since.setdefault(plan.model.name, now)
             last = max([since, *(last_inference(client, name) for name in names)])
             if now - last >= self.idle:
-                self.unload(client, plan, names, now - last)
+                self.unload(client, plan, names, f"no request for {now - last:.0f} s "
+                            "(IEI_MODEL_IDLE_UNLOAD)")  # fmt: skip
+            else:
+                on_demand.append((last, plan, names))
+        over = pinned + len(on_demand) - (self.max_loaded or len(self.triton.plans))
+        for last, plan, names in sorted(on_demand, key=lambda entry: entry[0])[: max(0, over)]:
+            if now - last >= IN_USE_SECONDS:
+                why = f"more than IEI_MAX_LOADED_MODELS={self.max_loaded} models are loaded"
+                self.unload(client, plan, names, why, idle=False)
 
     def unload(
-        self, client: httpx.Client, plan: ModelPlan, names: list[str], idle_for: float
+        self,
+        client: httpx.Client,
+        plan: ModelPlan,
+        names: list[str],
+        why: str,
+        *,
+        idle: bool = True,
     ) -> None:
-        log.info(
-            "unloading model %r (Triton models %s): no request for %.0f s (IEI_MODEL_IDLE_UNLOAD)",
-            plan.model.name, ", ".join(names), idle_for,
-        )  # fmt: skip
+        log.info("unloading model %r (Triton models %s): %s", plan.model.name, ", ".join(names),
+                 why)  # fmt: skip
         self.triton.forget_stubs(names)
         for name in reversed(names):  # the ensemble before its steps
             response = client.post(f"/v2/repository/models/{name}/unload")
@@ -85,7 +107,7 @@ class IdleUnloader:
                 log.warning("unloading %s failed: %s", name, response.text[:200])
         self.ready_since.pop(plan.model.name, None)
         self.ready -= set(names)
-        if self.counted is not None:
+        if idle and self.counted is not None:  # iei_model_unloads_total counts the idle ones
             self.counted(plan.model.name)
 
 

@@ -205,4 +205,6 @@ def idle_unloader(
         def counted(name: str) -> None:
             metrics.MODEL_UNLOADS.labels(name).inc()
 
-    return IdleUnloader(triton, settings.model_idle_unload, counted)
+    return IdleUnloader(
+        triton, settings.model_idle_unload, counted, max_loaded=settings.max_loaded_models
+    )

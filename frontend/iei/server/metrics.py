@@ -48,6 +48,10 @@ MODEL_LOADS = Counter(
     "iei_model_loads", "Models loaded on demand for a request.", ["model", "outcome"]
 )
 MODEL_UNLOADS = Counter("iei_model_unloads", "Idle models unloaded.", ["model"])
+# Models unloaded by the frontend to load another within IEI_MAX_LOADED_MODELS.
+MODEL_EVICTIONS = Counter(
+    "iei_model_evictions", "Models unloaded to make room for another.", ["model"]
+)
 # Restarts of Triton by `iei serve`'s supervisor, by why: `exited` (Triton died), `stub_died` (a
 # model's Python stub died), `probes_failed` (the model failed its probes: stuck in errors, hung).
 TRITON_RESTARTS = Counter("iei_triton_restarts", "Triton restarts by iei serve.", ["reason"])

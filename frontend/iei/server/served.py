@@ -8,6 +8,7 @@ Triton's own statistics (launcher/idle.py), so every request of every worker cou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -20,7 +21,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..contract import MODEL_LOADING, MODEL_NAME, MODEL_READY, STAGE_MODEL_NAMES, TEXT_MODEL_NAME
+from ..contract import (
+    IN_USE_SECONDS,
+    MODEL_LOADING,
+    MODEL_NAME,
+    MODEL_READY,
+    STAGE_MODEL_NAMES,
+    TEXT_MODEL_NAME,
+)
 from ..models import ServedModel, lookup
 from . import metrics
 from .errors import ApiError, ErrorType
@@ -48,6 +56,11 @@ class FailedLoad:
     why: str
 
 
+class NoRoom(ApiError):
+    """IEI_MAX_LOADED_MODELS is reached and every model that could make room is in use: a 503
+    to retry, not a failed load."""
+
+
 @asynccontextmanager
 async def host_lock(key: str) -> AsyncIterator[None]:
     """An exclusive lock on this host for `key` (a file lock: the frontend's workers are
@@ -72,6 +85,7 @@ class ServedModels:
         self.models = settings.served
         self.triton = triton
         self.idle_unload = settings.model_idle_unload
+        self.max_loaded = settings.max_loaded_models
         self._loads: dict[str, asyncio.Task[None]] = {}
         # name -> when an inference of it last succeeded, and Triton's `forgotten` count then
         self._used: dict[str, tuple[float, int]] = {}
@@ -139,8 +153,9 @@ class ServedModels:
         """`model`'s Triton models that are not READY, in LOAD_ORDER (those it has), with their
         states."""
         index = await self.triton.repository_models()
-        names = [model.triton_name(t) for t in LOAD_ORDER if model.triton_name(t) in index]
-        return {name: index[name] for name in names if index[name] != MODEL_READY}
+        return {
+            name: index[name] for name in triton_models(model, index) if index[name] != MODEL_READY
+        }
 
     def _refuse_while_backing_off(self, model: ServedModel) -> None:
         failed = self._failed.get(model.name)
@@ -163,8 +178,10 @@ class ServedModels:
                 if missing:
                     log.info("loading model %r on demand (Triton models %s)", model.name,
                              ", ".join(missing))  # fmt: skip
-                for name, state in missing.items():
-                    await self._load_one(name, state)
+                    async with self._room_for(model):
+                        await self._load_missing(missing)
+        except NoRoom:
+            raise
         except ApiError as exc:
             metrics.MODEL_LOADS.labels(model.name, "failed").inc()
             previous = self._failed.get(model.name)
@@ -177,6 +194,72 @@ class ServedModels:
         metrics.MODEL_LOADS.labels(model.name, "loaded").inc()
         log.info("loaded model %r in %.1f s", model.name, time.perf_counter() - started)
         self.used(model)
+
+    async def _load_missing(self, missing: dict[str, str]) -> None:
+        """Load these Triton models in order; if one fails, unload those loaded before it: a
+        split layout's steps, READY without their ensemble, held memory and processes until
+        Triton restarted."""
+        loaded: list[str] = []
+        try:
+            for name, state in missing.items():
+                await self._load_one(name, state)
+                loaded.append(name)
+        except ApiError:
+            for name in reversed(loaded):
+                with contextlib.suppress(ApiError):
+                    await self.triton.unload_model(name)
+            raise
+
+    @asynccontextmanager
+    async def _room_for(self, model: ServedModel) -> AsyncIterator[None]:
+        """Within IEI_MAX_LOADED_MODELS: make room for `model`, then let it load, one load of
+        this host at a time; once loaded it runs one inference, so that it counts as in use
+        (IN_USE_SECONDS) before its own request reaches Triton."""
+        if self.max_loaded is None:
+            yield
+            return
+        async with host_lock(f"{self.triton.endpoint}/loaded-models"):
+            await self._make_room(model)
+            yield
+            await self.triton.model_answers(model.triton_image)
+
+    async def _make_room(self, model: ServedModel) -> None:
+        """Unload the models loaded on demand that were used least recently, as many as
+        `model` needs to fit within IEI_MAX_LOADED_MODELS; a NoRoom (503) when those are in
+        use (an inference within IN_USE_SECONDS)."""
+        index = await self.triton.repository_models()
+        loaded = [
+            m for m in self.models
+            if m is not model and index.get(m.triton_image) in (MODEL_READY, MODEL_LOADING)
+        ]  # fmt: skip
+        over = len(loaded) + 1 - (self.max_loaded or 0)
+        if over <= 0:
+            return
+        idle: dict[str, tuple[float, ServedModel]] = {}
+        for other in loaded:
+            if self.on_demand(other) and index[other.triton_image] == MODEL_READY:
+                last = await self.triton.last_inference(triton_models(other, index))
+                if last is not None and time.time() - last >= IN_USE_SECONDS:
+                    idle[other.name] = (last, other)
+        victims = [other for _, other in sorted(idle.values(), key=lambda v: v[0])][:over]
+        if len(victims) < over:
+            names = ", ".join(repr(m.name) for m in loaded)
+            raise NoRoom(
+                ErrorType.UNHEALTHY,
+                f"model {model.name!r} cannot load now: IEI_MAX_LOADED_MODELS={self.max_loaded} "
+                f"models are loaded ({names}) and in use",
+                headers={"Retry-After": str(math.ceil(IN_USE_SECONDS))},
+            )
+        for victim in victims:
+            names = triton_models(victim, index)
+            log.info("unloading model %r (Triton models %s) to load %r within "
+                     "IEI_MAX_LOADED_MODELS=%d", victim.name, ", ".join(names), model.name,
+                     self.max_loaded)  # fmt: skip
+            self.forget(victim)
+            for name in reversed(names):  # the ensemble before its steps
+                if index[name] == MODEL_READY:
+                    await self.triton.unload_model(name)
+            metrics.MODEL_EVICTIONS.labels(victim.name).inc()
 
     async def _load_one(self, name: str, state: str) -> None:
         """Load one Triton model (in `state`); one that is LOADING already (another worker or
@@ -243,3 +326,8 @@ class ServedModels:
             return name in await self.triton.repository_models()
         except ApiError:
             return False
+
+
+def triton_models(model: ServedModel, index: dict[str, str]) -> list[str]:
+    """`model`'s Triton models that Triton's repository `index` has, in LOAD_ORDER."""
+    return [model.triton_name(t) for t in LOAD_ORDER if model.triton_name(t) in index]

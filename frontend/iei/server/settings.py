@@ -38,6 +38,7 @@ class ServerSettings(SettingsBase):
     triton_shm_mb: int = setting("triton_shm_mb", ge=0, le=1_000_000)
     models: str | None = setting("models")
     model_idle_unload: float | None = setting("model_idle_unload", gt=0)
+    max_loaded_models: int | None = setting("max_loaded_models", ge=1)
 
     @field_validator("triton_url")
     @classmethod
@@ -99,6 +100,27 @@ class ServerSettings(SettingsBase):
             raise ValueError(
                 f"IEI_SERVED_MODEL_NAME={self.served_model_name} (the default model's other name) "
                 "is the name of another model in IEI_MODELS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_max_loaded_models(self) -> ServerSettings:
+        """IEI_MAX_LOADED_MODELS leaves room for the models that are always loaded and one more
+        (the point of it): a limit they fill would refuse every model loaded on demand."""
+        cap = self.max_loaded_models
+        if cap is None or self.models is None:
+            return self
+        always = [m for m in self.served if m.pinned or self.model_idle_unload is None]
+        why = "pinned" if self.model_idle_unload else "IEI_MODEL_IDLE_UNLOAD is unset"
+        if len(always) > cap:
+            raise ValueError(
+                f"IEI_MAX_LOADED_MODELS={cap}, but {len(always)} models of IEI_MODELS are always "
+                f"loaded ({why})"
+            )
+        if len(always) == cap < len(self.served):
+            raise ValueError(
+                f"IEI_MAX_LOADED_MODELS={cap} leaves no room for a model loaded on demand: "
+                f"{cap} of IEI_MODELS are always loaded ({why})"
             )
         return self
 

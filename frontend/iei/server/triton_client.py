@@ -278,6 +278,27 @@ class TritonClient:
                 ErrorType.UNHEALTHY, f"the inference server is unreachable ({type(exc).__name__})"
             ) from None
 
+    async def unload_model(self, model: str) -> None:
+        """Unload `model` (explicit model control); Triton answers once its requests in flight
+        are done and it is gone."""
+        await self._call(self.server.unload_model(model), explain=False, model=model)
+        self._verified_at.pop(model, None)
+        self.forget_facts(model)
+
+    async def last_inference(self, models: list[str]) -> float | None:
+        """When any of `models` last ran an inference (Unix seconds; 0 if never), from Triton's
+        statistics; None when Triton does not say."""
+        last = 0.0
+        try:
+            for model in models:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    stats = await self.server.get_inference_statistics(model)
+                for entry in stats.get("model_stats") or ():
+                    last = max(last, float(entry.get("last_inference") or 0) / 1000.0)
+        except (InferenceServerException, aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            return None
+        return last
+
     async def embed(self, images: list[bytes], model: str = MODEL_NAME) -> np.ndarray:
         """Vectors for `images` by `model` (a Triton image model), in order: chunks of at most
         max_batch_size, and at most `concurrency_level` images in flight at once."""
