@@ -81,6 +81,14 @@ def test_the_model_uses_the_same_names_and_formats():
     assert images.IMAGE_FORMATS == contract.IMAGE_FORMATS
 
 
+def test_both_sides_agree_on_the_execution_clocks():
+    install()
+    from iei_runtime import executions
+
+    assert executions.CLOCKS_ENV == contract.EXECUTION_CLOCKS_ENV
+    assert executions.CLOCK_FORMAT == contract.EXECUTION_CLOCK_FORMAT
+
+
 @pytest.mark.parametrize("model", [contract.MODEL_NAME, contract.TEXT_MODEL_NAME])
 def test_config_defaults_match_the_frontends(model):
     parameters = {k: v.string_value for k, v in committed_config(model).parameters.items()}

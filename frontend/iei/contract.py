@@ -50,3 +50,10 @@ PROBE_IMAGE = bytes.fromhex(
 # image files for Triton, and the Python stubs' regions of the Triton an `iei serve` started.
 FRONTEND_REGIONS = "iei-frontend-"
 STUB_REGIONS = "iei-"
+
+# Each model instance's execution clock (model_repository/iei_runtime/executions.py): the launcher
+# names a folder in this variable of the Triton it runs; each stub keeps there a file named by its
+# pid holding one double in this struct format, the CLOCK_MONOTONIC second its current execution
+# began (0 while it waits). In one execution for long without computing is hung.
+EXECUTION_CLOCKS_ENV = "IEI_EXECUTION_CLOCKS"
+EXECUTION_CLOCK_FORMAT = "<d"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from iei.launcher.repository import shipped_model_repository
 from polling import wait_for
 from sample_images import photos
 from stack import IEI, descendants, free_port
@@ -131,7 +132,11 @@ def test_a_model_stuck_in_errors_is_restarted_within_a_minute(tmp_path):
     model = tmp_path / "unused-model"
     model.mkdir()
     with containers(
-        tmp_path, model, IEI_MODEL_REPOSITORY=str(FAULT_MODEL), IEI_TEST_BEHAVIOUR="sticky"
+        tmp_path,
+        model,
+        IEI_MODEL_REPOSITORY=str(FAULT_MODEL),
+        IEI_TEST_BEHAVIOUR="sticky",
+        IEI_TEST_RUNTIME=str(shipped_model_repository()),
     ) as (url, output, _):
         assert embed(url).status_code == 200
         embed(url, TRIGGER)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from iei.launcher.repository import shipped_model_repository
 from iei.launcher.serve import SAME_SIGNAL
 from polling import eventually, wait_for
 from sample_images import photos
@@ -203,6 +204,7 @@ def fault_model_stack(tmp_path: Path, behaviour: str, **env: str) -> Stack:
         tmp_path / "serve.log",
         IEI_MODEL_REPOSITORY=str(FAULT_MODEL),
         IEI_TEST_BEHAVIOUR=behaviour,
+        IEI_TEST_RUNTIME=str(shipped_model_repository()),
         IEI_CACHE_MB="0",  # repeated inputs must reach the faulty model, not the cache
         **env,
     )
@@ -295,6 +297,28 @@ def request_in_flight(
     sent = pool.submit(httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60)
     wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
     return sent
+
+
+def test_an_instance_hung_beside_a_working_one_restarts_triton(tmp_path):
+    """One of two instances deadlocks (here: an execution that sleeps, computing nothing) while
+    the other answers the launcher's probes, so the probes never failed: its batch waited for
+    ever, a share of the capacity gone. The instance's execution clock and CPU time show it."""
+    stack = fault_model_stack(
+        tmp_path, "sleep:600", IEI_TRITON_INSTANCES="2", IEI_REQUEST_TIMEOUT="5"
+    ).start(timeout=120)
+    try:
+        response = httpx.post(f"{stack.url}/embed", json={"inputs": [IMAGE]}, timeout=60)
+        assert response.status_code == 504, response.text
+        assert httpx.get(f"{stack.url}/health").status_code == 200  # the other instance answers
+        wait_for(lambda: "restarting Triton" in stack.log(), "a restart", 150, every=1.0,
+                 log=stack.log)  # fmt: skip
+        assert "an instance of model iei (pid " in stack.log()
+        assert "s of them without computing; restarting Triton" in stack.log()
+        wait_for(lambda: "Triton is serving again" in stack.log(), "Triton back", 120, 1.0)
+        assert stack.metric('iei_triton_restarts_total{reason="stub_hung"}') == 1
+        assert stack.metric('iei_triton_restarts_total{reason="probes_failed"}') == 0
+    finally:
+        stack.stop()
 
 
 def test_a_second_signal_stops_at_once_dropping_the_requests_in_flight(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from iei.launcher.triton_process import execution_began
 from polling import wait_for
 from reference import Reference, cosine_rows
 from sample_images import photos
@@ -94,6 +95,14 @@ def watched(stack: Stack) -> set[int]:
     return {int(pid) for pid in lines[-1].split(", ")} if lines else set()
 
 
+def execution_clocks(stack: Stack) -> Path:
+    """The folder of the instances' execution clocks (the launcher's hang check): in the
+    launcher's work folder, which its log names through Triton's log beside it."""
+    log = re.search(r"started Triton \(pid \d+\), log: (\S+)-triton\.log", stack.log())
+    assert log, stack.log()
+    return Path(log.group(1)) / "executions"
+
+
 def test_a_model_unloaded_through_tritons_own_api_is_no_crash(capped_stack):
     """Clients may call Triton directly, its model control API included. The launcher restarted
     Triton when the stubs of a model it had not unloaded itself exited."""
@@ -105,6 +114,9 @@ def test_a_model_unloaded_through_tritons_own_api_is_no_crash(capped_stack):
     # the launcher's idle check watches them once it has seen b loaded
     wait_for(lambda: stubs <= watched(capped_stack), "b's stubs watched", 20,
              log=capped_stack.log)  # fmt: skip
+    clocks = execution_clocks(capped_stack)
+    assert {int(f.name) for f in clocks.iterdir()} >= stubs  # each instance keeps its clock
+    assert all(execution_began(clocks / str(pid)) is None for pid in stubs)  # waiting
     triton = f"http://{capped_stack.triton_http}"
     assert httpx.post(f"{triton}/v2/repository/models/iei__b/unload", timeout=60).status_code == 200
     wait_for(lambda: not stubs & watched(capped_stack)
@@ -112,4 +124,5 @@ def test_a_model_unloaded_through_tritons_own_api_is_no_crash(capped_stack):
              "the launcher saw b's stubs exit", 20, log=capped_stack.log)  # fmt: skip
     assert "restarting Triton" not in capped_stack.log()
     assert loaded(capped_stack)["b"] is False
+    assert not {int(f.name) for f in clocks.iterdir()} & stubs  # gone with their instances
     assert embed(capped_stack, "main", files).status_code == 200

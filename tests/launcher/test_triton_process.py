@@ -5,11 +5,13 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import struct
 import sys
 import time
 
 import pytest
 from google.protobuf import text_format
+from iei.contract import EXECUTION_CLOCK_FORMAT
 from iei.launcher.errors import TritonStartupError
 from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
 from iei.launcher.settings import LauncherSettings
@@ -410,3 +412,52 @@ def test_the_index_names_a_models_state_and_none_when_triton_is_silent(tmp_path)
         assert (server.model_state("iei"), server.model_state("iei__x")) == ("READY", "UNAVAILABLE")
         assert server.model_state("iei__y") == ""  # not in the repository
     assert server.model_state("iei") is None
+
+
+class ClockedServer(StubbedServer):
+    """A StubbedServer whose stubs' execution clocks and CPU seconds are set by hand."""
+
+    def __init__(self, tmp_path, monkeypatch, stubs: dict[int, str]) -> None:
+        super().__init__(tmp_path, monkeypatch, stubs)
+        self.clocks.mkdir(parents=True)
+        self.cpu: dict[int, float] = dict.fromkeys(stubs, 1.0)
+        monkeypatch.setattr("iei.launcher.triton_process.cpu_seconds", lambda pid: self.cpu[pid])
+        self.watch_stubs()
+
+    def executing(self, pid: int, began: float) -> None:
+        (self.clocks / str(pid)).write_bytes(struct.pack(EXECUTION_CLOCK_FORMAT, began))
+
+    def looked_at(self, pid: int, ago: float) -> None:
+        """The last look that saw `pid` compute was `ago` seconds back."""
+        began, cpu, _ = self.executing_since[pid]
+        self.executing_since[pid] = (began, cpu, time.monotonic() - ago)
+
+
+def test_an_instance_in_one_execution_without_computing_for_a_minute_is_hung(tmp_path, monkeypatch):
+    """A deadlocked instance beside a working one: the probes, which the working one answers,
+    never saw it."""
+    server = ClockedServer(tmp_path, monkeypatch, {10: "iei", 11: "iei", 20: "iei_text"})
+    began = time.monotonic() - 100
+    server.executing(11, began)
+    assert server.problem() is None  # first seen in it: from now on
+    server.looked_at(11, 30)
+    assert server.problem() is None
+    server.looked_at(11, server.HUNG_AFTER)
+    problem = server.problem()
+    assert problem is not None and problem.reason == "stub_hung"
+    assert str(problem) == ("an instance of model iei (pid 11) has been in one execution for "
+                            "100 s, 60 s of them without computing")  # fmt: skip
+
+
+def test_an_execution_that_computes_or_a_new_one_is_not_hung(tmp_path, monkeypatch):
+    server = ClockedServer(tmp_path, monkeypatch, {10: "iei", 20: "iei_text"})
+    server.executing(20, time.monotonic() - 300)  # 64 photos of 50 MP on 2 cores
+    server.problem()
+    server.looked_at(20, server.HUNG_AFTER)
+    server.cpu[20] += 0.7  # it computed (above 1 % of a core over that minute)
+    assert server.problem() is None
+    server.looked_at(20, server.HUNG_AFTER)
+    server.executing(20, time.monotonic())  # that one ended, another began
+    assert server.problem() is None
+    server.executing(20, 0.0)  # waiting for work however long is no hang
+    assert server.problem() is None and 20 not in server.executing_since

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ from pathlib import Path
 import httpx
 
 from ..contract import (
+    EXECUTION_CLOCK_FORMAT,
+    EXECUTION_CLOCKS_ENV,
     INPUT_NAME,
     MODEL_NAME,
     MODEL_READY,
@@ -210,6 +213,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def execution_began(clock: Path) -> float | None:
+    """When the execution an instance is in began (CLOCK_MONOTONIC seconds), from its clock
+    file; None while it waits, or without a clock (a model of another repository)."""
+    try:
+        with open(clock, "rb") as file:
+            (began,) = struct.unpack(EXECUTION_CLOCK_FORMAT, file.read(8))
+    except (OSError, struct.error):
+        return None
+    return began or None
+
+
 def python_stubs(parent: int) -> dict[int, str]:
     """Living Python-backend stub processes of model instances that `parent` (tritonserver)
     started, each with the Triton model it serves."""
@@ -245,7 +259,7 @@ def instance_stub_model(argv: Sequence[bytes]) -> str | None:
     return None if argv[8].decode(errors="replace") == model else model
 
 
-RESTART_REASONS = ("exited", "stub_died", "probes_failed")
+RESTART_REASONS = ("exited", "stub_died", "stub_hung", "probes_failed")
 
 
 @dataclass(frozen=True)
@@ -277,6 +291,13 @@ class TritonServer:
     # executions of 27 s each, one after another, are a busy model, however long.
     BUSY_CPU = 0.2
     BUSY_PROBES = 18
+    # An instance in one execution that has not computed (HUNG_CPU of a core, at most) for
+    # HUNG_AFTER seconds is hung: a deadlock. The probes miss one beside a working instance
+    # (IEI_TRITON_INSTANCES >= 2), which answers them, and never look at the text model or the
+    # other models. The longest execution measured here (64 photos of 50 MP on 2 cores) computes
+    # throughout; one waiting on a GPU takes well under a second.
+    HUNG_AFTER = 60.0
+    HUNG_CPU = 0.01
     STATS_TIMEOUT = 2.0  # Triton's statistics are counters: they answer at once, however busy
 
     def __init__(
@@ -299,6 +320,9 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         # The model instances' processes (pid -> Triton model), once the models are ready.
         self.stubs: dict[int, str] = {}
+        self.clocks = work_dir / "executions"  # their execution clocks (iei.contract)
+        # pid -> (when its execution began, its CPU seconds and the time when it last computed)
+        self.executing_since: dict[int, tuple[float, float, float]] = {}
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
         self.plans: tuple[ModelPlan, ...] = ()  # decided once, from the models' config.json
         self.models: tuple[str, ...] = ()  # the Triton models loaded at start (and restart)
@@ -326,6 +350,9 @@ class TritonServer:
         if install.backend_directory:
             command.append(f"--backend-directory={install.backend_directory}")
         env = triton_environment(os.environ, model_env, install.library_path)
+        self.clocks.mkdir(parents=True, exist_ok=True)
+        env[EXECUTION_CLOCKS_ENV] = str(self.clocks)
+        self.executing_since = {}
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)
                 command,
@@ -438,6 +465,9 @@ class TritonServer:
                 continue
             if not self.replaced(model) and not self.unloaded(model):
                 return Problem("stub_died", f"the Python stub of model {model} (pid {pid}) died")
+        hung = self.hung_stub()
+        if hung is not None:
+            return hung
         if time.monotonic() >= self.next_probe:
             self.next_probe = time.monotonic() + self.PROBE_INTERVAL
             failure = self.busy_or(self.timed_probe())
@@ -445,6 +475,27 @@ class TritonServer:
             if failure and self.failed_probes >= self.PROBE_FAILURES:
                 message = f"the model failed {self.failed_probes} probes in a row ({failure})"
                 return Problem("probes_failed", message)
+        return None
+
+    def hung_stub(self) -> Problem | None:
+        """A watched instance in one execution that has not computed for HUNG_AFTER seconds
+        (its execution clock and its CPU time), or None."""
+        now = time.monotonic()
+        for pid, model in self.stubs.items():
+            began = execution_began(self.clocks / str(pid))
+            if began is None:
+                self.executing_since.pop(pid, None)
+                continue
+            cpu = cpu_seconds(pid)
+            seen = self.executing_since.get(pid)
+            if seen is None or seen[0] != began or cpu - seen[1] >= self.HUNG_CPU * (now - seen[2]):
+                self.executing_since[pid] = (began, cpu, now)  # a new execution, or it computed
+            elif now - seen[2] >= self.HUNG_AFTER:
+                return Problem(
+                    "stub_hung",
+                    f"an instance of model {model} (pid {pid}) has been in one execution for "
+                    f"{now - began:.0f} s, {now - seen[2]:.0f} s of them without computing",
+                )
         return None
 
     def timed_probe(self) -> tuple[str | None, float, bool]:

@@ -53,7 +53,8 @@ MODEL_EVICTIONS = Counter(
     "iei_model_evictions", "Models unloaded to make room for another.", ["model"]
 )
 # Restarts of Triton by `iei serve`'s supervisor, by why: `exited` (Triton died), `stub_died` (a
-# model's Python stub died), `probes_failed` (the model failed its probes: stuck in errors, hung).
+# model's Python stub died), `stub_hung` (an instance in one execution computed nothing for a
+# minute: a deadlock), `probes_failed` (the model failed its probes: stuck in errors, hung).
 TRITON_RESTARTS = Counter("iei_triton_restarts", "Triton restarts by iei serve.", ["reason"])
 # Inference calls to Triton that carry files (images, texts), by how the files went: `body` (the
 # HTTP request) or `shared_memory` (the worker's region, IEI_TRITON_SHM_MB, when Triton sees it).

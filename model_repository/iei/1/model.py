@@ -17,12 +17,14 @@ import triton_python_backend_utils as pb_utils
 # top (Triton loads the models it is told to, so that folder is no model of its own).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from iei_runtime.executions import ExecutionClock, clocked
 from iei_runtime.loading import describe, engine_line, load_embedder
 from iei_runtime.triton import INPUT_NAME, gather_inputs, start_instance, vector_responses
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        self.clock = ExecutionClock()
         settings, device, threads = start_instance(args)
         self.logger = pb_utils.Logger
         # Loading runs the first forward pass (it allocates and picks kernels: a warm-up).
@@ -38,10 +40,12 @@ class TritonPythonModel:
             f"{self.embedder.budget.capacity} pixels decoded at once at most"
         )
 
+    @clocked  # the launcher's hang check (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         blobs, spans = gather_inputs(requests, INPUT_NAME)
         results = self.embedder.embed(blobs)
         return vector_responses(requests, spans, results, self.info)
 
     def finalize(self) -> None:
+        self.clock.close()
         self.embedder.close()

@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (see iei/1/model.py)
 
+from iei_runtime.executions import ExecutionClock, clocked
 from iei_runtime.loading import describe, engine_line, load_encode_stage
 from iei_runtime.stages import JPEG_HEADER_NAME, JPEG_NAME, PIXELS_NAME
 from iei_runtime.triton import FallbackCounter, gather_inputs, start_instance, vector_responses
@@ -19,6 +20,7 @@ from iei_runtime.triton import FallbackCounter, gather_inputs, start_instance, v
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        self.clock = ExecutionClock()
         settings, device, threads = start_instance(args)
         self.stage = load_encode_stage(settings, device, threads, FallbackCounter("iei_encoder"))
         embedder = self.stage.embedder
@@ -29,6 +31,7 @@ class TritonPythonModel:
             f"pooling={embedder.encoder.pooling}, plain JPEGs decoded by {decoder}"
         )
 
+    @clocked  # the launcher's hang check (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         # PIXELS stays one array per request (a ragged input: (N, 3, 1, 1) placeholders where
         # every image of a request crosses as a JPEG); the stage copies the rows it reads once.
@@ -43,4 +46,5 @@ class TritonPythonModel:
         return vector_responses(requests, spans, results, self.info)
 
     def finalize(self) -> None:
+        self.clock.close()
         self.stage.embedder.close()

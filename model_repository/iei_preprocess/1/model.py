@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # iei_runtime/ (see iei/1/model.py)
 
+from iei_runtime.executions import ExecutionClock, clocked
 from iei_runtime.loading import load_preprocess_stage
 from iei_runtime.stages import JPEG_HEADER_NAME, JPEG_NAME, PIXELS_NAME
 from iei_runtime.triton import (
@@ -25,6 +26,7 @@ from iei_runtime.triton import (
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        self.clock = ExecutionClock()
         settings, _, threads = start_instance(args)
         self.stage = load_preprocess_stage(settings, threads, FallbackCounter("iei_preprocess"))
         pb_utils.Logger.log_info(
@@ -34,6 +36,7 @@ class TritonPythonModel:
             f"{self.stage.preprocessor.preprocessing_line()}"
         )
 
+    @clocked  # the launcher's hang check (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         files, spans = gather_inputs(requests, INPUT_NAME)
         results = self.stage.run(files)
@@ -54,4 +57,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        self.clock.close()
         self.stage.preprocessor.close()

@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 # The shared code is at the repository's top (see iei/1/model.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from iei_runtime.executions import ExecutionClock, clocked
 from iei_runtime.loading import engine_line, load_text_embedder
 from iei_runtime.triton import (
     TEXT_INPUT_NAME,
@@ -30,6 +31,7 @@ from iei_runtime.triton import (
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        self.clock = ExecutionClock()
         settings, device, _ = start_instance(args)
         self.embedder = load_text_embedder(settings, device)  # warmed up
         pb_utils.Logger.log_info(
@@ -49,6 +51,7 @@ class TritonPythonModel:
             labels={"model": args.get("model_name", "iei_text")}
         )
 
+    @clocked  # the launcher's hang check (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         # A request that asks for TOKENS alone (the frontend's check of `truncate: false`
         # before anything is embedded) is only tokenized; every other one is embedded too.
@@ -84,3 +87,6 @@ class TritonPythonModel:
             tensor = pb_utils.Tensor(TOKENS_OUTPUT_NAME, counts)
             responses.append(failed or pb_utils.InferenceResponse(output_tensors=[tensor]))
         return responses
+
+    def finalize(self) -> None:
+        self.clock.close()

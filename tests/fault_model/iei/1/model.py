@@ -9,19 +9,26 @@ becomes healthy and real requests meet the fault.
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The real models' execution clock (the launcher's hang check), from the shipped repository.
+sys.path.insert(0, os.environ["IEI_TEST_RUNTIME"])
+from iei_runtime.executions import ExecutionClock, clocked
 
 INFO = json.dumps({"model_id": "fault-model", "model_type": "test", "pooling": "mean"})
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.clock = ExecutionClock()
         self.behaviour = os.environ.get("IEI_TEST_BEHAVIOUR", "")
         self.broken = False
 
+    @clocked
     def execute(self, requests):
         images = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
         blobs = [bytes(b) for batch in images for b in batch.reshape(-1)]
@@ -59,3 +66,6 @@ class TritonPythonModel:
                 )
             )
         return responses
+
+    def finalize(self):
+        self.clock.close()
