@@ -89,6 +89,15 @@ def test_both_sides_agree_on_the_execution_clocks():
     assert executions.CLOCK_FORMAT == contract.EXECUTION_CLOCK_FORMAT
 
 
+def test_both_sides_agree_on_the_restarts_shown_on_tritons_metrics_port():
+    install()
+    from iei_runtime import triton
+
+    assert triton.RESTARTS_ENV == contract.TRITON_RESTARTS_ENV
+    assert triton.RESTARTS_METRIC == contract.RESTARTS_METRIC
+    assert (contract.MODEL_NAME, contract.STAGE_MODEL_NAMES[0]) == triton.RESTARTS_SHOWN_BY
+
+
 @pytest.mark.parametrize("model", [contract.MODEL_NAME, contract.TEXT_MODEL_NAME])
 def test_config_defaults_match_the_frontends(model):
     parameters = {k: v.string_value for k, v in committed_config(model).parameters.items()}

@@ -57,3 +57,10 @@ STUB_REGIONS = "iei-"
 # began (0 while it waits). In one execution for long without computing is hung.
 EXECUTION_CLOCKS_ENV = "IEI_EXECUTION_CLOCKS"
 EXECUTION_CLOCK_FORMAT = "<d"
+
+# Triton restarts so far by its launcher (`iei serve`, `iei triton`), by reason, given to each
+# Triton it starts in this variable (`reason=count,...`): the default model's instances show them
+# on Triton's metrics port as the gauge RESTARTS_METRIC{reason}, the one port that a Triton
+# container's scrape annotation names (the frontend's /metrics counts them only under `iei serve`).
+TRITON_RESTARTS_ENV = "IEI_TRITON_RESTARTS"
+RESTARTS_METRIC = "iei_triton_restarts"

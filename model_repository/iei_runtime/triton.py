@@ -56,6 +56,40 @@ class FallbackCounter:
             self.metrics[reason].increment(count)
 
 
+# Triton restarts so far by the launcher (iei.contract: the same names), shown by the default
+# model's instances, which are always loaded: `iei` (single layout) or its first step (split).
+RESTARTS_ENV = "IEI_TRITON_RESTARTS"
+RESTARTS_METRIC = "iei_triton_restarts"
+RESTARTS_SHOWN_BY = ("iei", "iei_preprocess")
+
+
+def show_restarts(model_name: str, environ: dict[str, str]) -> list[Any]:
+    """The restarts the launcher counted before this Triton started, set on a gauge per reason
+    (every instance sets the same values). What it returns, the family and its metrics, must
+    be kept: Triton drops a metric, or a family, with its object. Nothing for other models,
+    without the launcher's count, or where Triton runs without metrics."""
+    given = environ.get(RESTARTS_ENV)
+    if model_name not in RESTARTS_SHOWN_BY or not given:
+        return []
+    try:
+        counts = {r: int(n) for r, n in (item.split("=") for item in given.split(","))}
+        family = pb_utils.MetricFamily(
+            name=RESTARTS_METRIC,
+            description="Restarts of this Triton by its launcher (iei serve / iei triton) so far, "
+            "by reason",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+    except Exception as exc:  # metrics disabled (--allow-metrics=false), a foreign value
+        pb_utils.Logger.log_warn(f"{model_name}: Triton restarts not shown: {exc}")
+        return []
+    kept = [family]
+    for reason, count in counts.items():
+        metric = family.Metric(labels={"reason": reason})
+        metric.set(count)
+        kept.append(metric)
+    return kept
+
+
 def instance_count(model_config: dict[str, Any]) -> int:
     """Instances of this model on this machine (the CPU threads are shared between them)."""
     groups = model_config.get("instance_group") or [{"count": 1}]

@@ -170,6 +170,13 @@ def test_a_dead_model_stub_is_noticed_and_service_restored(fault_stack):
     assert "stub" in fault_stack.log()
     assert httpx.get(health).status_code == 200
     assert restarts(fault_stack, "stub_died") == 1
+    # Triton's own metrics port says so too: where `iei triton` runs it (compose, Kubernetes)
+    # the frontend's /metrics is another container's, and the scrape annotation names this port.
+    triton_metrics = httpx.get(
+        f"http://127.0.0.1:{fault_stack.env['IEI_TRITON_METRICS_PORT']}/metrics", timeout=10
+    ).text
+    assert 'iei_triton_restarts{reason="stub_died"} 1' in triton_metrics, triton_metrics
+    assert 'iei_triton_restarts{reason="exited"} 0' in triton_metrics
     print(f"stub killed: service back {recovered - killed:.1f} s later")  # noqa: T201
 
 

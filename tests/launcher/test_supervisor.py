@@ -10,7 +10,7 @@ import threading
 from iei.launcher.errors import TritonStartupError
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.supervisor import TritonSupervisor
-from iei.launcher.triton_process import Problem
+from iei.launcher.triton_process import RESTART_REASONS, Problem
 from stack import free_port
 
 EXITED = Problem("exited", "Triton exited: code -9")
@@ -24,6 +24,7 @@ class FakeTriton:
         self._problem = problem
         self.fail_starts = fail_starts
         self.on_stop = lambda: None
+        self.restarts = dict.fromkeys(RESTART_REASONS, 0)
 
     def problem(self) -> Problem | None:
         return self._problem
@@ -72,6 +73,8 @@ def test_each_restart_is_counted_once_by_its_reason_however_many_starts_it_takes
     triton = FakeTriton(Problem("stub_died", "the Python stub of model iei died"), fail_starts=2)
     supervisor(triton, stopping, counted).check()
     assert counted == ["stub_died"]
+    # the Triton started next is told, for its metrics port (`iei triton` has no frontend)
+    assert triton.restarts == {"exited": 0, "stub_died": 1, "stub_hung": 0, "probes_failed": 0}
     supervisor(FakeTriton(problem=None), stopping, counted).check()
     assert counted == ["stub_died"]
 

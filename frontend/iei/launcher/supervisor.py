@@ -43,6 +43,7 @@ class TritonSupervisor:
             return
         down_since = time.monotonic()
         log.error("%s; restarting Triton", problem)
+        self.triton.restarts[problem.reason] += 1  # the next Triton shows it (its metrics port)
         if self.counted is not None:
             self.counted(problem.reason)
         while not self.stopping.is_set():

@@ -35,6 +35,7 @@ from ..contract import (
     PROBE_PRIORITY,
     STAGE_MODEL_NAMES,
     STUB_REGIONS,
+    TRITON_RESTARTS_ENV,
 )
 from ..models import ServedModel
 from ..settings import MODEL, SETTINGS, as_env_value, read_by
@@ -321,6 +322,7 @@ class TritonServer:
         # The model instances' processes (pid -> Triton model), once the models are ready.
         self.stubs: dict[int, str] = {}
         self.clocks = work_dir / "executions"  # their execution clocks (iei.contract)
+        self.restarts = dict.fromkeys(RESTART_REASONS, 0)  # by the supervisor, by reason
         # pid -> (when its execution began, its CPU seconds and the time when it last computed)
         self.executing_since: dict[int, tuple[float, float, float]] = {}
         self.install: TritonInstall | None = None  # assembled once: a restart reuses it
@@ -352,6 +354,7 @@ class TritonServer:
         env = triton_environment(os.environ, model_env, install.library_path)
         self.clocks.mkdir(parents=True, exist_ok=True)
         env[EXECUTION_CLOCKS_ENV] = str(self.clocks)
+        env[TRITON_RESTARTS_ENV] = ",".join(f"{r}={n}" for r, n in self.restarts.items())
         self.executing_since = {}
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)

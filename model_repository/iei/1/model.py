@@ -7,6 +7,7 @@ the repository's models and unit-tested without Triton; this class only wires it
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from iei_runtime.executions import ExecutionClock, clocked
 from iei_runtime.loading import describe, engine_line, load_embedder
-from iei_runtime.triton import INPUT_NAME, gather_inputs, start_instance, vector_responses
+from iei_runtime.triton import (
+    INPUT_NAME,
+    gather_inputs,
+    show_restarts,
+    start_instance,
+    vector_responses,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.clock = ExecutionClock()
+        self.restarts = show_restarts(args["model_name"], dict(os.environ))
         settings, device, threads = start_instance(args)
         self.logger = pb_utils.Logger
         # Loading runs the first forward pass (it allocates and picks kernels: a warm-up).

@@ -4,6 +4,7 @@ is `iei_runtime/stages.py`; this class wires it to Triton."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from iei_runtime.triton import (
     FallbackCounter,
     error_response,
     gather_inputs,
+    show_restarts,
     start_instance,
 )
 
@@ -27,6 +29,7 @@ from iei_runtime.triton import (
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.clock = ExecutionClock()
+        self.restarts = show_restarts(args["model_name"], dict(os.environ))
         settings, _, threads = start_instance(args)
         self.stage = load_preprocess_stage(settings, threads, FallbackCounter("iei_preprocess"))
         pb_utils.Logger.log_info(
