@@ -20,9 +20,10 @@ STAGE_MODEL_NAMES = ("iei_preprocess", "iei_encoder")
 
 # Model states in Triton's repository index (explicit model control: the launcher's unloading,
 # the frontend's loading on demand).
-MODEL_READY, MODEL_LOADING = "READY", "LOADING"
-# IEI_MAX_LOADED_MODELS: a model that ran an inference within this many seconds is in use, and is
-# not unloaded to make room for another.
+MODEL_READY, MODEL_LOADING, MODEL_UNLOADING = "READY", "LOADING", "UNLOADING"
+# IEI_MAX_LOADED_MODELS: a model that ran an inference within IEI_REQUEST_TIMEOUT (the longest a
+# request that used it may still run), and at least this many seconds, is in use: it is not
+# unloaded to make room for another.
 IN_USE_SECONDS = 5.0
 
 # Dual encoders (CLIP, SigLIP, SigLIP2) only: texts into the image space.

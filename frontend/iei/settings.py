@@ -58,8 +58,9 @@ _SETTINGS = [
     ("max_loaded_models", Setting(
         "IEI_MAX_LOADED_MODELS", None, "int", (SERVER, LAUNCHER),
         "most models of `IEI_MODELS` in Triton at once, the pinned ones included: loading "
-        "another on demand first unloads the one least recently used (none in the last 5 s: a "
-        "503 with `Retry-After`); unset: no limit", shown_default="unset (no limit)",
+        "another on demand first unloads the one least recently used (none used within "
+        "`IEI_REQUEST_TIMEOUT`: a 503 with `Retry-After`); unset: no limit",
+        shown_default="unset (no limit)",
     )),
     ("bind", Setting(
         "IEI_BIND", "0.0.0.0:8000", "str", (LAUNCHER,),

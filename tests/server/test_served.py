@@ -34,10 +34,18 @@ class FakeTriton:
         self.timeout = False
         self.loading: dict[str, int] = {}  # name -> index looks until READY
         self.unloads: list[str] = []
+        self.unloading: dict[str, int] = {}  # name -> index looks until it is gone
+        self.unload_fails = False
         self.last: dict[str, float] = {}  # name -> its last inference (Unix seconds)
         self.probed: list[str] = []
 
     async def repository_index(self) -> dict[str, tuple[str, str]]:
+        for name, left in list(self.unloading.items()):
+            if left <= 0:
+                self.index[name] = ["UNAVAILABLE", "unloaded"]
+                del self.unloading[name]
+            else:
+                self.unloading[name] = left - 1
         for name, left in list(self.loading.items()):
             if left <= 0:
                 self.index[name] = ["READY", ""]
@@ -62,8 +70,12 @@ class FakeTriton:
         self.index[name] = ["READY", ""]
 
     async def unload_model(self, name: str) -> None:
+        """Answered at once; the model is UNLOADING for a few looks (its requests finish)."""
+        if self.unload_fails:
+            raise ApiError(ErrorType.UNHEALTHY, "the inference server is unreachable (OSError)")
         self.unloads.append(name)
-        self.index[name] = ["UNAVAILABLE", "unloaded"]
+        self.index[name] = ["UNLOADING", ""]
+        self.unloading[name] = 2
 
     async def last_inference(self, names: list[str]) -> float | None:
         return max(self.last.get(name, 0.0) for name in names)
@@ -214,8 +226,16 @@ def loaded_models(**states: str) -> dict[str, list[str]]:
 
 async def test_past_the_cap_the_least_recently_used_model_is_unloaded_first():
     triton = FakeTriton(loaded_models(a="READY", b="READY"))
-    triton.last = {"iei__a": time.time() - 30, "iei__b": time.time() - 90}
+    triton.last = {"iei__a": time.time() - 70, "iei__b": time.time() - 90}
     chosen = capped(triton, 3)
+    original = triton.load_model
+
+    async def load_once_gone(name: str) -> None:
+        # an unloading model holds its memory until its requests are done: waited for
+        assert triton.index["iei__b"][0] == "UNAVAILABLE", "loaded while b still unloading"
+        await original(name)
+
+    triton.load_model = load_once_gone  # type: ignore[method-assign]
     await chosen.ensure_loaded(chosen.resolve("lazy"))
     assert triton.unloads == ["iei__b"]  # a was used more lately
     assert triton.loads == ["iei__lazy"]
@@ -232,20 +252,37 @@ async def test_within_the_cap_nothing_is_unloaded():
     assert (triton.unloads, triton.loads) == ([], ["iei__lazy"])
 
 
-async def test_past_the_cap_with_every_model_in_use_a_load_is_a_503_to_retry_not_a_failure():
-    triton = FakeTriton(loaded_models(a="READY", b="LOADING"))  # a load in progress counts
-    triton.last = {"iei__a": time.time() - 1}  # in use
+@pytest.mark.parametrize("busy", ["LOADING", "UNLOADING"])  # a load, or an unload, in progress
+async def test_past_the_cap_with_every_model_in_use_a_load_is_a_503_to_retry_not_a_failure(busy):
+    """In use: an inference within IEI_REQUEST_TIMEOUT (60 s here), the longest a request that
+    used the model may still run (its next chunk would find the model gone)."""
+    triton = FakeTriton(loaded_models(a="READY", b=busy))
+    triton.last = {"iei__a": time.time() - 20}
     chosen = capped(triton, 3)
     lazy = chosen.resolve("lazy")
     with pytest.raises(ApiError, match=r"'lazy' cannot load now: IEI_MAX_LOADED_MODELS=3 models "
                        r"are loaded \('main', 'a', 'b'\) and in use") as refused:  # fmt: skip
         await chosen.ensure_loaded(lazy)
-    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "5"}
+    # until `a` has been idle for the request timeout
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "40"}
     assert (triton.unloads, triton.loads) == ([], [])
-    # no back-off: once `a` has been idle a while, the next request loads it at once
-    triton.last["iei__a"] = time.time() - 10
+    # no back-off: once `a` has been idle long enough, the next request loads it at once
+    triton.last["iei__a"] = time.time() - 61
     await chosen.ensure_loaded(lazy)
     assert (triton.unloads, triton.loads) == (["iei__a"], ["iei__lazy"])
+
+
+async def test_an_unload_triton_fails_is_a_503_to_retry_not_a_failed_load():
+    triton = FakeTriton(loaded_models(a="READY"))
+    triton.unload_fails = True
+    chosen = capped(triton, 2)
+    lazy = chosen.resolve("lazy")
+    with pytest.raises(ApiError, match="'lazy' cannot load now: the inference server is unre"):
+        await chosen.ensure_loaded(lazy)
+    assert triton.loads == [] and "lazy" not in chosen._failed
+    triton.unload_fails = False
+    await chosen.ensure_loaded(lazy)
+    assert triton.loads == ["iei__lazy"]
 
 
 async def test_an_evicted_models_split_layout_unloads_its_ensemble_before_its_steps():
@@ -253,9 +290,11 @@ async def test_an_evicted_models_split_layout_unloads_its_ensemble_before_its_st
                          **{f"iei__a{step}": ["READY", ""] for step in ("", "_preprocess",
                                                                          "_encoder")}})  # fmt: skip
     chosen = capped(triton, 2)
+    evictions = served.metrics.MODEL_EVICTIONS.labels("a")
+    before = evictions._value.get()
     await chosen.ensure_loaded(chosen.resolve("lazy"))
     assert triton.unloads == ["iei__a", "iei__a_encoder", "iei__a_preprocess"]
-    assert served.metrics.MODEL_EVICTIONS.labels("a")._value.get() >= 1
+    assert evictions._value.get() == before + 1
 
 
 @pytest.mark.parametrize(

@@ -36,10 +36,12 @@ class IdleUnloader:
         counted: Callable[[str], None] | None = None,
         *,
         max_loaded: int | None = None,
+        in_use: float = IN_USE_SECONDS,
     ) -> None:
         self.triton = triton
         self.idle = idle_seconds
         self.max_loaded = max_loaded  # IEI_MAX_LOADED_MODELS
+        self.in_use = in_use  # seconds since its last inference while a model is in use
         self.counted = counted  # called with a model's name on each unload (metrics)
         self.interval = min(5.0, max(0.5, idle_seconds / 4))
         self.next_check = 0.0
@@ -85,7 +87,7 @@ class IdleUnloader:
                 on_demand.append((last, plan, names))
         over = pinned + len(on_demand) - (self.max_loaded or len(self.triton.plans))
         for last, plan, names in sorted(on_demand, key=lambda entry: entry[0])[: max(0, over)]:
-            if now - last >= IN_USE_SECONDS:
+            if now - last >= self.in_use:
                 why = f"more than IEI_MAX_LOADED_MODELS={self.max_loaded} models are loaded"
                 self.unload(client, plan, names, why, idle=False)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, ModuleType
 
+from ..contract import IN_USE_SECONDS
 from .addresses import bind_problem, url_host
 from .errors import TritonStartupError
 from .frontend import Frontend
@@ -206,5 +207,6 @@ def idle_unloader(
             metrics.MODEL_UNLOADS.labels(name).inc()
 
     return IdleUnloader(
-        triton, settings.model_idle_unload, counted, max_loaded=settings.max_loaded_models
-    )
+        triton, settings.model_idle_unload, counted, max_loaded=settings.max_loaded_models,
+        in_use=max(IN_USE_SECONDS, settings.request_timeout),
+    )  # fmt: skip

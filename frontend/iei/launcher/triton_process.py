@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -352,7 +353,10 @@ class TritonServer:
         if install.backend_directory:
             command.append(f"--backend-directory={install.backend_directory}")
         env = triton_environment(os.environ, model_env, install.library_path)
-        self.clocks.mkdir(parents=True, exist_ok=True)
+        # Emptied: a stub killed in an execution (a restart) leaves its clock, which a new stub
+        # given the same pid would be judged by until it writes its own.
+        shutil.rmtree(self.clocks, ignore_errors=True)
+        self.clocks.mkdir(parents=True)
         env[EXECUTION_CLOCKS_ENV] = str(self.clocks)
         env[TRITON_RESTARTS_ENV] = ",".join(f"{r}={n}" for r, n in self.restarts.items())
         self.executing_since = {}
@@ -484,6 +488,7 @@ class TritonServer:
         """A watched instance in one execution that has not computed for HUNG_AFTER seconds
         (its execution clock and its CPU time), or None."""
         now = time.monotonic()
+        self.executing_since = {p: v for p, v in self.executing_since.items() if p in self.stubs}
         for pid, model in self.stubs.items():
             began = execution_began(self.clocks / str(pid))
             if began is None:

@@ -26,6 +26,7 @@ from ..contract import (
     MODEL_LOADING,
     MODEL_NAME,
     MODEL_READY,
+    MODEL_UNLOADING,
     STAGE_MODEL_NAMES,
     TEXT_MODEL_NAME,
 )
@@ -47,6 +48,7 @@ MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code
 LOAD_BACKOFF = (5.0, 300.0)
 LOAD_WAIT = 900.0  # seconds a load may take in all (a large checkpoint, an engine build)
 LOAD_POLL = 0.5  # seconds between looks at a loading model's state
+UNLOAD_WAIT = 120.0  # seconds an unload to make room may take (its requests finish first)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class ServedModels:
         self.triton = triton
         self.idle_unload = settings.model_idle_unload
         self.max_loaded = settings.max_loaded_models
+        # IEI_MAX_LOADED_MODELS: a model that ran an inference this recently is in use (a
+        # request that used it may still be running) and is not unloaded for another.
+        self.in_use = max(IN_USE_SECONDS, settings.request_timeout)
         self._loads: dict[str, asyncio.Task[None]] = {}
         # name -> when an inference of it last succeeded, and Triton's `forgotten` count then
         self._used: dict[str, tuple[float, int]] = {}
@@ -174,12 +179,10 @@ class ServedModels:
             # Another worker of this host may be loading it: one at a time, and what it loaded
             # is not loaded again (Triton 2.51 loads a model twice when asked twice at once).
             async with host_lock(f"{self.triton.endpoint}/{model.triton_image}"):
-                missing = await self._missing(model)
-                if missing:
-                    log.info("loading model %r on demand (Triton models %s)", model.name,
-                             ", ".join(missing))  # fmt: skip
+                if await self._missing(model):
                     async with self._room_for(model):
-                        await self._load_missing(missing)
+                        # asked again: the wait for room may have changed it
+                        await self._load_missing(model, await self._missing(model))
         except NoRoom:
             raise
         except ApiError as exc:
@@ -195,10 +198,14 @@ class ServedModels:
         log.info("loaded model %r in %.1f s", model.name, time.perf_counter() - started)
         self.used(model)
 
-    async def _load_missing(self, missing: dict[str, str]) -> None:
-        """Load these Triton models in order; if one fails, unload those loaded before it: a
-        split layout's steps, READY without their ensemble, held memory and processes until
-        Triton restarted."""
+    async def _load_missing(self, model: ServedModel, missing: dict[str, str]) -> None:
+        """Load these Triton models of `model` in order; if one fails, unload those loaded
+        before it: a split layout's steps, READY without their ensemble, held memory and
+        processes until Triton restarted."""
+        if not missing:
+            return
+        log.info("loading model %r on demand (Triton models %s)", model.name,
+                 ", ".join(missing))  # fmt: skip
         loaded: list[str] = []
         try:
             for name, state in missing.items():
@@ -212,9 +219,10 @@ class ServedModels:
 
     @asynccontextmanager
     async def _room_for(self, model: ServedModel) -> AsyncIterator[None]:
-        """Within IEI_MAX_LOADED_MODELS: make room for `model`, then let it load, one load of
-        this host at a time; once loaded it runs one inference, so that it counts as in use
-        (IN_USE_SECONDS) before its own request reaches Triton."""
+        """Within IEI_MAX_LOADED_MODELS: make room for `model`, then let it load. The loads of
+        this host that need the limit's count go one at a time (a load waits for the one before
+        it, within its request's timeout). Once loaded, the model runs one inference, so that
+        it counts as in use before its own request reaches Triton."""
         if self.max_loaded is None:
             yield
             return
@@ -225,41 +233,78 @@ class ServedModels:
 
     async def _make_room(self, model: ServedModel) -> None:
         """Unload the models loaded on demand that were used least recently, as many as
-        `model` needs to fit within IEI_MAX_LOADED_MODELS; a NoRoom (503) when those are in
-        use (an inference within IN_USE_SECONDS)."""
+        `model` needs to fit within IEI_MAX_LOADED_MODELS, and wait until they are gone (an
+        unloading model holds its memory until its requests are done); a NoRoom (503) when those
+        are in use: an inference within `in_use` seconds, the longest a request that used it may
+        still run."""
         index = await self.triton.repository_models()
+        occupying = (MODEL_READY, MODEL_LOADING, MODEL_UNLOADING)
         loaded = [
-            m for m in self.models
-            if m is not model and index.get(m.triton_image) in (MODEL_READY, MODEL_LOADING)
-        ]  # fmt: skip
+            m for m in self.models if m is not model and index.get(m.triton_image) in occupying
+        ]
         over = len(loaded) + 1 - (self.max_loaded or 0)
         if over <= 0:
             return
-        idle: dict[str, tuple[float, ServedModel]] = {}
+        now, free_in = time.time(), []
+        idle: list[tuple[float, ServedModel]] = []
         for other in loaded:
-            if self.on_demand(other) and index[other.triton_image] == MODEL_READY:
-                last = await self.triton.last_inference(triton_models(other, index))
-                if last is not None and time.time() - last >= IN_USE_SECONDS:
-                    idle[other.name] = (last, other)
-        victims = [other for _, other in sorted(idle.values(), key=lambda v: v[0])][:over]
+            ready = [n for n in triton_models(other, index) if index[n] == MODEL_READY]
+            if not self.on_demand(other) or index[other.triton_image] != MODEL_READY:
+                continue
+            last = await self.triton.last_inference(ready)
+            if last is None:  # Triton did not say: taken for in use
+                continue
+            if now - last >= self.in_use:
+                idle.append((last, other))
+            else:
+                free_in.append(last + self.in_use - now)
+        victims = [other for _, other in sorted(idle, key=lambda entry: entry[0])][:over]
         if len(victims) < over:
             names = ", ".join(repr(m.name) for m in loaded)
+            wait = math.ceil(min(free_in, default=self.in_use))
             raise NoRoom(
                 ErrorType.UNHEALTHY,
                 f"model {model.name!r} cannot load now: IEI_MAX_LOADED_MODELS={self.max_loaded} "
                 f"models are loaded ({names}) and in use",
-                headers={"Retry-After": str(math.ceil(IN_USE_SECONDS))},
+                headers={"Retry-After": str(max(1, wait))},
             )
-        for victim in victims:
-            names = triton_models(victim, index)
-            log.info("unloading model %r (Triton models %s) to load %r within "
-                     "IEI_MAX_LOADED_MODELS=%d", victim.name, ", ".join(names), model.name,
-                     self.max_loaded)  # fmt: skip
-            self.forget(victim)
-            for name in reversed(names):  # the ensemble before its steps
-                if index[name] == MODEL_READY:
-                    await self.triton.unload_model(name)
-            metrics.MODEL_EVICTIONS.labels(victim.name).inc()
+        try:
+            for victim in victims:
+                await self._unload_for(victim, model, index)
+            await self._gone([n for v in victims for n in triton_models(v, index)])
+        except ApiError as exc:  # Triton failed the unload: this model was not tried
+            raise NoRoom(
+                ErrorType.UNHEALTHY, f"model {model.name!r} cannot load now: {exc.message}",
+                headers={"Retry-After": "5"},
+            ) from None  # fmt: skip
+
+    async def _unload_for(
+        self, victim: ServedModel, model: ServedModel, index: dict[str, str]
+    ) -> None:
+        names = [n for n in triton_models(victim, index) if index[n] == MODEL_READY]
+        log.info("unloading model %r (Triton models %s) to load %r within "
+                 "IEI_MAX_LOADED_MODELS=%d", victim.name, ", ".join(names), model.name,
+                 self.max_loaded)  # fmt: skip
+        self.forget(victim)
+        for name in reversed(names):  # the ensemble before its steps
+            await self.triton.unload_model(name)
+        metrics.MODEL_EVICTIONS.labels(victim.name).inc()
+
+    async def _gone(self, names: list[str]) -> None:
+        """Return once none of these Triton models is READY or UNLOADING: Triton may answer an
+        unload before the model is gone, and frees its memory only once its requests are done."""
+        deadline = time.monotonic() + UNLOAD_WAIT
+        while True:
+            index = await self.triton.repository_models()
+            left = [n for n in names if index.get(n) in (MODEL_READY, MODEL_UNLOADING)]
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                raise ApiError(
+                    ErrorType.UNHEALTHY,
+                    f"{', '.join(left)} still unloading after {UNLOAD_WAIT:g} s",
+                )
+            await asyncio.sleep(LOAD_POLL)
 
     async def _load_one(self, name: str, state: str) -> None:
         """Load one Triton model (in `state`); one that is LOADING already (another worker or

@@ -279,8 +279,8 @@ class TritonClient:
             ) from None
 
     async def unload_model(self, model: str) -> None:
-        """Unload `model` (explicit model control); Triton answers once its requests in flight
-        are done and it is gone."""
+        """Ask Triton to unload `model` (explicit model control). Triton may answer before it is
+        gone: it is UNLOADING until its requests in flight are done."""
         await self._call(self.server.unload_model(model), explain=False, model=model)
         self._verified_at.pop(model, None)
         self.forget_facts(model)
