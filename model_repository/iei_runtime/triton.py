@@ -63,13 +63,17 @@ RESTARTS_METRIC = "iei_triton_restarts"
 RESTARTS_SHOWN_BY = ("iei", "iei_preprocess")
 
 
-def show_restarts(model_name: str, environ: dict[str, str]) -> list[Any]:
-    """The restarts the launcher counted before this Triton started, set on a gauge per reason
-    (every instance sets the same values). What it returns, the family and its metrics, must
-    be kept: Triton drops a metric, or a family, with its object. Nothing for other models,
-    without the launcher's count, or where Triton runs without metrics."""
+def show_restarts(args: dict[str, str], environ: dict[str, str]) -> list[Any]:
+    """The restarts the launcher counted before this Triton started, set on a gauge per reason,
+    by the default model's first instance (Triton shares one series between the instances that
+    make it, and drops it when the first of them goes). What it returns, the family and its
+    metrics, must be kept: Triton drops a metric, or a family, with its object. Nothing for
+    other models and instances, without the launcher's count, or where Triton runs without
+    metrics."""
     given = environ.get(RESTARTS_ENV)
-    if model_name not in RESTARTS_SHOWN_BY or not given:
+    model = args.get("model_name", "")
+    first = args.get("model_instance_name") == f"{model}_0_0"  # `<model>_<group>_<index>`
+    if model not in RESTARTS_SHOWN_BY or not first or not given:
         return []
     try:
         counts = {r: int(n) for r, n in (item.split("=") for item in given.split(","))}
@@ -79,14 +83,14 @@ def show_restarts(model_name: str, environ: dict[str, str]) -> list[Any]:
             "by reason",
             kind=pb_utils.MetricFamily.GAUGE,
         )
+        kept = [family]
+        for reason, count in counts.items():
+            metric = family.Metric(labels={"reason": reason})
+            metric.set(count)
+            kept.append(metric)
     except Exception as exc:  # metrics disabled (--allow-metrics=false), a foreign value
-        pb_utils.Logger.log_warn(f"{model_name}: Triton restarts not shown: {exc}")
+        pb_utils.Logger.log_warn(f"{model}: Triton restarts not shown: {exc}")
         return []
-    kept = [family]
-    for reason, count in counts.items():
-        metric = family.Metric(labels={"reason": reason})
-        metric.set(count)
-        kept.append(metric)
     return kept
 
 

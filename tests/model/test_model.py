@@ -395,6 +395,8 @@ def triton_model(model_dirs):
     instance.initialize(
         {
             "model_config": json.dumps(model_config),
+            "model_name": "iei",
+            "model_instance_name": "iei_0_0",
             "model_instance_kind": "CPU",
             "model_instance_device_id": "0",
         }

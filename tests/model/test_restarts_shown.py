@@ -21,10 +21,15 @@ def shown() -> dict[str, float]:
     return {m.labels["reason"]: m.value() for m in family.metrics}
 
 
-def test_the_default_models_instances_show_the_count_the_launcher_gave():
+def first(model: str) -> dict[str, str]:
+    return {"model_name": model, "model_instance_name": f"{model}_0_0"}
+
+
+def test_the_default_models_first_instance_shows_the_count_the_launcher_gave():
     for model in ("iei", "iei_preprocess"):  # single layout, split layout
         fake_pb_utils.MetricFamily.families.clear()
-        kept = show_restarts(model, GIVEN)
+        assert show_restarts({**first(model), "model_instance_name": f"{model}_0_1"}, GIVEN) == []
+        kept = show_restarts(first(model), GIVEN)
         # held by the instance: Triton drops a metric, or its family, with its object
         assert len(kept) == 5 and kept[0].name == RESTARTS_METRIC
         assert shown() == {"exited": 0, "stub_died": 2, "stub_hung": 0, "probes_failed": 1}
@@ -32,8 +37,8 @@ def test_the_default_models_instances_show_the_count_the_launcher_gave():
 
 def test_other_models_or_no_count_show_nothing_and_a_foreign_value_only_warns():
     fake_pb_utils.MetricFamily.families.clear()
-    assert show_restarts("iei__dino", GIVEN) == []  # loaded on demand: not always there
-    assert show_restarts("iei_text", GIVEN) == []
-    assert show_restarts("iei", {}) == []  # a Triton started by hand
-    assert show_restarts("iei", {TRITON_RESTARTS_ENV: "many"}) == []
+    assert show_restarts(first("iei__dino"), GIVEN) == []  # loaded on demand: not always there
+    assert show_restarts(first("iei_text"), GIVEN) == []
+    assert show_restarts(first("iei"), {}) == []  # a Triton started by hand
+    assert show_restarts(first("iei"), {TRITON_RESTARTS_ENV: "many"}) == []
     assert fake_pb_utils.MetricFamily.families == []

@@ -252,11 +252,10 @@ async def test_within_the_cap_nothing_is_unloaded():
     assert (triton.unloads, triton.loads) == ([], ["iei__lazy"])
 
 
-@pytest.mark.parametrize("busy", ["LOADING", "UNLOADING"])  # a load, or an unload, in progress
-async def test_past_the_cap_with_every_model_in_use_a_load_is_a_503_to_retry_not_a_failure(busy):
+async def test_past_the_cap_with_every_model_in_use_a_load_is_a_503_to_retry_not_a_failure():
     """In use: an inference within IEI_REQUEST_TIMEOUT (60 s here), the longest a request that
     used the model may still run (its next chunk would find the model gone)."""
-    triton = FakeTriton(loaded_models(a="READY", b=busy))
+    triton = FakeTriton(loaded_models(a="READY", b="LOADING"))  # a load in progress counts
     triton.last = {"iei__a": time.time() - 20}
     chosen = capped(triton, 3)
     lazy = chosen.resolve("lazy")
@@ -317,3 +316,44 @@ def test_a_cap_that_leaves_room_is_taken():
     ServerSettings(models=CAPPED, model_idle_unload=60, max_loaded_models=2)
     ServerSettings(models=CAPPED, max_loaded_models=4)
     ServerSettings(max_loaded_models=1)  # one model
+
+
+async def test_a_model_unloading_already_is_waited_for_not_a_503():
+    """The idle unloading (or another worker) is unloading `b`: its room comes once it is gone,
+    and `a`, in use, stays."""
+    triton = FakeTriton(loaded_models(a="READY", b="UNLOADING"))
+    triton.unloading["iei__b"] = 3
+    triton.last = {"iei__a": time.time() - 1}
+    chosen = capped(triton, 3)
+    original = triton.load_model
+
+    async def load_once_gone(name: str) -> None:
+        assert triton.index["iei__b"][0] == "UNAVAILABLE", "loaded while b still unloading"
+        await original(name)
+
+    triton.load_model = load_once_gone  # type: ignore[method-assign]
+    await chosen.ensure_loaded(chosen.resolve("lazy"))
+    assert (triton.unloads, triton.loads) == ([], ["iei__lazy"])
+
+
+async def test_a_request_of_this_host_marks_its_model_in_use_before_triton_sees_it():
+    """Triton stamps `last_inference` once a batch ends: a request that fetched its URLs first
+    found its model unloaded for another. Its start counts on this host."""
+    triton = FakeTriton(loaded_models(a="READY"))
+    triton.last = {"iei__a": time.time() - 600}  # long idle, as Triton sees it
+    first, second = capped(triton, 2), capped(triton, 2)  # two workers of one host
+    await first.ensure_loaded(first.resolve("a"))  # a request for `a` starts (loaded already)
+    with pytest.raises(ApiError, match="cannot load now") as refused:
+        await second.ensure_loaded(second.resolve("lazy"))
+    assert 55 <= int(refused.value.headers["Retry-After"]) <= 60
+    assert triton.unloads == []
+
+
+async def test_a_load_that_waited_its_request_timeout_for_another_is_a_503(monkeypatch):
+    triton = FakeTriton(loaded_models())
+    chosen = capped(triton, 3)
+    chosen.in_use = 0.05
+    async with served.host_lock(f"{triton.endpoint}/loaded-models"):  # another load, under way
+        with pytest.raises(ApiError, match=r"another load on this host has taken 0\.05 s"):
+            await chosen.ensure_loaded(chosen.resolve("lazy"))
+    assert triton.loads == [] and "lazy" not in chosen._failed

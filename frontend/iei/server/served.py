@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..contract import (
@@ -63,19 +64,30 @@ class NoRoom(ApiError):
     to retry, not a failed load."""
 
 
-@asynccontextmanager
-async def host_lock(key: str) -> AsyncIterator[None]:
-    """An exclusive lock on this host for `key` (a file lock: the frontend's workers are
-    processes), waited for without blocking the event loop."""
+class LockBusy(Exception):
+    """host_lock waited its longest."""
+
+
+def host_path(key: str, kind: str) -> str:
+    """A file of this host's temporary folder for `key` (shared by the frontend's workers)."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"iei-load-{digest}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    return os.path.join(tempfile.gettempdir(), f"iei-{kind}-{digest}")
+
+
+@asynccontextmanager
+async def host_lock(key: str, wait: float | None = None) -> AsyncIterator[None]:
+    """An exclusive lock on this host for `key` (a file lock: the frontend's workers are
+    processes), waited for without blocking the event loop; LockBusy after `wait` seconds."""
+    fd = os.open(host_path(key, "load") + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = None if wait is None else time.monotonic() + wait
     try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LockBusy(key) from None
                 await asyncio.sleep(LOAD_POLL)
         yield
     finally:
@@ -125,6 +137,23 @@ class ServedModels:
     def used(self, model: ServedModel) -> None:
         self._used[model.name] = (time.monotonic(), self.triton.forgotten)
 
+    def _lease(self, model: ServedModel) -> None:
+        """IEI_MAX_LOADED_MODELS: mark `model` in use on this host from a request's start (its
+        file's time): Triton's `last_inference` is stamped only once a batch ends, and a request
+        that fetches its URLs first would find its model unloaded for another."""
+        if self.max_loaded is not None:
+            with contextlib.suppress(OSError):
+                Path(host_path(f"{self.triton.endpoint}/{model.triton_image}", "use")).touch()
+
+    def _leased_at(self, model: ServedModel) -> float:
+        """When a request of this host last started for `model` (Unix seconds; 0: none)."""
+        try:
+            return os.stat(
+                host_path(f"{self.triton.endpoint}/{model.triton_image}", "use")
+            ).st_mtime
+        except OSError:
+            return 0.0
+
     def forget(self, model: ServedModel) -> None:
         """Its inference failed: look again whether it is loaded next time."""
         self._used.pop(model.name, None)
@@ -142,7 +171,10 @@ class ServedModels:
         lately; else ask Triton, and load what of it is not there (its text model too).
         Concurrent requests share one load; a load that failed is not tried again for a while
         (LOAD_BACKOFF), its requests answered 503 with the reason at once."""
-        if not self.on_demand(model) or self._loaded_lately(model):
+        if not self.on_demand(model):
+            return
+        self._lease(model)
+        if self._loaded_lately(model):
             return
         if not await self._missing(model):
             self.used(model)
@@ -220,45 +252,56 @@ class ServedModels:
     @asynccontextmanager
     async def _room_for(self, model: ServedModel) -> AsyncIterator[None]:
         """Within IEI_MAX_LOADED_MODELS: make room for `model`, then let it load. The loads of
-        this host that need the limit's count go one at a time (a load waits for the one before
-        it, within its request's timeout). Once loaded, the model runs one inference, so that
-        it counts as in use before its own request reaches Triton."""
+        this host that need the limit's count go one at a time (one that waited `in_use` for
+        the one before it is a NoRoom). Once loaded, the model runs one inference, so that it
+        counts as in use before its own request reaches Triton."""
         if self.max_loaded is None:
             yield
             return
-        async with host_lock(f"{self.triton.endpoint}/loaded-models"):
-            await self._make_room(model)
-            yield
-            await self.triton.model_answers(model.triton_image)
+        try:
+            async with host_lock(f"{self.triton.endpoint}/loaded-models", wait=self.in_use):
+                await self._make_room(model)
+                yield
+                await self.triton.model_answers(model.triton_image)
+        except LockBusy:
+            raise NoRoom(
+                ErrorType.UNHEALTHY,
+                f"model {model.name!r} cannot load now: another load on this host has taken "
+                f"{self.in_use:g} s (IEI_MAX_LOADED_MODELS: one at a time)",
+                headers={"Retry-After": "5"},
+            ) from None
 
     async def _make_room(self, model: ServedModel) -> None:
         """Unload the models loaded on demand that were used least recently, as many as
-        `model` needs to fit within IEI_MAX_LOADED_MODELS, and wait until they are gone (an
-        unloading model holds its memory until its requests are done); a NoRoom (503) when those
-        are in use: an inference within `in_use` seconds, the longest a request that used it may
-        still run."""
+        `model` needs to fit within IEI_MAX_LOADED_MODELS, and wait until they (and any model
+        unloading already) are gone: an unloading model holds its memory until its requests are
+        done. A NoRoom (503) when those are in use: an inference, or a request of this host,
+        within `in_use` seconds, the longest a request that used it may still run."""
         index = await self.triton.repository_models()
         occupying = (MODEL_READY, MODEL_LOADING, MODEL_UNLOADING)
         loaded = [
             m for m in self.models if m is not model and index.get(m.triton_image) in occupying
         ]
-        over = len(loaded) + 1 - (self.max_loaded or 0)
-        if over <= 0:
+        # unloading already (another worker's room, the idle unloading): waited for below
+        going = [m for m in loaded if index[m.triton_image] == MODEL_UNLOADING]
+        over = len(loaded) + 1 - (self.max_loaded or 0) - len(going)
+        if over <= 0 and not going:
             return
         now, free_in = time.time(), []
         idle: list[tuple[float, ServedModel]] = []
-        for other in loaded:
+        for other in loaded if over > 0 else ():
             ready = [n for n in triton_models(other, index) if index[n] == MODEL_READY]
             if not self.on_demand(other) or index[other.triton_image] != MODEL_READY:
                 continue
             last = await self.triton.last_inference(ready)
             if last is None:  # Triton did not say: taken for in use
                 continue
+            last = max(last, self._leased_at(other))
             if now - last >= self.in_use:
                 idle.append((last, other))
             else:
                 free_in.append(last + self.in_use - now)
-        victims = [other for _, other in sorted(idle, key=lambda entry: entry[0])][:over]
+        victims = [other for _, other in sorted(idle, key=lambda entry: entry[0])][: max(0, over)]
         if len(victims) < over:
             names = ", ".join(repr(m.name) for m in loaded)
             wait = math.ceil(min(free_in, default=self.in_use))
@@ -271,7 +314,10 @@ class ServedModels:
         try:
             for victim in victims:
                 await self._unload_for(victim, model, index)
-            await self._gone([n for v in victims for n in triton_models(v, index)])
+            leaving = [
+                n for v in going for n in triton_models(v, index) if index[n] == MODEL_UNLOADING
+            ]
+            await self._gone([n for v in victims for n in triton_models(v, index)] + leaving)
         except ApiError as exc:  # Triton failed the unload: this model was not tried
             raise NoRoom(
                 ErrorType.UNHEALTHY, f"model {model.name!r} cannot load now: {exc.message}",

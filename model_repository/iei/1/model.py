@@ -32,7 +32,7 @@ from iei_runtime.triton import (
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.clock = ExecutionClock()
-        self.restarts = show_restarts(args["model_name"], dict(os.environ))
+        self.restarts = show_restarts(args, dict(os.environ))
         settings, device, threads = start_instance(args)
         self.logger = pb_utils.Logger
         # Loading runs the first forward pass (it allocates and picks kernels: a warm-up).

@@ -29,7 +29,7 @@ from iei_runtime.triton import (
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.clock = ExecutionClock()
-        self.restarts = show_restarts(args["model_name"], dict(os.environ))
+        self.restarts = show_restarts(args, dict(os.environ))
         settings, _, threads = start_instance(args)
         self.stage = load_preprocess_stage(settings, threads, FallbackCounter("iei_preprocess"))
         pb_utils.Logger.log_info(
