@@ -36,6 +36,7 @@ class FakeTriton:
         self.unloads: list[str] = []
         self.unloading: dict[str, int] = {}  # name -> index looks until it is gone
         self.unload_fails = False
+        self.gone_before_loads: set[str] = set()  # models that must be gone before any load
         self.last: dict[str, float] = {}  # name -> its last inference (Unix seconds)
         self.probed: list[str] = []
 
@@ -58,6 +59,8 @@ class FakeTriton:
         return {name: state for name, (state, _) in (await self.repository_index()).items()}
 
     async def load_model(self, name: str) -> None:
+        for other in self.gone_before_loads:
+            assert self.index[other][0] == "UNAVAILABLE", f"{name} loaded while {other} unloads"
         self.loads.append(name)
         await asyncio.sleep(0)
         if name in self.fail:
@@ -227,15 +230,8 @@ def loaded_models(**states: str) -> dict[str, list[str]]:
 async def test_past_the_cap_the_least_recently_used_model_is_unloaded_first():
     triton = FakeTriton(loaded_models(a="READY", b="READY"))
     triton.last = {"iei__a": time.time() - 70, "iei__b": time.time() - 90}
+    triton.gone_before_loads = {"iei__b"}  # an unloading model holds its memory: waited for
     chosen = capped(triton, 3)
-    original = triton.load_model
-
-    async def load_once_gone(name: str) -> None:
-        # an unloading model holds its memory until its requests are done: waited for
-        assert triton.index["iei__b"][0] == "UNAVAILABLE", "loaded while b still unloading"
-        await original(name)
-
-    triton.load_model = load_once_gone  # type: ignore[method-assign]
     await chosen.ensure_loaded(chosen.resolve("lazy"))
     assert triton.unloads == ["iei__b"]  # a was used more lately
     assert triton.loads == ["iei__lazy"]
@@ -324,14 +320,8 @@ async def test_a_model_unloading_already_is_waited_for_not_a_503():
     triton = FakeTriton(loaded_models(a="READY", b="UNLOADING"))
     triton.unloading["iei__b"] = 3
     triton.last = {"iei__a": time.time() - 1}
+    triton.gone_before_loads = {"iei__b"}
     chosen = capped(triton, 3)
-    original = triton.load_model
-
-    async def load_once_gone(name: str) -> None:
-        assert triton.index["iei__b"][0] == "UNAVAILABLE", "loaded while b still unloading"
-        await original(name)
-
-    triton.load_model = load_once_gone  # type: ignore[method-assign]
     await chosen.ensure_loaded(chosen.resolve("lazy"))
     assert (triton.unloads, triton.loads) == ([], ["iei__lazy"])
 
