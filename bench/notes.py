@@ -124,6 +124,16 @@ below).
   64-image forms 1.000 and 0.913, phone single uploads 1.006 and 1.000, phone forms 1.040 and
   0.945: within the rounds' own spread (up to a fifth). In-process the frame check takes 5 us
   per JPEG, against 1-20 ms of decoding.
+- **`bench.ab` leaned against this checkout, and the stop of 2026-12-07 afternoon costs nothing
+  measurable.** An A/A run (`--against` a worktree of HEAD itself) put this checkout's stack
+  4-12 % above the same code (web single uploads 1.116, web forms 1.060, phone single uploads
+  1.058, phone forms 1.040): this checkout's stack ran from the installed package and the shipped
+  repository, the other from its checkout by path. Both now run from their checkouts by path,
+  and an A/A run then scattered both ways (0.925, 1.068, 0.935, 0.981): the tool's noise on this
+  machine is about 7 %. The `bench.ab` ratios of the bullet above carry the old lean (read them
+  as up to 0.1 high). The execution clocks (two 8-byte writes per execution, 2 us) and the
+  loaded-model limit, HEAD over c623751 in the same way: 1.005, 1.070, 1.045, 1.006, within that
+  noise (`python -m bench.ab --against <c623751 checkout>`, 2-core AMD EPYC, 2026-12-07).
 - **Earlier tables read high.** Until 2026-12-06 the CPU per image was divided by the images
   timed, not those sent: each load's untimed warm-up request was in the CPU window, and the
   64-image loads ran 4 requests (a quarter too high, plus a load's fixed costs over 0.4 s). The
