@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -182,7 +183,7 @@ class OnnxRuntimeRunner(Exported):
 
 class OpenVinoRunner(Exported):
     def __init__(self, path: Path, precision: str, threads: int, names: tuple[str, ...]) -> None:
-        import openvino as ov
+        ov = openvino()
 
         hint = "bf16" if precision == "bfloat16" else "f32"
         config: dict[str, Any] = {
@@ -264,7 +265,7 @@ def quantize_onnx(source: Path, target: Path) -> None:
 
 
 def export_openvino(encoder: torch.nn.Module, signature: Signature, path: Path) -> None:
-    import openvino as ov
+    ov = openvino()
 
     module = Positional(encoder, signature.names).eval()
     example = tuple(signature.example[name] for name in signature.names)
@@ -278,6 +279,19 @@ def export_openvino(encoder: torch.nn.Module, signature: Signature, path: Path) 
         port.get_tensor().set_names({name})
     converted.reshape(shapes)
     ov.save_model(converted, str(path), compress_to_fp16=False)  # fp16 storage would not be exact
+
+
+def openvino() -> Any:
+    """The `openvino` module, without its telemetry. OpenVINO's model converter reports each use
+    to Google Analytics (the openvino-telemetry package: on unless a consent file in the user's
+    home or CI=true says no), each event from a process of its own: from a server, a report
+    nobody asked for, and offline a child process left waiting, which held a test session's exit.
+    The converter falls back to its own stub when that package cannot be imported: it is blocked
+    before openvino is first imported."""
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    import openvino as ov
+
+    return ov
 
 
 @contextlib.contextmanager

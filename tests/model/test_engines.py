@@ -220,3 +220,30 @@ def test_each_openvino_precision_compiles_its_own_graph(model_dirs, tmp_path):
         loads.append((embedder.run.entry, compiled.get_property("LOADED_FROM_CACHE")))  # type: ignore[attr-defined]
     assert len({entry for entry, _ in loads}) == 1  # one export
     assert [cached for _, cached in loads] == [False, False, True, True]
+
+
+def test_openvinos_export_sends_no_telemetry_and_leaves_no_process(tmp_path):
+    """OpenVINO's converter reports each use to Google Analytics (openvino-telemetry), each event
+    from a child process: from a server, a report nobody asked for; offline, a child left waiting
+    that held a CI run's exit. An export in a fresh interpreter, as in a Triton stub."""
+    import subprocess
+    import sys
+
+    from fake_pb_utils import REPOSITORY
+
+    code = f"""
+import multiprocessing, sys, torch
+sys.path.insert(0, {str(REPOSITORY)!r})
+from iei_runtime import engines
+ov = engines.openvino()
+import openvino.tools.ovc.telemetry_utils as telemetry
+assert telemetry.tm.__name__.endswith("telemetry_stub"), telemetry.tm
+assert sys.modules.get("openvino_telemetry") is None
+model = torch.nn.Linear(4, 2).eval()
+converted = ov.convert_model(model, example_input=torch.ones(1, 4))
+ov.save_model(converted, {str(tmp_path / "m.xml")!r})
+assert not multiprocessing.active_children(), multiprocessing.active_children()
+print("clean")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "clean", done.stderr[-2000:]
