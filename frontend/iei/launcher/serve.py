@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, ModuleType
 
-from ..contract import IN_USE_SECONDS
 from .addresses import bind_problem, url_host
 from .errors import TritonStartupError
 from .frontend import Frontend
@@ -71,9 +70,11 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
                 if child is not None and child.process is not None:
                     kill_group(child.process)
             return
-        log.info("received %s, stopping", name)
+        # Marked before the log line: the same signal delivered twice at once may run this
+        # handler again between the two, and was logged twice.
         first_signal = time.monotonic()
         stopping.set()
+        log.info("received %s, stopping", name)
         if frontend is not None:  # at once, even while the main thread waits on a call
             frontend.request_stop()
 
@@ -208,5 +209,5 @@ def idle_unloader(
 
     return IdleUnloader(
         triton, settings.model_idle_unload, counted, max_loaded=settings.max_loaded_models,
-        in_use=max(IN_USE_SECONDS, settings.request_timeout),
+        in_use=settings.model_in_use_seconds,
     )  # fmt: skip

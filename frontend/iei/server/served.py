@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import (
-    IN_USE_SECONDS,
     MODEL_LOADING,
     MODEL_NAME,
     MODEL_READY,
@@ -100,9 +99,7 @@ class ServedModels:
         self.triton = triton
         self.idle_unload = settings.model_idle_unload
         self.max_loaded = settings.max_loaded_models
-        # IEI_MAX_LOADED_MODELS: a model that ran an inference this recently is in use (a
-        # request that used it may still be running) and is not unloaded for another.
-        self.in_use = max(IN_USE_SECONDS, settings.request_timeout)
+        self.in_use = settings.model_in_use_seconds
         self._loads: dict[str, asyncio.Task[None]] = {}
         # name -> when an inference of it last succeeded, and Triton's `forgotten` count then
         self._used: dict[str, tuple[float, int]] = {}

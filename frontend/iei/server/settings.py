@@ -7,6 +7,7 @@ from functools import cached_property
 
 from pydantic import SecretStr, field_validator, model_validator
 
+from ..contract import IN_USE_SECONDS
 from ..models import NAME, ModelsError, ServedModel, parse_models, single_model
 from ..settings import SETTINGS, SettingsBase, setting
 
@@ -135,6 +136,12 @@ class ServerSettings(SettingsBase):
             aliases = (*first.aliases, self.served_model_name)
             served = (replace(first, aliases=aliases), *served[1:])
         return served
+
+    @cached_property
+    def model_in_use_seconds(self) -> float:
+        """IEI_MAX_LOADED_MODELS: a model that ran an inference this recently is in use (a
+        request that used it may still be running) and is not unloaded for another."""
+        return max(IN_USE_SECONDS, self.request_timeout)
 
     @cached_property
     def default_model(self) -> ServedModel:
