@@ -11,7 +11,7 @@ from iei.launcher.frontend import auto_workers
 # finds it, and the model repository baked into the Triton image.
 FIXED = {
     "IEI_TRITON_HOST", "IEI_TRITON_HTTP_PORT", "IEI_TRITON_GRPC_PORT", "IEI_TRITON_METRICS_PORT",
-    "IEI_TRITON_URL", "IEI_MODEL_REPOSITORY",
+    "IEI_TRITON_URL", "IEI_TRITON_METRICS_URL", "IEI_MODEL_REPOSITORY",
 }  # fmt: skip
 # Launcher settings of the frontend process that `iei serve` starts; in the frontend image its
 # command reads IEI_WORKERS, and the port is the image's.

@@ -87,6 +87,8 @@ def test_both_sides_agree_on_the_execution_clocks():
 
     assert executions.CLOCKS_ENV == contract.EXECUTION_CLOCKS_ENV
     assert executions.CLOCK_FORMAT == contract.EXECUTION_CLOCK_FORMAT
+    assert executions.SECONDS_METRIC == contract.EXECUTION_SECONDS_METRIC
+    assert executions.CORES_METRIC == contract.EXECUTION_CORES_METRIC
 
 
 def test_both_sides_agree_on_the_restarts_shown_on_tritons_metrics_port():

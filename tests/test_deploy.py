@@ -28,6 +28,7 @@ from iei.launcher.frontend import CPU_HOST_WORKERS, auto_workers
 from iei.launcher.repository import gpu_count, render_model_repository, shipped_model_repository
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_process import triton_command
+from iei.server.settings import ServerSettings
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tritonclient.grpc import model_config_pb2
@@ -251,6 +252,9 @@ def test_frontend_waits_for_a_healthy_triton_and_finds_it_by_name(triton, fronte
     url = frontend["environment"]["IEI_TRITON_URL"]
     assert url == f"triton:{triton['environment']['IEI_TRITON_HTTP_PORT']}"
     assert LauncherSettings(triton_url=url).triton_endpoint == url
+    metrics = frontend["environment"]["IEI_TRITON_METRICS_URL"]
+    assert metrics == f"triton:{triton['environment']['IEI_TRITON_METRICS_PORT']}"
+    assert ServerSettings(triton_metrics_url=metrics).triton_metrics_url == metrics
 
 
 def test_frontend_is_published_on_the_port_uvicorn_listens_on(frontend):

@@ -18,6 +18,7 @@ from deployment_settings import frontend_container, frontend_worst_case_mib, tri
 from iei import settings as table
 from iei.launcher.settings import LauncherSettings
 from iei.launcher.triton_process import model_plans, triton_command
+from iei.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZE_DIR = ROOT / "deploy" / "kubernetes"
@@ -290,6 +291,13 @@ def test_the_frontend_calls_the_triton_service_on_its_http_port():
     [http] = [p for p in TRITON_SERVICE["spec"]["ports"] if p["targetPort"] == "http"]
     assert url == f"{TRITON_SERVICE['metadata']['name']}:{http['port']}"
     assert LauncherSettings(triton_url=url).triton_endpoint == url
+
+
+def test_the_frontend_reads_long_executions_on_the_triton_services_metrics_port():
+    url = environment(FRONTEND)["IEI_TRITON_METRICS_URL"]
+    [metrics] = [p for p in TRITON_SERVICE["spec"]["ports"] if p["targetPort"] == "metrics"]
+    assert url == f"{TRITON_SERVICE['metadata']['name']}:{metrics['port']}"
+    assert ServerSettings(triton_metrics_url=url).triton_metrics_url == url
 
 
 def test_the_frontend_probes_its_own_port_and_stays_alive_while_triton_is_down():

@@ -58,6 +58,11 @@ STUB_REGIONS = "iei-"
 # began (0 while it waits). In one execution for long without computing is hung.
 EXECUTION_CLOCKS_ENV = "IEI_EXECUTION_CLOCKS"
 EXECUTION_CLOCK_FORMAT = "<d"
+# The same instances show an execution that has run for seconds on Triton's metrics port, for a
+# frontend that has neither the file nor /proc (another container): gauges labelled by `model`
+# and `instance`, its seconds so far and the cores its process used over its last seconds.
+EXECUTION_SECONDS_METRIC = "iei_execution_seconds"
+EXECUTION_CORES_METRIC = "iei_execution_cores"
 
 # Triton restarts so far by its launcher (`iei serve`, `iei triton`), by reason, given to each
 # Triton it starts in this variable (`reason=count,...`): the default model's instances show them

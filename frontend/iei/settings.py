@@ -183,6 +183,12 @@ _SETTINGS = [
         "`host:port` of a Triton HTTP endpoint that something else runs (compose, Kubernetes); "
         "when set, `iei serve` starts only the frontend",
     )),
+    ("triton_metrics_url", Setting(
+        "IEI_TRITON_METRICS_URL", None, "str", (SERVER,),
+        "`host:port` of that Triton's metrics endpoint: where /health sees that a probe held in "
+        "the queue waits behind a long execution that computes (a busy model, not a broken one)",
+        shown_default="unset (`iei serve` sets its own Triton's)",
+    )),
     ("triton_shm_mb", Setting(
         "IEI_TRITON_SHM_MB", 128, "int", (SERVER,),
         "MiB of /dev/shm each frontend worker hands image files to Triton through (system shared "

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from iei.contract import EXECUTION_CORES_METRIC, EXECUTION_SECONDS_METRIC
 from iei.launcher.repository import shipped_model_repository
 from iei.launcher.serve import SAME_SIGNAL
 from polling import eventually, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from sample_images import photos
 from stack import Stack, alive, descendants
 
@@ -218,18 +220,55 @@ def fault_model_stack(tmp_path: Path, behaviour: str, **env: str) -> Stack:
 
 
 def test_a_long_execution_that_computes_is_not_taken_for_a_hung_model(tmp_path):
-    """One execution that computes for 35 s holds the launcher's probes (10 s each, 3 failures
-    in a row restart Triton): they wait behind a model at work, not a hung one, and its answer
-    comes back from the same Triton."""
-    stack = fault_model_stack(tmp_path, "spin:35", IEI_REQUEST_TIMEOUT="120").start(timeout=120)
+    """One execution that computes for a minute holds the launcher's probes (10 s each, 3
+    failures in a row restart Triton) and the frontend's (2 s): they wait behind a model at work,
+    not a hung one. /health stays 200 throughout: past the 30 s in which the model's last
+    completed request vouches for it (it read 503 from then on), because Triton's metrics port
+    shows the execution's seconds growing and its process computing. Its answer comes back from
+    the same Triton."""
+    stack = fault_model_stack(tmp_path, "spin:60", IEI_REQUEST_TIMEOUT="120").start(timeout=120)
     try:
-        response = httpx.post(f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=150)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sent = request_in_flight(stack, pool, timeout=150)
+            health = health_while(stack, seconds=50)
+            seconds, cores = long_executions(stack)["iei_0_0"]
+            response = sent.result()
         assert response.status_code == 200, response.text
+        assert set(health) == {200}, health
+        assert seconds >= 40 and cores >= 0.5, (seconds, cores)
+        over = lambda: long_executions(stack)["iei_0_0"] == (0.0, 0.0)  # noqa: E731
+        wait_for(over, "the execution shown as over", 5)
         log = stack.log()
         assert "restarting Triton" not in log, log
         assert "the model is busy" in log, log
+        assert "a health probe waits behind an execution" in log, log
     finally:
         assert stack.stop() == 0
+
+
+def health_while(stack: Stack, seconds: float) -> list[int]:
+    """/health's statuses, every 2 s for `seconds`."""
+    statuses = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        statuses.append(httpx.get(f"{stack.url}/health", timeout=10).status_code)
+        time.sleep(2)
+    return statuses
+
+
+def long_executions(stack: Stack) -> dict[str, tuple[float, float]]:
+    """Triton's metrics port: instance -> (iei_execution_seconds, iei_execution_cores)."""
+    port = stack.env["IEI_TRITON_METRICS_PORT"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in (EXECUTION_SECONDS_METRIC, EXECUTION_CORES_METRIC):
+            for sample in family.samples:
+                found.setdefault(sample.labels["instance"], {})[family.name] = sample.value
+    return {
+        instance: (values[EXECUTION_SECONDS_METRIC], values[EXECUTION_CORES_METRIC])
+        for instance, values in found.items()
+    }
 
 
 def test_executions_longer_than_a_probe_one_after_another_are_load_not_a_hung_model(tmp_path):
@@ -298,10 +337,10 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path):
 
 
 def request_in_flight(
-    stack: Stack, pool: concurrent.futures.ThreadPoolExecutor
+    stack: Stack, pool: concurrent.futures.ThreadPoolExecutor, timeout: float = 60
 ) -> concurrent.futures.Future[httpx.Response]:
     """One /embed request, returned once it is in the model (the scrape counts itself too)."""
-    sent = pool.submit(httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=60)
+    sent = pool.submit(httpx.post, f"{stack.url}/embed", json={"inputs": IMAGE}, timeout=timeout)
     wait_for(lambda: stack.metric("iei_requests_in_flight") >= 2, "the request", 20)
     return sent
 
@@ -317,6 +356,9 @@ def test_an_instance_hung_beside_a_working_one_restarts_triton(tmp_path):
         response = httpx.post(f"{stack.url}/embed", json={"inputs": [IMAGE]}, timeout=60)
         assert response.status_code == 504, response.text
         assert httpx.get(f"{stack.url}/health").status_code == 200  # the other instance answers
+        # Triton's metrics port shows it in one execution, computing nothing (what /health reads)
+        [(seconds, cores)] = [v for v in long_executions(stack).values() if v != (0.0, 0.0)]
+        assert seconds >= 2 and cores < 0.2, (seconds, cores)
         wait_for(lambda: "restarting Triton" in stack.log(), "a restart", 150, every=1.0,
                  log=stack.log)  # fmt: skip
         assert "an instance of model iei (pid " in stack.log()

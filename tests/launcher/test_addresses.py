@@ -105,8 +105,9 @@ needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopbac
 def test_triton_is_bound_as_its_flags_take_the_address_and_dialled_where_it_listens(
     tmp_path, host, endpoint, http_address, grpc_address
 ):
-    settings = LauncherSettings(triton_host=host)
+    settings = LauncherSettings(triton_host=host, triton_metrics_port=8102)
     assert settings.triton_endpoint == endpoint  # what the frontend is given
+    assert settings.triton_metrics_endpoint == endpoint.replace(":8100", ":8102")
     assert TritonServer(settings, tmp_path).url == f"http://{endpoint}"
     flags = triton_arguments(
         model_repository="/r", host=settings.triton_host, http_port=1, grpc_port=2, metrics_port=3
@@ -117,9 +118,9 @@ def test_triton_is_bound_as_its_flags_take_the_address_and_dialled_where_it_list
 
 
 def test_a_triton_url_still_wins_over_the_host():
-    assert LauncherSettings(triton_host="::", triton_url="triton:8000").triton_endpoint == (
-        "triton:8000"
-    )
+    settings = LauncherSettings(triton_host="::", triton_url="triton:8000")
+    assert settings.triton_endpoint == "triton:8000"
+    assert settings.triton_metrics_endpoint is None  # someone else's: IEI_TRITON_METRICS_URL
 
 
 @pytest.mark.parametrize("host", ["localhost", "triton.internal", "fe80::1%eth0", "[::1]:8100"])

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import re
 import time
 from contextlib import asynccontextmanager
@@ -17,7 +18,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from iei.contract import PROBE_IMAGE, PROBE_PRIORITY
+from iei.contract import (
+    EXECUTION_CORES_METRIC,
+    EXECUTION_SECONDS_METRIC,
+    PROBE_IMAGE,
+    PROBE_PRIORITY,
+)
 from iei.server import routing, triton_client
 from iei.server.app import create_app
 from iei.server.errors import ApiError, ErrorType
@@ -301,6 +307,130 @@ async def test_a_probe_that_the_model_fails_is_not_excused_by_earlier_progress()
     assert not await triton.is_ready()
     fake.successes += 5
     assert not await triton.is_ready()  # a dead stub: the others' past successes do not count
+
+
+class TritonMetrics:
+    """Triton's metrics port as the model's instances show their long executions on it: every
+    instance's execution `grows` seconds a second, shown in whole seconds (the stubs show them
+    once a second)."""
+
+    def __init__(self, instances: dict[str, str], cores: float, grows: float = 1.0) -> None:
+        self.instances = instances  # instance -> its model
+        self.cores, self.grows = cores, grows
+        self.began = time.monotonic()
+        self.status = 200
+        self.reads = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/metrics"
+        self.reads += 1
+        self.seconds = 10.0 + math.floor(self.grows * (time.monotonic() - self.began))
+        lines = [
+            "# HELP nv_inference_count Number of inferences",
+            "# TYPE nv_inference_count counter",
+            'nv_inference_count{model="iei",version="1"} 7',
+        ]
+        for name, value in (
+            (EXECUTION_SECONDS_METRIC, self.seconds),
+            (EXECUTION_CORES_METRIC, self.cores),
+        ):
+            lines += [f"# HELP {name} what it is", f"# TYPE {name} gauge"]
+            lines += [
+                f'{name}{{model="{model}",instance="{instance}"}} {value}'
+                for instance, model in self.instances.items()
+            ]
+        return httpx.Response(self.status, text="\n".join(lines) + "\n")
+
+
+def held_probe_client(
+    metrics: TritonMetrics | None, monkeypatch, model: str = "iei"
+) -> TritonClient:
+    """A client whose probes are held in the queue (an execution in front of them), reading
+    `metrics` as Triton's metrics port."""
+    monkeypatch.setattr(triton_client, "PROBE_TIMEOUT", 0.3)
+    triton = triton_client_with(FakeTriton(delay=30), concurrency=4)
+    if metrics is not None:
+        transport = httpx.MockTransport(metrics)
+        triton._metrics = httpx.AsyncClient(transport=transport, base_url="http://triton:8002")
+    return triton
+
+
+@pytest.mark.parametrize(
+    ("instances", "model"),
+    [
+        ({"iei_0_0": "iei", "iei_0_1": "iei"}, "iei"),
+        ({"iei_encoder_0_0": "iei_encoder"}, "iei"),  # the split layout's step
+        ({"iei__b_preprocess_0_0": "iei__b_preprocess"}, "iei__b"),  # another model's step
+    ],
+)
+async def test_a_probe_held_behind_an_execution_that_computes_is_healthy(
+    instances, model, monkeypatch
+):
+    """One batch of a large model on a CPU runs for tens of seconds: the probe waits behind it
+    and nothing completes meanwhile, but the model works (it used to read as not ready)."""
+    metrics = TritonMetrics(instances, cores=1.7)
+    triton = held_probe_client(metrics, monkeypatch)
+    assert await triton.is_ready((model,))
+    assert metrics.reads == 2  # as the probe began, and once it was held
+    assert not await held_probe_client(None, monkeypatch).is_ready((model,))  # no metrics known
+
+
+@pytest.mark.parametrize(
+    ("metrics", "why"),
+    [
+        (TritonMetrics({"iei_0_0": "iei"}, cores=0.05), "a sleep or a deadlock: no CPU"),
+        (TritonMetrics({"iei_0_0": "iei"}, cores=1.7, grows=0.0), "frozen: the stub stopped"),
+        (TritonMetrics({"iei__b_0_0": "iei__b"}, cores=1.7), "another model's execution"),
+        (TritonMetrics({"iei_text_0_0": "iei_text"}, cores=1.7), "the text model's"),
+        (TritonMetrics({}, cores=1.7), "no instance shows one"),
+    ],
+)
+async def test_a_held_probe_is_not_excused_by_an_execution_that_does_not_compute(
+    metrics, why, monkeypatch
+):
+    triton = held_probe_client(metrics, monkeypatch)
+    assert not await triton.is_ready(("iei",)), why
+
+
+async def test_a_held_probe_is_not_ready_when_the_metrics_cannot_be_read(monkeypatch):
+    metrics = TritonMetrics({"iei_0_0": "iei"}, cores=1.7)
+    metrics.status = 500
+    assert not await held_probe_client(metrics, monkeypatch).is_ready()
+    triton = held_probe_client(None, monkeypatch)
+    nothing_listens = f"http://127.0.0.1:{free_port()}"
+    triton._metrics = httpx.AsyncClient(base_url=nothing_listens)
+    assert not await triton.is_ready()
+    await triton.close()
+
+
+async def test_a_probe_refused_by_a_full_queue_is_excused_by_an_execution_that_computes():
+    """Refused at once (503): the second read waits until the stubs have shown a second more."""
+    metrics = TritonMetrics({"iei_0_0": "iei"}, cores=1.2)
+    triton = triton_client_with(QueueFull(), concurrency=4)
+    triton._metrics = httpx.AsyncClient(
+        transport=httpx.MockTransport(metrics), base_url="http://triton:8002"
+    )
+    started = time.monotonic()
+    assert await triton.is_ready()
+    assert triton_client.READS_APART <= time.monotonic() - started < 2.5
+
+
+async def test_a_held_probe_is_not_ready_when_the_metrics_page_is_not_prometheus_text(
+    monkeypatch,
+):
+    def garbage(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text='iei_execution_seconds{model="iei" 12\n')
+
+    triton = held_probe_client(None, monkeypatch)
+    triton._metrics = httpx.AsyncClient(transport=httpx.MockTransport(garbage), base_url="http://t")
+    assert not await triton.is_ready()
+
+
+def test_the_metrics_endpoint_is_host_and_port():
+    given = ServerSettings(triton_url="triton:8000", triton_metrics_url="http://triton:8002/")
+    assert given.triton_metrics_url == "triton:8002"
+    with pytest.raises(ValueError, match="expected host:port"):
+        ServerSettings(triton_metrics_url="triton")
 
 
 @asynccontextmanager

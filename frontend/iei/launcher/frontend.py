@@ -92,6 +92,8 @@ class Frontend:
             "IEI_TRITON_URL": self.triton_endpoint,
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
+        if settings.triton_metrics_endpoint:  # its own Triton: /health reads long executions
+            env["IEI_TRITON_METRICS_URL"] = settings.triton_metrics_endpoint
         self.process = subprocess.Popen(  # noqa: S603 (our own argv, no shell)
             command, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=die_with_parent,

@@ -140,6 +140,14 @@ class LauncherSettings(ServerSettings):
         return self.triton_url or dial_endpoint(self.triton_host, self.triton_http_port)
 
     @cached_property
+    def triton_metrics_endpoint(self) -> str | None:
+        """host:port of the metrics endpoint of the Triton that `iei serve` starts (None with
+        IEI_TRITON_URL: someone else's, which IEI_TRITON_METRICS_URL may name)."""
+        if self.triton_url:
+            return None
+        return dial_endpoint(self.triton_host, self.triton_metrics_port)
+
+    @cached_property
     def repository(self) -> Path:
         """The model repository Triton loads: IEI_MODEL_REPOSITORY, else the one IEI ships."""
         return self.model_repository or shipped_model_repository()

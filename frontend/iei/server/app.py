@@ -41,6 +41,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         concurrency_level=settings.concurrency_level,
         timeout=settings.request_timeout,
         shm_bytes=settings.triton_shm_mb * 2**20,
+        metrics_endpoint=settings.triton_metrics_url,
     )
 
     @asynccontextmanager

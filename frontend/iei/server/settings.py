@@ -35,15 +35,16 @@ class ServerSettings(SettingsBase):
     url_max_redirects: int = setting("url_max_redirects", ge=0, le=20)
     cache_mb: int = setting("cache_mb", ge=0, le=1_000_000)
     triton_url: str | None = setting("triton_url")
+    triton_metrics_url: str | None = setting("triton_metrics_url")
     triton_http_port: int = setting("triton_http_port", ge=1, le=65535)
     triton_shm_mb: int = setting("triton_shm_mb", ge=0, le=1_000_000)
     models: str | None = setting("models")
     model_idle_unload: float | None = setting("model_idle_unload", gt=0)
     max_loaded_models: int | None = setting("max_loaded_models", ge=1)
 
-    @field_validator("triton_url")
+    @field_validator("triton_url", "triton_metrics_url")
     @classmethod
-    def _check_triton_url(cls, value: str | None) -> str | None:
+    def _check_host_port(cls, value: str | None) -> str | None:
         if value is None:
             return None
         bare = value.removeprefix("http://").rstrip("/")

@@ -12,11 +12,15 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import aiohttp
+import httpx
 import numpy as np
 import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from ..contract import (
+    EXECUTION_CORES_METRIC,
+    EXECUTION_SECONDS_METRIC,
     INFO_OUTPUT_NAME,
     INPUT_NAME,
     INVALID_INPUT_PATTERN,
@@ -24,6 +28,7 @@ from ..contract import (
     OUTPUT_NAME,
     PROBE_IMAGE,
     PROBE_PRIORITY,
+    STAGE_MODEL_NAMES,
     TEXT_INPUT_NAME,
     TEXT_MODEL_NAME,
     TOKENS_OUTPUT_NAME,
@@ -48,6 +53,19 @@ VERIFIED_FOR = 10.0
 # How far back a probe held or refused by a full queue looks for requests completed by the model
 # (for any client): several periods of Kubernetes' and compose's probes (10 s).
 PROGRESS_HORIZON = 3 * VERIFIED_FOR
+# A probe held behind an execution that goes on computing (its seconds on Triton's metrics port
+# grow, its process uses BUSY_CORES of a core at least: the launcher's BUSY_CPU) waits behind
+# load, not a broken model: one batch of 64 large photos, or of a large model on a CPU, runs for
+# tens of seconds, and the model completes nothing meanwhile.
+BUSY_CORES = 0.2
+# The two reads of those gauges are this far apart at least (the stubs show them every second),
+# and each waits this long at most: Triton answers its metrics page in milliseconds, and /health
+# must answer within the probe timeouts of Kubernetes (3 s) and compose (5 s).
+READS_APART = 1.5
+METRICS_TIMEOUT = 0.5
+# What Triton's metrics show of a model's long executions: (when read, instance -> (seconds so
+# far, cores used lately)).
+Executions = tuple[float, dict[str, tuple[float, float]]]
 T = TypeVar("T")
 # Triton's HTTP status for an unknown or unloaded model (404) and for a model that cannot take the
 # request now (503: not ready, queue full, queue timeout): the service is unavailable, retry.
@@ -69,9 +87,17 @@ class TritonClient:
     """
 
     def __init__(
-        self, endpoint: str, *, concurrency_level: int, timeout: float, shm_bytes: int = 0
+        self,
+        endpoint: str,
+        *,
+        concurrency_level: int,
+        timeout: float,
+        shm_bytes: int = 0,
+        metrics_endpoint: str | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.metrics_endpoint = metrics_endpoint  # host:port of Triton's metrics, where known
+        self._metrics: httpx.AsyncClient | None = None
         self.concurrency_level = concurrency_level
         self.timeout = timeout
         self.shm_bytes = shm_bytes  # the worker's shared memory region for Triton (0: none)
@@ -99,8 +125,14 @@ class TritonClient:
             conn_limit=max(100, self.concurrency_level),
             conn_timeout=self.timeout,
         )
+        if self.metrics_endpoint is not None:
+            url = f"http://{self.metrics_endpoint}"
+            self._metrics = httpx.AsyncClient(base_url=url, timeout=METRICS_TIMEOUT)
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.aclose()
+            self._metrics = None
         if self._client is not None:
             if self._region is not None:
                 await self._region.close(self._client)
@@ -152,6 +184,7 @@ class TritonClient:
         started = await self._successes(model)
         self._note(model, started)
         started_at = time.monotonic()
+        executions = asyncio.create_task(self._executions(model))  # beside the probe
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(model):
@@ -166,14 +199,30 @@ class TritonClient:
             self._verified_at[model] = time.monotonic()
             return True
         except TimeoutError:  # held in the queue, or Triton hangs
-            return await self._made_progress(model, started, started_at)
+            return await self._busy(model, started, started_at, executions)
         except InferenceServerException as exc:
             if exc.status() == "503":  # refused: the queue is full
-                return await self._made_progress(model, started, started_at)
+                return await self._busy(model, started, started_at, executions)
             return False  # the model failed it (a dead stub): no excuse
         except (aiohttp.ClientError, OSError):  # Triton is down: it may come back another
             self.forget_facts()
             return False
+        finally:
+            executions.cancel()  # when unused
+
+    async def _busy(
+        self,
+        model: str,
+        started: int | None,
+        started_at: float,
+        executions: asyncio.Task[Executions | None],
+    ) -> bool:
+        """After a probe that a full queue refused or held past PROBE_TIMEOUT: whether the model
+        is busy rather than broken, answering others (_made_progress) or in an execution that
+        computes (_computing)."""
+        if await self._made_progress(model, started, started_at):
+            return True
+        return await self._computing(model, await executions)
 
     async def _successes(self, model: str) -> int | None:
         """How many requests the model has completed successfully (Triton's statistics, for every
@@ -208,6 +257,57 @@ class TritonClient:
         if started is not None and started_at > failed:
             earlier.append(started)
         return count is not None and bool(earlier) and count > min(earlier)
+
+    async def _computing(self, model: str, before: Executions | None) -> bool:
+        """Whether an instance of `model` (or of its steps) is in an execution that went on
+        computing since `before` (read as the probe began; read again READS_APART later at
+        least): its seconds grew by half the time between the reads at least (a stub whose
+        watching thread stopped, in a deadlock that holds the GIL or dead, leaves its last
+        values) and its process used BUSY_CORES. One instance at work vouches for the model even
+        beside a dead one: the launcher restarts Triton for that."""
+        if before is None:
+            return False
+        await asyncio.sleep(max(0.0, before[0] + READS_APART - time.monotonic()))
+        after = await self._executions(model)
+        if after is None:
+            return False
+        (then, earlier), (now, later) = before, after
+        for instance, (seconds, cores) in later.items():
+            grew = seconds - earlier.get(instance, (0.0, 0.0))[0]
+            if seconds > 0 and grew >= (now - then) / 2 and cores >= BUSY_CORES:
+                log.info(
+                    "%s is busy: a health probe waits behind an execution of %.0f s so far that "
+                    "computes (%s, %.1f cores)", model, seconds, instance, cores,
+                )  # fmt: skip
+                return True
+        return False
+
+    async def _executions(self, model: str) -> Executions | None:
+        """The long executions of `model` and of its steps (the split layout), as Triton's
+        metrics show them now (iei_runtime/executions.py); None where they cannot be read."""
+        if self._metrics is None:
+            return None
+        steps = (model + step.removeprefix(MODEL_NAME) for step in STAGE_MODEL_NAMES)
+        names = {model, *steps}
+        wanted = (EXECUTION_SECONDS_METRIC, EXECUTION_CORES_METRIC)
+        values: dict[str, dict[str, float]] = {}
+        try:
+            response = await self._metrics.get("/metrics")
+            response.raise_for_status()
+            read_at = time.monotonic()
+            # Only the two gauges' lines go through the parser: Triton's page has hundreds.
+            lines = [line for line in response.text.splitlines() if any(w in line for w in wanted)]
+            for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+                for sample in family.samples:
+                    if family.name in wanted and sample.labels.get("model") in names:
+                        instance = sample.labels.get("instance", "")
+                        values.setdefault(instance, {})[family.name] = sample.value
+        except Exception:  # down, or a page the parser refuses: no evidence
+            return None
+        return read_at, {
+            instance: (found.get(wanted[0], 0.0), found.get(wanted[1], 0.0))
+            for instance, found in values.items()
+        }
 
     async def max_batch_size(self, model: str = MODEL_NAME) -> int:
         """A model's `max_batch_size`, read from Triton once (it may start after us)."""

@@ -31,7 +31,7 @@ from iei_runtime.triton import (
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        self.clock = ExecutionClock()
+        self.clock = ExecutionClock().shown(args)
         self.restarts = show_restarts(args, dict(os.environ))
         settings, device, threads = start_instance(args)
         self.logger = pb_utils.Logger
@@ -48,7 +48,7 @@ class TritonPythonModel:
             f"{self.embedder.budget.capacity} pixels decoded at once at most"
         )
 
-    @clocked  # the launcher's hang check (iei_runtime/executions.py)
+    @clocked  # the launcher's hang check, /health's long executions (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         blobs, spans = gather_inputs(requests, INPUT_NAME)
         results = self.embedder.embed(blobs)

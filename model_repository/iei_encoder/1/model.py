@@ -20,7 +20,7 @@ from iei_runtime.triton import FallbackCounter, gather_inputs, start_instance, v
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        self.clock = ExecutionClock()
+        self.clock = ExecutionClock().shown(args)
         settings, device, threads = start_instance(args)
         self.stage = load_encode_stage(settings, device, threads, FallbackCounter("iei_encoder"))
         embedder = self.stage.embedder
@@ -31,7 +31,7 @@ class TritonPythonModel:
             f"pooling={embedder.encoder.pooling}, plain JPEGs decoded by {decoder}"
         )
 
-    @clocked  # the launcher's hang check (iei_runtime/executions.py)
+    @clocked  # the launcher's hang check, /health's long executions (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         # PIXELS stays one array per request (a ragged input: (N, 3, 1, 1) placeholders where
         # every image of a request crosses as a JPEG); the stage copies the rows it reads once.

@@ -28,7 +28,7 @@ from iei_runtime.triton import (
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        self.clock = ExecutionClock()
+        self.clock = ExecutionClock().shown(args)
         self.restarts = show_restarts(args, dict(os.environ))
         settings, _, threads = start_instance(args)
         self.stage = load_preprocess_stage(settings, threads, FallbackCounter("iei_preprocess"))
@@ -39,7 +39,7 @@ class TritonPythonModel:
             f"{self.stage.preprocessor.preprocessing_line()}"
         )
 
-    @clocked  # the launcher's hang check (iei_runtime/executions.py)
+    @clocked  # the launcher's hang check, /health's long executions (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         files, spans = gather_inputs(requests, INPUT_NAME)
         results = self.stage.run(files)

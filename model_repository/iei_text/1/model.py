@@ -31,7 +31,7 @@ from iei_runtime.triton import (
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        self.clock = ExecutionClock()
+        self.clock = ExecutionClock().shown(args)
         settings, device, _ = start_instance(args)
         self.embedder = load_text_embedder(settings, device)  # warmed up
         pb_utils.Logger.log_info(
@@ -51,7 +51,7 @@ class TritonPythonModel:
             labels={"model": args.get("model_name", "iei_text")}
         )
 
-    @clocked  # the launcher's hang check (iei_runtime/executions.py)
+    @clocked  # the launcher's hang check, /health's long executions (iei_runtime/executions.py)
     def execute(self, requests: list[Any]) -> list[Any]:
         # A request that asks for TOKENS alone (the frontend's check of `truncate: false`
         # before anything is embedded) is only tokenized; every other one is embedded too.

@@ -24,7 +24,7 @@ INFO = json.dumps({"model_id": "fault-model", "model_type": "test", "pooling": "
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.clock = ExecutionClock()
+        self.clock = ExecutionClock().shown(args)
         self.behaviour = os.environ.get("IEI_TEST_BEHAVIOUR", "")
         self.broken = False
 
