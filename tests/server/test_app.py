@@ -403,6 +403,18 @@ async def test_a_held_probe_is_not_ready_when_the_metrics_cannot_be_read(monkeyp
     await triton.close()
 
 
+async def test_a_probe_answered_at_once_reads_no_metrics():
+    """A healthy model's probe (the common case, here 0.1 s) costs Triton no metrics page."""
+    metrics = TritonMetrics({"iei_0_0": "iei"}, cores=1.7)
+    triton = triton_client_with(FakeTriton(delay=0.1), concurrency=4)
+    triton._metrics = httpx.AsyncClient(
+        transport=httpx.MockTransport(metrics), base_url="http://triton:8002"
+    )
+    assert await triton.model_answers()
+    await asyncio.sleep(2 * triton_client.FIRST_READ_AFTER)
+    assert metrics.reads == 0
+
+
 async def test_a_probe_refused_by_a_full_queue_is_excused_by_an_execution_that_computes():
     """Refused at once (503): the second read waits until the stubs have shown a second more."""
     metrics = TritonMetrics({"iei_0_0": "iei"}, cores=1.2)

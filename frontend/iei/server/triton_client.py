@@ -63,6 +63,9 @@ BUSY_CORES = 0.2
 # must answer within the probe timeouts of Kubernetes (3 s) and compose (5 s).
 READS_APART = 1.5
 METRICS_TIMEOUT = 0.5
+# The first read waits this long into the probe: one answered sooner, as a healthy model's is,
+# reads nothing.
+FIRST_READ_AFTER = 0.5
 # What Triton's metrics show of a model's long executions: (when read, instance -> (seconds so
 # far, cores used lately)).
 Executions = tuple[float, dict[str, tuple[float, float]]]
@@ -184,7 +187,7 @@ class TritonClient:
         started = await self._successes(model)
         self._note(model, started)
         started_at = time.monotonic()
-        executions = asyncio.create_task(self._executions(model))  # beside the probe
+        executions = asyncio.create_task(self._executions(model, after=FIRST_READ_AFTER))
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 if not await self.server.is_model_ready(model):
@@ -208,7 +211,7 @@ class TritonClient:
             self.forget_facts()
             return False
         finally:
-            executions.cancel()  # when unused
+            executions.cancel()  # unused: the probe answered, or another excuse held
 
     async def _busy(
         self,
@@ -282,11 +285,13 @@ class TritonClient:
                 return True
         return False
 
-    async def _executions(self, model: str) -> Executions | None:
+    async def _executions(self, model: str, after: float = 0.0) -> Executions | None:
         """The long executions of `model` and of its steps (the split layout), as Triton's
-        metrics show them now (iei_runtime/executions.py); None where they cannot be read."""
+        metrics show them `after` seconds from now (iei_runtime/executions.py); None where they
+        cannot be read."""
         if self._metrics is None:
             return None
+        await asyncio.sleep(after)
         steps = (model + step.removeprefix(MODEL_NAME) for step in STAGE_MODEL_NAMES)
         names = {model, *steps}
         wanted = (EXECUTION_SECONDS_METRIC, EXECUTION_CORES_METRIC)
