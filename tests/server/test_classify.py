@@ -134,6 +134,35 @@ async def test_bad_parameters_are_422s_naming_the_field(parameters, status, mess
     assert fake.models == [], "refused before anything reached Triton"
 
 
+@pytest.mark.parametrize(
+    ("template", "label", "length"),
+    [
+        ("{}" * 20_000, "x" * 5000, 100_000_000),  # 45 KB of body: 100 MB of text when built
+        ("{{}} and {}", "abc", 13),  # `replace` counts non-overlapping `{}` from the left
+    ],
+)
+def test_a_hypothesis_is_measured_not_built(template, label, length):
+    """Its length is checked against IEI_MAX_TEXT_CHARS before any text is built: a template of
+    many `{}` and a long label were gigabytes in a worker (a 500 under a memory cap)."""
+    import tracemalloc
+
+    from iei.server.classify import check_labels, hypothesis
+    from iei.server.errors import ApiError
+
+    assert len(template.replace("{}", label)) == length  # the text it would be
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApiError) as refused:
+            check_labels([label], template, 4, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"its text of {length} characters" in refused.value.message
+    assert peak < 1 << 20, peak
+    check_labels([label], template, 4, length)  # within the limit
+    assert len(hypothesis(template, label)) == length
+
+
 async def test_bad_inputs_as_on_embed():
     async with app_client(SETTINGS, FakeTriton(info=CLIP)) as client:
         params = {"candidate_labels": ["a"]}

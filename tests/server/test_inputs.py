@@ -21,6 +21,7 @@ from iei.server.inputs import (
     jpeg_header_segments,
     png_header,
     prepare_inputs,
+    url_scheme,
 )
 from PIL import Image, PngImagePlugin
 from sample_images import encode, odd_images, photos
@@ -60,6 +61,64 @@ def test_accepted_forms(item):
 def test_refused_forms(item, message):
     with pytest.raises(InvalidInput, match=message):
         decode_input(item)
+
+
+def traced_peak(call) -> int:
+    """The most memory `call()` held at once beyond what there was before (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with contextlib.suppress(InvalidInput):
+            call()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "data:image/png" + ";a" * (2 << 20),  # no comma: the backtracking regex took 88x this
+        "data:image/png;base64" + " " * 2000 + "," + B64,  # a header past the head
+        "data:image/png;" + "a" * 2000 + ";base64," + B64,
+    ],
+    ids=["no comma", "long header", "long parameter"],
+)
+def test_a_data_uri_header_is_looked_for_in_its_head_only(item):
+    with pytest.raises(InvalidInput, match="data:image/<type>;base64"):
+        decode_input(item)
+    assert traced_peak(lambda: decode_input(item)) < 3 * len(item)
+
+
+def test_line_wrapped_base64_costs_a_few_times_its_size():
+    """Short pieces between spaces: `split` made a str of each, 28 times the input in all."""
+    payload = base64.b64encode(bytes(range(256)) * 4096).decode()
+    item = " ".join(payload[i : i + 2] for i in range(0, len(payload), 2))
+    assert decode_input(item) == bytes(range(256)) * 4096
+    assert traced_peak(lambda: decode_input(item)) < 5 * len(item)
+
+
+def test_a_character_outside_ascii_is_not_base64():
+    with pytest.raises(InvalidInput, match="not valid base64"):
+        decode_input("\U0001f600" + B64)
+    with pytest.raises(InvalidInput, match="not valid base64"):
+        decode_input(B64[:8] + "\u00a0" + B64[8:])  # a no-break space is no line break
+
+
+@pytest.mark.parametrize(
+    ("item", "scheme"),
+    [
+        ("https://example.org/a.png", "https"),
+        ("  file:///etc/passwd", "file"),
+        (" " * 300 + "http://example.org/a.png", None),  # past the head: base64, refused as such
+        ("data:image/png;base64," + B64, None),
+        (B64, None),
+    ],
+)
+def test_a_url_scheme_is_looked_for_in_the_head_only(item, scheme):
+    assert url_scheme(item) == scheme
 
 
 @pytest.mark.parametrize("name", sorted({**photos(), **odd_images()}))
