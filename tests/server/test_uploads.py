@@ -368,3 +368,47 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+@pytest.mark.parametrize(
+    ("content_type", "first"),
+    [("image/png", PNG[:8]), ("multipart/form-data; boundary=X", b"--X\r\n")],
+    ids=["raw", "form"],
+)
+async def test_a_client_gone_mid_upload_is_a_400_not_an_unexpected_error(
+    content_type, first, caplog
+):
+    """The body stops with the client's disconnect: Starlette's ClientDisconnect was a 500 with a
+    traceback in the log (a JSON body was FastAPI's 400 already)."""
+    import asyncio
+
+    messages = [
+        {"type": "http.request", "body": first, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # nothing more will come
+        raise AssertionError("read past the disconnect")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async with app_client(SETTINGS, FakeTriton()) as client:
+        app = client._transport.app  # the ASGI app itself: httpx cannot disconnect mid-body
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/embed", "raw_path": b"/embed", "query_string": b"",
+            "root_path": "", "client": ("127.0.0.1", 1), "server": ("iei", 80),
+            "headers": [(b"host", b"iei"), (b"content-type", content_type.encode())],
+        }  # fmt: skip
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        exposed = (await client.get("/metrics")).text
+    started = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in started] == [400]
+    assert "unexpected error" not in caplog.text
+    assert 'iei_requests_total{route="/embed",status="400"}' in exposed
+    assert 'iei_requests_total{route="/embed",status="500"}' not in exposed

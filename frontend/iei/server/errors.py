@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .logs import REQUEST_ID
 
@@ -192,6 +193,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             request.url.path, exc.status_code, error_type, str(exc.detail), dict(exc.headers or {})
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # A raw or form upload cut short (a JSON body is FastAPI's 400 already): the client's
+        # doing, answered like it though no one reads it, and no traceback in the log.
+        log.info("%s: the client closed the connection before its body was read",
+                 request.url.path)  # fmt: skip
+        message = "the client closed the connection before its body was read"
+        return error_response(request.url.path, 400, ErrorType.VALIDATION, message)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
