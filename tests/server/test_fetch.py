@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager, suppress
 import httpx
 import pytest
 from iei.server.errors import ApiError
-from iei.server.fetch import UrlFetcher, is_public
+from iei.server.fetch import MAX_LOOKUPS, UrlFetcher, is_public
 from iei.server.inputs import InputFailed, InvalidInput
 from PIL import Image
 from sample_images import encode
@@ -632,3 +632,49 @@ async def test_a_full_connection_pool_is_overloaded_not_a_bad_url(remote_server)
             assert (await busy).status_code == 422  # the slow one still ends: not an image
         finally:
             await app.state.services.fetcher.close()
+
+
+async def test_lookups_that_never_end_hold_only_their_own_threads(local_server, monkeypatch):
+    """A name whose DNS servers never answer holds its lookup's thread until the resolver gives
+    up (no timeout stops it). One request of such names held up every URL of the worker when
+    the lookups shared asyncio's default pool (6 threads on 2 cores): a good URL timed out
+    behind them. Now they hold their own threads (MAX_LOOKUPS), and once all are taken a lookup
+    is refused as overloaded, a 429 within the pool wait, not a 504."""
+    import socket
+
+    answer = threading.Event()
+    resolve = socket.getaddrinfo
+
+    def black_holed(host, port, *args, **kwargs):
+        if str(host).endswith(".slow"):
+            answer.wait(30)
+            raise socket.gaierror("Temporary failure in name resolution")
+        return resolve(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", black_holed)
+    fetcher = UrlFetcher(allow_private=True, timeout=2, max_bytes=1 << 20, max_redirects=2)
+    stuck: list[asyncio.Task[bytes]] = []
+    try:
+        for i in range(MAX_LOOKUPS - 1):
+            stuck.append(asyncio.create_task(fetcher.fetch(f"http://n{i}.slow/x.png")))
+        await asyncio.sleep(0.2)
+        assert await fetcher.fetch(local_server + "/file") == b"x" * 5000  # a thread is free
+        stuck.append(asyncio.create_task(fetcher.fetch("http://last.slow/x.png")))
+        await asyncio.sleep(0.2)
+        with pytest.raises(InputFailed) as busy:
+            await fetcher.fetch(local_server + "/file")
+        assert busy.value.error_type == "Overloaded"  # a 429
+        assert str(busy.value).startswith("too many DNS lookups in flight in this worker")
+        assert busy.value.headers == {"Retry-After": "1"}
+        for refused in await asyncio.gather(*stuck, return_exceptions=True):
+            assert isinstance(refused, InputFailed), refused
+            assert refused.error_type == "Timeout", refused  # their requests are answered (504)
+        # but their threads stay taken until the lookups end
+        with pytest.raises(InputFailed, match="too many DNS lookups"):
+            await fetcher.fetch(local_server + "/file")
+        answer.set()
+        await asyncio.sleep(0.2)
+        assert await fetcher.fetch(local_server + "/file") == b"x" * 5000
+    finally:
+        answer.set()
+        await fetcher.close()

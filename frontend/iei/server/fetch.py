@@ -18,8 +18,9 @@ import logging
 import socket
 import ssl
 import sys
-from contextlib import AbstractAsyncContextManager
-from typing import NoReturn
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, suppress
+from typing import Any, NoReturn
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -40,6 +41,11 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 # for one to come free before it is refused as overloaded (429).
 MAX_CONNECTIONS = 100
 POOL_WAIT = 1.0
+# DNS lookups a worker runs at once, in threads of their own: a lookup blocks its thread until
+# the resolver gives up (tens of seconds for a name whose servers never answer), and no timeout
+# can stop it. In asyncio's default pool (6 threads on 2 cores) one request of such names held
+# up every URL of the worker; here a lookup waits at most POOL_WAIT for a thread, then is a 429.
+MAX_LOOKUPS = 16
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -151,6 +157,44 @@ class RequestBytes:
         self.used = 0
 
 
+class Lookups:
+    """getaddrinfo in at most `threads` threads; a thread counts as taken until its lookup has
+    ended, whether or not the request that asked still waits for it."""
+
+    def __init__(self, threads: int, wait: float) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="iei-dns")
+        self.free = asyncio.Semaphore(threads)
+        self.wait = wait
+
+    async def getaddrinfo(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        try:
+            async with asyncio.timeout(self.wait):
+                await self.free.acquire()
+        except TimeoutError:
+            raise InputFailed(
+                ErrorType.OVERLOADED,
+                "too many DNS lookups in flight in this worker: none came free within "
+                f"{self.wait:g} s; retry later",
+                headers={"Retry-After": "1"},
+            ) from None
+        loop = asyncio.get_running_loop()
+
+        def ended(_: Future[Any]) -> None:
+            with suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(self.free.release)
+
+        try:
+            lookup = self.pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        except RuntimeError:  # shut down
+            self.free.release()
+            raise
+        lookup.add_done_callback(ended)
+        return await asyncio.wrap_future(lookup)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class UrlFetcher:
     """One shared async HTTP client per worker; `fetch` returns the file's bytes."""
 
@@ -173,6 +217,7 @@ class UrlFetcher:
         self.timeout = timeout
         # The pool wait ends before the fetch's own timeout, so that a full pool reads as such.
         pool_wait = min(POOL_WAIT, timeout / 2)
+        self.lookups = Lookups(MAX_LOOKUPS, pool_wait)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0), pool=pool_wait),
             # No keep-alive (see the module's note): the pool only bounds the connections open.
@@ -192,6 +237,7 @@ class UrlFetcher:
 
     async def close(self) -> None:
         await self.client.aclose()
+        self.lookups.close()
 
     def request_budget(self, limit: int) -> RequestBytes:
         """What the URL fetches of one request may hold; `release()` it when the request ends."""
@@ -259,9 +305,7 @@ class UrlFetcher:
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                ascii_host(host), port, type=socket.SOCK_STREAM
-            )
+            infos = await self.lookups.getaddrinfo(ascii_host(host), port)
             addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         except (socket.gaierror, UnicodeError) as exc:
             self._refuse_host(host, f"cannot resolve it: {exc}")
