@@ -109,8 +109,9 @@ class PreprocessStage:
         self, results: Sequence[np.ndarray | Deferred]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's PIXELS (N, 3, H, W), JPEG (N, 1) and JPEG_HEADER (N, 3) outputs. Rows
-        of PIXELS whose JPEG is set are never read: left as they are (not zero-filled), and all
-        (3, 1, 1) when every image of the request crosses as a file."""
+        of PIXELS whose JPEG is set are never read by the encoder: zero (only they are set
+        twice; left uninitialised they carried other requests' pixels to a caller of this
+        model), and all (3, 1, 1) when every image of the request crosses as a file."""
         count = len(results)
         files = np.full((count, 1), b"", dtype=np.object_)
         headers = np.zeros((count, 3), dtype=np.int32)
@@ -124,8 +125,7 @@ class PreprocessStage:
             return np.zeros((count, 3, 1, 1), dtype=np.uint8), files, headers
         pixels = np.empty((count, *self.shape), dtype=np.uint8)
         for i, result in enumerate(results):
-            if not isinstance(result, Deferred):
-                pixels[i] = result
+            pixels[i] = 0 if isinstance(result, Deferred) else result
         return pixels, files, headers
 
 

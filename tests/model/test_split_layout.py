@@ -232,6 +232,26 @@ def test_pixels_cross_only_where_the_encoder_reads_them(vit):
     assert no_jpegs[0].shape == (1, 3, 224, 224) and no_jpegs[0].any()
 
 
+def test_a_row_whose_jpeg_crosses_holds_no_earlier_pixels(vit, monkeypatch):
+    """The rows of PIXELS the encoder does not read were left uninitialised: a caller of
+    `iei_preprocess` got pixels of other requests there (memory numpy handed out again)."""
+    from iei_runtime import stages
+
+    def reused(shape, dtype):  # what np.empty may hand out: a freed buffer's old contents
+        return np.full(shape, 0xAB, dtype=dtype)
+
+    monkeypatch.setattr(stages.np, "empty", reused)
+    preprocess = loading.load_preprocess_stage(settings(vit, IEI_JPEG_DECODER="torchvision"), 1)
+    try:
+        jpeg, png = photos()["chelsea.jpg"], encode(corner_image(), "PNG")
+        pixels, files, _ = preprocess.outputs(preprocess.run([png, jpeg, png]))
+    finally:
+        preprocess.preprocessor.close()
+    assert [bool(f) for f in files[:, 0]] == [False, True, False]
+    assert not pixels[1].any()
+    assert pixels[0].any() and np.array_equal(pixels[0], pixels[2])
+
+
 def test_the_encoder_batches_requests_of_either_shape_and_copies_each_row_once(vit, single):
     jpeg, png = photos()["chelsea.jpg"], encode(corner_image().resize((300, 200)), "PNG")
     requests = [[jpeg, jpeg], [png], [jpeg, png, jpeg]]  # all files, all pixels, mixed
