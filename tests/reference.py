@@ -105,9 +105,11 @@ class Reference:
         return self.embed_images([load_rgb(f) for f in files])
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Unit-norm vectors of the image space, one per text (cut to the context)."""
+        """Unit-norm vectors of the image space, one per text (cut to the context); a special
+        token's text in a text is text."""
         tokens = self.tokenizer(
             texts,
+            split_special_tokens=True,
             padding=self.padding,
             truncation=True,
             max_length=self.context,

@@ -76,13 +76,16 @@ class TextEmbedder:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens of each text before truncation, the special ones included."""
-        ids = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        return [len(row) for row in ids]
+        tokens = self.tokenizer(texts, truncation=False, verbose=False, split_special_tokens=True)
+        return [len(row) for row in tokens["input_ids"]]
 
     def tokenize(self, texts: list[str]) -> Inputs:
-        """The model's input for `texts`, each cut to the context (its end token kept)."""
+        """The model's input for `texts`, each cut to the context (its end token kept). A special
+        token's text in a client's text (CLIP's `<|endoftext|>`) is read as text: as the token
+        it ended the text there for the model (CLIP pools at the first end token), silently."""
         tokens = self.tokenizer(
             texts,
+            split_special_tokens=True,
             padding=self.padding,
             truncation=True,
             max_length=self.context,

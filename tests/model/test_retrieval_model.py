@@ -332,6 +332,22 @@ def test_siglip2_texts_are_lower_cased_as_trained(text_embedders, model_dirs):
     assert cosine_rows(np.stack(kept), reference)[0] < TOLERANCE
 
 
+@pytest.mark.parametrize("family", JOINT_FAMILIES)
+def test_a_special_tokens_text_in_a_text_is_read_as_text(text_embedders, model_dirs, family):
+    """CLIP pools at its first end token: `<|endoftext|>` in a client's text, read as that token,
+    ended the text there, silently (cosine 1.0 to the text before it, and its tokens counted as
+    that one)."""
+    embedder = text_embedders[family]
+    head = "a photo of a cat"
+    text = f"{head}{embedder.tokenizer.eos_token} and a long story about dogs"
+    vectors, tokens = embedder.embed([text.encode(), head.encode()])
+    assert cosine_rows(np.stack(vectors[:1]), np.stack(vectors[1:]))[0] < TOLERANCE
+    reference = Reference(model_dirs[family]).embed_texts([text])
+    assert cosine_rows(np.stack(vectors[:1]), reference)[0] >= 0.9999
+    if family == "clip":  # the others' tokenizers pad to their context when they count
+        assert tokens[0] > len(embedder.tokenizer(text)["input_ids"])  # counted as text too
+
+
 def test_naflex_gets_every_tensor_of_its_processor(embedders):
     """Without pixel_attention_mask a NaFlex model runs, silently wrong for images that leave
     patches empty; the mask and the patch grid go in with the pixels."""
