@@ -81,3 +81,61 @@ def scan_bomb(scans: int, side: int = 64) -> bytes:
     last = data.rindex(b"\xff\xda")  # PIL's file: no thumbnail, every SOS marker a scan
     extra = scans - data.count(b"\xff\xda")
     return data[:-2] + data[last:-2] * extra + b"\xff\xd9"
+
+
+def tiled_tiff(side: int, tile: int) -> bytes:
+    """A side x side RGB TIFF (black) in deflate-compressed tiles of tile x tile pixels, written
+    field by field (PIL writes no tiles): libtiff decodes a whole tile at a time."""
+    import struct
+    import zlib
+
+    across = -(-side // tile)
+    data = zlib.compress(bytes(tile * tile * 3), 9)  # every tile is the same one
+    entries = 11
+    bits_at = 8 + 2 + entries * 12 + 4
+    offsets_at = bits_at + 6
+    data_at = offsets_at + 8 * across * across
+
+    def field(tag: int, kind: int, count: int, value: int) -> bytes:
+        return struct.pack("<HHII", tag, kind, count, value)
+
+    tiles = across * across
+    fields = [
+        field(256, 4, 1, side), field(257, 4, 1, side), field(258, 3, 3, bits_at),
+        field(259, 3, 1, 8),  # deflate
+        field(262, 3, 1, 2), field(277, 3, 1, 3), field(284, 3, 1, 1),  # RGB, 3 samples, chunky
+        field(322, 4, 1, tile), field(323, 4, 1, tile),
+        field(324, 4, tiles, data_at if tiles == 1 else offsets_at),
+        field(325, 4, tiles, len(data) if tiles == 1 else offsets_at + 4 * tiles),
+    ]  # fmt: skip
+    tables = struct.pack(f"<{tiles}I", *[data_at] * tiles) + struct.pack(
+        f"<{tiles}I", *[len(data)] * tiles
+    )
+    return (
+        b"II*\x00" + struct.pack("<IH", 8, entries) + b"".join(fields) + struct.pack("<I", 0)
+        + struct.pack("<HHH", 8, 8, 8) + tables + data
+    )  # fmt: skip
+
+
+def png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_chunks(image: Image.Image, extra: int, *, after: bool = False) -> bytes:
+    """`image` as a PNG with `extra` empty private chunks before its image data (or after it)."""
+    data = encode(image, "PNG")
+    at = data.rindex(b"IEND") - 4 if after else data.index(b"IDAT") - 4
+    return data[:at] + png_chunk(b"prVt") * extra + data[at:]
+
+
+def png_in_data_chunks(image: Image.Image, size: int) -> bytes:
+    """`image` as a PNG whose image data is split into chunks of `size` bytes."""
+    data = encode(image, "PNG", compress_level=0)
+    start = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[start : start + 4], "big")
+    pixels = data[start + 8 : start + 8 + length]
+    chunks = b"".join(png_chunk(b"IDAT", pixels[i : i + size]) for i in range(0, length, size))
+    return data[:start] + chunks + data[start + 12 + length :]

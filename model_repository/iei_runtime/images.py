@@ -52,6 +52,12 @@ PngImagePlugin.MAX_TEXT_MEMORY = 4 << 20
 # upper bound on the chunks) refuses the file.
 PNG_ICC_CHUNKS = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PIL reads each chunk of a PNG in Python, before its image data and after it: 16 MiB of empty
+# chunks cost 5 s of CPU. Real files have tens besides their image data (IDAT, an animation's
+# fdAT), which libpng writes 8 KiB a chunk (8192 for 64 MiB).
+MAX_PNG_CHUNKS = 4096
+MAX_PNG_DATA_CHUNKS = 65536
+_PNG_DATA = (b"IDAT", b"fdAT")
 
 
 class InvalidImage(ValueError):
@@ -229,6 +235,35 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int]:
     return width, height, scans
 
 
+def png_chunks(data: bytes) -> tuple[int, int]:
+    """A PNG's chunks besides its image data and its image data chunks, counted up to
+    MAX_PNG_CHUNKS + 1 and MAX_PNG_DATA_CHUNKS + 1 (by their lengths, unread); (0, 0) for any
+    other file."""
+    if not data.startswith(PNG_SIGNATURE):
+        return 0, 0
+    at, other, image_data = 8, 0, 0
+    while at + 8 <= len(data) and other <= MAX_PNG_CHUNKS and image_data <= MAX_PNG_DATA_CHUNKS:
+        kind = data[at + 4 : at + 8]
+        if kind == b"IEND":
+            break
+        if kind in _PNG_DATA:
+            image_data += 1
+        else:
+            other += 1
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+    return other, image_data
+
+
+def tile_pixels(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of a tiled TIFF's tiles; (0, 0) for any other image. libtiff decodes a
+    whole tile at a time, whatever the image's size: a 16x16 image of 16384x16384 tiles, a
+    783 KB file, took 805 MiB, and the image's own pixels count nothing of it."""
+    tags = getattr(image, "tag_v2", None) if image.format == "TIFF" else None
+    if tags is None:
+        return 0, 0
+    return int(tags.get(322) or 0), int(tags.get(323) or 0)  # TileWidth, TileLength
+
+
 def decode_image(
     data: bytes,
     max_pixels: int,
@@ -258,6 +293,11 @@ def decode_image(
             f"PNG of over {PNG_ICC_CHUNKS} ICC profile chunks (a valid one has at most one; each "
             "is inflated as it is read)"
         )
+    other_chunks, data_chunks = png_chunks(data)
+    if other_chunks > MAX_PNG_CHUNKS:
+        raise InvalidImage(f"PNG of over {MAX_PNG_CHUNKS} chunks besides its image data")
+    if data_chunks > MAX_PNG_DATA_CHUNKS:
+        raise InvalidImage(f"PNG of over {MAX_PNG_DATA_CHUNKS} image data chunks")
     allow_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
@@ -269,12 +309,19 @@ def decode_image(
                 )
             if pixels == 0:
                 raise InvalidImage("image has no pixels")
+            tile_width, tile_height = tile_pixels(image)
+            tile = tile_width * tile_height
+            if tile > max_pixels:
+                raise InvalidImage(
+                    f"TIFF of {tile_width}x{tile_height} = {tile} pixel tiles: over the limit of "
+                    f"{max_pixels} pixels (a tile is decoded whole)"
+                )
             resize_rule.check(image.width, image.height, max_pixels)  # before any decoding
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
             if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.
                 image.draft(image.mode, (min_side, min_side))
-            with budget.hold(image.width * image.height) if budget else nullcontext():
+            with budget.hold(pixels + tile) if budget else nullcontext():
                 image.load()
                 # Read once loaded (Pillow turns a TIFF upright as it loads it, and says so
                 # there), and before the shrunk copy, which carries no EXIF.
@@ -287,8 +334,8 @@ def decode_image(
             return small
     except InvalidImage:
         raise
-    except Image.DecompressionBombError as exc:
-        raise InvalidImage(f"image is over the pixel limit: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # PIL's own cap, read before ours (its figure)
+        raise InvalidImage(f"image is over the limit of {max_pixels} pixels") from exc
     except Image.UnidentifiedImageError as exc:  # its text names a BytesIO's address
         raise InvalidImage("cannot decode image: not a format the server reads") from exc
     except Exception as exc:  # PIL raises many types on hostile input; none may escape

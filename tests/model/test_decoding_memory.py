@@ -4,6 +4,7 @@ process may use them."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import threading
@@ -15,7 +16,14 @@ import pytest
 import torch
 from fake_pb_utils import REPOSITORY, install
 from PIL import Image
-from sample_images import PHOTOS_DIR, encode
+from sample_images import (
+    PHOTOS_DIR,
+    encode,
+    png_chunk,
+    png_in_data_chunks,
+    png_with_chunks,
+    tiled_tiff,
+)
 
 install()
 from iei_runtime import images, resources  # noqa: E402
@@ -208,3 +216,61 @@ def test_decoding_any_mode_holds_at_most_8_bytes_a_pixel(tmp_path, fmt, make):
     )  # fmt: skip
     grew_mib = float(done.stdout)
     assert grew_mib * 2**20 <= 8 * side * side, f"{grew_mib:.0f} MiB for {side}x{side}"
+
+
+# --- files whose cost is not their pixels ---------------------------------------------------
+
+
+class CountedBudget(images.PixelBudget):
+    def __init__(self) -> None:
+        super().__init__(1 << 40)
+        self.asked: list[int] = []
+
+    def hold(self, pixels: int):  # type: ignore[override]
+        self.asked.append(pixels)
+        return super().hold(pixels)
+
+
+def test_a_tiff_whose_tiles_are_over_the_limit_is_refused_before_decoding():
+    """A 16x16 image in one 2048x2048 tile: libtiff decodes the whole tile (12 MiB here; a
+    16384x16384 tile of a 783 KB file took 805 MiB)."""
+    data = tiled_tiff(16, 2048)
+    assert len(data) < 16 * 1024
+    with pytest.raises(images.InvalidImage, match=r"TIFF of 2048x2048 = 4194304 pixel tiles"):
+        images.decode_image(data, 1_000_000, 224)
+    budget = CountedBudget()
+    decoded = images.decode_image(data, 5_000_000, 224, budget)
+    assert decoded.size == (16, 16)
+    assert budget.asked == [16 * 16 + 2048 * 2048]  # the tile is held from the budget too
+    budget.asked.clear()
+    images.decode_image(tiled_tiff(100, 32), 5_000_000, 224, budget)  # an ordinary tiled file
+    assert budget.asked == [100 * 100 + 32 * 32]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before the image data", "after it"])
+def test_a_png_of_thousands_of_chunks_is_refused_before_pil_walks_them(after):
+    picture = Image.new("RGB", (8, 8), (10, 20, 30))
+    refused = png_with_chunks(picture, images.MAX_PNG_CHUNKS + 1, after=after)
+    with pytest.raises(images.InvalidImage, match=r"PNG of over 4096 chunks besides its image"):
+        images.decode_image(refused, 1_000_000, 0)
+    accepted = png_with_chunks(picture, 100, after=after)
+    assert images.decode_image(accepted, 1_000_000, 0).getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_a_png_of_too_many_image_data_chunks_is_refused():
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), np.uint8))
+    refused = png_in_data_chunks(noise, 1)  # 77,000 chunks of one byte
+    assert refused.count(b"IDAT") > images.MAX_PNG_DATA_CHUNKS
+    with pytest.raises(images.InvalidImage, match="PNG of over 65536 image data chunks"):
+        images.decode_image(refused, 1_000_000, 0)
+    accepted = images.decode_image(png_in_data_chunks(noise, 8192), 1_000_000, 0)
+    assert np.array_equal(np.asarray(accepted), np.asarray(noise))
+
+
+def test_an_image_over_pils_own_cap_is_refused_naming_the_setting():
+    """PIL refuses a header of over twice its cap (about 358 MP) before the pixel check: the
+    answer named PIL's figure, not IEI_MAX_IMAGE_PIXELS."""
+    size = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)  # 400 MP, RGB
+    header = images.PNG_SIGNATURE + png_chunk(b"IHDR", size) + png_chunk(b"IEND")
+    with pytest.raises(images.InvalidImage, match=r"^image is over the limit of 1000000 pixels$"):
+        images.decode_image(header, 1_000_000, 0)

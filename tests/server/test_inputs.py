@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from iei.server.inputs import (
     MAX_JPEG_HEADER_SEGMENTS,
+    MAX_PNG_CHUNKS,
     InvalidInput,
     allow_pixels,
     decode_input,
@@ -24,7 +25,7 @@ from iei.server.inputs import (
     url_scheme,
 )
 from PIL import Image, PngImagePlugin
-from sample_images import encode, odd_images, photos
+from sample_images import encode, odd_images, photos, png_chunk, png_with_chunks, tiled_tiff
 
 PNG = encode(Image.new("RGB", (3, 2)), "PNG")
 B64 = base64.b64encode(PNG).decode()
@@ -154,11 +155,19 @@ def test_a_jpeg_header_of_too_many_segments_is_refused_before_pil_walks_it():
     assert jpeg_header_segments(PNG) == 0
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    import zlib
+def test_a_png_header_of_too_many_chunks_is_refused_before_pil_walks_it():
+    """Millions of empty chunks before the image data held the event loop for seconds."""
+    picture = Image.new("RGB", (3, 2))
+    assert inspect_image(png_with_chunks(picture, 1000), 100).width == 3
+    with pytest.raises(InvalidInput, match="PNG of over 4096 chunks besides its image data"):
+        inspect_image(png_with_chunks(picture, MAX_PNG_CHUNKS + 1), 100)
 
-    crc = zlib.crc32(kind + data).to_bytes(4, "big")
-    return len(data).to_bytes(4, "big") + kind + data + crc
+
+def test_a_tiff_whose_tiles_are_over_the_pixel_limit_is_refused_from_its_header():
+    """The model's decoder holds a whole tile, however small the image: as the model refuses."""
+    with pytest.raises(InvalidInput, match=r"TIFF of 2048x2048 = 4194304 pixel tiles: over the"):
+        inspect_image(tiled_tiff(16, 2048), 1_000_000)
+    assert inspect_image(tiled_tiff(16, 2048), 5_000_000).width == 16
 
 
 def with_chunks(png: bytes, *chunks: bytes) -> bytes:

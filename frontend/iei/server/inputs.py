@@ -167,6 +167,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The chunks before a PNG's image data that say what the header check needs: its size and mode
 # (IHDR; PLTE and tRNS for a palette) and its frames (acTL, fcTL of an animated PNG).
 _PNG_HEADER_CHUNKS = frozenset((b"IHDR", b"PLTE", b"tRNS", b"acTL", b"fcTL"))
+# Most chunks a PNG may have besides its image data, as the model counts them (in the whole file;
+# here those before the image data): real files have tens, and a walk of millions of empty ones
+# held the event loop for seconds.
+MAX_PNG_CHUNKS = 4096
 
 
 def png_header(data: bytes) -> bytes:
@@ -176,13 +180,16 @@ def png_header(data: bytes) -> bytes:
     64 MB each, about 1000 times what the chunk takes in the file: two PNGs of 64 such chunks,
     90 KB of base64 each, held the event loop 0.48 s, and were accepted. None says what the
     header check needs (the model reads the whole file). A chunk cut short is kept, for PIL to
-    say so."""
-    kept, at = [data[:8]], 8
+    say so. An `InvalidInput` for over MAX_PNG_CHUNKS chunks before the image data."""
+    kept, at, count = [data[:8]], 8, 0
     while at + 8 <= len(data):
         kind, end = data[at + 4 : at + 8], at + 12 + int.from_bytes(data[at : at + 4], "big")
         if kind in (b"IDAT", b"fdAT"):
             kept.append(data[at : at + 8])
             break
+        count += 1
+        if count > MAX_PNG_CHUNKS:
+            raise InvalidInput(f"PNG of over {MAX_PNG_CHUNKS} chunks besides its image data")
         if kind in _PNG_HEADER_CHUNKS or end > len(data):
             kept.append(data[at:end])
         at = end
@@ -203,13 +210,16 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
         raise InvalidInput(
             f"JPEG of over {MAX_JPEG_HEADER_SEGMENTS} segments before its first scan"
         )
+    header = png_header(data) if data.startswith(PNG_SIGNATURE) else data
+    tile = (0, 0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            header = png_header(data) if data.startswith(PNG_SIGNATURE) else data
             with Image.open(io.BytesIO(header), formats=IMAGE_FORMATS) as image:
                 width, height, fmt = image.width, image.height, image.format or "?"
                 mode = image.mode
+                if fmt == "TIFF":  # TileWidth, TileLength
+                    tile = (int(image.tag_v2.get(322) or 0), int(image.tag_v2.get(323) or 0))
     except Image.DecompressionBombError:
         raise InvalidInput(f"image is larger than the limit of {max_pixels} pixels") from None
     except UnidentifiedImageError:
@@ -225,6 +235,11 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
         )
     if width == 0 or height == 0:
         raise InvalidInput("image has no pixels")
+    if tile[0] * tile[1] > max_pixels:  # the model's decoder holds a whole tile, however small
+        raise InvalidInput(
+            f"TIFF of {tile[0]}x{tile[1]} = {tile[0] * tile[1]} pixel tiles: over the limit of "
+            f"{max_pixels} pixels (a tile is decoded whole)"
+        )
     return ImageInput(data, fmt, width, height, mode)
 
 
