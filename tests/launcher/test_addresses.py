@@ -196,3 +196,81 @@ def test_the_frontend_clashes_with_triton_only_where_both_would_listen(bind, tri
     """Equal port numbers on two addresses of this host are two listeners, not a clash."""
     settings = LauncherSettings(bind=bind, triton_host=triton_host)
     assert (settings.frontend_port_clash() is not None) == clash
+
+
+@contextmanager
+def answering(body: bytes, content_type: str = "application/json") -> Iterator[tuple[int, list]]:
+    """A server on 127.0.0.1 that answers every GET and POST 200 with `body`; its port and the
+    paths asked."""
+    asked: list[str] = []
+
+    class Handler(AlwaysReady):
+        def _ok(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield int(server.server_address[1]), asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class IdleTriton:
+    """What the idle unloader needs of the launcher's TritonServer."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.plans = ()
+
+    def watch_stubs(self, ready: set[str]) -> None:
+        pass
+
+
+def test_the_idle_unloader_reaches_triton_without_the_proxy(dead_proxy):
+    """IEI_MODEL_IDLE_UNLOAD and IEI_MAX_LOADED_MODELS went through HTTP_PROXY: behind a
+    corporate proxy nothing was ever unloaded (a debug line said so)."""
+    from iei.launcher.idle import IdleUnloader
+
+    with answering(b"[]") as (port, asked):
+        IdleUnloader(IdleTriton(port), 60.0).check()  # type: ignore[arg-type]
+    assert asked == ["/v2/repository/index"]
+
+
+def test_an_answer_that_is_not_triton_s_does_not_stop_the_stack(caplog):
+    """A proxy's HTML page (or anything else that is no JSON) raised out of the check, and out of
+    `iei serve`'s loop, which stopped the stack."""
+    from iei.launcher.idle import IdleUnloader
+
+    with answering(b"<html>a proxy's page</html>", "text/html") as (port, asked):
+        IdleUnloader(IdleTriton(port), 60.0).check()  # type: ignore[arg-type]
+    assert asked == ["/v2/repository/index"]
+    assert "idle check skipped: Triton's answer could not be read" in caplog.text
+
+
+def test_the_frontend_reads_triton_s_metrics_without_the_proxy(dead_proxy):
+    """/health's evidence of a long execution (Triton's metrics page) went through HTTP_PROXY."""
+    from iei.server.triton_client import TritonClient
+
+    page = b'iei_execution_seconds{model="iei",instance="iei_0_0"} 12\n'
+
+    async def executions(port: int):
+        client = TritonClient(
+            "127.0.0.1:1", concurrency_level=1, timeout=5.0, metrics_endpoint=f"127.0.0.1:{port}"
+        )
+        await client.open()
+        try:
+            return await client._executions("iei")
+        finally:
+            await client.close()
+
+    with answering(page, "text/plain") as (port, asked):
+        read = asyncio.run(executions(port))
+    assert asked == ["/metrics"]
+    assert read is not None and read[1] == {"iei_0_0": (12.0, 0.0)}

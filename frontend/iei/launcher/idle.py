@@ -56,10 +56,16 @@ class IdleUnloader:
             return
         self.next_check = time.monotonic() + self.interval
         try:
-            with httpx.Client(base_url=self.triton.url, timeout=self.TIMEOUT) as client:
+            # never through a proxy of the environment (HTTP_PROXY): Triton is ours, here
+            with httpx.Client(
+                base_url=self.triton.url, timeout=self.TIMEOUT, trust_env=False
+            ) as client:
                 self._check(client)
         except httpx.HTTPError as exc:
             log.debug("idle check skipped: %s", exc)
+        except Exception as exc:  # an answer that is not Triton's: the stack goes on regardless
+            log.warning("idle check skipped: Triton's answer could not be read (%s: %s)",
+                        type(exc).__name__, exc)  # fmt: skip
 
     def _check(self, client: httpx.Client) -> None:
         index = client.post("/v2/repository/index").raise_for_status().json()

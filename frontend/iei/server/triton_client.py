@@ -130,7 +130,10 @@ class TritonClient:
         )
         if self.metrics_endpoint is not None:
             url = f"http://{self.metrics_endpoint}"
-            self._metrics = httpx.AsyncClient(base_url=url, timeout=METRICS_TIMEOUT)
+            # trust_env=False: a proxy of the environment (HTTP_PROXY) is not a way to Triton
+            self._metrics = httpx.AsyncClient(
+                base_url=url, timeout=METRICS_TIMEOUT, trust_env=False
+            )
 
     async def close(self) -> None:
         if self._metrics is not None:
