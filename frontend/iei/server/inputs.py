@@ -218,8 +218,9 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageInput:
             with Image.open(io.BytesIO(header), formats=IMAGE_FORMATS) as image:
                 width, height, fmt = image.width, image.height, image.format or "?"
                 mode = image.mode
-                if fmt == "TIFF":  # TileWidth, TileLength
-                    tile = (int(image.tag_v2.get(322) or 0), int(image.tag_v2.get(323) or 0))
+                tags = getattr(image, "tag_v2", None) if fmt == "TIFF" else None
+                if tags is not None:  # TileWidth, TileLength
+                    tile = (int(tags.get(322) or 0), int(tags.get(323) or 0))
     except Image.DecompressionBombError:
         raise InvalidInput(f"image is larger than the limit of {max_pixels} pixels") from None
     except UnidentifiedImageError:
