@@ -27,14 +27,31 @@ def add_service_arguments(
     "server's)",
 ) -> None:
     parser.add_argument(
-        "--url", default=DEFAULT_URL, help=f"the IEI service (default {DEFAULT_URL})"
+        "--url",
+        type=service_url,
+        default=DEFAULT_URL,
+        help=f"the IEI service (default {DEFAULT_URL})",
     )
     parser.add_argument(
         "--api-key",
+        type=api_key,
         default=os.environ.get("IEI_API_KEY"),
         help="Bearer key of the service (default: $IEI_API_KEY)",
     )
     parser.add_argument("--model", default=None, help=model_help)
+
+
+def service_url(value: str) -> str:
+    """An http(s) URL: `127.0.0.1:8000` (how IEI_TRITON_URL is written) failed only once sent."""
+    if not value.lower().startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{value!r} is no http:// or https:// URL")
+    return value
+
+
+def api_key(value: str) -> str | None:
+    """The key without the white space around it (a file's trailing newline, as the server
+    strips its own): httpx refused the header, and the call read as an unreachable server."""
+    return value.strip() or None
 
 
 def positive(value: str) -> int:

@@ -245,7 +245,71 @@ def test_back_off_grows_exponentially_and_is_capped():
     waits = [policy.delay(n, None) for n in range(1, 6)]
     assert 0.75 <= waits[0] <= 1.25 and 1.5 <= waits[1] <= 2.5 and 3.0 <= waits[2] <= 5.0
     assert waits[3] == waits[4] == 5.0
-    assert policy.delay(1, 60.0) == 5.0  # a Retry-After beyond the cap is capped too
+    assert policy.delay(1, 4.5) >= 4.5  # the server's Retry-After is a floor
+
+
+def read_timeouts(server: FakeServer) -> list[float]:
+    return [r.extensions["timeout"]["read"] for r in server.requests]
+
+
+def test_answers_are_awaited_as_long_as_the_server_may_take():
+    """A fixed 120 s gave up on a server allowed longer (IEI_REQUEST_TIMEOUT up to an hour),
+    and then sent the request again."""
+    server = FakeServer(info={**INFO, "limits": {"request_timeout": 600}})
+    client, _ = client_for(server)
+    client.embed([b"x"])
+    assert read_timeouts(server) == [120.0, 630.0]  # /info itself, then the server's + 30 s
+    server = FakeServer(info={**INFO, "limits": {"request_timeout": 600}})
+    client, _ = client_for(server, timeout=5.0)  # the client's own, when given
+    client.embed([b"x"])
+    assert read_timeouts(server) == [5.0, 5.0]
+
+
+def test_an_answer_that_never_comes_is_not_asked_again():
+    """A read timeout was retried as a lost connection: the same batch computed five times,
+    reported as an unreachable server."""
+    calls: list[str] = []
+
+    def silent(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/info":
+            return httpx.Response(200, json=INFO)
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    client = IEIClient("http://iei.test", transport=httpx.MockTransport(silent), sleep=print)
+    with pytest.raises(BackendError, match=r"/embed gave no answer within 120 s"):
+        client.embed([b"x"])
+    assert calls == ["/info", "/embed"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [httpx.UnsupportedProtocol("no scheme"), httpx.LocalProtocolError("Illegal header value")],
+)
+def test_a_call_httpx_cannot_make_is_not_retried(failure):
+    """`--url 127.0.0.1:8000`, or a key with a newline: retried for seconds as unreachable."""
+    calls: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        raise failure
+
+    client = IEIClient("http://iei.test", transport=httpx.MockTransport(refuse), sleep=print)
+    with pytest.raises(IEIError, match=f"cannot call http://iei.test/info: {failure}"):
+        client.embed([b"x"])
+    assert calls == ["/info"]
+
+
+def test_a_retry_after_longer_than_the_longest_wait_is_raised_at_once():
+    """A model that failed to load says when it is tried again (up to 300 s): the retries were
+    capped at 30 s each, all inside the time the server had announced, then gave up."""
+    failed = error(503, "Unhealthy", "model 'b' failed to load", **{"Retry-After": "160"})
+    server = FakeServer([failed])
+    client, slept = client_for(server, retry=RetryPolicy(attempts=5, max_backoff=30))
+    with pytest.raises(UnavailableError) as raised:
+        client.embed([b"x"])
+    assert raised.value.retry_after == 160.0
+    assert slept == [] and len(server.embed_bodies) == 1
 
 
 def test_retries_are_bounded_then_the_typed_error_is_raised():

@@ -11,7 +11,17 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from .core import DEFAULT_TEMPLATE, ClientCore, Encode, LabelScores, Plan, RetryPolicy, Send, T
+from .core import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_TIMEOUT,
+    ClientCore,
+    Encode,
+    LabelScores,
+    Plan,
+    RetryPolicy,
+    Send,
+    T,
+)
 from .inputs import ImageInput
 
 
@@ -23,7 +33,7 @@ class AsyncIEIClient:
         url: str = "http://127.0.0.1:8000",
         api_key: str | None = None,
         *,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         retry: RetryPolicy | None = None,
         batch_size: int | None = None,
         model: str | None = None,
@@ -37,7 +47,7 @@ class AsyncIEIClient:
         self._http = httpx.AsyncClient(
             base_url=self._core.url,
             headers=self._core.headers,
-            timeout=timeout,
+            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             transport=transport,
         )
         self._sleep = sleep
@@ -102,7 +112,7 @@ class AsyncIEIClient:
                 try:
                     result = await self._http.request(
                         step.method, step.path, content=step.body,
-                        headers=step.headers,
+                        headers=step.headers, timeout=step.timeout,
                     )  # fmt: skip
                 except httpx.TransportError as exc:
                     result = exc

@@ -18,13 +18,25 @@ import httpx
 import numpy as np
 import orjson
 
-from .errors import RETRIED_STATUSES, IEIError, UnavailableError, error_from_response
+from .errors import (
+    RETRIED_STATUSES,
+    BackendError,
+    IEIError,
+    UnavailableError,
+    error_from_response,
+)
 from .inputs import ImageFile, ImageInput, encode_image, image_file, multipart_form
 
 T = TypeVar("T")
 
 # Share of the server's payload limit one request may fill (JSON or form framing is the rest).
 PAYLOAD_SHARE = 0.9
+# Seconds an answer is waited for, unless the client is given its own timeout: before /info is
+# read, and past the server's own request timeout (IEI_REQUEST_TIMEOUT, in /info) once it is.
+DEFAULT_TIMEOUT = 120.0
+ANSWER_MARGIN = 30.0
+# Transport errors that another try cannot mend: a URL without http(s), a header httpx refuses.
+NOT_RETRIED = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 JSON_TYPE = "application/json"
 
 
@@ -36,6 +48,7 @@ class Send:
     path: str
     body: bytes | None = None
     content_type: str = JSON_TYPE
+    timeout: float | None = None  # seconds to wait for the answer (None: the client's)
 
     @property
     def headers(self) -> dict[str, str] | None:
@@ -79,8 +92,9 @@ class RetryPolicy:
     The wait before retry n (1, 2, …) is `backoff * 2**(n-1)` with ±25 % jitter (so that many
     clients do not retry in step), never less than the server's `Retry-After` (plus up to 25 %):
     the server's hint is a floor, not the whole wait, so that the retries still span a Triton
-    restart when every answer says "1 s". Never more than `max_backoff`. `attempts` counts every
-    try, the first included.
+    restart when every answer says "1 s". Never more than `max_backoff`: an answer whose
+    `Retry-After` is longer (a model that failed to load: minutes) is raised at once, not retried
+    sooner than the server said. `attempts` counts every try, the first included.
     """
 
     attempts: int = 5
@@ -213,7 +227,7 @@ class ClientCore:
         self,
         url: str,
         api_key: str | None,
-        timeout: float,
+        timeout: float | None,
         retry: RetryPolicy,
         batch_size: int | None,
         model: str | None = None,
@@ -222,7 +236,7 @@ class ClientCore:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout = timeout
+        self.timeout = timeout  # None: the server's request timeout, with a margin
         self.retry = retry
         self.batch_size = batch_size
         self.model = model  # the served model every call names (None: the server's default)
@@ -248,6 +262,16 @@ class ClientCore:
         payload = limits.get("payload_limit")
         max_chars = int(payload * PAYLOAD_SHARE) if payload else None
         return per_request, max_chars, facts_of(info, self.model).get("embedding_dimension")
+
+    def answer_timeout(self) -> float:
+        """Seconds to wait for an answer: the client's own timeout, else the server's request
+        timeout (once /info is read) and a margin for the answer to come back. A fixed 120 s
+        gave up on a server allowed longer (IEI_REQUEST_TIMEOUT up to an hour)."""
+        if self.timeout is not None:
+            return self.timeout
+        limits = (self.server_info or {}).get("limits") or {}
+        server = limits.get("request_timeout")
+        return float(server) + ANSWER_MARGIN if server else DEFAULT_TIMEOUT
 
     def info(self) -> Plan[dict[str, Any]]:
         """`GET /info`, asked once and kept."""
@@ -338,7 +362,14 @@ class ClientCore:
             content = orjson.dumps(body)
         for attempt in range(1, self.retry.attempts + 1):
             error: IEIError
-            outcome = yield Send(method, path, content, content_type)
+            timeout = self.answer_timeout()
+            outcome = yield Send(method, path, content, content_type, timeout)
+            if isinstance(outcome, httpx.ReadTimeout):  # sent again, it would only run again
+                raise BackendError(
+                    f"{self.url}{path} gave no answer within {timeout:g} s (the client's timeout)"
+                )
+            if isinstance(outcome, NOT_RETRIED):
+                raise IEIError(f"cannot call {self.url}{path}: {outcome}")
             if isinstance(outcome, httpx.TransportError):
                 error = UnavailableError(f"cannot reach {self.url}: {outcome!r}")
             elif outcome.is_success:
@@ -347,6 +378,8 @@ class ClientCore:
                 error = error_from_response(outcome)
                 if not retried(outcome.status_code, error.retry_after):
                     raise error
+                if (error.retry_after or 0) > self.retry.max_backoff:
+                    raise error  # later than this client waits: not sooner than it says
             if attempt == self.retry.attempts:
                 raise error
             yield Wait(self.retry.delay(attempt, error.retry_after))

@@ -10,7 +10,17 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from .core import DEFAULT_TEMPLATE, ClientCore, Encode, LabelScores, Plan, RetryPolicy, Send, T
+from .core import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_TIMEOUT,
+    ClientCore,
+    Encode,
+    LabelScores,
+    Plan,
+    RetryPolicy,
+    Send,
+    T,
+)
 from .inputs import ImageInput
 
 
@@ -22,7 +32,7 @@ class IEIClient:
         url: str = "http://127.0.0.1:8000",
         api_key: str | None = None,
         *,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         retry: RetryPolicy | None = None,
         batch_size: int | None = None,
         model: str | None = None,
@@ -36,7 +46,7 @@ class IEIClient:
         self._http = httpx.Client(
             base_url=self._core.url,
             headers=self._core.headers,
-            timeout=timeout,
+            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             transport=transport,
         )
         self._sleep = sleep
@@ -96,7 +106,7 @@ class IEIClient:
                 try:
                     result = self._http.request(
                         step.method, step.path, content=step.body,
-                        headers=step.headers,
+                        headers=step.headers, timeout=step.timeout,
                     )  # fmt: skip
                 except httpx.TransportError as exc:
                     result = exc

@@ -197,7 +197,7 @@ class ServiceEmbedder(BatchEmbedder):
         batch_size: int = 16,
         in_flight: int = 4,
         retries: int = 4,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         model: str | None = None,
     ) -> None:
         self.remote_normalize = normalize
