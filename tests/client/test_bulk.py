@@ -29,8 +29,10 @@ class FakeService:
         self.fail: dict[bytes, httpx.Response] = {}
         self.fail_all: httpx.Response | None = None
         self.embedded: list[bytes] = []  # every file the service embedded, in order
+        self.keys: list[str | None] = []  # each request's Authorization header
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.keys.append(request.headers.get("authorization"))
         if request.url.path == "/info":
             info = {"max_client_batch_size": 64, "embedding_dimension": DIMENSION, "limits": {}}
             return httpx.Response(200, json=info)
@@ -260,3 +262,96 @@ def test_ctrl_c_while_resume_seeds_its_journal_leaves_no_journal(
     monkeypatch.setattr(index_files.Journal, "append", real_append)
     assert embed(tmp_path / "photos", "--out", out, "--resume") == 0
     assert sorted(Path(p).name for p in load_index(out)[0]) == ["p0.jpg", "p1.jpg", "p9.jpg"]
+
+
+# --- what a folder may hold besides images ----------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(service, tmp_path, caplog):
+    """Reading it waited for a writer for ever, and Ctrl-C did not end the run."""
+    photos(tmp_path / "in", 2)
+    os.mkfifo(tmp_path / "in" / "pipe.jpg")
+    out = tmp_path / "v.jsonl"
+    assert embed(tmp_path / "in", "--out", out) == 0
+    assert "pipe.jpg: cannot read: not a regular file" in caplog.text
+    assert len(service.embedded) == 2
+
+
+def test_a_folder_that_cannot_be_listed_is_a_warning(service, tmp_path, caplog, monkeypatch):
+    photos(tmp_path / "in", 2)
+    walk = os.walk
+
+    def refusing(top, onerror=None, **options):  # as for a folder of mode 000 (tests run as root)
+        if onerror is not None:
+            onerror(PermissionError(13, "Permission denied", str(tmp_path / "in" / "locked")))
+        return walk(top, onerror=onerror, **options)
+
+    monkeypatch.setattr(os, "walk", refusing)
+    assert embed(tmp_path / "in", "--out", tmp_path / "v.jsonl") == 0
+    assert f"skipped the folder {tmp_path / 'in' / 'locked'}: Permission denied" in caplog.text
+
+
+def test_an_out_that_is_a_folder_is_refused_before_anything_is_embedded(service, tmp_path, caplog):
+    """It was found at the end, once every image was embedded (and --resume failed alike)."""
+    photos(tmp_path / "in", 2)
+    (tmp_path / "v.npy").mkdir()
+    assert embed(tmp_path / "in", "--out", tmp_path / "v.npy", "--overwrite") == 2
+    assert f"{tmp_path / 'v.npy'} is a folder: --out names the index file" in caplog.text
+    assert service.embedded == []
+
+
+def test_a_file_over_the_payload_limit_is_skipped_unread(service, tmp_path, caplog, monkeypatch):
+    """It was read whole and sent (twice: the request, then the file alone), answered 413."""
+    files = photos(tmp_path / "in", 3)
+    files[1].write_bytes(b"x" * 5000)
+    real = bulk.AsyncIEIClient
+
+    def limited(*args, **options):
+        client = real(*args, **options)
+
+        async def info():
+            return {"max_client_batch_size": 64, "embedding_dimension": DIMENSION,
+                    "limits": {"payload_limit": 4096}}  # fmt: skip
+
+        client.info = info
+        return client
+
+    monkeypatch.setattr(bulk, "AsyncIEIClient", limited)
+    assert embed(tmp_path / "in", "--out", tmp_path / "v.jsonl") == 0
+    assert service.embedded == [b"x", b"xxx"]
+    assert "p1.jpg: cannot read: 5000 bytes, over the service's payload limit of 4096" in (
+        caplog.text
+    )
+
+
+def test_resuming_a_jsonl_keeps_no_vectors_in_memory(service, tmp_path):
+    """A `.jsonl` run needs which paths are done: the whole journal was read and parsed into
+    memory (a million vectors, about 20 GB)."""
+    out = tmp_path / "v.jsonl"
+    lines = [orjson.dumps({"path": f"done{i}.jpg", "embedding": [1.0, 2.0, 3.0, 4.0]})
+             for i in range(3)]  # fmt: skip
+    out.write_bytes(b"\n".join(lines) + b"\n" + b'{"path": "torn')
+    done = bulk.prepare(out, resume=True, overwrite=False)
+    assert list(done) == ["done0.jpg", "done1.jpg", "done2.jpg"]
+    assert [len(v) for v in done.values()] == [4, 0, 0]  # the first, for the vectors' size
+    assert out.read_bytes().endswith(b"\n")  # the torn line was cut off
+    npy = tmp_path / "w.npy"
+    journal_path(npy).write_bytes(b"\n".join(lines) + b"\n")
+    assert [len(v) for v in bulk.prepare(npy, resume=True, overwrite=False).values()] == [4] * 3
+
+
+def test_a_url_without_http_is_refused_with_the_arguments(tmp_path, capsys):
+    """`127.0.0.1:8000` (how IEI_TRITON_URL is written) was retried for seconds as unreachable."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["embed", str(tmp_path), "--url", "127.0.0.1:8000", "--out", "v.npy"])
+    assert exited.value.code == 2
+    assert "'127.0.0.1:8000' is no http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_the_api_key_is_sent_without_the_white_space_around_it(service, tmp_path, monkeypatch):
+    """A key read from a file keeps its newline: httpx refused the header, read as unreachable."""
+    photos(tmp_path / "in", 1)
+    monkeypatch.setenv("IEI_API_KEY", "secret\n")
+    assert embed(tmp_path / "in", "--out", tmp_path / "v.jsonl") == 0
+    assert set(service.keys) == {"Bearer secret"}

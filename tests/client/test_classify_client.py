@@ -294,3 +294,23 @@ def test_ctrl_c_in_the_client_commands_is_one_line(tmp_path, monkeypatch, capsys
     assert cli.main(["tag", str(tmp_path), "--labels", "x"]) == 130
     assert cli.main(["similar", str(tmp_path / "q.jpg"), "--index", str(tmp_path / "i.npy")]) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_iei_tag_on_a_folder_without_images_refuses_and_keeps_the_earlier_out(
+    tmp_path, monkeypatch, caplog
+):
+    """It wrote an empty file over the earlier --out and said 0 (`iei embed` refuses)."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "tags.jsonl"
+    out.write_text('{"path": "earlier"}\n')
+    argv = [str(tmp_path / "empty"), "--labels", "x,y", "--out", str(out)]
+    assert run_tag(monkeypatch, FakeServer(), argv) == 2
+    assert "no image files in" in caplog.text
+    assert out.read_text() == '{"path": "earlier"}\n'
+
+
+def test_iei_tag_that_tags_nothing_says_so_in_its_exit_status(tmp_path, monkeypatch):
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, format="PNG")  # the fake refuses it: too small
+    (tmp_path / "bad.png").write_bytes(tiny.getvalue())
+    assert run_tag(monkeypatch, FakeServer(), [str(tmp_path), "--labels", "x,y"]) == 1

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +31,7 @@ from .async_client import AsyncIEIClient
 from .core import RetryPolicy, facts_of
 from .errors import BackendError, IEIError, ValidationError
 from .index_files import (
+    NO_VECTOR,
     BulkError,
     Journal,
     files_of,
@@ -52,13 +55,19 @@ IMAGE_SUFFIXES = frozenset(
 
 
 def find_images(roots: Iterable[Path]) -> list[str]:
-    """The image paths under `roots`, each once, folders walked recursively in sorted order."""
+    """The image paths under `roots`, each once, folders walked recursively in sorted order; a
+    folder that cannot be listed is a warning (its images were left out without a word)."""
+
+    def unlisted(error: OSError) -> None:
+        log.warning("skipped the folder %s: %s", printable(str(error.filename)),
+                    error.strerror or error)  # fmt: skip
+
     found: dict[str, None] = {}
     for root in roots:
         if root.is_file():
             found[str(root)] = None
         elif root.is_dir():
-            for folder, subfolders, files in os.walk(root):
+            for folder, subfolders, files in os.walk(root, onerror=unlisted):
                 subfolders.sort()
                 for name in sorted(files):
                     if Path(name).suffix.lower() in IMAGE_SUFFIXES:
@@ -69,9 +78,6 @@ def find_images(roots: Iterable[Path]) -> list[str]:
 
 
 # --- embedding ---------------------------------------------------------------------------------
-
-
-NO_VECTOR = np.empty(0, dtype=np.float32)  # a `.jsonl` run's done paths: the vector is on disk
 
 
 # Images that fail alone with a 424 or 504 one after another, no success between: the service
@@ -85,11 +91,26 @@ class Tally:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def read_files(paths: Sequence[str]) -> list[bytes | OSError]:
+def read_files(paths: Sequence[str], max_bytes: int | None = None) -> list[bytes | OSError]:
+    """Each file's bytes, or why it cannot be read: not a regular file (a FIFO named `x.jpg`
+    blocked the run, deaf to Ctrl-C), or over `max_bytes` (the service's payload limit: a file
+    that can never be accepted was read whole and sent, twice)."""
     contents: list[bytes | OSError] = []
     for path in paths:
         try:
-            contents.append(Path(path).read_bytes())
+            # O_NONBLOCK: opening a FIFO waits for a writer otherwise (no effect on files)
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(descriptor, "rb") as file:
+                status = os.fstat(file.fileno())
+                if not stat.S_ISREG(status.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                if max_bytes is not None and status.st_size > max_bytes:
+                    raise OSError(
+                        errno.EFBIG,
+                        f"{status.st_size} bytes, over the service's payload limit of "
+                        f"{max_bytes} bytes",
+                    )
+                contents.append(file.read())
         except OSError as exc:
             contents.append(exc)
     return contents
@@ -104,8 +125,10 @@ async def embed_paths(
     normalize: bool,
     on_embedded: Callable[[Sequence[str], np.ndarray], None],
     on_skipped: Callable[[str, str], None],
+    max_bytes: int | None = None,
 ) -> None:
-    """Embed `paths` in batches, `concurrency` requests in flight; report each result."""
+    """Embed `paths` in batches, `concurrency` requests in flight; report each result. A file
+    over `max_bytes` (the service's payload limit) is skipped unread."""
     batches: Iterator[Sequence[str]] = (
         paths[i : i + batch_size] for i in range(0, len(paths), batch_size)
     )
@@ -136,7 +159,7 @@ async def embed_paths(
 
     async def worker() -> None:
         for batch in batches:  # one shared iterator: each batch goes to one worker
-            contents = await asyncio.to_thread(read_files, batch)
+            contents = await asyncio.to_thread(read_files, batch, max_bytes)
             readable = [
                 (p, c) for p, c in zip(batch, contents, strict=True) if isinstance(c, bytes)
             ]
@@ -190,7 +213,7 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
         return {}
     journal = journal_path(out)
     if journal.exists():
-        return read_journal(journal, repair=True)
+        return read_journal(journal, repair=True, vectors=output_format(out) != ".jsonl")
     if out.exists():  # a finished .npy/.parquet: continue from it (new files in the folders)
         paths, vectors = load_index(out, "--out")
         done = dict(zip(paths, vectors, strict=True))
@@ -218,6 +241,9 @@ def run_embed(args: argparse.Namespace) -> int:
         if uris:
             raise BulkError(f"{uris[0]}: URIs need a Ray Data job (--ray, docs/bulk.md)")
         output_format(out)
+        for written in (out, journal_path(out)):
+            if written.is_dir():  # found at the end, once every image was embedded, before
+                raise BulkError(f"{written} is a folder: --out names the index file to write")
         paths = find_images(map(Path, args.paths))
         if not paths:
             raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
@@ -255,7 +281,9 @@ def run_embed(args: argparse.Namespace) -> int:
         async with AsyncIEIClient(
             args.url, args.api_key, batch_size=args.batch_size, retry=retry, model=args.model
         ) as client:
-            dimension = facts_of(await client.info(), args.model).get("embedding_dimension")
+            info = await client.info()
+            dimension = facts_of(info, args.model).get("embedding_dimension")
+            payload = (info.get("limits") or {}).get("payload_limit")
             if done and dimension and len(next(iter(done.values()))) != dimension:
                 raise BulkError(f"{out} holds vectors of another model (not {dimension} values)")
             if not keeps_vectors:  # checked: a resumed `.jsonl`'s vectors are on disk already
@@ -263,6 +291,7 @@ def run_embed(args: argparse.Namespace) -> int:
             await embed_paths(
                 client, todo, batch_size=args.batch_size, concurrency=args.concurrency,
                 normalize=not args.raw, on_embedded=embedded, on_skipped=skipped,
+                max_bytes=int(payload) if payload else None,
             )  # fmt: skip
 
     try:

@@ -114,6 +114,8 @@ def run_tag(args: argparse.Namespace) -> int:
     written = partial(Path(args.out)) if args.out is not None else None
     try:
         paths = find_images(args.paths)
+        if not paths:  # as `iei embed`: an empty run replaced an earlier --out with nothing
+            raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
         if written is not None:
             out = written.open("w", encoding="utf-8")  # closed below
         try:
@@ -137,4 +139,4 @@ def run_tag(args: argparse.Namespace) -> int:
         if written is not None:
             written.unlink(missing_ok=True)  # what a failed run wrote (gone once replaced)
     log.info("tagged %d files, skipped %d", len(paths) - skipped, skipped)
-    return 0
+    return 0 if skipped < len(paths) else 1  # every file skipped: nothing was tagged
