@@ -195,6 +195,35 @@ def test_triton_has_shared_memory_for_the_python_backend(triton):
     assert needed <= gigabytes(triton["shm_size"]) <= needed + 2
 
 
+def seconds(duration: str) -> float:
+    """A compose duration (`40s`, `1m30s`) in seconds."""
+    import re
+
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_each_service_is_given_the_time_its_drain_takes_before_it_is_killed(
+    triton, frontend, monkeypatch
+):
+    """Docker kills a container 10 s after SIGTERM by default: uvicorn's 30 s for the requests
+    in flight (its image's command), Triton's 15 s, were cut short."""
+    import re
+
+    [drain] = re.findall(
+        r"--timeout-graceful-shutdown (\d+)", " ".join(cmd_of("frontend.Dockerfile"))
+    )
+    assert seconds(frontend["stop_grace_period"]) >= int(drain) + 5
+    for name, value in triton["environment"].items():
+        monkeypatch.setenv(name, interpolate(value))
+    arguments = " ".join(triton_command(LauncherSettings(), Path("/repo")))
+    [exit_timeout] = re.findall(r"--exit-timeout-secs[= ](\d+)", arguments)
+    assert seconds(triton["stop_grace_period"]) >= int(exit_timeout) + 5
+    assert triton["init"] is True  # PID 1 reaps the stubs of a restarted Triton
+
+
 def test_triton_ports_stay_internal(triton):
     assert "ports" not in triton
     environment = triton["environment"]

@@ -266,6 +266,12 @@ def test_triton_runs_iei_triton_on_one_gpu_with_shared_memory_and_a_model_cache(
     assert "emptyDir" in mounts[dockerfile_env("triton.Dockerfile")["HF_HOME"]]
 
 
+def test_the_stubs_a_triton_restart_leaves_behind_are_reaped():
+    """`iei triton` ran as the pod's PID 1 and waits for its own children only: the stubs of each
+    restarted Triton stayed zombies (compose has `init: true`)."""
+    assert TRITON["spec"]["template"]["spec"]["shareProcessNamespace"] is True
+
+
 def test_triton_s_shared_memory_fits_the_split_layout_with_large_photos_and_its_memory_limit():
     from test_deploy import split_layout_shm_gib
 
