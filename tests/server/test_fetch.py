@@ -70,6 +70,8 @@ def anyio_backend():
         ("2002:5db8:d822::1", True),  # 6to4 of a public address
         ("2001:0:5db8:d822:0:ffff:80ff:fffe", False),  # Teredo; client 127.0.0.1 (inverted)
         ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
+        ("fec0::1", False),  # site-local (deprecated; Python 3.11's is_global says global)
+        ("feff::1", False),
     ],
 )
 def test_is_public(address, public):

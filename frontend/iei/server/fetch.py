@@ -89,7 +89,10 @@ def is_public(address: Address) -> bool:
     inside = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
     if inside:
         return all(is_public(v4) for v4 in inside)
-    return address.is_global and not address.is_multicast
+    # site-local (fec0::/10): deprecated, yet a network may still route it inside; Python 3.11's
+    # is_global counts it as global
+    site_local = isinstance(address, ipaddress.IPv6Address) and address.is_site_local
+    return address.is_global and not address.is_multicast and not site_local
 
 
 def ascii_host(host: str) -> str:
