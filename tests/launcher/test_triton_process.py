@@ -461,3 +461,28 @@ def test_an_execution_that_computes_or_a_new_one_is_not_hung(tmp_path, monkeypat
     assert server.problem() is None
     server.executing(20, 0.0)  # waiting for work however long is no hang
     assert server.problem() is None and 20 not in server.executing_since
+
+
+def test_triton_s_output_is_read_to_its_end_when_a_copy_of_it_fails(tmp_path, monkeypatch, caplog):
+    """The thread that copies Triton's output died on a write that failed (a closed stdout, a
+    full disk); nothing read the pipe any more, and Triton blocked once it was full."""
+    import io
+    import types
+
+    class Closed:
+        name = "standard output"
+
+        def write(self, data: bytes) -> int:
+            raise OSError(5, "Input/output error")
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=Closed()))
+    lines = [f"line {i}\n".encode() for i in range(1000)]
+    output = io.BytesIO(b"".join(lines))
+    server = TritonServer(LauncherSettings(), tmp_path)
+    server._tee(types.SimpleNamespace(stdout=output))  # type: ignore[arg-type]
+    assert output.read() == b""  # read to its end
+    assert server.log_path.read_bytes() == b"".join(lines)  # the other copy kept every line
+    assert caplog.text.count("Triton's output no longer goes to standard output") == 1

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -392,13 +393,24 @@ class TritonServer:
             )  # fmt: skip
 
     def _tee(self, process: subprocess.Popen[bytes]) -> None:
-        """Triton's output line by line to the log file and to our stdout."""
-        with open(self.log_path, "ab") as log_file:
+        """Triton's output line by line to the log file and to our stdout. A copy that fails (a
+        full disk, a closed stdout) is given up, never the reading: with no reader left, Triton
+        blocked writing its log once the pipe was full."""
+        with contextlib.ExitStack() as files:
+            sinks: list[Any] = [sys.stdout.buffer]
+            try:
+                sinks.insert(0, files.enter_context(open(self.log_path, "ab")))
+            except OSError as exc:
+                log.warning("Triton's output is not written to %s: %s", self.log_path, exc)
             for line in process.stdout or ():
-                log_file.write(line)
-                log_file.flush()
-                sys.stdout.buffer.write(line)
-                sys.stdout.buffer.flush()
+                for sink in list(sinks):
+                    try:
+                        sink.write(line)
+                        sink.flush()
+                    except (OSError, ValueError) as exc:  # ValueError: a closed file
+                        sinks.remove(sink)
+                        where = getattr(sink, "name", "standard output")
+                        log.warning("Triton's output no longer goes to %s: %s", where, exc)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
