@@ -146,3 +146,17 @@ def test_a_stop_asked_for_while_the_models_are_planned_starts_no_triton(monkeypa
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert (code, started) == (0, [])
+
+
+def test_a_restart_that_keeps_failing_is_given_up_once_the_frontend_has_gone(monkeypatch):
+    """The restarts went on (each up to IEI_STARTUP_TIMEOUT) without a look at the frontend: a
+    dead frontend left `iei serve` running and serving nothing."""
+    stopping = threading.Event()
+    monkeypatch.setattr(stopping, "wait", lambda delay: False)
+    triton = FakeTriton(fail_starts=1000)
+    watched = TritonSupervisor(
+        triton, LauncherSettings(), stopping,  # type: ignore[arg-type]
+        others_running=lambda: triton.calls.count("start") < 2,  # it exits during the 2nd try
+    )  # fmt: skip
+    watched.check()
+    assert triton.calls.count("start") == 2

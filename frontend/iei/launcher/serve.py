@@ -116,8 +116,10 @@ def run(settings: LauncherSettings, *, with_triton: bool, with_frontend: bool) -
             settings.triton_endpoint, settings.triton_grpc_port,
         )  # fmt: skip
         metrics = frontend_metrics(frontend)
+        # A Triton that keeps failing to restart is given up once the frontend has gone too.
+        others_running = frontend.running if frontend is not None else lambda: True
         supervisor = (
-            TritonSupervisor(triton, settings, stopping, restart_counter(metrics))
+            TritonSupervisor(triton, settings, stopping, restart_counter(metrics), others_running)
             if triton
             else None
         )

@@ -27,13 +27,20 @@ class TritonSupervisor:
         settings: LauncherSettings,
         stopping: threading.Event,
         counted: Callable[[str], None] | None = None,
+        others_running: Callable[[], bool] = lambda: True,
     ) -> None:
         self.triton = triton
         self.settings = settings
         self.stopping = stopping
         self.counted = counted  # called with the problem's reason on each restart (metrics)
+        # Whether the rest of the stack (`iei serve`'s frontend) still runs: a restart that keeps
+        # failing is given up once it does not, or `iei serve` served nothing for as long
+        self.others_running = others_running
         self.delay = 0.0
         self.up_since = time.monotonic()
+
+    def given_up(self) -> bool:
+        return self.stopping.is_set() or not self.others_running()
 
     def check(self) -> None:
         problem = self.triton.problem()
@@ -46,20 +53,20 @@ class TritonSupervisor:
         self.triton.restarts[problem.reason] += 1  # the next Triton shows it (its metrics port)
         if self.counted is not None:
             self.counted(problem.reason)
-        while not self.stopping.is_set():
+        while not self.given_up():
             if self.delay:
                 log.info("next Triton start in %.0f s", self.delay)
-                if self.stopping.wait(self.delay):
+                if self.stopping.wait(self.delay) or self.given_up():  # at most 30 s
                     return
             self.delay = min(max(1.0, self.delay * 2), self.MAX_DELAY)
             self.triton.stop(timeout=5.0)
-            if self.stopping.is_set():  # a SIGTERM during the stop: no new Triton
+            if self.given_up():  # a SIGTERM during the stop: no new Triton
                 return
             try:
                 self.triton.start()
-                self.triton.wait_ready(self.settings.startup_timeout, self.stopping.is_set)
+                self.triton.wait_ready(self.settings.startup_timeout, self.given_up)
             except (TritonStartupError, OSError) as exc:
-                if not self.stopping.is_set():
+                if not self.given_up():
                     log.error("Triton restart failed: %s", exc)
                 continue
             self.triton.watch_stubs()
