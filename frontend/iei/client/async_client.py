@@ -11,17 +11,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from .core import (
-    DEFAULT_TEMPLATE,
-    DEFAULT_TIMEOUT,
-    ClientCore,
-    Encode,
-    LabelScores,
-    Plan,
-    RetryPolicy,
-    Send,
-    T,
-)
+from .core import DEFAULT_TEMPLATE, ClientCore, Encode, LabelScores, Plan, RetryPolicy, Send, T
 from .inputs import ImageInput
 
 
@@ -47,7 +37,7 @@ class AsyncIEIClient:
         self._http = httpx.AsyncClient(
             base_url=self._core.url,
             headers=self._core.headers,
-            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            timeout=self._core.answer_timeout(),  # before /info: its default
             transport=transport,
         )
         self._sleep = sleep
@@ -112,7 +102,7 @@ class AsyncIEIClient:
                 try:
                     result = await self._http.request(
                         step.method, step.path, content=step.body,
-                        headers=step.headers, timeout=step.timeout,
+                        headers=step.headers, timeout=step.timeout or httpx.USE_CLIENT_DEFAULT,
                     )  # fmt: skip
                 except httpx.TransportError as exc:
                     result = exc
