@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -102,34 +103,100 @@ def _size_value(size: Any, key: str) -> float | None:
 
 
 class ResizeRule:
-    """What a processor's resize makes of an image of a given size, where that grows with the
-    image's aspect ratio: a processor that resizes the short side to a length (CLIP, DINOv2,
-    ConvNeXt: `size.shortest_edge`, no `longest_edge`) keeps the aspect ratio, so a 1x6000 PNG of
-    111 bytes would become 224 x 1,344,000 pixels before its centre crop (GBs, outside the decode
-    budget). `check` refuses such an image before anything is resized."""
+    """What a processor's resize makes of an image of a given size.
 
-    def __init__(self, short_side: int) -> None:
+    A processor that resizes the short side to a length (CLIP, DINOv2, ConvNeXt below 384:
+    `size.shortest_edge`, no `longest_edge`) keeps the aspect ratio, so a 1x6000 PNG of 111 bytes
+    would become 224 x 1,344,000 pixels before its centre crop (GBs, outside the decode budget):
+    `check` refuses such an image before anything is resized.
+
+    A processor that resizes each axis to a fixed length whatever the other's (ViT, DeiT, BEiT,
+    Swin, SigLIP: `size.height` x `size.width`; ConvNeXt from 384 up warps) is `each_axis`: an
+    image may be reduced along one axis alone before it. Reduced only by its short side, a
+    4 x 12,000,000 PNG went whole to the resize, whose first pass widened it to 224 x 12,000,000
+    (8 GB and 20-36 s of one instance; 1 x 50,000,000 failed to allocate).
+
+    A processor with a patch budget (SigLIP2 NaFlex: `max_num_patches` of `patch_size`) resizes
+    each image to a grid of patches it picks from the image's size: 1 x 50,000,000 went whole to
+    a resize to 16 x 4096 (4.5 GB, 9 s). Its images are reduced along each axis to no less than
+    twice that grid, where the processor picks the same grid for the reduced image (`factors`)."""
+
+    def __init__(
+        self, short_side: int, *, each_axis: bool = False, patches: tuple[int, int] | None = None
+    ) -> None:
         self.short_side = short_side  # the short side it resizes to (0: none that grows)
+        self.each_axis = each_axis  # each axis resized to a fixed length, whatever the other's
+        self.patches = patches  # (patch_size, max_num_patches) of a patch budget
 
     @classmethod
     def of(cls, processor: Any, options: dict[str, Any] | None = None) -> ResizeRule:
         """The rule of this processor as a call with `options` resizes (transformers'
-        get_resize_output_image_size; ConvNeXt's crop_pct below 384: shortest_edge / crop_pct)."""
+        get_resize_output_image_size; ConvNeXt's crop_pct below 384: shortest_edge / crop_pct,
+        from 384 up: a square warp)."""
         options = options or {}
         do_resize = options.get("do_resize", getattr(processor, "do_resize", True))
         size = options.get("size", getattr(processor, "size", None))
-        if not do_resize or size is None:
+        if not do_resize:
+            return cls(0)
+        patch_size = options.get("patch_size", getattr(processor, "patch_size", None))
+        max_patches = options.get("max_num_patches", getattr(processor, "max_num_patches", None))
+        if size is None and isinstance(patch_size, int) and isinstance(max_patches, int):
+            return cls(0, patches=(patch_size, max_patches))
+        if size is None:
             return cls(0)
         short = _size_value(size, "shortest_edge")
-        if short is None or _size_value(size, "longest_edge") is not None:
-            return cls(0)  # a fixed size, a longest edge or a patch budget: bounded
+        if short is None:  # a fixed height x width
+            sides = (_size_value(size, "height"), _size_value(size, "width"))
+            return cls(0, each_axis=None not in sides)
+        if _size_value(size, "longest_edge") is not None:
+            return cls(0)  # the long side bounded: nothing grows
         crop_pct = options.get("crop_pct", getattr(processor, "crop_pct", None))
+        if crop_pct and short >= 384 and type(processor).__name__.startswith("ConvNext"):
+            return cls(0, each_axis=True)  # its own resize warps to a square from 384 up
         if crop_pct and short < 384:
             short = short / crop_pct
         return cls(int(short))
 
+    def factors(self, width: int, height: int, min_side: int) -> tuple[int, int]:
+        """The box reduction (across, down) of a decoded image of this size: the largest that
+        keeps both sides >= `min_side` (0: none), each axis by its own where the processor
+        resizes each to a fixed length; for a patch budget, see `patch_factors`."""
+        if self.patches:
+            return self.patch_factors(width, height)
+        if min_side <= 0:
+            return 1, 1
+        if self.each_axis:
+            return max(1, width // min_side), max(1, height // min_side)
+        factor = max(1, min(width, height) // min_side)
+        return factor, factor
+
+    def patch_grid(self, width: int, height: int) -> tuple[int, int] | None:
+        """The (height, width) a patch-budget processor resizes this image to (None without
+        a patch budget, or where transformers has no such rule)."""
+        return patch_grid(width, height, *self.patches) if self.patches else None
+
+    def patch_factors(self, width: int, height: int) -> tuple[int, int]:
+        """Each axis reduced to no less than DRAFT_FACTOR times the side of the grid the
+        processor picks, or both by the smaller factor, whichever leaves it picking the same grid
+        for the reduced image (shrink's sides: floored); else none."""
+        grid = self.patch_grid(width, height)
+        if grid is None:
+            return 1, 1
+        across = max(1, width // (DRAFT_FACTOR * grid[1]))
+        down = max(1, height // (DRAFT_FACTOR * grid[0]))
+        for a, d in ((across, down), (min(across, down),) * 2):
+            if (a, d) == (1, 1) or self.patch_grid(width // a, height // d) == grid:
+                return a, d
+        return 1, 1
+
     def resized(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after the resize (the image's own where the rule does not grow)."""
+        """(width, height) after the resize (the image's own where the rule does not grow).
+        For a patch budget, the image once reduced (`patch_factors`) with each side stretched
+        to the grid's where that is longer: a bound on what the resize's passes hold."""
+        grid = self.patch_grid(width, height) if width and height else None
+        if grid is not None:
+            across, down = self.patch_factors(width, height)
+            return max(width // across, grid[1]), max(height // down, grid[0])
         if not self.short_side or not width or not height:
             return width, height
         short, long = sorted((width, height))
@@ -141,16 +208,32 @@ class ResizeRule:
     def check(self, width: int, height: int, max_pixels: int) -> None:
         """An `InvalidImage` when the resized image would be over `max_pixels` (never for a
         rule that does not grow: the image's own pixels are checked from its header)."""
-        if not self.short_side:
+        if not self.short_side and not self.patches:
             return
         new_width, new_height = self.resized(width, height)
         if new_width * new_height > max_pixels:
+            how = f"short side to {self.short_side}" if self.short_side else "to a grid of patches"
             raise InvalidImage(
                 f"image of {width}x{height}: its aspect ratio would be resized to "
                 f"{new_width}x{new_height} = {new_width * new_height} pixels by the model's "
-                f"processor (short side to {self.short_side}), over the limit of {max_pixels} "
-                "pixels (IEI_MAX_IMAGE_PIXELS)"
+                f"processor ({how}), over the limit of {max_pixels} pixels (IEI_MAX_IMAGE_PIXELS)"
             )
+
+
+@functools.lru_cache(maxsize=4096)
+def patch_grid(
+    width: int, height: int, patch_size: int, max_patches: int
+) -> tuple[int, int] | None:
+    """(height, width) that SigLIP2's NaFlex processor resizes an image of this size to, by
+    transformers' own rule (a binary search: cached, an image asks a few times); None where the
+    installed transformers has none."""
+    try:
+        from transformers.models.siglip2.image_processing_siglip2 import (
+            get_image_size_for_max_num_patches,
+        )
+    except ImportError:
+        return None
+    return tuple(get_image_size_for_max_num_patches(height, width, patch_size, max_patches))
 
 
 NO_RESIZE_RULE = ResizeRule(0)
@@ -278,8 +361,10 @@ def decode_image(
 
     `min_side` > 0: a JPEG decodes at a reduced DCT scale (1/2, 1/4, 1/8) whose sides both stay
     >= `min_side` (unless not `jpeg_draft`); any other image (and a JPEG still more than twice
-    that) is box-reduced by an integer factor at once. The full-size decode holds `budget` until
-    it is shrunk. An image that `resize_rule` would resize to over `max_pixels` is refused.
+    that) is box-reduced by integer factors at once, as `resize_rule.factors` says (each axis by
+    its own where the processor resizes each to a fixed length or to a grid of patches). The
+    full-size decode holds `budget` until it is shrunk. An image that `resize_rule` would resize
+    to over `max_pixels` is refused.
     """
     if not data:
         raise InvalidImage("empty image file")
@@ -326,8 +411,8 @@ def decode_image(
                 # Read once loaded (Pillow turns a TIFF upright as it loads it, and says so
                 # there), and before the shrunk copy, which carries no EXIF.
                 orientation = image.getexif().get(0x0112, 1)
-                small = shrink(image, min_side)
-            # Again on what is resized: shrinking rounds its sides up.
+                small = shrink(image, *resize_rule.factors(image.width, image.height, min_side))
+            # Again on what is resized: shrinking rounds its sides.
             resize_rule.check(small.width, small.height, max_pixels)
             if orientation in UPRIGHT:
                 small = small.transpose(UPRIGHT[orientation])
@@ -347,24 +432,30 @@ def decode_image(
 STRIP_PIXELS = 1 << 18
 
 
-def shrink(image: Image.Image, min_side: int) -> Image.Image:
-    """A decoded image -> 8-bit RGB, box-reduced by the largest integer factor that keeps both
-    sides >= `min_side` (0: not reduced). RGB and grey are reduced before the conversion (less to
-    convert). Other modes (RGBA, LA, P or a colour key, I;16, CMYK ...) are converted first, so
-    that transparency is composited over white and high bit depths are scaled before any
-    averaging, but a strip of rows at a time: a full-size RGBA image composited at once took
-    four more full-size copies (+244 MiB for 16 MP), over the decode budget's bound."""
-    factor = min(image.width, image.height) // min_side if min_side > 0 else 1
+def shrink(image: Image.Image, across: int = 1, down: int = 1) -> Image.Image:
+    """A decoded image -> 8-bit RGB, box-reduced by `across` x `down` (ResizeRule.factors).
+
+    The boxes are whole: the pixels a factor leaves over (fewer than it) are cut off, half on
+    each edge. A last box of those few pixels would stand for a whole one and stretch the image
+    by up to a reduced pixel (a 4000x3001 PNG reduced by 6 came out of ViT's processor at a
+    cosine of 0.9982 to the full image's, cut 0.9999).
+
+    RGB and grey are reduced before the conversion (less to convert). Other modes (RGBA, LA, P
+    or a colour key, I;16, CMYK ...) are converted first, so that transparency is composited over
+    white and high bit depths are scaled before any averaging, but a strip of rows at a time: a
+    full-size RGBA image composited at once took four more full-size copies (+244 MiB for 16 MP),
+    over the decode budget's bound."""
+    width, height = image.width // across, image.height // down  # the reduced image's size
+    left, top = image.width % across // 2, image.height % down // 2
+    box = (left, top, left + width * across, top + height * down)
     if image.mode in ("RGB", "L") and not has_transparency(image):
-        return to_rgb(image.reduce(factor) if factor >= 2 else image)
-    factor = max(factor, 1)
+        return to_rgb(image.reduce((across, down), box) if (across, down) != (1, 1) else image)
     # Strips of whole boxes: reducing them one by one is reducing the whole image.
-    rows = factor * max(1, STRIP_PIXELS // (image.width * factor))
-    size = (-(-image.width // factor), -(-image.height // factor))  # reduce() rounds up
-    small = Image.new("RGB", size)
-    for top in range(0, image.height, rows):
-        strip = to_rgb(image.crop((0, top, image.width, min(top + rows, image.height))))
-        small.paste(strip.reduce(factor) if factor >= 2 else strip, (0, top // factor))
+    rows = down * max(1, STRIP_PIXELS // (image.width * down))
+    small = Image.new("RGB", (width, height))
+    for y in range(top, box[3], rows):
+        strip = to_rgb(image.crop((box[0], y, box[2], min(y + rows, box[3]))))
+        small.paste(strip.reduce((across, down)), (0, (y - top) // down))
     return small
 
 

@@ -6,6 +6,10 @@ split layout's two steps), before anything is resized; a panorama still embeds."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +19,12 @@ from sample_images import encode
 
 load_model_module()  # the stand-in for Triton's utils, and iei_runtime on sys.path
 
-from iei_runtime import loading  # noqa: E402
+from iei_runtime import images, loading  # noqa: E402
 from iei_runtime.images import InvalidImage, ResizeRule, decode_image  # noqa: E402
 from iei_runtime.settings import read_settings  # noqa: E402
 
 CPU = torch.device("cpu")
+TESTS = Path(__file__).resolve().parents[1]
 REFUSED = r"image of \d+x\d+: its aspect ratio would be resized to \d+x\d+ = \d+ pixels"
 
 
@@ -78,6 +83,24 @@ def test_the_rule_follows_the_processor_s_resize(model_dirs):
     dinov2.check(10000, 1000, 50_000_000)
 
 
+def test_which_processors_resize_each_axis_alone(model_dirs):
+    from transformers import AutoImageProcessor
+
+    def rule(family: str, **options: object) -> ResizeRule:
+        return ResizeRule.of(AutoImageProcessor.from_pretrained(model_dirs[family]), options)
+
+    for family in ("vit", "deit", "beit", "swin", "siglip", "siglip2"):
+        assert rule(family).each_axis, family  # size.height x size.width
+    for family in ("clip", "dinov2", "convnext", "siglip2_naflex"):
+        assert not rule(family).each_axis, family  # the aspect ratio kept
+    warp = rule("convnext", size={"shortest_edge": 384})  # ConvNeXt warps from 384 up
+    assert warp.each_axis and warp.short_side == 0
+    assert not rule("vit", do_resize=False).each_axis
+    assert rule("siglip2_naflex").patches == (16, 256)  # a grid of at most 256 patches of 16 px
+    assert rule("siglip2_naflex", max_num_patches=1024).patches == (16, 1024)
+    assert rule("vit").patches is None and rule("siglip2_naflex", do_resize=False).patches is None
+
+
 def test_refused_from_the_header_before_decoding():
     rule = ResizeRule(224)
     with pytest.raises(InvalidImage, match=r"image of 1x6000: .* resized to 224x1344000"):
@@ -116,3 +139,138 @@ def test_the_split_layout_refuses_them_in_either_step(model_dirs):
     finally:
         preprocess.preprocessor.close()
         stage.embedder.close()
+
+
+# --- processors that resize each axis to a fixed length: an axis is reduced alone -------------
+
+
+def striped(width: int, height: int) -> Image.Image:
+    """Waves along both axes, each some 6 to 12 times across the image, as in a picture (a flat
+    image would come out the same however it was filtered)."""
+    x = np.arange(width, dtype=np.float32)[None, :] / width
+    y = np.arange(height, dtype=np.float32)[:, None] / height
+    red = 127 + 120 * np.sin(40 * x + 60 * y)
+    green = 127 + 120 * np.cos(70 * y) * np.cos(35 * x)
+    blue = 255 * (x + y) / 2
+    return Image.fromarray(np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(8, 30000), (30000, 8), (3000, 2000)])
+def test_a_fixed_size_processor_s_image_is_reduced_along_each_axis(model_dirs, size):
+    """Each side kept >= the draft side on its own: a long strip no longer goes whole to the
+    resize, and the processor's output stays that of the full decode."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_dirs["vit"])
+    rule, side = ResizeRule.of(processor), images.draft_side(processor)
+    data = encode(striped(*size), "PNG")
+    shrunk = decode_image(data, 50_000_000, side, resize_rule=rule)
+    for full_side, small_side in zip(size, shrunk.size, strict=True):
+        assert small_side == full_side if full_side < 2 * side else side <= small_side < 2 * side
+    # The box filter's own blur on these waves (the short-side reduction's too): 0.9998 for the
+    # strips, 0.99997 for the photo-sized one.
+    assert cosine_to_full_decode(processor, data, shrunk) > 0.9995
+
+
+def cosine_to_full_decode(processor, data: bytes, shrunk: Image.Image) -> float:
+    full = processor(images=[decode_image(data, 50_000_000)], return_tensors="pt")
+    small = processor(images=[shrunk], return_tensors="pt")
+    a, b = (x["pixel_values"].flatten().double() for x in (full, small))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+@pytest.mark.parametrize("each_axis", [True, False])
+def test_the_pixels_a_factor_leaves_over_are_cut_not_stretched(model_dirs, each_axis):
+    """4000x3001 reduced by 6 (or 8 and 6): a last row of one pixel counted as a whole box
+    stretched the image (0.9982, 0.9985); cut, half on each edge: 0.9999."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_dirs["vit"])
+    data = encode(striped(4000, 3001), "PNG")
+    shrunk = decode_image(data, 50_000_000, 448, resize_rule=ResizeRule(0, each_axis=each_axis))
+    assert shrunk.size == ((500, 500) if each_axis else (666, 500))
+    assert cosine_to_full_decode(processor, data, shrunk) > 0.9995
+
+
+@pytest.mark.parametrize("size", [(8, 30000), (30000, 8), (4000, 3001)])
+def test_a_patch_budget_processor_s_image_is_reduced_to_the_same_grid(model_dirs, size):
+    """SigLIP2 NaFlex resizes each image to a grid of patches it picks from the image's size:
+    reduced along each axis to no less than twice that grid, the image gets the same grid and,
+    but for the box filter's blur, the same patches."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_dirs["siglip2_naflex"])
+    rule = ResizeRule.of(processor)
+    data = encode(striped(*size), "PNG")
+    full = processor(images=[decode_image(data, 50_000_000)], return_tensors="pt")
+    shrunk = decode_image(data, 50_000_000, images.draft_side(processor), resize_rule=rule)
+    grid = rule.patch_grid(*size)
+    assert grid is not None
+    for full_side, small_side, grid_side in zip(size, shrunk.size, grid[::-1], strict=True):
+        if full_side >= 4 * grid_side:
+            assert 2 * grid_side <= small_side < 4 * grid_side
+        else:
+            assert small_side == full_side
+    small = processor(images=[shrunk], return_tensors="pt")
+    assert torch.equal(small["spatial_shapes"], full["spatial_shapes"])
+    a, b = (x["pixel_values"].flatten().double() for x in (full, small))
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9995
+
+
+def test_a_patch_budget_processor_s_strip_it_cannot_reduce_is_refused(model_dirs):
+    """1 x 50,000,000: transformers' search for the grid is coarse at such a scale (3936 rows,
+    not 4096), so no reduced image gets the same grid; the processor's first pass would widen the
+    whole strip to 16 x 50,000,000 (4.5 GB and 9 s measured). Refused from its size, as an
+    extreme aspect ratio is for CLIP; a strip it can reduce is not."""
+    from transformers import AutoImageProcessor
+
+    rule = ResizeRule.of(AutoImageProcessor.from_pretrained(model_dirs["siglip2_naflex"]))
+    with pytest.raises(InvalidImage, match=REFUSED + r" by the model's processor \(to a grid"):
+        rule.check(1, 50_000_000, 50_000_000)
+    rule.check(4, 12_000_000, 50_000_000)
+    rule.check(4000, 3000, 50_000_000)
+    assert rule.resized(4000, 3000) == (666, 500)
+
+
+# Embeds one PNG in a fresh process and prints how far its peak resident size grew per pixel
+# (the peak reset just before, after a first image has warmed the embedder up).
+EMBED_PEAK = """
+import io, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from fake_pb_utils import load_model_module
+load_model_module()
+import torch
+from PIL import Image
+from iei_runtime import loading
+from iei_runtime.settings import read_settings
+width, height = int(sys.argv[3]), int(sys.argv[4])
+settings = read_settings({}, {"IMAGE_EMBEDDING_MODEL": sys.argv[2], "IEI_DTYPE": "float32",
+                              "IEI_ENGINE": "torch", "IEI_FORWARD_THREADS": "1"})
+embedder = loading.load_embedder(settings, torch.device("cpu"), threads=1)
+png = io.BytesIO()
+Image.new("RGB", (width, height), (10, 200, 30)).save(png, "PNG")
+embedder.embed([png.getvalue()])
+def kib(field):
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith(field)).split()[1])
+Path("/proc/self/clear_refs").write_text("5")
+before = kib("VmRSS:")
+result = embedder.embed([png.getvalue()])[0]
+assert result.shape == (32,), result
+print((kib("VmHWM:") - before) * 1024 / (width * height))
+"""
+
+
+@pytest.mark.parametrize("family", ["vit", "siglip2_naflex"])
+@pytest.mark.parametrize("size", [(4, 2_000_000), (2_000_000, 4)])
+def test_a_long_strip_costs_the_model_no_more_than_its_decoding(model_dirs, family, size):
+    """docs/reliability.md's 8 bytes a pixel, through the processor too: a 4 x 2,000,000 PNG
+    took ViT's resize 1.4 GB (177 bytes a pixel: its first pass widened the strip to 224 x
+    2,000,000), SigLIP2 NaFlex's 29 bytes a pixel, the wide one 15 bytes a pixel."""
+    model = str(model_dirs[family])
+    done = subprocess.run(
+        [sys.executable, "-c", EMBED_PEAK, str(TESTS), model, *map(str, size)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert float(done.stdout) <= 8, f"{float(done.stdout):.1f} bytes a pixel for {size}"
