@@ -14,7 +14,7 @@ import orjson
 import pytest
 from iei import cli
 from iei.client import bulk, index_files, similar
-from iei.client.index_files import journal_path, load_index
+from iei.client.index_files import Made, journal_path, load_index
 
 DIMENSION = 4
 URL = "http://iei.test"
@@ -30,11 +30,13 @@ class FakeService:
         self.fail_all: httpx.Response | None = None
         self.embedded: list[bytes] = []  # every file the service embedded, in order
         self.keys: list[str | None] = []  # each request's Authorization header
+        self.model_id = "org/model-a"  # the model /info says it serves
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.keys.append(request.headers.get("authorization"))
         if request.url.path == "/info":
-            info = {"max_client_batch_size": 64, "embedding_dimension": DIMENSION, "limits": {}}
+            info = {"max_client_batch_size": 64, "embedding_dimension": DIMENSION, "limits": {},
+                    "model_id": self.model_id}  # fmt: skip
             return httpx.Response(200, json=info)
         files = [base64.b64decode(item) for item in orjson.loads(request.content)["inputs"]]
         if self.fail_all is not None:
@@ -112,7 +114,7 @@ def test_a_name_that_is_not_utf8_is_embedded_and_recorded_printably(
     out = tmp_path / f"index{suffix}"
     assert embed(folder, "--out", out) == 0
     recorded = f"{folder}/caf\\xe9.jpg"
-    paths, vectors = load_index(out)
+    paths, vectors, _ = load_index(out)
     assert sorted(paths) == sorted([recorded, f"{folder}/p0.jpg", f"{folder}/p1.jpg"])
     assert vectors[paths.index(recorded), 0] == 12.0  # read through its real name
     assert "-> " in capsys.readouterr().out
@@ -332,13 +334,14 @@ def test_resuming_a_jsonl_keeps_no_vectors_in_memory(service, tmp_path):
     lines = [orjson.dumps({"path": f"done{i}.jpg", "embedding": [1.0, 2.0, 3.0, 4.0]})
              for i in range(3)]  # fmt: skip
     out.write_bytes(b"\n".join(lines) + b"\n" + b'{"path": "torn')
-    done = bulk.prepare(out, resume=True, overwrite=False)
+    done = bulk.prepare(out, resume=True, overwrite=False).done
     assert list(done) == ["done0.jpg", "done1.jpg", "done2.jpg"]
     assert [len(v) for v in done.values()] == [4, 0, 0]  # the first, for the vectors' size
     assert out.read_bytes().endswith(b"\n")  # the torn line was cut off
     npy = tmp_path / "w.npy"
     journal_path(npy).write_bytes(b"\n".join(lines) + b"\n")
-    assert [len(v) for v in bulk.prepare(npy, resume=True, overwrite=False).values()] == [4] * 3
+    resumed = bulk.prepare(npy, resume=True, overwrite=False).done
+    assert [len(v) for v in resumed.values()] == [4] * 3
 
 
 def test_a_url_without_http_is_refused_with_the_arguments(tmp_path, capsys):
@@ -355,3 +358,102 @@ def test_the_api_key_is_sent_without_the_white_space_around_it(service, tmp_path
     monkeypatch.setenv("IEI_API_KEY", "secret\n")
     assert embed(tmp_path / "in", "--out", tmp_path / "v.jsonl") == 0
     assert set(service.keys) == {"Bearer secret"}
+
+
+# --- what made an index's vectors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".npy", ".parquet"])
+def test_an_index_records_the_model_and_whether_its_vectors_are_normalized(
+    service, tmp_path, suffix
+):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    photos(tmp_path / "in", 2)
+    out = tmp_path / f"v{suffix}"
+    assert embed(tmp_path / "in", "--out", out) == 0
+    # A `.npy` has nowhere to say it: taken on trust.
+    expected = Made() if suffix == ".npy" else Made("org/model-a", True)
+    assert load_index(out).made == expected
+    if suffix == ".jsonl":
+        first = orjson.loads(out.read_bytes().splitlines()[0])
+        assert (first["model"], first["normalized"]) == ("org/model-a", True)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("change", ["model", "raw"])
+def test_resuming_with_another_model_or_raw_vectors_is_refused_before_embedding(
+    service, tmp_path, suffix, change, caplog
+):
+    """Another model of the same dimension (or raw vectors after normalized ones) passed the
+    length check: the index mixed vectors that no query ranks together."""
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    photos(tmp_path / "in", 2)
+    out = tmp_path / f"v{suffix}"
+    assert embed(tmp_path / "in", "--out", out) == 0
+    photos(tmp_path / "in", 3)
+    sent = len(service.embedded)
+    before = out.read_bytes()
+    if change == "model":
+        service.model_id = "org/model-b"
+        assert embed(tmp_path / "in", "--out", out, "--resume") == 2
+        clash = "vectors of org/model-a, not of org/model-b"
+    else:
+        assert embed(tmp_path / "in", "--out", out, "--resume", "--raw") == 2
+        clash = "normalized vectors, not raw ones (--raw)"
+    assert service.embedded[sent:] == []
+    assert f"{out} holds {clash} (this run's): resume with the same model" in caplog.text
+    assert out.read_bytes() == before
+    # The same model resumes.
+    service.model_id = "org/model-a"
+    assert embed(tmp_path / "in", "--out", out, "--resume") == 0
+    assert service.embedded[sent:] == [b"xxx"] and len(load_index(out).paths) == 3
+
+
+def test_an_index_of_an_earlier_version_resumes_and_its_new_lines_say_what_made_them(
+    service, tmp_path
+):
+    photos(tmp_path / "in", 2)
+    out = tmp_path / "v.jsonl"
+    old = orjson.dumps({"path": str(tmp_path / "in" / "p0.jpg"), "embedding": [1.0, 1, 0, 0]})
+    out.write_bytes(old + b"\n")
+    assert embed(tmp_path / "in", "--out", out, "--resume") == 0
+    assert service.embedded == [b"xx"]
+    lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert "model" not in lines[0] and lines[1]["model"] == "org/model-a"
+    assert load_index(out).made == Made("org/model-a", True)
+
+
+def test_a_journal_of_two_models_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "v.jsonl"
+    lines = [
+        {"path": "a.jpg", "embedding": [1.0], "model": "org/model-a", "normalized": True},
+        {"path": "b.jpg", "embedding": [1.0]},
+        {"path": "c.jpg", "embedding": [1.0], "model": "org/model-b", "normalized": True},
+    ]
+    out.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    with pytest.raises(index_files.BulkError, match=rf"{out}:3: vectors of org/model-b, not of "
+                       "org/model-a as on the lines before it"):  # fmt: skip
+        load_index(out)
+
+
+@pytest.mark.parametrize("command", ["similar", "search"])
+def test_similar_refuses_an_index_of_another_model(service, tmp_path, command, caplog, capsys):
+    """A query of another model of the same dimension ranked the index by noise."""
+    photos(tmp_path / "in", 2)
+    out = tmp_path / "v.jsonl"
+    assert embed(tmp_path / "in", "--out", out) == 0
+    query = str(tmp_path / "in" / "p0.jpg") if command == "similar" else "a cat"
+    arguments = [command, query, "--index", str(out), "--url", URL]
+    service.model_id = "org/model-b"
+    sent = len(service.embedded)
+    assert cli.main(arguments) == 2
+    assert (f"{out} holds vectors of org/model-a; the service embeds with org/model-b: name "
+            "that model with --model, or embed the images again") in caplog.text  # fmt: skip
+    assert len(service.embedded) == sent  # refused before the query was embedded
+    if command == "similar":  # the fake service embeds images only
+        service.model_id = "org/model-a"
+        capsys.readouterr()
+        assert cli.main(arguments) == 0
+        assert capsys.readouterr().out.startswith("1.0000\t")

@@ -16,7 +16,7 @@ def test_an_index_reads_back_as_written(tmp_path, suffix):
     out = tmp_path / f"index{suffix}"
     vectors = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
     write_index(out, [f"p{i}" for i in range(5)], vectors)
-    paths, read = load_index(out)
+    paths, read, _ = load_index(out)
     assert paths == [f"p{i}" for i in range(5)]
     assert read.dtype == np.float32 and np.array_equal(read, vectors)
 
@@ -25,7 +25,7 @@ def test_a_parquet_of_variable_lists_from_another_writer_reads_too(tmp_path):
     out = tmp_path / "other.parquet"
     table = pa.table({"path": ["a", "b"], "embedding": pa.array([[1.0, 2.0], [3.0, 4.0]])})
     pq.write_table(table, out)
-    paths, vectors = load_index(out)
+    paths, vectors, _ = load_index(out)
     assert paths == ["a", "b"] and vectors.tolist() == [[1.0, 2.0], [3.0, 4.0]]
 
 
@@ -113,7 +113,7 @@ def test_a_write_cut_short_never_pairs_vectors_with_the_wrong_paths(tmp_path, mo
     with pytest.raises(OSError):
         write_index(out, *new)
     try:
-        paths, vectors = load_index(out)
+        paths, vectors, _ = load_index(out)
     except BulkError as exc:
         assert "are missing" in str(exc)
     else:

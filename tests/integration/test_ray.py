@@ -88,7 +88,7 @@ def embed_url(stack, folder: Path, out: Path) -> dict[str, np.ndarray]:
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    paths, vectors = load_index(out)
+    paths, vectors, _ = load_index(out)
     return dict(zip(paths, vectors, strict=True))
 
 

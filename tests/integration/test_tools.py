@@ -121,7 +121,7 @@ def test_iei_embed_writes_every_format_and_skips_bad_files(vit_stack, photo_fold
     assert "skipped " + str(photo_folder / "b" / "broken.jpg") in result.stderr
     assert "skipped " + str(photo_folder / "gone.png") + ": cannot read" in result.stderr
     assert "notes.txt" not in result.stdout + result.stderr
-    paths, vectors = load_index(out)
+    paths, vectors, _ = load_index(out)
     if suffix == ".jsonl":  # completion order
         order = np.argsort(paths)
         paths, vectors = sorted(paths), vectors[order]
@@ -160,7 +160,7 @@ def test_resume_a_jsonl_run_with_a_torn_last_line(vit_stack, photo_folder):
     result = iei("embed", photo_folder, "--out", out, "--url", vit_stack.url, "--resume")
     assert f"embedded {len(paths) - 2} images, skipped 2, 2 already done" in result.stdout
     assert "incomplete last line" in result.stderr
-    found, vectors = load_index(out)
+    found, vectors, _ = load_index(out)
     assert sorted(found) == sorted(paths)
     assert vectors[found.index(paths[0])].tolist() == [7.0] * done.shape[1]
     rest = [p for p in found if p != paths[0]]
@@ -179,14 +179,14 @@ def test_resume_an_npy_or_parquet_run_from_its_journal(vit_stack, photo_folder, 
     result = iei("embed", photo_folder, "--out", out, "--url", vit_stack.url, "--resume")
     assert "1 already done" in result.stdout
     assert not journal.exists()
-    found, vectors = load_index(out)
+    found, vectors, _ = load_index(out)
     assert found == paths  # walk order, the journal's row in its place
     assert vectors[3].tolist() == [7.0] * dimension
     # A finished file resumes too: a new photo in the folder is added, the others kept.
     shutil.copy(PHOTOS[0], photo_folder / "b" / "zz-new.jpg")
     result = iei("embed", photo_folder, "--out", out, "--url", vit_stack.url, "--resume")
     assert f"embedded 1 images, skipped 2, {len(paths)} already done" in result.stdout
-    found, vectors = load_index(out)
+    found, vectors, _ = load_index(out)
     assert found == [*paths, str(photo_folder / "b" / "zz-new.jpg")]
     assert vectors[found.index(paths[3])].tolist() == [7.0] * dimension
 
@@ -202,7 +202,7 @@ def test_iei_similar_finds_the_query_first(vit_stack, photo_folder):
     scores = [float(score) for score, _ in lines]
     assert scores == sorted(scores, reverse=True)
     # The scores are the cosines of /embed's unit vectors.
-    paths, vectors = load_index(out)
+    paths, vectors, _ = load_index(out)
     second = paths.index(lines[1][1])
     assert scores[1] == pytest.approx(
         float(vectors[second] @ vectors[paths.index(str(query))]), abs=1e-4
@@ -312,7 +312,7 @@ def test_iei_search_ranks_an_index_by_a_text(clip_stack, photo_folder):
     result = iei("search", query, "--index", out, "--top", "3", "--url", clip_stack.url)
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert len(lines) == 3
-    paths, vectors = load_index(out)
+    paths, vectors, _ = load_index(out)
     text = embed_texts_endpoint(clip_stack, [query])[0]
     cosines = vectors @ text / np.linalg.norm(vectors, axis=1) / np.linalg.norm(text)
     best = np.argsort(-cosines)[:3]

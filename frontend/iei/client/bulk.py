@@ -32,8 +32,11 @@ from .core import RetryPolicy, facts_of
 from .errors import BackendError, IEIError, ValidationError
 from .index_files import (
     NO_VECTOR,
+    UNKNOWN,
     BulkError,
     Journal,
+    Journaled,
+    Made,
     files_of,
     journal_path,
     load_index,
@@ -200,8 +203,9 @@ def strip_index(message: str) -> str:
     return message.split(": ", 1)[1] if message.startswith("inputs[") else message
 
 
-def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
-    """What earlier runs finished (for --resume), after checking what is on disk."""
+def prepare(out: Path, resume: bool, overwrite: bool) -> Journaled:
+    """What earlier runs finished (for --resume), and what made it, after checking what is on
+    disk."""
     existing = [f for f in files_of(out) if f.exists()]
     if not resume:
         if existing and not overwrite:
@@ -210,17 +214,17 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
         # Only the journal goes now (a `.jsonl` is its own): a finished `.npy` / `.parquet` is
         # replaced when the new one is written, so a run that fails leaves it as it was.
         journal_path(out).unlink(missing_ok=True)
-        return {}
+        return Journaled({}, UNKNOWN)
     journal = journal_path(out)
     if journal.exists():
         return read_journal(journal, repair=True, vectors=output_format(out) != ".jsonl")
     if out.exists():  # a finished .npy/.parquet: continue from it (new files in the folders)
-        paths, vectors = load_index(out, "--out")
+        paths, vectors, made = load_index(out, "--out")
         done = dict(zip(paths, vectors, strict=True))
         # Seeded under a temporary name: a seed cut short (Ctrl-C, a full disk) must not pass for
         # the journal, which the next `--resume` would take for all that is done.
         try:
-            seed = Journal(partial(journal))
+            seed = Journal(partial(journal), made)
             try:
                 seed.append(paths, vectors)
             finally:
@@ -229,8 +233,8 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> dict[str, np.ndarray]:
         except BaseException:
             partial(journal).unlink(missing_ok=True)
             raise
-        return done
-    return {}
+        return Journaled(done, made)
+    return Journaled({}, UNKNOWN)
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -247,8 +251,8 @@ def run_embed(args: argparse.Namespace) -> int:
         paths = find_images(map(Path, args.paths))
         if not paths:
             raise BulkError(f"no image files in {', '.join(map(str, args.paths))}")
-        done = prepare(out, args.resume, args.overwrite)
-        journal = Journal(journal_path(out))
+        done, made_before = prepare(out, args.resume, args.overwrite)
+        journal = Journal(journal_path(out))  # what makes the vectors: known once /info is read
     except (BulkError, OSError) as exc:
         log.error("%s", exc)
         return 2
@@ -282,8 +286,15 @@ def run_embed(args: argparse.Namespace) -> int:
             args.url, args.api_key, batch_size=args.batch_size, retry=retry, model=args.model
         ) as client:
             info = await client.info()
-            dimension = facts_of(info, args.model).get("embedding_dimension")
+            facts = facts_of(info, args.model)
+            dimension = facts.get("embedding_dimension")
             payload = (info.get("limits") or {}).get("payload_limit")
+            journal.made = Made.of({"model": facts.get("model_id"), "normalized": not args.raw})
+            if done and (clash := made_before.clash(journal.made)):
+                raise BulkError(
+                    f"{out} holds {clash} (this run's): resume with the same model and options, "
+                    "or start again with --overwrite"
+                )
             if done and dimension and len(next(iter(done.values()))) != dimension:
                 raise BulkError(f"{out} holds vectors of another model (not {dimension} values)")
             if not keeps_vectors:  # checked: a resumed `.jsonl`'s vectors are on disk already
@@ -310,7 +321,9 @@ def run_embed(args: argparse.Namespace) -> int:
         order = {printable(path): index for index, path in enumerate(paths)}
         final = sorted(done, key=lambda p: order.get(p, len(order)))  # earlier runs' extras last
         try:
-            write_index(out, final, stack([done[p] for p in final]))
+            write_index(
+                out, final, stack([done[p] for p in final]), made_before.merged(journal.made)
+            )
         except OSError as exc:
             log.error("cannot write %s: %s (the vectors are kept in %s: continue with --resume)",
                       out, exc, journal_path(out))  # fmt: skip

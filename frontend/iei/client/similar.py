@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .core import facts_of
 from .errors import IEIError
 from .index_files import BulkError, load_index
 from .sync_client import IEIClient
@@ -44,8 +45,15 @@ def run_search(args: argparse.Namespace) -> int:
 def rank(args: argparse.Namespace, embed_query: Callable[[IEIClient], np.ndarray]) -> int:
     """Print the `--top` rows of `--index` nearest to the query, best first."""
     try:
-        paths, vectors = load_index(args.index)
+        paths, vectors, made = load_index(args.index)
         with IEIClient(args.url, args.api_key, model=args.model) as client:
+            if made.model:  # the query must come from the model that made the index
+                serving = facts_of(client.info(), args.model).get("model_id")
+                if isinstance(serving, str) and serving != made.model:
+                    raise BulkError(
+                        f"{args.index} holds vectors of {made.model}; the service embeds with "
+                        f"{serving}: name that model with --model, or embed the images again"
+                    )
             query = embed_query(client)
         found = nearest(query, vectors, args.top)
     except (BulkError, OSError) as exc:
