@@ -165,11 +165,23 @@ def test_a_fixed_size_processor_s_image_is_reduced_along_each_axis(model_dirs, s
     rule, side = ResizeRule.of(processor), images.draft_side(processor)
     data = encode(striped(*size), "PNG")
     shrunk = decode_image(data, 50_000_000, side, resize_rule=rule)
-    for full_side, small_side in zip(size, shrunk.size, strict=True):
-        assert small_side == full_side if full_side < 2 * side else side <= small_side < 2 * side
+    expected = {(8, 30000): (8, 454), (30000, 8): (454, 8), (3000, 2000): (500, 500)}
+    assert shrunk.size == expected[size]
     # The box filter's own blur on these waves (the short-side reduction's too): 0.9998 for the
     # strips, 0.99997 for the photo-sized one.
     assert cosine_to_full_decode(processor, data, shrunk) > 0.9995
+
+
+def test_an_axis_is_reduced_alone_once_its_own_factor_reaches_four():
+    """Below that a reduction costs about what it saves the resize: a phone photo drafted to
+    1008x756 keeps its size (as with a rule that keeps the aspect ratio)."""
+    fixed, keeping = ResizeRule(0, each_axis=True), ResizeRule(224)
+    assert fixed.factors(1008, 756, 448) == keeping.factors(1008, 756, 448) == (1, 1)
+    assert fixed.factors(2000, 900, 448) == (4, 2)  # the long axis by its own, the short by 2
+    assert keeping.factors(2000, 900, 448) == (2, 2)
+    assert fixed.factors(3000, 2000, 448) == (6, 4)
+    assert fixed.factors(4, 12_000_000, 448) == (1, 26785)
+    assert fixed.factors(4, 12_000_000, 0) == (1, 1)  # 0: not reduced at all
 
 
 def cosine_to_full_decode(processor, data: bytes, shrunk: Image.Image) -> float:
