@@ -246,6 +246,15 @@ def patch_grid(
 NO_RESIZE_RULE = ResizeRule(0)
 
 
+# Budgeted pixels a decoder holds per pixel of an image, where that is over one (a budgeted pixel
+# is about 8 bytes: the decoded image at up to 4 bytes a pixel and its shrunk copy). Pillow
+# decodes every WebP, still or animated, through libwebp's animation decoder: its canvas, the
+# frame it hands over and the image are 4 bytes a pixel each (16-17.3 bytes a pixel measured with
+# the shrunk copy, against 4 for PNG, TIFF and BMP): counted once, 100 MP of WebPs took the
+# budget's 0.8 GB twice over.
+DECODE_WEIGHT = {"WEBP": 2.5}
+
+
 class PixelBudget:
     """Pixels of full-size decoded images that an instance's decode threads hold at once. An
     image waits for its share before it is decoded and gives it back once it is shrunk, so the
@@ -413,7 +422,8 @@ def decode_image(
             if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.
                 image.draft(image.mode, (min_side, min_side))
-            with budget.hold(pixels + tile) if budget else nullcontext():
+            held = math.ceil((pixels + tile) * DECODE_WEIGHT.get(image.format or "", 1))
+            with budget.hold(held) if budget else nullcontext():
                 image.load()
                 # Read once loaded (Pillow turns a TIFF upright as it loads it, and says so
                 # there), and before the shrunk copy, which carries no EXIF.

@@ -247,6 +247,26 @@ def test_a_tiff_whose_tiles_are_over_the_limit_is_refused_before_decoding():
     assert budget.asked == [100 * 100 + 32 * 32]
 
 
+@pytest.mark.parametrize(("fmt", "weight"), [("WEBP", 2.5), ("PNG", 1), ("GIF", 1), ("BMP", 1)])
+def test_a_format_s_decoder_holds_the_budget_for_what_it_takes(tmp_path, fmt, weight):
+    """Pillow decodes a WebP through libwebp's animation decoder (a canvas, the frame handed
+    over, the image: 16 bytes a pixel): it was held from the budget as a PNG (4), so 100 MP of
+    WebPs took the budget's 0.8 GB twice over. Held 2.5 times, its peak is within the 8 bytes
+    per budgeted pixel that docs/reliability.md gives."""
+    side = 2000
+    path = tmp_path / f"image.{fmt.lower()}"
+    gradient(side).convert("RGB").save(path, fmt)
+    budget = CountedBudget()
+    images.decode_image(path.read_bytes(), 50_000_000, 448, budget)
+    assert budget.asked == [side * side * weight]
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(REPOSITORY), str(path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    grew_mib = float(done.stdout)
+    assert grew_mib * 2**20 <= 8 * side * side * weight, f"{grew_mib:.0f} MiB for {fmt}"
+
+
 @pytest.mark.parametrize("after", [False, True], ids=["before the image data", "after it"])
 def test_a_png_of_thousands_of_chunks_is_refused_before_pil_walks_them(after):
     picture = Image.new("RGB", (8, 8), (10, 20, 30))
