@@ -423,6 +423,9 @@ def decode_image(
                 # PIL picks the largest scale 1/2^k with both sides still >= min_side.
                 image.draft(image.mode, (min_side, min_side))
             held = math.ceil((pixels + tile) * DECODE_WEIGHT.get(image.format or "", 1))
+            # PIL keeps a pointer per row, 8 bytes: a budgeted pixel (1 x 50,000,000: 12 bytes
+            # a pixel, 400 MB of them pointers).
+            held += image.height
             with budget.hold(held) if budget else nullcontext():
                 image.load()
                 # Read once loaded (Pillow turns a TIFF upright as it loads it, and says so
