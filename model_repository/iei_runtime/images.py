@@ -149,9 +149,11 @@ class ResizeRule:
         if size is None:
             return cls(0)
         short = _size_value(size, "shortest_edge")
-        if short is None:  # a fixed height x width
+        if short is None:  # a fixed height x width, unless it keeps the aspect ratio within it
             sides = (_size_value(size, "height"), _size_value(size, "width"))
-            return cls(0, each_axis=None not in sides)
+            kept = any(options.get(name, getattr(processor, name, False))
+                       for name in ("keep_aspect_ratio", "do_thumbnail"))  # fmt: skip
+            return cls(0, each_axis=None not in sides and not kept)
         if _size_value(size, "longest_edge") is not None:
             return cls(0)  # the long side bounded: nothing grows
         crop_pct = options.get("crop_pct", getattr(processor, "crop_pct", None))
@@ -176,6 +178,32 @@ class ResizeRule:
         own = (max(1, width // min_side), max(1, height // min_side))
         across, down = (f if f >= ALONE_FACTOR else factor for f in own)
         return across, down
+
+    def shrinks_to(self, min_side: int) -> str:
+        """What `factors` keeps, for a log line."""
+        if self.patches:
+            return f"to >= {DRAFT_FACTOR}x the patch grid the processor picks"
+        if min_side <= 0:
+            return "not at all"
+        return f"to >= {min_side} px" + (
+            f", each axis alone from {ALONE_FACTOR}x that" if self.each_axis else ""
+        )
+
+    def draft_request(self, width: int, height: int, min_side: int) -> tuple[int, int] | None:
+        """The size to ask a JPEG's draft for (PIL decodes at the largest DCT scale, 1/2, 1/4 or
+        1/8, whose sides are all at least that), or None: decoded whole. `min_side` on both
+        sides (0: none); for a patch budget, the smallest scaled size whose sides stay at least
+        DRAFT_FACTOR times the grid's and for which the processor picks the same grid (libjpeg
+        rounds a scaled side up)."""
+        grid = self.patch_grid(width, height)
+        if grid is None:
+            return (min_side, min_side) if min_side > 0 and not self.patches else None
+        for scale in (8, 4, 2):
+            size = (-(-width // scale), -(-height // scale))
+            wide_enough = size[0] >= DRAFT_FACTOR * grid[1] and size[1] >= DRAFT_FACTOR * grid[0]
+            if wide_enough and self.patch_grid(*size) == grid:
+                return size
+        return None
 
     def patch_grid(self, width: int, height: int) -> tuple[int, int] | None:
         """The (height, width) a patch-budget processor resizes this image to (None without
@@ -373,14 +401,15 @@ def decode_image(
     resize_rule: ResizeRule = NO_RESIZE_RULE,
 ) -> Image.Image:
     """Encoded file -> upright RGB image (first frame), shrunk right after decoding to no less
-    than `min_side` on both sides. Any failure is an `InvalidImage`.
+    than `min_side` on both sides (a patch budget's `resize_rule`: twice its grid, whatever
+    `min_side`). Any failure is an `InvalidImage`.
 
-    `min_side` > 0: a JPEG decodes at a reduced DCT scale (1/2, 1/4, 1/8) whose sides both stay
-    >= `min_side` (unless not `jpeg_draft`); any other image (and a JPEG still more than twice
-    that) is box-reduced by integer factors at once, as `resize_rule.factors` says (each axis by
-    its own where the processor resizes each to a fixed length or to a grid of patches). The
-    full-size decode holds `budget` until it is shrunk. An image that `resize_rule` would resize
-    to over `max_pixels` is refused.
+    A JPEG decodes at a reduced DCT scale (1/2, 1/4, 1/8) whose sides both stay >= `min_side`
+    (`resize_rule.draft_request`; unless not `jpeg_draft`); any other image (and a JPEG still
+    more than twice that) is box-reduced by integer factors at once, as `resize_rule.factors`
+    says (each axis by its own where the processor resizes each to a fixed length or to a grid
+    of patches). The full-size decode holds `budget` until it is shrunk. An image that
+    `resize_rule` would resize to over `max_pixels` is refused.
     """
     if not data:
         raise InvalidImage("empty image file")
@@ -419,13 +448,14 @@ def decode_image(
                 )
             resize_rule.check(image.width, image.height, max_pixels)  # before any decoding
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
-            if jpeg_draft and min_side > 0 and image.format in ("JPEG", "MPO"):
-                # PIL picks the largest scale 1/2^k with both sides still >= min_side.
-                image.draft(image.mode, (min_side, min_side))
+            if jpeg_draft and image.format in ("JPEG", "MPO"):
+                request = resize_rule.draft_request(image.width, image.height, min_side)
+                if request:  # PIL picks the largest scale 1/2^k with both sides still >= it
+                    image.draft(image.mode, request)
             held = math.ceil((pixels + tile) * DECODE_WEIGHT.get(image.format or "", 1))
-            # PIL keeps a pointer per row, 8 bytes: a budgeted pixel (1 x 50,000,000: 12 bytes
-            # a pixel, 400 MB of them pointers).
-            held += image.height
+            # A budgeted pixel a row and a column: PIL keeps a pointer per row (8 bytes; 1 x
+            # 20,000,000: 12.7 bytes a pixel) and a decoder two rows (20,000,000 x 1: 12).
+            held += image.height + image.width
             with budget.hold(held) if budget else nullcontext():
                 image.load()
                 # Read once loaded (Pillow turns a TIFF upright as it loads it, and says so
@@ -470,12 +500,19 @@ def shrink(image: Image.Image, across: int = 1, down: int = 1) -> Image.Image:
     box = (left, top, left + width * across, top + height * down)
     if image.mode in ("RGB", "L") and not has_transparency(image):
         return to_rgb(image.reduce((across, down), box) if (across, down) != (1, 1) else image)
-    # Strips of whole boxes: reducing them one by one is reducing the whole image.
-    rows = down * max(1, STRIP_PIXELS // (image.width * down))
+    # Blocks of whole boxes: reducing them one by one is reducing the whole image. Strips of
+    # rows (a row's pointer counted as two pixels: a 1-pixel-wide strip is mostly pointers), cut
+    # across too where one row of boxes is over STRIP_PIXELS (a 20,000,000 x 1 RGBA strip was
+    # converted whole: 23 bytes a pixel).
+    rows = down * max(1, STRIP_PIXELS // ((image.width + 2) * down))
+    columns = across * max(1, STRIP_PIXELS // (rows * across))
     small = Image.new("RGB", (width, height))
     for y in range(top, box[3], rows):
-        strip = to_rgb(image.crop((box[0], y, box[2], min(y + rows, box[3]))))
-        small.paste(strip.reduce((across, down)), (0, (y - top) // down))
+        for x in range(left, box[2], columns):
+            block = image.crop((x, y, min(x + columns, box[2]), min(y + rows, box[3])))
+            small.paste(
+                to_rgb(block).reduce((across, down)), ((x - left) // across, (y - top) // down)
+            )
     return small
 
 

@@ -241,10 +241,10 @@ def test_a_tiff_whose_tiles_are_over_the_limit_is_refused_before_decoding():
     budget = CountedBudget()
     decoded = images.decode_image(data, 5_000_000, 224, budget)
     assert decoded.size == (16, 16)
-    assert budget.asked == [16 * 16 + 2048 * 2048 + 16]  # the tile is held from the budget too
+    assert budget.asked == [16 * 16 + 2048 * 2048 + 32]  # the tile is held from the budget too
     budget.asked.clear()
     images.decode_image(tiled_tiff(100, 32), 5_000_000, 224, budget)  # an ordinary tiled file
-    assert budget.asked == [100 * 100 + 32 * 32 + 100]
+    assert budget.asked == [100 * 100 + 32 * 32 + 200]
 
 
 @pytest.mark.parametrize(("fmt", "weight"), [("WEBP", 2.5), ("PNG", 1), ("GIF", 1), ("BMP", 1)])
@@ -258,7 +258,7 @@ def test_a_format_s_decoder_holds_the_budget_for_what_it_takes(tmp_path, fmt, we
     gradient(side).convert("RGB").save(path, fmt)
     budget = CountedBudget()
     images.decode_image(path.read_bytes(), 50_000_000, 448, budget)
-    assert budget.asked == [side * side * weight + side]  # and a row pointer a row
+    assert budget.asked == [side * side * weight + 2 * side]  # and a pixel a row and a column
     done = subprocess.run(
         [sys.executable, "-c", PEAK, str(REPOSITORY), str(path)],
         capture_output=True, text=True, timeout=120, check=True,
@@ -267,21 +267,36 @@ def test_a_format_s_decoder_holds_the_budget_for_what_it_takes(tmp_path, fmt, we
     assert grew_mib * 2**20 <= 8 * side * side * weight, f"{grew_mib:.0f} MiB for {fmt}"
 
 
-def test_a_one_pixel_wide_image_holds_the_budget_for_its_row_pointers(tmp_path):
-    """PIL keeps an 8-byte pointer per row: a 1 x 4,000,000 PNG took 12 bytes a pixel, held
-    from the budget as 4,000,000 pixels (8 bytes each at most by docs/reliability.md's count)."""
-    height = 4_000_000
+@pytest.mark.parametrize(
+    ("mode", "size"), [("RGB", (1, 4_000_000)), ("RGBA", (1, 4_000_000)),
+                       ("RGB", (4_000_000, 1)), ("RGBA", (4_000_000, 1))],
+)  # fmt: skip
+def test_a_one_pixel_strip_holds_the_budget_for_what_it_takes(tmp_path, mode, size):
+    """PIL keeps an 8-byte pointer per row, and a decoder two rows: a 1 x N strip took 12-13
+    bytes a pixel, an N x 1 one 10-12 (and an RGBA one, converted whole, 23), held from the
+    budget as N pixels. Held now as its pixels plus one a row and one a column (for a processor
+    that resizes each axis to a fixed length, which reduces it to 448 at once)."""
     path = tmp_path / "strip.png"
-    Image.new("RGB", (1, height), (1, 2, 3)).save(path)
-    budget = CountedBudget()
-    images.decode_image(path.read_bytes(), 50_000_000, 448, budget)
-    assert budget.asked == [2 * height]
+    Image.new(mode, size, (1, 2, 3, 4)[: len(mode)]).save(path)
+    budget, rule = CountedBudget(), images.ResizeRule(0, each_axis=True)
+    decoded = images.decode_image(path.read_bytes(), 50_000_000, 448, budget, resize_rule=rule)
+    assert decoded.size == tuple(448 if side > 1 else 1 for side in size)
+    held = size[0] * size[1] + size[0] + size[1]
+    assert budget.asked == [held]
+    peak = PEAK.replace(
+        "from iei_runtime.images import decode_image",
+        "from iei_runtime.images import decode_image, ResizeRule",
+    )
+    peak = peak.replace(
+        "decode_image(data, 50_000_000, 448)",
+        "decode_image(data, 50_000_000, 448, resize_rule=ResizeRule(0, each_axis=True))",
+    )
+    peak = peak.replace("(500, 500)", str(decoded.size))
     done = subprocess.run(
-        [sys.executable, "-c", PEAK.replace("(500, 500)", "(1, 4000000)"), str(REPOSITORY),
-         str(path)],
+        [sys.executable, "-c", peak, str(REPOSITORY), str(path)],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
-    assert float(done.stdout) * 2**20 <= 8 * 2 * height, f"{float(done.stdout):.0f} MiB"
+    assert float(done.stdout) * 2**20 <= 8 * held, f"{float(done.stdout):.0f} MiB"
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before the image data", "after it"])

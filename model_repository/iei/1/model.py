@@ -36,13 +36,13 @@ class TritonPythonModel:
         settings, device, threads = start_instance(args)
         self.logger = pb_utils.Logger
         # Loading runs the first forward pass (it allocates and picks kernels: a warm-up).
-        self.embedder = load_embedder(settings, device, threads)
+        self.embedder = embedder = load_embedder(settings, device, threads)
         self.info = describe(self.embedder, settings, layout="single", jpeg_decoder="pil")
         self.logger.log_info(
             f"iei: {settings.model_id} on {device}, {engine_line(self.embedder)}, "
             f"pooling={self.embedder.encoder.pooling} (IEI_POOLING={settings.pooling}), "
             f"{threads} decode threads, "
-            f"images shrunk to >= {self.embedder.draft_side} px after decoding (0: not), "
+            f"images shrunk after decoding {embedder.resize_rule.shrinks_to(embedder.draft_side)}, "
             f"JPEG draft decoding {'on' if self.embedder.jpeg_draft else 'off'}, "
             f"preprocessing by {self.embedder.preprocessing_line()}, "
             f"{self.embedder.budget.capacity} pixels decoded at once at most"
