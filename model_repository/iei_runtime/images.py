@@ -123,7 +123,10 @@ class ResizeRule:
     A processor with a patch budget (SigLIP2 NaFlex: `max_num_patches` of `patch_size`) resizes
     each image to a grid of patches it picks from the image's size: 1 x 50,000,000 went whole to
     a resize to 16 x 4096 (4.5 GB, 9 s). Its images are reduced along each axis to no less than
-    twice that grid, where the processor picks the same grid for the reduced image (`factors`)."""
+    twice that grid, where the processor picks the same grid for the reduced image (`factors`).
+    transformers' search for the grid is coarse at small scales, so some shapes find no such
+    reduction (one in five at random, one photo size in 100): they go whole, the resize's
+    pixels held from the decode budget (`resized`), and over the pixel limit refused (`check`)."""
 
     def __init__(
         self, short_side: int, *, each_axis: bool = False, patches: tuple[int, int] | None = None
