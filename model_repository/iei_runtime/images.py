@@ -198,9 +198,11 @@ class ResizeRule:
         sides (0: none); for a patch budget, the smallest scaled size whose sides stay at least
         DRAFT_FACTOR times the grid's and for which the processor picks the same grid (libjpeg
         rounds a scaled side up)."""
+        if not self.patches:
+            return (min_side, min_side) if min_side > 0 else None
         grid = self.patch_grid(width, height)
         if grid is None:
-            return (min_side, min_side) if min_side > 0 and not self.patches else None
+            return None
         for scale in (8, 4, 2):
             size = (-(-width // scale), -(-height // scale))
             wide_enough = size[0] >= DRAFT_FACTOR * grid[1] and size[1] >= DRAFT_FACTOR * grid[0]

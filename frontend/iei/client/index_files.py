@@ -102,14 +102,11 @@ class Made(NamedTuple):
 
     def merged(self, other: Made) -> Made:
         """The known fields of both (they do not clash)."""
-        return Made(self.model or other.model, _first_known(self.normalized, other.normalized))
+        normalized = self.normalized if self.normalized is not None else other.normalized
+        return Made(self.model or other.model, normalized)
 
 
 UNKNOWN = Made()  # nothing recorded: a `.npy`, or a file of an earlier version
-
-
-def _first_known(*values: bool | None) -> bool | None:
-    return next((value for value in values if value is not None), None)
 
 
 class Journaled(NamedTuple):
@@ -139,7 +136,7 @@ def read_journal(path: Path, repair: bool = False, vectors: bool = True) -> Jour
                 vector = np.asarray(record["embedding"], dtype=np.float32)
                 done[str(record["path"])] = vector if vectors or not done else NO_VECTOR
                 line_made = Made.of(record)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 why = f"{path}:{number}: not a {{path, embedding}} line ({exc})"
                 raise BulkError(why) from None
             if line_made not in seen:  # a few distinct values in a file: checked once each
